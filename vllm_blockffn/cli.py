@@ -1,0 +1,85 @@
+"""`vllm-blockffn` command line: make-tiny, check, demo (serve the bundled model and ask it once)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_DEMO_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vllm-blockffn", "tiny")
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from vllm_blockffn.tiny import TinyOptions, make_tiny
+
+    opts = TinyOptions(attention=args.attention, layout=args.layout, norm=args.norm, dtype=args.dtype,
+                       seed=args.seed, weight_format=args.format, shards=args.shards,
+                       tie_word_embeddings=args.tie, remote_code=args.remote_code,
+                       hidden_size=args.hidden_size, num_layers=args.layers,
+                       num_experts=args.experts, expert_size=args.expert_size)
+    print(make_tiny(args.out, opts))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from vllm_blockffn.config import BlockFFNSpec
+    from vllm_blockffn.checkpoint import check_weights
+
+    spec = BlockFFNSpec.from_pretrained(args.model)
+    check_weights(args.model, spec)
+    print(f"{args.model}: BlockFFN checkpoint OK ({spec.attention_type} attention, {spec.ffn_type} layout, "
+          f"E={spec.num_experts}, d_e={spec.expert_size}, router norm {spec.norm_after_router})")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from vllm_blockffn.demo import run_demo
+
+    return run_demo(model=args.model, port=args.port, prompt=args.prompt)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-blockffn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser("make-tiny", help="write a small random BlockFFN checkpoint in the official format")
+    tiny.add_argument("out")
+    tiny.add_argument("--attention", choices=["vanilla", "mla"], default="vanilla")
+    tiny.add_argument("--layout", choices=["block", "block_linear"], default="block")
+    tiny.add_argument("--norm", choices=["rms", "sum", "none"], default="rms")
+    tiny.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
+    tiny.add_argument("--shards", type=int, default=1)
+    tiny.add_argument("--tie", action="store_true", help="tie lm_head to the embedding")
+    tiny.add_argument("--remote-code", action="store_true",
+                      help="also write configuration_/modeling_minicpm.py stubs (which refuse to run)")
+    tiny.add_argument("--hidden-size", type=int, default=128)
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--experts", type=int, default=12)
+    tiny.add_argument("--expert-size", type=int, default=32)
+    tiny.set_defaults(func=_make_tiny)
+
+    check = sub.add_parser("check", help="check a checkpoint's config.json and weight shapes")
+    check.add_argument("model")
+    check.set_defaults(func=_check)
+
+    demo = sub.add_parser("demo", help="serve a BlockFFN model with `vllm serve` and answer one request")
+    demo.add_argument("--model", default=None, help=f"checkpoint folder (default: a tiny one in {DEFAULT_DEMO_DIR})")
+    demo.add_argument("--port", type=int, default=8765)
+    demo.add_argument("--prompt", default="The list of items in the dictionary")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # config / weight errors: one clear line, no traceback
+        print(f"vllm-blockffn: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

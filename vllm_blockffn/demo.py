@@ -1,0 +1,97 @@
+"""Start `vllm serve` on a BlockFFN checkpoint and talk to it (the README's first command)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+# Settings that fit vLLM's CPU backend on a small machine (see ../shared/ENV.md).
+CPU_SERVE_ARGS = ["--max-model-len", "512", "--max-num-seqs", "16", "--gpu-memory-utilization", "0.15"]
+
+
+class VLLMServer:
+    """`vllm serve MODEL` in a subprocess of its own process group; stopped on exit, whatever happens."""
+
+    def __init__(self, model: str, port: int, extra_args: list[str] | None = None,
+                 env: dict[str, str] | None = None, log_path: str | None = None, startup_timeout: float = 300):
+        self.model, self.port = model, port
+        self.args = ["vllm", "serve", model, "--port", str(port), "--host", "127.0.0.1",
+                     *CPU_SERVE_ARGS, *(extra_args or [])]
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = log_path or os.path.join(model, f"serve-{port}.log")
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def start(self) -> "VLLMServer":
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.time() + self.startup_timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"vllm serve not healthy after {self.startup_timeout}s:\n{self.log()[-4000:]}")
+
+    def stop(self, timeout: float = 30) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> "VLLMServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def default_model() -> str:
+    """The bundled demo checkpoint: a tiny BlockFFN generated on first use."""
+    from vllm_blockffn.cli import DEFAULT_DEMO_DIR
+    from vllm_blockffn.tiny import make_tiny
+
+    if not os.path.exists(os.path.join(DEFAULT_DEMO_DIR, "config.json")):
+        make_tiny(DEFAULT_DEMO_DIR)
+    return DEFAULT_DEMO_DIR
+
+
+def run_demo(model: str | None, port: int, prompt: str) -> int:
+    from openai import OpenAI
+
+    model = model or default_model()
+    print(f"starting: vllm serve {model} (log: {os.path.join(model, f'serve-{port}.log')})", flush=True)
+    with VLLMServer(model, port) as server:
+        client = OpenAI(base_url=server.base_url, api_key="none")
+        out = client.completions.create(model=model, prompt=prompt, max_tokens=24, temperature=0)
+        print(f"prompt:     {prompt!r}\ncompletion: {out.choices[0].text!r}\nusage:      {out.usage}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_demo(None, 8765, "The list of items in the dictionary"))

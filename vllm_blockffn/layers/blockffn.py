@@ -1,0 +1,145 @@
+"""The BlockFFN layer for vLLM: a replicated ReLU+norm router and experts sharded inside.
+
+Tensor parallelism shards *within* experts: every rank holds a D/TP slice of every
+expert. Decoding is memory-bound, so a layer's time is the slowest rank's active
+bytes. Sharding within experts gives every rank exactly |union|·(D/TP)·H·2 bytes
+to read whatever the routing; sharding *by* expert gives a rank the bytes of the
+active experts it happens to own, and with ~10 of 56 experts active per chunk the
+busiest of two ranks typically owns well over half of them. The router is tiny
+(E×H) and replicated so every rank knows the whole active set; the layer ends in
+one all-reduce, as a dense MLP does.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
+from vllm.model_executor.layers.linear import ReplicatedLinear
+from vllm.model_executor.utils import set_weight_attrs
+from vllm.utils.torch_utils import direct_register_custom_op
+
+from vllm_blockffn.checkpoint import BlockFFNWeightError
+from vllm_blockffn.config import BlockFFNSpec
+from vllm_blockffn.segments import current_segments
+
+BACKENDS = ("auto", "dense", "sparse")
+BACKEND_ENV = "VLLM_BLOCKFFN_BACKEND"
+
+
+def backend_from_env() -> str:
+    """`VLLM_BLOCKFFN_BACKEND`: auto (default) | dense | sparse."""
+    value = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={value!r}; expected one of {list(BACKENDS)}")
+    return value
+
+
+class BlockFFN(nn.Module):
+    """router_proj → ReLU → router_norm, then Σ_e r_e · W_down,e · SiLU(W_up,e x)."""
+
+    def __init__(self, spec: BlockFFNSpec, prefix: str = ""):
+        super().__init__()
+        self.spec = spec
+        self.prefix = prefix
+        self.tp_size = get_tensor_model_parallel_world_size()
+        self.tp_rank = get_tensor_model_parallel_rank()
+        E, D, H = spec.num_experts, spec.expert_size, spec.hidden_size
+        if D % self.tp_size:
+            raise ValueError(
+                f"tensor_parallel_size={self.tp_size} does not divide expert_size={D}: vllm-blockffn "
+                f"shards every expert's {D} columns across ranks; choose a TP size that divides {D}")
+        self.local_expert_size = D // self.tp_size
+        self.backend = backend_from_env()
+
+        self.router_proj = ReplicatedLinear(H, E, bias=False, prefix=f"{prefix}.router_proj")
+        if spec.norm_after_router == "rms":
+            self.router_norm = nn.Module()
+            self.router_norm.weight = nn.Parameter(torch.ones(E), requires_grad=False)
+            set_weight_attrs(self.router_norm.weight, {"weight_loader": self._load_router_norm})
+        else:
+            self.router_norm = None
+        # Both stored as [E, D/TP, H]: each expert's rows contiguous, so a sparse
+        # step reads one block per active expert.
+        self.up_proj = nn.Parameter(torch.empty(E, self.local_expert_size, H), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(E, self.local_expert_size, H), requires_grad=False)
+        set_weight_attrs(self.up_proj, {"weight_loader": self._load_up})
+        set_weight_attrs(self.down_proj, {"weight_loader": self._load_down})
+
+    # -- weight loading: checkpoint layout → [E, D_local, H] ---------------------------------
+    def _check_shape(self, name: str, loaded: torch.Tensor, expected: tuple[int, ...]) -> None:
+        if tuple(loaded.shape) != expected:
+            raise BlockFFNWeightError(
+                f"weight '{self.prefix}.{name}' has shape {list(loaded.shape)}; expected {list(expected)} "
+                f"(ffn_type={self.spec.ffn_type!r}, num_experts={self.spec.num_experts}, "
+                f"expert_size={self.spec.expert_size}, hidden_size={self.spec.hidden_size})")
+
+    def _tp_slice(self, full: torch.Tensor) -> torch.Tensor:
+        d = self.local_expert_size
+        return full[:, self.tp_rank * d:(self.tp_rank + 1) * d, :]
+
+    def _load_up(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        E, D, H = self.spec.num_experts, self.spec.expert_size, self.spec.hidden_size
+        self._check_shape("up_proj", loaded, (E, D, H) if self.spec.ffn_type == "block" else (E * D, H))
+        param.data.copy_(self._tp_slice(loaded.reshape(E, D, H)))
+
+    def _load_down(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        E, D, H = self.spec.num_experts, self.spec.expert_size, self.spec.hidden_size
+        if self.spec.ffn_type == "block":
+            self._check_shape("down_proj", loaded, (E, H, D))
+            full = loaded.transpose(1, 2)
+        else:
+            self._check_shape("down_proj", loaded, (H, E * D))
+            full = loaded.reshape(H, E, D).permute(1, 2, 0)
+        param.data.copy_(self._tp_slice(full))
+
+    def _load_router_norm(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        self._check_shape("router_norm.weight", loaded, (self.spec.num_experts,))
+        param.data.copy_(loaded)
+
+    # -- forward ------------------------------------------------------------------------------
+    def router(self, x: torch.Tensor) -> torch.Tensor:
+        """Router scores r [T, E] in fp32; r_e = 0 exactly where expert e is inactive."""
+        z, _ = self.router_proj(x)
+        a = torch.relu(z.float())
+        mode = self.spec.norm_after_router
+        if mode == "rms":
+            return a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + self.spec.rms_norm_eps) \
+                * self.router_norm.weight.float()
+        if mode == "sum":
+            return a / (a.sum(-1, keepdim=True) * self.spec.norm_scale + 1e-5)
+        return a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.router(x)
+        y = torch.ops.vllm.blockffn_experts(x, scores, self.up_proj, self.down_proj, self.backend)
+        if self.tp_size > 1:
+            y = tensor_model_parallel_all_reduce(y)
+        return y
+
+
+def _blockffn_experts(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+                      backend: str) -> torch.Tensor:
+    """The experts as one opaque op: it reads this step's per-request segments from
+    vLLM's forward context, which a torch.compile'd graph must not capture."""
+    from vllm_blockffn.kernels import ops
+
+    if backend == "dense":
+        return ops.dense_ffn(x, scores, w_up, w_down_t)
+    return ops.sparse_ffn(x, scores, w_up, w_down_t, current_segments(x.shape[0], x.device),
+                          force=backend == "sparse")
+
+
+def _blockffn_experts_fake(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+                           backend: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+direct_register_custom_op("blockffn_experts", _blockffn_experts, fake_impl=_blockffn_experts_fake)

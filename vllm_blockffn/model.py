@@ -1,0 +1,93 @@
+"""BlockFFN causal LM for vLLM: stock MiniCPM attention and decoder, a BlockFFN in place of the MLP.
+
+Vanilla (GQA) attention comes from vLLM's MiniCPM model, MLA from its MiniCPM3
+model; only the FFN block and the weight-name mapping are ours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.minicpm import MiniCPMDecoderLayer, MiniCPMForCausalLM, MiniCPMModel
+from vllm.model_executor.models.minicpm3 import MiniCPM3DecoderLayer
+from vllm.model_executor.models.utils import is_pp_missing_parameter, make_layers
+
+from vllm_blockffn.checkpoint import IGNORED_SUFFIXES, BlockFFNWeightError
+from vllm_blockffn.config import BlockFFNSpec
+from vllm_blockffn.layers.blockffn import BlockFFN
+
+
+class _BlockFFNBlock:
+    """Replaces MiniCPMDecoderLayer's MLP/MoE construction with a BlockFFN."""
+
+    def _init_ffn_block(self) -> None:
+        self.post_attention_layernorm = RMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps)
+        self.mlp = BlockFFN(BlockFFNSpec.from_config(self.config), prefix=f"{self.prefix}.mlp")
+
+
+class BlockFFNDecoderLayer(_BlockFFNBlock, MiniCPMDecoderLayer):
+    """GQA attention (attention_type = "vanilla")."""
+
+
+class BlockFFNMLADecoderLayer(_BlockFFNBlock, MiniCPM3DecoderLayer):
+    """Multi-head latent attention (attention_type = "mla")."""
+
+
+class BlockFFNModel(MiniCPMModel):
+    def _init_layers(self, prefix, config, cache_config, quant_config) -> None:
+        layer_cls = BlockFFNMLADecoderLayer if config.attention_type == "mla" else BlockFFNDecoderLayer
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: layer_cls(config, cache_config, quant_config, prefix=prefix),
+            prefix=f"{prefix}.layers",
+        )
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # Only q/k/v are stacked; the experts' `up_proj`/`down_proj` have no `.weight`
+        # suffix and load through BlockFFN's own weight_loaders.
+        stacked = [("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v")]
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.endswith(IGNORED_SUFFIXES):
+                continue
+            for param_name, shard_name, shard_id in stacked:
+                if f".{shard_name}." in name and ".self_attn." in name:
+                    name = name.replace(shard_name, param_name)
+                    break
+            else:
+                shard_id = None
+            if is_pp_missing_parameter(name, self):
+                continue
+            if name not in params:
+                raise BlockFFNWeightError(f"checkpoint weight 'model.{name}' is not part of a BlockFFN model "
+                                          f"with this config.json")
+            param = params[name]
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            if shard_id is None:
+                if loader is default_weight_loader and param.shape != tensor.shape:
+                    raise BlockFFNWeightError(f"weight 'model.{name}' has shape {list(tensor.shape)}; "
+                                              f"expected {list(param.shape)}")
+                loader(param, tensor)
+            else:
+                loader(param, tensor, shard_id)
+            loaded.add(name)
+        return loaded
+
+
+class BlockFFNForCausalLM(MiniCPMForCausalLM):
+    """Served for every MiniCPM checkpoint whose `ffn_type` is `block` or `block_linear`."""
+
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        BlockFFNSpec.from_config(vllm_config.model_config.hf_config)  # clear errors before building
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+    def _init_model(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        return BlockFFNModel(vllm_config=vllm_config, prefix=prefix)

@@ -1,0 +1,15 @@
+"""What the `vllm.general_plugins` entry point registers; safe to run many times per process."""
+
+from __future__ import annotations
+
+ARCHITECTURE = "BlockFFNForCausalLM"
+
+
+def register_all() -> None:
+    from vllm import ModelRegistry
+
+    from vllm_blockffn.patches import apply_all
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, "vllm_blockffn.model:BlockFFNForCausalLM")
+    apply_all()
