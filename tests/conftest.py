@@ -1,0 +1,144 @@
+"""Shared fixtures: tiny checkpoints (made once per session) and vLLM engine settings for CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from vllm_blockffn.tiny import TinyOptions, make_tiny
+
+# Engines in this process (uniproc executor): faster to start and lets tests reach the
+# model through LLM.apply_model. Servers in subprocesses use vLLM's default multiprocess engine.
+ENGINE_KWARGS = dict(enforce_eager=True, max_model_len=256, gpu_memory_utilization=0.15, max_num_seqs=16,
+                     seed=0)
+
+PROMPTS = [
+    "Return the list of items in the dictionary.",
+    "Hello",
+    "The logging module defines functions and classes which implement a flexible event logging system "
+    "for applications and libraries, and the benefit of having",
+    "import json",
+    "A dataclass is",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tmp_path_factory):
+    """tiny_factory(**TinyOptions fields) → path of a checkpoint, cached per option set."""
+    made: dict[tuple, str] = {}
+
+    def make(**kwargs) -> str:
+        key = tuple(sorted(kwargs.items()))
+        if key not in made:
+            name = "tiny-" + "-".join(f"{k}={v}" for k, v in key) if key else "tiny-default"
+            made[key] = make_tiny(tmp_path_factory.mktemp(name), TinyOptions(**kwargs))
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_factory) -> str:
+    return tiny_factory()
+
+
+def pytest_configure(config):
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+class Engine:
+    """A vLLM engine for one checkpoint, torn down with vLLM's own cleanup so the next can start."""
+
+    def __init__(self, path: str, **kwargs):
+        from vllm import LLM
+
+        self.path = path
+        self.llm = LLM(path, **{"dtype": "float32", **ENGINE_KWARGS, **kwargs})
+
+    def set_backend(self, backend: str) -> None:
+        """Switch every BlockFFN layer of the live model (dense | sparse | auto)."""
+
+        def apply(model):
+            from vllm_blockffn.layers.blockffn import BlockFFN
+
+            layers = [m for m in model.modules() if isinstance(m, BlockFFN)]
+            for m in layers:
+                m.backend = backend
+            return len(layers)
+
+        assert all(n > 0 for n in self.llm.apply_model(apply))
+
+    def greedy(self, prompts, max_tokens: int = 16, prompt_logprobs: bool = False):
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
+                                prompt_logprobs=0 if prompt_logprobs else None)
+        return self.llm.generate(prompts, params, use_tqdm=False)
+
+    def close(self) -> None:
+        from vllm.distributed import cleanup_dist_env_and_memory
+
+        if self.llm is not None:
+            self.llm = None
+            cleanup_dist_env_and_memory()
+
+
+@pytest.fixture
+def engine_factory():
+    engines: list[Engine] = []
+
+    def start(path: str, **kwargs) -> Engine:
+        engines.append(Engine(path, **kwargs))
+        return engines[-1]
+
+    yield start
+    for e in engines:
+        e.close()
+
+
+def compare_to_reference(outputs, reference, max_tokens: int = 16) -> tuple[float, list[bool]]:
+    """Max |Δ prompt logprob| over all prompts, and per prompt whether greedy tokens are identical."""
+    worst, same = 0.0, []
+    for out in outputs:
+        ids = out.prompt_token_ids
+        ref_lp = reference.prompt_logprobs(ids)
+        got_lp = [d[ids[i + 1]].logprob for i, d in enumerate(out.prompt_logprobs[1:])]
+        assert len(ref_lp) == len(got_lp) == len(ids) - 1
+        worst = max([worst, *(abs(a - b) for a, b in zip(ref_lp, got_lp))])
+        same.append(list(out.outputs[0].token_ids) == reference.greedy(ids, max_tokens))
+    return worst, same
+
+
+@pytest.fixture
+def record_figure(request):
+    """record_figure(name, value): printed in the terminal summary (figures for the issue notes)."""
+    figures = request.config.stash.setdefault(_FIGURES, {})
+
+    def record(name: str, value) -> None:
+        figures[name] = value
+
+    return record
+
+
+_FIGURES = pytest.StashKey[dict]()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    figures = config.stash.get(_FIGURES, {})
+    if figures:
+        terminalreporter.section("measured figures")
+        for name, value in sorted(figures.items()):
+            terminalreporter.write_line(f"{name}: {value}")
