@@ -4,8 +4,8 @@ of different lengths, prefix caching, chunked prefill with a small token budget.
 from __future__ import annotations
 
 import pytest
-
 from conftest import PROMPTS
+
 from vllm_blockffn.reference import load_reference
 
 LONG = " ".join(["The json module exposes an API familiar to users of the standard library marshal "

@@ -9,8 +9,8 @@ from __future__ import annotations
 import itertools
 
 import pytest
-
 from conftest import PROMPTS, compare_to_reference
+
 from vllm_blockffn.reference import load_reference
 
 VARIANTS = list(itertools.product(["vanilla", "mla"], ["block", "block_linear"], ["rms", "sum", "none"]))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from conftest import PROMPTS
+
 from vllm_blockffn.demo import VLLMServer
 from vllm_blockffn.reference import load_reference
 

@@ -1,4 +1,5 @@
-"""`vllm-blockffn` command line: make-tiny, check, demo (serve the bundled model and ask it once)."""
+"""`vllm-blockffn` command line: make-tiny, check, demo (serve the bundled model and ask it once),
+analyze (token- and chunk-level sparsity of a checkpoint on a text)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from vllm_blockffn.config import BlockFFNSpec
     from vllm_blockffn.checkpoint import check_weights
+    from vllm_blockffn.config import BlockFFNSpec
 
     spec = BlockFFNSpec.from_pretrained(args.model)
     check_weights(args.model, spec)
@@ -36,6 +37,18 @@ def _demo(args: argparse.Namespace) -> int:
     from vllm_blockffn.demo import run_demo
 
     return run_demo(model=args.model, port=args.port, prompt=args.prompt)
+
+
+def _chunk_sizes(text: str) -> list[int]:
+    from vllm_blockffn.analysis import parse_chunk_sizes  # lazy: keeps torch out of `--help`
+
+    return parse_chunk_sizes(text)
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from vllm_blockffn.analysis import run_from_args
+
+    return run_from_args(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8765)
     demo.add_argument("--prompt", default="The list of items in the dictionary")
     demo.set_defaults(func=_demo)
+
+    analyze = sub.add_parser(
+        "analyze", help="measure token- and chunk-level sparsity (TLS, CLS-L) of a checkpoint on a text",
+        description="Run the plain-PyTorch reference model over a text, window by window, and report per "
+                    "layer and overall the token-level sparsity (TLS) and chunk-level sparsity (CLS-L): the "
+                    "share of experts left inactive by a token, or by a whole chunk of L consecutive tokens.")
+    analyze.add_argument("model", help="checkpoint folder")
+    analyze.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to analyse ('-' for stdin)")
+    analyze.add_argument("--chunk-sizes", type=_chunk_sizes, default="1,2,4,8,16,32,64", metavar="L1,L2,...",
+                         help="chunk lengths L for CLS-L (default: %(default)s)")
+    analyze.add_argument("--window", type=int, default=512, metavar="N",
+                         help="text tokens per independent forward pass; chunks never straddle windows; "
+                              "a BOS token (if the tokenizer has one) is put in front of each, not counted "
+                              "(default: %(default)s)")
+    analyze.add_argument("--json", metavar="OUT", help="write the figures as JSON (fractions in [0, 1])")
+    analyze.add_argument("--plot", metavar="OUT.png", help="plot CLS-L against L, per layer and mean")
+    analyze.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                         help="reference model precision (default: %(default)s)")
+    analyze.add_argument("--quiet", action="store_true", help="no progress bar")
+    analyze.set_defaults(func=_analyze)
     return parser
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 BLOCK_FFN_TYPES = ("block", "block_linear")
 OTHER_FFN_TYPES = ("vanilla", "moe")
@@ -89,8 +90,11 @@ class BlockFFNSpec:
         return self.hidden_size / self.dim_model_base
 
     @classmethod
-    def from_config(cls, config: Any, source: str = "config.json") -> "BlockFFNSpec":
-        """Parse and check (defaults are MiniCPMConfig's); raise BlockFFNConfigError naming the field and what was expected."""
+    def from_config(cls, config: Any, source: str = "config.json") -> BlockFFNSpec:
+        """Parse and check (defaults are MiniCPMConfig's).
+
+        Raises BlockFFNConfigError naming the field and what was expected.
+        """
         cfg = _as_mapping(config)
 
         def err(field: str, expected: str, got: Any = None, present: bool = True) -> BlockFFNConfigError:
@@ -144,7 +148,9 @@ class BlockFFNSpec:
 
         rope_scaling = cfg.get("rope_scaling")
         if rope_scaling is not None:
-            kind = rope_scaling.get("type", rope_scaling.get("rope_type")) if isinstance(rope_scaling, Mapping) else None
+            kind = None
+            if isinstance(rope_scaling, Mapping):
+                kind = rope_scaling.get("type", rope_scaling.get("rope_type"))
             if kind not in ("linear", "dynamic") or not isinstance(rope_scaling.get("factor"), (int, float)):
                 raise err("rope_scaling", 'null or {"type": "linear"|"dynamic", "factor": number}', rope_scaling)
             rope_scaling = {"type": kind, "factor": float(rope_scaling["factor"])}
@@ -179,7 +185,7 @@ class BlockFFNSpec:
         return spec
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "BlockFFNSpec":
+    def from_pretrained(cls, path: str | os.PathLike) -> BlockFFNSpec:
         config_path = os.path.join(path, "config.json")
         with open(config_path) as f:
             return cls.from_config(json.load(f), source=config_path)

@@ -34,7 +34,7 @@ class VLLMServer:
         with open(self.log_path, errors="replace") as f:
             return f.read()
 
-    def start(self) -> "VLLMServer":
+    def start(self) -> VLLMServer:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -64,7 +64,7 @@ class VLLMServer:
         self._log.close()
         return self.proc.returncode
 
-    def __enter__(self) -> "VLLMServer":
+    def __enter__(self) -> VLLMServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
@@ -50,18 +49,16 @@ class BlockFFNModel(MiniCPMModel):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # Only q/k/v are stacked; the experts' `up_proj`/`down_proj` have no `.weight`
         # suffix and load through BlockFFN's own weight_loaders.
-        stacked = [("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v")]
+        stacked = {"q_proj": "q", "k_proj": "k", "v_proj": "v"}
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
             if name.endswith(IGNORED_SUFFIXES):
                 continue
-            for param_name, shard_name, shard_id in stacked:
-                if f".{shard_name}." in name and ".self_attn." in name:
-                    name = name.replace(shard_name, param_name)
-                    break
-            else:
-                shard_id = None
+            shard_name = name.split(".")[-2]
+            shard_id = stacked.get(shard_name) if ".self_attn." in name else None
+            if shard_id is not None:
+                name = name.replace(shard_name, "qkv_proj")
             if is_pp_missing_parameter(name, self):
                 continue
             if name not in params:

@@ -214,7 +214,7 @@ class ReferenceModel(nn.Module):
         return [float(logp[t - 1, input_ids[t]]) for t in range(1, len(input_ids))]
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> "ReferenceModel":
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> ReferenceModel:
         spec = BlockFFNSpec.from_pretrained(path)
         check_weights(path, spec)
         model = cls(spec)

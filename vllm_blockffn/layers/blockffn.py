@@ -16,7 +16,6 @@ import os
 
 import torch
 from torch import nn
-
 from vllm.distributed import (
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
@@ -133,8 +132,8 @@ def _blockffn_experts(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor,
 
     if backend == "dense":
         return ops.dense_ffn(x, scores, w_up, w_down_t)
-    return ops.sparse_ffn(x, scores, w_up, w_down_t, current_segments(x.shape[0], x.device),
-                          force=backend == "sparse")
+    impl = "auto" if backend == "auto" else ("triton" if x.is_cuda else "torch")
+    return ops.sparse_ffn(x, scores, w_up, w_down_t, current_segments(x.shape[0], x.device), impl=impl)
 
 
 def _blockffn_experts_fake(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
