@@ -22,12 +22,14 @@ from vllm.distributed import (
     tensor_model_parallel_all_reduce,
 )
 from vllm.model_executor.layers.linear import ReplicatedLinear
+from vllm.model_executor.models.utils import extract_layer_index
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_blockffn.checkpoint import BlockFFNWeightError
 from vllm_blockffn.config import BlockFFNSpec
-from vllm_blockffn.segments import current_segments
+from vllm_blockffn.segments import current_segments, whole_batch
+from vllm_blockffn.stats import RECORDER, stats_enabled
 
 BACKENDS = ("auto", "dense", "sparse")
 BACKEND_ENV = "VLLM_BLOCKFFN_BACKEND"
@@ -57,6 +59,7 @@ class BlockFFN(nn.Module):
                 f"shards every expert's {D} columns across ranks; choose a TP size that divides {D}")
         self.local_expert_size = D // self.tp_size
         self.backend = backend_from_env()
+        self.layer_id = extract_layer_index(prefix)
 
         self.router_proj = ReplicatedLinear(H, E, bias=False, prefix=f"{prefix}.router_proj")
         if spec.norm_after_router == "rms":
@@ -118,26 +121,31 @@ class BlockFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores = self.router(x)
-        y = torch.ops.vllm.blockffn_experts(x, scores, self.up_proj, self.down_proj, self.backend)
+        y = torch.ops.vllm.blockffn_experts(x, scores, self.up_proj, self.down_proj, self.backend, self.layer_id)
         if self.tp_size > 1:
             y = tensor_model_parallel_all_reduce(y)
         return y
 
 
 def _blockffn_experts(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
-                      backend: str) -> torch.Tensor:
+                      backend: str, layer_id: int) -> torch.Tensor:
     """The experts as one opaque op: it reads this step's per-request segments from
     vLLM's forward context, which a torch.compile'd graph must not capture."""
     from vllm_blockffn.kernels import ops
 
+    segments = current_segments(x.shape[0], x.device)
+    if segments is None:
+        segments = whole_batch(x.shape[0], x.device)
+    elif stats_enabled():
+        RECORDER.record(layer_id, scores, segments, expert_bytes=2 * w_up[0].numel() * w_up.element_size())
     if backend == "dense":
         return ops.dense_ffn(x, scores, w_up, w_down_t)
     impl = "auto" if backend == "auto" else ("triton" if x.is_cuda else "torch")
-    return ops.sparse_ffn(x, scores, w_up, w_down_t, current_segments(x.shape[0], x.device), impl=impl)
+    return ops.sparse_ffn(x, scores, w_up, w_down_t, segments, impl=impl)
 
 
 def _blockffn_experts_fake(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
-                           backend: str) -> torch.Tensor:
+                           backend: str, layer_id: int) -> torch.Tensor:
     return torch.empty_like(x)
 
 

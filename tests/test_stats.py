@@ -1,0 +1,59 @@
+"""The live sparsity counters (vllm_blockffn.stats) against the reference model's routers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_blockffn.reference import load_reference
+
+
+def snapshot(engine):
+    def read(model):
+        from vllm_blockffn.stats import RECORDER
+
+        return [vars(s) for s in RECORDER.snapshot()]
+
+    return engine.llm.apply_model(read)[0]
+
+
+def reset(engine):
+    def clear(model):
+        from vllm_blockffn.stats import RECORDER
+
+        RECORDER.reset()
+
+    engine.llm.apply_model(clear)
+
+
+@pytest.mark.slow
+def test_prefill_and_decode_counters_equal_reference_routers(tiny_factory, engine_factory):
+    path = tiny_factory(attention="mla", norm="sum")
+    reference = load_reference(path)
+    engine = engine_factory(path)
+    prompt = "The logging module defines functions and classes for applications."
+    reset(engine)
+    out = engine.greedy([prompt], max_tokens=6)[0]
+    ids = out.prompt_token_ids + list(out.outputs[0].token_ids)
+    _, traces = reference(torch.tensor(ids[:-1]), return_router=True)  # the last token is never run
+    layers = snapshot(engine)
+    assert [row["layer"] for row in layers] == [0, 1]
+    n_prompt = len(out.prompt_token_ids)
+    for row, trace in zip(layers, traces):
+        active = trace.active
+        assert row["tokens"] == len(ids) - 1
+        assert row["active"] == int(active.sum())
+        # one prefill segment, then one single-token segment per decode step
+        assert row["segments"] == 1 + 5
+        prefill_union = int(active[:n_prompt].any(0).sum())
+        assert row["union"] == prefill_union + int(active[n_prompt:].sum())
+        assert row["segment_tokens"] == len(ids) - 1
+
+
+@pytest.mark.slow
+def test_counters_can_be_switched_off(tiny_factory, engine_factory, monkeypatch):
+    monkeypatch.setenv("VLLM_BLOCKFFN_STATS", "0")
+    engine = engine_factory(tiny_factory())
+    reset(engine)
+    engine.greedy(["Hello there"], max_tokens=3)
+    assert all(row["tokens"] == 0 for row in snapshot(engine))
