@@ -26,7 +26,8 @@ class _BlockFFNBlock:
 
     def _init_ffn_block(self) -> None:
         self.post_attention_layernorm = RMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps)
-        self.mlp = BlockFFN(BlockFFNSpec.from_config(self.config), prefix=f"{self.prefix}.mlp")
+        self.mlp = BlockFFN(BlockFFNSpec.from_config(self.config), prefix=f"{self.prefix}.mlp",
+                            model_name=getattr(self.config, "name_or_path", ""))
 
 
 class BlockFFNDecoderLayer(_BlockFFNBlock, MiniCPMDecoderLayer):

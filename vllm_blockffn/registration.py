@@ -8,8 +8,10 @@ ARCHITECTURE = "BlockFFNForCausalLM"
 def register_all() -> None:
     from vllm import ModelRegistry
 
+    from vllm_blockffn.metrics import setup_process as setup_metrics
     from vllm_blockffn.patches import apply_all
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "vllm_blockffn.model:BlockFFNForCausalLM")
     apply_all()
+    setup_metrics()

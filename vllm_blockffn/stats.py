@@ -70,6 +70,14 @@ class SparsityRecorder:
     def __init__(self) -> None:
         self._totals: dict[int, torch.Tensor] = {}
         self._shape: dict[int, tuple[int, int]] = {}
+        self.model = ""
+        self.last_layer = -1
+        self._publisher = None
+
+    def add_layer(self, layer: int, model: str) -> None:
+        """Called when a BlockFFN layer is built: its step's last layer publishes the totals."""
+        self.model = model
+        self.last_layer = max(self.last_layer, layer)
 
     def record(self, layer: int, scores: torch.Tensor, cu_seqlens: torch.Tensor, expert_bytes: int) -> None:
         active = scores > 0
@@ -83,6 +91,18 @@ class SparsityRecorder:
         totals[SEGMENTS] += (lengths > 0).sum()
         totals[UNION] += segment_union_sizes(active, cu_seqlens).sum()
         totals[SEGMENT_TOKENS] += lengths.sum()
+        if layer == self.last_layer:
+            self._maybe_publish()
+
+    def _maybe_publish(self) -> None:
+        from vllm_blockffn.metrics import Publisher, stats_dir
+
+        if stats_dir() is None:
+            return
+        if self._publisher is None:
+            self._publisher = Publisher()
+        if self._publisher.due():
+            self._publisher.publish(self.model, self.snapshot())
 
     def snapshot(self) -> list[LayerSparsity]:
         """All layers' totals, read from the device in one copy."""

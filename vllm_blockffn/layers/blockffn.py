@@ -46,7 +46,7 @@ def backend_from_env() -> str:
 class BlockFFN(nn.Module):
     """router_proj → ReLU → router_norm, then Σ_e r_e · W_down,e · SiLU(W_up,e x)."""
 
-    def __init__(self, spec: BlockFFNSpec, prefix: str = ""):
+    def __init__(self, spec: BlockFFNSpec, prefix: str = "", model_name: str = ""):
         super().__init__()
         self.spec = spec
         self.prefix = prefix
@@ -60,6 +60,9 @@ class BlockFFN(nn.Module):
         self.local_expert_size = D // self.tp_size
         self.backend = backend_from_env()
         self.layer_id = extract_layer_index(prefix)
+        # Bytes of one whole expert (up + down), whatever the TP slicing.
+        self.expert_bytes = 2 * D * H * torch.tensor([], dtype=torch.get_default_dtype()).element_size()
+        RECORDER.add_layer(self.layer_id, model_name)
 
         self.router_proj = ReplicatedLinear(H, E, bias=False, prefix=f"{prefix}.router_proj")
         if spec.norm_after_router == "rms":
@@ -121,14 +124,15 @@ class BlockFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores = self.router(x)
-        y = torch.ops.vllm.blockffn_experts(x, scores, self.up_proj, self.down_proj, self.backend, self.layer_id)
+        y = torch.ops.vllm.blockffn_experts(x, scores, self.up_proj, self.down_proj, self.backend, self.layer_id,
+                                            self.expert_bytes)
         if self.tp_size > 1:
             y = tensor_model_parallel_all_reduce(y)
         return y
 
 
 def _blockffn_experts(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
-                      backend: str, layer_id: int) -> torch.Tensor:
+                      backend: str, layer_id: int, expert_bytes: int) -> torch.Tensor:
     """The experts as one opaque op: it reads this step's per-request segments from
     vLLM's forward context, which a torch.compile'd graph must not capture."""
     from vllm_blockffn.kernels import ops
@@ -137,7 +141,7 @@ def _blockffn_experts(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor,
     if segments is None:
         segments = whole_batch(x.shape[0], x.device)
     elif stats_enabled():
-        RECORDER.record(layer_id, scores, segments, expert_bytes=2 * w_up[0].numel() * w_up.element_size())
+        RECORDER.record(layer_id, scores, segments, expert_bytes)
     if backend == "dense":
         return ops.dense_ffn(x, scores, w_up, w_down_t)
     impl = "auto" if backend == "auto" else ("triton" if x.is_cuda else "torch")
@@ -145,7 +149,7 @@ def _blockffn_experts(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor,
 
 
 def _blockffn_experts_fake(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
-                           backend: str, layer_id: int) -> torch.Tensor:
+                           backend: str, layer_id: int, expert_bytes: int) -> torch.Tensor:
     return torch.empty_like(x)
 
 
