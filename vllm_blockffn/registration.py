@@ -13,5 +13,7 @@ def register_all() -> None:
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "vllm_blockffn.model:BlockFFNForCausalLM")
+    if "EagleBlockFFNForCausalLM" not in ModelRegistry.get_supported_archs():  # EAGLE heads (eagle.py)
+        ModelRegistry.register_model("EagleBlockFFNForCausalLM", "vllm_blockffn.eagle:EagleBlockFFNForCausalLM")
     apply_all()
     setup_metrics()

@@ -1,0 +1,59 @@
+"""Checkpoint expert weights → the internal layout every kernel here reads.
+
+Internal layout: ``w_up`` [E, D, H] and ``w_down_t`` [E, D, H], both contiguous. The down
+projection is stored transposed so that one expert's down block is a contiguous [D, H]
+slab, exactly like its up block: a sparse kernel (or a CPU matmul on a view) then reads
+only the bytes of the experts it runs, in long contiguous runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LAYOUTS = ("block", "block_linear")
+
+
+def to_internal_layout(
+    up: torch.Tensor, down: torch.Tensor, layout: str, num_experts: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Convert one layer's ``mlp.up_proj`` / ``mlp.down_proj`` to ``(w_up, w_down_t)``.
+
+    ``layout="block"``: up [E, D, H], down [E, H, D].
+    ``layout="block_linear"``: up [E·D, H], down [H, E·D]; ``num_experts`` is required
+    because E and D cannot be told apart from the shapes. Run once at load time: the
+    down projection is copied into its transposed form.
+    """
+    if layout == "block":
+        if up.dim() != 3 or down.dim() != 3:
+            raise ValueError(f"block layout wants 3-D up/down, got {tuple(up.shape)} / {tuple(down.shape)}")
+        e, d, h = up.shape
+        if tuple(down.shape) != (e, h, d):
+            raise ValueError(f"block layout: down {tuple(down.shape)} does not match up {tuple(up.shape)}")
+        if num_experts is not None and num_experts != e:
+            raise ValueError(f"block layout: up has {e} experts, expected {num_experts}")
+        return up.contiguous(), down.transpose(1, 2).contiguous()
+    if layout == "block_linear":
+        if num_experts is None:
+            raise ValueError("block_linear layout needs num_experts")
+        if up.dim() != 2 or down.dim() != 2:
+            raise ValueError(f"block_linear layout wants 2-D up/down, got {tuple(up.shape)} / {tuple(down.shape)}")
+        ed, h = up.shape
+        if ed % num_experts:
+            raise ValueError(f"block_linear: {ed} up rows do not split into {num_experts} experts")
+        d = ed // num_experts
+        if tuple(down.shape) != (h, ed):
+            raise ValueError(f"block_linear: down {tuple(down.shape)} does not match up {tuple(up.shape)}")
+        w_up = up.reshape(num_experts, d, h).contiguous()
+        w_down_t = down.t().reshape(num_experts, d, h).contiguous()
+        return w_up, w_down_t
+    raise ValueError(f"unknown BlockFFN weight layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def from_internal_layout(w_up: torch.Tensor, w_down_t: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`to_internal_layout` (for tests and for writing checkpoints)."""
+    e, d, h = w_up.shape
+    if layout == "block":
+        return w_up.contiguous(), w_down_t.transpose(1, 2).contiguous()
+    if layout == "block_linear":
+        return w_up.reshape(e * d, h).contiguous(), w_down_t.reshape(e * d, h).t().contiguous()
+    raise ValueError(f"unknown BlockFFN weight layout {layout!r}; expected one of {LAYOUTS}")

@@ -1,0 +1,231 @@
+"""The kernels as torch custom ops (namespace ``blockffn``), for the vLLM model to call.
+
+Custom ops are opaque to torch.compile (Dynamo traces them through their fake
+implementations and never looks inside) and to CUDA graphs (the Triton launches inside
+have shape-only grids and never sync the host), so the model's forward stays one graph.
+
+Device rule for ``impl="auto"``:
+- CUDA tensors → Triton kernels, or dense GEMMs when :func:`~.dispatch.cuda_prefers_dense`
+  says so from static shapes;
+- CPU tensors → the plain-PyTorch path (``sparse_ffn_cpu``; vLLM runs no Triton on CPUs).
+``impl="triton"`` forces the Triton kernels, also on CPU tensors when
+``TRITON_INTERPRET=1`` is set (how the tests run them); ``impl="torch"`` forces the
+plain-PyTorch sparse path, per segment, never falling back; ``impl="dense"`` the dense GEMMs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import HAS_TRITON, interpret_mode, triton_usable
+from .dispatch import cuda_prefers_dense
+from .router.naive import ROUTER_MODES, router_naive
+from .segments.naive import segment_union_naive
+from .sparse_ffn.cpu import dense_ffn as _dense_ffn_torch
+from .sparse_ffn.cpu import sparse_ffn_cpu
+
+IMPLS = ("auto", "triton", "torch", "dense")
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+
+
+def _need_triton(device: torch.device) -> None:
+    if not triton_usable(device):
+        why = "Triton is not installed" if not HAS_TRITON else f"{device} tensors need TRITON_INTERPRET=1"
+        raise RuntimeError(f"impl='triton' is unavailable: {why}")
+
+
+def _router_impl(
+    x: torch.Tensor,
+    w_r: torch.Tensor,
+    norm_w: torch.Tensor | None,
+    mode: str,
+    norm_scale: float,
+    eps: float,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_impl(impl)
+    if mode not in ROUTER_MODES:
+        raise ValueError(f"unknown router norm {mode!r}; expected one of {ROUTER_MODES}")
+    use_triton = impl == "triton" or (impl == "auto" and x.is_cuda and HAS_TRITON and w_r.shape[0] <= 256)
+    if use_triton:
+        _need_triton(x.device)
+        from .router.triton_router import router_triton
+
+        return router_triton(x, w_r, norm_w, mode, norm_scale, eps)
+    return router_naive(x, w_r, norm_w, mode, norm_scale, eps)
+
+
+def _sparse_ffn_impl(
+    x: torch.Tensor,
+    scores: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    impl: str,
+) -> torch.Tensor:
+    _check_impl(impl)
+    T = x.shape[0]
+    E, D, H = w_up.shape
+    S = cu_seqlens.shape[0] - 1
+    if impl == "auto":
+        if x.is_cuda:
+            impl = "dense" if (not HAS_TRITON or cuda_prefers_dense(T, S, E, D, H)) else "triton"
+    if impl == "dense":
+        return _dense_ffn_torch(x, scores, w_up, w_down_t)
+    if impl == "triton":
+        _need_triton(x.device)
+        from .sparse_ffn.triton_sparse_ffn import sparse_ffn_triton
+
+        return sparse_ffn_triton(x, scores, w_up, w_down_t, cu_seqlens)
+    # "torch": the plain-PyTorch sparse path, always sparse; "auto" on a CPU lets it choose
+    # a whole-batch union or dense on the actual union sizes (host-side data on a CPU).
+    allow_dense = impl == "auto"
+    if x.is_cuda:
+        return sparse_ffn_cpu(x.cpu(), scores.cpu(), w_up.cpu(), w_down_t.cpu(), cu_seqlens.cpu(),
+                              allow_dense=False).to(x.device)
+    return sparse_ffn_cpu(x, scores, w_up, w_down_t, cu_seqlens, allow_dense=allow_dense)
+
+
+def _segment_union_impl(active: torch.Tensor, cu_seqlens: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_impl(impl)
+    if impl == "triton" or (impl == "auto" and active.is_cuda and HAS_TRITON):
+        _need_triton(active.device)
+        from .segments.triton_segments import segment_union_triton
+
+        ids, counts, _, _ = segment_union_triton(active, cu_seqlens.to(active.device))
+        return ids, counts
+    return segment_union_naive(active, cu_seqlens)
+
+
+def _op_registered(name: str) -> bool:
+    try:
+        getattr(torch.ops.blockffn, name)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _register() -> None:
+    """Define the ops once per process (this file may be imported as two packages)."""
+    if not _op_registered("router"):
+
+        @torch.library.custom_op("blockffn::router", mutates_args=())
+        def _router_op(
+            x: torch.Tensor,
+            w_r: torch.Tensor,
+            norm_w: torch.Tensor | None,
+            mode: str,
+            norm_scale: float,
+            eps: float,
+            impl: str,
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return _router_impl(x, w_r, norm_w, mode, norm_scale, eps, impl)
+
+        @_router_op.register_fake
+        def _router_fake(x, w_r, norm_w, mode, norm_scale, eps, impl):
+            T, E = x.shape[0], w_r.shape[0]
+            return x.new_empty((T, E), dtype=torch.float32), x.new_empty((T, E), dtype=torch.bool)
+
+    if not _op_registered("sparse_ffn"):
+
+        @torch.library.custom_op("blockffn::sparse_ffn", mutates_args=())
+        def _sparse_ffn_op(
+            x: torch.Tensor,
+            scores: torch.Tensor,
+            w_up: torch.Tensor,
+            w_down_t: torch.Tensor,
+            cu_seqlens: torch.Tensor,
+            impl: str,
+        ) -> torch.Tensor:
+            return _sparse_ffn_impl(x, scores, w_up, w_down_t, cu_seqlens, impl)
+
+        @_sparse_ffn_op.register_fake
+        def _sparse_ffn_fake(x, scores, w_up, w_down_t, cu_seqlens, impl):
+            return x.new_empty((x.shape[0], w_up.shape[2]))
+
+    if not _op_registered("dense_ffn"):
+
+        @torch.library.custom_op("blockffn::dense_ffn", mutates_args=())
+        def _dense_ffn_op(
+            x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor
+        ) -> torch.Tensor:
+            return _dense_ffn_torch(x, scores, w_up, w_down_t)
+
+        @_dense_ffn_op.register_fake
+        def _dense_ffn_fake(x, scores, w_up, w_down_t):
+            return x.new_empty((x.shape[0], w_up.shape[2]))
+
+    if not _op_registered("segment_union"):
+
+        @torch.library.custom_op("blockffn::segment_union", mutates_args=())
+        def _segment_union_op(
+            active: torch.Tensor, cu_seqlens: torch.Tensor, impl: str
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return _segment_union_impl(active, cu_seqlens, impl)
+
+        @_segment_union_op.register_fake
+        def _segment_union_fake(active, cu_seqlens, impl):
+            S, E = cu_seqlens.shape[0] - 1, active.shape[1]
+            return active.new_empty((S, E), dtype=torch.int32), active.new_empty((S,), dtype=torch.int32)
+
+
+_register()
+
+
+# ---------------------------------------------------------------- typed Python entry points
+def router(
+    x: torch.Tensor,
+    w_r: torch.Tensor,
+    norm_w: torch.Tensor | None = None,
+    mode: str = "rms",
+    norm_scale: float = 1.0,
+    eps: float = 1e-5,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router scores (fp32 [T, E]) and active mask (bool [T, E], z > 0) in one fused pass.
+
+    ``mode`` is the checkpoint's ``norm_after_router``; ``norm_w`` its ``router_norm.weight``
+    ("rms"), ``norm_scale`` its ``norm_scale`` ("sum"), ``eps`` its ``rms_norm_eps``.
+    """
+    return torch.ops.blockffn.router(x, w_r, norm_w, mode, float(norm_scale), float(eps), impl)
+
+
+def sparse_ffn(
+    x: torch.Tensor,
+    scores: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """The experts' output y [T, H], running per segment only the union of active experts.
+
+    Segments are given by ``cu_seqlens`` (int32 [S+1]); an expert with score 0 for a token
+    contributes exactly 0 to it, so the result equals the dense layer up to rounding. Pass
+    one segment per request (its tokens of this step) to make a speculative verify chunk
+    read only its union's weights.
+    """
+    return torch.ops.blockffn.sparse_ffn(x, scores, w_up, w_down_t, cu_seqlens, impl)
+
+
+def dense_ffn(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> torch.Tensor:
+    """All experts with two dense GEMMs (the baseline, and the fallback for dense steps)."""
+    return torch.ops.blockffn.dense_ffn(x, scores, w_up, w_down_t)
+
+
+def segment_union(
+    active: torch.Tensor, cu_seqlens: torch.Tensor, impl: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-segment compacted active experts: ``(expert_ids [S, E], counts [S])``, int32.
+
+    ``expert_ids[s]`` lists the active experts first (ascending), then the inactive ones;
+    useful for chunk-sparsity statistics (CLS) and for debugging routing.
+    """
+    return torch.ops.blockffn.segment_union(active, cu_seqlens, impl)
+
+
+__all__ = ["IMPLS", "dense_ffn", "interpret_mode", "router", "segment_union", "sparse_ffn"]

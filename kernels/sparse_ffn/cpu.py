@@ -1,0 +1,165 @@
+"""BlockFFN experts with plain PyTorch ops: the CPU path (vLLM runs no Triton on CPUs).
+
+Sparse path: per segment, the union of its tokens' active experts is found on the host
+(free on a CPU: the data is already there) and cut into *runs* of consecutive expert ids.
+Because ``w_up`` / ``w_down_t`` are [E, D, H] with each expert a contiguous [D, H] slab, a
+run e0..e1-1 is one contiguous [(e1-e0)·D, H] view, so every run costs two BLAS calls on
+weight views: no gather copies, and only the active experts' bytes are read. The SiLU and
+the per-token router scores are applied once over the segment's whole intermediate.
+
+Alternatives measured in ``benchmarks/bench_kernels_cpu.py --alternatives`` (1 thread,
+H=1792, E=56, D=128, 1 and 8 tokens, 70-80% union sparsity): gathering the active weights
+with ``index_select`` before two GEMMs, or ``bmm`` on gathered weights, is 2-5× slower (the
+gather copies the active weights every call, which costs as much as reading them); a loop
+over single experts or over runs computing x·W^T then h·W is as fast in fp32 but 3-8×
+slower in bf16, where oneDNN's GEMM with a row-major right-hand weight is very slow on AVX2
+CPUs; upcasting each run to fp32 is on par at 8 tokens and slower at 1. Hence the layout
+here: h^T = W_run x^T (weights as the left operand), y += (h^T)^T W_run.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..dispatch import cpu_prefers_dense
+
+
+def dense_ffn(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> torch.Tensor:
+    """All experts with two dense GEMMs: y = (SiLU(x W_up^T) ⊙ r) W_down^T. Any device.
+
+    The reference the sparse paths must beat, and the fallback when a step is too dense for
+    sparsity to pay (long prefill segments, large batches). On CPUs the intermediate is
+    computed transposed, h^T = W_up x^T, so that both GEMMs take the weights as their
+    row-major left / transposed right operand: with the weights as a plain row-major right
+    operand (h @ W_down), oneDNN's bf16 GEMM on AVX2 CPUs measured ~10× slower here.
+    """
+    T, H = x.shape
+    E, D, _ = w_up.shape
+    if x.device.type == "cpu":
+        h_t = F.silu(w_up.reshape(E * D, H) @ x.t())
+        h_t.view(E, D, T).mul_(scores.t().to(h_t.dtype).unsqueeze(1))
+        return h_t.t() @ w_down_t.reshape(E * D, H)
+    h = F.silu(x @ w_up.reshape(E * D, H).t())
+    h.view(T, E, D).mul_(scores.to(h.dtype).unsqueeze(-1))
+    return h @ w_down_t.reshape(E * D, H)
+
+
+def dense_ffn_plain(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> torch.Tensor:
+    """:func:`dense_ffn` as the formula reads (x W_up^T, then h W_down), whatever the device.
+
+    Kept for the benchmarks: the baseline a straightforward dense implementation would be.
+    """
+    T, H = x.shape
+    E, D, _ = w_up.shape
+    h = F.silu(x @ w_up.reshape(E * D, H).t())
+    h.view(T, E, D).mul_(scores.to(h.dtype).unsqueeze(-1))
+    return h @ w_down_t.reshape(E * D, H)
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Sorted expert ids → maximal runs [e0, e1) of consecutive ids."""
+    runs: list[tuple[int, int]] = []
+    for e in ids:
+        if runs and runs[-1][1] == e:
+            runs[-1] = (runs[-1][0], e + 1)
+        else:
+            runs.append((e, e + 1))
+    return runs
+
+
+def segment_unions_cpu(scores: torch.Tensor, cu: list[int]) -> list[list[int]]:
+    """Sorted active-expert ids of every segment (host lists)."""
+    active = scores != 0
+    S = len(cu) - 1
+    if S == 1:
+        return [active.any(dim=0).nonzero().flatten().tolist()] if cu[1] > cu[0] else [[]]
+    lens = torch.tensor([cu[s + 1] - cu[s] for s in range(S)])
+    seg_of_token = torch.repeat_interleave(torch.arange(S), lens)
+    union = torch.zeros((S, active.shape[1]), dtype=torch.int32)
+    union.index_add_(0, seg_of_token, active.to(torch.int32))
+    pairs = union.nonzero().tolist()  # row-major: sorted by segment, then expert
+    out: list[list[int]] = [[] for _ in range(S)]
+    for s, e in pairs:
+        out[s].append(e)
+    return out
+
+
+def _segment_sparse(
+    x: torch.Tensor,
+    scores: torch.Tensor,
+    w_up_2d: torch.Tensor,
+    w_down_2d: torch.Tensor,
+    ids: list[int],
+    D: int,
+    out: torch.Tensor,
+) -> None:
+    """out (n × H, zeroed or not) ← the segment's output from its union ``ids`` (sorted)."""
+    n = x.shape[0]
+    runs = _runs(ids)
+    k = len(ids)
+    # Intermediate laid out [k·D, n] so that every run writes a contiguous row block.
+    h_t = torch.empty((k * D, n), dtype=x.dtype)
+    row = 0
+    for e0, e1 in runs:
+        m = (e1 - e0) * D
+        torch.mm(w_up_2d[e0 * D : e1 * D], x.t(), out=h_t[row : row + m])
+        row += m
+    F.silu(h_t, inplace=True)
+    idx = torch.tensor(ids)
+    h_t.view(k, D, n).mul_(scores.index_select(1, idx).t().to(h_t.dtype).unsqueeze(1))
+    row = 0
+    first = True
+    for e0, e1 in runs:
+        m = (e1 - e0) * D
+        if first:
+            torch.mm(h_t[row : row + m].t(), w_down_2d[e0 * D : e1 * D], out=out)
+            first = False
+        else:
+            out.addmm_(h_t[row : row + m].t(), w_down_2d[e0 * D : e1 * D])
+        row += m
+
+
+def sparse_ffn_cpu(
+    x: torch.Tensor,
+    scores: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    allow_dense: bool = True,
+) -> torch.Tensor:
+    """y [T, H]: each segment runs only the union of its tokens' active experts.
+
+    With ``allow_dense``, when the unions together cover too much of the experts to win
+    (:func:`~..dispatch.cpu_prefers_dense`), the call runs one union over the whole batch,
+    or :func:`dense_ffn` when even that union is too dense.
+    """
+    T, H = x.shape
+    E, D, _ = w_up.shape
+    cu = [int(c) for c in cu_seqlens.tolist()]
+    if T == 0:
+        return x.new_empty((0, H))
+    unions = segment_unions_cpu(scores, cu)
+    if allow_dense and cpu_prefers_dense([len(u) for u in unions], [cu[s + 1] - cu[s] for s in range(len(unions))], E):
+        # Per-segment unions together read too much (many requests in a decode batch): one
+        # union over the whole batch reads each active expert once, which still wins while
+        # that union is small; otherwise all experts, densely.
+        batch_union = segment_unions_cpu(scores, [0, T])
+        if len(cu) == 2 or cpu_prefers_dense([len(batch_union[0])], [T], E):
+            return dense_ffn(x, scores, w_up, w_down_t)
+        unions, cu = batch_union, [0, T]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    w_up_2d = w_up.reshape(E * D, H)
+    w_down_2d = w_down_t.reshape(E * D, H)
+    y = torch.empty((T, H), dtype=x.dtype)
+    for s, ids in enumerate(unions):
+        a, b = cu[s], cu[s + 1]
+        if a == b:
+            continue
+        if not ids:
+            y[a:b].zero_()
+            continue
+        out = y[a:b]  # contiguous rows: a valid out= target
+        _segment_sparse(x[a:b], scores[a:b], w_up_2d, w_down_2d, ids, D, out)
+    return y

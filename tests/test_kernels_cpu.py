@@ -1,0 +1,260 @@
+"""The plain-PyTorch parts of the kernels: references, layouts, the CPU sparse path,
+the dispatch rule and the torch custom ops (incl. torch.compile). No Triton involved."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import vllm_blockffn.kernels as K
+from vllm_blockffn.kernels import (
+    THRESHOLDS,
+    cpu_prefers_dense,
+    cuda_prefers_dense,
+    dense_ffn_torch,
+    experts_naive,
+    experts_reference,
+    from_internal_layout,
+    router_naive,
+    segment_union_naive,
+    sparse_ffn_cpu,
+    sparse_ffn_naive,
+    to_internal_layout,
+)
+from vllm_blockffn.kernels.sparse_ffn.cpu import _runs, dense_ffn_plain, segment_unions_cpu
+from vllm_blockffn.kernels.testing import (
+    TOLERANCES,
+    cu_seqlens_of,
+    make_scores,
+    make_weights,
+    poison_inactive,
+    rel_err,
+)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _case(lengths, E, D, H, frac, dtype, seed=0, zero_token_prob=0.15):
+    dt = DTYPES[dtype]
+    scores, unions = make_scores(lengths, E, frac, seed=seed, zero_token_prob=zero_token_prob)
+    w_up, w_down_t = make_weights(E, D, H, dt, seed=seed + 1)
+    x = torch.randn(sum(lengths), H, generator=torch.Generator().manual_seed(seed + 2)).to(dt)
+    ref = experts_reference(x.float(), scores, w_up.float(), w_down_t.transpose(1, 2).float(), "block")
+    return x, scores, w_up, w_down_t, cu_seqlens_of(lengths), unions, ref
+
+
+# ---------------------------------------------------------------- references and layouts
+@pytest.mark.parametrize("layout", ["block", "block_linear"])
+def test_layout_round_trip_and_references_agree(layout):
+    E, D, H = 5, 8, 24
+    w_up, w_down_t = make_weights(E, D, H)
+    up, down = from_internal_layout(w_up, w_down_t, layout)
+    if layout == "block":
+        assert up.shape == (E, D, H) and down.shape == (E, H, D)
+    else:
+        assert up.shape == (E * D, H) and down.shape == (H, E * D)
+    w_up2, w_down2 = to_internal_layout(up, down, layout, num_experts=E)
+    assert torch.equal(w_up2, w_up) and torch.equal(w_down2, w_down_t)
+    assert w_up2.is_contiguous() and w_down2.is_contiguous()
+    scores, _ = make_scores([3, 2], E, 0.6, seed=1)
+    x = torch.randn(5, H)
+    ref = experts_reference(x, scores, up, down, layout)
+    torch.testing.assert_close(experts_naive(x, scores, w_up, w_down_t), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse_ffn_naive(x, scores, w_up, w_down_t, cu_seqlens_of([3, 2])), ref)
+
+
+def test_layout_errors():
+    with pytest.raises(ValueError, match="num_experts"):
+        to_internal_layout(torch.zeros(16, 4), torch.zeros(4, 16), "block_linear")
+    with pytest.raises(ValueError, match="does not match"):
+        to_internal_layout(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), "block")
+    with pytest.raises(ValueError, match="split"):
+        to_internal_layout(torch.zeros(15, 4), torch.zeros(4, 15), "block_linear", num_experts=4)
+    with pytest.raises(ValueError, match="unknown"):
+        to_internal_layout(torch.zeros(2, 3, 4), torch.zeros(2, 4, 3), "fastmoe")
+
+
+@pytest.mark.parametrize("mode", ["rms", "sum", "none"])
+def test_router_naive_follows_the_formulas(mode):
+    x, w_r, nw = torch.randn(6, 32), torch.randn(10, 32), torch.rand(10)
+    r, mask = router_naive(x, w_r, nw, mode, norm_scale=2.0, eps=1e-6)
+    z = x @ w_r.t()
+    a = z.clamp_min(0)
+    if mode == "rms":
+        want = a / torch.sqrt((a * a).mean(-1, keepdim=True) + 1e-6) * nw
+    elif mode == "sum":
+        want = a / (a.sum(-1, keepdim=True) * 2.0 + 1e-5)
+    else:
+        want = a
+    torch.testing.assert_close(r, want)
+    assert torch.equal(mask, z > 0)
+    assert r.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- CPU sparse path
+CPU_CASES = [
+    ([1], 56, 32, 64, 0.2, "fp32"),
+    ([1], 56, 32, 64, 0.2, "bf16"),
+    ([1], 256, 16, 32, 0.05, "fp16"),
+    ([8], 56, 32, 96, 0.3, "bf16"),
+    ([0, 3, 0, 5, 1, 17], 12, 16, 48, 0.3, "fp32"),
+    ([9], 10, 24, 40, 1.0, "fp16"),
+    ([8, 8], 16, 16, 64, 0.0, "fp32"),
+    ([64], 8, 16, 32, 0.5, "bf16"),
+    ([300, 3, 1], 24, 16, 32, [0.7, 0.4, 0.1], "fp32"),
+]
+
+
+@pytest.mark.parametrize("allow_dense", [False, True])
+@pytest.mark.parametrize("lengths,E,D,H,frac,dtype", CPU_CASES)
+def test_sparse_ffn_cpu_matches_reference(lengths, E, D, H, frac, dtype, allow_dense):
+    x, scores, w_up, w_down_t, cu, _, ref = _case(lengths, E, D, H, frac, dtype)
+    y = sparse_ffn_cpu(x, scores, w_up, w_down_t, cu, allow_dense=allow_dense)
+    assert y.dtype == x.dtype and y.shape == x.shape[:1] + (H,)
+    assert rel_err(y, ref) < TOLERANCES[x.dtype]
+    zero_tokens = (scores == 0).all(dim=1)
+    assert (y[zero_tokens] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_dense_ffn_matches_reference(dtype):
+    x, scores, w_up, w_down_t, cu, _, ref = _case([4, 3], 12, 16, 48, [0.4, 0.7], dtype)
+    assert rel_err(dense_ffn_torch(x, scores, w_up, w_down_t), ref) < TOLERANCES[x.dtype]
+    assert rel_err(dense_ffn_plain(x, scores, w_up, w_down_t), ref) < TOLERANCES[x.dtype]
+
+
+def test_sparse_ffn_cpu_never_reads_inactive_experts():
+    x, scores, w_up, w_down_t, cu, unions, ref = _case([1, 4, 0, 3], 24, 16, 32, [0.25, 0.3, 0.0, 0.2], "fp32")
+    active = sorted({e for u in unions for e in u})
+    w_up_p, w_down_p = poison_inactive(w_up, w_down_t, active)
+    y = sparse_ffn_cpu(x, scores, w_up_p, w_down_p, cu, allow_dense=False)
+    assert torch.isfinite(y).all() and rel_err(y, ref) < 1e-5
+
+
+def test_crowded_decode_batch_runs_one_batch_union():
+    # 8 one-token segments on the same 3 of 12 experts: per-segment unions add up to 24 > 0.8·E,
+    # so "auto" falls back — to the batch union (3 experts), not to dense: the poisoned
+    # inactive experts are never read.
+    E, D, H = 12, 16, 32
+    w_up, w_down_t = make_weights(E, D, H)
+    x = torch.randn(8, H)
+    scores = torch.zeros(8, E)
+    scores[:, [2, 3, 7]] = torch.rand(8, 3) + 0.1
+    ref = dense_ffn_torch(x, scores, w_up, w_down_t)
+    w_up_p, w_down_p = poison_inactive(w_up, w_down_t, [2, 3, 7])
+    y = sparse_ffn_cpu(x, scores, w_up_p, w_down_p, cu_seqlens_of([1] * 8), allow_dense=True)
+    assert torch.isfinite(y).all() and rel_err(y, ref) < 1e-5
+
+
+def test_empty_inputs():
+    w_up, w_down_t = make_weights(4, 8, 16)
+    x = torch.zeros(0, 16)
+    y = sparse_ffn_cpu(x, torch.zeros(0, 4), w_up, w_down_t, cu_seqlens_of([0, 0]))
+    assert y.shape == (0, 16)
+    y = K.sparse_ffn(x, torch.zeros(0, 4), w_up, w_down_t, cu_seqlens_of([0]))
+    assert y.shape == (0, 16)
+
+
+def test_runs_and_unions_helpers():
+    assert _runs([]) == []
+    assert _runs([0, 1, 2, 5, 7, 8]) == [(0, 3), (5, 6), (7, 9)]
+    scores = torch.zeros(6, 5)
+    scores[0, 1] = scores[1, 3] = scores[5, 0] = scores[5, 4] = 1.0
+    assert segment_unions_cpu(scores, [0, 2, 2, 5, 6]) == [[1, 3], [], [], [0, 4]]
+    assert segment_unions_cpu(scores, [0, 6]) == [[0, 1, 3, 4]]
+
+
+def test_segment_union_naive():
+    active = torch.tensor([[1, 0, 0, 1], [0, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    ids, counts = segment_union_naive(active, cu_seqlens_of([2, 0, 1]))
+    assert counts.tolist() == [3, 0, 0]
+    assert ids.tolist() == [[0, 2, 3, 1], [0, 1, 2, 3], [0, 1, 2, 3]]
+    assert ids.dtype == counts.dtype == torch.int32
+
+
+# ---------------------------------------------------------------- dispatch rule
+def test_cuda_dispatch_uses_static_shapes_only():
+    assert not cuda_prefers_dense(1, 1, 56, 128, 1792)  # decode
+    assert not cuda_prefers_dense(8, 1, 56, 128, 1792)  # one verify chunk
+    assert not cuda_prefers_dense(3 * 8, 3, 56, 128, 1792)  # three verify chunks
+    assert cuda_prefers_dense(THRESHOLDS.cuda_max_tokens + 1, 1, 56, 128, 1792)  # prefill
+    assert cuda_prefers_dense(300, 1, 56, 128, 1792)  # one long segment
+    assert cuda_prefers_dense(64, 16, 56, 128, 1792)  # a batch of 16 requests
+    assert cuda_prefers_dense(1, 1, 512, 128, 1792)  # more experts than the kernels take
+    assert cuda_prefers_dense(0, 0, 56, 128, 1792)
+
+
+def test_cpu_dispatch_uses_union_sizes():
+    E = 56
+    assert not cpu_prefers_dense([11], [1], E)
+    assert not cpu_prefers_dense([17], [8], E)
+    assert cpu_prefers_dense([50], [8], E)
+    assert cpu_prefers_dense([20, 20, 20], [1, 1, 1], E)  # many segments: shared experts reread
+    assert cpu_prefers_dense([5], [THRESHOLDS.cpu_max_tokens_per_segment + 1], E)
+    assert not cpu_prefers_dense([], [], E)
+
+
+# ---------------------------------------------------------------- custom ops
+def test_ops_match_references_on_cpu():
+    lengths, E, D, H = [1, 6, 0, 2], 20, 16, 48
+    x, scores, w_up, w_down_t, cu, _, ref = _case(lengths, E, D, H, [0.2, 0.4, 0.0, 0.1], "fp32")
+    for impl in ("auto", "torch", "dense"):
+        assert rel_err(K.sparse_ffn(x, scores, w_up, w_down_t, cu, impl=impl), ref) < 1e-5
+    assert rel_err(K.dense_ffn(x, scores, w_up, w_down_t), ref) < 1e-5
+    w_r, nw = torch.randn(E, H), torch.rand(E)
+    for mode in ("rms", "sum", "none"):
+        s1, m1 = K.router(x, w_r, nw, mode, 1.5, 1e-5)
+        s2, m2 = router_naive(x, w_r, nw, mode, 1.5, 1e-5)
+        torch.testing.assert_close(s1, s2)
+        assert torch.equal(m1, m2)
+    ids, counts = K.segment_union(m1, cu)
+    ref_ids, ref_counts = segment_union_naive(m1, cu)
+    assert torch.equal(ids, ref_ids) and torch.equal(counts, ref_counts)
+
+
+def test_ops_reject_bad_arguments(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    w_up, w_down_t = make_weights(4, 8, 16)
+    x, scores, cu = torch.randn(2, 16), torch.rand(2, 4), cu_seqlens_of([2])
+    with pytest.raises(ValueError, match="impl"):
+        K.sparse_ffn(x, scores, w_up, w_down_t, cu, impl="magic")
+    with pytest.raises(RuntimeError, match="triton"):  # CPU tensors without the interpreter
+        K.sparse_ffn(x, scores, w_up, w_down_t, cu, impl="triton")
+    with pytest.raises(ValueError, match="router norm"):
+        K.router(x, torch.randn(4, 16), None, "softmax")
+
+
+def test_ops_pass_opcheck():
+    x, scores, w_up, w_down_t, cu, _, _ = _case([2, 3], 6, 8, 16, 0.5, "fp32")
+    w_r = torch.randn(6, 16)
+    torch.library.opcheck(torch.ops.blockffn.sparse_ffn.default, (x, scores, w_up, w_down_t, cu, "auto"))
+    torch.library.opcheck(torch.ops.blockffn.dense_ffn.default, (x, scores, w_up, w_down_t))
+    torch.library.opcheck(torch.ops.blockffn.router.default, (x, w_r, None, "rms", 1.0, 1e-5, "auto"))
+    torch.library.opcheck(torch.ops.blockffn.segment_union.default, (scores != 0, cu, "auto"))
+
+
+def test_torch_compile_fullgraph_smoke():
+    E, D, H = 12, 16, 32
+    w_up, w_down_t = make_weights(E, D, H)
+    w_r, nw = torch.randn(E, H), torch.rand(E) + 0.5
+
+    def layer(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+        scores, _ = K.router(x, w_r, nw, "rms", 1.0, 1e-5)
+        return x + K.sparse_ffn(x, scores, w_up, w_down_t, cu) * 0.5
+
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    for lengths in ([2, 3], [1], [4, 0, 4]):
+        x, cu = torch.randn(sum(lengths), H), cu_seqlens_of(lengths)
+        torch.testing.assert_close(compiled(x, cu), layer(x, cu))
+
+
+def test_package_imports_without_vllm():
+    """kernels/ must not import vLLM (the GPU benchmark machine has none)."""
+    root = os.path.dirname(K.__file__)
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(dirpath, name)) as f:
+                    src = f.read()
+                assert "import vllm" not in src and "from vllm" not in src, name
