@@ -57,3 +57,18 @@ def test_dtypes_and_file_formats(tiny_factory, engine_factory, record_figure, op
     assert worst <= tolerance
     if dtype == "float32":
         assert all(same)
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_reference(tiny_factory, engine_factory, record_figure, monkeypatch):
+    """enforce_eager off: vLLM compiles the model with torch.compile; the experts op stays opaque.
+
+    The backend comes from the environment (a compiled graph does not see later attribute changes).
+    """
+    monkeypatch.setenv("VLLM_BLOCKFFN_BACKEND", "sparse")
+    path = tiny_factory(attention="vanilla", layout="block", norm="rms")
+    reference = load_reference(path)
+    engine = engine_factory(path, enforce_eager=False)
+    worst, same = compare_to_reference(engine.greedy(PROMPTS, prompt_logprobs=True), reference)
+    record_figure("max|dlogprob| fp32 compiled vanilla/block/rms/sparse", f"{worst:.2e}")
+    assert worst <= 1e-3 and all(same)
