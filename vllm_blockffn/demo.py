@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -22,7 +23,7 @@ class VLLMServer:
         self.args = ["vllm", "serve", model, "--port", str(port), "--host", "127.0.0.1",
                      *CPU_SERVE_ARGS, *(extra_args or [])]
         self.env = {**os.environ, **(env or {})}
-        self.log_path = log_path or os.path.join(model, f"serve-{port}.log")
+        self.log_path = log_path or os.path.join(tempfile.gettempdir(), f"vllm-blockffn-serve-{port}.log")
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
 
@@ -82,11 +83,13 @@ def default_model() -> str:
 
 
 def run_demo(model: str | None, port: int, prompt: str) -> int:
+    """Serve `model` (default: a tiny random BlockFFN) and print one completion."""
     from openai import OpenAI
 
     model = model or default_model()
-    print(f"starting: vllm serve {model} (log: {os.path.join(model, f'serve-{port}.log')})", flush=True)
-    with VLLMServer(model, port) as server:
+    server = VLLMServer(model, port)
+    print(f"starting: vllm serve {model} (log: {server.log_path})", flush=True)
+    with server:
         client = OpenAI(base_url=server.base_url, api_key="none")
         out = client.completions.create(model=model, prompt=prompt, max_tokens=24, temperature=0)
         print(f"prompt:     {prompt!r}\ncompletion: {out.choices[0].text!r}\nusage:      {out.usage}")
