@@ -90,21 +90,22 @@ def tiny_config(opts: TinyOptions, vocab_size: int) -> dict:
     return cfg
 
 
-def train_tokenizer(out_dir: str, vocab_size: int) -> int:
-    """Train a byte-level BPE on stdlib docstrings; write tokenizer files; return its size."""
-    import pydoc  # noqa: F401  (imports a wide set of documented modules)
-
+def train_tokenizer(out_dir: str, vocab_size: int, texts: list[str] | None = None) -> int:
+    """Train a byte-level BPE on `texts` (default: stdlib docstrings); write tokenizer files; return its size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    texts = []
-    for name in ("json", "os", "re", "collections", "argparse", "logging", "pathlib", "random",
-                 "string", "textwrap", "functools", "itertools", "dataclasses", "typing", "unittest"):
-        module = __import__(name)
-        texts.append(module.__doc__ or "")
-        for attr in sorted(dir(module)):
-            doc = getattr(getattr(module, attr, None), "__doc__", None)
-            if isinstance(doc, str):
-                texts.append(doc)
+    if texts is None:
+        import pydoc  # noqa: F401  (imports a wide set of documented modules)
+
+        texts = []
+        for name in ("json", "os", "re", "collections", "argparse", "logging", "pathlib", "random",
+                     "string", "textwrap", "functools", "itertools", "dataclasses", "typing", "unittest"):
+            module = __import__(name)
+            texts.append(module.__doc__ or "")
+            for attr in sorted(dir(module)):
+                doc = getattr(getattr(module, attr, None), "__doc__", None)
+                if isinstance(doc, str):
+                    texts.append(doc)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

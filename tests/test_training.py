@@ -1,0 +1,158 @@
+"""training/: the CLS-aware losses on hand-checkable tensors, and a short smoke training whose
+checkpoint loads with the reference model and matches the training model's logits."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from training.losses import AdaptiveFactor, activation_locality_loss, chunk_sparsification_loss
+from training.model import TrainableBlockFFN
+
+
+def _bce(logit: float, target: float) -> float:
+    sig = 1 / (1 + math.exp(-logit))
+    return -(target * math.log(sig) + (1 - target) * math.log(1 - sig))
+
+
+def test_activation_locality_loss_by_hand():
+    # One pair, one expert: z_{t-1} = 0.01, z_t = -0.01 → BCE(logit 1, target sigmoid(-1)).
+    z = torch.tensor([[[0.01], [-0.01]]])
+    expected = _bce(1.0, 1 / (1 + math.exp(1.0)))
+    assert activation_locality_loss(z).item() == pytest.approx(expected, rel=1e-5)
+    assert expected == pytest.approx(1.0443, abs=1e-4)
+
+    # Two pairs, two experts; the pair mask drops the second pair (a document boundary).
+    z = torch.tensor([[[0.01, -0.02], [-0.01, 0.03], [5.0, 5.0]]])
+    mask = torch.tensor([[True, False]])
+    pairs = [(1.0, -1.0), (-2.0, 3.0)]  # (α·z_{t-1}, α·z_t) for each expert of the kept pair
+    expected = sum(_bce(a, 1 / (1 + math.exp(-b))) for a, b in pairs) / 2
+    assert activation_locality_loss(z, mask).item() == pytest.approx(expected, rel=1e-5)
+
+    # Same sign with large magnitude on both sides: (almost) no loss.
+    z = torch.tensor([[[1.0, -1.0], [2.0, -3.0]]])
+    assert activation_locality_loss(z).item() < 1e-3
+
+
+def test_chunk_sparsification_loss_by_hand():
+    # Both experts share the activation mass equally: p = 0.5 for every token and expert.
+    z = torch.ones(1, 2, 2)
+    p = 1 / (2 + 1e-5)
+    assert chunk_sparsification_loss(z, 2).item() == pytest.approx(1 - (1 - p + 1e-5) ** 2, rel=1e-5)  # 0.75
+    assert chunk_sparsification_loss(z, 2).item() == pytest.approx(0.75, abs=1e-4)
+    assert chunk_sparsification_loss(z, 1).item() == pytest.approx(0.5, abs=1e-4)  # 1-token chunks
+
+    # Each token puts all its mass on a different expert: both experts are surely active in the chunk.
+    z = torch.tensor([[[1.0, -1.0], [-1.0, 3.0]]])
+    assert chunk_sparsification_loss(z, 2).item() == pytest.approx(1.0, abs=1e-4)
+    # ... while the same expert for both tokens leaves the other one surely off: 0.5.
+    z = torch.tensor([[[1.0, -1.0], [2.0, -1.0]]])
+    assert chunk_sparsification_loss(z, 2).item() == pytest.approx(0.5, abs=1e-4)
+
+    # Nothing active: no loss (up to the 1e-5 of the formula); masked tokens count as inactive.
+    assert abs(chunk_sparsification_loss(-torch.ones(1, 4, 3), 2).item()) < 1e-4
+    z = torch.ones(1, 2, 2)
+    mask = torch.tensor([[1.0, 0.0]])
+    assert chunk_sparsification_loss(z, 2, mask).item() == pytest.approx(0.5, abs=1e-4)
+
+    with pytest.raises(ValueError):
+        chunk_sparsification_loss(torch.ones(1, 3, 2), 2)
+
+
+def test_losses_have_router_gradients():
+    z = torch.randn(2, 8, 4, requires_grad=True)
+    (activation_locality_loss(z) + chunk_sparsification_loss(z, 4)).backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_adaptive_factor():
+    f = AdaptiveFactor(0.05, stable_steps=2, window=2, max_ratio=4.0)
+    values = [f.step(cs, step) for step, cs in enumerate([1.0, 1.0, 0.5, 0.5, 0.5, 0.5])]
+    assert values == [0.05] * 6  # falling L_CS: unchanged
+    f = AdaptiveFactor(0.05, stable_steps=0, window=2, max_ratio=4.0)
+    values = [f.step(cs, step) for step, cs in enumerate([0.1, 0.1, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])]
+    # window 2 rose 10× → grow linearly to the cap (4 × 0.05) over the next 2 steps; then flat.
+    assert values[3] == pytest.approx(0.05)
+    assert values[4] == pytest.approx(0.125)
+    assert values[5] == pytest.approx(0.2)
+    assert max(values) == pytest.approx(0.2)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    from training.train import parse_args, train
+
+    out = str(tmp_path_factory.mktemp("smoke-train"))
+    args = parse_args(["--out", out, "--steps", "6", "--hidden-size", "64", "--layers", "2", "--experts", "8",
+                       "--expert-size", "16", "--vocab-size", "512", "--seq-len", "64", "--batch-size", "2",
+                       "--cs-chunk", "16", "--cs-adaptive", "--cs-stable-steps", "2", "--cs-window", "2",
+                       "--sparsity-start-step", "2", "--sparsity-ramp-steps", "2", "--log-every", "1",
+                       "--eval-every", "3", "--eval-windows", "2", "--eval-max-windows", "3",
+                       "--threads", "1"])
+    threads = torch.get_num_threads()
+    try:
+        summary = train(args)
+    finally:
+        torch.set_num_threads(threads)
+    return out, summary
+
+
+def test_smoke_training_losses_finite(smoke_run):
+    out, summary = smoke_run
+    assert summary["steps"] == 6
+    with open(os.path.join(out, "train_log.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    steps = [r for r in rows if "step" in r]
+    assert len(steps) == 6
+    for r in steps:
+        for key in ("loss", "lm", "al", "cs"):
+            assert math.isfinite(r[key]), (key, r)
+    # LM-only warm-up for 2 steps, then both weights ramp up linearly over 2 steps.
+    assert [r["lambda_cs"] for r in steps[:2]] == [0.0, 0.0] and steps[0]["loss"] == steps[0]["lm"]
+    assert steps[2]["lambda_cs"] == pytest.approx(0.1) and steps[3]["lambda_cs"] == pytest.approx(0.2)
+    assert steps[3]["lambda_al"] == pytest.approx(2e-3) and steps[3]["loss"] > steps[3]["lm"]
+    result = summary["eval"]
+    assert math.isfinite(result["heldout_loss"]) and 0 <= result["tls"] <= 1
+    assert set(result["cls"]) == {"1", "2", "4", "8", "16", "32", "64"}
+    assert result["cls"]["1"] == pytest.approx(result["tls"])
+
+
+def test_smoke_checkpoint_loads_and_matches_training_model(smoke_run):
+    from safetensors.torch import load_file
+
+    from vllm_blockffn.checkpoint import check_weights
+    from vllm_blockffn.config import BlockFFNSpec
+    from vllm_blockffn.reference import load_reference
+
+    out, _ = smoke_run
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "generation_config.json"):
+        assert os.path.exists(os.path.join(out, name)), name
+    spec = BlockFFNSpec.from_pretrained(out)
+    check_weights(out, spec)
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["model_type"] == "minicpm" and cfg["architectures"] == ["MiniCPMForCausalLM"]
+    assert cfg["ffn_type"] == "block" and cfg["norm_after_router"] == "rms" and spec.head_dim == 32
+    tensors = load_file(os.path.join(out, "model.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+
+    reference = load_reference(out)
+    model = TrainableBlockFFN(spec)
+    model.load_official_tensors(tensors)
+    model.eval()
+    ids = torch.randint(0, spec.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    ref_logits, traces = reference(ids, return_router=True)
+    with torch.no_grad():
+        logits, zs = model(ids)
+    assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4), (logits - ref_logits).abs().max()
+    for z, trace in zip(zs, traces, strict=True):
+        assert torch.allclose(z, trace.logits, atol=1e-5, rtol=1e-5)
+    # Batched forward equals the per-sequence one.
+    with torch.no_grad():
+        batched, _ = model(torch.stack([ids, ids.flip(0)]))
+    assert torch.allclose(batched[0], logits, atol=1e-5)
