@@ -93,3 +93,5 @@ def poison_inactive(w_up: torch.Tensor, w_down_t: torch.Tensor, active: list[int
         w_up[idx] = float("nan")
         w_down_t[idx] = float("nan")
     return w_up, w_down_t
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

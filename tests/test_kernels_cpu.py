@@ -24,6 +24,7 @@ from vllm_blockffn.kernels import (
 )
 from vllm_blockffn.kernels.sparse_ffn.cpu import _runs, dense_ffn_plain, segment_unions_cpu
 from vllm_blockffn.kernels.testing import (
+    DTYPES,
     TOLERANCES,
     cu_seqlens_of,
     make_scores,
@@ -31,8 +32,6 @@ from vllm_blockffn.kernels.testing import (
     poison_inactive,
     rel_err,
 )
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _case(lengths, E, D, H, frac, dtype, seed=0, zero_token_prob=0.15):

@@ -36,6 +36,7 @@ from vllm_blockffn.kernels.sparse_ffn.triton_sparse_ffn import (  # noqa: E402
     sparse_up_triton,
 )
 from vllm_blockffn.kernels.testing import (  # noqa: E402
+    DTYPES,
     TOLERANCES,
     cu_seqlens_of,
     make_scores,
@@ -43,8 +44,6 @@ from vllm_blockffn.kernels.testing import (  # noqa: E402
     poison_inactive,
     rel_err,
 )
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @pytest.fixture(autouse=True, scope="module")

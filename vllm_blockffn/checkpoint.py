@@ -53,10 +53,15 @@ def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
 
 def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Names and shapes without reading tensor data (safetensors headers; bin via mmap)."""
+    return file_tensor_shapes(weight_files(path))
+
+
+def file_tensor_shapes(files: list[str]) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors in these .safetensors / .bin files."""
     from safetensors import safe_open
 
     shapes: dict[str, tuple[int, ...]] = {}
-    for file in weight_files(path):
+    for file in files:
         if file.endswith(".safetensors"):
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():

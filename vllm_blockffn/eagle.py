@@ -116,6 +116,8 @@ from vllm.model_executor.models.interfaces import SupportsEagle
 from vllm.model_executor.models.llama import LlamaAttention, LlamaMLP
 from vllm.model_executor.models.utils import maybe_prefix, process_eagle_weight
 
+from vllm_blockffn.checkpoint import file_tensor_shapes
+
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": shown with vLLM's own log lines
 
 ARCHITECTURE = "EagleBlockFFNForCausalLM"
@@ -164,18 +166,7 @@ def head_weight_files(path: str) -> list[str]:
 
 
 def head_tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in head_weight_files(path):
-        if file.endswith(".safetensors"):
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    shapes[name] = tuple(f.get_slice(name).get_shape())
-        else:
-            for name, tensor in torch.load(file, map_location="cpu", mmap=True, weights_only=True).items():
-                shapes[name] = tuple(tensor.shape)
-    return shapes
+    return file_tensor_shapes(head_weight_files(path))
 
 
 def read_head_tensor(path: str, name: str) -> torch.Tensor:
