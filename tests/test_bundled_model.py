@@ -1,0 +1,40 @@
+"""The shipped trained model (models/blockffn-tiny-trained): served by vLLM exactly, and really sparse."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import PROMPTS, compare_to_reference
+from vllm_blockffn.reference import load_reference
+from vllm_blockffn.sparsity import chunk_sparsity, token_sparsity
+
+MODEL = os.path.join(os.path.dirname(__file__), "..", "models", "blockffn-tiny-trained")
+
+
+def test_model_card_figures_match_the_weights():
+    """TLS / CLS-8 on sample documentation text: trained sparsity, near the card's held-out figure."""
+    with open(os.path.join(MODEL, "eval.json")) as f:
+        card = json.load(f)
+    reference = load_reference(MODEL)
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(MODEL, "tokenizer.json"))
+    text = " ".join(m.__doc__ for m in (json, os, torch.nn.Module) if m.__doc__)
+    ids = tok(text)["input_ids"][:256]
+    _, traces = reference(torch.tensor(ids), return_router=True)
+    tls = sum(token_sparsity(t.active) for t in traces) / len(traces)
+    cls8 = sum(chunk_sparsity(t.active, 8) for t in traces) / len(traces)
+    assert tls > 0.65 and cls8 > 0.5, (tls, cls8)  # a random router gives ~0.5 and ~0.01
+    assert abs(tls - card["tls"]) < 0.1
+
+
+@pytest.mark.slow
+def test_vllm_serves_the_bundled_model_exactly(engine_factory):
+    reference = load_reference(MODEL)
+    engine = engine_factory(MODEL, dtype="float32")
+    worst, same = compare_to_reference(engine.greedy(PROMPTS, prompt_logprobs=True), reference)
+    assert worst <= 1e-3 and all(same)
