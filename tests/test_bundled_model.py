@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import PROMPTS, compare_to_reference
+
 from vllm_blockffn.reference import load_reference
 from vllm_blockffn.sparsity import chunk_sparsity, token_sparsity
 
