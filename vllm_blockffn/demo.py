@@ -22,7 +22,8 @@ class VLLMServer:
         self.model, self.port = model, port
         self.args = ["vllm", "serve", model, "--port", str(port), "--host", "127.0.0.1",
                      *CPU_SERVE_ARGS, *(extra_args or [])]
-        self.env = {**os.environ, **(env or {})}
+        # A new server is a new metrics scope: never inherit the launching process's stats folder.
+        self.env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "VLLM_BLOCKFFN_STATS_DIR"}
         self.log_path = log_path or os.path.join(tempfile.gettempdir(), f"vllm-blockffn-serve-{port}.log")
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
