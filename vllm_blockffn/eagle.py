@@ -111,12 +111,12 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import SupportsEagle
 from vllm.model_executor.models.llama import LlamaAttention, LlamaMLP
 from vllm.model_executor.models.utils import maybe_prefix, process_eagle_weight
 
 from vllm_blockffn.checkpoint import file_tensor_shapes
+from vllm_blockffn.model import load_checked
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": shown with vLLM's own log lines
 
@@ -711,15 +711,7 @@ class EagleBlockFFNForCausalLM(nn.Module, SupportsEagle):
             if target not in params:
                 raise EagleHeadError(f"EAGLE head tensor '{stored_name}' has no place in the head model "
                                      f"(looked for '{target}')")
-            param = params[target]
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            if shard is None:
-                if loader is default_weight_loader and tuple(param.shape) != tuple(tensor.shape):
-                    raise EagleHeadError(f"EAGLE head tensor '{stored_name}' has shape {list(tensor.shape)}; "
-                                         f"expected {list(param.shape)}")
-                loader(param, tensor)
-            else:
-                loader(param, tensor, shard)
+            load_checked(params[target], tensor, shard, EagleHeadError, f"EAGLE head tensor '{stored_name}'")
             loaded.add(target)
         if ignored:
             logger.info("EAGLE head: ignored %s (the official loaders use the target's embedding)", ignored)

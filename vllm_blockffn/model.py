@@ -26,6 +26,19 @@ from vllm_blockffn.config import BlockFFNSpec
 from vllm_blockffn.layers.blockffn import BlockFFN
 
 
+def load_checked(param: torch.nn.Parameter, tensor: torch.Tensor, shard_id, error: type[Exception],
+                 what: str) -> None:
+    """Load through the parameter's weight_loader; a plain copy is shape-checked first, so a
+    wrong shape is named instead of failing as a bare assert inside vLLM."""
+    loader = getattr(param, "weight_loader", default_weight_loader)
+    if shard_id is not None:
+        loader(param, tensor, shard_id)
+        return
+    if loader is default_weight_loader and tuple(param.shape) != tuple(tensor.shape):
+        raise error(f"{what} has shape {list(tensor.shape)}; expected {list(param.shape)}")
+    loader(param, tensor)
+
+
 class _BlockFFNBlock:
     """Replaces MiniCPMDecoderLayer's MLP/MoE construction with a BlockFFN."""
 
@@ -93,15 +106,7 @@ class BlockFFNModel(MiniCPMModel):
             if name not in params:
                 raise BlockFFNWeightError(f"checkpoint weight 'model.{name}' is not part of a BlockFFN model "
                                           f"with this config.json")
-            param = params[name]
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            if shard_id is None:
-                if loader is default_weight_loader and param.shape != tensor.shape:
-                    raise BlockFFNWeightError(f"weight 'model.{name}' has shape {list(tensor.shape)}; "
-                                              f"expected {list(param.shape)}")
-                loader(param, tensor)
-            else:
-                loader(param, tensor, shard_id)
+            load_checked(params[name], tensor, shard_id, BlockFFNWeightError, f"weight 'model.{name}'")
             loaded.add(name)
         return loaded
 
