@@ -57,3 +57,16 @@ def test_counters_can_be_switched_off(tiny_factory, engine_factory, monkeypatch)
     reset(engine)
     engine.greedy(["Hello there"], max_tokens=3)
     assert all(row["tokens"] == 0 for row in snapshot(engine))
+
+
+@pytest.mark.slow
+def test_a_new_model_in_the_same_process_starts_from_zero(tiny_factory, engine_factory):
+    """In-process engines built one after another: the second sees only its own layers."""
+    first = engine_factory(tiny_factory(num_layers=3))
+    first.greedy(["Hello there"], max_tokens=2)
+    assert [row["layer"] for row in snapshot(first)] == [0, 1, 2]
+    first.close()
+    second = engine_factory(tiny_factory())
+    assert snapshot(second) == []
+    second.greedy(["Hello there"], max_tokens=2)
+    assert [row["layer"] for row in snapshot(second)] == [0, 1]

@@ -24,6 +24,7 @@ from vllm.sequence import IntermediateTensors
 from vllm_blockffn.checkpoint import IGNORED_SUFFIXES, BlockFFNWeightError
 from vllm_blockffn.config import BlockFFNSpec
 from vllm_blockffn.layers.blockffn import BlockFFN
+from vllm_blockffn.stats import RECORDER
 
 
 def load_checked(param: torch.nn.Parameter, tensor: torch.Tensor, shard_id, error: type[Exception],
@@ -118,6 +119,7 @@ class BlockFFNForCausalLM(MiniCPMForCausalLM):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         BlockFFNSpec.from_config(vllm_config.model_config.hf_config)  # clear errors before building
+        RECORDER.start_model(getattr(vllm_config.model_config.hf_config, "name_or_path", ""))
         super().__init__(vllm_config=vllm_config, prefix=prefix)
 
     def _init_model(self, *, vllm_config: VllmConfig, prefix: str = ""):

@@ -74,6 +74,17 @@ class SparsityRecorder:
         self.last_layer = -1
         self._publisher = None
 
+    def start_model(self, model: str) -> None:
+        """A model is being built in this process: its counters start from nothing.
+
+        A process serves one model at a time, but in-process engines (tests, `vllm.LLM`
+        with multiprocessing off) may build several in turn: rows of an earlier model's
+        layers must not show up under the new one."""
+        self._totals.clear()
+        self._shape.clear()
+        self.model = model
+        self.last_layer = -1
+
     def add_layer(self, layer: int, model: str) -> None:
         """Called when a BlockFFN layer is built: its step's last layer publishes the totals."""
         self.model = model
