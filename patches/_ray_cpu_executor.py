@@ -72,7 +72,15 @@ def connect_ray(parallel_config) -> bool:
             kwargs["resources"] = {key: float(need)}
             logger.info("Starting a local Ray instance with %d %r worker slots", need, key)
             started_local = True
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except ConnectionError as e:
+            if "InvalidAuthToken" not in f"{e!r} {e.__cause__!r}":
+                raise
+            raise ConnectionError(
+                f"{e}: the Ray cluster uses token authentication and this process has no token. Set "
+                f"RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN) to the cluster's token "
+                f"for `vllm serve` as for `ray start` (README: Multi-node with Ray).") from e
     if parallel_config.placement_group is not None or ray.util.get_current_placement_group() is not None:
         return started_local  # the caller's placement group: vLLM checks its bundles for `key`
     have = ray.cluster_resources().get(key, 0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import secrets
+import tempfile
 
 import pytest
 
@@ -46,6 +48,23 @@ def tiny_model(tiny_factory) -> str:
 def pytest_configure(config):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _ray_token_auth()
+
+
+def _ray_token_auth() -> None:
+    """Every Ray instance the tests start or join uses one token of this session's own.
+
+    Ray 2.5x turns token authentication on for a head whenever ~/.ray/auth_token exists (an
+    earlier `ray.init()` may have written it), and a driver reads RAY_AUTH_MODE once, when
+    Ray is first imported: set here, before anything imports Ray, it reaches in-process
+    drivers, servers and Ray's own processes alike."""
+    if os.environ.get("RAY_AUTH_MODE") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return  # the caller chose
+    path = os.path.join(tempfile.mkdtemp(prefix="blockffn-ray-auth-"), "auth_token")
+    with open(path, "w") as f:
+        f.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = path
 
 
 def pytest_collection_modifyitems(config, items):
