@@ -70,3 +70,28 @@ def test_a_new_model_in_the_same_process_starts_from_zero(tiny_factory, engine_f
     assert snapshot(second) == []
     second.greedy(["Hello there"], max_tokens=2)
     assert [row["layer"] for row in snapshot(second)] == [0, 1]
+
+
+def test_host_counters_equal_the_device_counters():
+    """The CPU backend's numpy counters against the torch ops an accelerator runs, on random
+    masks and segmentations (decode-only, one prefill chunk, mixed, padded, empty segments)."""
+    from vllm_blockffn.stats import NUM_COLUMNS, SparsityRecorder, _add_on_device
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        T, E = (int(torch.randint(1, 40, (1,), generator=g)) for _ in range(2))
+        scores = torch.relu(torch.randn(T, E, generator=g) - 0.8)
+        if trial % 3 == 0:
+            cu = list(range(T + 1))
+        else:
+            start, end = (0, T) if trial % 3 == 1 else (min(1, T - 1), T - 1 if T > 1 else T)
+            cuts = torch.randint(start, end + 1, (int(torch.randint(0, 6, (1,), generator=g)),), generator=g)
+            cu = sorted([start, end, *cuts.tolist()])  # repeats: empty segments
+        cu = torch.tensor(cu, dtype=torch.int32)
+        recorder = SparsityRecorder()
+        recorder.record(0, scores, cu, expert_bytes=10)
+        device = torch.zeros(NUM_COLUMNS, dtype=torch.int64)
+        _add_on_device(device, scores, cu)
+        host = vars(recorder.snapshot()[0])
+        got = [host[k] for k in ("tokens", "active", "segments", "union", "segment_tokens")]
+        assert got == device.tolist(), (trial, cu.tolist())
