@@ -89,7 +89,8 @@ def smoke_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("smoke-train"))
     args = parse_args(["--out", out, "--steps", "6", "--hidden-size", "64", "--layers", "2", "--experts", "8",
                        "--expert-size", "16", "--vocab-size", "512", "--seq-len", "64", "--batch-size", "2",
-                       "--cs-chunk", "16", "--cs-adaptive", "--cs-stable-steps", "2", "--cs-window", "2",
+                       "--cs-chunk", "16", "--lambda-cs", "0.2", "--cs-adaptive", "--cs-stable-steps", "2",
+                       "--cs-window", "2",
                        "--sparsity-start-step", "2", "--sparsity-ramp-steps", "2", "--log-every", "1",
                        "--eval-every", "3", "--eval-windows", "2", "--eval-max-windows", "3",
                        "--threads", "1"])
