@@ -60,6 +60,7 @@ from torch import nn
 
 from training import data as data_mod
 from training.model import RMSNorm, TrainableBlockFFN
+from training.train import lr_at
 from vllm_blockffn.checkpoint import iter_tensors
 from vllm_blockffn.config import BlockFFNSpec
 from vllm_blockffn.reference import rope_cos_sin, rotate_half
@@ -601,13 +602,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--unroll-weights has {len(weights)} values for --unroll {args.unroll}")
     args.unroll_weight_list = weights[: args.unroll]
     return args
-
-
-def lr_at(args, step: int, progress: float) -> float:
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    progress = min(max(progress, 0.0), 1.0)
-    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def _target_split(target_dir: str, args) -> tuple[float, int]:
