@@ -57,7 +57,7 @@ def metric(llm, name: str) -> float:
 
 def sparsity(llm) -> tuple[float, float]:
     def read(model):
-        from vllm_blockffn.stats import RECORDER
+        from vllm_blockffn.observe.stats import RECORDER
 
         rows = RECORDER.snapshot()
         RECORDER.reset()
@@ -70,7 +70,7 @@ def sparsity(llm) -> tuple[float, float]:
 
 def set_backend(llm, backend: str) -> None:
     def apply(model):
-        from vllm_blockffn.layers.blockffn import BlockFFN
+        from vllm_blockffn.serving.layers.blockffn import BlockFFN
 
         for m in model.modules():
             if isinstance(m, BlockFFN):

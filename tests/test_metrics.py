@@ -8,9 +8,9 @@ import urllib.request
 import pytest
 import torch
 
-from vllm_blockffn.demo import VLLMServer
+from vllm_blockffn.observe.sparsity import token_sparsity
 from vllm_blockffn.reference import load_reference
-from vllm_blockffn.sparsity import token_sparsity
+from vllm_blockffn.tools.demo import VLLMServer
 
 PORT = 18741
 

@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import PROMPTS
 
-from vllm_blockffn.demo import VLLMServer
 from vllm_blockffn.reference import load_reference
+from vllm_blockffn.tools.demo import VLLMServer
 
 PORT = 18731
 

@@ -1,5 +1,5 @@
 """Speculative decoding with a BlockFFN target: ngram, draft_model and EAGLE heads in the official
-BlockFFN/FR-Spec format (vllm_blockffn/eagle.py).
+BlockFFN/FR-Spec format (vllm_blockffn/serving/eagle.py).
 
 Engine tests: greedy output with speculation on equals greedy output with it off, token for
 token, for a concurrent batch of prompts of different lengths, with the dense and the sparse
@@ -17,8 +17,8 @@ import pytest
 import torch
 from conftest import PROMPTS, Engine
 
-from vllm_blockffn.tiny import TinyOptions, make_tiny
-from vllm_blockffn.tiny_eagle import TinyEagleOptions, make_oracle_head, make_oracle_target, make_tiny_eagle
+from vllm_blockffn.tools.tiny import TinyOptions, make_tiny
+from vllm_blockffn.tools.tiny_eagle import TinyEagleOptions, make_oracle_head, make_oracle_target, make_tiny_eagle
 
 MAX_TOKENS = 24
 SPEC_TOKENS = 3
@@ -154,13 +154,13 @@ def small_target(tmp_path_factory) -> str:
 
 
 def _fields(path) -> dict:
-    from vllm_blockffn.eagle import head_config_dict
+    from vllm_blockffn.serving.eagle import head_config_dict
 
     return head_config_dict(os.fspath(path))
 
 
 def test_official_layout_is_read(small_target, tmp_path):
-    from vllm_blockffn.eagle import ARCHITECTURE
+    from vllm_blockffn.serving.eagle import ARCHITECTURE
 
     cfg = _fields(make_tiny_eagle(tmp_path / "h", small_target, TinyEagleOptions(num_layers=2)))
     assert cfg["architectures"] == [ARCHITECTURE]
@@ -189,8 +189,8 @@ def test_prefixed_and_vllm_numbered_layers_are_read(small_target, tmp_path, pref
 
 @pytest.mark.parametrize("fmt", ["pt", "pkl", "tensor", "d2t"])
 def test_frspec_vocabulary_sources(small_target, tmp_path, fmt):
-    from vllm_blockffn.eagle import read_head_tensor, read_remap_file
-    from vllm_blockffn.tiny_eagle import frequency_ranked_ids
+    from vllm_blockffn.serving.eagle import read_head_tensor, read_remap_file
+    from vllm_blockffn.tools.tiny_eagle import frequency_ranked_ids
 
     path = make_tiny_eagle(tmp_path / "h", small_target, TinyEagleOptions(draft_vocab_size=100, remap_format=fmt))
     cfg = _fields(path)
@@ -207,7 +207,7 @@ def test_frspec_vocabulary_sources(small_target, tmp_path, fmt):
 
 
 def test_frspec_vocabulary_choice(small_target, tmp_path, monkeypatch):
-    from vllm_blockffn.eagle import VOCAB_ENV, EagleHeadError
+    from vllm_blockffn.serving.eagle import VOCAB_ENV, EagleHeadError
 
     path = make_tiny_eagle(tmp_path / "h", small_target, TinyEagleOptions(draft_vocab_size=100))
     torch.save(list(range(50)), os.path.join(path, "freq_50.pt"))
@@ -229,7 +229,7 @@ def test_frspec_vocabulary_choice(small_target, tmp_path, monkeypatch):
 
 
 def test_pickled_vocabulary_cannot_run_code(tmp_path):
-    from vllm_blockffn.eagle import EagleHeadError, read_remap_file
+    from vllm_blockffn.serving.eagle import EagleHeadError, read_remap_file
 
     class Evil:
         def __reduce__(self):
@@ -259,7 +259,7 @@ def _edit(path: str, drop: tuple[str, ...] = (), add: dict | None = None) -> Non
     (dict(add={"token_id_remap": torch.zeros(2, 3, dtype=torch.int32)}), r"expected \[V\]"),
 ])
 def test_bad_heads_are_named(small_target, tmp_path, change, message):
-    from vllm_blockffn.eagle import EagleHeadError
+    from vllm_blockffn.serving.eagle import EagleHeadError
 
     path = make_tiny_eagle(tmp_path / "h", small_target)
     _edit(path, **change)
@@ -268,7 +268,7 @@ def test_bad_heads_are_named(small_target, tmp_path, change, message):
 
 
 def test_config_conflicts_are_named(small_target, tmp_path):
-    from vllm_blockffn.eagle import EagleHeadError
+    from vllm_blockffn.serving.eagle import EagleHeadError
 
     path = make_tiny_eagle(tmp_path / "h", small_target)
     with open(os.path.join(path, "config.json")) as f:
@@ -285,7 +285,7 @@ def test_config_conflicts_are_named(small_target, tmp_path):
 def test_residual_scale_rules():
     from types import SimpleNamespace as NS
 
-    from vllm_blockffn.eagle import residual_scale
+    from vllm_blockffn.serving.eagle import residual_scale
 
     target = NS(num_hidden_layers=8)
     assert residual_scale(NS(eagle_layer0_input_norm=False, scale_depth=1.4), target) == 1.0  # thunlp/BlockFFN
@@ -301,7 +301,7 @@ def test_head_config_is_routed_to_the_eagle_model(target, tmp_path):
     from vllm.transformers_utils.config import get_config
 
     import vllm_blockffn
-    from vllm_blockffn.eagle import ARCHITECTURE
+    from vllm_blockffn.serving.eagle import ARCHITECTURE
 
     vllm_blockffn.register()
     head = make_tiny_eagle(tmp_path / "h", target, TinyEagleOptions(config_style="target"))
@@ -312,7 +312,7 @@ def test_head_config_is_routed_to_the_eagle_model(target, tmp_path):
 
 
 def test_cli_writes_a_head(tmp_path):
-    from vllm_blockffn.cli import main
+    from vllm_blockffn.tools.cli import main
 
     assert main(["make-tiny", str(tmp_path / "t"), "--hidden-size", "64", "--layers", "1",
                  "--eagle-head", str(tmp_path / "h"), "--eagle-vocab", "32"]) == 0

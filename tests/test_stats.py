@@ -1,4 +1,4 @@
-"""The live sparsity counters (vllm_blockffn.stats) against the reference model's routers."""
+"""The live sparsity counters (vllm_blockffn.observe.stats) against the reference model's routers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from vllm_blockffn.reference import load_reference
 
 def snapshot(engine):
     def read(model):
-        from vllm_blockffn.stats import RECORDER
+        from vllm_blockffn.observe.stats import RECORDER
 
         return [vars(s) for s in RECORDER.snapshot()]
 
@@ -19,7 +19,7 @@ def snapshot(engine):
 
 def reset(engine):
     def clear(model):
-        from vllm_blockffn.stats import RECORDER
+        from vllm_blockffn.observe.stats import RECORDER
 
         RECORDER.reset()
 
@@ -75,7 +75,7 @@ def test_a_new_model_in_the_same_process_starts_from_zero(tiny_factory, engine_f
 def test_host_counters_equal_the_device_counters():
     """The CPU backend's numpy counters against the torch ops an accelerator runs, on random
     masks and segmentations (decode-only, one prefill chunk, mixed, padded, empty segments)."""
-    from vllm_blockffn.stats import NUM_COLUMNS, SparsityRecorder, _add_on_device
+    from vllm_blockffn.observe.stats import NUM_COLUMNS, SparsityRecorder, _add_on_device
 
     g = torch.Generator().manual_seed(0)
     for trial in range(300):

@@ -125,9 +125,9 @@ def test_smoke_training_losses_finite(smoke_run):
 def test_smoke_checkpoint_loads_and_matches_training_model(smoke_run):
     from safetensors.torch import load_file
 
-    from vllm_blockffn.checkpoint import check_weights
-    from vllm_blockffn.config import BlockFFNSpec
     from vllm_blockffn.reference import load_reference
+    from vllm_blockffn.serving.checkpoint import check_weights
+    from vllm_blockffn.serving.config import BlockFFNSpec
 
     out, _ = smoke_run
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",

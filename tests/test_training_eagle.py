@@ -1,6 +1,6 @@
 """training/eagle.py: a few steps of EAGLE head training on a tiny target, and the written head checked
-against the format vLLM serves (vllm_blockffn.eagle.inspect_head) and an independent plain-torch forward
-of the saved tensors (the math of vllm_blockffn/eagle.py's docstring)."""
+against the format vLLM serves (vllm_blockffn.serving.eagle.inspect_head) and an independent plain-torch forward
+of the saved tensors (the math of vllm_blockffn/serving/eagle.py's docstring)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 
 from training import data as data_mod
 from training.eagle import EagleHead, Target, head_geometry, parse_args, save_head, train
-from vllm_blockffn.eagle import inspect_head, looks_like_head, residual_scale
 from vllm_blockffn.reference import apply_rope, causal_attention, load_reference, rms_norm, rope_cos_sin
-from vllm_blockffn.tiny_eagle import TinyEagleOptions
+from vllm_blockffn.serving.eagle import inspect_head, looks_like_head, residual_scale
+from vllm_blockffn.tools.tiny_eagle import TinyEagleOptions
 
 STEPS = 30
 UNROLL_FROM = 20  # the last 10 steps also train draft steps 2 and 3
@@ -61,7 +61,7 @@ def run(tiny_factory, tmp_path_factory):
 def reference_head(path: str, target_cfg: dict, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Plain-torch forward of a saved thunlp/BlockFFN-style head for one sequence: x = embedding·scale_emb [T, H],
     h = normed target hidden states [T, H] → z [T, H] (draft step 1 at every position)."""
-    from vllm_blockffn.config import BlockFFNSpec
+    from vllm_blockffn.serving.config import BlockFFNSpec
 
     w = {k: v.float() for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
     with open(os.path.join(path, "config.json")) as f:

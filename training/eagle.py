@@ -2,9 +2,9 @@
 
     python -m training.eagle --target models/blockffn-tiny-trained --out models/blockffn-tiny-trained-eagle
 
-The head is what `vllm_blockffn.eagle.EagleBlockFFNForCausalLM` serves (the format is described at
-the top of vllm_blockffn/eagle.py), thunlp/BlockFFN (EAGLE-1) style: `fc` with a bias, no layer-0
-`input_layernorm`, residual scale s from `vllm_blockffn.tiny_eagle.head_residual_scale` (1 here).
+The head is what `vllm_blockffn.serving.eagle.EagleBlockFFNForCausalLM` serves (the format is described at
+the top of vllm_blockffn/serving/eagle.py), thunlp/BlockFFN (EAGLE-1) style: `fc` with a bias, no layer-0
+`input_layernorm`, residual scale s from `vllm_blockffn.tools.tiny_eagle.head_residual_scale` (1 here).
 For a drafted position p, with x = target_embedding(token) · scale_emb and h the target's
 final-normed hidden state (RMSNorm with its weight, *before* the MiniCPM division by
 H / dim_model_base — vLLM's MiniCPM returns hidden / scale_width, and the head multiplies back):
@@ -35,7 +35,7 @@ stream is cut into windows of --seq-len tokens; the frozen target's normed hidde
 every window are computed once (fp16 in memory; `--cache DIR` keeps them on disk keyed by the
 target's weights and the corpus) and the head trains on random batches of windows.
 
-Writes to --out: config.json + model.safetensors (the head, via vllm_blockffn.tiny_eagle's
+Writes to --out: config.json + model.safetensors (the head, via vllm_blockffn.tools.tiny_eagle's
 writer), train_args.json, train_log.jsonl, eval.json (held-out per-step top-1 agreement with
 the target's greedy next token, measured on the saved tensors, and `torch_sim`: greedy EAGLE
 decoding simulated in plain PyTorch on held-out prompts) and, unless --no-vllm-eval, the acceptance
@@ -61,10 +61,10 @@ from torch import nn
 from training import data as data_mod
 from training.model import RMSNorm, TrainableBlockFFN
 from training.train import lr_at
-from vllm_blockffn.checkpoint import iter_tensors
-from vllm_blockffn.config import BlockFFNSpec
 from vllm_blockffn.reference import rope_cos_sin, rotate_half
-from vllm_blockffn.tiny_eagle import TinyEagleOptions, _head_config, _write_head, head_residual_scale
+from vllm_blockffn.serving.checkpoint import iter_tensors
+from vllm_blockffn.serving.config import BlockFFNSpec
+from vllm_blockffn.tools.tiny_eagle import TinyEagleOptions, _head_config, _write_head, head_residual_scale
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_TARGET = "models/blockffn-tiny-trained"
@@ -303,14 +303,14 @@ def save_head(out: str, head: EagleHead, target: Target, opts: TinyEagleOptions,
 
 
 def load_head(path: str, target: Target) -> EagleHead:
-    """A saved head folder back into an EagleHead (fp32), through vllm_blockffn.eagle.inspect_head."""
-    from vllm_blockffn.eagle import inspect_head, residual_scale
+    """A saved head folder back into an EagleHead (fp32), through vllm_blockffn.serving.eagle.inspect_head."""
+    from vllm_blockffn.serving.eagle import inspect_head, residual_scale
 
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     info = inspect_head(path, cfg)
     spec = target.spec
-    # the residual scale vLLM resolves for this head (vllm_blockffn.eagle.residual_scale)
+    # the residual scale vLLM resolves for this head (vllm_blockffn.serving.eagle.residual_scale)
     scale = residual_scale(SimpleNamespace(**{**cfg, **info}), spec)
     g = HeadGeometry(hidden_size=info["hidden_size"], num_layers=info["num_hidden_layers"],
                      num_heads=info["num_attention_heads"], num_kv_heads=info["num_key_value_heads"],

@@ -26,7 +26,7 @@ from training import data as data_mod
 CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 try:  # shared with the serving metrics when present
-    from vllm_blockffn.sparsity import chunk_union_sizes
+    from vllm_blockffn.observe.sparsity import chunk_union_sizes
 except ImportError:  # pragma: no cover - fallback with the same definition
     def chunk_union_sizes(active: torch.Tensor, chunk_size: int) -> torch.Tensor:
         T, E = active.shape

@@ -6,7 +6,7 @@ y = W_down,cat · (r ⊙ SiLU(W_up,cat x)), which equals Σ_e r_e W_down,e SiLU(
 training needs every expert's gradient anyway, and an expert with r_e = 0 adds nothing.
 
 `official_tensors()` / `load_official_tensors()` convert to and from the checkpoint's
-tensor names and shapes (`vllm_blockffn.checkpoint.expected_shapes`).
+tensor names and shapes (`vllm_blockffn.serving.checkpoint.expected_shapes`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_blockffn.checkpoint import expected_shapes
-from vllm_blockffn.config import BlockFFNSpec
 from vllm_blockffn.reference import rms_norm, rope_cos_sin, rotate_half
+from vllm_blockffn.serving.checkpoint import expected_shapes
+from vllm_blockffn.serving.config import BlockFFNSpec
 
 
 class RMSNorm(nn.Module):

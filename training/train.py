@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from training import data as data_mod
 from training.losses import AdaptiveFactor, activation_locality_loss, chunk_sparsification_loss
 from training.model import TrainableBlockFFN
-from vllm_blockffn.config import BlockFFNSpec
-from vllm_blockffn.tiny import TinyOptions, save_weights, tiny_config, train_tokenizer
+from vllm_blockffn.serving.config import BlockFFNSpec
+from vllm_blockffn.tools.tiny import TinyOptions, save_weights, tiny_config, train_tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

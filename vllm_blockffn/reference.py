@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_blockffn.checkpoint import IGNORED_SUFFIXES, check_weights, iter_tensors
-from vllm_blockffn.config import BlockFFNSpec
+from vllm_blockffn.serving.checkpoint import IGNORED_SUFFIXES, check_weights, iter_tensors
+from vllm_blockffn.serving.config import BlockFFNSpec
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

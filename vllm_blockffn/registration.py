@@ -8,12 +8,12 @@ ARCHITECTURE = "BlockFFNForCausalLM"
 def register_all() -> None:
     from vllm import ModelRegistry
 
-    from vllm_blockffn.metrics import setup_process as setup_metrics
+    from vllm_blockffn.observe.metrics import setup_process as setup_metrics
     from vllm_blockffn.patches import apply_all
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, "vllm_blockffn.model:BlockFFNForCausalLM")
+        ModelRegistry.register_model(ARCHITECTURE, "vllm_blockffn.serving.model:BlockFFNForCausalLM")
     if "EagleBlockFFNForCausalLM" not in ModelRegistry.get_supported_archs():  # EAGLE heads (eagle.py)
-        ModelRegistry.register_model("EagleBlockFFNForCausalLM", "vllm_blockffn.eagle:EagleBlockFFNForCausalLM")
+        ModelRegistry.register_model("EagleBlockFFNForCausalLM", "vllm_blockffn.serving.eagle:EagleBlockFFNForCausalLM")
     apply_all()
     setup_metrics()

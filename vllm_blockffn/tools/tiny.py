@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_blockffn.checkpoint import expected_shapes
-from vllm_blockffn.config import BlockFFNSpec
+from vllm_blockffn.serving.checkpoint import expected_shapes
+from vllm_blockffn.serving.config import BlockFFNSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

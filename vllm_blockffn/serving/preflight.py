@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from vllm_blockffn.checkpoint import check_weights
-from vllm_blockffn.config import BlockFFNSpec
+from vllm_blockffn.serving.checkpoint import check_weights
+from vllm_blockffn.serving.config import BlockFFNSpec
 
 
 def checkpoint_dir(model, revision: str | None = None) -> str | None:

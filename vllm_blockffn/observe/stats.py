@@ -16,12 +16,11 @@ costs no host sync. On the CPU backend they are numpy counters updated from the
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from vllm_blockffn.sparsity import segment_union_sizes
+from vllm_blockffn.observe.sparsity import LayerSparsity, segment_union_sizes
 
 STATS_ENV = "VLLM_BLOCKFFN_STATS"
 # Columns of the per-layer accumulator.
@@ -31,40 +30,6 @@ NUM_COLUMNS = 5
 
 def stats_enabled() -> bool:
     return os.environ.get(STATS_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
-
-
-@dataclass
-class LayerSparsity:
-    """Totals of one layer since start (or the last reset)."""
-
-    layer: int
-    num_experts: int
-    tokens: int
-    active: int
-    segments: int
-    union: int
-    segment_tokens: int
-    expert_bytes: int  # bytes of one expert's up + down weights on this rank
-
-    @property
-    def token_sparsity(self) -> float:
-        """Fraction of experts inactive per token (TLS over all tokens seen)."""
-        return 1.0 - self.active / (self.tokens * self.num_experts) if self.tokens else float("nan")
-
-    @property
-    def chunk_sparsity(self) -> float:
-        """Fraction of experts outside each executed segment's union (mean over segments)."""
-        return 1.0 - self.union / (self.segments * self.num_experts) if self.segments else float("nan")
-
-    @property
-    def bytes_read(self) -> int:
-        """Expert-weight bytes a per-segment sparse execution reads."""
-        return self.union * self.expert_bytes
-
-    @property
-    def bytes_dense(self) -> int:
-        """Expert-weight bytes reading every expert once per segment."""
-        return self.segments * self.num_experts * self.expert_bytes
 
 
 class SparsityRecorder:
@@ -108,7 +73,7 @@ class SparsityRecorder:
             self._maybe_publish()
 
     def _maybe_publish(self) -> None:
-        from vllm_blockffn.metrics import Publisher, stats_dir
+        from vllm_blockffn.observe.metrics import Publisher, stats_dir
 
         if stats_dir() is None:
             return

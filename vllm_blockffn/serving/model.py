@@ -21,10 +21,10 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from vllm_blockffn.checkpoint import IGNORED_SUFFIXES, BlockFFNWeightError
-from vllm_blockffn.config import BlockFFNSpec
-from vllm_blockffn.layers.blockffn import BlockFFN
-from vllm_blockffn.stats import RECORDER
+from vllm_blockffn.observe.stats import RECORDER
+from vllm_blockffn.serving.checkpoint import IGNORED_SUFFIXES, BlockFFNWeightError
+from vllm_blockffn.serving.config import BlockFFNSpec
+from vllm_blockffn.serving.layers.blockffn import BlockFFN
 
 
 def load_checked(param: torch.nn.Parameter, tensor: torch.Tensor, shard_id, error: type[Exception],

@@ -10,6 +10,9 @@ import tempfile
 import time
 import urllib.request
 
+DEFAULT_DEMO_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vllm-blockffn", "tiny")
+"""Where `vllm-blockffn demo` without --model writes its tiny random checkpoint."""
+
 # Settings that fit vLLM's CPU backend on a small machine (see ../shared/ENV.md).
 CPU_SERVE_ARGS = ["--max-model-len", "512", "--max-num-seqs", "16", "--gpu-memory-utilization", "0.15"]
 
@@ -75,8 +78,7 @@ class VLLMServer:
 
 def default_model() -> str:
     """The bundled demo checkpoint: a tiny BlockFFN generated on first use."""
-    from vllm_blockffn.cli import DEFAULT_DEMO_DIR
-    from vllm_blockffn.tiny import make_tiny
+    from vllm_blockffn.tools.tiny import make_tiny
 
     if not os.path.exists(os.path.join(DEFAULT_DEMO_DIR, "config.json")):
         make_tiny(DEFAULT_DEMO_DIR)

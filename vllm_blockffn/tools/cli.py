@@ -4,14 +4,13 @@ analyze (token- and chunk-level sparsity of a checkpoint on a text)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-DEFAULT_DEMO_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vllm-blockffn", "tiny")
+from vllm_blockffn.tools.demo import DEFAULT_DEMO_DIR
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from vllm_blockffn.tiny import TinyOptions, make_tiny
+    from vllm_blockffn.tools.tiny import TinyOptions, make_tiny
 
     opts = TinyOptions(attention=args.attention, layout=args.layout, norm=args.norm, dtype=args.dtype,
                        seed=args.seed, weight_format=args.format, shards=args.shards,
@@ -20,7 +19,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
                        num_experts=args.experts, expert_size=args.expert_size)
     print(make_tiny(args.out, opts))
     if args.eagle_head:  # a tiny EAGLE head for it, in the official BlockFFN/FR-Spec format (eagle.py)
-        from vllm_blockffn.tiny_eagle import TinyEagleOptions, make_tiny_eagle
+        from vllm_blockffn.tools.tiny_eagle import TinyEagleOptions, make_tiny_eagle
 
         print(make_tiny_eagle(args.eagle_head, args.out, TinyEagleOptions(seed=args.seed,
                                                                           draft_vocab_size=args.eagle_vocab)))
@@ -28,8 +27,8 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from vllm_blockffn.checkpoint import check_weights
-    from vllm_blockffn.config import BlockFFNSpec
+    from vllm_blockffn.serving.checkpoint import check_weights
+    from vllm_blockffn.serving.config import BlockFFNSpec
 
     spec = BlockFFNSpec.from_pretrained(args.model)
     check_weights(args.model, spec)
@@ -39,19 +38,19 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from vllm_blockffn.demo import run_demo
+    from vllm_blockffn.tools.demo import run_demo
 
     return run_demo(model=args.model, port=args.port, prompt=args.prompt)
 
 
 def _chunk_sizes(text: str) -> list[int]:
-    from vllm_blockffn.analysis import parse_chunk_sizes  # lazy: keeps torch out of `--help`
+    from vllm_blockffn.observe.analysis import parse_chunk_sizes  # lazy: keeps torch out of `--help`
 
     return parse_chunk_sizes(text)
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from vllm_blockffn.analysis import run_from_args
+    from vllm_blockffn.observe.analysis import run_from_args
 
     return run_from_args(args)
 

@@ -26,10 +26,10 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.utils.torch_utils import direct_register_custom_op
 
-from vllm_blockffn.checkpoint import BlockFFNWeightError
-from vllm_blockffn.config import BlockFFNSpec
-from vllm_blockffn.segments import current_segments, whole_batch
-from vllm_blockffn.stats import RECORDER, stats_enabled
+from vllm_blockffn.observe.stats import RECORDER, stats_enabled
+from vllm_blockffn.serving.checkpoint import BlockFFNWeightError
+from vllm_blockffn.serving.config import BlockFFNSpec
+from vllm_blockffn.serving.segments import current_segments, whole_batch
 
 BACKENDS = ("auto", "dense", "sparse")
 BACKEND_ENV = "VLLM_BLOCKFFN_BACKEND"

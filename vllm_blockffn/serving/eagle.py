@@ -115,8 +115,8 @@ from vllm.model_executor.models.interfaces import SupportsEagle
 from vllm.model_executor.models.llama import LlamaAttention, LlamaMLP
 from vllm.model_executor.models.utils import maybe_prefix, process_eagle_weight
 
-from vllm_blockffn.checkpoint import file_tensor_shapes
-from vllm_blockffn.model import load_checked
+from vllm_blockffn.serving.checkpoint import file_tensor_shapes
+from vllm_blockffn.serving.model import load_checked
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": shown with vLLM's own log lines
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_blockffn.checkpoint import iter_tensors
-from vllm_blockffn.tiny import save_weights
+from vllm_blockffn.serving.checkpoint import iter_tensors
+from vllm_blockffn.tools.tiny import save_weights
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -205,7 +205,7 @@ def make_oracle_target(source: str | os.PathLike, out_dir: str | os.PathLike, sh
 
 
 def head_residual_scale(opts: TinyEagleOptions, target_cfg: dict) -> float:
-    """The residual scale vllm_blockffn.eagle.residual_scale() resolves for a head written with `opts`."""
+    """The residual scale vllm_blockffn.serving.eagle.residual_scale() resolves for a head written with `opts`."""
     if opts.residual_scale is not None:
         return opts.residual_scale
     if opts.layer0_input_norm and opts.config_style == "target" and "scale_depth" in target_cfg:

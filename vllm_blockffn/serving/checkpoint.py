@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from vllm_blockffn.config import BlockFFNSpec
+from vllm_blockffn.serving.config import BlockFFNSpec
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from vllm_blockffn.config import BlockFFNSpec
+from vllm_blockffn.serving.config import BlockFFNSpec
 
 
 class BlockFFNConfig(PretrainedConfig):

@@ -1,6 +1,6 @@
 """BlockFFN sparsity on vLLM's `/metrics` endpoint (Prometheus), next to vLLM's own metrics.
 
-The counters live in the worker processes (vllm_blockffn.stats); `/metrics` is served by
+The counters live in the worker processes (vllm_blockffn.observe.stats); `/metrics` is served by
 the API-server process. Workers publish their totals in bulk — a small JSON file per
 worker process, rewritten at most every `VLLM_BLOCKFFN_STATS_INTERVAL` seconds (default
 1) after a step's last BlockFFN layer — and a Prometheus collector in the process that
@@ -87,7 +87,7 @@ class SparsityCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        from vllm_blockffn.stats import LayerSparsity
+        from vllm_blockffn.observe.sparsity import LayerSparsity
 
         tls = GaugeMetricFamily("vllm_blockffn:token_sparsity",
                                 "Fraction of experts inactive per token since start", labels=["model", "layer"])

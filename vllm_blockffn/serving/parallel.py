@@ -6,7 +6,7 @@ Pure config arithmetic (no torch, no vLLM): the front-end check registered by
 
 from __future__ import annotations
 
-from vllm_blockffn.config import BlockFFNConfigError, BlockFFNSpec
+from vllm_blockffn.serving.config import BlockFFNConfigError, BlockFFNSpec
 
 
 def parallel_size_problems(spec: BlockFFNSpec, tensor_parallel_size: int,

@@ -17,6 +17,8 @@ All functions work on any device and never sync more than once (for the final fl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -97,3 +99,37 @@ def segment_union_sizes(active: torch.Tensor, cu_seqlens: torch.Tensor) -> torch
 
 
 __all__ = ["chunk_sparsity", "chunk_union_sizes", "segment_union_sizes", "token_sparsity"]
+
+
+@dataclass
+class LayerSparsity:
+    """Totals of one layer since start (or the last reset)."""
+
+    layer: int
+    num_experts: int
+    tokens: int
+    active: int
+    segments: int
+    union: int
+    segment_tokens: int
+    expert_bytes: int  # bytes of one expert's up + down weights on this rank
+
+    @property
+    def token_sparsity(self) -> float:
+        """Fraction of experts inactive per token (TLS over all tokens seen)."""
+        return 1.0 - self.active / (self.tokens * self.num_experts) if self.tokens else float("nan")
+
+    @property
+    def chunk_sparsity(self) -> float:
+        """Fraction of experts outside each executed segment's union (mean over segments)."""
+        return 1.0 - self.union / (self.segments * self.num_experts) if self.segments else float("nan")
+
+    @property
+    def bytes_read(self) -> int:
+        """Expert-weight bytes a per-segment sparse execution reads."""
+        return self.union * self.expert_bytes
+
+    @property
+    def bytes_dense(self) -> int:
+        """Expert-weight bytes reading every expert once per segment."""
+        return self.segments * self.num_experts * self.expert_bytes

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from vllm_blockffn.sparsity import chunk_union_sizes
+from vllm_blockffn.observe.sparsity import chunk_union_sizes
 
 DEFAULT_CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_WINDOW = 512
@@ -119,7 +119,7 @@ def load_tokenizer(model_path: str):
     stdin whether to run the checkpoint's code."""
     from transformers import AutoTokenizer
 
-    from vllm_blockffn.hf_config import BlockFFNConfig
+    from vllm_blockffn.serving.hf_config import BlockFFNConfig
 
     config = BlockFFNConfig.from_pretrained(model_path)
     return AutoTokenizer.from_pretrained(model_path, config=config, trust_remote_code=False)

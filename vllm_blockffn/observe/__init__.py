@@ -1,0 +1,1 @@
+"""Observing the model: sparsity definitions, live counters, `/metrics`, offline analysis."""
