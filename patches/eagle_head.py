@@ -34,7 +34,7 @@ def apply() -> None:
         return
 
     def parse(self, model, trust_remote_code, revision=None, code_revision=None, **kwargs):
-        from vllm_blockffn import eagle
+        from vllm_blockffn.serving import eagle
 
         folder = eagle.resolve_head_dir(model, revision)
         if folder is None or not eagle.looks_like_head(folder):
