@@ -109,3 +109,30 @@ def test_segment_kernel_compiles(act, e_pad, s_pad):
         dict(act_ptr=act, ids_ptr=I32, counts_ptr=I32, block_seg_ptr=I32, block_t0_ptr=I32, cu_ptr=I32),
         dict(BLOCK_T=16, E_PAD=e_pad, S_PAD=s_pad, SCAN_T=max(1, min(64, 4096 // e_pad)), VEC=64),
     )
+
+
+# ---------------------------------------------------------------- no spills at the official shapes
+_RESOURCES: dict[tuple, dict] = {}
+
+
+def _on_paper():
+    """benchmarks/gpu_on_paper.py: the launch specs (tiles as the code picks them) and the cubin reader."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module("gpu_on_paper")
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("model", ["0.1B Small", "0.5B Medium", "0.8B Large", "1.2B XLarge"])
+def test_no_spills_at_official_default_configs(arch, model):
+    """Every kernel of a bf16 step, at the tiles the code picks for the official BlockFFN shapes
+    (1 token, one 8-token chunk, 8 segments of 1 and of 8 tokens), compiles without register spills."""
+    gp = _on_paper()
+    H, E, D = gp.SHAPES[model]
+    for T, S in gp.RESOURCE_POINTS:
+        for label, lazy, ptrs, consts, opts in gp.kernel_specs(T, S, E, D, H):
+            key = (arch, label, tuple(sorted(consts.items())), tuple(sorted(opts.items())))
+            if key not in _RESOURCES:
+                _RESOURCES[key] = gp.resource_usage(_compile(lazy, ptrs, consts, arch, **opts))
+            use = _RESOURCES[key]
+            assert use["n_spills"] == 0, f"{label} {consts} spills on sm_{arch}: {use}"
+            assert use["n_regs"] <= 255 and use["shared"] <= 227 * 1024, (label, consts, use)

@@ -1,0 +1,691 @@
+"""The GPU path's memory traffic, on paper: derived from the kernels' grids and tiles, not measured.
+
+No GPU is available to this project, so this script answers "what would the Triton kernels
+cost on an H100 / H200?" the only way it can be answered here:
+
+1. **Analytic traffic.** For every launch of the sparse path (router logits, router norm,
+   segment unions, sparse up, sparse down, and the K-split reduction when ``default_config``
+   picks one) and of the dense path (router + ``dense_ffn_torch``: two GEMMs and three
+   elementwise kernels), count the global-memory bytes loaded and stored per kernel
+   argument, from the grid and tile sizes the code would pick. Programs that exit early
+   (padding token blocks, slots past a segment's active count) are counted with the few
+   scalar loads they make before returning. Two figures per launch: *requested* (every
+   load/store instruction of every program: an upper bound on DRAM traffic, as if L2 never
+   hit) and *distinct* (each byte once per launch: the lower bound a perfect L2 would give).
+2. **Interpreter confirmation** (:func:`confirm`, used by ``tests/test_gpu_on_paper.py``):
+   the same kernels run under the Triton CPU interpreter with ``tl.load`` / ``tl.store``
+   intercepted (:func:`interpreter_traffic`), masked-out lanes excluded, and every
+   launch's grid and per-argument bytes must equal the analytic model's.
+3. **Registers / spills / shared memory**: every kernel is compiled ahead of time for
+   sm_80 and sm_90 with Triton's bundled ptxas (no GPU needed) and the cubin is read with
+   the bundled ``cuobjdump --dump-resource-usage``.
+
+Times are bytes / peak bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s): what the traffic
+would cost at full memory bandwidth, nothing more. Launch overhead is an *assumption*
+(``--launch-us``, 3 µs per kernel launch by default), reported separately.
+
+    python benchmarks/gpu_on_paper.py                  # markdown tables on stdout (~10 s; benchmarks/RESULTS.md)
+    python benchmarks/gpu_on_paper.py --full --json OUT.json   # every swept point
+    python benchmarks/gpu_on_paper.py --no-compile --no-confirm  # the traffic tables only
+
+Imports only torch, triton and the repository's ``kernels/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import inspect
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from kernels._triton import cdiv, next_pow2  # noqa: E402
+from kernels.segments.triton_segments import num_token_blocks  # noqa: E402
+
+rt = importlib.import_module("kernels.router.triton_router")
+sg = importlib.import_module("kernels.segments.triton_segments")
+sf = importlib.import_module("kernels.sparse_ffn.triton_sparse_ffn")
+
+# The official BlockFFN MLA models (SPEC.md §1): name → (H, E, d_e).
+SHAPES = {
+    "0.1B Small": (768, 48, 64),
+    "0.5B Medium": (1280, 40, 128),
+    "0.8B Large": (1536, 48, 128),
+    "1.2B XLarge": (1792, 56, 128),
+}
+PEAK_TBPS = {"H100": 3.35, "H200": 4.8}
+LAUNCH_US = 3.0  # assumption: fixed cost per kernel launch (eager launch; CUDA graphs cost less)
+BF16 = 2
+FP32 = 4
+
+
+# ---------------------------------------------------------------- traffic records
+@dataclass
+class Launch:
+    """Global-memory bytes of one kernel launch, per kernel argument."""
+
+    kernel: str
+    grid: tuple[int, int, int]
+    loads: dict[str, int] = field(default_factory=dict)  # requested bytes (all programs, all loads)
+    stores: dict[str, int] = field(default_factory=dict)
+    distinct_loads: dict[str, int] = field(default_factory=dict)  # each byte once
+    distinct_stores: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, arg: str, requested: int, distinct: int | None = None) -> None:
+        req = self.loads if kind == "load" else self.stores
+        dis = self.distinct_loads if kind == "load" else self.distinct_stores
+        req[arg] = req.get(arg, 0) + int(requested)
+        dis[arg] = dis.get(arg, 0) + int(requested if distinct is None else distinct)
+
+    def cleaned(self) -> Launch:
+        """The same record without zero entries (so two records compare by what moved)."""
+
+        def nz(d: dict[str, int]) -> dict[str, int]:
+            return {k: v for k, v in sorted(d.items()) if v}
+
+        return Launch(
+            self.kernel, self.grid, nz(self.loads), nz(self.stores), nz(self.distinct_loads), nz(self.distinct_stores)
+        )
+
+
+def total(launches: Sequence[Launch], distinct: bool = False) -> int:
+    """Bytes loaded + stored by ``launches`` (requested, or distinct per launch)."""
+    if distinct:
+        return sum(sum(x.distinct_loads.values()) + sum(x.distinct_stores.values()) for x in launches)
+    return sum(sum(x.loads.values()) + sum(x.stores.values()) for x in launches)
+
+
+# ---------------------------------------------------------------- analytic model
+def router_tiles(T: int, E: int, H: int) -> dict[str, int]:
+    """The tile choice of ``router_triton`` (kept in step with it; the interpreter check compares grids)."""
+    BT = 16 if T <= 16 else 32
+    BE = min(64, max(16, next_pow2(E)))
+    BH = 128 if BT == 16 else 64
+    n_tb, n_eb, n_hb = cdiv(T, BT), cdiv(E, BE), cdiv(H, BH)
+    split = max(1, min(n_hb, 16, rt._TARGET_PROGRAMS // (n_tb * n_eb)))
+    E_PAD = max(16, next_pow2(E))
+    BT2 = max(1, min(16, 4096 // E_PAD))
+    return dict(BT=BT, BE=BE, BH=BH, n_tb=n_tb, n_eb=n_eb, n_hb=n_hb, split=split, BT2=BT2)
+
+
+def router_model(T: int, E: int, H: int, w_bytes: int = BF16, norm_w_bytes: int | None = BF16) -> list[Launch]:
+    """``router_triton`` in ``rms`` mode (``norm_w_bytes=None``: no norm weight is read)."""
+    c = router_tiles(T, E, H)
+    logits = Launch("_router_logits_kernel", (c["n_tb"], c["n_eb"], c["split"]))
+    # Every (token block, expert block) pair reads its rows of x and its columns of w over all of H.
+    logits.add("load", "x_ptr", c["n_eb"] * T * H * w_bytes, T * H * w_bytes)
+    logits.add("load", "w_ptr", c["n_tb"] * E * H * w_bytes, E * H * w_bytes)
+    logits.add("store", "zp_ptr", c["split"] * T * E * FP32)
+    n_prog = cdiv(T, c["BT2"])
+    norm = Launch("_router_norm_kernel", (n_prog, 1, 1))
+    norm.add("load", "zp_ptr", c["split"] * T * E * FP32)
+    if norm_w_bytes:
+        norm.add("load", "nw_ptr", n_prog * E * norm_w_bytes, E * norm_w_bytes)
+    norm.add("store", "scores_ptr", T * E * FP32)
+    norm.add("store", "mask_ptr", T * E)
+    return [logits, norm]
+
+
+def token_blocks(lens: Sequence[int], block_t: int) -> tuple[list[tuple[int, int]], int]:
+    """The token-block table: ``[(segment, rows), ...]`` of the real blocks, and its static length NB."""
+    blocks = [(s, min(block_t, n - i)) for s, n in enumerate(lens) for i in range(0, n, block_t)]
+    return blocks, num_token_blocks(sum(lens), len(lens), block_t)
+
+
+def segment_union_model(lens: Sequence[int], E: int, block_t: int, act_bytes: int = FP32) -> Launch:
+    """``segment_union_triton`` over ``act`` (the fp32 scores, as ``sparse_ffn_triton`` passes them)."""
+    S, T = len(lens), sum(lens)
+    blocks, NB = token_blocks(lens, block_t)
+    L = Launch("_segment_union_kernel", (S, 1, 1))
+    # cu[s], cu[s+1], then cu[j] and cu[j+1] for every j < s.
+    L.add("load", "cu_ptr", sum(8 + 8 * s for s in range(S)), (S + 1) * 4)
+    L.add("load", "act_ptr", T * E * act_bytes)
+    L.add("store", "ids_ptr", S * E * 4)
+    L.add("store", "counts_ptr", S * 4)
+    # Real blocks by their segment, the unused tail by the last segment: every entry once.
+    L.add("store", "block_seg_ptr", NB * 4)
+    L.add("store", "block_t0_ptr", NB * 4)
+    return L
+
+
+def sparse_up_model(
+    lens: Sequence[int], counts: Sequence[int], n_distinct: int, E: int, D: int, H: int, cfg: Any, w_bytes: int = BF16
+) -> Launch:
+    """``_sparse_up_kernel``; ``n_distinct``: experts in the union of all segments' (non-empty) unions."""
+    blocks, NB = token_blocks(lens, cfg.block_t)
+    n_db = cdiv(D, cfg.up_block_d)
+    L = Launch("_sparse_up_kernel", (NB, E * n_db, 1))
+    L.add("load", "block_seg_ptr", NB * E * n_db * 4, NB * 4)  # every program, padding ones too
+    L.add("load", "counts_ptr", len(blocks) * E * n_db * 4, len(lens) * 4)
+    live = [(s, rows) for s, rows in blocks if counts[s] > 0]
+    for s, rows in live:
+        k = counts[s]  # k · n_db programs get past the count check
+        L.add("load", "ids_ptr", k * n_db * 4, 0)
+        L.add("load", "block_t0_ptr", k * n_db * 4, 4)
+        L.add("load", "x_ptr", k * n_db * rows * H * w_bytes, 0)
+        L.add("load", "w_ptr", k * D * H * w_bytes, 0)
+        L.add("load", "r_ptr", k * n_db * rows * FP32, rows * k * FP32)
+        L.add("store", "h_ptr", rows * k * D * w_bytes)
+    live_segs = {s for s, _ in live}
+    L.add("load", "ids_ptr", 0, sum(counts[s] * 4 for s in live_segs))
+    L.add("load", "cu_ptr", sum(counts[s] * n_db * 4 for s, _ in live), len(live_segs) * 4)
+    L.add("load", "x_ptr", 0, sum(lens[s] for s in live_segs) * H * w_bytes)
+    L.add("load", "w_ptr", 0, n_distinct * D * H * w_bytes)
+    return L
+
+
+def sparse_down_model(
+    lens: Sequence[int],
+    counts: Sequence[int],
+    n_distinct: int,
+    E: int,
+    D: int,
+    H: int,
+    cfg: Any,
+    w_bytes: int = BF16,
+    out_bytes: int = BF16,
+) -> Launch:
+    """``_sparse_down_kernel`` (fp32 partials when ``cfg.split_k`` > 1)."""
+    blocks, NB = token_blocks(lens, cfg.block_t)
+    n_nb, split = cdiv(H, cfg.down_block_n), cfg.split_k
+    y_bytes = FP32 if split > 1 else out_bytes
+    L = Launch("_sparse_down_kernel", (NB, n_nb, split))
+    L.add("load", "block_seg_ptr", NB * n_nb * split * 4, NB * 4)
+    per_block = len(blocks) * n_nb * split * 4
+    L.add("load", "counts_ptr", per_block, len(lens) * 4)
+    L.add("load", "block_t0_ptr", per_block, len(blocks) * 4)
+    L.add("load", "cu_ptr", per_block, len(lens) * 4)
+    for s, rows in blocks:
+        k = counts[s]
+        L.add("load", "ids_ptr", n_nb * k * 4, 0)
+        L.add("load", "h_ptr", n_nb * k * rows * D * w_bytes, 0)
+        L.add("load", "w_ptr", k * D * H * w_bytes, 0)
+        L.add("store", "y_ptr", split * rows * H * y_bytes)  # written even when k == 0
+    L.add("load", "ids_ptr", 0, sum(counts) * 4)
+    L.add("load", "h_ptr", 0, sum(n * k for n, k in zip(lens, counts, strict=True)) * D * w_bytes)
+    L.add("load", "w_ptr", 0, n_distinct * D * H * w_bytes)
+    return L
+
+
+def reduction_model(T: int, H: int, split: int, out_bytes: int = BF16) -> list[Launch]:
+    """``y.sum(dim=0).to(out_dtype)`` after a K-split down projection: two torch kernels."""
+    if split <= 1:
+        return []
+    red = Launch("torch sum (K split)", (0, 0, 0))
+    red.add("load", "y_partials", split * T * H * FP32)
+    red.add("store", "y_fp32", T * H * FP32)
+    cast = Launch("torch cast to bf16", (0, 0, 0))
+    cast.add("load", "y_fp32", T * H * FP32)
+    cast.add("store", "y", T * H * out_bytes)
+    return [red, cast]
+
+
+def sparse_path_model(
+    lens: Sequence[int], unions: Sequence[Sequence[int]], E: int, D: int, H: int, cfg: Any = None, router: bool = True
+) -> list[Launch]:
+    """Every launch of router + ``sparse_ffn_triton`` for segments ``lens`` with active sets ``unions`` (bf16)."""
+    T = sum(lens)
+    cfg = cfg or sf.default_config(T, len(lens), E, D, H)
+    counts = [len(u) for u in unions]
+    distinct = len({e for n, u in zip(lens, unions, strict=True) if n for e in u})
+    out = router_model(T, E, H) if router else []
+    out.append(segment_union_model(lens, E, cfg.block_t))
+    out.append(sparse_up_model(lens, counts, distinct, E, D, H, cfg))
+    out.append(sparse_down_model(lens, counts, distinct, E, D, H, cfg))
+    return out + reduction_model(T, H, cfg.split_k)
+
+
+def dense_path_model(T: int, E: int, D: int, H: int, router: bool = True) -> list[Launch]:
+    """Router + ``dense_ffn_torch`` on CUDA: GEMM, SiLU, score cast, score multiply, GEMM (bf16).
+
+    Each GEMM is counted at its ideal traffic (every operand read once, the output written
+    once): the best cuBLAS could do, so the dense figures are a lower bound.
+    """
+    ED = E * D
+    out = router_model(T, E, H) if router else []
+    g1 = Launch("GEMM x·W_upᵀ", (0, 0, 0))
+    g1.add("load", "x", T * H * BF16)
+    g1.add("load", "w_up", ED * H * BF16)
+    g1.add("store", "h", T * ED * BF16)
+    silu = Launch("SiLU", (0, 0, 0))
+    silu.add("load", "h", T * ED * BF16)
+    silu.add("store", "h", T * ED * BF16)
+    cast = Launch("scores.to(bf16)", (0, 0, 0))
+    cast.add("load", "scores", T * E * FP32)
+    cast.add("store", "scores_bf16", T * E * BF16)
+    mul = Launch("h *= scores", (0, 0, 0))
+    mul.add("load", "h", T * ED * BF16)
+    mul.add("load", "scores_bf16", T * E * BF16)
+    mul.add("store", "h", T * ED * BF16)
+    g2 = Launch("GEMM h·W_down", (0, 0, 0))
+    g2.add("load", "h", T * ED * BF16)
+    g2.add("load", "w_down", ED * H * BF16)
+    g2.add("store", "y", T * H * BF16)
+    return out + [g1, silu, cast, mul, g2]
+
+
+# ---------------------------------------------------------------- the sweep
+@dataclass
+class Row:
+    model: str
+    tokens_per_segment: int
+    segments: int
+    idle: float
+    active_per_segment: int
+    distinct_active: int
+    split_k: int
+    sparse_bytes: int
+    sparse_distinct_bytes: int
+    dense_bytes: int
+    weight_fraction: float  # of the sparse path's loaded bytes, those of active experts' weights
+    weight_fraction_experts: float  # the same without the router (which the dense path reads too)
+    launches_sparse: int
+    launches_dense: int
+
+
+def random_unions(E: int, k: int, S: int, seed: int) -> list[list[int]]:
+    """S independent random unions of k experts (no preference for popular experts: the least overlap)."""
+    rng = random.Random(seed)
+    return [sorted(rng.sample(range(E), k)) for _ in range(S)]
+
+
+def sweep_row(model: str, L: int, S: int, idle: float, seed: int = 0) -> Row:
+    """One point: S segments of L tokens, each segment's union leaving ``idle`` of the experts unused."""
+    H, E, D = SHAPES[model]
+    k = round((1 - idle) * E)
+    unions = random_unions(E, k, S, seed)
+    lens = [L] * S
+    sp = sparse_path_model(lens, unions, E, D, H)
+    dn = dense_path_model(L * S, E, D, H)
+    loads = sum(sum(x.loads.values()) for x in sp)
+    router_loads = sum(sum(x.loads.values()) for x in sp if x.kernel.startswith("_router"))
+    weights = sum(x.loads.get("w_ptr", 0) for x in sp if x.kernel in ("_sparse_up_kernel", "_sparse_down_kernel"))
+    return Row(
+        model, L, S, idle, k, len({e for u in unions for e in u}), sf.default_config(L * S, S, E, D, H).split_k,
+        total(sp), total(sp, distinct=True), total(dn), weights / loads, weights / (loads - router_loads),
+        len(sp), len(dn),
+    )  # fmt: skip
+
+
+def us(nbytes: int, gpu: str) -> float:
+    """Microseconds to move ``nbytes`` at the GPU's peak memory bandwidth."""
+    return nbytes / (PEAK_TBPS[gpu] * 1e12) * 1e6
+
+
+def _us_cell(r: Row, gpu: str) -> str:
+    sp = f"{us(r.sparse_distinct_bytes, gpu):.2f}–{us(r.sparse_bytes, gpu):.2f}"
+    return f"{sp} / {us(r.dense_bytes, gpu):.2f}"
+
+
+def traffic_table(rows: Sequence[Row], launch_us: float = LAUNCH_US) -> str:
+    """Markdown table of the sweep (sparse µs shown as distinct–requested, i.e. perfect L2 – no L2 reuse)."""
+    head = (
+        "| model (H, E, d_e) | tok/seg | seg | idle | active/seg (distinct) | K split | sparse MB req (distinct) "
+        "| dense MB | ratio req (distinct) | active-weight % of loads (w/o router) | H100 µs sparse / dense "
+        "| H200 µs sparse / dense | launches sparse / dense | + launches @ H100 µs sparse / dense |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        H, E, D = SHAPES[r.model]
+        lines.append(
+            f"| {r.model} ({H}, {E}, {D}) | {r.tokens_per_segment} | {r.segments} | {r.idle:.0%} "
+            f"| {r.active_per_segment} ({r.distinct_active}) | {r.split_k} "
+            f"| {r.sparse_bytes / 1e6:.3f} ({r.sparse_distinct_bytes / 1e6:.3f}) | {r.dense_bytes / 1e6:.3f} "
+            f"| {r.sparse_bytes / r.dense_bytes:.3f} ({r.sparse_distinct_bytes / r.dense_bytes:.3f}) "
+            f"| {r.weight_fraction:.1%} ({r.weight_fraction_experts:.1%}) "
+            f"| {_us_cell(r, 'H100')} | {_us_cell(r, 'H200')} | {r.launches_sparse} / {r.launches_dense} "
+            f"| {us(r.sparse_bytes, 'H100') + launch_us * r.launches_sparse:.1f} / "
+            f"{us(r.dense_bytes, 'H100') + launch_us * r.launches_dense:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def _ratio_with(model: str, L: int, S: int, idle: float, **tiles: int) -> float:
+    """Requested sparse/dense bytes of one point with some tiles of ``default_config`` replaced."""
+    H, E, D = SHAPES[model]
+    cfg = sf.SparseFFNConfig(**{**asdict(sf.default_config(L * S, S, E, D, H)), **tiles})
+    unions = random_unions(E, round((1 - idle) * E), S, 0)
+    return total(sparse_path_model([L] * S, unions, E, D, H, cfg)) / total(dense_path_model(L * S, E, D, H))
+
+
+def targets(rows: Sequence[Row]) -> list[str]:
+    """The design targets checked on the swept rows: one line per model and target."""
+    out = []
+    for model in SHAPES:
+        r8 = [r for r in rows if r.model == model and r.segments == 1 and r.tokens_per_segment == 8 and r.idle == 0.7]
+        r1 = [r for r in rows if r.model == model and r.tokens_per_segment == 1 and r.segments == 1]
+        H, E, D = SHAPES[model]
+        if r8:
+            r = r8[0]
+            ratio = r.sparse_bytes / r.dense_bytes
+            bd_now = sf.default_config(8, 1, E, D, H).up_block_d
+            alt = ", ".join(f"up_block_d={bd}: {_ratio_with(model, 8, 1, 0.7, up_block_d=bd):.3f}" for bd in (32, 64))
+            out.append(
+                f"{model}: 1 seg × 8 tok, 70% idle: sparse/dense = {ratio:.3f} requested, "
+                f"{r.sparse_distinct_bytes / r.dense_bytes:.3f} distinct (target ≤ 0.4: "
+                f"{'met' if ratio <= 0.4 else 'MISSED'} on requested bytes; up_block_d={bd_now} "
+                f"now, with {alt})"
+            )
+        if r1:
+            worst = min(r1, key=lambda r: r.weight_fraction)
+            out.append(
+                f"{model}: 1 token: active-weight share of loads ≥ {worst.weight_fraction:.1%} "
+                f"({worst.weight_fraction_experts:.1%} without the router; worst at {worst.idle:.0%} idle; "
+                f"target ≥ 90%: {'met' if worst.weight_fraction >= 0.9 else 'MISSED'})"
+            )
+    return out
+
+
+def launch_breakdown(model: str, L: int, S: int, idle: float) -> str:
+    """Per-launch table of one point (where the bytes go)."""
+    H, E, D = SHAPES[model]
+    unions = random_unions(E, round((1 - idle) * E), S, 0)
+    lines = ["| launch | grid | loads B (distinct) | stores B |", "|---|---|---|---|"]
+    for x in sparse_path_model([L] * S, unions, E, D, H):
+        ld, dl, st = sum(x.loads.values()), sum(x.distinct_loads.values()), sum(x.stores.values())
+        grid = "×".join(map(str, x.grid)) if any(x.grid) else "torch"
+        lines.append(f"| {x.kernel} | {grid} | {ld} ({dl}) | {st} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- interpreter confirmation
+@contextlib.contextmanager
+def interpreter_traffic() -> Iterator[list[Launch]]:
+    """Count the bytes every interpreted launch loads and stores, per kernel argument.
+
+    Wraps the Triton 3.9 interpreter's ``InterpreterBuilder.create_masked_load`` /
+    ``create_masked_store`` (every ``tl.load`` / ``tl.store`` ends there; unmasked ones
+    with an all-true mask) and ``GridExecutor.__call__`` (one record per launch). Only
+    lanes whose mask is true count; addresses are attributed to the tensor argument whose
+    memory they fall in. CPU tensors only (the interpreter then works on them in place).
+    """
+    import numpy as np
+    from triton.runtime import interpreter as ti
+
+    records: list[Launch] = []
+    state: list[dict[str, Any]] = []
+    orig_call = ti.GridExecutor.__call__
+    orig_load = ti.InterpreterBuilder.create_masked_load
+    orig_store = ti.InterpreterBuilder.create_masked_store
+
+    def note(kind: str, ptrs: Any, mask: Any) -> None:
+        if not state:
+            return
+        st = state[-1]
+        m = np.broadcast_to(np.asarray(mask.data, dtype=bool), ptrs.data.shape)
+        addr = np.asarray(ptrs.data, dtype=np.uint64)[m]
+        if addr.size == 0:
+            return
+        size = max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
+        idx = np.searchsorted(st["starts"], addr, side="right") - 1
+        ok = (idx >= 0) & (addr < st["ends"][np.clip(idx, 0, None)])
+        if not ok.all():
+            raise AssertionError(f"{st['name']}: {int((~ok).sum())} accesses outside every tensor argument")
+        for i in np.unique(idx):
+            st[kind][st["names"][i]].append((addr[idx == i], size))
+
+    def load(self: Any, ptrs: Any, mask: Any, other: Any, cache_policy: Any, is_volatile: Any) -> Any:
+        note("load", ptrs, mask)
+        return orig_load(self, ptrs, mask, other, cache_policy, is_volatile)
+
+    def store(self: Any, ptrs: Any, value: Any, mask: Any, cache_policy: Any) -> Any:
+        note("store", ptrs, mask)
+        return orig_store(self, ptrs, value, mask, cache_policy)
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        params = list(inspect.signature(self.fn).parameters)
+        bound = dict(zip(params, args, strict=False))
+        bound.update({k: v for k, v in kwargs.items() if k in params})
+        spans = sorted(
+            (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name)
+            for name, t in bound.items()
+            if isinstance(t, torch.Tensor) and t.numel()
+        )
+        grid = tuple(self.grid) + (1,) * (3 - len(self.grid))
+        st = dict(
+            name=self.fn.__name__, grid=grid, names=[s[2] for s in spans],
+            starts=np.array([s[0] for s in spans], dtype=np.uint64),
+            ends=np.array([s[1] for s in spans], dtype=np.uint64),
+            load=defaultdict(list), store=defaultdict(list),
+        )  # fmt: skip
+        state.append(st)
+        try:
+            return orig_call(self, *args, **kwargs)
+        finally:
+            state.pop()
+            rec = Launch(st["name"], grid)
+            for kind in ("load", "store"):
+                for name, parts in st[kind].items():
+                    size = parts[0][1]
+                    allv = np.concatenate([p[0] for p in parts])
+                    rec.add(kind, name, allv.size * size, np.unique(allv).size * size)
+            records.append(rec)
+
+    ti.GridExecutor.__call__ = call
+    ti.InterpreterBuilder.create_masked_load = load
+    ti.InterpreterBuilder.create_masked_store = store
+    try:
+        yield records
+    finally:
+        ti.GridExecutor.__call__ = orig_call
+        ti.InterpreterBuilder.create_masked_load = orig_load
+        ti.InterpreterBuilder.create_masked_store = orig_store
+
+
+# Small cases for the interpreter: (H, E, D, segment lengths, union fraction per segment, config or None).
+CONFIRM_CASES: list[tuple[int, int, int, list[int], list[float], Any]] = [
+    (96, 12, 32, [1], [0.3], None),  # decode: one token, K split, the padding-free table
+    (80, 12, 24, [1, 3, 20], [0.25, 0.0, 0.5], None),  # partial tiles, an empty union, a 2-block segment
+    (64, 10, 16, [2, 3], [0.3, 0.6], None),  # a padding token block (-1)
+    (136, 8, 40, [4, 4], [0.5, 0.25], "nosplit"),  # no K split: bf16 output straight from the kernel
+]
+
+
+def run_case(H: int, E: int, D: int, lens: list[int], fracs: list[float], cfg: Any = None) -> dict[str, Any]:
+    """Run router + ``sparse_ffn_triton`` in the interpreter; return measured and modelled launches (bf16)."""
+    from kernels.router.triton_router import router_triton
+    from kernels.sparse_ffn.triton_sparse_ffn import SparseFFNConfig, default_config, sparse_ffn_triton
+    from kernels.testing import cu_seqlens_of, make_scores, make_weights
+
+    T, S = sum(lens), len(lens)
+    scores, unions = make_scores(lens, E, fracs, seed=T * 7 + E)
+    if cfg == "nosplit":
+        cfg = SparseFFNConfig(**{**asdict(default_config(T, S, E, D, H)), "split_k": 1})
+    g = torch.Generator().manual_seed(H)
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    w_r = (torch.randn(E, H, generator=g) / H**0.5).to(torch.bfloat16)
+    norm_w = (torch.rand(E, generator=g) + 0.5).to(torch.bfloat16)
+    w_up, w_down_t = make_weights(E, D, H, torch.bfloat16, seed=E)
+    cu = cu_seqlens_of(lens)
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        with interpreter_traffic() as measured:
+            router_triton(x, w_r, norm_w, "rms")
+            sparse_ffn_triton(x, scores, w_up, w_down_t, cu, cfg)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    model = [x for x in sparse_path_model(lens, unions, E, D, H, cfg) if any(x.grid)]  # torch launches aside
+    return dict(measured=[m.cleaned() for m in measured], model=[m.cleaned() for m in model], unions=unions)
+
+
+def confirm(cases: Sequence[tuple] = CONFIRM_CASES) -> list[str]:
+    """Interpreter counts vs the analytic model on small shapes: the list of disagreements (empty = exact)."""
+    problems = []
+    for case in cases:
+        got = run_case(*case)
+        meas, model = got["measured"], got["model"]
+        if [m.kernel for m in meas] != [m.kernel for m in model]:
+            problems.append(f"{case[:4]}: launches {[m.kernel for m in meas]} != {[m.kernel for m in model]}")
+            continue
+        for m, a in zip(meas, model, strict=True):
+            for attr in ("grid", "loads", "stores", "distinct_loads", "distinct_stores"):
+                if getattr(m, attr) != getattr(a, attr):
+                    problems.append(
+                        f"{case[:4]} {m.kernel}.{attr}: measured {getattr(m, attr)} model {getattr(a, attr)}"
+                    )
+    return problems
+
+
+# ---------------------------------------------------------------- registers, spills, shared memory
+def compile_kernel(
+    lazy: Any, pointer_types: dict[str, str], constexprs: dict[str, Any], arch: int, **options: Any
+) -> Any:
+    """AOT-compile one of our ``lazy_jit`` kernels for ``sm_<arch>`` (no GPU needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = triton.jit(lazy.fn)
+    sig = {n: "constexpr" if n in constexprs else pointer_types.get(n, "i32") for n in fn.arg_names}
+    return triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def resource_usage(kernel: Any) -> dict[str, int]:
+    """Registers per thread, spills (local memory words, as Triton's ``n_spills``) and shared bytes.
+
+    Without a GPU Triton never loads the cubin, so ``n_regs`` / ``n_spills`` are not set;
+    the bundled ``cuobjdump --dump-resource-usage`` reads them from the cubin instead.
+    Spilled registers live in local memory, so LOCAL = 0 means no spills.
+    """
+    import triton
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run(
+            [triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+            check=True, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"unexpected cuobjdump output: {out!r}")
+    regs, stack, static_smem, local = map(int, m.groups())
+    return dict(n_regs=regs, n_spills=local // 4, stack=stack, shared=kernel.metadata.shared + static_smem)
+
+
+I32 = "*i32"
+SEG_PTRS = dict(ids_ptr=I32, counts_ptr=I32, block_seg_ptr=I32, block_t0_ptr=I32, cu_ptr=I32)
+
+
+def kernel_specs(T: int, S: int, E: int, D: int, H: int) -> list[tuple[str, Any, dict, dict, dict]]:
+    """(label, kernel, pointer types, constexprs, options) of every launch of one bf16 step, as the code picks them."""
+    cfg = sf.default_config(T, S, E, D, H)
+    r = router_tiles(T, E, H)
+    e_pad = max(16, next_pow2(E))
+    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    bf = "*bf16"
+    return [
+        ("router logits", rt._router_logits_kernel, dict(x_ptr=bf, w_ptr=bf, zp_ptr="*fp32"),
+         dict(SPLIT=r["split"], BT=r["BT"], BE=r["BE"], BH=r["BH"], DOT_MODE=0), {}),
+        ("router norm", rt._router_norm_kernel,
+         dict(zp_ptr="*fp32", nw_ptr=bf, scores_ptr="*fp32", mask_ptr="*u8", norm_scale="fp32", eps="fp32"),
+         dict(SPLIT=r["split"], MODE=1, HAS_W=True, BT=r["BT2"], E_PAD=e_pad), {}),
+        ("segment union", sg._segment_union_kernel, dict(act_ptr="*fp32", **SEG_PTRS),
+         dict(BLOCK_T=cfg.block_t, E_PAD=e_pad, S_PAD=max(16, next_pow2(S)), SCAN_T=max(1, min(64, 4096 // e_pad)),
+              VEC=sg._VEC), {}),
+        ("sparse up", sf._sparse_up_kernel, dict(x_ptr=bf, r_ptr="*fp32", w_ptr=bf, h_ptr=bf, **SEG_PTRS),
+         dict(BT=cfg.block_t, BD=cfg.up_block_d, BH=cfg.up_block_h, DOT_MODE=0), opts),
+        ("sparse down", sf._sparse_down_kernel,
+         dict(h_ptr=bf, w_ptr=bf, y_ptr="*fp32" if cfg.split_k > 1 else bf, **SEG_PTRS),
+         dict(SPLIT_K=cfg.split_k, BT=cfg.block_t, BD=cfg.down_block_d, BN=cfg.down_block_n, DOT_MODE=0), opts),
+    ]  # fmt: skip
+
+
+# (tokens, segments) whose default configs the register table covers: the corners of the sweep.
+RESOURCE_POINTS = ((1, 1), (8, 1), (8, 8), (64, 8))
+
+
+def resource_rows(points: Sequence[tuple[int, int]] = RESOURCE_POINTS, archs: Sequence[int] = (80, 90)) -> list[dict]:
+    """Compile every kernel at the default configs of the official shapes for ``points`` (T, S); dedupe."""
+    seen: dict[tuple, dict] = {}
+    for arch in archs:
+        for H, E, D in SHAPES.values():
+            for T, S in points:
+                for label, lazy, ptrs, consts, opts in kernel_specs(T, S, E, D, H):
+                    key = (arch, label, tuple(sorted(consts.items())), tuple(sorted(opts.items())))
+                    if key not in seen:
+                        use = resource_usage(compile_kernel(lazy, ptrs, consts, arch, **opts))
+                        seen[key] = dict(arch=arch, kernel=label, constexprs=consts, **opts, **use)
+    return list(seen.values())
+
+
+def resource_table(rows: Sequence[dict]) -> str:
+    """Markdown table; configs that differ only in their split count share a line (regs as a range)."""
+    order = ["router logits", "router norm", "segment union", "sparse up", "sparse down"]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        rest = tuple((k, v) for k, v in r["constexprs"].items() if k not in ("SPLIT", "SPLIT_K", "DOT_MODE"))
+        groups[(r["arch"], order.index(r["kernel"]), rest)].append(r)
+    lines = [
+        "| arch | kernel | constexprs (split counts) | warps / stages | regs | spills | shared B |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (arch, _, rest), rs in sorted(groups.items()):
+        splits = sorted({r["constexprs"].get("SPLIT", r["constexprs"].get("SPLIT_K")) for r in rs} - {None})
+        c = ", ".join(f"{k}={v}" for k, v in rest) + (f" (split {', '.join(map(str, splits))})" if splits else "")
+
+        def span(key: str, rs: list[dict] = rs) -> str:
+            lo, hi = min(r[key] for r in rs), max(r[key] for r in rs)
+            return str(lo) if lo == hi else f"{lo}–{hi}"
+
+        ws = f"{rs[0].get('num_warps', 4)} / {rs[0].get('num_stages', 3)}"
+        lines.append(
+            f"| sm_{arch} | {rs[0]['kernel']} | {c} | {ws} | {span('n_regs')} | {span('n_spills')} | {span('shared')} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--full", action="store_true", help="every point: S ∈ 1,2,4,8 and idle ∈ 70,75,80,85%%")
+    p.add_argument("--json", help="write all rows (and resource rows) here")
+    p.add_argument("--launch-us", type=float, default=LAUNCH_US, help="assumed cost per kernel launch (µs)")
+    p.add_argument("--no-compile", action="store_true", help="skip the sm_80 / sm_90 register table")
+    p.add_argument("--no-confirm", action="store_true", help="skip the interpreter confirmation")
+    a = p.parse_args(argv)
+    segs = (1, 2, 4, 8) if a.full else (1, 8)
+    idles = (0.70, 0.75, 0.80, 0.85) if a.full else (0.70, 0.85)
+    rows = [sweep_row(m, L, S, i) for m in SHAPES for L in (1, 4, 8) for S in segs for i in idles]
+    print("### Traffic per FFN layer step (bf16; router + experts; derived, not measured)\n")
+    print(traffic_table(rows, a.launch_us))
+    print("\n### Design targets\n")
+    print("\n".join(f"- {t}" for t in targets(rows)))
+    print("\n### Where the bytes go: 1.2B XLarge, 1 segment × 8 tokens, 70% idle\n")
+    print(launch_breakdown("1.2B XLarge", 8, 1, 0.70))
+    out: dict[str, Any] = dict(rows=[asdict(r) for r in rows], peak_tbps=PEAK_TBPS, launch_us=a.launch_us)
+    if not a.no_confirm:
+        problems = confirm()
+        print("\n### Interpreter confirmation\n")
+        print(f"{len(CONFIRM_CASES)} cases, {len(problems)} disagreements" + "".join(f"\n- {q}" for q in problems))
+        out["confirm_problems"] = problems
+    if not a.no_compile:
+        res = resource_rows()
+        print("\n### Registers, spills, shared memory (AOT-compiled, cuobjdump)\n")
+        print(resource_table(res))
+        out["resources"] = res
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
