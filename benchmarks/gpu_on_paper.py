@@ -111,15 +111,8 @@ def total(launches: Sequence[Launch], distinct: bool = False) -> int:
 
 # ---------------------------------------------------------------- analytic model
 def router_tiles(T: int, E: int, H: int) -> dict[str, int]:
-    """The tile choice of ``router_triton`` (kept in step with it; the interpreter check compares grids)."""
-    BT = 16 if T <= 16 else 32
-    BE = min(64, max(16, next_pow2(E)))
-    BH = 128 if BT == 16 else 64
-    n_tb, n_eb, n_hb = cdiv(T, BT), cdiv(E, BE), cdiv(H, BH)
-    split = max(1, min(n_hb, 16, rt._TARGET_PROGRAMS // (n_tb * n_eb)))
-    E_PAD = max(16, next_pow2(E))
-    BT2 = max(1, min(16, 4096 // E_PAD))
-    return dict(BT=BT, BE=BE, BH=BH, n_tb=n_tb, n_eb=n_eb, n_hb=n_hb, split=split, BT2=BT2)
+    """The tile choice of ``router_triton`` (its own ``router_config``), as a dict."""
+    return asdict(rt.router_config(T, E, H))
 
 
 def router_model(T: int, E: int, H: int, w_bytes: int = BF16, norm_w_bytes: int | None = BF16) -> list[Launch]:

@@ -11,6 +11,8 @@ Two launches with grids that depend on shapes only:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .._triton import cdiv, dot_mode, lazy_jit, next_pow2, tl
@@ -110,6 +112,33 @@ def _router_norm_kernel(
     tl.store(mask_ptr + offs, (z > 0.0).to(tl.uint8), mask=m)
 
 
+@dataclass(frozen=True)
+class RouterConfig:
+    """Tiles and grid of the two router launches, from static shapes only (CUDA-graph safe)."""
+
+    BT: int  # tokens per logits program
+    BE: int  # experts per logits program
+    BH: int  # hidden columns per K step
+    n_tb: int
+    n_eb: int
+    n_hb: int
+    split: int  # K split of the logits (partial sums reduced by the norm kernel)
+    BT2: int  # tokens per norm program
+    E_PAD: int
+
+
+def router_config(T: int, E: int, H: int) -> RouterConfig:
+    """The router's launch configuration; ``benchmarks/gpu_on_paper.py`` counts bytes from it."""
+    BT = 16 if T <= 16 else 32
+    BE = min(64, max(16, next_pow2(E)))
+    BH = 128 if BT == 16 else 64
+    n_tb, n_eb, n_hb = cdiv(T, BT), cdiv(E, BE), cdiv(H, BH)
+    split = max(1, min(n_hb, 16, _TARGET_PROGRAMS // (n_tb * n_eb)))
+    E_PAD = max(16, next_pow2(E))
+    BT2 = max(1, min(16, 4096 // E_PAD))
+    return RouterConfig(BT, BE, BH, n_tb, n_eb, n_hb, split, BT2, E_PAD)
+
+
 def router_triton(
     x: torch.Tensor,
     w_r: torch.Tensor,
@@ -136,22 +165,16 @@ def router_triton(
         x = x.contiguous()
     w_r = w_r.contiguous()
 
-    BT = 16 if T <= 16 else 32
-    BE = min(64, max(16, next_pow2(E)))
-    BH = 128 if BT == 16 else 64
-    n_tb, n_eb, n_hb = cdiv(T, BT), cdiv(E, BE), cdiv(H, BH)
-    split = max(1, min(n_hb, 16, _TARGET_PROGRAMS // (n_tb * n_eb)))
-    zp = torch.empty((split, T, E), device=x.device, dtype=torch.float32)
-    _router_logits_kernel[(n_tb, n_eb, split)](
-        x, w_r, zp, T, E, H, x.stride(0), w_r.stride(0), n_hb,
-        SPLIT=split, BT=BT, BE=BE, BH=BH, DOT_MODE=dot_mode(x.dtype),
+    c = router_config(T, E, H)
+    zp = torch.empty((c.split, T, E), device=x.device, dtype=torch.float32)
+    _router_logits_kernel[(c.n_tb, c.n_eb, c.split)](
+        x, w_r, zp, T, E, H, x.stride(0), w_r.stride(0), c.n_hb,
+        SPLIT=c.split, BT=c.BT, BE=c.BE, BH=c.BH, DOT_MODE=dot_mode(x.dtype),
     )  # fmt: skip
     has_w = mode == "rms" and norm_w is not None
     nw = norm_w.contiguous() if has_w else scores
-    E_PAD = max(16, next_pow2(E))
-    BT2 = max(1, min(16, 4096 // E_PAD))
-    _router_norm_kernel[(cdiv(T, BT2),)](
+    _router_norm_kernel[(cdiv(T, c.BT2),)](
         zp, nw, scores, mask, T, E, float(norm_scale), float(eps),
-        SPLIT=split, MODE=_MODE_IDS[mode], HAS_W=has_w, BT=BT2, E_PAD=E_PAD,
+        SPLIT=c.split, MODE=_MODE_IDS[mode], HAS_W=has_w, BT=c.BT2, E_PAD=c.E_PAD,
     )  # fmt: skip
     return scores, mask.view(torch.bool)
