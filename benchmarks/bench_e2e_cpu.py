@@ -1,16 +1,31 @@
-"""End-to-end decoding on vLLM's CPU backend: dense vs sparse experts, with and without speculation.
+"""End-to-end generation on vLLM's CPU backend: dense vs sparse experts, against the Amdahl bound.
 
-One in-process engine per speculation setting; the expert backend is switched on the live
-model, so dense and sparse run side by side on the same engine, prompts and machine.
-Prints a markdown table (and writes JSON with --json): decode tokens/s, speed-up of
-sparse over dense, mean accepted draft length, and the sparsity the FFN saw (token-level
-and per executed segment — at a verify step a segment is the k+1-token chunk); "auto,
-stats off" repeats `auto` with the live sparsity counters off; "counters' cost" is how much
-faster that runs (their overhead; negative = within noise). Columns are timed round-robin,
-repeat after repeat, so a shared machine's drift hits them alike.
+Made to run on a model inflated to an official size (`vllm-blockffn inflate`, whose expert bytes per
+layer and depth equal BlockFFN-Small … XLarge and whose routing is the trained model's), in fp32.
+One in-process engine per speculation setting; the expert backend is switched on the live model,
+so all columns run on the same engine, prompts and machine, timed round-robin (the order rotated
+every repeat, so a shared machine's drift hits them alike); each figure is the median of --repeats.
 
-    python benchmarks/bench_e2e_cpu.py --model models/blockffn-tiny-trained \\
-        [--eagle-head DIR] [--batch 1,8] [--tokens 64] [--repeats 3]
+Rows: batch 1; batch 1 with EAGLE k=3 (--eagle-head); batch 4; batch 8; prefill-heavy (long
+prompts, few new tokens). Columns, in ms per generate() call:
+  dense, sparse, auto        the `VLLM_BLOCKFFN_BACKEND` values
+  auto stats-off             auto with the live sparsity counters off
+  skip = T_rest              benchmark-only backend: experts output zeros and read nothing (with
+                             speculation, scaled to the dense run's number of verify steps, since
+                             skipping changes what is accepted)
+  a                          the fraction of expert bytes a step needs: |∪ of the active experts of
+                             all tokens of the step| / E, averaged over steps and layers — one token
+                             at batch 1, the k+1-token verify chunk with EAGLE, the whole batch at
+                             batch > 1 (the CPU kernel reads each active expert once per step);
+                             measured in a separate untimed run by wrapping every BlockFFN router
+  bound B                    T_dense / (T_rest + (T_dense − T_rest)·a): the speed-up if the experts'
+                             time fell exactly in proportion to the bytes they need
+  auto vs bound              (T_dense / T_auto) / B
+
+    scripts/dev vllm-blockffn inflate models/blockffn-tiny-trained /tmp/small --like small \\
+        --eagle-head models/blockffn-tiny-trained-eagle /tmp/small-eagle
+    scripts/dev python benchmarks/bench_e2e_cpu.py --model /tmp/small --eagle-head /tmp/small-eagle \\
+        [--tokens 64] [--repeats 5] [--json out.json]
 """
 
 from __future__ import annotations
@@ -35,17 +50,20 @@ PROMPTS = [
     "An iterator is an object representing a stream of data",
     "The argparse module makes it easy to write user-friendly command-line interfaces",
 ]
+COLUMNS = ["dense", "sparse", "auto", "auto/stats-off", "skip"]
 
 
-def spec_configs(args) -> dict[str, dict | None]:
-    configs: dict[str, dict | None] = {"none": None,
-                                       "ngram k=3": {"method": "ngram", "num_speculative_tokens": 3,
-                                                     "prompt_lookup_max": 4, "prompt_lookup_min": 2}}
+def rows_wanted(args: argparse.Namespace) -> list[dict]:
+    """The table's rows: name, speculation, batch, prompt length (None = the short PROMPTS), new tokens."""
+    rows = [{"row": "batch 1", "spec": "none", "batch": 1, "prompt_len": None, "tokens": args.tokens}]
     if args.eagle_head:
-        configs["eagle k=3"] = {"method": "eagle", "model": args.eagle_head, "num_speculative_tokens": 3}
-    if args.draft_model:
-        configs["draft k=3"] = {"method": "draft_model", "model": args.draft_model, "num_speculative_tokens": 3}
-    return configs
+        rows.append({"row": "batch 1, EAGLE k=3", "spec": "eagle", "batch": 1, "prompt_len": None,
+                     "tokens": args.tokens})
+    rows += [{"row": f"batch {b}", "spec": "none", "batch": b, "prompt_len": None, "tokens": args.tokens}
+             for b in (4, 8)]
+    rows.append({"row": "prefill-heavy", "spec": "none", "batch": args.prefill_batch, "prompt_len": args.prefill_len,
+                 "tokens": args.prefill_tokens})
+    return rows
 
 
 def metric(llm, name: str) -> float:
@@ -55,114 +73,185 @@ def metric(llm, name: str) -> float:
     return 0.0
 
 
-def sparsity(llm) -> tuple[float, float]:
-    def read(model):
-        from vllm_blockffn.observe.stats import RECORDER
+def use_backend(llm, column: str) -> None:
+    """`auto/stats-off`: the auto backend with the live sparsity counters off."""
+    stats_off = column.endswith("stats-off")
+    os.environ["VLLM_BLOCKFFN_STATS"] = "0" if stats_off else "1"
 
-        rows = RECORDER.snapshot()
-        RECORDER.reset()
-        tls = statistics.mean(r.token_sparsity for r in rows)
-        cls = statistics.mean(r.chunk_sparsity for r in rows)
-        return tls, cls
-
-    return llm.apply_model(read)[0]
-
-
-def set_backend(llm, backend: str) -> None:
     def apply(model):
         from vllm_blockffn.serving.layers.blockffn import BlockFFN
 
         for m in model.modules():
             if isinstance(m, BlockFFN):
-                m.backend = backend
+                m.backend = column.split("/")[0]
+                if hasattr(m, "record_stats"):  # read when the layer is built: its counters exist only if on then
+                    m._bench_record_stats = getattr(m, "_bench_record_stats", m.record_stats)
+                    m.record_stats = m._bench_record_stats and not stats_off
 
     llm.apply_model(apply)
 
 
-BACKENDS = ["dense", "sparse", "auto", "auto/stats-off"]
+def router_probe(llm, install: bool) -> list[tuple[int, list[tuple[int, int, int]]]]:
+    """Install (or remove and return) a wrapper on every BlockFFN router recording, per call (= one
+    layer in one step): experts in the union over the step's tokens, active (token, expert) pairs, tokens."""
+
+    def apply(model):
+        from vllm_blockffn.serving.layers.blockffn import BlockFFN
+
+        out = []
+        for m in model.modules():
+            if not isinstance(m, BlockFFN):
+                continue
+            if install:
+                m._bench_probe = []
+
+                def router(x, _m=m, _orig=BlockFFN.router):
+                    scores = _orig(_m, x)
+                    active = scores > 0
+                    _m._bench_probe.append((int(active.any(0).sum()), int(active.sum()), x.shape[0]))
+                    return scores
+
+                m.router = router
+            else:
+                out.append((m.spec.num_experts, m._bench_probe))
+                del m.router, m._bench_probe
+        return out
+
+    return llm.apply_model(apply)[0]
 
 
-def use_backend(llm, backend: str) -> None:
-    """`auto/stats-off`: the auto backend with the live sparsity counters off."""
-    os.environ["VLLM_BLOCKFFN_STATS"] = "0" if backend.endswith("stats-off") else "1"
-    set_backend(llm, backend.split("/")[0])
+def prompts_for(llm, row: dict) -> list:
+    """Short text prompts, or (prefill-heavy) distinct token-id prompts of exactly prompt_len tokens."""
+    n = row["batch"]
+    if row["prompt_len"] is None:
+        return (PROMPTS * ((n + len(PROMPTS) - 1) // len(PROMPTS)))[:n]
+    ids = llm.get_tokenizer()(" ".join(PROMPTS))["input_ids"]
+    ids = ids * (row["prompt_len"] // len(ids) + 2)
+    return [{"prompt_token_ids": ids[7 * i: 7 * i + row["prompt_len"]]} for i in range(n)]
 
 
-def run(args) -> list[dict]:
-    from vllm import LLM, SamplingParams
+def measure_row(llm, row: dict, repeats: int) -> dict:
+    from vllm import SamplingParams
 
-    rows = []
-    for spec_name, spec in spec_configs(args).items():
-        llm = LLM(args.model, dtype=args.dtype, enforce_eager=True, max_model_len=512, gpu_memory_utilization=0.15,
-                  max_num_seqs=max(args.batch), seed=0, disable_log_stats=False, speculative_config=spec)
-        params = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
-        for batch in args.batch:
-            prompts = (PROMPTS * ((batch + len(PROMPTS) - 1) // len(PROMPTS)))[:batch]
-            result = {"spec": spec_name, "batch": batch}
-            for backend in BACKENDS:  # warm-up
-                use_backend(llm, backend)
-                llm.generate(prompts, SamplingParams(max_tokens=4), use_tqdm=False)
-            drafts0 = metric(llm, "vllm:spec_decode_num_drafts")
-            accepted0 = metric(llm, "vllm:spec_decode_num_accepted_tokens")
-            times: dict[str, list[float]] = {b: [] for b in BACKENDS}
-            for repeat in range(args.repeats):
-                # round-robin, rotated each repeat: drift of a shared machine hits every column alike
-                for backend in BACKENDS[repeat % len(BACKENDS):] + BACKENDS[:repeat % len(BACKENDS)]:
-                    use_backend(llm, backend)
-                    sparsity(llm)  # reset the counters
-                    t = time.perf_counter()
-                    outs = llm.generate(prompts, params, use_tqdm=False)
-                    times[backend].append(time.perf_counter() - t)
-                    if not backend.endswith("stats-off"):
-                        result[f"{backend}_tls"], result[f"{backend}_segment_sparsity"] = sparsity(llm)
-            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-            for backend in BACKENDS:
-                result[f"{backend}_tok_s"] = tokens / statistics.median(times[backend])
-            drafts = metric(llm, "vllm:spec_decode_num_drafts") - drafts0
-            accepted = metric(llm, "vllm:spec_decode_num_accepted_tokens") - accepted0
-            result["mean_accepted"] = accepted / drafts if drafts else None
-            rows.append(result)
-            print(json.dumps(result), flush=True)
-        from vllm.distributed import cleanup_dist_env_and_memory
+    prompts = prompts_for(llm, row)
+    params = SamplingParams(max_tokens=row["tokens"], temperature=0, ignore_eos=True)
+    for column in COLUMNS:  # warm-up: every column's kernels and shapes (prefill, decode) once
+        use_backend(llm, column)
+        llm.generate(prompts, SamplingParams(max_tokens=min(8, row["tokens"]), ignore_eos=True), use_tqdm=False)
 
+    # Untimed: how many experts each step's union needs (routing does not depend on the backend).
+    use_backend(llm, "dense")
+    router_probe(llm, install=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    layers = router_probe(llm, install=False)
+    union = sum(u for _, calls in layers for u, _, _ in calls) / sum(e * len(calls) for e, calls in layers)
+    token = sum(a for _, calls in layers for _, a, _ in calls) / sum(e * t for e, calls in layers for _, _, t in calls)
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+
+    times: dict[str, list[float]] = {c: [] for c in COLUMNS}
+    steps: dict[str, list[float]] = {c: [] for c in COLUMNS}
+    accepted = drafts = 0.0
+    for repeat in range(repeats):
+        k = repeat % len(COLUMNS)
+        for column in COLUMNS[k:] + COLUMNS[:k]:
+            use_backend(llm, column)
+            d0, a0 = metric(llm, "vllm:spec_decode_num_drafts"), metric(llm, "vllm:spec_decode_num_accepted_tokens")
+            t = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            times[column].append(time.perf_counter() - t)
+            d = metric(llm, "vllm:spec_decode_num_drafts") - d0
+            steps[column].append(d)
+            if column == "dense":
+                drafts += d
+                accepted += metric(llm, "vllm:spec_decode_num_accepted_tokens") - a0
+    t = {c: statistics.median(v) for c, v in times.items()}
+    rest = t["skip"]
+    if row["spec"] != "none" and statistics.median(steps["skip"]) > 0:
+        rest *= statistics.median(steps["dense"]) / statistics.median(steps["skip"])
+    bound = t["dense"] / (rest + (t["dense"] - rest) * union)
+    result = dict(row, new_tokens=tokens, a=union, token_active=token, t_rest_ms=rest * 1e3, bound=bound,
+                  mean_accepted=accepted / drafts if drafts else None,
+                  auto_vs_bound=(t["dense"] / t["auto"]) / bound)
+    for c in COLUMNS:
+        result[f"{c}_ms"] = t[c] * 1e3
+        result[f"{c}_tok_s"] = tokens / t[c]
+        result[f"{c}_runs_ms"] = [round(x * 1e3, 1) for x in times[c]]
+    return result
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    from vllm import LLM
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    wanted = rows_wanted(args)
+    results = []
+    for spec_name in ("none", "eagle"):
+        rows = [r for r in wanted if r["spec"] == spec_name]
+        if not rows:
+            continue
+        spec = None if spec_name == "none" else {"method": "eagle", "model": args.eagle_head,
+                                                 "num_speculative_tokens": 3}
+        max_len = max((r["prompt_len"] or 64) + r["tokens"] for r in rows) + 64
+        llm = LLM(args.model, dtype="float32", enforce_eager=True, max_model_len=max_len, seed=0,
+                  max_num_seqs=max(r["batch"] for r in rows), enable_prefix_caching=False,
+                  kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)), disable_log_stats=False,
+                  speculative_config=spec)
+        for row in rows:
+            results.append(measure_row(llm, row, args.repeats))
+            print(json.dumps(results[-1]), flush=True)
         del llm
         cleanup_dist_env_and_memory()
-    return rows
+    order = [r["row"] for r in wanted]
+    return sorted(results, key=lambda r: order.index(r["row"]))
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| speculation | batch | dense tok/s | sparse tok/s | auto tok/s | auto, stats off | sparse/dense "
-             "| auto/dense | counters' cost | mean accepted | TLS | segment sparsity |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | batch | prompt → new tokens | dense ms | sparse ms | auto ms | auto, stats off ms "
+             "| skip = T_rest ms | a | bound B | auto/dense | sparse/dense | auto vs bound | mean accepted |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = f"{r['mean_accepted']:.2f}" if r["mean_accepted"] is not None else "—"
-        lines.append(f"| {r['spec']} | {r['batch']} | {r['dense_tok_s']:.1f} | {r['sparse_tok_s']:.1f} | "
-                     f"{r['auto_tok_s']:.1f} | {r['auto/stats-off_tok_s']:.1f} | "
-                     f"{r['sparse_tok_s'] / r['dense_tok_s']:.2f}× | "
-                     f"{r['auto_tok_s'] / r['dense_tok_s']:.2f}× | "
-                     f"{r['auto/stats-off_tok_s'] / r['auto_tok_s'] - 1:+.1%} | {acc} | "
-                     f"{r['sparse_tls']:.1%} | {r['sparse_segment_sparsity']:.1%} |")
+        prompt = r["prompt_len"] or "short"
+        lines.append(
+            f"| {r['row']} | {r['batch']} | {prompt} → {r['tokens']} | {r['dense_ms']:.0f} | {r['sparse_ms']:.0f} | "
+            f"{r['auto_ms']:.0f} | {r['auto/stats-off_ms']:.0f} | {r['t_rest_ms']:.0f} | {r['a']:.1%} | "
+            f"{r['bound']:.2f}× | {r['dense_ms'] / r['auto_ms']:.2f}× | {r['dense_ms'] / r['sparse_ms']:.2f}× | "
+            f"{r['auto_vs_bound']:.0%} | {acc} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--eagle-head")
-    parser.add_argument("--draft-model")
-    parser.add_argument("--batch", default="1,8", type=lambda s: [int(x) for x in s.split(",")])
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--json")
+    parser.add_argument("--model", required=True, help="BlockFFN checkpoint folder (e.g. an inflated one)")
+    parser.add_argument("--eagle-head", help="EAGLE head for the model (adds the 'batch 1, EAGLE k=3' row)")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per prompt in the decode rows")
+    parser.add_argument("--prefill-len", type=int, default=448, help="prompt tokens in the prefill-heavy row")
+    parser.add_argument("--prefill-batch", type=int, default=4)
+    parser.add_argument("--prefill-tokens", type=int, default=4, help="new tokens in the prefill-heavy row")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kv-cache-gib", type=float, default=1.0)
+    parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
     import torch
 
+    inflated = ""
+    meta = os.path.join(args.model, "inflate.json")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            target = json.load(f)["plan"]["target"]
+        inflated = f" (inflated like {target['name']})"
     header = (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-              f"{torch.__version__} ({torch.get_num_threads()} threads); commit {commit}; model {args.model}; "
-              f"dtype {args.dtype}; {args.tokens} new tokens per prompt, median of {args.repeats}")
+              f"{torch.__version__} ({torch.get_num_threads()} threads); commit {commit}"
+              f"{' + local changes' if dirty else ''}; model {args.model}{inflated}; "
+              f"eagle head {args.eagle_head or '—'}; fp32, enforce_eager, "
+              f"prefix caching off; {args.tokens} new tokens per prompt (prefill-heavy: {args.prefill_batch} × "
+              f"{args.prefill_len} → {args.prefill_tokens}); median of {args.repeats}, columns round-robin")
+    start = time.perf_counter()
     rows = run(args)
+    header += f"; {time.perf_counter() - start:.0f} s"
     print(header)
     print(table(rows))
     if args.json:

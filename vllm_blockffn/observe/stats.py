@@ -6,9 +6,12 @@ their expert unions (→ the chunk-level sparsity the sparse backend actually ex
 one segment is a decode token, a speculative verify chunk or a prefill chunk), and the
 expert-weight bytes a sparse execution reads vs the dense equivalent. On an accelerator
 the sums stay on the device and nothing is copied to the host per step — `snapshot()`
-reads them in one transfer when asked (a metrics scrape, a benchmark), so collecting
-costs no host sync. On the CPU backend they are numpy counters updated from the
-(host-resident) router scores, which costs far less per call than torch's small ops.
+reads them in one transfer when asked (at a worker's step end at most once per
+`VLLM_BLOCKFFN_STATS_INTERVAL`, a benchmark), so the forward pass never syncs and the
+updates are captured into CUDA graphs. Only real tokens count: the segments are vLLM's
+`query_start_loc`, and padding to a CUDA-graph size lies past its last entry. On the CPU
+backend they are numpy counters updated from the (host-resident) router scores, which
+costs far less per call than torch's small ops.
 
 `VLLM_BLOCKFFN_STATS=0` turns collection off.
 """
@@ -20,7 +23,7 @@ import os
 import numpy as np
 import torch
 
-from vllm_blockffn.observe.sparsity import LayerSparsity, segment_union_sizes
+from vllm_blockffn.observe.sparsity import LayerSparsity
 
 STATS_ENV = "VLLM_BLOCKFFN_STATS"
 # Columns of the per-layer accumulator.
@@ -33,14 +36,17 @@ def stats_enabled() -> bool:
 
 
 class SparsityRecorder:
-    """Per-process accumulators, one row per BlockFFN layer (created lazily on first use)."""
+    """Per-process accumulators, one row per BlockFFN layer.
+
+    A layer's row is allocated when the layer is built (:meth:`add_layer`), on its weights'
+    device, so that no allocation happens inside a CUDA-graph capture; the forward pass only
+    adds to it (:meth:`record`). Reading happens outside the forward pass: the worker's step
+    end (observe.metrics.publish_if_due, patches/worker_step_end.py) and tests."""
 
     def __init__(self) -> None:
-        self._totals: dict[int, torch.Tensor] = {}
+        self._totals: dict[int, torch.Tensor | np.ndarray] = {}
         self._shape: dict[int, tuple[int, int]] = {}
         self.model = ""
-        self.last_layer = -1
-        self._publisher = None
 
     def start_model(self, model: str) -> None:
         """A model is being built in this process: its counters start from nothing.
@@ -51,39 +57,38 @@ class SparsityRecorder:
         self._totals.clear()
         self._shape.clear()
         self.model = model
-        self.last_layer = -1
 
-    def add_layer(self, layer: int, model: str) -> None:
-        """Called when a BlockFFN layer is built: its step's last layer publishes the totals."""
+    def add_layer(self, layer: int, model: str, num_experts: int, expert_bytes: int,
+                  device: torch.device | str = "cpu") -> None:
+        """Called when a BlockFFN layer is built: allocates its row (numpy on the CPU)."""
         self.model = model
-        self.last_layer = max(self.last_layer, layer)
+        self._totals[layer] = _new_row(torch.device(device))
+        self._shape[layer] = (num_experts, expert_bytes)
 
-    def record(self, layer: int, scores: torch.Tensor, cu_seqlens: torch.Tensor, expert_bytes: int) -> None:
+    def record(self, layer: int, scores: torch.Tensor, cu_seqlens: torch.Tensor, expert_bytes: int,
+               on_device: bool | None = None) -> None:
+        """Add one step of one layer. `cu_seqlens` are the requests' segments (vLLM's
+        query_start_loc): padding tokens past cu[-1] are not counted. `on_device` (default:
+        scores not on the CPU) selects the graph-safe torch path over the numpy one."""
+        if on_device is None:
+            on_device = scores.device.type != "cpu"
         totals = self._totals.get(layer)
-        if totals is None:
-            on_host = scores.device.type == "cpu"
-            totals = self._totals[layer] = (np.zeros(NUM_COLUMNS, dtype=np.int64) if on_host else
-                                            torch.zeros(NUM_COLUMNS, dtype=torch.int64, device=scores.device))
+        if totals is None or isinstance(totals, np.ndarray) == on_device or (
+                on_device and totals.device != scores.device):
+            # Not built through add_layer (tests), or on another device: allocate now.
+            totals = self._totals[layer] = _new_row(scores.device if on_device else torch.device("cpu"))
             self._shape[layer] = (scores.shape[1], expert_bytes)
         if isinstance(totals, np.ndarray):
             _add_on_host(totals, scores, cu_seqlens)
         else:
             _add_on_device(totals, scores, cu_seqlens)
-        if layer == self.last_layer:
-            self._maybe_publish()
 
-    def _maybe_publish(self) -> None:
-        from vllm_blockffn.observe.metrics import Publisher, stats_dir
-
-        if stats_dir() is None:
-            return
-        if self._publisher is None:
-            self._publisher = Publisher()
-        if self._publisher.due():
-            self._publisher.publish(self.model, self.snapshot())
+    def __bool__(self) -> bool:
+        return bool(self._totals)
 
     def snapshot(self) -> list[LayerSparsity]:
-        """All layers' totals; device-side ones are read in one copy."""
+        """All layers' totals; device-side ones are read in one copy (a host sync: call it
+        outside the forward pass)."""
         if not self._totals:
             return []
         layers = sorted(self._totals)
@@ -94,7 +99,7 @@ class SparsityRecorder:
         return [LayerSparsity(i, self._shape[i][0], *rows[i], expert_bytes=self._shape[i][1]) for i in layers]
 
     def reset(self) -> None:
-        with torch.inference_mode():  # device totals were made in vLLM's inference mode
+        with torch.inference_mode():  # device totals may have been made in vLLM's inference mode
             for totals in self._totals.values():
                 if isinstance(totals, np.ndarray):
                     totals.fill(0)
@@ -102,15 +107,25 @@ class SparsityRecorder:
                     totals.zero_()
 
 
+def _new_row(device: torch.device) -> torch.Tensor | np.ndarray:
+    if device.type == "cpu":
+        return np.zeros(NUM_COLUMNS, dtype=np.int64)
+    return torch.zeros(NUM_COLUMNS, dtype=torch.int64, device=device)
+
+
 def _add_on_device(totals: torch.Tensor, scores: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
-    """Accelerators: a few small kernels, no host sync (safe inside CUDA graphs)."""
+    """Accelerators: a few small kernels and one in-place add; no host sync, no host→device
+    copy, so it is captured into CUDA graphs and replays on each step's own `cu_seqlens`.
+    Only tokens inside [cu[0], cu[-1]) count (padding to a capture size does not)."""
     active = scores > 0
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    totals[TOKENS] += scores.shape[0]
-    totals[ACTIVE] += active.sum()
-    totals[SEGMENTS] += (lengths > 0).sum()
-    totals[UNION] += segment_union_sizes(active, cu_seqlens).sum()
-    totals[SEGMENT_TOKENS] += lengths.sum()
+    T, E = active.shape
+    prefix = torch.zeros(T + 1, E, dtype=torch.int32, device=active.device)
+    torch.cumsum(active, dim=0, dtype=torch.int32, out=prefix[1:])
+    cu = cu_seqlens.long()
+    per_segment = prefix[cu[1:]] - prefix[cu[:-1]]  # [S, E] active tokens per expert in each segment
+    lengths = cu[1:] - cu[:-1]
+    tokens = lengths.sum()
+    totals += torch.stack([tokens, per_segment.sum(), (lengths > 0).sum(), (per_segment > 0).sum(), tokens])
 
 
 def _add_on_host(totals: np.ndarray, scores: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
@@ -120,15 +135,17 @@ def _add_on_host(totals: np.ndarray, scores: torch.Tensor, cu_seqlens: torch.Ten
     active = scores.detach().numpy() > 0
     cu = cu_seqlens.detach().cpu().numpy().astype(np.int64, copy=False)
     lengths = cu[1:] - cu[:-1]
-    n_active = int(np.count_nonzero(active))
+    tokens = int(lengths.sum())
+    whole = bool(lengths.size) and cu[0] == 0 and cu[-1] == active.shape[0]
+    n_active = int(np.count_nonzero(active if whole else active[cu[0]:cu[-1]]))
     # decode only (one token per segment, no padding): a segment's union is its token's set
-    if lengths.size and cu[0] == 0 and cu[-1] == active.shape[0] and lengths.max() <= 1:
+    if whole and lengths.max() <= 1:
         union = n_active
     else:
         prefix = np.zeros((active.shape[0] + 1, active.shape[1]), dtype=np.int32)
         np.cumsum(active, axis=0, out=prefix[1:])
         union = int(np.count_nonzero(prefix[cu[1:]] - prefix[cu[:-1]]))
-    totals += (active.shape[0], n_active, int(np.count_nonzero(lengths > 0)), union, int(lengths.sum()))
+    totals += (tokens, n_active, int(np.count_nonzero(lengths > 0)), union, tokens)
 
 
 RECORDER = SparsityRecorder()

@@ -22,6 +22,7 @@ from vllm.model_executor.models.utils import (
 from vllm.sequence import IntermediateTensors
 
 from vllm_blockffn.observe.stats import RECORDER
+from vllm_blockffn.patches import worker_step_end
 from vllm_blockffn.serving.checkpoint import IGNORED_SUFFIXES, BlockFFNWeightError
 from vllm_blockffn.serving.config import BlockFFNSpec
 from vllm_blockffn.serving.layers.blockffn import BlockFFN
@@ -120,6 +121,7 @@ class BlockFFNForCausalLM(MiniCPMForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         BlockFFNSpec.from_config(vllm_config.model_config.hf_config)  # clear errors before building
         RECORDER.start_model(getattr(vllm_config.model_config.hf_config, "name_or_path", ""))
+        worker_step_end.apply()  # in a worker process: vLLM's worker module is imported by now
         super().__init__(vllm_config=vllm_config, prefix=prefix)
 
     def _init_model(self, *, vllm_config: VllmConfig, prefix: str = ""):

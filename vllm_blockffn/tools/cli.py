@@ -1,5 +1,6 @@
 """`vllm-blockffn` command line: make-tiny, check, demo (serve the bundled model and ask it once),
-analyze (token- and chunk-level sparsity of a checkpoint on a text)."""
+analyze (token- and chunk-level sparsity of a checkpoint on a text), inflate (a trained model padded
+to an official release's expert bytes and depth, computing the same function)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,24 @@ def _analyze(args: argparse.Namespace) -> int:
     from vllm_blockffn.observe.analysis import run_from_args
 
     return run_from_args(args)
+
+
+def _inflate(args: argparse.Namespace) -> int:
+    from vllm_blockffn.serving.config import BlockFFNSpec
+    from vllm_blockffn.tools.inflate import inflate, inflate_eagle_head, share_table
+
+    plan = inflate(args.src, args.out, args.like, dtype=args.dtype)
+    target = plan.target
+    print(f"{args.out}: {args.like} ({target['name']}): H {plan.hidden_size}, {plan.num_layers} layers "
+          f"({plan.real.count(True)} source + {plan.real.count(False)} zero-output copies), "
+          f"{plan.num_attention_heads}/{plan.num_key_value_heads} heads, d_e {plan.expert_size} "
+          f"(expert params {plan.expert_params_error:+.2%} vs the official {target['num_experts']}·"
+          f"{target['expert_size']}·{target['hidden_size']}), residual factor alpha {plan.alpha:.4f}")
+    print(share_table(BlockFFNSpec.from_pretrained(args.out)))
+    if args.eagle_head:
+        inflate_eagle_head(args.eagle_head[0], args.eagle_head[1], args.src, plan, dtype=args.dtype)
+        print(f"{args.eagle_head[1]}: EAGLE head padded to H {plan.hidden_size}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
                          help="reference model precision (default: %(default)s)")
     analyze.add_argument("--quiet", action="store_true", help="no progress bar")
     analyze.set_defaults(func=_analyze)
+
+    inflate = sub.add_parser(
+        "inflate", help="pad a trained BlockFFN to an official size's expert bytes and depth (same function)",
+        description="Write a model that computes exactly the same function as SRC, with the same routers, whose "
+                    "expert bytes per layer and layer count equal an official BlockFFN release and whose hidden "
+                    "size is as close to it as exactness allows (construction: vllm_blockffn/tools/inflate.py).")
+    inflate.add_argument("src", help="trained BlockFFN checkpoint folder (official format)")
+    inflate.add_argument("out", help="folder to write the inflated checkpoint to")
+    inflate.add_argument("--like", required=True, choices=["small", "medium", "large", "xlarge"],
+                         help="official configuration to match: 0.1B Small, 0.5B Medium, 0.8B Large, 1.2B XLarge")
+    inflate.add_argument("--eagle-head", nargs=2, metavar=("SRC_HEAD", "OUT_HEAD"),
+                         help="also pad SRC's EAGLE head (official BlockFFN/FR-Spec format) to match")
+    inflate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                         help="weights' dtype (default: %(default)s: the padding's rescaled norms stay exact)")
+    inflate.set_defaults(func=_inflate)
     return parser
 
 

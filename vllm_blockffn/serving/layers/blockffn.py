@@ -27,11 +27,13 @@ from vllm.model_executor.utils import set_weight_attrs
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_blockffn.observe.stats import RECORDER, stats_enabled
+from vllm_blockffn.serving import segments
 from vllm_blockffn.serving.checkpoint import BlockFFNWeightError
 from vllm_blockffn.serving.config import BlockFFNSpec
-from vllm_blockffn.serving.segments import current_segments, whole_batch
 
-BACKENDS = ("auto", "dense", "sparse")
+# "skip" is benchmark-only: experts output zeros and read nothing, so a step takes T_rest, the time of
+# everything but the experts (benchmarks/bench_e2e_cpu.py: the Amdahl bound on the experts' speed-up).
+BACKENDS = ("auto", "dense", "sparse", "skip")
 BACKEND_ENV = "VLLM_BLOCKFFN_BACKEND"
 
 
@@ -62,7 +64,6 @@ class BlockFFN(nn.Module):
         self.layer_id = extract_layer_index(prefix)
         # Bytes of one whole expert (up + down), whatever the TP slicing.
         self.expert_bytes = 2 * D * H * torch.tensor([], dtype=torch.get_default_dtype()).element_size()
-        RECORDER.add_layer(self.layer_id, model_name)
 
         self.router_proj = ReplicatedLinear(H, E, bias=False, prefix=f"{prefix}.router_proj")
         if spec.norm_after_router == "rms":
@@ -77,6 +78,9 @@ class BlockFFN(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, self.local_expert_size, H), requires_grad=False)
         set_weight_attrs(self.up_proj, {"weight_loader": self._load_up})
         set_weight_attrs(self.down_proj, {"weight_loader": self._load_down})
+        self.record_stats = stats_enabled()
+        if self.record_stats:  # the counters are allocated now, on the weights' device, never inside a graph
+            RECORDER.add_layer(self.layer_id, model_name, E, self.expert_bytes, self.up_proj.device)
 
     # -- weight loading: checkpoint layout → [E, D_local, H] ---------------------------------
     def _check_shape(self, name: str, loaded: torch.Tensor, expected: tuple[int, ...]) -> None:
@@ -124,33 +128,78 @@ class BlockFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores = self.router(x)
-        y = torch.ops.vllm.blockffn_experts(x, scores, self.up_proj, self.down_proj, self.backend, self.layer_id,
-                                            self.expert_bytes)
+        args = (self.backend, self.layer_id, self.expert_bytes, self.record_stats)
+        if segments.on_accelerator(x):
+            # The output buffer is allocated here, inside the compiled piece before the op: vLLM
+            # splits piecewise CUDA graphs at this op (patches/splitting_ops.py), and the next
+            # piece replays reading its input at the captured address, so the op must write
+            # into memory the previous piece owns (as vLLM's attention ops do).
+            y = torch.empty_like(x)
+            torch.ops.vllm.blockffn_experts_with_output(x, scores, self.up_proj, self.down_proj, y, *args)
+        else:
+            y = torch.ops.vllm.blockffn_experts(x, scores, self.up_proj, self.down_proj, *args)
         if self.tp_size > 1:
             y = tensor_model_parallel_all_reduce(y)
         return y
 
 
-def _blockffn_experts(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
-                      backend: str, layer_id: int, expert_bytes: int) -> torch.Tensor:
-    """The experts as one opaque op: it reads this step's per-request segments from
-    vLLM's forward context, which a torch.compile'd graph must not capture."""
+def run_experts(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+                backend: str, layer_id: int, expert_bytes: int, record: bool) -> torch.Tensor:
+    """The experts of one layer for this step, per request segment (segments.py).
+
+    On an accelerator (`segments.on_accelerator`) nothing here reads device data on the host,
+    copies host data to the device or branches on device data, so the same code is valid
+    eagerly, between piecewise CUDA graphs and captured inside a full graph (README
+    "CUDA graphs"; tests/test_replay.py replays it with the Triton kernels interpreted)."""
     from vllm_blockffn.kernels import ops
 
-    segments = current_segments(x.shape[0], x.device)
-    if segments is None:
-        segments = whole_batch(x.shape[0], x.device)
-    elif stats_enabled():
-        RECORDER.record(layer_id, scores, segments, expert_bytes)
+    if backend == "skip":
+        return torch.zeros_like(x)
+    num_tokens = x.shape[0]
+    graph_safe = segments.on_accelerator(x)
+    starts = segments.request_starts(num_tokens)
+    if starts is None:
+        cu = segments.whole_batch(num_tokens, x.device, graph_safe)
+    else:
+        if starts.dtype != torch.int32:  # vLLM's is int32 already; a device-side cast otherwise
+            starts = starts.to(torch.int32)
+        if record:
+            RECORDER.record(layer_id, scores, starts, expert_bytes, on_device=graph_safe)
+        cu = segments.kernel_segments(starts, num_tokens, graph_safe)
+        if graph_safe:
+            scores = segments.mask_padding(scores, starts)
     if backend == "dense":
         return ops.dense_ffn(x, scores, w_up, w_down_t)
-    impl = "auto" if backend == "auto" else ("triton" if x.is_cuda else "torch")
-    return ops.sparse_ffn(x, scores, w_up, w_down_t, segments, impl=impl)
+    impl = "auto" if backend == "auto" else ("triton" if graph_safe else "torch")
+    return ops.sparse_ffn(x, scores, w_up, w_down_t, cu, impl=impl)
+
+
+def _blockffn_experts(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+                      backend: str, layer_id: int, expert_bytes: int, record: bool) -> torch.Tensor:
+    """The experts as one opaque op (CPU backend: no graphs, no output copy). It reads this
+    step's segments from vLLM's forward context, which a torch.compile'd graph must not capture."""
+    return run_experts(x, scores, w_up, w_down_t, backend, layer_id, expert_bytes, record)
 
 
 def _blockffn_experts_fake(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
-                           backend: str, layer_id: int, expert_bytes: int) -> torch.Tensor:
+                           backend: str, layer_id: int, expert_bytes: int, record: bool) -> torch.Tensor:
     return torch.empty_like(x)
 
 
+def _blockffn_experts_with_output(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor,
+                                  w_down_t: torch.Tensor, output: torch.Tensor, backend: str, layer_id: int,
+                                  expert_bytes: int, record: bool) -> None:
+    """Accelerators: the same op writing into `output` (allocated by the caller), so that it can
+    be a piecewise-graph splitting op (patches/splitting_ops.py) and be captured in full graphs."""
+    output.copy_(run_experts(x, scores, w_up, w_down_t, backend, layer_id, expert_bytes, record))
+
+
+def _blockffn_experts_with_output_fake(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor,
+                                       w_down_t: torch.Tensor, output: torch.Tensor, backend: str, layer_id: int,
+                                       expert_bytes: int, record: bool) -> None:
+    return None
+
+
 direct_register_custom_op("blockffn_experts", _blockffn_experts, fake_impl=_blockffn_experts_fake)
+direct_register_custom_op("blockffn_experts_with_output", _blockffn_experts_with_output, mutates_args=["output"],
+                          fake_impl=_blockffn_experts_with_output_fake)
