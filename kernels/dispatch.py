@@ -34,12 +34,28 @@ class DispatchThresholds:
     """The Triton kernels keep one row of E scores per program."""
     # ---- CPU: data-dependent (the counts are on the host anyway).
     cpu_max_union_fraction: float = 0.8
-    """Dense when Σ_s |U_s| > this · E: beyond it the sparse path's per-run overheads and the
+    """PyTorch path only (no C compiler, or fp16; the native kernel has its own rule below).
+    Dense when Σ_s |U_s| > this · E: beyond it the sparse path's per-run overheads and the
     repeated reads of experts shared by segments cost more than reading all experts once.
     Measured (bench_kernels_cpu.py, E=56, 1-64 tokens, 2-core EPYC): sparse/dense ≈ 0.6 with
     50% of the experts in the union, ≈ 0.8 with 70%, ≈ 0.9-1.7 with 90%."""
     cpu_max_tokens_per_segment: int = 4096
     """Segments longer than this are compute-bound: dense (one big GEMM) is as good and simpler."""
+    # ---- CPU native kernel (kernels/sparse_ffn/cpu_native.py, expert-major over the whole step).
+    # It reads each expert of the step's union once and computes only the P active (token,
+    # expert) pairs of the n tokens; dense_ffn reads all E experts and computes all n·E pairs
+    # with oneDNN GEMMs. Measured (bench_kernels_cpu.py --dispatch, 2 threads, fp32, 2-core
+    # EPYC AVX2, Small and XLarge shapes): the native kernel wins at every union size when
+    # few tokens (1 token, all experts active: new/dense 0.52-0.60; 4 tokens: 0.44-0.49), and
+    # loses only when most tokens use most experts and n is large: P = n·E at n = 64:
+    # new/dense 0.85-1.06, at n = 256: 1.20-1.35; P = n·E/2 at n = 256: 0.65-0.93.
+    # Rule: dense ⇔ n ≥ cpu_min_dense_tokens and P > cpu_max_pair_fraction · n · E
+    # (evaluated in C on the counts the kernel scans anyway: no extra pass).
+    cpu_min_dense_tokens: int = 64
+    """Below this many tokens the native kernel always wins (memory-bound)."""
+    cpu_max_pair_fraction: float = 0.75
+    """Dense when more than this fraction of all (token, expert) pairs is active (compute-bound
+    and nearly dense; trained BlockFFN routers activate ~20% per token, so prefill stays sparse)."""
 
 
 THRESHOLDS = DispatchThresholds()
@@ -62,6 +78,14 @@ def cuda_prefers_dense(
     if num_tokens > t.cuda_max_tokens_per_segment * num_segments:
         return True
     return num_segments * t.cuda_expected_union_fraction > t.cuda_max_read_ratio
+
+
+def cpu_native_prefers_dense(
+    pairs: int, num_tokens: int, num_experts: int, thresholds: DispatchThresholds = THRESHOLDS
+) -> bool:
+    """The native kernel's rule (mirrored in its C code): True → :func:`dense_ffn` for the call."""
+    t = thresholds
+    return num_tokens >= t.cpu_min_dense_tokens and pairs > t.cpu_max_pair_fraction * num_tokens * num_experts
 
 
 def cpu_prefers_dense(

@@ -7,10 +7,12 @@ have shape-only grids and never sync the host), so the model's forward stays one
 Device rule for ``impl="auto"``:
 - CUDA tensors → Triton kernels, or dense GEMMs when :func:`~.dispatch.cuda_prefers_dense`
   says so from static shapes;
-- CPU tensors → the plain-PyTorch path (``sparse_ffn_cpu``; vLLM runs no Triton on CPUs).
+- CPU tensors → ``sparse_ffn_cpu``: the native expert-major kernel (fp32/bf16, when it could be
+  compiled; else the plain-PyTorch path), or dense GEMMs when
+  :func:`~.dispatch.cpu_native_prefers_dense` says so (vLLM runs no Triton on CPUs).
 ``impl="triton"`` forces the Triton kernels, also on CPU tensors when
-``TRITON_INTERPRET=1`` is set (how the tests run them); ``impl="torch"`` forces the
-plain-PyTorch sparse path, per segment, never falling back; ``impl="dense"`` the dense GEMMs.
+``TRITON_INTERPRET=1`` is set (how the tests run them); ``impl="torch"`` forces the CPU
+sparse path (native kernel or PyTorch), never falling back to dense; ``impl="dense"`` the dense GEMMs.
 """
 
 from __future__ import annotations
@@ -81,8 +83,8 @@ def _sparse_ffn_impl(
         from .sparse_ffn.triton_sparse_ffn import sparse_ffn_triton
 
         return sparse_ffn_triton(x, scores, w_up, w_down_t, cu_seqlens)
-    # "torch": the plain-PyTorch sparse path, always sparse; "auto" on a CPU lets it choose
-    # a whole-batch union or dense on the actual union sizes (host-side data on a CPU).
+    # "torch": the CPU sparse path (native kernel, else PyTorch), always sparse; "auto" on a CPU
+    # lets it choose dense on the actual counts (host-side data on a CPU).
     allow_dense = impl == "auto"
     if x.is_cuda:
         return sparse_ffn_cpu(x.cpu(), scores.cpu(), w_up.cpu(), w_down_t.cpu(), cu_seqlens.cpu(),

@@ -4,6 +4,7 @@ the dispatch rule and the torch custom ops (incl. torch.compile). No Triton invo
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 import torch
@@ -22,7 +23,10 @@ from vllm_blockffn.kernels import (
     sparse_ffn_naive,
     to_internal_layout,
 )
-from vllm_blockffn.kernels.sparse_ffn.cpu import _runs, dense_ffn_plain, segment_unions_cpu
+from vllm_blockffn.kernels.dispatch import cpu_native_prefers_dense
+from vllm_blockffn.kernels.sparse_ffn import cpu_native
+from vllm_blockffn.kernels.sparse_ffn.cpu import _runs, dense_ffn_plain, segment_unions_cpu, sparse_ffn_cpu_torch
+from vllm_blockffn.kernels.sparse_ffn.cpu_native import native_available, sparse_ffn_native
 from vllm_blockffn.kernels.testing import (
     DTYPES,
     TOLERANCES,
@@ -105,11 +109,12 @@ CPU_CASES = [
 ]
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("allow_dense", [False, True])
 @pytest.mark.parametrize("lengths,E,D,H,frac,dtype", CPU_CASES)
-def test_sparse_ffn_cpu_matches_reference(lengths, E, D, H, frac, dtype, allow_dense):
+def test_sparse_ffn_cpu_matches_reference(lengths, E, D, H, frac, dtype, allow_dense, native):
     x, scores, w_up, w_down_t, cu, _, ref = _case(lengths, E, D, H, frac, dtype)
-    y = sparse_ffn_cpu(x, scores, w_up, w_down_t, cu, allow_dense=allow_dense)
+    y = sparse_ffn_cpu(x, scores, w_up, w_down_t, cu, allow_dense=allow_dense, native=native)
     assert y.dtype == x.dtype and y.shape == x.shape[:1] + (H,)
     assert rel_err(y, ref) < TOLERANCES[x.dtype]
     zero_tokens = (scores == 0).all(dim=1)
@@ -123,12 +128,117 @@ def test_dense_ffn_matches_reference(dtype):
     assert rel_err(dense_ffn_plain(x, scores, w_up, w_down_t), ref) < TOLERANCES[x.dtype]
 
 
-def test_sparse_ffn_cpu_never_reads_inactive_experts():
+@pytest.mark.parametrize("native", [True, False])
+def test_sparse_ffn_cpu_never_reads_inactive_experts(native):
     x, scores, w_up, w_down_t, cu, unions, ref = _case([1, 4, 0, 3], 24, 16, 32, [0.25, 0.3, 0.0, 0.2], "fp32")
     active = sorted({e for u in unions for e in u})
     w_up_p, w_down_p = poison_inactive(w_up, w_down_t, active)
-    y = sparse_ffn_cpu(x, scores, w_up_p, w_down_p, cu, allow_dense=False)
+    y = sparse_ffn_cpu(x, scores, w_up_p, w_down_p, cu, allow_dense=False, native=native)
     assert torch.isfinite(y).all() and rel_err(y, ref) < 1e-5
+
+
+# ---------------------------------------------------------------- native expert-major kernel
+needs_native = pytest.mark.skipif(not native_available(), reason="no C compiler: native kernel not built")
+
+
+def _random_lengths(rng: random.Random) -> list[int]:
+    kind = rng.choice(["decode", "verify", "mixed", "prefill"])
+    S = rng.randint(1, 8)
+    if kind == "decode":
+        return [1] * S
+    if kind == "verify":
+        return [rng.choice([0, 2, 4, 5]) for _ in range(S)]
+    if kind == "mixed":
+        return [rng.choice([0, 1, 1, 4, 9, 33]) for _ in range(S)]
+    return [rng.randint(20, 150)]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("seed", range(6))
+def test_native_matches_reference_on_random_segmentations(seed, dtype):
+    """Expert-major over the whole step = the per-segment semantics; padding rows get 0;
+    poisoned (NaN) inactive experts are never read; 1 and 2 threads agree."""
+    rng = random.Random(seed)
+    lengths = _random_lengths(rng)
+    E, D, H = rng.choice([(48, 16, 64), (40, 12, 40), (56, 8, 48), (9, 5, 24)])
+    fracs = [rng.choice([0.0, 0.15, 0.3]) for _ in lengths]
+    x, scores, w_up, w_down_t, cu, unions, ref = _case(lengths, E, D, H, fracs, dtype, seed=seed)
+    pad = rng.choice([0, 0, 3])  # vLLM pads the token dimension past cu_seqlens[-1]
+    if pad:
+        x = torch.cat([x, torch.randn(pad, H).to(x.dtype)])
+        scores = torch.cat([scores, torch.rand(pad, E) + 0.1])  # garbage router rows
+    active = sorted({e for u in unions for e in u})
+    w_up_p, w_down_p = poison_inactive(w_up, w_down_t, active)
+    T = ref.shape[0]
+    for threads in (1, 2):
+        y = sparse_ffn_native(x, scores, w_up_p, w_down_p, cu, num_threads=threads)
+        assert y.dtype == x.dtype and y.shape == (T + pad, H)
+        assert torch.isfinite(y).all()
+        assert rel_err(y[:T], ref) < TOLERANCES[x.dtype]
+        assert (y[T:] == 0).all()
+        assert (y[:T][(scores[:T] == 0).all(dim=1)] == 0).all()
+
+
+@needs_native
+def test_native_batch_reads_union_once_and_matches_old_path():
+    # 8 decode requests, each on 25% of the experts: the step union is large but every
+    # token computes only its own pairs; same result as the per-segment PyTorch path.
+    x, scores, w_up, w_down_t, cu, _, ref = _case([1] * 8, 48, 16, 64, 0.25, "fp32", zero_token_prob=0.0)
+    y_new = sparse_ffn_native(x, scores, w_up, w_down_t, cu)
+    y_old = sparse_ffn_cpu_torch(x, scores, w_up, w_down_t, cu, allow_dense=False)
+    assert rel_err(y_new, ref) < 1e-5 and rel_err(y_old, ref) < 1e-5
+
+
+@needs_native
+def test_native_strided_inputs_and_fallbacks():
+    x, scores, w_up, w_down_t, cu, _, ref = _case([3, 2], 12, 8, 32, 0.4, "fp32")
+    wide = torch.zeros(5, 48)
+    wide[:, :32] = x
+    assert rel_err(sparse_ffn_native(wide[:, :32], scores, w_up, w_down_t, cu), ref) < 1e-5  # row stride 48
+    y = sparse_ffn_native(x, scores.double(), w_up, w_down_t, cu.long())  # converted on the way in
+    assert rel_err(y, ref) < 1e-5
+    assert not cpu_native.native_supports(x.half(), w_up.half(), w_down_t.half())  # fp16 → PyTorch path
+    y16 = sparse_ffn_cpu(x.half(), scores, w_up.half(), w_down_t.half(), cu)
+    assert rel_err(y16, ref) < TOLERANCES[torch.float16]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_native_is_deterministic_for_a_thread_count(dtype):
+    x, scores, w_up, w_down_t, cu, _, _ = _case([1, 4, 1, 2], 24, 16, 64, 0.4, dtype)
+    for threads in (1, 2):
+        runs = [sparse_ffn_native(x, scores, w_up, w_down_t, cu, num_threads=threads) for _ in range(3)]
+        assert all(torch.equal(r, runs[0]) for r in runs)
+
+
+def test_native_build_without_compiler(monkeypatch):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(cpu_native.shutil, "which", lambda name: None)
+    assert cpu_native._build() is None
+    monkeypatch.setattr(cpu_native, "_lib", None)
+    monkeypatch.setattr(cpu_native, "_tried", True)
+    assert not cpu_native.native_available()
+    x, scores, w_up, w_down_t, cu, _, ref = _case([1, 4], 12, 8, 32, 0.3, "fp32")
+    assert rel_err(sparse_ffn_cpu(x, scores, w_up, w_down_t, cu), ref) < 1e-5  # the PyTorch path
+
+
+@needs_native
+def test_native_dense_rule_matches_python_mirror():
+    E, D, H = 8, 4, 16
+    w_up, w_down_t = make_weights(E, D, H)
+    n = THRESHOLDS.cpu_min_dense_tokens
+    for T, frac in [(n, 1.0), (n, 0.5), (n - 1, 1.0), (1, 1.0)]:
+        x = torch.randn(T, H)
+        scores = (torch.rand(T, E) < frac).float() * (torch.rand(T, E) + 0.1)
+        pairs = int((scores != 0).sum())
+        want_dense = cpu_native_prefers_dense(pairs, T, E)
+        y = sparse_ffn_native(x, scores, w_up, w_down_t, cu_seqlens_of([T]), allow_dense=True)
+        assert (y is None) == want_dense, (T, frac, pairs)
+        ref = dense_ffn_torch(x, scores, w_up, w_down_t)
+        assert rel_err(sparse_ffn_cpu(x, scores, w_up, w_down_t, cu_seqlens_of([T])), ref) < 1e-5
+    assert cpu_native_prefers_dense(n * E, n, E) and not cpu_native_prefers_dense(n * E // 2, n, E)
+    assert not cpu_native_prefers_dense(E, 1, E)  # one token on every expert: still sparse
 
 
 def test_crowded_decode_batch_runs_one_batch_union():

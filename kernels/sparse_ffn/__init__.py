@@ -1,7 +1,8 @@
 """Sparse BlockFFN experts: naive reference, Triton kernels (GPU), plain-PyTorch CPU path."""
 
 from .._triton import HAS_TRITON
-from .cpu import dense_ffn, dense_ffn_plain, segment_unions_cpu, sparse_ffn_cpu
+from .cpu import dense_ffn, dense_ffn_plain, segment_unions_cpu, sparse_ffn_cpu, sparse_ffn_cpu_torch
+from .cpu_native import native_available, sparse_ffn_native
 from .naive import (
     experts_naive,
     experts_reference,
@@ -28,10 +29,13 @@ __all__ = [
     "dense_ffn_plain",
     "experts_naive",
     "experts_reference",
+    "native_available",
     "segment_unions_cpu",
     "sparse_down_naive",
     "sparse_down_triton",
     "sparse_ffn_cpu",
+    "sparse_ffn_cpu_torch",
+    "sparse_ffn_native",
     "sparse_ffn_naive",
     "sparse_ffn_triton",
     "sparse_up_naive",

@@ -1,6 +1,12 @@
-"""BlockFFN experts with plain PyTorch ops: the CPU path (vLLM runs no Triton on CPUs).
+"""BlockFFN experts on CPUs (vLLM runs no Triton on CPUs).
 
-Sparse path: per segment, the union of its tokens' active experts is found on the host
+:func:`sparse_ffn_cpu` runs the native expert-major kernel (``cpu_native.py``: each active
+expert of the whole step read once, only the active (token, expert) pairs computed, at
+memory speed) for fp32 / bf16 tensors when it could be built, and otherwise the
+plain-PyTorch path below (:func:`sparse_ffn_cpu_torch`), kept as the fallback without a C
+compiler, for fp16, and as a baseline in the benchmarks.
+
+PyTorch path: per segment, the union of its tokens' active experts is found on the host
 (free on a CPU: the data is already there) and cut into *runs* of consecutive expert ids.
 Because ``w_up`` / ``w_down_t`` are [E, D, H] with each expert a contiguous [D, H] slab, a
 run e0..e1-1 is one contiguous [(e1-e0)·D, H] view, so every run costs two BLAS calls on
@@ -23,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dispatch import cpu_prefers_dense
+from .cpu_native import native_supports, sparse_ffn_native
 
 
 def dense_ffn(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> torch.Tensor:
@@ -127,12 +134,37 @@ def sparse_ffn_cpu(
     w_down_t: torch.Tensor,
     cu_seqlens: torch.Tensor,
     allow_dense: bool = True,
+    native: bool = True,
 ) -> torch.Tensor:
-    """y [T, H]: each segment runs only the union of its tokens' active experts.
+    """y [T, H] reading only the experts the step's tokens use (sparse: tokens past cu[-1] get 0).
+
+    Native kernel when available (``native`` and fp32/bf16): each expert in the step's
+    union is read once and only active (token, expert) pairs are computed — exact for the
+    per-segment semantics, since an inactive pair contributes exactly 0. With
+    ``allow_dense`` it runs :func:`dense_ffn` where :func:`~..dispatch.cpu_native_prefers_dense`
+    says dense wins. Otherwise :func:`sparse_ffn_cpu_torch`.
+    """
+    if x.shape[0] == 0:
+        return x.new_empty((0, x.shape[1]))
+    if native and native_supports(x, w_up, w_down_t):
+        y = sparse_ffn_native(x, scores, w_up, w_down_t, cu_seqlens, allow_dense=allow_dense)
+        return dense_ffn(x, scores, w_up, w_down_t) if y is None else y
+    return sparse_ffn_cpu_torch(x, scores, w_up, w_down_t, cu_seqlens, allow_dense=allow_dense)
+
+
+def sparse_ffn_cpu_torch(
+    x: torch.Tensor,
+    scores: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    allow_dense: bool = True,
+) -> torch.Tensor:
+    """y [T, H] with PyTorch ops: each segment runs only the union of its tokens' active experts.
 
     With ``allow_dense``, when the unions together cover too much of the experts to win
     (:func:`~..dispatch.cpu_prefers_dense`), the call runs one union over the whole batch,
-    or :func:`dense_ffn` when even that union is too dense.
+    or :func:`dense_ffn` when even that union is too dense. Tokens past cu[-1] get 0.
     """
     T, H = x.shape
     E, D, _ = w_up.shape
@@ -153,6 +185,8 @@ def sparse_ffn_cpu(
     w_up_2d = w_up.reshape(E * D, H)
     w_down_2d = w_down_t.reshape(E * D, H)
     y = torch.empty((T, H), dtype=x.dtype)
+    if cu[-1] < T:  # padding tokens past the last segment
+        y[max(cu[-1], 0) :].zero_()
     for s, ids in enumerate(unions):
         a, b = cu[s], cu[s + 1]
         if a == b:
