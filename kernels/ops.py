@@ -17,6 +17,7 @@ sparse path (native kernel or PyTorch), never falling back to dense; ``impl="den
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._triton import HAS_TRITON, interpret_mode, triton_usable
@@ -68,6 +69,7 @@ def _sparse_ffn_impl(
     w_down_t: torch.Tensor,
     cu_seqlens: torch.Tensor,
     impl: str,
+    stats: np.ndarray | None = None,
 ) -> torch.Tensor:
     _check_impl(impl)
     T = x.shape[0]
@@ -89,7 +91,7 @@ def _sparse_ffn_impl(
     if x.is_cuda:
         return sparse_ffn_cpu(x.cpu(), scores.cpu(), w_up.cpu(), w_down_t.cpu(), cu_seqlens.cpu(),
                               allow_dense=False).to(x.device)
-    return sparse_ffn_cpu(x, scores, w_up, w_down_t, cu_seqlens, allow_dense=allow_dense)
+    return sparse_ffn_cpu(x, scores, w_up, w_down_t, cu_seqlens, allow_dense=allow_dense, stats=stats)
 
 
 def _segment_union_impl(active: torch.Tensor, cu_seqlens: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,6 +216,26 @@ def sparse_ffn(
     return torch.ops.blockffn.sparse_ffn(x, scores, w_up, w_down_t, cu_seqlens, impl)
 
 
+def sparse_ffn_eager(
+    x: torch.Tensor,
+    scores: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    impl: str = "auto",
+    stats: np.ndarray | None = None,
+) -> torch.Tensor:
+    """:func:`sparse_ffn` without the custom-op wrapper, for callers already inside an opaque op
+    (vLLM's ``blockffn_experts``): ``torch.library.custom_op``'s Python dispatch costs 30–60 µs
+    per call on a CPU, as much as a decode step's expert reads. ``stats``: the CPU native
+    kernel adds its live counters there (see ``sparse_ffn_cpu``)."""
+    return _sparse_ffn_impl(x, scores, w_up, w_down_t, cu_seqlens, impl, stats)
+
+
+dense_ffn_eager = _dense_ffn_torch
+"""The body of :func:`dense_ffn` (two GEMMs) without the custom-op wrapper: see :func:`sparse_ffn_eager`."""
+
+
 def dense_ffn(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> torch.Tensor:
     """All experts with two dense GEMMs (the baseline, and the fallback for dense steps)."""
     return torch.ops.blockffn.dense_ffn(x, scores, w_up, w_down_t)
@@ -230,4 +252,5 @@ def segment_union(
     return torch.ops.blockffn.segment_union(active, cu_seqlens, impl)
 
 
-__all__ = ["IMPLS", "dense_ffn", "interpret_mode", "router", "segment_union", "sparse_ffn"]
+__all__ = ["IMPLS", "dense_ffn", "dense_ffn_eager", "interpret_mode", "router", "segment_union", "sparse_ffn",
+           "sparse_ffn_eager"]

@@ -73,10 +73,19 @@ def test_a_new_model_in_the_same_process_starts_from_zero(tiny_factory, engine_f
     assert [row["layer"] for row in snapshot(second)] == [0, 1]
 
 
-def test_host_counters_equal_the_device_counters():
-    """The CPU backend's numpy counters against the torch ops an accelerator runs, on random
-    masks and segmentations (decode-only, one prefill chunk, mixed, padded, empty segments)."""
+@pytest.mark.parametrize("host_path", ["native", "numpy"])
+def test_host_counters_equal_the_device_counters(host_path, monkeypatch):
+    """The CPU backend's counters (the native kernel's C scan, or numpy without it) against the
+    torch ops an accelerator runs, on random masks and segmentations (decode-only, one prefill
+    chunk, mixed, padded, empty segments)."""
+    from vllm_blockffn.kernels.sparse_ffn import cpu_native
+
     from vllm_blockffn.observe.stats import NUM_COLUMNS, SparsityRecorder, _add_on_device
+
+    if host_path == "numpy":
+        monkeypatch.setattr(cpu_native, "count_native", lambda *args: False)
+    else:
+        assert cpu_native.native_available(), "the native CPU kernel did not build on this machine"
 
     g = torch.Generator().manual_seed(0)
     for trial in range(300):

@@ -25,6 +25,7 @@ here: h^T = W_run x^T (weights as the left operand), y += (h^T)^T W_run.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -127,6 +128,11 @@ def _segment_sparse(
         row += m
 
 
+def uses_native(x: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> bool:
+    """Whether :func:`sparse_ffn_cpu` runs the native kernel for these tensors (and fills ``stats``)."""
+    return native_supports(x, w_up, w_down_t)
+
+
 def sparse_ffn_cpu(
     x: torch.Tensor,
     scores: torch.Tensor,
@@ -135,6 +141,7 @@ def sparse_ffn_cpu(
     cu_seqlens: torch.Tensor,
     allow_dense: bool = True,
     native: bool = True,
+    stats: np.ndarray | None = None,
 ) -> torch.Tensor:
     """y [T, H] reading only the experts the step's tokens use (sparse: tokens past cu[-1] get 0).
 
@@ -142,12 +149,13 @@ def sparse_ffn_cpu(
     union is read once and only active (token, expert) pairs are computed — exact for the
     per-segment semantics, since an inactive pair contributes exactly 0. With
     ``allow_dense`` it runs :func:`dense_ffn` where :func:`~..dispatch.cpu_native_prefers_dense`
-    says dense wins. Otherwise :func:`sparse_ffn_cpu_torch`.
+    says dense wins. Otherwise :func:`sparse_ffn_cpu_torch`. ``stats`` (int64 [5] live
+    counters) is filled by the native kernel only: check :func:`uses_native` first.
     """
     if x.shape[0] == 0:
         return x.new_empty((0, x.shape[1]))
     if native and native_supports(x, w_up, w_down_t):
-        y = sparse_ffn_native(x, scores, w_up, w_down_t, cu_seqlens, allow_dense=allow_dense)
+        y = sparse_ffn_native(x, scores, w_up, w_down_t, cu_seqlens, allow_dense=allow_dense, stats=stats)
         return dense_ffn(x, scores, w_up, w_down_t) if y is None else y
     return sparse_ffn_cpu_torch(x, scores, w_up, w_down_t, cu_seqlens, allow_dense=allow_dense)
 

@@ -43,6 +43,7 @@ import subprocess
 import tempfile
 import threading
 
+import numpy as np
 import torch
 
 from ..dispatch import THRESHOLDS
@@ -253,15 +254,49 @@ static void down_unit_SUF(const WT *w, long H, int nr, float *ybase, const int *
 """
 
 _MAIN = r"""
+/* The live sparsity counters of one layer and step (vllm_blockffn/observe/stats.py columns:
+   tokens, active (token, expert) pairs, non-empty segments, Σ segment union sizes, segment
+   tokens), added to stats[0..4] from the scores this kernel scans anyway: a fraction of a
+   microsecond instead of ~30 µs of numpy per layer and step. Only tokens in [cu[0], cu[S])
+   count (padding does not). P: the active pairs in that range, already counted. */
+static int count_segments(const float *scores, const int32_t *cu, long S, long T, long E, long P,
+                          int64_t *stats) {
+    long tokens = 0, nseg = 0, unions = 0;
+    unsigned char *seen = NULL;
+    for (long s = 0; s < S; s++) {
+        long a = cu[s] < 0 ? 0 : cu[s], b = cu[s + 1] > T ? T : cu[s + 1];
+        if (b <= a) continue;
+        tokens += b - a;
+        nseg++;
+        if (b - a == 1) {                        /* decode: the union is the token's own set */
+            const float *r = scores + a * E;
+            for (long e = 0; e < E; e++) unions += r[e] != 0.0f;
+            continue;
+        }
+        if (!seen && !(seen = malloc((size_t)E + 1))) return -1;
+        memset(seen, 0, (size_t)E);
+        for (long t = a; t < b; t++) {
+            const float *r = scores + t * E;
+            for (long e = 0; e < E; e++) seen[e] |= r[e] != 0.0f;
+        }
+        for (long e = 0; e < E; e++) unions += seen[e];
+    }
+    free(seen);
+    stats[0] += tokens; stats[1] += P; stats[2] += nseg; stats[3] += unions; stats[4] += tokens;
+    return 0;
+}
+
 /* dtype codes: 0 = fp32, 1 = bf16. x [T, H] (row stride ldx), scores fp32 [T, E] contiguous,
    w_up / w_down_t [E, D, H] contiguous, cu int32 [S+1], y [T, H] contiguous (dtype of x).
-   Returns 0 (done), 1 (declined: the dense rule says dense wins; y untouched), -1 (no memory).
+   Returns 0 (done), 1 (declined: the dense rule says dense wins; y untouched), -1 (no memory),
+   2 (w_up NULL: only the counters were added). stats: NULL, or int64 [5] counters to add to
+   (count_segments), also when the call then declines.
    Dense rule (kernels/dispatch.py): n >= min_dense_tokens and P > max_pair_fraction * n * E,
    with P the active (token, expert) pairs, n the tokens in range; allow_dense = 0 skips it. */
 int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, const void *w_up,
                         const void *w_down, int wdt, const int32_t *cu, long S, long T, long E,
                         long D, long H, void *y, int nthreads, float up_row_cost, int allow_dense,
-                        long min_dense_tokens, float max_pair_fraction) {
+                        long min_dense_tokens, float max_pair_fraction, int64_t *stats) {
     long t0 = S > 0 ? cu[0] : 0, t1 = S > 0 ? cu[S] : 0;
     if (t0 < 0) t0 = 0;
     if (t1 > T) t1 = T;
@@ -276,6 +311,11 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     }
     long U = 0, P = 0;
     for (long e = 0; e < E; e++) { off[e] = P; P += cnt[e]; if (cnt[e]) uni[U++] = (int)e; }
+    if (stats && count_segments(scores, cu, S, T, E, P, stats) != 0) {
+        free(cnt); free(off); free(uni);
+        return -1;
+    }
+    if (!w_up) { free(cnt); free(off); free(uni); return 2; }   /* counters only */
     if (allow_dense && t1 - t0 >= min_dense_tokens && P > (double)max_pair_fraction * (t1 - t0) * E) {
         free(cnt); free(off); free(uni);
         return 1;
@@ -469,7 +509,7 @@ def _load() -> ctypes.CDLL | None:
                     p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
                     f32 = ctypes.c_float
                     fn.argtypes = [p, i64, i32, p, p, p, i32, p, i64, i64, i64, i64, i64, p, i32]
-                    fn.argtypes += [f32, i32, i64, f32]
+                    fn.argtypes += [f32, i32, i64, f32, p]
                     fn.restype = i32
                     _lib = lib
             _tried = True
@@ -500,13 +540,16 @@ def sparse_ffn_native(
     cu_seqlens: torch.Tensor,
     allow_dense: bool = False,
     num_threads: int | None = None,
+    stats: np.ndarray | None = None,
 ) -> torch.Tensor | None:
     """y [T, H] computing only the active (token, expert) pairs, each active expert read once.
 
     Tokens outside [cu[0], cu[S]) (vLLM's padding) get y = 0. With ``allow_dense``, returns
     None instead when :func:`~..dispatch.cpu_native_prefers_dense` says dense GEMMs win (the
     kernel evaluates that rule on the counts it scans anyway). Call :func:`native_supports`
-    first: this assumes a loaded kernel and fp32/bf16 CPU tensors.
+    first: this assumes a loaded kernel and fp32/bf16 CPU tensors. ``stats``: an int64 [5]
+    array of live counters (vllm_blockffn.observe.stats columns) to add this call's to, from
+    the scan the kernel does anyway (also when it declines).
     """
     lib = _load()
     assert lib is not None, "native kernel unavailable"
@@ -526,10 +569,41 @@ def sparse_ffn_native(
         x.data_ptr(), x.stride(0), _DTYPE_CODES[x.dtype], scores.data_ptr(), w_up.data_ptr(), w_down_t.data_ptr(),
         _DTYPE_CODES[w_up.dtype], cu_seqlens.data_ptr(), cu_seqlens.shape[0] - 1, T, E, D, H, y.data_ptr(),
         num_threads or _THREADS or torch.get_num_threads(), UP_ROW_COST, allow_dense,
-        th.cpu_min_dense_tokens, th.cpu_max_pair_fraction,
+        th.cpu_min_dense_tokens, th.cpu_max_pair_fraction, _stats_ptr(stats),
     )  # fmt: skip
     if rc == 1:
         return None
     if rc != 0:
         raise MemoryError("blockffn sparse_ffn CPU kernel: out of memory")
     return y
+
+
+def _stats_ptr(stats: np.ndarray | None) -> int | None:
+    if stats is None:
+        return None
+    if stats.dtype != np.int64 or stats.shape != (5,) or not stats.flags.c_contiguous:
+        raise ValueError(f"stats must be a contiguous int64 array of 5 counters, got {stats.dtype} {stats.shape}")
+    return stats.ctypes.data
+
+
+def count_native(scores: torch.Tensor, cu_seqlens: torch.Tensor, stats: np.ndarray) -> bool:
+    """Add one step's sparsity counters to ``stats`` (int64 [5]) without running the experts.
+
+    For steps that do not run the sparse kernel (the dense backend, the PyTorch fallback):
+    the same C scan, well under the ~30 µs numpy needs. False when the kernel is unavailable
+    (the caller counts another way)."""
+    lib = _load()
+    if lib is None or scores.device.type != "cpu":
+        return False
+    if scores.dtype != torch.float32 or not scores.is_contiguous():
+        scores = scores.float().contiguous()
+    if cu_seqlens.dtype != torch.int32 or not cu_seqlens.is_contiguous():
+        cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
+    T, E = scores.shape
+    rc = lib.blockffn_sparse_ffn(
+        None, 0, 0, scores.data_ptr(), None, None, 0, cu_seqlens.data_ptr(), cu_seqlens.shape[0] - 1,
+        T, E, 0, 0, None, 1, 0.0, 0, 0, 0.0, _stats_ptr(stats),
+    )  # fmt: skip
+    if rc == -1:
+        raise MemoryError("blockffn counters: out of memory")
+    return rc == 2

@@ -10,6 +10,10 @@ How it measures (SPEC.md §3):
   and, for each L, CLS-L as the mean over all full L-token chunks of all windows; chunks
   never straddle windows and each window's trailing partial chunk is left out.
 - The model's figures are the means over layers.
+- Per layer, each expert's activation rate (share of text tokens on which it is active) sorts
+  it into exactly one of: dead (never active), always on (rate > ALWAYS_RATE = 90%), or dynamic
+  (active on at least one token and on at most 90%). High TLS with many dead or always-on
+  experts is static pruning, not routing, so the counts sit next to TLS/CLS.
 An L with no full chunk at all (text shorter than L) is reported as null / "n/a".
 """
 
@@ -28,6 +32,7 @@ from vllm_blockffn.observe.sparsity import chunk_union_sizes
 
 DEFAULT_CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_WINDOW = 512
+ALWAYS_RATE = 0.9  # an expert active on more than this share of tokens counts as always on
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -74,6 +79,7 @@ class SparsityStats:
         self.inactive_token_sum = [0.0] * num_layers  # Σ_t (1 − |A_t|/E) per layer
         self.inactive_chunk_sum = [[0.0] * len(self.chunk_sizes) for _ in range(num_layers)]
         self.chunks = [0] * len(self.chunk_sizes)  # full chunks seen per L (same for every layer)
+        self.expert_tokens = torch.zeros(num_layers, num_experts, dtype=torch.int64)  # tokens each expert is on
 
     def add(self, masks: Sequence[torch.Tensor]) -> None:
         """masks: one bool [T, E] per layer, all for the same T tokens of one sequence."""
@@ -85,6 +91,7 @@ class SparsityStats:
             if tuple(active.shape) != (T, E):
                 raise ValueError(f"layer {layer}: mask shape {tuple(active.shape)}, expected {(T, E)}")
             self.inactive_token_sum[layer] += T - float(active.sum(dtype=torch.float64)) / E
+            self.expert_tokens[layer] += active.sum(0, dtype=torch.int64)
             for i, L in enumerate(self.chunk_sizes):
                 sizes = chunk_union_sizes(active, L)
                 self.inactive_chunk_sum[layer][i] += sizes.numel() - float(sizes.sum(dtype=torch.float64)) / E
@@ -93,10 +100,25 @@ class SparsityStats:
         self.tokens += T
         self.windows += 1
 
-    def result(self) -> dict:
-        """The JSON document: {"tls", "cls": {"L": …}, "layers": [{"tls", "cls"}], "tokens"}.
+    def expert_counts(self, layer: int) -> dict:
+        """Dead / always-on / dynamic experts of one layer (counts, fractions of E, rates)."""
+        counts = self.expert_tokens[layer]
+        rate = counts.double() / self.tokens
+        dead = int((counts == 0).sum())
+        always = int((rate > ALWAYS_RATE).sum())
+        E = self.num_experts
+        return {"dead": dead / E, "always": always / E, "dead_experts": dead, "always_experts": always,
+                "dynamic_experts": E - dead - always,
+                "expert_activation_rate": [round(float(r), 6) for r in rate]}
 
-        Fractions in [0, 1]; CLS-L is None where no full L-token chunk was seen.
+    def result(self) -> dict:
+        """The JSON document: {"tls", "cls": {"L": …}, "dead", "always", "dead_experts",
+        "always_experts", "dynamic_experts", "num_experts", "layers": [{"tls", "cls", "dead",
+        "always", "dead_experts", "always_experts", "dynamic_experts", "expert_activation_rate"}],
+        "tokens"}.
+
+        Fractions in [0, 1] ("dead"/"always": of the layer's experts, overall of all layers'
+        experts); CLS-L is None where no full L-token chunk was seen.
         """
         if self.tokens == 0:
             raise ValueError("no tokens were analysed")
@@ -104,12 +126,18 @@ class SparsityStats:
         for layer in range(self.num_layers):
             cls = {str(L): (self.inactive_chunk_sum[layer][i] / self.chunks[i] if self.chunks[i] else None)
                    for i, L in enumerate(self.chunk_sizes)}
-            layers.append({"tls": self.inactive_token_sum[layer] / self.tokens, "cls": cls})
+            layers.append({"tls": self.inactive_token_sum[layer] / self.tokens, "cls": cls,
+                           **self.expert_counts(layer)})
         mean_cls = {}
         for L in map(str, self.chunk_sizes):
             values = [lay["cls"][L] for lay in layers]
             mean_cls[L] = None if values[0] is None else sum(values) / len(values)
+        total = self.num_layers * self.num_experts
+        dead = sum(lay["dead_experts"] for lay in layers)
+        always = sum(lay["always_experts"] for lay in layers)
         return {"tls": sum(lay["tls"] for lay in layers) / len(layers), "cls": mean_cls,
+                "dead": dead / total, "always": always / total, "dead_experts": dead, "always_experts": always,
+                "dynamic_experts": total - dead - always, "num_experts": self.num_experts,
                 "layers": layers, "tokens": self.tokens}
 
 
@@ -155,12 +183,17 @@ def _percent(value: float | None) -> str:
 
 
 def format_table(result: dict, title: str = "") -> str:
-    """Per-layer and mean TLS / CLS-L as a fixed-width text table (values in % of experts off)."""
+    """Per-layer and mean TLS / CLS-L (% of experts off) and, per layer and in total, the
+    numbers of dead, always-on (> 90% of tokens) and dynamic experts, as a fixed-width table."""
     keys = list(result["cls"])
-    header = ["layer", "TLS", *(f"CLS-{L}" for L in keys)]
-    rows = [[str(i), _percent(lay["tls"]), *(_percent(lay["cls"][L]) for L in keys)]
+    header = ["layer", "TLS", *(f"CLS-{L}" for L in keys), "dead", ">90%", "dynamic"]
+
+    def counts(doc: dict) -> list[str]:
+        return [str(doc["dead_experts"]), str(doc["always_experts"]), str(doc["dynamic_experts"])]
+
+    rows = [[str(i), _percent(lay["tls"]), *(_percent(lay["cls"][L]) for L in keys), *counts(lay)]
             for i, lay in enumerate(result["layers"])]
-    rows.append(["mean", _percent(result["tls"]), *(_percent(result["cls"][L]) for L in keys)])
+    rows.append(["mean", _percent(result["tls"]), *(_percent(result["cls"][L]) for L in keys), *counts(result)])
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
     widths = [max(w, 6) for w in widths]
 
@@ -261,7 +294,8 @@ def analyze(model_path: str, text: str, chunk_sizes: Sequence[int] = DEFAULT_CHU
               f"({stats.tokens} tokens); reported as n/a", file=sys.stderr)
     title = (f"{model_name(model_path)}: {spec.num_hidden_layers} layers x {spec.num_experts} experts, "
              f"{stats.tokens} tokens in {stats.windows} window(s) of <= {window}"
-             f"{' (+BOS)' if bos_id is not None else ''}; % of experts inactive")
+             f"{' (+BOS)' if bos_id is not None else ''}; % of experts inactive; dead = never active, "
+             f">90% = active on more than 90% of tokens, dynamic = the rest (the last row: totals)")
     return result, format_table(result, title)
 
 

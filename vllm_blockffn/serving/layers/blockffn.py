@@ -152,26 +152,34 @@ def run_experts(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_dow
     eagerly, between piecewise CUDA graphs and captured inside a full graph (README
     "CUDA graphs"; tests/test_replay.py replays it with the Triton kernels interpreted)."""
     from vllm_blockffn.kernels import ops
+    from vllm_blockffn.kernels.sparse_ffn.cpu import uses_native
 
     if backend == "skip":
         return torch.zeros_like(x)
     num_tokens = x.shape[0]
     graph_safe = segments.on_accelerator(x)
+    stats = None
     starts = segments.request_starts(num_tokens)
     if starts is None:
         cu = segments.whole_batch(num_tokens, x.device, graph_safe)
     else:
         if starts.dtype != torch.int32:  # vLLM's is int32 already; a device-side cast otherwise
             starts = starts.to(torch.int32)
-        if record:
-            RECORDER.record(layer_id, scores, starts, expert_bytes, on_device=graph_safe)
         cu = segments.kernel_segments(starts, num_tokens, graph_safe)
+        if record:
+            if not graph_safe and backend != "dense" and uses_native(x, w_up, w_down_t):
+                # CPU: the native kernel adds the counters from the scan it makes anyway
+                stats = RECORDER.host_row(layer_id, scores.shape[1], expert_bytes)
+            else:
+                RECORDER.record(layer_id, scores, starts, expert_bytes, on_device=graph_safe)
         if graph_safe:
             scores = segments.mask_padding(scores, starts)
+    # The kernels' bodies, not their custom ops: this op is opaque already, and the nested
+    # custom-op dispatch cost 30–60 µs per call on a CPU (benchmarks/bench_kernels_cpu.py).
     if backend == "dense":
-        return ops.dense_ffn(x, scores, w_up, w_down_t)
+        return ops.dense_ffn_eager(x, scores, w_up, w_down_t)
     impl = "auto" if backend == "auto" else ("triton" if graph_safe else "torch")
-    return ops.sparse_ffn(x, scores, w_up, w_down_t, cu, impl=impl)
+    return ops.sparse_ffn_eager(x, scores, w_up, w_down_t, cu, impl=impl, stats=stats)
 
 
 def _blockffn_experts(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
