@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 
 import pytest
 import torch
@@ -194,14 +195,27 @@ def test_analyze_json_shape(analyzed, tiny):
 
     doc = analyzed["json"]
     spec = BlockFFNSpec.from_pretrained(tiny)
-    assert set(doc) == {"tls", "cls", "layers", "tokens"}
+    assert set(doc) == {"tls", "cls", "layers", "tokens", "dead", "always", "dead_experts", "always_experts",
+                        "dynamic_experts", "num_experts"}
     assert isinstance(doc["tls"], float) and isinstance(doc["tokens"], int)
     assert list(doc["cls"]) == [str(L) for L in SIZES]
     assert len(doc["layers"]) == spec.num_hidden_layers
+    E = spec.num_experts
+    assert doc["num_experts"] == E
     for lay in doc["layers"]:
-        assert set(lay) == {"tls", "cls"}
+        assert set(lay) == {"tls", "cls", "dead", "always", "dead_experts", "always_experts", "dynamic_experts",
+                            "expert_activation_rate"}
         assert list(lay["cls"]) == [str(L) for L in SIZES]
         assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in [lay["tls"], *lay["cls"].values()])
+        assert lay["dead_experts"] + lay["always_experts"] + lay["dynamic_experts"] == E
+        assert lay["dead"] == lay["dead_experts"] / E and lay["always"] == lay["always_experts"] / E
+        assert len(lay["expert_activation_rate"]) == E
+        # TLS is the mean of (1 − rate) over experts
+        assert lay["tls"] == pytest.approx(1 - sum(lay["expert_activation_rate"]) / E, abs=1e-5)
+    n = len(doc["layers"]) * E
+    assert doc["dead_experts"] == sum(lay["dead_experts"] for lay in doc["layers"])
+    assert doc["dead"] == doc["dead_experts"] / n and doc["always"] == doc["always_experts"] / n
+    assert doc["dead_experts"] + doc["always_experts"] + doc["dynamic_experts"] == n
     assert doc["cls"]["1"] == doc["tls"]
 
 
@@ -226,14 +240,18 @@ def test_analyze_matches_direct_computation(analyzed, tiny, token_ids):
 def test_analyze_table(analyzed):
     doc, lines = analyzed["json"], analyzed["stdout"].splitlines()
     header = next(line for line in lines if line.split()[:2] == ["layer", "TLS"])
-    assert header.split()[2:] == [f"CLS-{L}" for L in SIZES]
+    assert header.split()[2:2 + len(SIZES)] == [f"CLS-{L}" for L in SIZES]
+    assert header.split()[-3:] == ["dead", ">90%", "dynamic"]
     rows = {line.split()[0]: line.split()[1:] for line in lines if line.split() and
             (line.split()[0].isdigit() or line.split()[0] == "mean")}
     assert list(rows) == [str(i) for i in range(len(doc["layers"]))] + ["mean"]
-    assert rows["mean"] == [f"{100 * doc['tls']:.1f}%", *(f"{100 * doc['cls'][str(L)]:.1f}%" for L in SIZES)]
+    assert rows["mean"] == [f"{100 * doc['tls']:.1f}%", *(f"{100 * doc['cls'][str(L)]:.1f}%" for L in SIZES),
+                            str(doc["dead_experts"]), str(doc["always_experts"]), str(doc["dynamic_experts"])]
     for i, lay in enumerate(doc["layers"]):
         assert rows[str(i)][0] == f"{100 * lay['tls']:.1f}%"
-        assert rows[str(i)][-1] == f"{100 * lay['cls'][str(SIZES[-1])]:.1f}%"
+        assert rows[str(i)][len(SIZES)] == f"{100 * lay['cls'][str(SIZES[-1])]:.1f}%"
+        assert rows[str(i)][-3:] == [str(lay["dead_experts"]), str(lay["always_experts"]),
+                                     str(lay["dynamic_experts"])]
     assert f"{doc['tokens']} tokens" in analyzed["stdout"]
 
 
@@ -272,3 +290,62 @@ def test_analyze_refuses_chunks_longer_than_window(tiny, tmp_path):
     assert "chunk length 64 is longer than --window 32" in stderr
     rc, _, stderr = run_cli(["analyze", tiny, "--text", str(tmp_path / "missing.txt")])
     assert rc == 2 and "cannot read --text" in stderr
+
+
+def test_expert_counts_hand_masks():
+    """dead = never active, always = active on > 90% of tokens, dynamic = the rest."""
+    from vllm_blockffn.observe.analysis import SparsityStats
+
+    stats = SparsityStats(num_layers=1, num_experts=4, chunk_sizes=[1])
+    T = 20
+    m = torch.zeros(T, 4, dtype=torch.bool)
+    m[:19, 1] = True  # 95%: always on
+    m[:18, 2] = True  # exactly 90%: still dynamic (the bound is "more than 90%")
+    m[7, 3] = True  # one token: dynamic, not dead
+    stats.add([m[:10]])
+    stats.add([m[10:]])  # counts add up across windows
+    lay = stats.result()["layers"][0]
+    assert (lay["dead_experts"], lay["always_experts"], lay["dynamic_experts"]) == (1, 1, 2)
+    assert lay["dead"] == 0.25 and lay["always"] == 0.25
+    assert lay["expert_activation_rate"] == [0.0, 0.95, 0.9, 0.05]
+
+
+@pytest.fixture(scope="module")
+def forced(tmp_path_factory):
+    """The tiny checkpoint with layer 0's expert 0 forced off (router row zero: z = 0 is inactive)
+    and expert 1 forced on (every embedding gets a large constant in dimension 0, and the
+    router row reads only that dimension, so z > 0 for every token). The other rows leave
+    dimension 0 out, so they still route."""
+    from safetensors.torch import load_file, save_file
+
+    from vllm_blockffn.tools.tiny import TinyOptions, make_tiny
+
+    path = make_tiny(tmp_path_factory.mktemp("analyze-forced"), TinyOptions())
+    weights = os.path.join(path, "model.safetensors")
+    tensors = load_file(weights)
+    emb = tensors["model.embed_tokens.weight"]
+    emb[:, 0] = 50 * emb.abs().max()
+    router = tensors["model.layers.0.mlp.router_proj.weight"]
+    router[0] = 0.0
+    router[1] = 0.0
+    router[1, 0] = 1.0
+    router[2:, 0] = 0.0  # the other experts ignore dimension 0 and keep routing on the rest
+    save_file(tensors, weights)
+    return path
+
+
+def test_analyze_counts_forced_dead_and_always_on_experts(forced, tmp_path):
+    (tmp_path / "t.txt").write_text(TEXT, encoding="utf-8")
+    rc, stdout, stderr = run_cli(["analyze", forced, "--text", str(tmp_path / "t.txt"), "--window", "64",
+                                  "--json", str(tmp_path / "o.json"), "--quiet"])
+    assert rc == 0, stderr
+    doc = json.loads((tmp_path / "o.json").read_text())
+    lay = doc["layers"][0]
+    E = doc["num_experts"]
+    assert lay["expert_activation_rate"][0] == 0.0 and lay["expert_activation_rate"][1] == 1.0
+    assert lay["dead_experts"] >= 1 and lay["always_experts"] >= 1
+    # The other experts of the random checkpoint route: about half the tokens each.
+    assert lay["dead_experts"] + lay["always_experts"] <= 4 and lay["dynamic_experts"] >= E - 4
+    assert doc["dead"] == pytest.approx(doc["dead_experts"] / (len(doc["layers"]) * E))
+    row = next(line.split() for line in stdout.splitlines() if line.split()[:1] == ["0"])
+    assert row[-3:] == [str(lay["dead_experts"]), str(lay["always_experts"]), str(lay["dynamic_experts"])]

@@ -10,7 +10,13 @@ import os
 import pytest
 import torch
 
-from training.losses import AdaptiveFactor, activation_locality_loss, chunk_sparsification_loss
+from training.losses import (
+    AdaptiveFactor,
+    LayerCSController,
+    activation_locality_loss,
+    chunk_sparsification_loss,
+    expert_rate_hinge_loss,
+)
 from training.model import TrainableBlockFFN
 
 
@@ -82,6 +88,45 @@ def test_adaptive_factor():
     assert max(values) == pytest.approx(0.2)
 
 
+def test_expert_rate_hinges_touch_only_dead_and_always_on_experts():
+    """Expert 0 never fires (revive pulls up its top 2% of tokens), expert 1 always fires (suppress
+    pushes down its weakest positive tokens, enough to reach 80%), expert 2 fires on 97% (flagged
+    too), and the routing experts 3-5 (about half the tokens) get no gradient at all."""
+    torch.manual_seed(0)
+    z = torch.randn(2, 64, 6)
+    z[..., 0] -= 5
+    z[..., 1] += 5
+    z[..., 2] += 1.5
+    z.requires_grad_(True)
+    revive, suppress = expert_rate_hinge_loss(z, min_rate=0.01, max_rate=0.9, revive_rate=0.02,
+                                              target_max_rate=0.8)
+    assert revive.item() > 0 and suppress.item() > 0
+    (revive + suppress).backward()
+    g = z.grad.reshape(-1, 6)
+    touched = (g != 0).sum(0).tolist()
+    assert touched[0] == 3  # ceil(0.02 · 128)
+    assert touched[1] == 26  # ceil((1.0 − 0.8) · 128)
+    assert 0 < touched[2] <= 22 and touched[3:] == [0, 0, 0]
+    flat = z.detach().reshape(-1, 6)
+    assert (g[:, 0] <= 0).all()  # descent raises expert 0's pre-activations
+    assert (g[:, 1] >= 0).all()  # and lowers expert 1's
+    # The suppressed tokens are expert 1's smallest pre-activations.
+    chosen = flat[g[:, 1] != 0, 1]
+    assert chosen.max() <= flat[g[:, 1] == 0, 1].min()
+    # Nothing to do on a routing layer.
+    r, s = expert_rate_hinge_loss(torch.randn(2, 64, 6))
+    assert r.item() == 0 and s.item() == 0
+
+
+def test_layer_cs_controller():
+    c = LayerCSController(2, target_tls=0.8, gain=1.0, lo=0.5, hi=2.0)
+    m = c.update([0.7, 0.9])  # layer 0 too dense → more λ_CS, layer 1 too sparse → less
+    assert m[0] == pytest.approx(math.exp(0.1)) and m[1] == pytest.approx(math.exp(-0.1))
+    for _ in range(50):
+        m = c.update([0.0, 1.0])
+    assert m == pytest.approx([2.0, 0.5])  # clamped
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     from training.train import parse_args, train
@@ -93,7 +138,8 @@ def smoke_run(tmp_path_factory):
                        "--cs-window", "2",
                        "--sparsity-start-step", "2", "--sparsity-ramp-steps", "2", "--log-every", "1",
                        "--eval-every", "3", "--eval-windows", "2", "--eval-max-windows", "3",
-                       "--threads", "1"])
+                       "--threads", "1", "--lambda-revive", "1", "--lambda-suppress", "1",
+                       "--target-tls", "0.8", "0.85"])
     threads = torch.get_num_threads()
     try:
         summary = train(args)
@@ -116,6 +162,10 @@ def test_smoke_training_losses_finite(smoke_run):
     assert [r["lambda_cs"] for r in steps[:2]] == [0.0, 0.0] and steps[0]["loss"] == steps[0]["lm"]
     assert steps[2]["lambda_cs"] == pytest.approx(0.1) and steps[3]["lambda_cs"] == pytest.approx(0.2)
     assert steps[3]["lambda_al"] == pytest.approx(2e-3) and steps[3]["loss"] > steps[3]["lm"]
+    # The per-layer λ_CS controller starts after the ramp; the anti-collapse hinges are logged.
+    assert steps[2]["cs_mult"] == [1.0, 1.0] and steps[5]["cs_mult"] != [1.0, 1.0]
+    assert all("revive" in r and "suppress" in r for r in steps[2:])
+    assert all(len(r["rare"]) == len(r["always"]) == 2 for r in steps)
     result = summary["eval"]
     assert math.isfinite(result["heldout_loss"]) and 0 <= result["tls"] <= 1
     assert set(result["cls"]) == {"1", "2", "4", "8", "16", "32", "64"}

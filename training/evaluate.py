@@ -72,7 +72,7 @@ def evaluate(model_path: str, seq_len: int = 256, heldout_fraction: float = 0.05
         for i, c in enumerate(chunk_sizes):
             n_chunks[i] += seq_len // c
     tokens = n * seq_len
-    layers = []
+    layers: list[dict] = []
     for layer in range(L):
         rate = expert_tokens[layer] / tokens
         layers.append({"tls": 1 - active_sum[layer] / (tokens * E),
@@ -80,6 +80,8 @@ def evaluate(model_path: str, seq_len: int = 256, heldout_fraction: float = 0.05
                        # how the work is spread: experts never active on the held-out text, experts
                        # active on more than 90% of its tokens, and each expert's activation rate
                        "dead_experts": int((rate == 0).sum()), "always_on_experts": int((rate > 0.9).sum()),
+                       # active on at least one token and on at most 90% (as `vllm-blockffn analyze`)
+                       "dynamic_experts": int(((rate > 0) & (rate <= 0.9)).sum()),
                        "expert_activation_rate": [round(float(r), 4) for r in rate]})
     return {
         "model": os.path.abspath(model_path),
@@ -89,6 +91,8 @@ def evaluate(model_path: str, seq_len: int = 256, heldout_fraction: float = 0.05
         "cls": {str(c): sum(lay["cls"][str(c)] for lay in layers) / L for c in chunk_sizes},
         "dead_experts": sum(lay["dead_experts"] for lay in layers),
         "always_on_experts": sum(lay["always_on_experts"] for lay in layers),
+        "dynamic_experts": sum(lay["dynamic_experts"] for lay in layers),
+        "num_experts": E,
         "layers": layers,
         "windows": n, "seq_len": seq_len, "tokens": tokens,
         "corpus_fingerprint": corpus.fingerprint,
@@ -99,12 +103,14 @@ def format_result(result: dict) -> str:
     keys = list(result["cls"])
     lines = [f"held-out loss {result['heldout_loss']:.4f} (ppl {result['heldout_ppl']:.1f}) on "
              f"{result['tokens']} tokens in {result['windows']} windows of {result['seq_len']}",
-             "layer    TLS  " + "  ".join(f"CLS-{k:>2}" for k in keys) + "  dead  >90%"]
+             "layer    TLS  " + "  ".join(f"CLS-{k:>2}" for k in keys) + "  dead  >90%  dynamic"]
     for i, lay in enumerate(result["layers"]):
         lines.append(f"{i:>5}  {100 * lay['tls']:5.1f}  " + "  ".join(f"{100 * lay['cls'][k]:6.1f}" for k in keys)
-                     + f"  {lay['dead_experts']:4d}  {lay['always_on_experts']:4d}")
+                     + f"  {lay['dead_experts']:4d}  {lay['always_on_experts']:4d}  {lay['dynamic_experts']:7d}")
     mean = "  ".join(f"{100 * result['cls'][k]:6.1f}" for k in keys)
-    lines.append(" mean  " + f"{100 * result['tls']:5.1f}  " + mean)
+    lines.append(" mean  " + f"{100 * result['tls']:5.1f}  " + mean + f"  {result['dead_experts']:4d}  "
+                 f"{result['always_on_experts']:4d}  {result['dynamic_experts']:7d}   (totals of "
+                 f"{len(result['layers'])}x{result['num_experts']} experts)")
     return "\n".join(lines)
 
 

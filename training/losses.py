@@ -5,6 +5,8 @@ Shapes: router pre-activations z [B, T, E] of one layer (z = W_r x, before the R
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -81,3 +83,72 @@ class AdaptiveFactor:
                     self._ramp_step = 0
             self._prev_mean = mean
         return self.value
+
+
+def expert_rate_hinge_loss(z: torch.Tensor, min_rate: float = 0.01, max_rate: float = 0.9,
+                           revive_rate: float = 0.02, target_max_rate: float = 0.8,
+                           margin: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anti-collapse terms of this repo (not in the paper), per expert on the batch activation rate.
+
+    z: router pre-activations [B, T, E] of one layer. The rate r_e is the fraction of the batch's
+    tokens with z > 0 (no gradient). Returns (revive, suppress), each a sum over the flagged
+    experts of a mean hinge, so one expert's pull does not shrink as E grows:
+    - revive, for r_e < min_rate: the expert's top ceil(revive_rate·N) pre-activations are pulled
+      above +margin·std(z). L_CS pushes rarely used experts off first and a ReLU expert that
+      never fires gets no LM gradient to come back; this pulls it up on the tokens it is closest
+      to firing on, so it comes back specialised, not always on.
+    - suppress, for r_e > max_rate: its smallest positive pre-activations, enough of them to bring
+      the rate down to target_max_rate, are pushed below −margin·std(z). An always-on expert is a
+      fixed part of a dense FFN that L_CS hardly touches (its gradient Π(1 − p) is tiny there).
+    """
+    flat = z.reshape(-1, z.shape[-1])
+    N = flat.shape[0]
+    m = margin * flat.detach().std()
+    rate = (flat.detach() > 0).float().mean(0)
+    revive = flat.new_zeros(())
+    suppress = flat.new_zeros(())
+    low = (rate < min_rate).nonzero().flatten()
+    if low.numel():
+        k = max(1, math.ceil(revive_rate * N))
+        top = flat[:, low].topk(k, dim=0).values  # [k, n_low]
+        revive = F.relu(m - top).mean(0).sum()
+    high = (rate > max_rate).nonzero().flatten()
+    if high.numel():
+        k = max(1, math.ceil((rate[high].max().item() - target_max_rate) * N))
+        cols = flat[:, high]
+        masked = torch.where(cols > 0, cols, torch.full_like(cols, float("inf")))
+        bottom = -(-masked).topk(k, dim=0).values  # the k smallest positive values per column
+        keep = torch.isfinite(bottom)
+        excess = ((rate[high] - target_max_rate) * N).ceil().clamp(min=1)  # per-expert count
+        rank = torch.arange(k, device=z.device).unsqueeze(1)
+        keep &= rank < excess.unsqueeze(0)
+        hinge = torch.where(keep, F.relu(bottom + m), torch.zeros_like(bottom))
+        suppress = (hinge.sum(0) / keep.sum(0).clamp(min=1)).sum()
+    return revive, suppress
+
+
+class LayerCSController:
+    """Per-layer λ_CS multipliers (not in the paper): each step, log m_l += gain · (target − TLS_l)
+    on the training batch, clamped to [lo, hi]. One shared λ_CS over-sparsifies the deep layers
+    (they collapse) and under-sparsifies layer 0; this holds every layer near the same TLS."""
+
+    def __init__(self, num_layers: int, target_tls: float | list[float], gain: float = 0.1, lo: float = 0.25,
+                 hi: float = 8.0):
+        targets = [target_tls] if isinstance(target_tls, (int, float)) else list(target_tls)
+        self.targets = targets * num_layers if len(targets) == 1 else targets
+        if len(self.targets) != num_layers:
+            raise ValueError(f"{len(targets)} TLS targets for {num_layers} layers")
+        self.gain = gain
+        self.log_lo, self.log_hi = math.log(lo), math.log(hi)
+        self.log_m = [0.0] * num_layers
+
+    @property
+    def multipliers(self) -> list[float]:
+        return [math.exp(v) for v in self.log_m]
+
+    def update(self, tls: list[float]) -> list[float]:
+        """Record the batch TLS per layer; returns the multipliers for the next step."""
+        for i, t in enumerate(tls):
+            step = self.gain * (self.targets[i] - t)
+            self.log_m[i] = min(self.log_hi, max(self.log_lo, self.log_m[i] + step))
+        return self.multipliers

@@ -10,6 +10,9 @@ whichever of the two was given. The output folder is a complete checkpoint in th
 MiniCPM/BlockFFN format (config.json, model.safetensors, tokenizer files), plus
 train_log.jsonl (one line per logged step), train_args.json and, unless --no-eval, eval.json
 (held-out loss, TLS, CLS-L measured on the saved checkpoint by `training.evaluate`).
+Off by default, this repo's anti-collapse terms (--lambda-revive/--lambda-suppress, per-layer
+--target-tls; not in the paper) keep every expert routing (training/README.md, issue 12). A tqdm
+bar on stderr shows progress and the time left.
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from training import data as data_mod
-from training.losses import AdaptiveFactor, activation_locality_loss, chunk_sparsification_loss
+from training.losses import (
+    AdaptiveFactor,
+    LayerCSController,
+    activation_locality_loss,
+    chunk_sparsification_loss,
+    expert_rate_hinge_loss,
+)
 from training.model import TrainableBlockFFN
 from vllm_blockffn.serving.config import BlockFFNSpec
 from vllm_blockffn.tools.tiny import TinyOptions, save_weights, tiny_config, train_tokenizer
@@ -46,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     # model
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--experts", type=int, default=32)
+    p.add_argument("--experts", type=int, default=32, help="48 (BlockFFN-Small's count) with --expert-size 21 "
+                   "in the anti-collapse runs of training/README.md")
     p.add_argument("--expert-size", type=int, default=32)
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="dtype of the saved weights")
@@ -76,6 +86,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "are off before this step (from scratch they can collapse the routing, see README)")
     p.add_argument("--sparsity-ramp-steps", type=int, default=100, help="then grow λ_AL and λ_CS linearly from 0 "
                    "over this many steps")
+    # anti-collapse terms (this repo's, not the paper's; training/README.md)
+    p.add_argument("--lambda-revive", type=float, default=0.0, help="weight of the hinge that pulls up the top "
+                   "pre-activations of experts active on < --min-rate of the batch (0 = off)")
+    p.add_argument("--min-rate", type=float, default=0.01)
+    p.add_argument("--lambda-suppress", type=float, default=0.0, help="weight of the hinge that pushes down the "
+                   "weakest positive pre-activations of experts active on > --max-rate of the batch (0 = off)")
+    p.add_argument("--max-rate", type=float, default=0.85, help="below the 90%% bound of the held-out check, "
+                   "as batch rates are noisy; flagged experts are pushed down to this rate − 0.1")
+    p.add_argument("--target-tls", type=float, nargs="+", default=[0.0], help="per-layer λ_CS multipliers (after "
+                   "the ramp) steered so that each layer's batch TLS approaches this value (one value, or one per "
+                   "layer; 0 = off)")
+    p.add_argument("--cs-gain", type=float, default=0.15, help="step size of the per-layer λ_CS controller")
+    p.add_argument("--cs-mult-range", type=float, nargs=2, default=(0.05, 8.0), metavar=("LO", "HI"),
+                   help="bounds of the per-layer λ_CS multipliers")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="tqdm progress bar with a time estimate (stderr)")
     # snapshots: a baseline run can hand its state at --sparsity-start-step to a sparse run
     p.add_argument("--snapshot-at", type=int, default=None, help="save model/optimizer/sampler state at this step")
     p.add_argument("--snapshot", default=None, help="path of the snapshot file (--snapshot-at / --resume)")
@@ -118,10 +144,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 @torch.no_grad()
-def batch_sparsity(zs: list[torch.Tensor]) -> dict[str, float]:
+def batch_sparsity(zs: list[torch.Tensor]) -> dict[str, float | list[int]]:
     """TLS, CLS-8, CLS-64 of a training batch (mean over layers) and `dyn`, the mean number of
-    experts per layer active on between 1% and 90% of the batch's tokens (0 = static routing)."""
+    experts per layer active on between 1% and 90% of the batch's tokens (0 = static routing), and
+    per layer the experts active on < 1% (`rare`) and > 90% (`always`) of them."""
     out = {"tls": 0.0, "cls8": 0.0, "cls64": 0.0, "dyn": 0.0}
+    low, high = [], []
     for z in zs:
         active = z > 0
         B, T, E = active.shape
@@ -132,7 +160,15 @@ def batch_sparsity(zs: list[torch.Tensor]) -> dict[str, float]:
             out[f"cls{chunk}"] += 1 - union.float().mean().item() if n else float("nan")
         rate = active.float().mean((0, 1))
         out["dyn"] += ((rate >= 0.01) & (rate <= 0.9)).sum().item()
-    return {k: v / len(zs) for k, v in out.items()}
+        low.append(int((rate < 0.01).sum()))
+        high.append(int((rate > 0.9).sum()))
+    return {**{k: v / len(zs) for k, v in out.items()}, "rare": low, "always": high}
+
+
+@torch.no_grad()
+def layer_tls(zs: list[torch.Tensor]) -> list[float]:
+    """Batch TLS of each layer (the per-layer λ_CS controller's input)."""
+    return [1 - (z > 0).float().mean().item() for z in zs]
 
 
 @torch.no_grad()
@@ -186,6 +222,8 @@ def train(args: argparse.Namespace) -> dict:
     sampler = data_mod.BatchSampler(train_ids, train_docs, T, args.batch_size, args.seed)
     cs_factor = AdaptiveFactor(args.lambda_cs, args.cs_stable_steps, args.cs_window, args.cs_max_ratio)
     lambda_cs = args.lambda_cs
+    controller = None if not any(args.target_tls) else LayerCSController(spec.num_hidden_layers, args.target_tls,
+                                                                         args.cs_gain, *args.cs_mult_range)
 
     with open(os.path.join(args.out, "train_args.json"), "w") as f:
         json.dump({**vars(args), "corpus_fingerprint": corpus.fingerprint, "corpus_source": corpus.source,
@@ -205,12 +243,17 @@ def train(args: argparse.Namespace) -> dict:
         print(f"resumed from {args.resume} at step {step} ({snap['elapsed'] / 60:.1f} min of training)", flush=True)
         log.write(json.dumps({"resumed_from": os.path.abspath(args.resume), "step": step,
                               "elapsed_s": snap["elapsed"]}) + "\n")
+    from tqdm import tqdm
+
+    total = args.steps if args.steps is not None else None
+    bar = tqdm(total=total, initial=step, unit="step", desc="train", file=sys.stderr, disable=not args.progress,
+               dynamic_ncols=True, mininterval=5.0)
     while True:
         elapsed = time.time() - start
         if args.snapshot_at is not None and step == args.snapshot_at and not args.resume:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sampler": sampler.gen.get_state(),
                         "step": step, "elapsed": elapsed}, args.snapshot)
-            print(f"snapshot at step {step} -> {args.snapshot}", flush=True)
+            bar.write(f"snapshot at step {step} -> {args.snapshot}")
         if (args.steps is not None and step >= args.steps) or (budget is not None and elapsed >= budget):
             break
         progress = step / args.steps if args.steps is not None else elapsed / budget
@@ -227,8 +270,19 @@ def train(args: argparse.Namespace) -> dict:
             ramp = min(1.0, (step - args.sparsity_start_step + 1) / args.sparsity_ramp_steps)
         if sparse_now:
             al = torch.stack([activation_locality_loss(z, same_doc, args.alpha) for z in zs]).mean()
-            cs = torch.stack([chunk_sparsification_loss(z, args.cs_chunk) for z in zs]).mean()
-            loss = lm + ramp * (args.lambda_al * al + lambda_cs * cs)
+            cs_layers = torch.stack([chunk_sparsification_loss(z, args.cs_chunk) for z in zs])
+            cs = cs_layers.mean()
+            if controller is not None:
+                cs_weighted = (cs_layers * cs_layers.new_tensor(controller.multipliers)).mean()
+            else:
+                cs_weighted = cs
+            loss = lm + ramp * (args.lambda_al * al + lambda_cs * cs_weighted)
+            if args.lambda_revive > 0 or args.lambda_suppress > 0:
+                hinges = [expert_rate_hinge_loss(z, args.min_rate, args.max_rate,
+                                                 target_max_rate=args.max_rate - 0.1) for z in zs]
+                revive = torch.stack([h[0] for h in hinges]).mean()
+                suppress = torch.stack([h[1] for h in hinges]).mean()
+                loss = loss + args.lambda_revive * revive + args.lambda_suppress * suppress
         else:
             loss = lm
         opt.zero_grad(set_to_none=True)
@@ -238,6 +292,8 @@ def train(args: argparse.Namespace) -> dict:
             raise FloatingPointError(f"step {step}: loss is {loss.item()}")
         opt.step()
 
+        if sparse_now and controller is not None and ramp >= 1.0:  # not during the ramp: it would overshoot
+            controller.update(layer_tls(zs))
         if sparse_now and args.cs_adaptive:
             lambda_cs = cs_factor.step(cs.item(), step - args.sparsity_start_step)
         if step % args.log_every == 0 or (args.steps is not None and step == args.steps - 1):
@@ -250,13 +306,18 @@ def train(args: argparse.Namespace) -> dict:
                     "lambda_al": args.lambda_al * ramp if sparse_now else 0.0,
                     "lambda_cs": lambda_cs * ramp if sparse_now else 0.0,
                     "grad_norm": float(gnorm), **batch_sparsity(zs)}
+            if sparse_now and (args.lambda_revive > 0 or args.lambda_suppress > 0):
+                last["revive"], last["suppress"] = revive.item(), suppress.item()
+            if controller is not None:
+                last["cs_mult"] = [round(m, 3) for m in controller.multipliers]
             if step % args.eval_every == 0:
                 last["heldout_lm"] = quick_eval(model, eval_windows)
             log.write(json.dumps(last) + "\n")
             log.flush()
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()),
-                  flush=True)
+            bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
         step += 1
+        bar.update(1)
+    bar.close()
 
     train_time = time.time() - start
     final_quick = quick_eval(model, eval_windows)
