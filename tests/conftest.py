@@ -25,6 +25,19 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def triton_interpreter():
+    """TRITON_INTERPRET=1 for a module's tests (opt in with pytest.mark.usefixtures): kernels
+    launched then run in Triton's CPU interpreter; the variable is restored afterwards."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if old is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_factory(tmp_path_factory):
     """tiny_factory(**TinyOptions fields) → path of a checkpoint, cached per option set."""

@@ -8,8 +8,6 @@ Sizes are small: the interpreter runs every program of a grid in Python.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -45,16 +43,7 @@ from vllm_blockffn.kernels.testing import (  # noqa: E402
     rel_err,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def triton_interpreter():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+pytestmark = pytest.mark.usefixtures("triton_interpreter")  # conftest: Triton's CPU interpreter
 
 
 # ---------------------------------------------------------------- router

@@ -19,7 +19,6 @@ cudagraph mode that has piecewise graphs, and the step-end hook wraps the worker
 
 from __future__ import annotations
 
-import os
 import sys
 import types
 
@@ -48,15 +47,7 @@ MODES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def triton_interpreter():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+pytestmark = pytest.mark.usefixtures("triton_interpreter")  # conftest: Triton's CPU interpreter
 
 
 class Runner:
