@@ -33,6 +33,29 @@ def test_model_card_figures_match_the_weights():
     assert abs(tls - card["tls"]) < 0.1
 
 
+def test_card_figures_are_the_weights_and_the_routing_is_dynamic():
+    """Issue 12: the card's held-out figures (eval.json) are what the weights give, recomputed here
+    by the reference model on the same held-out split; and they are routing, not pruning:
+    every layer has TLS >= 75% and CLS-8 >= 60%, at most 5% of its experts never active and
+    at most 10% active on more than 90% of the tokens, and at least 85% of them dynamic."""
+    from training.evaluate import evaluate
+
+    with open(os.path.join(MODEL, "eval.json")) as f:
+        card = json.load(f)
+    got = evaluate(MODEL, seq_len=card["seq_len"], max_windows=card["windows"])
+    assert got["corpus_fingerprint"] == card["corpus_fingerprint"]
+    assert got["heldout_loss"] == pytest.approx(card["heldout_loss"], rel=1e-4)
+    E = card["num_experts"]
+    for mine, theirs in zip(got["layers"], card["layers"], strict=True):
+        assert mine["tls"] == pytest.approx(theirs["tls"], abs=1e-4)
+        assert mine["cls"]["8"] == pytest.approx(theirs["cls"]["8"], abs=1e-4)
+        for key in ("dead_experts", "always_on_experts", "dynamic_experts"):
+            assert mine[key] == theirs[key], key
+        assert mine["tls"] >= 0.75 and mine["cls"]["8"] >= 0.60, mine
+        assert mine["dead_experts"] <= 0.05 * E and mine["always_on_experts"] <= 0.10 * E, mine
+        assert mine["dynamic_experts"] >= 0.85 * E, mine
+
+
 @pytest.mark.slow
 def test_vllm_serves_the_bundled_model_exactly(engine_factory):
     reference = load_reference(MODEL)

@@ -46,7 +46,8 @@ def test_expert_bytes_and_depth_equal_the_named_config(small):
     for i in range(spec.num_hidden_layers):
         n = sum(math.prod(shapes[f"model.layers.{i}.mlp.{p}"]) for p in ("up_proj", "down_proj"))
         assert n == off.expert_params
-    assert spec.num_experts == 32 and spec.head_dim == 32  # E and the routers, head_dim kept
+    source = BlockFFNSpec.from_pretrained(MODEL)
+    assert (spec.num_experts, spec.head_dim) == (source.num_experts, source.head_dim)  # E, routers, head_dim kept
 
 
 @pytest.mark.parametrize("like", list(LIKE))

@@ -118,6 +118,39 @@ def test_expert_rate_hinges_touch_only_dead_and_always_on_experts():
     assert r.item() == 0 and s.item() == 0
 
 
+def test_allowed_always_on_experts_are_exempt_from_suppress():
+    """allowed_always=1: the most used expert (1, always on) is a shared expert and untouched; the
+    next one (2, on 97%) is still pushed down."""
+    torch.manual_seed(0)
+    z = torch.randn(2, 64, 6)
+    z[..., 1] += 5
+    z[..., 2] += 1.5
+    z.requires_grad_(True)
+    _, suppress = expert_rate_hinge_loss(z, max_rate=0.9, target_max_rate=0.8, allowed_always=1)
+    suppress.backward()
+    touched = (z.grad.reshape(-1, 6) != 0).sum(0).tolist()
+    assert touched[1] == 0 and touched[2] > 0 and touched[3:] == [0, 0, 0]
+
+
+def test_router_only_aux_stops_auxiliary_gradients_at_the_router():
+    """--router-only-aux: same z values; an auxiliary loss on them reaches router_proj and nothing else."""
+    from vllm_blockffn.serving.config import BlockFFNSpec
+    from vllm_blockffn.tools.tiny import TinyOptions, tiny_config
+
+    cfg = tiny_config(TinyOptions(attention="vanilla", layout="block", norm="rms", hidden_size=64, num_layers=2,
+                                  num_experts=8, expert_size=16, vocab_size=128), 128)
+    model = TrainableBlockFFN(BlockFFNSpec.from_config(cfg))
+    model.init_weights(0)
+    ids = torch.randint(3, 128, (1, 16))
+    _, plain = model(ids)
+    model.set_router_only_aux(True)
+    _, zs = model(ids)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, zs, strict=True))
+    sum(chunk_sparsification_loss(z, 8) for z in zs).backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad == {f"layers.{i}.mlp.router_proj.weight" for i in range(2)}
+
+
 def test_layer_cs_controller():
     c = LayerCSController(2, target_tls=0.8, gain=1.0, lo=0.5, hi=2.0)
     m = c.update([0.7, 0.9])  # layer 0 too dense → more λ_CS, layer 1 too sparse → less

@@ -87,7 +87,7 @@ class AdaptiveFactor:
 
 def expert_rate_hinge_loss(z: torch.Tensor, min_rate: float = 0.01, max_rate: float = 0.9,
                            revive_rate: float = 0.02, target_max_rate: float = 0.8,
-                           margin: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+                           margin: float = 0.1, allowed_always: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Anti-collapse terms of this repo (not in the paper), per expert on the batch activation rate.
 
     z: router pre-activations [B, T, E] of one layer. The rate r_e is the fraction of the batch's
@@ -100,6 +100,8 @@ def expert_rate_hinge_loss(z: torch.Tensor, min_rate: float = 0.01, max_rate: fl
     - suppress, for r_e > max_rate: its smallest positive pre-activations, enough of them to bring
       the rate down to target_max_rate, are pushed below −margin·std(z). An always-on expert is a
       fixed part of a dense FFN that L_CS hardly touches (its gradient Π(1 − p) is tiny there).
+      The `allowed_always` experts with the highest rates are exempt: a few always-on (shared)
+      experts per layer are allowed, the rest must route.
     """
     flat = z.reshape(-1, z.shape[-1])
     N = flat.shape[0]
@@ -112,7 +114,10 @@ def expert_rate_hinge_loss(z: torch.Tensor, min_rate: float = 0.01, max_rate: fl
         k = max(1, math.ceil(revive_rate * N))
         top = flat[:, low].topk(k, dim=0).values  # [k, n_low]
         revive = F.relu(m - top).mean(0).sum()
-    high = (rate > max_rate).nonzero().flatten()
+    high_mask = rate > max_rate
+    if allowed_always > 0:
+        high_mask[rate.topk(min(allowed_always, rate.numel())).indices] = False
+    high = high_mask.nonzero().flatten()
     if high.numel():
         k = max(1, math.ceil((rate[high].max().item() - target_max_rate) * N))
         cols = flat[:, high]

@@ -72,6 +72,7 @@ class BlockFFN(nn.Module):
         self.router_norm = nn.Parameter(torch.ones(E)) if spec.norm_after_router == "rms" else None
         self.up_proj = nn.Parameter(torch.empty(E, D, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, D))
+        self.router_only_aux = False  # see TrainableBlockFFN.set_router_only_aux
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [..., H] → (y [..., H], router pre-activation z [..., E])."""
@@ -88,6 +89,8 @@ class BlockFFN(nn.Module):
         h = F.silu(x @ self.up_proj.reshape(E * D, H).T)  # [..., E·D]
         h = (h.unflatten(-1, (E, D)) * r.unsqueeze(-1)).flatten(-2)
         y = h @ self.down_proj.permute(0, 2, 1).reshape(E * D, H)
+        if self.router_only_aux:  # same values; gradients of the auxiliary losses stop at router_proj
+            z = F.linear(x.detach(), self.router_proj.weight)
         return y, z
 
 
@@ -133,6 +136,15 @@ class TrainableBlockFFN(nn.Module):
                     p.normal_(0.0, init_std, generator=gen)
                 else:
                     p.normal_(0.0, init_std / math.sqrt(width), generator=gen)
+
+    def set_router_only_aux(self, on: bool) -> None:
+        """Make forward() return router pre-activations whose gradient reaches only router_proj.
+
+        The auxiliary losses (L_AL, L_CS, hinges) then train the routers alone and do not bend the
+        hidden states the LM loss shapes; the LM loss still reaches the routers through the
+        routing weights. Not in the paper (training/README.md)."""
+        for layer in self.layers:
+            layer.mlp.router_only_aux = on
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """input_ids [B, T] (or [T]) → (fp32 logits [B, T, V], router pre-activations z per layer [B, T, E])."""

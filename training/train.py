@@ -2,17 +2,18 @@
 
     python -m training.train --out models/blockffn-tiny-trained      # the shipped recipe, 800 steps
 
-Loss = LM + λ_AL · L_AL + λ_CS · L_CS (SPEC.md §6; each term the mean over layers) after an LM-only
-warm-up of --sparsity-start-step steps and a linear ramp of the two weights, or the plain LM
-loss with --no-sparsity-losses (the baseline). The run stops after --steps optimizer
+Loss = LM + λ_AL · L_AL + λ_CS · L_CS (SPEC.md §6; each term the mean over layers) + this repo's
+anti-collapse hinges (revive experts that stop firing, push down always-on experts beyond
+--allowed-always per layer; not in the paper), with λ_CS steered per layer towards --target-tls,
+all ramped in linearly over --sparsity-ramp-steps from --sparsity-start-step (0 by default); or
+the plain LM loss with --no-sparsity-losses (the baseline). training/README.md says what each
+part does and which runs led to it (issue 12: routing, not pruning). The run stops after --steps optimizer
 steps, or when --minutes of training time are spent; the learning-rate schedule follows
 whichever of the two was given. The output folder is a complete checkpoint in the official
 MiniCPM/BlockFFN format (config.json, model.safetensors, tokenizer files), plus
 train_log.jsonl (one line per logged step), train_args.json and, unless --no-eval, eval.json
 (held-out loss, TLS, CLS-L measured on the saved checkpoint by `training.evaluate`).
-Off by default, this repo's anti-collapse terms (--lambda-revive/--lambda-suppress, per-layer
---target-tls; not in the paper) keep every expert routing (training/README.md, issue 12). A tqdm
-bar on stderr shows progress and the time left.
+A tqdm bar on stderr shows progress and the time left (about 20-25 min on one core).
 """
 
 from __future__ import annotations
@@ -55,9 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     # model
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--experts", type=int, default=32, help="48 (BlockFFN-Small's count) with --expert-size 21 "
-                   "in the anti-collapse runs of training/README.md")
-    p.add_argument("--expert-size", type=int, default=32)
+    p.add_argument("--experts", type=int, default=48, help="48: BlockFFN-Small's count (E·d_e = 1008 ≈ 4H)")
+    p.add_argument("--expert-size", type=int, default=21)
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="dtype of the saved weights")
     # data / optimisation
@@ -82,24 +82,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cs-stable-steps", type=int, default=300)
     p.add_argument("--cs-window", type=int, default=50)
     p.add_argument("--cs-max-ratio", type=float, default=4.0)
-    p.add_argument("--sparsity-start-step", type=int, default=250, help="LM-only warm-up: the AL and CS losses "
-                   "are off before this step (from scratch they can collapse the routing, see README)")
-    p.add_argument("--sparsity-ramp-steps", type=int, default=100, help="then grow λ_AL and λ_CS linearly from 0 "
+    p.add_argument("--sparsity-start-step", type=int, default=0, help="LM-only warm-up: the AL and CS losses "
+                   "are off before this step (0: on from the start, as in the paper; the hinges prevent the collapse "
+                   "that made the earlier recipes warm up for 250 steps, see README)")
+    p.add_argument("--sparsity-ramp-steps", type=int, default=200, help="then grow λ_AL and λ_CS linearly from 0 "
                    "over this many steps")
     # anti-collapse terms (this repo's, not the paper's; training/README.md)
-    p.add_argument("--lambda-revive", type=float, default=0.0, help="weight of the hinge that pulls up the top "
+    p.add_argument("--lambda-revive", type=float, default=1.0, help="weight of the hinge that pulls up the top "
                    "pre-activations of experts active on < --min-rate of the batch (0 = off)")
     p.add_argument("--min-rate", type=float, default=0.01)
-    p.add_argument("--lambda-suppress", type=float, default=0.0, help="weight of the hinge that pushes down the "
+    p.add_argument("--lambda-suppress", type=float, default=1.0, help="weight of the hinge that pushes down the "
                    "weakest positive pre-activations of experts active on > --max-rate of the batch (0 = off)")
     p.add_argument("--max-rate", type=float, default=0.85, help="below the 90%% bound of the held-out check, "
                    "as batch rates are noisy; flagged experts are pushed down to this rate − 0.1")
-    p.add_argument("--target-tls", type=float, nargs="+", default=[0.0], help="per-layer λ_CS multipliers (after "
+    p.add_argument("--allowed-always", type=int, default=3, help="per layer, this many of the most used experts "
+                   "are exempt from the suppress hinge (shared experts; issue 12 allows up to 10%% of E)")
+    p.add_argument("--target-tls", type=float, nargs="+", default=[0.82], help="per-layer λ_CS multipliers (after "
                    "the ramp) steered so that each layer's batch TLS approaches this value (one value, or one per "
                    "layer; 0 = off)")
     p.add_argument("--cs-gain", type=float, default=0.15, help="step size of the per-layer λ_CS controller")
-    p.add_argument("--cs-mult-range", type=float, nargs=2, default=(0.05, 8.0), metavar=("LO", "HI"),
+    p.add_argument("--cs-mult-range", type=float, nargs=2, default=(0.25, 8.0), metavar=("LO", "HI"),
                    help="bounds of the per-layer λ_CS multipliers")
+    p.add_argument("--hinge-ramp", action=argparse.BooleanOptionalAction, default=True,
+                   help="ramp the hinges in with λ_AL and λ_CS (--no-hinge-ramp: full weight at once)")
+    p.add_argument("--router-only-aux", action=argparse.BooleanOptionalAction, default=False,
+                   help="the auxiliary losses train only the routers (their gradient stops at router_proj's input)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="tqdm progress bar with a time estimate (stderr)")
     # snapshots: a baseline run can hand its state at --sparsity-start-step to a sparse run
@@ -213,6 +220,7 @@ def train(args: argparse.Namespace) -> dict:
     spec = BlockFFNSpec.from_config(cfg)
     model = TrainableBlockFFN(spec)
     model.init_weights(args.seed)
+    model.set_router_only_aux(args.router_only_aux)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters; H={spec.hidden_size} L={spec.num_hidden_layers} "
           f"E={spec.num_experts} d_e={spec.expert_size} heads={spec.num_attention_heads}/"
@@ -279,10 +287,12 @@ def train(args: argparse.Namespace) -> dict:
             loss = lm + ramp * (args.lambda_al * al + lambda_cs * cs_weighted)
             if args.lambda_revive > 0 or args.lambda_suppress > 0:
                 hinges = [expert_rate_hinge_loss(z, args.min_rate, args.max_rate,
-                                                 target_max_rate=args.max_rate - 0.1) for z in zs]
+                                                 target_max_rate=args.max_rate - 0.1,
+                                                 allowed_always=args.allowed_always) for z in zs]
                 revive = torch.stack([h[0] for h in hinges]).mean()
                 suppress = torch.stack([h[1] for h in hinges]).mean()
-                loss = loss + args.lambda_revive * revive + args.lambda_suppress * suppress
+                hinge_w = ramp if args.hinge_ramp else 1.0
+                loss = loss + hinge_w * (args.lambda_revive * revive + args.lambda_suppress * suppress)
         else:
             loss = lm
         opt.zero_grad(set_to_none=True)
