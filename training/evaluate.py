@@ -35,13 +35,28 @@ except ImportError:  # pragma: no cover - fallback with the same definition
 
 
 @torch.no_grad()
+def keep_most_used_experts(model, rates: list[list[float]], k: int) -> None:
+    """Turn the routed model into a pruned one: per layer only the k experts with the highest
+    activation rates stay (their router rows kept, the others' zeroed: z = 0 is never active).
+    A model whose sparsity is pruning loses nothing to this at k = its active experts per token."""
+    with torch.no_grad():
+        for layer, rate in zip(model.layers, rates, strict=True):
+            drop = torch.tensor(rate).argsort(descending=True)[k:]
+            layer.mlp.router_proj[drop] = 0.0
+
+
 def evaluate(model_path: str, seq_len: int = 256, heldout_fraction: float = 0.05, seed: int = 0,
-             max_windows: int | None = None, chunk_sizes=CHUNK_SIZES) -> dict:
+             max_windows: int | None = None, chunk_sizes=CHUNK_SIZES,
+             fixed_experts: tuple[list[list[float]], int] | None = None) -> dict:
+    """fixed_experts=(per-layer activation rates, k): evaluate the pruned model of
+    :func:`keep_most_used_experts` instead."""
     from tokenizers import Tokenizer
 
     from vllm_blockffn.reference import load_reference
 
     model = load_reference(model_path)
+    if fixed_experts is not None:
+        keep_most_used_experts(model, *fixed_experts)
     spec = model.spec
     tokenizer = Tokenizer.from_file(os.path.join(model_path, "tokenizer.json"))
     corpus = data_mod.load_corpus(heldout_fraction, seed=seed)
@@ -123,10 +138,21 @@ def main(argv=None) -> int:
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
+    p.add_argument("--fixed-experts", type=int, nargs="*", default=[], metavar="K",
+                   help="also the held-out loss with each layer's routing replaced by its K most used experts "
+                        "(routing or pruning? a pruned model loses nothing at K = its experts per token)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = evaluate(args.model, args.seq_len, args.heldout_fraction, args.seed, args.max_windows)
     print(format_result(result))
+    rates = [lay["expert_activation_rate"] for lay in result["layers"]]
+    result["fixed_experts"] = {}
+    for k in args.fixed_experts:
+        loss = evaluate(args.model, args.seq_len, args.heldout_fraction, args.seed, args.max_windows,
+                        fixed_experts=(rates, k))["heldout_loss"]
+        result["fixed_experts"][str(k)] = loss
+        print(f"{k} most used experts per layer, fixed: held-out loss {loss:.4f} "
+              f"({100 * (loss / result['heldout_loss'] - 1):+.1f}%)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
