@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import subprocess
+import sys
 import tempfile
+from types import SimpleNamespace
 
 import pytest
 
@@ -60,6 +64,10 @@ def tiny_model(tiny_factory) -> str:
 
 def pytest_configure(config):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # vLLM (torch >= 2.10) saves compiled models under VLLM_CACHE_ROOT and loads them back when a
+    # later run hashes the same; loading such artifacts has crashed CPU engines (vllm#32033,
+    # pytorch#173090). A run of the suite compiles what it tests: its own, empty cache.
+    os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="blockffn-vllm-cache-"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _ray_token_auth()
 
@@ -139,6 +147,39 @@ def engine_factory():
     yield start
     for e in engines:
         e.close()
+
+
+_GREEDY_SCRIPT = """
+import json, sys
+from vllm import LLM, SamplingParams
+a = json.loads(sys.argv[1])
+llm = LLM(a["path"], **a["kwargs"])
+params = SamplingParams(max_tokens=a["max_tokens"], temperature=0, ignore_eos=True, prompt_logprobs=0)
+outs = llm.generate(a["prompts"], params, use_tqdm=False)
+rows = [dict(ids=o.prompt_token_ids, tokens=list(o.outputs[0].token_ids),
+             lp=[{str(k): v.logprob for k, v in d.items()} for d in o.prompt_logprobs[1:]]) for o in outs]
+print("BLOCKFFN-RESULT " + json.dumps(rows))
+"""
+
+
+def greedy_in_fresh_process(path: str, prompts, max_tokens: int = 16, env: dict | None = None, **kwargs):
+    """Greedy outputs with prompt logprobs, from an engine in a new Python process.
+
+    For engines that compile native code (torch.compile → inductor C++): a crash there fails this
+    one test with its stderr instead of ending the whole run, and nothing the engines before it left
+    in this process (vLLM's frozen env cache, loaded libraries, frozen GC heap) is shared. Returns
+    objects shaped like vLLM's RequestOutput as far as compare_to_reference reads them."""
+    args = dict(path=path, prompts=list(prompts), max_tokens=max_tokens,
+                kwargs={"dtype": "float32", **ENGINE_KWARGS, **kwargs})
+    proc = subprocess.run([sys.executable, "-c", _GREEDY_SCRIPT, json.dumps(args)], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, **(env or {})})
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("BLOCKFFN-RESULT ")), None)
+    assert proc.returncode == 0 and line, (
+        f"engine process exited with {proc.returncode}; stderr tail:\n{proc.stderr[-3000:]}")
+    return [SimpleNamespace(prompt_token_ids=r["ids"], outputs=[SimpleNamespace(token_ids=r["tokens"])],
+                            prompt_logprobs=[None] + [{int(k): SimpleNamespace(logprob=v) for k, v in d.items()}
+                                                      for d in r["lp"]])
+            for r in json.loads(line.split(" ", 1)[1])]
 
 
 def compare_to_reference(outputs, reference, max_tokens: int = 16) -> tuple[float, list[bool]]:
