@@ -82,8 +82,10 @@ def _sparse_ffn_impl(
         return _dense_ffn_torch(x, scores, w_up, w_down_t)
     if impl == "triton":
         _need_triton(x.device)
+        from .sparse_ffn.naive import active_scores
         from .sparse_ffn.triton_sparse_ffn import sparse_ffn_triton
 
+        scores = active_scores(scores)  # NaN / negative scores: inactive (naive.py); a device op
         return sparse_ffn_triton(x, scores, w_up, w_down_t, cu_seqlens)
     # "torch": the CPU sparse path (native kernel, else PyTorch), always sparse; "auto" on a CPU
     # lets it choose dense on the actual counts (host-side data on a CPU).

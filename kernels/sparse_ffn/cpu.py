@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..dispatch import cpu_prefers_dense
 from .cpu_native import native_supports, sparse_ffn_native
+from .naive import active_scores
 
 
 def dense_ffn(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> torch.Tensor:
@@ -44,6 +45,7 @@ def dense_ffn(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_
     """
     T, H = x.shape
     E, D, _ = w_up.shape
+    scores = active_scores(scores)  # NaN / negative scores: inactive (naive.py)
     if x.device.type == "cpu":
         h_t = F.silu(w_up.reshape(E * D, H) @ x.t())
         h_t.view(E, D, T).mul_(scores.t().to(h_t.dtype).unsqueeze(1))
@@ -77,8 +79,8 @@ def _runs(ids: list[int]) -> list[tuple[int, int]]:
 
 
 def segment_unions_cpu(scores: torch.Tensor, cu: list[int]) -> list[list[int]]:
-    """Sorted active-expert ids of every segment (host lists)."""
-    active = scores != 0
+    """Sorted active-expert ids of every segment (host lists); active: score > 0 (naive.py)."""
+    active = scores > 0
     S = len(cu) - 1
     if S == 1:
         return [active.any(dim=0).nonzero().flatten().tolist()] if cu[1] > cu[0] else [[]]
@@ -179,6 +181,7 @@ def sparse_ffn_cpu_torch(
     cu = [int(c) for c in cu_seqlens.tolist()]
     if T == 0:
         return x.new_empty((0, H))
+    scores = active_scores(scores)  # NaN / negative scores: inactive (naive.py)
     unions = segment_unions_cpu(scores, cu)
     if allow_dense and cpu_prefers_dense([len(u) for u in unions], [cu[s + 1] - cu[s] for s in range(len(unions))], E):
         # Per-segment unions together read too much (many requests in a decode batch): one

@@ -1,0 +1,565 @@
+/* Expert-major sparse BlockFFN experts for CPUs (wrapper: cpu_native.py, which documents the
+ * algorithm; reference: naive.py).
+ *
+ * One call: scan the fp32 router scores once into an "active" mask (score > 0; NaN, zero,
+ * negative and -Inf scores are inactive: the one definition, evaluated once, and the only one
+ * every later pass uses), list each active expert's tokens, cut the active experts' rows into
+ * units of NR rows, give each thread one chunk of equal cost, and per unit: up (NR rows x the
+ * expert's tokens, SiLU, x score), then down (the same NR rows of W_down into the thread's own
+ * fp32 y). Every weight byte of the step's union is read once, streamed with software prefetch
+ * (each unit's W_down block is prefetched during its up pass, the next unit's W_up block during
+ * its down pass).
+ *
+ * Safety: built without -ffast-math (the scores and x are data this kernel does not control:
+ * NaN and Inf must keep IEEE semantics); every buffer is sized from the mask that fills it.
+ * x may hold NaN/Inf: they propagate into y rows of the tokens that use the expert, as in the
+ * PyTorch path; they never change which memory is touched.
+ *
+ * ISA paths, picked at run time (blockffn_cpu_isa; the caller may force a narrower one):
+ *   0 portable (GCC vector extensions), 1 AVX2+FMA, 2 AVX-512 (F/BW/VL/DQ),
+ *   3 AVX-512 + AVX512_BF16 (bf16 weights with bf16 x: VDPBF16PS dot products in the up pass).
+ * One shared object serves every x86-64 CPU: each path is compiled for its own target
+ * (#pragma GCC target) and only called where the CPU has it.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ALWAYS static inline __attribute__((always_inline))
+#define NR 4 /* weight rows per unit */
+
+#if defined(__x86_64__) || defined(__i386__)
+#define BLOCKFFN_X86 1
+#include <immintrin.h>
+#else
+#define BLOCKFFN_X86 0
+#endif
+
+enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512_BF16 = 3 };
+
+/* The best path this CPU (and OS: __builtin_cpu_supports checks XSAVE state) can run. */
+int blockffn_cpu_isa(void) {
+#if BLOCKFFN_X86
+    __builtin_cpu_init();
+    int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    if (avx512 && __builtin_cpu_supports("avx512bf16")) return ISA_AVX512_BF16;
+    if (avx512) return ISA_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
+#endif
+    return ISA_PORTABLE;
+}
+
+/* The one definition of an active (token, expert) pair. IEEE compare: false for NaN. */
+ALWAYS int is_active(float s) { return s > 0.0f; }
+
+ALWAYS float cv_bf16(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
+ALWAYS uint16_t to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+ALWAYS float silu(float v) { return v / (1.0f + expf(-v)); }
+
+static int g_prefetch = 1; /* software prefetch on (blockffn_set_prefetch) */
+void blockffn_set_prefetch(int on) { g_prefetch = on; }
+
+/* Everything one unit needs: NR (or fewer) rows d0.. of one expert, its m tokens. */
+typedef struct {
+    const void *wu, *wd;            /* the unit's first W_up / W_down row */
+    const char *pf_next;            /* next unit's W_up rows (prefetched during the down pass), or NULL */
+    long H, D;                      /* row length; h buffer row stride */
+    int nr, m;                      /* rows in this unit, tokens of the expert */
+    const float *const *xs;         /* fp32 x rows of the tokens */
+    const uint16_t *const *xh;      /* bf16 x rows (bf16 x only), else NULL */
+    const float *sc;                /* the tokens' scores for this expert */
+    const int *tok;                 /* the tokens' row indices in y */
+    float *hb;                      /* h[j * D + r] for the expert's tokens */
+    float *y;                       /* this thread's fp32 y [T, H] */
+    const void *zrow;               /* H zero elements (of either dtype) */
+} unit_t;
+
+typedef void (*unit_fn)(const unit_t *u);
+
+/* Prefetch `bytes` from p, spread over `steps` calls (call i prefetches its share). */
+ALWAYS void pf_share(const char *p, long bytes, long i, long steps) {
+    if (!p) return;
+    long a = bytes * i / steps, b = bytes * (i + 1) / steps;
+    for (long o = a & ~63L; o < b; o += 64) __builtin_prefetch(p + o, 0, 3);
+}
+
+/* ------------------------------------------------------------------------------ portable */
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+ALWAYS v8f pl_f32(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
+ALWAYS v8f pl_bf16(const uint16_t *p) {
+    v8h h; memcpy(&h, p, sizeof h);
+    v8u u = __builtin_convertvector(h, v8u) << 16;
+    v8f f; memcpy(&f, &u, sizeof f); return f;
+}
+ALWAYS float p_f32(const float *p, long i) { return p[i]; }
+ALWAYS float p_bf16(const uint16_t *p, long i) { return cv_bf16(p[i]); }
+
+#define PORTABLE_UNIT(SUF, WT)                                                                          \
+    static void unit_portable_##SUF(const unit_t *u) {                                                  \
+        const WT *wu = (const WT *)u->wu, *wd = (const WT *)u->wd;                                      \
+        long H = u->H;                                                                                  \
+        for (int j = 0; j < u->m; j++) {                                                                \
+            const float *x = u->xs[j];                                                                  \
+            for (int r = 0; r < u->nr; r++) {                                                           \
+                const WT *w = wu + r * H;                                                               \
+                v8f acc = {0};                                                                          \
+                long h = 0;                                                                             \
+                for (; h + 8 <= H; h += 8) acc += pl_##SUF(w + h) * pl_f32(x + h);                      \
+                float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])); \
+                for (; h < H; h++) s += p_##SUF(w, h) * x[h];                                           \
+                u->hb[(long)j * u->D + r] = silu(s) * u->sc[j];                                         \
+            }                                                                                           \
+        }                                                                                               \
+        for (int j = 0; j < u->m; j++) {                                                                \
+            float *y = u->y + (long)u->tok[j] * H;                                                      \
+            const float *hv = u->hb + (long)j * u->D;                                                   \
+            for (int r = 0; r < u->nr; r++) {                                                           \
+                const WT *w = wd + r * H;                                                               \
+                float a = hv[r];                                                                        \
+                long c = 0;                                                                             \
+                for (; c + 8 <= H; c += 8) {                                                            \
+                    v8f v = pl_f32(y + c) + a * pl_##SUF(w + c);                                        \
+                    memcpy(y + c, &v, sizeof v);                                                        \
+                }                                                                                       \
+                for (; c < H; c++) y[c] += a * p_##SUF(w, c);                                           \
+            }                                                                                           \
+        }                                                                                               \
+    }
+PORTABLE_UNIT(f32, float)
+PORTABLE_UNIT(bf16, uint16_t)
+
+#if BLOCKFFN_X86
+/* ---------------------------------------------------------------------------------- AVX2 */
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+ALWAYS __m256 a2_f32(const float *p) { return _mm256_loadu_ps(p); }
+ALWAYS __m256 a2_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+ALWAYS float a2_hsum(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_add_ss(a, _mm_movehdup_ps(a));
+    return _mm_cvtss_f32(a);
+}
+/* up: 4 rows x (2 or 1) tokens in registers; down: 4 rows x (2 or 1) tokens. Rows < 4 and the
+   column tail (H % 8) go through scalar code. ESZ: bytes per weight element. */
+#define AVX2_UNIT(SUF, WT, ESZ)                                                                         \
+    static void unit_avx2_##SUF(const unit_t *u) {                                                      \
+        const WT *wu = (const WT *)u->wu, *wd = (const WT *)u->wd;                                      \
+        long H = u->H, H8 = H & ~7L, steps = H8 / 8 > 0 ? H8 / 8 : 1;                                   \
+        int nr = u->nr;                                                                                 \
+        const char *pfd = g_prefetch ? (const char *)wd : NULL;                                         \
+        const char *pfn = g_prefetch ? u->pf_next : NULL;                                               \
+        long blk = (long)nr * H * ESZ;                                                                  \
+        float out[NR][2];                                                                               \
+        for (int j0 = 0; j0 < u->m; j0 += 2) {                                                          \
+            int nt = u->m - j0 < 2 ? u->m - j0 : 2;                                                     \
+            const float *x0 = u->xs[j0], *x1 = u->xs[j0 + nt - 1];                                      \
+            const char *pf = j0 == 0 ? pfd : NULL;                                                      \
+            if (nr == NR) {                                                                             \
+                const WT *w0 = wu, *w1 = wu + H, *w2 = wu + 2 * H, *w3 = wu + 3 * H;                    \
+                __m256 a00 = _mm256_setzero_ps(), a10 = a00, a20 = a00, a30 = a00;                      \
+                __m256 a01 = a00, a11 = a00, a21 = a00, a31 = a00;                                      \
+                for (long h = 0, i = 0; h < H8; h += 8, i++) {                                          \
+                    pf_share(pf, blk, i, steps);                                                        \
+                    __m256 xa = _mm256_loadu_ps(x0 + h), xb = _mm256_loadu_ps(x1 + h), v;               \
+                    v = a2_##SUF(w0 + h); a00 = _mm256_fmadd_ps(v, xa, a00); a01 = _mm256_fmadd_ps(v, xb, a01); \
+                    v = a2_##SUF(w1 + h); a10 = _mm256_fmadd_ps(v, xa, a10); a11 = _mm256_fmadd_ps(v, xb, a11); \
+                    v = a2_##SUF(w2 + h); a20 = _mm256_fmadd_ps(v, xa, a20); a21 = _mm256_fmadd_ps(v, xb, a21); \
+                    v = a2_##SUF(w3 + h); a30 = _mm256_fmadd_ps(v, xa, a30); a31 = _mm256_fmadd_ps(v, xb, a31); \
+                }                                                                                       \
+                out[0][0] = a2_hsum(a00); out[1][0] = a2_hsum(a10); out[2][0] = a2_hsum(a20); out[3][0] = a2_hsum(a30); \
+                out[0][1] = a2_hsum(a01); out[1][1] = a2_hsum(a11); out[2][1] = a2_hsum(a21); out[3][1] = a2_hsum(a31); \
+            } else {                                                                                    \
+                for (int r = 0; r < nr; r++) {                                                          \
+                    __m256 a0 = _mm256_setzero_ps(), a1 = a0;                                           \
+                    for (long h = 0; h < H8; h += 8) {                                                  \
+                        __m256 v = a2_##SUF(wu + r * H + h);                                            \
+                        a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x0 + h), a0);                           \
+                        a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x1 + h), a1);                           \
+                    }                                                                                   \
+                    out[r][0] = a2_hsum(a0); out[r][1] = a2_hsum(a1);                                   \
+                }                                                                                       \
+            }                                                                                           \
+            for (int j = 0; j < nt; j++) {                                                              \
+                const float *x = u->xs[j0 + j];                                                         \
+                for (int r = 0; r < nr; r++) {                                                          \
+                    float s = out[r][j];                                                                \
+                    for (long k = H8; k < H; k++) s += p_##SUF(wu + r * H, k) * x[k];                   \
+                    u->hb[(long)(j0 + j) * u->D + r] = silu(s) * u->sc[j0 + j];                         \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+        for (int j0 = 0; j0 < u->m; j0 += 2) {                                                          \
+            int nt = u->m - j0 < 2 ? u->m - j0 : 2;                                                     \
+            const char *pf = j0 == 0 ? pfn : NULL;                                                      \
+            float *ys[2] = {u->y + (long)u->tok[j0] * H, u->y + (long)u->tok[j0 + nt - 1] * H};         \
+            __m256 hv[2][NR];                                                                           \
+            for (int j = 0; j < 2; j++)                                                                 \
+                for (int r = 0; r < NR; r++)                                                            \
+                    hv[j][r] = _mm256_set1_ps(j < nt && r < nr ? u->hb[(long)(j0 + j) * u->D + r] : 0.0f); \
+            if (nr == NR) {                                                                             \
+                const WT *w0 = wd, *w1 = wd + H, *w2 = wd + 2 * H, *w3 = wd + 3 * H;                    \
+                for (long c = 0, i = 0; c < H8; c += 8, i++) {                                          \
+                    pf_share(pf, blk, i, steps);                                                        \
+                    __m256 v0 = a2_##SUF(w0 + c), v1 = a2_##SUF(w1 + c), v2 = a2_##SUF(w2 + c), v3 = a2_##SUF(w3 + c); \
+                    __m256 a = _mm256_loadu_ps(ys[0] + c);                                              \
+                    a = _mm256_fmadd_ps(hv[0][0], v0, a); a = _mm256_fmadd_ps(hv[0][1], v1, a);         \
+                    a = _mm256_fmadd_ps(hv[0][2], v2, a); a = _mm256_fmadd_ps(hv[0][3], v3, a);         \
+                    _mm256_storeu_ps(ys[0] + c, a);                                                     \
+                    if (nt == 2) {                                                                      \
+                        __m256 b = _mm256_loadu_ps(ys[1] + c);                                          \
+                        b = _mm256_fmadd_ps(hv[1][0], v0, b); b = _mm256_fmadd_ps(hv[1][1], v1, b);     \
+                        b = _mm256_fmadd_ps(hv[1][2], v2, b); b = _mm256_fmadd_ps(hv[1][3], v3, b);     \
+                        _mm256_storeu_ps(ys[1] + c, b);                                                 \
+                    }                                                                                   \
+                }                                                                                       \
+            } else {                                                                                    \
+                for (int j = 0; j < nt; j++)                                                            \
+                    for (int r = 0; r < nr; r++)                                                        \
+                        for (long c = 0; c < H8; c += 8)                                                \
+                            _mm256_storeu_ps(ys[j] + c, _mm256_fmadd_ps(hv[j][r], a2_##SUF(wd + r * H + c), \
+                                                                        _mm256_loadu_ps(ys[j] + c)));   \
+            }                                                                                           \
+            for (int j = 0; j < nt; j++)                                                                \
+                for (int r = 0; r < nr; r++) {                                                          \
+                    float a = u->hb[(long)(j0 + j) * u->D + r];                                         \
+                    for (long c = H8; c < H; c++) ys[j][c] += a * p_##SUF(wd + r * H, c);               \
+                }                                                                                       \
+        }                                                                                               \
+    }
+AVX2_UNIT(f32, float, 4)
+AVX2_UNIT(bf16, uint16_t, 2)
+#pragma GCC pop_options
+
+/* ------------------------------------------------------------------------------- AVX-512 */
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+ALWAYS __m512 a5_f32(const float *p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+ALWAYS __m512 a5_bf16(const uint16_t *p, __mmask16 k) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+ALWAYS __mmask16 a5_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
+/* up: 4 rows x NT tokens (up to 16 zmm accumulators); down: 4 rows x NT tokens. Rows past the
+   unit's nr point at a zero row (their h is 0 and they add exactly 0); the column tail (H % 16)
+   is one masked step, so there is no scalar code. */
+#define A5_UP(SUF, WT, NT)                                                                              \
+    ALWAYS void a5_up_##SUF##_##NT(const WT *const *w, long H, const float *const *xs, float out[NR][4], \
+                                    const char *pf, long blk) {                                        \
+        __m512 acc[NR][NT];                                                                             \
+        long steps = (H + 15) / 16, i = 0;                                                              \
+        for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) acc[r][j] = _mm512_setzero_ps();      \
+        for (long h = 0; h < H; h += 16, i++) {                                                         \
+            __mmask16 k = a5_mask(H - h);                                                               \
+            pf_share(pf, blk, i, steps);                                                                \
+            __m512 wv[NR], xv[NT];                                                                      \
+            for (int r = 0; r < NR; r++) wv[r] = a5_##SUF(w[r] + h, k);                                 \
+            for (int j = 0; j < NT; j++) xv[j] = _mm512_maskz_loadu_ps(k, xs[j] + h);                   \
+            for (int r = 0; r < NR; r++)                                                                \
+                for (int j = 0; j < NT; j++) acc[r][j] = _mm512_fmadd_ps(wv[r], xv[j], acc[r][j]);      \
+        }                                                                                               \
+        for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]); \
+    }
+#define A5_DOWN(SUF, WT, NT)                                                                            \
+    ALWAYS void a5_down_##SUF##_##NT(const WT *const *w, long H, float *const *ys, float hs[4][NR],   \
+                                      const char *pf, long blk) {                                      \
+        __m512 hv[NT][NR];                                                                              \
+        long steps = (H + 15) / 16, i = 0;                                                              \
+        for (int j = 0; j < NT; j++) for (int r = 0; r < NR; r++) hv[j][r] = _mm512_set1_ps(hs[j][r]);  \
+        for (long c = 0; c < H; c += 16, i++) {                                                         \
+            __mmask16 k = a5_mask(H - c);                                                               \
+            pf_share(pf, blk, i, steps);                                                                \
+            __m512 wv[NR];                                                                              \
+            for (int r = 0; r < NR; r++) wv[r] = a5_##SUF(w[r] + c, k);                                 \
+            for (int j = 0; j < NT; j++) {                                                              \
+                __m512 a = _mm512_maskz_loadu_ps(k, ys[j] + c);                                         \
+                for (int r = 0; r < NR; r++) a = _mm512_fmadd_ps(hv[j][r], wv[r], a);                   \
+                _mm512_mask_storeu_ps(ys[j] + c, k, a);                                                 \
+            }                                                                                           \
+        }                                                                                               \
+    }
+#define A5_SWITCH(FN, NT, ...)                                                                          \
+    switch (NT) {                                                                                       \
+    case 1: FN##_1(__VA_ARGS__); break;                                                                 \
+    case 2: FN##_2(__VA_ARGS__); break;                                                                 \
+    case 3: FN##_3(__VA_ARGS__); break;                                                                 \
+    default: FN##_4(__VA_ARGS__); break;                                                                \
+    }
+/* One unit in blocks of up to 4 tokens. UPCALL computes out[r][j] for tokens j0..j0+nt-1. */
+#define A5_UNIT(NAME, SUF, WT, ESZ, UPCALL)                                                             \
+    A5_UP(SUF, WT, 1) A5_UP(SUF, WT, 2) A5_UP(SUF, WT, 3) A5_UP(SUF, WT, 4)                            \
+    A5_DOWN(SUF, WT, 1) A5_DOWN(SUF, WT, 2) A5_DOWN(SUF, WT, 3) A5_DOWN(SUF, WT, 4)                    \
+    static void NAME(const unit_t *u) {                                                                 \
+        long H = u->H;                                                                                  \
+        int nr = u->nr;                                                                                 \
+        long blk = (long)nr * H * ESZ;                                                                  \
+        const WT *wu[NR], *wd[NR];                                                                      \
+        for (int r = 0; r < NR; r++) {                                                                  \
+            wu[r] = r < nr ? (const WT *)u->wu + r * H : (const WT *)u->zrow;                           \
+            wd[r] = r < nr ? (const WT *)u->wd + r * H : (const WT *)u->zrow;                           \
+        }                                                                                               \
+        const char *pfd = g_prefetch ? (const char *)u->wd : NULL;                                      \
+        const char *pfn = g_prefetch ? u->pf_next : NULL;                                               \
+        float out[NR][4], hs[4][NR];                                                                    \
+        for (int j0 = 0; j0 < u->m; j0 += 4) {                                                          \
+            int nt = u->m - j0 < 4 ? u->m - j0 : 4;                                                     \
+            const char *pf = j0 == 0 ? pfd : NULL;                                                      \
+            UPCALL                                                                                      \
+            for (int j = 0; j < nt; j++)                                                                \
+                for (int r = 0; r < nr; r++)                                                            \
+                    u->hb[(long)(j0 + j) * u->D + r] = silu(out[r][j]) * u->sc[j0 + j];                 \
+        }                                                                                               \
+        for (int j0 = 0; j0 < u->m; j0 += 4) {                                                          \
+            int nt = u->m - j0 < 4 ? u->m - j0 : 4;                                                     \
+            const char *pf = j0 == 0 ? pfn : NULL;                                                      \
+            float *ys[4];                                                                               \
+            for (int j = 0; j < 4; j++) {                                                               \
+                ys[j] = u->y + (long)u->tok[j0 + (j < nt ? j : 0)] * H;                                 \
+                for (int r = 0; r < NR; r++)                                                            \
+                    hs[j][r] = j < nt && r < nr ? u->hb[(long)(j0 + j) * u->D + r] : 0.0f;              \
+            }                                                                                           \
+            A5_SWITCH(a5_down_##SUF, nt, wd, H, ys, hs, pf, blk)                                        \
+        }                                                                                               \
+    }
+A5_UNIT(unit_avx512_f32, f32, float, 4, A5_SWITCH(a5_up_f32, nt, wu, H, u->xs + j0, out, pf, blk))
+A5_UNIT(unit_avx512_bf16, bf16, uint16_t, 2, A5_SWITCH(a5_up_bf16, nt, wu, H, u->xs + j0, out, pf, blk))
+#pragma GCC pop_options
+
+/* ------------------------------------------------------------------------- AVX512_BF16 */
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+ALWAYS __m512 a5_bf16b(const uint16_t *p, __mmask16 k) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+/* up with VDPBF16PS: bf16 weights x bf16 x, 32 elements per instruction, fp32 accumulation
+   (a product of two bf16 is exact in fp32). Tail: one masked step (masked lanes read as 0). */
+#define BF_UP(NT)                                                                                       \
+    ALWAYS void bf_up_##NT(const uint16_t *const *w, long H, const uint16_t *const *xh, float out[NR][4], \
+                           const char *pf, long blk) {                                                 \
+        __m512 acc[NR][NT];                                                                             \
+        long steps = (H + 31) / 32, i = 0;                                                              \
+        for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) acc[r][j] = _mm512_setzero_ps();      \
+        for (long h = 0; h < H; h += 32, i++) {                                                         \
+            __mmask32 k = H - h >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (H - h)) - 1);      \
+            pf_share(pf, blk, i, steps);                                                                \
+            __m512i wv[NR], xv[NT];                                                                     \
+            for (int r = 0; r < NR; r++) wv[r] = _mm512_maskz_loadu_epi16(k, w[r] + h);                 \
+            for (int j = 0; j < NT; j++) xv[j] = _mm512_maskz_loadu_epi16(k, xh[j] + h);                \
+            for (int r = 0; r < NR; r++)                                                                \
+                for (int j = 0; j < NT; j++)                                                            \
+                    acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)wv[r], (__m512bh)xv[j]);          \
+        }                                                                                               \
+        for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]); \
+    }
+BF_UP(1) BF_UP(2) BF_UP(3) BF_UP(4)
+A5_UNIT(unit_avx512bf16_bf16, bf16b, uint16_t, 2, A5_SWITCH(bf_up, nt, wu, H, u->xh + j0, out, pf, blk))
+#pragma GCC pop_options
+#endif /* BLOCKFFN_X86 */
+
+/* The unit function for an ISA, weight dtype (0 fp32, 1 bf16) and x dtype. */
+static unit_fn pick_unit(int isa, int wdt, int xdt) {
+#if BLOCKFFN_X86
+    if (isa >= ISA_AVX512_BF16 && wdt == 1 && xdt == 1) return unit_avx512bf16_bf16;
+    if (isa >= ISA_AVX512) return wdt ? unit_avx512_bf16 : unit_avx512_f32;
+    if (isa >= ISA_AVX2) return wdt ? unit_avx2_bf16 : unit_avx2_f32;
+#endif
+    (void)xdt;
+    return wdt ? unit_portable_bf16 : unit_portable_f32;
+}
+
+/* ------------------------------------------------------------------------------ counters */
+/* The live sparsity counters of one layer and step (vllm_blockffn/observe/stats.py columns:
+   tokens, active (token, expert) pairs, non-empty segments, sum of segment union sizes, segment
+   tokens), added to stats[0..4] from the scores this kernel scans anyway. Only tokens in
+   [cu[0], cu[S]) count (padding does not). P: the active pairs in that range, already counted.
+   Reads scores rows in [0, T) only, whatever cu holds. */
+static int count_segments(const float *scores, const int32_t *cu, long S, long T, long E, long P,
+                          int64_t *stats) {
+    long tokens = 0, nseg = 0, unions = 0;
+    unsigned char *seen = NULL;
+    for (long s = 0; s < S; s++) {
+        long a = cu[s] < 0 ? 0 : cu[s], b = cu[s + 1] > T ? T : cu[s + 1];
+        if (b <= a) continue;
+        tokens += b - a;
+        nseg++;
+        if (!seen && !(seen = malloc((size_t)E + 1))) return -1;
+        memset(seen, 0, (size_t)E);
+        for (long t = a; t < b; t++) {
+            const float *r = scores + t * E;
+            for (long e = 0; e < E; e++) seen[e] |= (unsigned char)is_active(r[e]);
+        }
+        for (long e = 0; e < E; e++) unions += seen[e];
+    }
+    free(seen);
+    stats[0] += tokens; stats[1] += P; stats[2] += nseg; stats[3] += unions; stats[4] += tokens;
+    return 0;
+}
+
+/* --------------------------------------------------------------------------------- entry */
+/* dtype codes: 0 = fp32, 1 = bf16. x [T, H] (row stride ldx), scores fp32 [T, E] contiguous,
+   w_up / w_down_t [E, D, H] contiguous, cu int32 [S+1], y [T, H] contiguous (dtype of x).
+   Returns 0 (done), 1 (declined: the dense rule says dense wins; y untouched), -1 (no memory),
+   2 (w_up NULL: only the counters were added), -2 (bad arguments). stats: NULL, or int64 [5]
+   counters to add to (count_segments), also when the call then declines.
+   Dense rule (kernels/dispatch.py): n >= min_dense_tokens and P > max_pair_fraction * n * E,
+   with P the active (token, expert) pairs, n the tokens in range; allow_dense = 0 skips it.
+   isa: the path to use (clamped to blockffn_cpu_isa()). */
+int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, const void *w_up,
+                        const void *w_down, int wdt, const int32_t *cu, long S, long T, long E,
+                        long D, long H, void *y, int nthreads, float up_row_cost, int allow_dense,
+                        long min_dense_tokens, float max_pair_fraction, int64_t *stats, int isa) {
+    if (S < 0 || T < 0 || E < 0 || (w_up && (D <= 0 || H <= 0 || ldx < H)) || xdt < 0 || xdt > 1 ||
+        wdt < 0 || wdt > 1)
+        return -2;
+    long t0 = S > 0 ? cu[0] : 0, t1 = S > 0 ? cu[S] : 0;
+    if (t0 < 0) t0 = 0;
+    if (t1 > T) t1 = T;
+    if (t1 < t0) t1 = t0;
+    long n = t1 - t0;
+    /* the one evaluation of "active": mask[(t - t0) * E + e], counts from the same mask */
+    unsigned char *mask = malloc((size_t)n * E + 1);
+    int *cnt = calloc((size_t)E + 1, sizeof(int));
+    long *off = malloc(((size_t)E + 1) * sizeof(long));
+    int *uni = malloc(((size_t)E + 1) * sizeof(int));
+    if (!mask || !cnt || !off || !uni) { free(mask); free(cnt); free(off); free(uni); return -1; }
+    for (long t = t0; t < t1; t++) {
+        const float *s = scores + t * E;
+        unsigned char *mk = mask + (t - t0) * E;
+        for (long e = 0; e < E; e++) { unsigned char a = (unsigned char)is_active(s[e]); mk[e] = a; cnt[e] += a; }
+    }
+    long U = 0, P = 0;
+    for (long e = 0; e < E; e++) { off[e] = P; P += cnt[e]; if (cnt[e]) uni[U++] = (int)e; }
+    int rc = 0;
+    if (stats && count_segments(scores, cu, S, T, E, P, stats) != 0) rc = -1;
+    else if (!w_up) rc = 2; /* counters only */
+    else if (allow_dense && n >= min_dense_tokens && P > (double)max_pair_fraction * n * E) rc = 1;
+    if (rc != 0) { free(mask); free(cnt); free(off); free(uni); return rc; }
+
+    int best = blockffn_cpu_isa();
+    if (isa < 0 || isa > best) isa = best;
+    unit_fn unit = pick_unit(isa, wdt, xdt);
+    long units = (D + NR - 1) / NR;
+    int nth = nthreads < 1 ? 1 : nthreads;
+    if ((double)P * D * H < 65536.0) nth = 1; /* too little work to fork */
+    if (nth > U * units) nth = U * units > 0 ? (int)(U * units) : 1;
+    size_t wsz = wdt ? 2 : 4;
+    int *tok = malloc(((size_t)P + 1) * sizeof(int));
+    float *sc = malloc(((size_t)P + 1) * sizeof(float));
+    float *hb = malloc(((size_t)P * D + 1) * sizeof(float));
+    const float **xs = malloc(((size_t)P + 1) * sizeof(float *));
+    const uint16_t **xh = malloc(((size_t)P + 1) * sizeof(uint16_t *));
+    void *zrow = calloc((size_t)H + 16, 4);
+    int need_xf = xdt != 0, direct = xdt == 0; /* fp32 output: thread 0 accumulates into y */
+    float *xf = need_xf ? malloc(((size_t)n * H + 1) * sizeof(float)) : NULL;
+    long nbuf = direct ? nth - 1 : nth;
+    float *yb = nbuf > 0 ? malloc(((size_t)nbuf * T * H + 1) * sizeof(float)) : NULL;
+    int *used = calloc((size_t)nth + 1, sizeof(int));
+    int ok = tok && sc && hb && xs && xh && zrow && used && (!need_xf || xf) && (nbuf == 0 || yb);
+    if (ok) {
+        for (long t = t0; t < t1; t++) { /* fill: the same mask, so exactly cnt[e] entries each */
+            const float *s = scores + t * E;
+            const unsigned char *mk = mask + (t - t0) * E;
+            for (long e = 0; e < E; e++)
+                if (mk[e]) { tok[off[e]] = (int)t; sc[off[e]] = s[e]; off[e]++; }
+        }
+        for (long e = 0; e < E; e++) off[e] -= cnt[e];
+        if (need_xf)
+            for (long t = t0; t < t1; t++) {
+                const uint16_t *src = (const uint16_t *)x + t * ldx;
+                float *dst = xf + (t - t0) * H;
+                for (long k = 0; k < H; k++) dst[k] = cv_bf16(src[k]);
+            }
+        for (long p = 0; p < P; p++) {
+            xs[p] = need_xf ? xf + (tok[p] - t0) * H : (const float *)x + tok[p] * ldx;
+            xh[p] = need_xf ? (const uint16_t *)x + tok[p] * ldx : NULL;
+        }
+        /* cost of one unit of expert e: its row reads plus its tokens' dots */
+        double total = 0.0;
+        for (long u = 0; u < U; u++) total += units * (up_row_cost + cnt[uni[u]]);
+        /* one chunk of equal cost per thread, assigned statically: the summation order, hence
+           the rounding, depends only on the thread count */
+        long nchunks = nth;
+        if (direct) memset(y, 0, (size_t)T * H * sizeof(float));
+        #pragma omp parallel num_threads(nth)
+        {
+            int tid = omp_get_thread_num();
+            float *ym = NULL;
+            #pragma omp for schedule(static, 1) nowait
+            for (long ch = 0; ch < nchunks; ch++) {
+                if (!ym) {
+                    ym = direct ? (tid == 0 ? (float *)y : yb + (tid - 1) * T * H) : yb + tid * T * H;
+                    if (!(direct && tid == 0)) memset(ym, 0, (size_t)T * H * sizeof(float));
+                    used[tid] = 1;
+                }
+                /* unit k of expert e sits at cost position cum_e + k * c_e; the chunk takes the
+                   positions in [lo, hi): the same expressions for neighbours, so an exact cover.
+                   A thread runs up then down for its rows into its own y: no barrier. */
+                double lo = ch == 0 ? -1.0 : total * ch / nchunks;
+                double hi = ch == nchunks - 1 ? 2.0 * total + 1.0 : total * (ch + 1) / nchunks, cum = 0.0;
+                unit_t cur, nxt;
+                int have = 0;
+                for (long u = 0; u < U && cum < hi; u++) {
+                    long e = uni[u];
+                    int m = cnt[e];
+                    double c = up_row_cost + m, ce = c * units;
+                    if (cum + ce > lo) {
+                        long k0 = (long)ceil((lo - cum) / c), k1 = (long)ceil((hi - cum) / c);
+                        k0 = k0 < 0 ? 0 : k0 > units ? units : k0;
+                        k1 = k1 < 0 ? 0 : k1 > units ? units : k1;
+                        for (long k = k0; k < k1; k++) {
+                            long d0 = k * NR;
+                            size_t o = (size_t)(e * D + d0) * H * wsz;
+                            nxt.wu = (const char *)w_up + o;
+                            nxt.wd = (const char *)w_down + o;
+                            nxt.pf_next = NULL;
+                            nxt.H = H; nxt.D = D;
+                            nxt.nr = D - d0 < NR ? (int)(D - d0) : NR;
+                            nxt.m = m;
+                            nxt.xs = xs + off[e]; nxt.xh = xh + off[e];
+                            nxt.sc = sc + off[e]; nxt.tok = tok + off[e];
+                            nxt.hb = hb + off[e] * D + d0;
+                            nxt.y = ym; nxt.zrow = zrow;
+                            /* run the previous unit now that the next one's rows are known */
+                            if (have) { cur.pf_next = (const char *)nxt.wu; unit(&cur); }
+                            cur = nxt;
+                            have = 1;
+                        }
+                    }
+                    cum += ce;
+                }
+                if (have) unit(&cur);
+            }
+        }
+        /* sum the threads' partial outputs (and round to bf16) */
+        long nn = T * H;
+        if (direct) {
+            float *yo = (float *)y;
+            for (long b = 0; b < nbuf; b++) {
+                if (!used[b + 1]) continue;
+                const float *src = yb + b * nn;
+                for (long i = 0; i < nn; i++) yo[i] += src[i];
+            }
+        } else {
+            uint16_t *yo = (uint16_t *)y;
+            for (long i = 0; i < nn; i++) {
+                float a = 0.0f;
+                for (long b = 0; b < nbuf; b++) if (used[b]) a += yb[b * nn + i];
+                yo[i] = to_bf16(a);
+            }
+        }
+    }
+    free(mask); free(used); free(cnt); free(off); free(uni); free(tok); free(sc); free(hb); free(xs);
+    free(xh); free(zrow); free(xf); free(yb);
+    return ok ? 0 : -1;
+}
