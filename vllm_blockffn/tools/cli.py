@@ -5,6 +5,7 @@ to an official release's expert bytes and depth, computing the same function).""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from vllm_blockffn.tools.demo import DEFAULT_DEMO_DIR
@@ -28,14 +29,49 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from vllm_blockffn.serving.checkpoint import check_weights
+    """config.json, every weight file, every weight's name, shape, dtype and values (NaN/Inf), of a
+    BlockFFN checkpoint or of a BlockFFN/FR-Spec EAGLE head folder. Errors: one line, exit 2."""
+    from vllm_blockffn.serving import checkpoint as ck
     from vllm_blockffn.serving.config import BlockFFNSpec
 
-    spec = BlockFFNSpec.from_pretrained(args.model)
-    check_weights(args.model, spec)
+    path = args.model
+    cfg = ck.read_config(path)
+    # Every weight file first (whatever the folder is): a broken file is named before anything else.
+    infos = ck.check_folder_files(path, load_legacy_bin=False)
+    if ck.is_eagle_head(infos):
+        return _check_head(path, cfg, infos)
+    spec = BlockFFNSpec.from_config(cfg, source=os.path.join(path, "config.json"))  # names a non-BlockFFN ffn_type
+    infos = ck.check_weights(path, spec)
+    _fail_on_nonfinite(ck.nonfinite_weights(infos, ck.expected_shapes(spec)))
     print(f"{args.model}: BlockFFN checkpoint OK ({spec.attention_type} attention, {spec.ffn_type} layout, "
-          f"E={spec.num_experts}, d_e={spec.expert_size}, router norm {spec.norm_after_router})")
+          f"E={spec.num_experts}, d_e={spec.expert_size}, router norm {spec.norm_after_router}; "
+          f"{len(infos)} tensors, all finite)")
     return 0
+
+
+def _check_head(path: str, cfg: dict, infos) -> int:
+    """An EAGLE head folder: what `vllm serve --speculative-config` would check, and its values."""
+    from vllm_blockffn.serving import checkpoint as ck
+
+    _fail_on_nonfinite(ck.nonfinite_weights(infos))  # before the slow import of vLLM below
+    from vllm_blockffn.serving.eagle import inspect_head, read_remap_file  # imports vLLM (seconds)
+
+    fields = inspect_head(path, cfg)  # EagleHeadError naming the tensor or field at fault
+    source = fields["eagle_remap_source"] or ""
+    if source.startswith("file:"):
+        read_remap_file(os.path.join(path, source[5:]))  # EagleHeadError naming the file
+    vocab = fields["eagle_draft_vocab_size"]
+    print(f"{path}: BlockFFN EAGLE head OK ({fields['num_hidden_layers']} layer(s), H={fields['hidden_size']}, "
+          f"draft vocabulary {f'{vocab} ({source})' if vocab else 'full'}; {len(infos)} tensors, all finite)")
+    return 0
+
+
+def _fail_on_nonfinite(problems: list[str]) -> None:
+    from vllm_blockffn.serving.checkpoint import BlockFFNFileError
+
+    if problems:
+        more = f" (and {len(problems) - 1} more tensor(s) with NaN/Inf)" if len(problems) > 1 else ""
+        raise BlockFFNFileError(problems[0] + more)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -99,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --eagle-head: an FR-Spec reduced draft vocabulary of V tokens (freq_V.pt)")
     tiny.set_defaults(func=_make_tiny)
 
-    check = sub.add_parser("check", help="check a checkpoint's config.json and weight shapes")
+    check = sub.add_parser("check", help="check a checkpoint's (or EAGLE head's) config.json, weight files, "
+                                         "weight names, shapes, dtypes and values (NaN/Inf)")
     check.add_argument("model")
     check.set_defaults(func=_check)
 
