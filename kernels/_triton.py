@@ -98,10 +98,12 @@ def _interpretable_language() -> Iterator[None]:
     the process), so every attribute of those modules and classes is put back afterwards:
     compiled kernels launched later in the same process see an untouched ``triton.language``.
     """
-    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.interpreter import InterpretedFunction, InterpreterBuilder
     from triton.runtime.jit import JITFunction
 
     saved = [(obj, dict(vars(obj))) for obj in _language_objects()]
+    saved.append((InterpreterBuilder, dict(vars(InterpreterBuilder))))
+    InterpreterBuilder.create_dot = _bf16_exact_dot(InterpreterBuilder.create_dot)
     for name, value in list(vars(tl).items()):
         if isinstance(value, JITFunction):
             twin = _interpreted_stdlib.get(name)
@@ -123,6 +125,26 @@ def _interpretable_language() -> Iterator[None]:
 
 
 _MISSING = object()
+
+
+def _bf16_exact_dot(create_dot: Callable[..., Any]) -> Callable[..., Any]:
+    """The interpreter's ``tl.dot`` with bf16 operands read as numbers: Triton 3.9 stores bf16
+    tiles as their uint16 bit patterns and multiplies those (see ``dot_mode``). Our own kernels
+    upcast before their dots (``DOT_MODE=2``); vLLM's fused-MoE kernel, which we run unchanged,
+    dots bf16 tiles directly. Widening the bits to fp32 gives the exact products a GPU's
+    fp32-accumulating bf16 dot computes."""
+    import numpy as np
+    from triton.runtime.interpreter import TensorHandle
+
+    def widen(h: Any) -> Any:
+        if h.dtype == tl.bfloat16:
+            return TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return h
+
+    def dot(self: Any, a: Any, b: Any, d: Any, input_precision: Any, max_num_imprecise_acc: Any) -> Any:
+        return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    return dot
 
 
 def next_pow2(n: int) -> int:

@@ -10,6 +10,10 @@ fraction of expert weight bytes read. It stops paying when
 
 CUDA decisions may use static facts only (T, S, E, D, H): counts live on the device and a
 decision must not sync the host or differ between a CUDA graph's capture and its replays.
+On CUDA there are three paths (:func:`cuda_path`): the per-segment Triton kernels, the
+expert-major path through vLLM's fused-MoE kernel (each expert of the whole step's union read
+once, only active pairs computed) and dense GEMMs; the choice is the cheapest by a closed-form
+byte/FLOP model (:func:`cuda_costs`) under a routing model fitted to the bundled model.
 The CPU path knows its counts for free and decides on the actual union sizes.
 """
 
@@ -20,18 +24,37 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class DispatchThresholds:
-    # ---- CUDA: static facts only (T, S, E, D, H).
+    # ---- CUDA: static facts only (T, S, E, D, H). See cuda_costs for the model.
+    cuda_max_experts: int = 256
+    """Both Triton paths keep E-wide rows per program (and vLLM's reduction unrolls over E)."""
+    # Routing model: the fraction of the E experts that the union of S segments of L consecutive
+    # tokens each (independent requests) uses is  c + (1 − c)·(1 − (1 − q)^(S^β·L^γ)):  c of the
+    # experts fire on (nearly) every token, the others like independent draws with rate q, and
+    # S requests / L consecutive tokens act like S^β / L^γ independent tokens (shared
+    # preferences, activation locality). Fitted to the bundled model's routing on held-out text
+    # (benchmarks/gpu_on_paper_routing.json; within 0.03 of every measured point with S·L ≤ 2048:
+    # one segment of 8 tokens 29.5%, 8 decode requests 25.6%, 32: 64%, 128: 97%). Active
+    # (token, expert) pairs: 9.7% of T·E, the same at every S and L. Its CLS-8 (≈ 70%) and
+    # per-token sparsity (≈ 90%) are what the BlockFFN paper reports for its models.
+    cuda_always_on_fraction: float = 0.03
+    cuda_other_rate: float = 0.048
+    cuda_segments_exponent: float = 0.86
+    cuda_locality_exponent: float = 0.84
+    cuda_pair_fraction: float = 0.097
+    # Device (H100 SXM, bf16 dense tensor cores) and per-launch cost (CUDA-graph replay).
+    cuda_bandwidth_tbps: float = 3.35
+    cuda_peak_tflops: float = 989.0
+    cuda_launch_us: float = 1.0
+    # ---- CUDA without the expert-major path (vLLM not importable: the bare-kernels GPU machine).
     cuda_expected_union_fraction: float = 0.3
     """Union density assumed per segment: trained BlockFFN routers reach ~70% CLS-8 (SPEC §3)."""
     cuda_max_read_ratio: float = 0.9
-    """Sparse while S · expected union fraction ≤ this, i.e. while the per-segment unions are
+    """Per-segment while S · expected union fraction ≤ this, i.e. while the per-segment unions are
     expected to read fewer weight bytes than one dense pass over all E experts (S ≤ 3 here)."""
     cuda_max_tokens: int = 512
     """Above this many tokens in the step, run dense: the GEMMs are compute-bound."""
     cuda_max_tokens_per_segment: int = 128
     """Above this average segment length a union is close to all experts: run dense."""
-    cuda_max_experts: int = 256
-    """The Triton kernels keep one row of E scores per program."""
     # ---- CPU: data-dependent (the counts are on the host anyway).
     cpu_max_union_fraction: float = 0.8
     """PyTorch path only (no C compiler, or fp16; the native kernel has its own rule below).
@@ -56,9 +79,123 @@ class DispatchThresholds:
     cpu_max_pair_fraction: float = 0.75
     """Dense when more than this fraction of all (token, expert) pairs is active (compute-bound
     and nearly dense; trained BlockFFN routers activate ~20% per token, so prefill stays sparse)."""
+    # ---- CPU dense linears of BlockFFN models (vllm_blockffn/serving/layers/cpu_linear.py).
+    cpu_linear_max_tokens: int = 8
+    """Up to this many rows, a linear runs the native streaming GEMV (each weight byte read once, at
+    memory speed); above it, F.linear (oneDNN GEMM, compute-bound). At M = 8 the streaming kernel
+    still reads at memory speed (benchmarks/bench_memory_cpu.py, linear rows)."""
 
 
 THRESHOLDS = DispatchThresholds()
+
+
+CUDA_PATHS = ("segments", "expert_major", "dense")
+
+
+def union_fraction(
+    num_segments: float, tokens_per_segment: float, thresholds: DispatchThresholds = THRESHOLDS
+) -> float:
+    """Expected fraction of the experts in the union of ``num_segments`` independent segments of
+    ``tokens_per_segment`` consecutive tokens each (the routing model of :class:`DispatchThresholds`)."""
+    t = thresholds
+    if num_segments <= 0 or tokens_per_segment <= 0:
+        return 0.0
+    n = num_segments**t.cuda_segments_exponent * tokens_per_segment**t.cuda_locality_exponent
+    c = t.cuda_always_on_fraction
+    return c + (1.0 - c) * (1.0 - (1.0 - t.cuda_other_rate) ** n)
+
+
+def cuda_costs(
+    num_tokens: int,
+    num_segments: int,
+    num_experts: int,
+    expert_size: int,
+    hidden_size: int,
+    elt: int = 2,
+    thresholds: DispatchThresholds = THRESHOLDS,
+) -> dict[str, float]:
+    """Modelled µs of one layer's expert part per CUDA path, from static shapes only.
+
+    Each launch costs max(bytes / bandwidth, FLOPs / peak) + a fixed launch cost; bytes are what
+    the launch must move (weights once per launch, activations once), expected sizes from the
+    routing model. Segments: ``num_segments`` may count an empty padding segment, so at most
+    ``num_tokens`` of them are taken to read weights. The launches (benchmarks/gpu_on_paper.py
+    counts them exactly and checks this model against its own figures):
+    - segments: union + up (its union's weights, every token × every union expert, h out) + down
+      (weights again, h in, y out) + the K-split reduction: 5;
+    - expert_major: routing (2 elementwise) + alignment (vLLM's op) + up GEMM (the step union's
+      weights, an x row per active pair, h out) + SiLU over the [T·E, D] buffer + down GEMM
+      (weights, h in, a [pairs, H] output) + the weighted sum over each token's pairs: 7;
+    - dense: GEMM (all weights), SiLU, score cast, score multiply, GEMM: 5.
+    """
+    t = thresholds
+    T, E, D, H = num_tokens, num_experts, expert_size, hidden_size
+    bw, peak = t.cuda_bandwidth_tbps * 1e6, t.cuda_peak_tflops * 1e6  # bytes / µs, FLOP / µs
+
+    def cost(nbytes: float, flops: float = 0.0) -> float:
+        return max(nbytes / bw, flops / peak) + t.cuda_launch_us
+
+    W = E * D * H * elt  # one projection of all experts
+    s_eff = max(1, min(num_segments, T))
+    L = T / s_eff
+    u_seg = union_fraction(1, L, t)
+    u_step = union_fraction(s_eff, L, t)
+    P = t.cuda_pair_fraction * T * E  # active pairs
+    h_seg = T * u_seg * E * D * elt
+    seg = (cost(T * E * 4)  # union of the fp32 scores
+           + cost(s_eff * u_seg * W + T * H * elt + h_seg, 2 * T * u_seg * E * D * H)
+           + cost(s_eff * u_seg * W + h_seg + T * H * 4, 2 * T * u_seg * E * D * H)
+           + 2 * cost(2 * T * H * 4))
+    em = (2 * cost(T * E * 5) + cost(T * E * 12)
+          + cost(u_step * W + P * (H + D) * elt, 2 * P * D * H)
+          + cost(2 * T * E * D * elt)
+          + cost(u_step * W + P * (D + H) * elt, 2 * P * D * H)
+          + cost(P * H * elt + T * E * 8 + T * H * elt))
+    h = T * E * D * elt
+    dense = (cost(W + T * H * elt + h, 2 * T * E * D * H) + cost(2 * h) + cost(T * E * (4 + elt))
+             + cost(2 * h + T * E * elt) + cost(W + h + T * H * elt, 2 * T * E * D * H))
+    return {"segments": seg, "expert_major": em, "dense": dense}
+
+
+def cuda_path(
+    num_tokens: int,
+    num_segments: int,
+    num_experts: int,
+    expert_size: int,
+    hidden_size: int,
+    thresholds: DispatchThresholds = THRESHOLDS,
+    expert_major: bool = True,
+    elt: int = 2,
+    allow_dense: bool = True,
+) -> str:
+    """Static (shape-only) choice for CUDA tensors: "segments", "expert_major" or "dense".
+
+    The cheapest path by :func:`cuda_costs`, the per-segment kernels only for steps of at most
+    ``cuda_max_tokens`` tokens and ``cuda_max_tokens_per_segment`` tokens per segment on average;
+    dense when there is nothing to do or more experts than the Triton paths take.
+    ``expert_major=False`` (vLLM's kernels not importable) keeps the per-segment-or-dense rule of
+    the thresholds' last CUDA block. ``allow_dense=False``: the cheaper of the two sparse paths
+    (a forced sparse backend)."""
+    t = thresholds
+    T, S, E = num_tokens, num_segments, num_experts
+    if not expert_major:
+        if not allow_dense:
+            return "segments"
+        if T == 0 or S == 0 or E > t.cuda_max_experts or T > t.cuda_max_tokens:
+            return "dense"
+        if T > t.cuda_max_tokens_per_segment * S:
+            return "dense"
+        return "dense" if S * t.cuda_expected_union_fraction > t.cuda_max_read_ratio else "segments"
+    if T == 0 or S == 0 or E > t.cuda_max_experts:
+        return "dense" if allow_dense else "segments"
+    costs = cuda_costs(T, S, E, expert_size, hidden_size, elt, t)
+    if not allow_dense:
+        del costs["dense"]
+    if T > t.cuda_max_tokens or T > t.cuda_max_tokens_per_segment * S:
+        # Long segments: the per-segment kernels multiply every token by its whole union at well
+        # below cuBLAS efficiency (the model's peak-FLOP figure would flatter them).
+        del costs["segments"]
+    return min(costs, key=lambda p: (costs[p], CUDA_PATHS.index(p)))
 
 
 def cuda_prefers_dense(
@@ -68,16 +205,11 @@ def cuda_prefers_dense(
     expert_size: int,
     hidden_size: int,
     thresholds: DispatchThresholds = THRESHOLDS,
+    expert_major: bool = True,
 ) -> bool:
-    """Static (shape-only) choice for CUDA tensors: True → dense GEMMs, False → sparse Triton."""
-    t = thresholds
-    if num_tokens == 0 or num_segments == 0:
-        return True
-    if num_experts > t.cuda_max_experts or num_tokens > t.cuda_max_tokens:
-        return True
-    if num_tokens > t.cuda_max_tokens_per_segment * num_segments:
-        return True
-    return num_segments * t.cuda_expected_union_fraction > t.cuda_max_read_ratio
+    """True → dense GEMMs, False → one of the sparse Triton paths (:func:`cuda_path`)."""
+    return cuda_path(num_tokens, num_segments, num_experts, expert_size, hidden_size, thresholds,
+                     expert_major) == "dense"
 
 
 def cpu_native_prefers_dense(

@@ -5,12 +5,12 @@ implementations and never looks inside) and to CUDA graphs (the Triton launches 
 have shape-only grids and never sync the host), so the model's forward stays one graph.
 
 Device rule for ``impl="auto"``:
-- CUDA tensors → Triton kernels, or dense GEMMs when :func:`~.dispatch.cuda_prefers_dense`
-  says so from static shapes;
+- CUDA tensors → the per-segment Triton kernels, the expert-major path through vLLM's fused-MoE
+  kernel, or dense GEMMs, as :func:`~.dispatch.cuda_path` chooses from static shapes;
 - CPU tensors → ``sparse_ffn_cpu``: the native expert-major kernel (fp32/bf16, when it could be
   compiled; else the plain-PyTorch path), or dense GEMMs when
   :func:`~.dispatch.cpu_native_prefers_dense` says so (vLLM runs no Triton on CPUs).
-``impl="triton"`` forces the Triton kernels, also on CPU tensors when
+``impl="triton"`` forces the Triton kernels (the cheaper sparse path), also on CPU tensors when
 ``TRITON_INTERPRET=1`` is set (how the tests run them); ``impl="torch"`` forces the CPU
 sparse path (native kernel or PyTorch), never falling back to dense; ``impl="dense"`` the dense GEMMs.
 """
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ._triton import HAS_TRITON, interpret_mode, triton_usable
-from .dispatch import cuda_prefers_dense
+from .dispatch import cuda_path
 from .router.naive import ROUTER_MODES, router_naive
 from .segments.naive import segment_union_naive
 from .sparse_ffn.cpu import dense_ffn as _dense_ffn_torch
@@ -77,11 +77,15 @@ def _sparse_ffn_impl(
     S = cu_seqlens.shape[0] - 1
     if impl == "auto":
         if x.is_cuda:
-            impl = "dense" if (not HAS_TRITON or cuda_prefers_dense(T, S, E, D, H)) else "triton"
+            impl = "dense" if (not HAS_TRITON or _cuda_path(x, T, S, E, D, H) == "dense") else "triton"
     if impl == "dense":
         return _dense_ffn_torch(x, scores, w_up, w_down_t)
     if impl == "triton":
         _need_triton(x.device)
+        if _cuda_path(x, T, S, E, D, H, allow_dense=False) == "expert_major":
+            from .sparse_ffn.triton_expert_major import expert_major_ffn_triton
+
+            return expert_major_ffn_triton(x, scores, w_up, w_down_t)  # no segments needed
         from .sparse_ffn.naive import active_scores
         from .sparse_ffn.triton_sparse_ffn import sparse_ffn_triton
 
@@ -94,6 +98,14 @@ def _sparse_ffn_impl(
         return sparse_ffn_cpu(x.cpu(), scores.cpu(), w_up.cpu(), w_down_t.cpu(), cu_seqlens.cpu(),
                               allow_dense=False).to(x.device)
     return sparse_ffn_cpu(x, scores, w_up, w_down_t, cu_seqlens, allow_dense=allow_dense, stats=stats)
+
+
+def _cuda_path(x: torch.Tensor, T: int, S: int, E: int, D: int, H: int, allow_dense: bool = True) -> str:
+    """:func:`~.dispatch.cuda_path` for these shapes; expert-major only where vLLM's kernels exist."""
+    from .sparse_ffn.triton_expert_major import vllm_kernels_available
+
+    return cuda_path(T, S, E, D, H, expert_major=vllm_kernels_available(), elt=x.element_size(),
+                     allow_dense=allow_dense)
 
 
 def _segment_union_impl(active: torch.Tensor, cu_seqlens: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor]:

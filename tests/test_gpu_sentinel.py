@@ -233,6 +233,7 @@ def _import_forward_path() -> None:
     import vllm_blockffn.kernels.ops  # noqa: F401
     import vllm_blockffn.kernels.router.triton_router  # noqa: F401
     import vllm_blockffn.kernels.segments.triton_segments  # noqa: F401
+    import vllm_blockffn.kernels.sparse_ffn.triton_expert_major  # noqa: F401
     import vllm_blockffn.kernels.sparse_ffn.triton_sparse_ffn  # noqa: F401
 
     import vllm_blockffn.observe.metrics  # noqa: F401
@@ -424,6 +425,41 @@ def assert_clean(sentinel: Sentinel) -> None:
 
 
 SPARSE_KERNELS = ("_segment_union_kernel", "_sparse_up_kernel", "_sparse_down_kernel")
+EXPERT_MAJOR_KERNELS = ("fused_moe_kernel", "moe_fused_mul_sum_kernel")  # vLLM's, re-jitted
+
+
+def kernel_segments(step: Step) -> int:
+    """The segment count the expert op hands the kernels: one per (padded) request plus the
+    padding segment, always appended on an accelerator; one without attention metadata."""
+    return step.R + 1 if step.attn else 1
+
+
+def expected_path(step: Step, backend: str) -> str:
+    from vllm_blockffn.kernels.dispatch import cuda_path
+
+    return cuda_path(step.T, kernel_segments(step), E, D, H, elt=DTYPE.itemsize, allow_dense=backend == "auto")
+
+
+def check_expert_major_launches(sentinel: Sentinel, step: Step, forwards: int) -> None:
+    """Two fused-MoE GEMMs and one weighted sum per forward (one chunk at these sizes), over
+    every token: routing ids/weights [T, E], the pair buffers [T·E, ·], static grids."""
+    gemms = sentinel.launched("fused_moe_kernel")
+    sums = sentinel.launched("moe_fused_mul_sum_kernel")
+    assert len(gemms) == 2 * forwards and len(sums) == forwards, sentinel.launches
+    assert not any(sentinel.launched(k) for k in SPARSE_KERNELS), sentinel.launches
+    for up, down in zip(gemms[::2], gemms[1::2]):
+        assert up.args["a_ptr"][0] == (step.T, H) and up.args["c_ptr"][0] == (step.T * E, D), up
+        assert up.args["b_ptr"][0] == (E, D, H) and up.args["top_k"] == E, up
+        assert down.args["a_ptr"][0] == (step.T * E, D) and down.args["c_ptr"][0] == (step.T * E, H), down
+        assert down.args["b_ptr"][0] == (E, H, D) and down.args["top_k"] == 1, down
+        for g in (up, down):
+            assert g.args["num_valid_tokens"] == step.T * E and g.args["MUL_ROUTED_WEIGHT"] is False, g
+            ids_shape, ids_dtype = g.args["sorted_token_ids_ptr"]
+            assert ids_dtype == torch.int32 and g.args["EM"] == ids_shape[0], g
+    for ms in sums:
+        assert ms.grid == (step.T,) and ms.args["inputs_ptr"][0] == (step.T, E, H), ms
+        assert ms.args["top_ids_ptr"] == ((step.T, E), torch.int32) and ms.args["has_expert_map"] is True, ms
+        assert ms.args["topk_weights_ptr"] == ((step.T, E), torch.float32), ms
 
 
 def check_sparse_launches(sentinel: Sentinel, step: Step, forwards: int) -> None:
@@ -445,8 +481,6 @@ def check_sparse_launches(sentinel: Sentinel, step: Step, forwards: int) -> None
 @pytest.mark.parametrize("backend", ["sparse", "auto"])
 @pytest.mark.parametrize("step", list(STEPS.values()), ids=list(STEPS))
 def test_forward_never_syncs_nor_copies_to_device(vllm_config, recorder, step, backend, stats, monkeypatch, tmp_path):
-    from vllm_blockffn.kernels.dispatch import cuda_prefers_dense
-
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the compiled (GPU) configuration
     monkeypatch.setenv("VLLM_BLOCKFFN_BACKEND", backend)
     monkeypatch.setenv("VLLM_BLOCKFFN_STATS", "1" if stats == "on" else "0")
@@ -459,18 +493,13 @@ def test_forward_never_syncs_nor_copies_to_device(vllm_config, recorder, step, b
 
     assert_clean(sentinel)
     forwards = STEPS_PER_TEST * NUM_LAYERS
-    if backend == "sparse":
-        expect_triton = True
-    else:  # auto decides from static shapes; the segment count is R (+1 for padding tokens)
-        choices = {cuda_prefers_dense(step.T, s, E, D, H) for s in (step.R, step.R + 1)} if step.attn else \
-            {cuda_prefers_dense(step.T, s, E, D, H) for s in (1, 2)}
-        expect_triton = None if len(choices) > 1 else not choices.pop()
-    if expect_triton:
+    path = expected_path(step, backend)  # static: T, the segment count, E, D, H
+    if path == "segments":
         check_sparse_launches(sentinel, step, forwards)
-    elif expect_triton is False:
-        assert not any(sentinel.launched(k) for k in SPARSE_KERNELS), sentinel.launches
-    else:  # undecided by the shapes alone: all-or-nothing
-        assert {len(sentinel.launched(k)) for k in SPARSE_KERNELS} in ({0}, {forwards}), sentinel.launches
+    elif path == "expert_major":
+        check_expert_major_launches(sentinel, step, forwards)
+    else:
+        assert not any(sentinel.launched(k) for k in SPARSE_KERNELS + EXPERT_MAJOR_KERNELS), sentinel.launches
     if stats == "off":
         assert not recorded, "VLLM_BLOCKFFN_STATS=0 but the counters were updated"
     elif step.attn:
@@ -480,12 +509,47 @@ def test_forward_never_syncs_nor_copies_to_device(vllm_config, recorder, step, b
             assert isinstance(scores, torch.Tensor) and scores.device == DEV, "counters not kept on the device"
 
 
+@pytest.mark.parametrize("stats", ["on", "off"])
+@pytest.mark.parametrize("step", list(STEPS.values()), ids=list(STEPS))
+def test_expert_major_path_never_syncs_nor_copies_to_device(vllm_config, recorder, step, stats, monkeypatch,
+                                                            tmp_path):
+    """The expert-major path (vLLM's fused-MoE kernel) on every step, whatever the rule picks at
+    these tiny shapes: routing, the torch alignment (vLLM's CUDA op is absent here), two GEMMs,
+    the SiLU and the weighted sum, all sync-free with static grids."""
+    from vllm_blockffn.kernels import ops
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("VLLM_BLOCKFFN_BACKEND", "sparse")
+    monkeypatch.setenv("VLLM_BLOCKFFN_STATS", "1" if stats == "on" else "0")
+    monkeypatch.setenv("VLLM_BLOCKFFN_STATS_DIR", str(tmp_path))
+    monkeypatch.setenv("VLLM_BLOCKFFN_STATS_INTERVAL", "0")
+    monkeypatch.setattr(ops, "_cuda_path", lambda *a, **k: "expert_major")
+    sentinel = run_steps(vllm_config, build_layers(vllm_config), step)
+    assert_clean(sentinel)
+    check_expert_major_launches(sentinel, step, STEPS_PER_TEST * NUM_LAYERS)
+
+
+def test_rule_reaches_every_path():
+    """Guard for the parametrized tests: at the official shapes the static rule sends a single
+    decode request to the per-segment kernels, 8 decode requests to the expert-major path and a
+    2048-token prefill to the expert-major path; and the steps above cover both sparse paths."""
+    from vllm_blockffn.kernels.dispatch import cuda_path
+
+    H_, E_, D_ = 1792, 56, 128  # 1.2B XLarge
+    assert cuda_path(1, 2, E_, D_, H_) == "segments"  # one request + the padding segment
+    assert cuda_path(8, 9, E_, D_, H_) == "expert_major"  # 8 decode requests
+    assert cuda_path(32, 9, E_, D_, H_) == "expert_major"  # 8 verify chunks of 4
+    assert cuda_path(2048, 2, E_, D_, H_) == "expert_major"  # a prefill
+    assert cuda_path(2048, 2, E_, D_, H_, expert_major=False) == "dense"  # without vLLM's kernels
+    assert cuda_path(1, 1, 512, D_, H_) == "dense"  # more experts than the Triton paths take
+    paths = {expected_path(step, "sparse") for step in STEPS.values()}
+    assert "segments" in paths, paths
+
+
 def test_auto_backend_reaches_triton(vllm_config, recorder, monkeypatch):
     """Guard for the parametrized test: some auto steps do run the sparse kernels."""
-    from vllm_blockffn.kernels.dispatch import cuda_prefers_dense
-
     step = STEPS["decode-1"]
-    assert not any(cuda_prefers_dense(step.T, s, E, D, H) for s in (1, 2))
+    assert expected_path(step, "auto") == "segments"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("VLLM_BLOCKFFN_BACKEND", "auto")
     sentinel = run_steps(vllm_config, build_layers(vllm_config), step)

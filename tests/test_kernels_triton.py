@@ -237,3 +237,107 @@ def test_interpreted_launches_leave_triton_language_untouched():
     for obj, attrs in zip(objs, before, strict=True):
         now = vars(obj)
         assert all(now.get(name) is value for name, value in attrs.items()), obj
+
+
+# ---------------------------------------------------------------- expert-major (vLLM's fused-MoE kernel)
+from vllm_blockffn.kernels.sparse_ffn import triton_expert_major as em  # noqa: E402
+from vllm_blockffn.kernels.sparse_ffn.naive import expert_major_naive, moe_align_block_size_naive  # noqa: E402
+
+needs_vllm = pytest.mark.skipif(not em.vllm_kernels_available(), reason="vLLM's fused-MoE kernel sources not installed")
+
+EM_CASES = [
+    # lengths (segments: only for make_scores' unions; the path ignores them), E, D, H, union fraction, dtype
+    ([1], 56, 32, 64, 0.3, "fp32"),  # one decode token
+    ([1] * 8, 48, 24, 40, 0.25, "bf16"),  # a decode batch of 8, partial D / H tiles
+    ([1] * 32, 16, 16, 48, 0.4, "fp16"),  # a decode batch of 32
+    ([4] * 8, 24, 16, 32, 0.3, "bf16"),  # 8 verify chunks of k+1 = 4
+    ([37, 1, 1, 6], 12, 32, 64, [0.8, 0.3, 0.2, 0.5], "fp32"),  # mixed prefill + decode
+    ([3, 2], 256, 16, 32, 0.05, "fp16"),  # the largest E
+    ([6], 10, 16, 32, 0.0, "fp32"),  # no active expert anywhere
+]
+
+
+def _em_inputs(lengths, E, D, H, frac, dtype, seed=0):
+    dt = DTYPES[dtype]
+    scores, unions = make_scores(lengths, E, frac, seed=E + D + seed, zero_token_prob=0.2)
+    w_up, w_down_t = make_weights(E, D, H, dt, seed=H)
+    x = torch.randn(sum(lengths), H, generator=torch.Generator().manual_seed(seed)).to(dt)
+    return x, scores, w_up, w_down_t, unions
+
+
+@needs_vllm
+@pytest.mark.parametrize("lengths,E,D,H,frac,dtype", EM_CASES)
+def test_expert_major_matches_reference(lengths, E, D, H, frac, dtype):
+    x, scores, w_up, w_down_t, unions = _em_inputs(lengths, E, D, H, frac, dtype)
+    T = x.shape[0]
+    # Garbage that must never be read: NaN weights of experts no token uses, NaN / negative
+    # scores (inactive), and NaN rows of x for tokens with no active expert (vLLM's padding).
+    active = sorted({e for u in unions for e in u})
+    w_up, w_down_t = poison_inactive(w_up, w_down_t, active)
+    idle = (scores <= 0).all(dim=1)
+    x[idle] = float("nan")
+    off = [e for e in range(E) if e not in active]
+    for e, bad in zip(off, (float("nan"), -1.0)):
+        scores[:, e] = bad
+    y = em.expert_major_ffn_triton(x, scores, w_up, w_down_t)
+    assert y.dtype == x.dtype and y.shape == (T, H)
+    assert torch.isfinite(y).all()
+    assert (y[idle] == 0).all(), "a token with no active expert must get exactly 0"
+    ref = expert_major_naive(x.float(), scores, w_up.float(), w_down_t.float())
+    assert rel_err(y[~idle], ref[~idle]) < TOLERANCES[x.dtype]
+
+
+@needs_vllm
+def test_expert_major_chunks_and_tiles():
+    """Chunked (3 chunks, the last partial) with other tiles: the same result as one chunk."""
+    x, scores, w_up, w_down_t, _ = _em_inputs([10, 1, 9], 20, 24, 40, [0.5, 0.2, 0.4], "fp32", seed=3)
+    ref = expert_major_naive(x, scores, w_up, w_down_t)
+    for cfg in (
+        em.ExpertMajorConfig(16, em.GemmConfig(16, 32, 1, 4, 2), em.GemmConfig(32, 16, 2, 4, 2), 8, 128, 4),
+        em.ExpertMajorConfig(32, em.GemmConfig(32, 64, 2, 4, 3), em.GemmConfig(64, 32, 1, 4, 3), 32, 128, 4),
+    ):
+        y = em.expert_major_ffn_triton(x, scores, w_up, w_down_t, config=cfg)
+        assert rel_err(y, ref) < 1e-5, cfg
+
+
+@pytest.mark.parametrize("T,E,block,frac", [(1, 56, 16, 0.3), (7, 12, 4, 0.5), (40, 8, 16, 0.9), (5, 256, 16, 0.02),
+                                            (3, 6, 16, 0.0)])
+def test_alignment_matches_reference(T, E, block, frac):
+    g = torch.Generator().manual_seed(T * E)
+    scores = torch.where(torch.rand(T, E, generator=g) < frac, torch.rand(T, E, generator=g), 0.0)
+    ids, _ = em.route(scores, torch.arange(E, dtype=torch.int32))
+    got = em.align_block_size(ids, block, E)
+    ref = moe_align_block_size_naive(ids, block, E)
+    for a, b, name in zip(got, ref, ("sorted_token_ids", "expert_ids", "num_tokens_post_padded"), strict=True):
+        assert a.dtype == torch.int32 and torch.equal(a, b), name
+    assert got[0].numel() == em.max_num_tokens_padded(T * E, E + 1, block)  # vLLM's static length
+
+
+@needs_vllm
+def test_expert_major_through_the_op_and_the_rule(monkeypatch):
+    """impl="triton" takes the expert-major path when the static rule says so."""
+    from vllm_blockffn.kernels import ops
+
+    x, scores, w_up, w_down_t, _ = _em_inputs([1, 1, 1, 1], 16, 16, 32, 0.3, "fp32")
+    calls = []
+    real = em.expert_major_ffn_triton
+    monkeypatch.setattr(em, "expert_major_ffn_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(ops, "_cuda_path", lambda *a, **k: "expert_major")
+    y = sparse_ffn(x, scores, w_up, w_down_t, cu_seqlens_of([1, 1, 1, 1]), impl="triton")
+    assert calls and rel_err(y, expert_major_naive(x, scores, w_up, w_down_t)) < 1e-5
+
+
+@needs_vllm
+def test_vllm_kernels_stay_in_vllm():
+    """The kernels are vLLM's own functions (same code objects), jitted with real triton globals;
+    interpreted launches leave the interpreter's builder as they found it."""
+    import importlib
+
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    mod = importlib.import_module(em.VLLM_FUSED_MOE)
+    assert em.fused_moe_kernel.fn.__code__ is em._raw(mod.fused_moe_kernel).__code__
+    before = dict(vars(InterpreterBuilder))
+    x, scores, w_up, w_down_t, _ = _em_inputs([2], 8, 16, 32, 0.5, "bf16")
+    em.expert_major_ffn_triton(x, scores, w_up, w_down_t)
+    assert dict(vars(InterpreterBuilder)) == before

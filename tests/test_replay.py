@@ -126,7 +126,13 @@ def accelerator(monkeypatch):
     original = triton_glue.lazy_jit.__getitem__
 
     def getitem(self, grid):
-        launcher = original(self, grid)
+        for t in trace_box:
+            t.paused = True  # jitting (and importing vLLM's kernel module, the first time) is host work
+        try:
+            launcher = original(self, grid)
+        finally:
+            for t in trace_box:
+                t.paused = False
 
         def run(*args, **kwargs):
             launches.append((self.__name__, grid, *(_sig(a) for a in args), tuple(sorted(kwargs.items()))))
@@ -151,13 +157,26 @@ def use_context(monkeypatch, metadata) -> None:
     monkeypatch.setattr(fc, "get_forward_context", lambda: types.SimpleNamespace(attn_metadata=metadata))
 
 
-@pytest.mark.parametrize("backend", ["sparse", "dense"])
+PATH_KERNELS = {
+    "sparse": {"_segment_union_kernel", "_sparse_up_kernel", "_sparse_down_kernel"},
+    "expert_major": {"fused_moe_kernel", "moe_fused_mul_sum_kernel"},  # vLLM's, re-jitted
+}
+
+
+@pytest.mark.parametrize("backend", ["sparse", "expert_major", "dense"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_replays_follow_the_persistent_buffers(mode, backend, accelerator, monkeypatch):
+    """``expert_major``: the sparse backend with the static rule forced to the expert-major path
+    (vLLM's fused-MoE kernel; at these tiny shapes the rule itself picks the per-segment one)."""
+    from vllm_blockffn.kernels import ops as kernel_ops
+
     num_tokens, num_reqs, layouts = MODES[mode]
     runner = Runner(num_tokens, num_reqs)
     use_context(monkeypatch, runner.metadata)
-    w_up, w_down_t = weights(poison=backend == "sparse")
+    w_up, w_down_t = weights(poison=backend != "dense")
+    if backend != "dense":
+        path = "segments" if backend == "sparse" else "expert_major"
+        monkeypatch.setattr(kernel_ops, "_cuda_path", lambda *a, **k: path)
     out = torch.empty(num_tokens, H)  # the op's output buffer: allocated by the preceding piece
     traces = []
     for lengths in layouts:
@@ -169,7 +188,7 @@ def test_replays_follow_the_persistent_buffers(mode, backend, accelerator, monke
         out.fill_(float("nan"))
         with trace:
             blockffn._blockffn_experts_with_output(runner.x_view, runner.scores_view, w_up, w_down_t, out,
-                                                   backend, 0, 100, True)
+                                                   "dense" if backend == "dense" else "sparse", 0, 100, True)
         accelerator.trace_box.clear()
         torch.testing.assert_close(out[:n], _reference(runner, n, w_up, w_down_t), rtol=1e-4, atol=1e-4)
         assert torch.equal(out[n:], torch.zeros(num_tokens - n, H)), "padding tokens must output exact zeros"
@@ -183,9 +202,8 @@ def test_replays_follow_the_persistent_buffers(mode, backend, accelerator, monke
         forbidden = [op for op in trace.ops if any(f in op[0] for f in FORBIDDEN)]
         assert not forbidden, forbidden
         traces.append((trace.ops, list(accelerator.launches)))
-        if backend == "sparse":
-            assert {name for name, *_ in accelerator.launches} >= {"_segment_union_kernel", "_sparse_up_kernel",
-                                                                    "_sparse_down_kernel"}
+        if backend != "dense":
+            assert {name for name, *_ in accelerator.launches} == PATH_KERNELS[backend]
     for ops, launches in traces[1:]:
         assert ops == traces[0][0], "the dispatched ops depend on the layout: a graph would replay the wrong ones"
         assert launches == traces[0][1], "a Triton grid or scalar argument depends on the layout"

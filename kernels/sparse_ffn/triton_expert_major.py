@@ -1,0 +1,430 @@
+"""Expert-major sparse BlockFFN experts on GPUs, through vLLM's fused-MoE Triton kernel.
+
+The per-segment kernels (``triton_sparse_ffn.py``) read each segment's union of active
+experts separately: right for one request, wasteful for a batch (8 decode requests read 8
+unions) and for long segments (every token of a segment is multiplied by every expert of its
+union). Expert-major execution groups the step's active (token, expert) pairs by expert, so
+each active expert's weights are read once per block of the tokens that use it and only
+active pairs are computed, whatever the segments. That is what a top-k MoE layer does, and
+vLLM ships a tuned kernel for it; a BlockFFN layer is a MoE whose k varies per token:
+
+1. routing: ``topk_ids`` [T, E] = e where score[t, e] > 0, else the dummy id E (K = E is fixed
+   per layer, so no shape depends on the routing; NaN scores count as inactive);
+   ``topk_weights`` [T, E] = the fp32 score where active, else 0;
+2. ``moe_align_block_size`` with ``num_experts = E + 1``, the expert map ``[0..E-1, -1]`` and
+   ``ignore_invalid_experts``: the dummy pairs are dropped before any GEMM (vLLM's CUDA op
+   when it is there, else :func:`align_block_size`, a sync-free torch equivalent);
+3. ``fused_moe_kernel`` (vLLM): ``h = x · w_up[e]ᵀ`` for every active pair → [T·E, D]
+   (only the active pairs' rows are written);
+4. SiLU in place over that buffer (vLLM's ``SILU_NO_MUL`` activation is ``F.silu`` on the whole
+   buffer too: rows of inactive pairs hold garbage and are never read);
+5. ``fused_moe_kernel`` (vLLM): ``o = silu(h) · w_down[e]`` per active pair → [T·E, H];
+6. ``moe_fused_mul_sum_kernel`` (vLLM): ``y_t = Σ_e score[t, e] · o[t, e]`` in fp32 over the
+   token's active pairs only (the expert map marks the dummy id invalid), cast once.
+
+vLLM's kernel code stays in vLLM: the raw Python functions are taken from the installed
+package and decorated with ``triton.jit`` here (:class:`VllmKernel`), with real ``triton`` /
+``tl`` globals (vLLM's CPU build swaps them for placeholders) and per interpreter mode, so the
+same kernels run compiled on a GPU and in Triton's CPU interpreter in the tests. Only the
+launch arguments are ours (as vLLM's ``invoke_fused_moe_triton_kernel`` passes them, with
+strides that read ``w_down_t`` [E, D, H] as vLLM's ``w2`` [E, H, D] without a copy).
+
+Graph safety: every grid depends on shapes only (programs past ``num_tokens_post_padded``
+return at once); nothing reads device data on the host or copies host data to the device.
+Long steps run in chunks of tokens so the [T·E, H] pair buffer stays bounded
+(:func:`default_config`); each chunk re-reads its experts' weights.
+
+What it costs beyond the weights (``benchmarks/gpu_on_paper.py`` counts it): the SiLU pass over
+T·E·D elements (read + write), the per-pair outputs (P·H written and read back, P = active
+pairs) and the x rows (read once per D tile of each pair block). A kernel of ours could fuse
+the first two away (SiLU·score in the up GEMM's epilogue, fp32 atomics into y in the down
+one); the on-paper model shows how much that would save (RESULTS "GPU, on paper").
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import types
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .._triton import cdiv, interpret_mode, lazy_jit, next_pow2, tl, triton
+
+VLLM_FUSED_MOE = "vllm.model_executor.layers.fused_moe.fused_moe"
+VLLM_MUL_SUM = "vllm.model_executor.layers.fused_moe.moe_fused_mul_sum"
+VLLM_ALIGN = "vllm.model_executor.layers.fused_moe.moe_align_block_size"
+MAX_EXPERTS = 256
+# Bound on the per-pair output buffer [chunk · E, H] (vLLM's own fused-MoE chunking allows GBs).
+MAX_CACHE_BYTES = 512 << 20
+CONFIG_DIR_ENV = "VLLM_BLOCKFFN_MOE_CONFIG_DIR"
+"""A folder of tuned configs (``benchmarks/bench_kernels_gpu.py --tune`` writes them)."""
+TORCH_ALIGN_ENV = "VLLM_BLOCKFFN_TORCH_ALIGN"
+"""Set to 1 to align with :func:`align_block_size` even where vLLM's CUDA op exists."""
+
+
+# ---------------------------------------------------------------- vLLM's kernels, re-jitted
+_AVAILABLE: list[bool] = []
+
+
+def vllm_kernels_available() -> bool:
+    """Whether vLLM's fused-MoE kernel sources are importable (a static, host-side fact)."""
+    if not _AVAILABLE:
+        ok = triton is not None
+        if ok:
+            try:
+                ok = importlib.util.find_spec("vllm") is not None
+            except (ImportError, ValueError):
+                ok = False
+        _AVAILABLE.append(ok)
+    return _AVAILABLE[0]
+
+
+def _raw(obj: Any) -> Any:
+    """The Python function under a Triton ``JITFunction`` (or the function itself: vLLM's CPU
+    build decorates with a placeholder that returns it unchanged)."""
+    while hasattr(obj, "fn") and callable(obj.fn):
+        obj = obj.fn
+    return obj
+
+
+def _rebuild(fn: Any, extra: dict[str, Any]) -> Any:
+    """``fn`` with real ``triton`` / ``tl`` in its globals (plus ``extra``), same code object."""
+    g = dict(fn.__globals__)
+    g.update(triton=triton, tl=tl, **extra)
+    new = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__module__, new.__qualname__, new.__doc__ = fn.__module__, fn.__qualname__, fn.__doc__
+    return new
+
+
+class VllmKernel(lazy_jit):
+    """A Triton kernel of the installed vLLM, jitted by us at launch time (see the module doc).
+
+    ``helpers``: names of ``@triton.jit`` functions of the same vLLM module the kernel calls;
+    they are re-jitted in the same interpreter mode as the kernel."""
+
+    def __init__(self, module: str, name: str, helpers: tuple[str, ...] = ()) -> None:
+        self.module_name, self.__name__, self.helpers = module, name, helpers
+        self.__doc__ = f"{module}.{name} (vLLM's code, jitted by vllm_blockffn)"
+        self._variants: dict[bool, Any] = {}
+
+    def _build(self) -> Any:
+        module = importlib.import_module(self.module_name)
+        extra = {h: triton.jit(_rebuild(_raw(getattr(module, h)), {})) for h in self.helpers}
+        return _rebuild(_raw(getattr(module, self.__name__)), extra)
+
+    @property
+    def fn(self) -> Any:  # type: ignore[override]
+        """The plain kernel function (helpers jitted for the current mode): for signature
+        binding and ahead-of-time compilation."""
+        return self._build()
+
+    def jitted(self) -> Any:
+        if triton is None:
+            raise RuntimeError("Triton is not installed; the Triton kernels are unavailable")
+        mode = interpret_mode()
+        kernel = self._variants.get(mode)
+        if kernel is None:
+            kernel = self._variants[mode] = triton.jit(self._build())
+        return kernel
+
+
+fused_moe_kernel = VllmKernel(VLLM_FUSED_MOE, "fused_moe_kernel", helpers=("write_zeros_to_output",))
+moe_fused_mul_sum_kernel = VllmKernel(VLLM_MUL_SUM, "moe_fused_mul_sum_kernel")
+
+
+# ---------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tiles of one ``fused_moe_kernel`` launch (vLLM's config keys, lower-cased)."""
+
+    block_n: int
+    block_k: int
+    group_m: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class ExpertMajorConfig:
+    block_m: int  # pairs per row block: the alignment unit, shared by both GEMMs
+    up: GemmConfig  # x [T, H] · w_up[e]ᵀ → [T·E, D]: N = D, K = H
+    down: GemmConfig  # silu(h) [T·E, D] · w_down[e] → [T·E, H]: N = H, K = D
+    chunk_tokens: int  # tokens per chunk (bounds the [chunk·E, H] pair buffer)
+    sum_block: int  # moe_fused_mul_sum's BLOCK_K (H tile)
+    sum_warps: int
+
+
+def _pow2_tile(n: int, cap: int) -> int:
+    return max(16, min(cap, next_pow2(n)))
+
+
+def chunk_tokens(num_experts: int, expert_size: int, hidden: int, elt: int) -> int:
+    """Tokens per chunk so that the pair buffers stay within :data:`MAX_CACHE_BYTES`."""
+    per_token = num_experts * max(hidden, expert_size) * elt
+    return max(16, MAX_CACHE_BYTES // per_token // 16 * 16)
+
+
+def default_config(
+    num_tokens: int, num_experts: int, expert_size: int, hidden: int, dtype: torch.dtype = torch.bfloat16
+) -> ExpertMajorConfig:
+    """Tiles from static shapes: vLLM's ``get_default_config`` rule for bf16/fp16 (block M by
+    batch size, tall K tiles at small batches), applied to each GEMM's own N and K; a tuned
+    file in ``$VLLM_BLOCKFFN_MOE_CONFIG_DIR`` overrides it (:func:`tuned_config`)."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    chunk = chunk_tokens(num_experts, expert_size, hidden, elt)
+    M = max(1, min(num_tokens, chunk))
+    tuned = tuned_config(M, num_experts, expert_size, hidden, dtype)
+    if tuned is not None:
+        return tuned
+    block_m = 16 if M <= 32 else 32 if M <= 96 else 64 if M <= 512 else 128
+    block_n = 64 if M <= 64 else 128
+    block_k = 128 if M <= 64 else 64
+    warps = 4 if M <= 128 else 8
+    stages = 4 if M <= 32 else 3
+    if elt == 4:  # fp32 tiles: half the K depth keeps the shared memory of 3-4 stages in bounds
+        block_k = min(block_k, 64)
+    up = GemmConfig(_pow2_tile(expert_size, block_n), _pow2_tile(hidden, block_k), 1, warps, stages)
+    down = GemmConfig(_pow2_tile(hidden, block_n), _pow2_tile(expert_size, block_k), 1, warps, stages)
+    # moe_fused_mul_sum: vLLM's heuristic on sm ≥ 7.5 (one program per token, wide H tiles).
+    if elt == 4:
+        sum_block, sum_warps = max(128, min(next_pow2(hidden), 256)), 4
+    elif hidden >= 1024:
+        sum_block, sum_warps = max(128, min(next_pow2(hidden), 4096)), 16
+    else:
+        sum_block, sum_warps = max(128, min(next_pow2(hidden), 512)), 2
+    return ExpertMajorConfig(block_m, up, down, chunk, sum_block, sum_warps)
+
+
+def config_file_name(num_experts: int, expert_size: int, hidden: int, dtype: torch.dtype, device_name: str) -> str:
+    dt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    return f"blockffn_E={num_experts},D={expert_size},H={hidden},dtype={dt},device_name={device_name}.json"
+
+
+_TUNED: dict[str, dict | None] = {}
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name().replace(" ", "_")
+    return "cpu"
+
+
+def tuned_config(
+    num_tokens: int, num_experts: int, expert_size: int, hidden: int, dtype: torch.dtype
+) -> ExpertMajorConfig | None:
+    """The tuned config nearest in tokens, from ``$VLLM_BLOCKFFN_MOE_CONFIG_DIR`` (read once per
+    file; like vLLM's tuned fused-MoE configs: ``{tokens: config}``), or None."""
+    folder = os.environ.get(CONFIG_DIR_ENV)
+    if not folder:
+        return None
+    path = os.path.join(folder, config_file_name(num_experts, expert_size, hidden, dtype, _device_name()))
+    if path not in _TUNED:
+        try:
+            with open(path) as f:
+                _TUNED[path] = json.load(f)
+        except (OSError, ValueError):
+            _TUNED[path] = None
+    table = _TUNED[path]
+    if not table:
+        return None
+    best = table[min(table, key=lambda k: abs(int(k) - num_tokens))]
+    return config_from_dict(best)
+
+
+def config_to_dict(cfg: ExpertMajorConfig) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def config_from_dict(d: dict[str, Any]) -> ExpertMajorConfig:
+    return ExpertMajorConfig(**{**d, "up": GemmConfig(**d["up"]), "down": GemmConfig(**d["down"])})
+
+
+# ---------------------------------------------------------------- routing and alignment
+def _expert_tables(num_experts: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(arange(E) int32, expert map [0..E-1, -1] int32) on the device, made by device fills on
+    every call: a cache would hand a graph capture tensors from outside its memory pool, or
+    make the first call's ops differ from the others'."""
+    emap = torch.arange(num_experts + 1, dtype=torch.int32, device=device)
+    emap[num_experts:].fill_(-1)
+    return emap[:num_experts], emap
+
+
+def route(scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``topk_ids`` [T, E] int32 (e if score > 0 else E) and ``topk_weights`` [T, E] fp32
+    (the score if active else 0; NaN is inactive)."""
+    E = scores.shape[1]
+    active = scores > 0
+    topk_ids = torch.where(active, ids, E).to(torch.int32)
+    topk_weights = torch.where(active, scores, 0.0).to(torch.float32)
+    return topk_ids, topk_weights
+
+
+def max_num_tokens_padded(numel: int, num_experts: int, block_size: int) -> int:
+    """The static length of ``sorted_token_ids``, as vLLM's ``moe_align_block_size`` sizes it."""
+    n = numel + num_experts * (block_size - 1)
+    if numel < num_experts:
+        n = min(numel * block_size, n)
+    return n
+
+
+def align_block_size(
+    topk_ids: torch.Tensor, block_size: int, num_valid_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """vLLM's ``moe_align_block_size(topk_ids, block_size, E + 1, expert_map=[0..E-1, -1],
+    ignore_invalid_experts=True)`` in torch ops with static shapes and no host sync.
+
+    Returns ``sorted_token_ids`` (pair indices grouped by expert, each group padded to a
+    multiple of ``block_size`` with the sentinel ``topk_ids.numel()``), ``expert_ids`` (one per
+    block; 0 past the end, as vLLM fills it) and ``num_tokens_post_padded`` [1]. Pairs of an
+    expert keep ascending pair order (vLLM's CUDA op may order them differently).
+    """
+    E, bs, dev = num_valid_experts, block_size, topk_ids.device
+    ids = topk_ids.reshape(-1).to(torch.int64)
+    N = ids.numel()
+    L = max_num_tokens_padded(N, E + 1, bs)
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=dev).scatter_add_(0, ids, torch.ones_like(ids))
+    padded = (counts + (bs - 1)) // bs * bs
+    padded[E:].zero_()  # the dummy expert takes no room
+    ends = padded.cumsum(0)
+    starts = ends - padded
+    first = counts.cumsum(0) - counts  # where each expert's pairs start in the sorted order
+    sorted_e, order = torch.sort(ids, stable=True)
+    rank = torch.arange(N, dtype=torch.int64, device=dev) - first[sorted_e]
+    pos = torch.where(sorted_e < E, starts[sorted_e] + rank, L)  # dummy pairs → a dump slot
+    sorted_ids = torch.full((L + 1,), N, dtype=torch.int32, device=dev)
+    sorted_ids.scatter_(0, pos, order.to(torch.int32))
+    block_starts = torch.arange(cdiv(L, bs), dtype=torch.int64, device=dev) * bs
+    total = ends[E - 1 : E]
+    expert_ids = torch.searchsorted(ends[:E], block_starts, right=True)
+    expert_ids = torch.where(block_starts < total, expert_ids, 0).to(torch.int32)
+    return sorted_ids[:L], expert_ids, total.to(torch.int32)
+
+
+def _align(topk_ids: torch.Tensor, block_size: int, E: int, emap: torch.Tensor):
+    if topk_ids.is_cuda and os.environ.get(TORCH_ALIGN_ENV, "0") != "1" and _has_vllm_align_op():
+        align = importlib.import_module(VLLM_ALIGN).moe_align_block_size
+        return align(topk_ids, block_size, E + 1, expert_map=emap, ignore_invalid_experts=True)
+    return align_block_size(topk_ids, block_size, E)
+
+
+def _has_vllm_align_op() -> bool:
+    try:
+        return hasattr(torch.ops._moe_C, "moe_align_block_size")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# ---------------------------------------------------------------- launches
+_COMPUTE_TYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def moe_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    sorted_ids: torch.Tensor,
+    expert_ids: torch.Tensor,
+    num_post_pad: torch.Tensor,
+    top_k: int,
+    num_valid: int,
+    block_m: int,
+    cfg: GemmConfig,
+) -> None:
+    """One ``fused_moe_kernel`` launch: ``c[p] = a[p // top_k] · b[expert(p)]ᵀ`` for the aligned
+    pairs p. ``b`` is [E, N, K] (any strides); ``c`` [pairs, N] with unit column stride. The
+    arguments are those vLLM's ``invoke_fused_moe_triton_kernel`` passes for unquantized
+    weights, without bias and router weights."""
+    N, K = b.shape[1], b.shape[2]
+    EM = sorted_ids.shape[0]
+    grid = (cdiv(EM, block_m) * cdiv(N, cfg.block_n),)
+    fused_moe_kernel[grid](
+        a, b, c, None, None, None, None, sorted_ids, expert_ids, num_post_pad,
+        N, K, EM, num_valid,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(2), b.stride(1), c.stride(0), c.stride(1),
+        0, 0, 0, 0, 0, 0, 0,
+        group_n=0, group_k=0, naive_block_assignment=False,
+        BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=cfg.block_n, BLOCK_SIZE_K=cfg.block_k, GROUP_SIZE_M=cfg.group_m,
+        SPLIT_K=1, MUL_ROUTED_WEIGHT=False, top_k=top_k, compute_type=getattr(tl, _COMPUTE_TYPE[c.dtype]),
+        use_fp8_w8a8=False, use_int8_w8a8=False, use_int8_w8a16=False, per_channel_quant=False,
+        HAS_BIAS=False, SWAP_AB=False, USE_TD=False,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def mul_sum(
+    pairs_out: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor,
+    y: torch.Tensor,
+    cfg: ExpertMajorConfig,
+) -> None:
+    """``y_t = Σ_k w[t, k] · pairs_out[t, k]`` (fp32) over the slots whose expert is valid."""
+    T, K, H = pairs_out.shape
+    moe_fused_mul_sum_kernel[(T,)](
+        pairs_out, topk_weights, y, topk_ids, expert_map, None, K * H,
+        has_topk_ids=True, has_expert_map=True, has_num_valid=False, top_k=K, hidden_size=H,
+        BLOCK_K=cfg.sum_block, num_warps=cfg.sum_warps, num_stages=3,
+    )  # fmt: skip
+
+
+def expert_major_ffn_triton(
+    x: torch.Tensor,
+    scores: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    config: ExpertMajorConfig | None = None,
+) -> torch.Tensor:
+    """y [T, H] of the BlockFFN experts, expert-major over the whole step (no segments needed).
+
+    ``scores`` fp32 [T, E] (active iff > 0); ``w_up`` / ``w_down_t`` [E, D, H] in x's dtype.
+    """
+    T, H = x.shape
+    E, D, H2 = w_up.shape
+    if H2 != H or tuple(w_down_t.shape) != (E, D, H) or tuple(scores.shape) != (T, E):
+        raise ValueError(
+            f"shape mismatch: x {tuple(x.shape)}, scores {tuple(scores.shape)}, "
+            f"w_up {tuple(w_up.shape)}, w_down_t {tuple(w_down_t.shape)}"
+        )
+    if E > MAX_EXPERTS:
+        raise ValueError(f"the expert-major path supports at most {MAX_EXPERTS} experts, got {E}")
+    if w_up.dtype != x.dtype or w_down_t.dtype != x.dtype:
+        raise TypeError(f"x is {x.dtype} but w_up / w_down_t are {w_up.dtype} / {w_down_t.dtype}")
+    y = torch.empty((T, H), device=x.device, dtype=x.dtype)
+    if T == 0:
+        return y
+    cfg = config or default_config(T, E, D, H, x.dtype)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    w_up = w_up.contiguous()
+    w_down = w_down_t.contiguous().transpose(1, 2)  # vLLM's w2 [E, H, D], a view
+    ids, emap = _expert_tables(E, x.device)
+    for t0 in range(0, T, cfg.chunk_tokens):
+        t1 = min(T, t0 + cfg.chunk_tokens)
+        n = t1 - t0
+        topk_ids, topk_weights = route(scores[t0:t1], ids)
+        sorted_ids, expert_ids, num_post_pad = _align(topk_ids, cfg.block_m, E, emap)
+        h = torch.empty((n * E, D), device=x.device, dtype=x.dtype)
+        moe_gemm(x[t0:t1], w_up, h, sorted_ids, expert_ids, num_post_pad, E, n * E, cfg.block_m, cfg.up)
+        torch.nn.functional.silu(h, inplace=True)
+        o = torch.empty((n * E, H), device=x.device, dtype=x.dtype)
+        moe_gemm(h, w_down, o, sorted_ids, expert_ids, num_post_pad, 1, n * E, cfg.block_m, cfg.down)
+        mul_sum(o.view(n, E, H), topk_weights, topk_ids, emap, y[t0:t1], cfg)
+    return y
+
+
+__all__ = [
+    "ExpertMajorConfig",
+    "GemmConfig",
+    "align_block_size",
+    "default_config",
+    "expert_major_ffn_triton",
+    "route",
+    "vllm_kernels_available",
+]
