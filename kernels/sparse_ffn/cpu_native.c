@@ -84,6 +84,27 @@ typedef struct {
 
 typedef void (*unit_fn)(const unit_t *u);
 
+/* A dense linear y[t, n] = <W row n, x_t> for rows [n0, n1) (decode-size M: streaming GEMV). */
+typedef struct {
+    const void *w;                  /* W [N, K] row-major */
+    long K, n0, n1;
+    int m;                          /* tokens */
+    const float *const *xs;         /* fp32 x rows */
+    const uint16_t *const *xh;      /* bf16 x rows (bf16 x only), else NULL */
+    float *out;                     /* fp32 out [m, ldo] */
+    long ldo;
+    const void *zrow;               /* K zero elements */
+} lin_t;
+
+typedef void (*lin_fn)(const lin_t *l);
+
+/* Rows [n, n + nr) of a linear: the block after it is prefetched during this one. */
+ALWAYS const char *lin_next(const lin_t *l, long n, long esz, long *blk) {
+    long nx = n + 4, end = nx + 4 < l->n1 ? nx + 4 : l->n1;
+    *blk = end > nx ? (end - nx) * l->K * esz : 0;
+    return g_prefetch && *blk > 0 ? (const char *)l->w + nx * l->K * esz : NULL;
+}
+
 /* Prefetch `bytes` from p, spread over `steps` calls (call i prefetches its share). */
 ALWAYS void pf_share(const char *p, long bytes, long i, long steps) {
     if (!p) return;
@@ -137,6 +158,25 @@ ALWAYS float p_bf16(const uint16_t *p, long i) { return cv_bf16(p[i]); }
     }
 PORTABLE_UNIT(f32, float)
 PORTABLE_UNIT(bf16, uint16_t)
+
+#define PORTABLE_LIN(SUF, WT)                                                                           \
+    static void lin_portable_##SUF(const lin_t *l) {                                                    \
+        long K = l->K;                                                                                  \
+        for (long n = l->n0; n < l->n1; n++) {                                                          \
+            const WT *w = (const WT *)l->w + n * K;                                                     \
+            for (int j = 0; j < l->m; j++) {                                                            \
+                const float *x = l->xs[j];                                                              \
+                v8f acc = {0};                                                                          \
+                long h = 0;                                                                             \
+                for (; h + 8 <= K; h += 8) acc += pl_##SUF(w + h) * pl_f32(x + h);                      \
+                float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])); \
+                for (; h < K; h++) s += p_##SUF(w, h) * x[h];                                           \
+                l->out[(long)j * l->ldo + n] = s;                                                       \
+            }                                                                                           \
+        }                                                                                               \
+    }
+PORTABLE_LIN(f32, float)
+PORTABLE_LIN(bf16, uint16_t)
 
 #if BLOCKFFN_X86
 /* ---------------------------------------------------------------------------------- AVX2 */
@@ -241,6 +281,37 @@ ALWAYS float a2_hsum(__m256 v) {
     }
 AVX2_UNIT(f32, float, 4)
 AVX2_UNIT(bf16, uint16_t, 2)
+
+#define AVX2_LIN(SUF, WT, ESZ)                                                                          \
+    static void lin_avx2_##SUF(const lin_t *l) {                                                        \
+        long K = l->K, K8 = K & ~7L, steps = K8 / 8 > 0 ? K8 / 8 : 1;                                   \
+        for (long n = l->n0; n < l->n1; n += 4) {                                                       \
+            int nr = l->n1 - n < 4 ? (int)(l->n1 - n) : 4;                                              \
+            const WT *w[4];                                                                             \
+            for (int r = 0; r < 4; r++) w[r] = r < nr ? (const WT *)l->w + (n + r) * K : (const WT *)l->zrow; \
+            long blk;                                                                                   \
+            const char *pf = lin_next(l, n, ESZ, &blk);                                                 \
+            for (int j = 0; j < l->m; j++) {                                                            \
+                const float *x = l->xs[j];                                                              \
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                             \
+                for (long h = 0, i = 0; h < K8; h += 8, i++) {                                          \
+                    if (j == 0) pf_share(pf, blk, i, steps);                                            \
+                    __m256 xv = _mm256_loadu_ps(x + h);                                                 \
+                    a0 = _mm256_fmadd_ps(a2_##SUF(w[0] + h), xv, a0);                                   \
+                    a1 = _mm256_fmadd_ps(a2_##SUF(w[1] + h), xv, a1);                                   \
+                    a2 = _mm256_fmadd_ps(a2_##SUF(w[2] + h), xv, a2);                                   \
+                    a3 = _mm256_fmadd_ps(a2_##SUF(w[3] + h), xv, a3);                                   \
+                }                                                                                       \
+                float o[4] = {a2_hsum(a0), a2_hsum(a1), a2_hsum(a2), a2_hsum(a3)};                      \
+                for (int r = 0; r < nr; r++) {                                                          \
+                    for (long k = K8; k < K; k++) o[r] += p_##SUF(w[r], k) * x[k];                      \
+                    l->out[(long)j * l->ldo + n + r] = o[r];                                            \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+    }
+AVX2_LIN(f32, float, 4)
+AVX2_LIN(bf16, uint16_t, 2)
 #pragma GCC pop_options
 
 /* ------------------------------------------------------------------------------- AVX-512 */
@@ -334,6 +405,29 @@ ALWAYS __mmask16 a5_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (_
     }
 A5_UNIT(unit_avx512_f32, f32, float, 4, A5_SWITCH(a5_up_f32, nt, wu, H, u->xs + j0, out, pf, blk))
 A5_UNIT(unit_avx512_bf16, bf16, uint16_t, 2, A5_SWITCH(a5_up_bf16, nt, wu, H, u->xs + j0, out, pf, blk))
+
+/* A linear's rows in blocks of 4, tokens in blocks of 4: the up kernels without SiLU. */
+#define A5_LIN(NAME, WT, ESZ, UPCALL)                                                                   \
+    static void NAME(const lin_t *l) {                                                                  \
+        long K = l->K, H = K;                                                                           \
+        float out[NR][4];                                                                               \
+        for (long n = l->n0; n < l->n1; n += NR) {                                                      \
+            int nr = l->n1 - n < NR ? (int)(l->n1 - n) : NR;                                            \
+            const WT *wu[NR];                                                                           \
+            for (int r = 0; r < NR; r++) wu[r] = r < nr ? (const WT *)l->w + (n + r) * K : (const WT *)l->zrow; \
+            long blk;                                                                                   \
+            const char *pfn = lin_next(l, n, ESZ, &blk);                                                \
+            for (int j0 = 0; j0 < l->m; j0 += 4) {                                                      \
+                int nt = l->m - j0 < 4 ? l->m - j0 : 4;                                                 \
+                const char *pf = j0 == 0 ? pfn : NULL;                                                  \
+                UPCALL                                                                                  \
+                for (int j = 0; j < nt; j++)                                                            \
+                    for (int r = 0; r < nr; r++) l->out[(long)(j0 + j) * l->ldo + n + r] = out[r][j];   \
+            }                                                                                           \
+        }                                                                                               \
+    }
+A5_LIN(lin_avx512_f32, float, 4, A5_SWITCH(a5_up_f32, nt, wu, H, l->xs + j0, out, pf, blk))
+A5_LIN(lin_avx512_bf16, uint16_t, 2, A5_SWITCH(a5_up_bf16, nt, wu, H, l->xs + j0, out, pf, blk))
 #pragma GCC pop_options
 
 /* ------------------------------------------------------------------------- AVX512_BF16 */
@@ -364,6 +458,7 @@ ALWAYS __m512 a5_bf16b(const uint16_t *p, __mmask16 k) {
     }
 BF_UP(1) BF_UP(2) BF_UP(3) BF_UP(4)
 A5_UNIT(unit_avx512bf16_bf16, bf16b, uint16_t, 2, A5_SWITCH(bf_up, nt, wu, H, u->xh + j0, out, pf, blk))
+A5_LIN(lin_avx512bf16_bf16, uint16_t, 2, A5_SWITCH(bf_up, nt, wu, H, l->xh + j0, out, pf, blk))
 #pragma GCC pop_options
 #endif /* BLOCKFFN_X86 */
 
@@ -376,6 +471,67 @@ static unit_fn pick_unit(int isa, int wdt, int xdt) {
 #endif
     (void)xdt;
     return wdt ? unit_portable_bf16 : unit_portable_f32;
+}
+
+static lin_fn pick_lin(int isa, int wdt, int xdt) {
+#if BLOCKFFN_X86
+    if (isa >= ISA_AVX512_BF16 && wdt == 1 && xdt == 1) return lin_avx512bf16_bf16;
+    if (isa >= ISA_AVX512) return wdt ? lin_avx512_bf16 : lin_avx512_f32;
+    if (isa >= ISA_AVX2) return wdt ? lin_avx2_bf16 : lin_avx2_f32;
+#endif
+    (void)xdt;
+    return wdt ? lin_portable_bf16 : lin_portable_f32;
+}
+
+/* y [M, N] (row stride ldy, dtype of x) = x [M, K] (row stride ldx) W^T, W [N, K] row-major: a
+   streaming GEMV for decode-size M (vLLM's linear layers of BlockFFN models on CPUs). Threads
+   take contiguous row ranges of equal bytes; every W byte is read once. Returns 0, -1 (no
+   memory) or -2 (bad arguments). */
+int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, long M, long N, long K, void *y,
+                    long ldy, int nthreads, int isa) {
+    if (M < 0 || N < 0 || K <= 0 || ldx < K || ldy < N || xdt < 0 || xdt > 1 || wdt < 0 || wdt > 1) return -2;
+    if (M == 0 || N == 0) return 0;
+    int best = blockffn_cpu_isa();
+    if (isa < 0 || isa > best) isa = best;
+    lin_fn fn = pick_lin(isa, wdt, xdt);
+    const float **xs = malloc((size_t)M * sizeof(float *));
+    const uint16_t **xh = malloc((size_t)M * sizeof(uint16_t *));
+    float *xf = xdt ? malloc((size_t)M * K * sizeof(float)) : NULL;
+    float *out = xdt ? malloc((size_t)M * N * sizeof(float)) : NULL;
+    void *zrow = calloc((size_t)K + 16, 4);
+    if (!xs || !xh || !zrow || (xdt && (!xf || !out))) {
+        free(xs); free(xh); free(xf); free(out); free(zrow);
+        return -1;
+    }
+    for (long t = 0; t < M; t++) {
+        if (xdt) {
+            const uint16_t *src = (const uint16_t *)x + t * ldx;
+            for (long k = 0; k < K; k++) xf[t * K + k] = cv_bf16(src[k]);
+            xs[t] = xf + t * K;
+            xh[t] = src;
+        } else {
+            xs[t] = (const float *)x + t * ldx;
+            xh[t] = NULL;
+        }
+    }
+    float *o = xdt ? out : (float *)y;
+    long ldo = xdt ? N : ldy;
+    int nth = nthreads < 1 ? 1 : nthreads;
+    if ((double)N * K < 262144.0) nth = 1; /* under ~1 MB of weights a fork does not pay */
+    long blocks = (N + 3) / 4;
+    if (nth > blocks) nth = (int)blocks;
+    #pragma omp parallel num_threads(nth)
+    {
+        int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        lin_t l = {w, K, (blocks * tid / nt) * 4, (blocks * (tid + 1) / nt) * 4, (int)M, xs, xh, o, ldo, zrow};
+        if (l.n1 > N) l.n1 = N;
+        if (l.n1 > l.n0) fn(&l);
+    }
+    if (xdt)
+        for (long t = 0; t < M; t++)
+            for (long n = 0; n < N; n++) ((uint16_t *)y)[t * ldy + n] = to_bf16(out[t * N + n]);
+    free(xs); free(xh); free(xf); free(out); free(zrow);
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------ counters */
@@ -414,11 +570,13 @@ static int count_segments(const float *scores, const int32_t *cu, long S, long T
    counters to add to (count_segments), also when the call then declines.
    Dense rule (kernels/dispatch.py): n >= min_dense_tokens and P > max_pair_fraction * n * E,
    with P the active (token, expert) pairs, n the tokens in range; allow_dense = 0 skips it.
-   isa: the path to use (clamped to blockffn_cpu_isa()). */
+   isa: the path to use (clamped to blockffn_cpu_isa()). all_experts: the dense layer (every expert
+   for every token in range, inactive pairs weighted by exactly 0): the streaming dense baseline. */
 int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, const void *w_up,
                         const void *w_down, int wdt, const int32_t *cu, long S, long T, long E,
                         long D, long H, void *y, int nthreads, float up_row_cost, int allow_dense,
-                        long min_dense_tokens, float max_pair_fraction, int64_t *stats, int isa) {
+                        long min_dense_tokens, float max_pair_fraction, int64_t *stats, int isa,
+                        int all_experts) {
     if (S < 0 || T < 0 || E < 0 || (w_up && (D <= 0 || H <= 0 || ldx < H)) || xdt < 0 || xdt > 1 ||
         wdt < 0 || wdt > 1)
         return -2;
@@ -436,11 +594,15 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     for (long t = t0; t < t1; t++) {
         const float *s = scores + t * E;
         unsigned char *mk = mask + (t - t0) * E;
-        for (long e = 0; e < E; e++) { unsigned char a = (unsigned char)is_active(s[e]); mk[e] = a; cnt[e] += a; }
+        for (long e = 0; e < E; e++) {
+            unsigned char a = all_experts ? 1 : (unsigned char)is_active(s[e]);
+            mk[e] = a; cnt[e] += a;
+        }
     }
     long U = 0, P = 0;
     for (long e = 0; e < E; e++) { off[e] = P; P += cnt[e]; if (cnt[e]) uni[U++] = (int)e; }
     int rc = 0;
+    if (stats && all_experts) stats = NULL; /* the dense layer counts nothing */
     if (stats && count_segments(scores, cu, S, T, E, P, stats) != 0) rc = -1;
     else if (!w_up) rc = 2; /* counters only */
     else if (allow_dense && n >= min_dense_tokens && P > (double)max_pair_fraction * n * E) rc = 1;
@@ -471,7 +633,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
             const float *s = scores + t * E;
             const unsigned char *mk = mask + (t - t0) * E;
             for (long e = 0; e < E; e++)
-                if (mk[e]) { tok[off[e]] = (int)t; sc[off[e]] = s[e]; off[e]++; }
+                if (mk[e]) { tok[off[e]] = (int)t; sc[off[e]] = is_active(s[e]) ? s[e] : 0.0f; off[e]++; }
         }
         for (long e = 0; e < E; e++) off[e] -= cnt[e];
         if (need_xf)
@@ -562,4 +724,60 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     free(mask); free(used); free(cnt); free(off); free(uni); free(tok); free(sc); free(hb); free(xs);
     free(xh); free(zrow); free(xf); free(yb);
     return ok ? 0 : -1;
+}
+
+/* ------------------------------------------------------------------------ read bandwidth */
+/* Sum `bytes` of memory with nthreads OpenMP threads (each a contiguous share), the widest
+   vector loads the CPU has: what this kernel's threads can stream at most (benchmarks). */
+#if BLOCKFFN_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+static float stream_avx512(const float *p, long n) {
+    __m512 a = _mm512_setzero_ps(), b = a, c = a, d = a;
+    long i = 0;
+    for (; i + 64 <= n; i += 64) {
+        a = _mm512_add_ps(a, _mm512_loadu_ps(p + i)); b = _mm512_add_ps(b, _mm512_loadu_ps(p + i + 16));
+        c = _mm512_add_ps(c, _mm512_loadu_ps(p + i + 32)); d = _mm512_add_ps(d, _mm512_loadu_ps(p + i + 48));
+    }
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
+    for (; i < n; i++) s += p[i];
+    return s;
+}
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2")
+static float stream_avx2(const float *p, long n) {
+    __m256 a = _mm256_setzero_ps(), b = a, c = a, d = a;
+    long i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a = _mm256_add_ps(a, _mm256_loadu_ps(p + i)); b = _mm256_add_ps(b, _mm256_loadu_ps(p + i + 8));
+        c = _mm256_add_ps(c, _mm256_loadu_ps(p + i + 16)); d = _mm256_add_ps(d, _mm256_loadu_ps(p + i + 24));
+    }
+    __m256 t = _mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d));
+    float v[8]; _mm256_storeu_ps(v, t);
+    float s = ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+    for (; i < n; i++) s += p[i];
+    return s;
+}
+#pragma GCC pop_options
+#endif
+
+double blockffn_stream_read(const float *p, long n, int nthreads, int isa) {
+    int best = blockffn_cpu_isa();
+    if (isa < 0 || isa > best) isa = best;
+    double total = 0.0;
+    #pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads) reduction(+ : total)
+    {
+        int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        long a = n / nt * id, b = id == nt - 1 ? n : n / nt * (id + 1);
+        float s = 0.0f;
+#if BLOCKFFN_X86
+        if (isa >= ISA_AVX512) s = stream_avx512(p + a, b - a);
+        else if (isa >= ISA_AVX2) s = stream_avx2(p + a, b - a);
+        else
+#endif
+            for (long i = a; i < b; i++) s += p[i];
+        total += s;
+    }
+    return total;
 }

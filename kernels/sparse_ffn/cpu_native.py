@@ -105,9 +105,13 @@ def _open(path: str) -> ctypes.CDLL | None:
         logger.debug("blockffn: cannot load %s: %s", path, exc)
         return None
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
-    fn.argtypes = [p, i64, i32, p, p, p, i32, p, i64, i64, i64, i64, i64, p, i32, f32, i32, i64, f32, p, i32]
+    fn.argtypes = [p, i64, i32, p, p, p, i32, p, i64, i64, i64, i64, i64, p, i32, f32, i32, i64, f32, p, i32, i32]
     fn.restype = i32
     isa.restype = i32
+    lib.blockffn_linear.argtypes = [p, i64, i32, p, i32, i64, i64, i64, p, i64, i32, i32]
+    lib.blockffn_linear.restype = i32
+    lib.blockffn_stream_read.argtypes = [p, i64, i32, i32]
+    lib.blockffn_stream_read.restype = ctypes.c_double
     return lib
 
 
@@ -214,6 +218,38 @@ def set_prefetch(on: bool) -> None:
         lib.blockffn_set_prefetch(int(on))
 
 
+def linear_native(x: torch.Tensor, weight: torch.Tensor, num_threads: int | None = None,
+                  isa: str | None = None) -> torch.Tensor:
+    """y = x Wᵀ for decode-size x [M, K] (fp32/bf16) and W [N, K] (fp32/bf16, contiguous): a streaming
+    GEMV reading every weight byte once, split across threads by rows (equal bytes). fp32 accumulation."""
+    lib = _load()
+    assert lib is not None, "native kernel unavailable"
+    M, K = x.shape
+    N = weight.shape[0]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    y = torch.empty((M, N), dtype=x.dtype)
+    rc = lib.blockffn_linear(x.data_ptr(), x.stride(0), _DTYPE_CODES[x.dtype], weight.data_ptr(),
+                             _DTYPE_CODES[weight.dtype], M, N, K, y.data_ptr(), N,
+                             num_threads or _THREADS or torch.get_num_threads(), _isa_code(isa))
+    if rc == -2:
+        raise ValueError(f"blockffn linear CPU kernel: bad arguments (x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)})")
+    if rc != 0:
+        raise MemoryError("blockffn linear CPU kernel: out of memory")
+    return y
+
+
+def stream_read(buf: torch.Tensor, num_threads: int | None = None, isa: str | None = None) -> float:
+    """Sum a contiguous fp32 tensor with the kernel's threads and widest loads (read-bandwidth probe)."""
+    lib = _load()
+    assert lib is not None and buf.dtype == torch.float32 and buf.is_contiguous()
+    return lib.blockffn_stream_read(buf.data_ptr(), buf.numel(), num_threads or _THREADS or torch.get_num_threads(),
+                                    _isa_code(isa))
+
+
 def native_available() -> bool:
     """True when the compiled kernel is loaded (builds it on the first call)."""
     return _load() is not None
@@ -240,6 +276,7 @@ def sparse_ffn_native(
     num_threads: int | None = None,
     stats: np.ndarray | None = None,
     isa: str | None = None,
+    all_experts: bool = False,
 ) -> torch.Tensor | None:
     """y [T, H] computing only the active (token, expert) pairs, each active expert read once.
 
@@ -250,6 +287,8 @@ def sparse_ffn_native(
     array of live counters (vllm_blockffn.observe.stats columns) to add this call's to, from
     the scan the kernel does anyway (also when it declines). ``isa``: force a path (see
     :func:`cpu_isa`). Active pairs: score > 0 (NaN inactive; the module docstring).
+    ``all_experts``: the dense layer (every expert for every token in range, inactive pairs weighted
+    by 0), streamed like the sparse one: the dense baseline at decode sizes (``dense_ffn``).
     """
     lib = _load()
     assert lib is not None, "native kernel unavailable"
@@ -269,7 +308,7 @@ def sparse_ffn_native(
         x.data_ptr(), x.stride(0), _DTYPE_CODES[x.dtype], scores.data_ptr(), w_up.data_ptr(), w_down_t.data_ptr(),
         _DTYPE_CODES[w_up.dtype], cu_seqlens.data_ptr(), cu_seqlens.shape[0] - 1, T, E, D, H, y.data_ptr(),
         num_threads or _THREADS or torch.get_num_threads(), UP_ROW_COST, allow_dense,
-        th.cpu_min_dense_tokens, th.cpu_max_pair_fraction, _stats_ptr(stats), _isa_code(isa),
+        th.cpu_min_dense_tokens, th.cpu_max_pair_fraction, _stats_ptr(stats), _isa_code(isa), int(all_experts),
     )  # fmt: skip
     if rc == 1:
         return None
@@ -305,7 +344,7 @@ def count_native(scores: torch.Tensor, cu_seqlens: torch.Tensor, stats: np.ndarr
     T, E = scores.shape
     rc = lib.blockffn_sparse_ffn(
         None, 0, 0, scores.data_ptr(), None, None, 0, cu_seqlens.data_ptr(), cu_seqlens.shape[0] - 1,
-        T, E, 0, 0, None, 1, 0.0, 0, 0, 0.0, _stats_ptr(stats), -1,
+        T, E, 0, 0, None, 1, 0.0, 0, 0, 0.0, _stats_ptr(stats), -1, 0,
     )  # fmt: skip
     if rc == -1:
         raise MemoryError("blockffn counters: out of memory")

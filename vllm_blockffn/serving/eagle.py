@@ -437,8 +437,9 @@ def inspect_head(path: str, config: Mapping[str, Any]) -> dict[str, Any]:
 
 def head_config_dict(path: str) -> dict[str, Any]:
     """config.json of a head, plus the fields found by `inspect_head`, with target-only fields dropped."""
-    with open(os.path.join(path, "config.json")) as f:
-        raw = json.load(f)
+    from vllm_blockffn.serving.checkpoint import read_config
+
+    raw = read_config(path)  # a config.json that is not JSON: one line naming the file (BlockFFNFileError)
     fields = inspect_head(path, raw)
     cfg = {k: v for k, v in raw.items() if k not in TARGET_ONLY_FIELDS}
     cfg.update(fields)

@@ -25,6 +25,7 @@ from vllm_blockffn.observe.stats import RECORDER
 from vllm_blockffn.patches import worker_step_end
 from vllm_blockffn.serving.checkpoint import IGNORED_SUFFIXES, BlockFFNWeightError
 from vllm_blockffn.serving.config import BlockFFNSpec
+from vllm_blockffn.serving.layers import cpu_linear
 from vllm_blockffn.serving.layers.blockffn import BlockFFN
 
 
@@ -123,6 +124,8 @@ class BlockFFNForCausalLM(MiniCPMForCausalLM):
         RECORDER.start_model(getattr(vllm_config.model_config.hf_config, "name_or_path", ""))
         worker_step_end.apply()  # in a worker process: vLLM's worker module is imported by now
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if vllm_config.quant_config is None:  # decode-size linears at memory speed on CPUs (cpu_linear.py)
+            cpu_linear.install(self)
 
     def _init_model(self, *, vllm_config: VllmConfig, prefix: str = ""):
         return BlockFFNModel(vllm_config=vllm_config, prefix=prefix)

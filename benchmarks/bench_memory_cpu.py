@@ -1,0 +1,233 @@
+"""CPU expert kernels against the machine's memory: cold weights, GB/s and % of read bandwidth.
+
+Why this benchmark: a kernel called again and again on one weight set reads from the last-level
+cache (260 MB on the Xeon VMs here) and looks faster than memory allows. A forward pass reads each
+layer's weights once per step, so here every call runs on a different layer's weights, cycling
+through a pool of layers several times the LLC, and the active experts rotate between cycles
+(an expert is read again only after about a pool's worth of other bytes): every weight byte
+comes from DRAM, as in decoding.
+
+Rows (official BlockFFN shapes, SPEC.md; fp32 and bf16; 2 threads = what vLLM pins here):
+- read bandwidth, measured in the same run: torch.sum over 1 GiB fp32, and the native kernel's
+  own streaming loop (blockffn_stream_read) with the same threads; the larger is "read BW";
+- the native sparse kernel (ISA path named) for 1 token, decode batches of 4 and 8 requests,
+  one 4-token verify chunk, two 4-token verify chunks; ~10% of experts active per token, tokens
+  of a chunk sharing most of theirs (BlockFFN's chunk sparsity); bytes = the step's union of
+  experts (W_up and W_down rows), each read once;
+- the dense baselines on all experts: `dense_ffn` (torch GEMMs) and vLLM's own CPU GEMM path
+  (`ops.create_onednn_mm` / `onednn_mm`, what `dispatch_cpu_unquantized_gemm` installs for a
+  linear layer: AMX for bf16 where present), and the native kernel with every expert active.
+
+Run: `scripts/dev python benchmarks/bench_memory_cpu.py [--quick] [--out FILE.md]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels.sparse_ffn import cpu_native  # noqa: E402
+from kernels.sparse_ffn.cpu import dense_ffn  # noqa: E402
+from kernels.sparse_ffn.naive import experts_reference  # noqa: E402
+
+SHAPES = {"Small": (768, 48, 64), "Medium": (1280, 40, 128), "Large": (1536, 48, 128), "XLarge": (1792, 56, 128)}
+"""name → (H, E, d_e), SPEC.md."""
+SCENARIOS = {"1 tok": [1], "decode x4": [1, 1, 1, 1], "decode x8": [1] * 8, "verify 1x4": [4], "verify 2x4": [4, 4]}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def llc_bytes() -> int:
+    """Last-level cache size (lscpu), 32 MiB if unknown."""
+    try:
+        out = subprocess.run(["lscpu", "-B"], capture_output=True, text=True, timeout=10).stdout
+        sizes = [int(line.split(":")[1].split()[0]) for line in out.splitlines()
+                 if line.startswith(("L3 cache", "L2 cache")) and line.split(":")[1].strip()]
+        return max(sizes) if sizes else 32 << 20
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return 32 << 20
+
+
+def read_bandwidth(threads: int, repeats: int = 5) -> dict[str, float]:
+    """GB/s of a 1 GiB fp32 read: torch.sum (torch's threads) and the native streaming loop."""
+    buf = torch.ones(1 << 28)
+    out = {}
+    for name, fn in {"torch.sum": lambda: buf.sum(),
+                     "native stream": lambda: cpu_native.stream_read(buf, threads)}.items():
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        out[name] = buf.numel() * 4 / min(ts) / 1e9
+    return out
+
+
+def routed_scores(lengths: list[int], E: int, rotate: int, seed: int) -> torch.Tensor:
+    """~10% of experts per token; the tokens of a segment share most of them (chunk sparsity).
+    ``rotate`` shifts every expert id (a different set of experts per cycle over the pool)."""
+    g = torch.Generator().manual_seed(seed)
+    k = max(1, round(0.1 * E))
+    rows = []
+    for n in lengths:
+        base = torch.randperm(E, generator=g)[:k]
+        for _ in range(n):
+            s = torch.zeros(E)
+            keep = torch.rand(k, generator=g) < 0.85
+            s[base[keep]] = 0.2 + torch.rand(int(keep.sum()), generator=g)
+            if torch.rand(1, generator=g).item() < 0.3:
+                s[torch.randint(E, (1,), generator=g)] = 0.5
+            if not (s > 0).any():
+                s[base[0]] = 0.5
+            rows.append(torch.roll(s, rotate))
+    return torch.stack(rows)
+
+
+class Pool:
+    """Layers of expert weights, ≥ 3× the LLC in total: each call takes the next layer."""
+
+    def __init__(self, H: int, E: int, D: int, dtype: torch.dtype, min_bytes: int):
+        layer_bytes = 2 * E * D * H * torch.tensor([], dtype=dtype).element_size()
+        self.n = max(4, math.ceil(min_bytes / layer_bytes))
+        g = torch.Generator().manual_seed(0)
+        w_up = (torch.randn(E, D, H, generator=g) / H**0.5).to(dtype)
+        w_down = (torch.randn(E, D, H, generator=g) / D**0.5).to(dtype)
+        self.layers = [(w_up.clone(), w_down.clone()) for _ in range(self.n)]
+        self.bytes = self.n * layer_bytes
+
+
+def time_calls(pool: Pool, calls: list, fn) -> float:
+    """Seconds per call over ``calls`` = [(layer, x, scores, cu)], after one untimed cycle."""
+    for layer, x, s, cu in calls[: pool.n]:
+        fn(*pool.layers[layer], x, s, cu)
+    t0 = time.perf_counter()
+    for layer, x, s, cu in calls:
+        fn(*pool.layers[layer], x, s, cu)
+    return (time.perf_counter() - t0) / len(calls)
+
+
+def onednn_dense(pool: Pool):
+    """vLLM's CPU GEMM path on every layer's experts (two linears per layer), or None."""
+    try:
+        from vllm import _custom_ops as ops  # noqa: F401  (loads torch.ops._C)
+    except Exception:  # noqa: BLE001
+        return None
+    if not getattr(ops, "_supports_onednn", False):
+        return None
+    handlers = {}
+    for w_up, w_down in pool.layers:
+        E, D, H = w_up.shape
+        handlers[id(w_up)] = (ops.create_onednn_mm(w_up.reshape(E * D, H).t(), 32),
+                              ops.create_onednn_mm(w_down.reshape(E * D, H), 32))
+
+    def run(w_up, w_down, x, s, cu):
+        E, D, H = w_up.shape
+        up, down = handlers[id(w_up)]
+        h = torch.nn.functional.silu(ops.onednn_mm(up, x, None))
+        h.view(-1, E, D).mul_(s.to(h.dtype).unsqueeze(-1))
+        return ops.onednn_mm(down, h, None)
+
+    return run
+
+
+def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
+    rows = []
+    isa = cpu_native.cpu_isa()
+    shapes = {"Small": SHAPES["Small"], "XLarge": SHAPES["XLarge"]} if args.quick else SHAPES
+    for sname, (H, E, D) in shapes.items():
+        for dname in args.dtypes:
+            dt = DTYPES[dname]
+            pool = Pool(H, E, D, dt, 3 * llc_bytes())
+            esz = torch.tensor([], dtype=dt).element_size()
+            onednn = onednn_dense(pool) if not args.quick else None
+            for scen, lengths in SCENARIOS.items():
+                T = sum(lengths)
+                cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+                calls, union_bytes = [], 0
+                ncalls = max(3 * pool.n, 60)
+                for i in range(ncalls):
+                    s = routed_scores(lengths, E, rotate=(i // pool.n) * max(1, round(0.1 * E)), seed=i % 97)
+                    x = torch.randn(T, H, generator=torch.Generator().manual_seed(i)).to(dt)
+                    calls.append((i % pool.n, x, s, cu))
+                    union_bytes += int((s > 0).any(0).sum()) * 2 * D * H * esz
+                union_bytes /= ncalls
+                # correctness on one call before timing
+                w_up, w_down = pool.layers[0]
+                _, x, s, _ = calls[0]
+                y = cpu_native.sparse_ffn_native(x, s, w_up, w_down, cu, num_threads=threads)
+                ref = experts_reference(x.float(), s, w_up.float(), w_down.transpose(1, 2).float(), "block")
+                err = ((y.float() - ref).norm() / ref.norm()).item()
+                assert err < (3e-2 if dt == torch.bfloat16 else 1e-4), (sname, dname, scen, err)
+                sparse = time_calls(pool, calls, lambda wu, wd, x, s, cu: cpu_native.sparse_ffn_native(
+                    x, s, wu, wd, cu, num_threads=threads))
+                dense_bytes = 2 * E * D * H * esz
+                dense = time_calls(pool, calls[: 2 * pool.n], lambda wu, wd, x, s, cu: dense_ffn(x, s, wu, wd))
+                allk = time_calls(pool, calls[: 2 * pool.n], lambda wu, wd, x, s, cu: cpu_native.sparse_ffn_native(
+                    x, torch.ones_like(s), wu, wd, cu, num_threads=threads))
+                odn = (time_calls(pool, calls[: 2 * pool.n], onednn) if onednn else float("nan"))
+                g = lambda b, t: b / t / 1e9  # noqa: E731
+                rows.append([
+                    sname, dname, scen, f"{union_bytes / dense_bytes:.0%}", f"{union_bytes / 1e6:.2f}",
+                    f"{sparse * 1e6:.0f}", f"{g(union_bytes, sparse):.1f}", f"{g(union_bytes, sparse) / bw:.0%}",
+                    f"{union_bytes / bw / 1e3:.0f}",
+                    f"{dense * 1e6:.0f}", f"{g(dense_bytes, dense):.1f}",
+                    f"{odn * 1e6:.0f}" if onednn else "-", f"{g(dense_bytes, odn):.1f}" if onednn else "-",
+                    f"{allk * 1e6:.0f}", f"{g(dense_bytes, allk):.1f}", f"{g(dense_bytes, allk) / bw:.0%}",
+                    isa,
+                ])  # fmt: skip
+                print(" | ".join(rows[-1]), flush=True)
+            del pool
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="Small and XLarge only, no oneDNN baseline")
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", default=None, help="also write the markdown table here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = (f"CPU: {cpu_model()}, {os.cpu_count()} cores, {args.threads} threads, kernel ISA path "
+            f"{cpu_native.cpu_isa()} (best {cpu_native.best_isa()}), LLC {llc_bytes() >> 20} MiB, commit {commit}, "
+            f"torch {torch.__version__}")
+    print(head, flush=True)
+    bws = read_bandwidth(args.threads)
+    bw = max(bws.values())
+    print("read bandwidth (1 GiB fp32): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bws.items()), flush=True)
+    cols = ["shape", "dtype", "step", "union", "MB read", "sparse µs", "GB/s", "% of BW", "ideal µs",
+            "dense_ffn µs", "GB/s", "oneDNN µs", "GB/s", "kernel all-active µs", "GB/s", "% of BW", "ISA"]
+    print(" | ".join(cols), flush=True)
+    rows = kernel_rows(args, args.threads, bw * 1e9 / 1e9)
+    md = [head, "", "read bandwidth (1 GiB fp32, same run): " + ", ".join(f"{k} **{v:.1f} GB/s**"
+                                                                         for k, v in bws.items()), "",
+          "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(r) + " |" for r in rows]
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Decode-size linears of BlockFFN models on CPUs through the native streaming kernel.
+
+Why: in a sparse decode step the experts read ~10% of their bytes, and the rest of the step
+(attention projections, lm_head) becomes most of the time. vLLM's CPU linear path
+(`dispatch_cpu_unquantized_gemm`: oneDNN `onednn_mm`, AMX for bf16) reads a weight at
+8.7 GB/s (bf16) / 12.5 GB/s (fp32) at batch 1 on the 2-core Xeon here (ENV.md), a third of the
+memory's speed. For M ≤ `THRESHOLDS.cpu_linear_max_tokens` rows the native kernel
+(`kernels/sparse_ffn/cpu_native.c`, `blockffn_linear`) streams the row-major [N, K] weight once
+at memory speed; larger M (prefill, big batches) is compute-bound and goes to `F.linear` (torch's
+oneDNN GEMM, AMX where present) on the same weight.
+
+How: only our model's layers change. `install(model)` gives every unquantized linear and the
+lm_head of a BlockFFN model a method whose `process_weights_after_loading` keeps the weight as it
+was loaded (no oneDNN reorder, so no second copy) and sets `layer.cpu_linear`, which vLLM's
+`cpu_unquantized_gemm` calls, to one opaque custom op (`torch.ops.vllm.blockffn_linear`: the M
+test happens inside it, never in a compiled graph). `VLLM_BLOCKFFN_CPU_LINEAR=vllm` keeps vLLM's
+own path; so do fp16, layers vLLM marks `_cpu_skip_gemm_dispatch`, and machines without the
+native kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
+from vllm.platforms import current_platform
+from vllm.utils.torch_utils import direct_register_custom_op
+
+from vllm_blockffn.kernels.dispatch import THRESHOLDS
+from vllm_blockffn.kernels.sparse_ffn import cpu_native
+
+LINEAR_ENV = "VLLM_BLOCKFFN_CPU_LINEAR"
+MODES = ("auto", "vllm")
+
+
+def linear_mode() -> str:
+    """`VLLM_BLOCKFFN_CPU_LINEAR`: auto (default: streaming kernel for decode-size M) | vllm."""
+    value = os.environ.get(LINEAR_ENV, "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise ValueError(f"{LINEAR_ENV}={value!r}; expected one of {list(MODES)}")
+    return value
+
+
+def _eligible(layer: torch.nn.Module) -> bool:
+    w = getattr(layer, "weight", None)
+    return (current_platform.is_cpu() and linear_mode() == "auto" and isinstance(w, torch.Tensor)
+            and w.dim() == 2 and not w.is_meta and w.dtype in (torch.float32, torch.bfloat16)
+            and not getattr(layer, "_cpu_skip_gemm_dispatch", False) and cpu_native.native_available())
+
+
+def _blockffn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x Wᵀ: streaming kernel for M ≤ cpu_linear_max_tokens (fp32/bf16, same dtype), else F.linear."""
+    if x.dim() == 2 and x.shape[0] <= THRESHOLDS.cpu_linear_max_tokens and x.dtype == weight.dtype:
+        return cpu_native.linear_native(x, weight)
+    return F.linear(x, weight)
+
+
+def _blockffn_linear_fake(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+direct_register_custom_op("blockffn_linear", _blockffn_linear, fake_impl=_blockffn_linear_fake)
+
+
+def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    shape = x.shape
+    y = torch.ops.vllm.blockffn_linear(x.reshape(-1, shape[-1]), weight)
+    y = y.reshape(*shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias
+
+
+class StreamingLinearMethod(UnquantizedLinearMethod):
+    """UnquantizedLinearMethod whose CPU GEMM is :func:`_cpu_linear` (weight kept as loaded)."""
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if not _eligible(layer):
+            return super().process_weights_after_loading(layer)
+        layer.weight.data = layer.weight.data.contiguous()
+        layer.cpu_linear = _cpu_linear
+
+
+class StreamingLMHeadMethod(UnquantizedEmbeddingMethod):
+    """The lm_head's method with the same CPU GEMM (the embedding lookup is unchanged)."""
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if not _eligible(layer):
+            return super().process_weights_after_loading(layer)
+        layer.cpu_linear = _cpu_linear
+
+
+def install(model: torch.nn.Module) -> int:
+    """Give the model's unquantized linears and lm_head the streaming method; returns how many.
+    A no-op off CPUs or with VLLM_BLOCKFFN_CPU_LINEAR=vllm (checked again after loading)."""
+    if not current_platform.is_cpu() or linear_mode() != "auto":
+        return 0
+    n = 0
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if type(method) is UnquantizedLinearMethod:
+            module.quant_method = StreamingLinearMethod()
+            n += 1
+        elif isinstance(module, ParallelLMHead) and type(method) is UnquantizedEmbeddingMethod:
+            module.quant_method = StreamingLMHeadMethod()
+            n += 1
+    return n
