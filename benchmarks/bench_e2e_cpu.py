@@ -1,7 +1,9 @@
 """End-to-end generation on vLLM's CPU backend: dense vs sparse experts, against the Amdahl bound.
 
 Made to run on a model inflated to an official size (`vllm-blockffn inflate`, whose expert bytes per
-layer and depth equal BlockFFN-Small … XLarge and whose routing is the trained model's), in fp32.
+layer and depth equal BlockFFN-Small … XLarge and whose routing is the trained model's), in the dtype
+given by --dtype (bf16, the checkpoints' dtype, by default; fp32 on CPUs without AVX512_BF16/AMX, where
+vLLM's own bf16 GEMMs fall back to plain PyTorch).
 One in-process engine per speculation setting; the expert backend is switched on the live model,
 so all columns run on the same engine, prompts and machine, timed round-robin (the order rotated
 every repeat, so a shared machine's drift hits them alike); each figure is the median of --repeats.
@@ -21,11 +23,19 @@ prompts, few new tokens). Columns, in ms per generate() call:
   bound B                    T_dense / (T_rest + (T_dense − T_rest)·a): the speed-up if the experts'
                              time fell exactly in proportion to the bytes they need
   auto vs bound              (T_dense / T_auto) / B
+  limit                      the memory-speed limit of the auto run: the bytes its steps must read
+                             (per step and layer, the union of active experts' W_up and W_down rows,
+                             measured by the router probe; plus every non-expert weight except the
+                             embedding table, once per step) ÷ the read bandwidth measured at the start
+                             of the same run (the kernel's streaming loop, 1 GiB, the engine's threads)
+                             (with EAGLE: the target's steps only; the head's reads are not counted)
+  % of limit                 limit / T_auto
+  not experts                T_rest / T_auto: the share of the auto step that is not the experts
 
     scripts/dev vllm-blockffn inflate models/blockffn-tiny-trained /tmp/small --like small \\
         --eagle-head models/blockffn-tiny-trained-eagle /tmp/small-eagle
     scripts/dev python benchmarks/bench_e2e_cpu.py --model /tmp/small --eagle-head /tmp/small-eagle \\
-        [--tokens 64] [--repeats 5] [--json out.json]
+        [--dtype bfloat16] [--tokens 64] [--repeats 5] [--json out.json]
 """
 
 from __future__ import annotations
@@ -51,6 +61,49 @@ PROMPTS = [
     "The argparse module makes it easy to write user-friendly command-line interfaces",
 ]
 COLUMNS = ["dense", "sparse", "auto", "auto/stats-off", "skip"]
+WEIGHTS: dict[str, float] = {}
+"""expert_bytes (one expert's W_up + W_down rows), rest_bytes (all other weights but the embedding
+table), read_gbs: filled by :func:`model_bytes` and :func:`read_bandwidth` before the rows run."""
+
+
+def model_bytes(llm) -> None:
+    """Weight bytes by role, from the served model (in the served dtype)."""
+
+    def count(model):
+        from vllm_blockffn.serving.layers.blockffn import BlockFFN
+
+        expert = rest = 0
+        one_expert = 0
+        for name, p in model.named_parameters():
+            b = p.numel() * p.element_size()
+            if "embed_tokens" in name:
+                continue
+            if name.endswith(("mlp.up_proj", "mlp.down_proj")):
+                expert += b
+            else:
+                rest += b
+        for m in model.modules():
+            if isinstance(m, BlockFFN):
+                one_expert = 2 * m.up_proj.shape[1] * m.up_proj.shape[2] * m.up_proj.element_size()
+                break
+        return one_expert, rest
+
+    one_expert, rest = llm.apply_model(count)[0]
+    WEIGHTS.update(expert_bytes=one_expert, rest_bytes=rest)
+
+
+def read_bandwidth() -> float:
+    """GB/s of a 1 GiB fp32 read with the native kernel's streaming loop (torch's threads), best of 5."""
+    import torch
+    from vllm_blockffn.kernels.sparse_ffn import cpu_native
+
+    buf = torch.ones(1 << 28)
+    best = 0.0
+    for _ in range(6):
+        t = time.perf_counter()
+        cpu_native.stream_read(buf)
+        best = max(best, (1 << 30) / (time.perf_counter() - t) / 1e9)
+    return best
 
 
 def rows_wanted(args: argparse.Namespace) -> list[dict]:
@@ -145,6 +198,9 @@ def measure_row(llm, row: dict, repeats: int) -> dict:
     outs = llm.generate(prompts, params, use_tqdm=False)
     layers = router_probe(llm, install=False)
     union = sum(u for _, calls in layers for u, _, _ in calls) / sum(e * len(calls) for e, calls in layers)
+    n_steps = max(len(calls) for _, calls in layers)
+    experts_read = sum(u for _, calls in layers for u, _, _ in calls) * WEIGHTS["expert_bytes"]
+    need = experts_read + n_steps * WEIGHTS["rest_bytes"]
     token = sum(a for _, calls in layers for _, a, _ in calls) / sum(e * t for e, calls in layers for _, _, t in calls)
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
 
@@ -169,7 +225,10 @@ def measure_row(llm, row: dict, repeats: int) -> dict:
     if row["spec"] != "none" and statistics.median(steps["skip"]) > 0:
         rest *= statistics.median(steps["dense"]) / statistics.median(steps["skip"])
     bound = t["dense"] / (rest + (t["dense"] - rest) * union)
+    limit = need / (WEIGHTS["read_gbs"] * 1e9)
     result = dict(row, new_tokens=tokens, a=union, token_active=token, t_rest_ms=rest * 1e3, bound=bound,
+                  steps=n_steps, bytes_needed=need, limit_ms=limit * 1e3, pct_of_limit=limit / t["auto"],
+                  not_experts=t["skip"] / t["auto"],
                   mean_accepted=accepted / drafts if drafts else None,
                   auto_vs_bound=(t["dense"] / t["auto"]) / bound)
     for c in COLUMNS:
@@ -192,10 +251,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         spec = None if spec_name == "none" else {"method": "eagle", "model": args.eagle_head,
                                                  "num_speculative_tokens": 3}
         max_len = max((r["prompt_len"] or 64) + r["tokens"] for r in rows) + 64
-        llm = LLM(args.model, dtype="float32", enforce_eager=True, max_model_len=max_len, seed=0,
+        llm = LLM(args.model, dtype=args.dtype, enforce_eager=True, max_model_len=max_len, seed=0,
                   max_num_seqs=max(r["batch"] for r in rows), enable_prefix_caching=False,
                   kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)), disable_log_stats=False,
                   speculative_config=spec)
+        model_bytes(llm)
         for row in rows:
             results.append(measure_row(llm, row, args.repeats))
             print(json.dumps(results[-1]), flush=True)
@@ -207,8 +267,9 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = ["| row | batch | prompt → new tokens | dense ms | sparse ms | auto ms | auto, stats off ms "
-             "| skip = T_rest ms | a | bound B | auto/dense | sparse/dense | auto vs bound | mean accepted |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| skip = T_rest ms | a | bound B | auto/dense | sparse/dense | auto vs bound | dense tok/s | auto tok/s "
+             "| limit ms | auto % of limit | not experts | mean accepted |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = f"{r['mean_accepted']:.2f}" if r["mean_accepted"] is not None else "—"
         prompt = r["prompt_len"] or "short"
@@ -216,8 +277,23 @@ def table(rows: list[dict]) -> str:
             f"| {r['row']} | {r['batch']} | {prompt} → {r['tokens']} | {r['dense_ms']:.0f} | {r['sparse_ms']:.0f} | "
             f"{r['auto_ms']:.0f} | {r['auto/stats-off_ms']:.0f} | {r['t_rest_ms']:.0f} | {r['a']:.1%} | "
             f"{r['bound']:.2f}× | {r['dense_ms'] / r['auto_ms']:.2f}× | {r['dense_ms'] / r['sparse_ms']:.2f}× | "
-            f"{r['auto_vs_bound']:.0%} | {acc} |")
+            f"{r['auto_vs_bound']:.0%} | {r['dense_tok_s']:.1f} | {r['auto_tok_s']:.1f} | {r['limit_ms']:.0f} | "
+            f"{r['pct_of_limit']:.0%} | {r['not_experts']:.0%} | {acc} |")
     return "\n".join(lines)
+
+
+def _cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _isa() -> str:
+    from vllm_blockffn.kernels.sparse_ffn import cpu_native
+
+    return str(cpu_native.cpu_isa())
 
 
 def main() -> None:
@@ -230,6 +306,7 @@ def main() -> None:
     parser.add_argument("--prefill-tokens", type=int, default=4, help="new tokens in the prefill-heavy row")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--kv-cache-gib", type=float, default=1.0)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -243,10 +320,12 @@ def main() -> None:
         with open(meta) as f:
             target = json.load(f)["plan"]["target"]
         inflated = f" (inflated like {target['name']})"
-    header = (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+    WEIGHTS["read_gbs"] = read_bandwidth()
+    header = (f"machine: {_cpu_model()}, {os.cpu_count()} cores, torch "
               f"{torch.__version__} ({torch.get_num_threads()} threads); commit {commit}"
               f"{' + local changes' if dirty else ''}; model {args.model}{inflated}; "
-              f"eagle head {args.eagle_head or '—'}; fp32, enforce_eager, "
+              f"eagle head {args.eagle_head or '—'}; {args.dtype}, enforce_eager, kernel ISA "
+              f"{_isa()}, read bandwidth {WEIGHTS['read_gbs']:.1f} GB/s (same run), "
               f"prefix caching off; {args.tokens} new tokens per prompt (prefill-heavy: {args.prefill_batch} × "
               f"{args.prefill_len} → {args.prefill_tokens}); median of {args.repeats}, columns round-robin")
     start = time.perf_counter()

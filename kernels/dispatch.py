@@ -79,6 +79,11 @@ class DispatchThresholds:
     cpu_max_pair_fraction: float = 0.75
     """Dense when more than this fraction of all (token, expert) pairs is active (compute-bound
     and nearly dense; trained BlockFFN routers activate ~20% per token, so prefill stays sparse)."""
+    cpu_grouped_min_tokens: int = 128
+    """From this many tokens in a step (prefill chunks, big batches), the CPU auto path runs each
+    active expert's tokens as one gathered GEMM pair (sparse_ffn_grouped: FLOPs ∝ active pairs at
+    oneDNN speed, AMX for bf16) instead of the streaming kernel, which is built for memory-bound
+    steps. Measured: benchmarks/RESULTS.md, "long steps"."""
     # ---- CPU dense linears of BlockFFN models (vllm_blockffn/serving/layers/cpu_linear.py).
     cpu_linear_max_tokens: int = 8
     """Up to this many rows, a linear runs the native streaming GEMV (each weight byte read once, at

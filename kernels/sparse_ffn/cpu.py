@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dispatch import THRESHOLDS, cpu_prefers_dense
-from .cpu_native import native_supports, sparse_ffn_native
+from .cpu_native import count_native, native_supports, sparse_ffn_native
 from .naive import active_scores
 
 
@@ -165,9 +165,55 @@ def sparse_ffn_cpu(
     if x.shape[0] == 0:
         return x.new_empty((0, x.shape[1]))
     if native and native_supports(x, w_up, w_down_t):
+        if allow_dense and x.shape[0] >= THRESHOLDS.cpu_grouped_min_tokens:
+            # a long step (prefill): compute-bound, so each active expert's tokens as one GEMM
+            if stats is not None:
+                count_native(scores, cu_seqlens, stats)
+            return sparse_ffn_grouped(x, scores, w_up, w_down_t, cu_seqlens)
         y = sparse_ffn_native(x, scores, w_up, w_down_t, cu_seqlens, allow_dense=allow_dense, stats=stats)
         return dense_ffn(x, scores, w_up, w_down_t) if y is None else y
     return sparse_ffn_cpu_torch(x, scores, w_up, w_down_t, cu_seqlens, allow_dense=allow_dense)
+
+
+def sparse_ffn_grouped(
+    x: torch.Tensor,
+    scores: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+) -> torch.Tensor:
+    """y [T, H] for long steps: each active expert's tokens gathered into one GEMM pair.
+
+    FLOPs ∝ active (token, expert) pairs, at the GEMM library's speed (oneDNN: AMX tiles for bf16
+    where the CPU has them), which a per-token register-blocked kernel cannot match once a step is
+    compute-bound (prefill chunks). Tokens outside [cu[0], cu[-1]) get 0. Dense (all pairs) when
+    :func:`~..dispatch.cpu_native_prefers_dense` says so."""
+    T, H = x.shape
+    E, D, _ = w_up.shape
+    t0, t1 = int(cu_seqlens[0]), int(cu_seqlens[-1])
+    t0, t1 = max(0, t0), min(T, max(t1, t0))
+    act = scores[t0:t1] > 0
+    pairs = int(act.sum())
+    from ..dispatch import cpu_native_prefers_dense
+
+    if cpu_native_prefers_dense(pairs, t1 - t0, E):
+        y = dense_ffn(x, scores, w_up, w_down_t)
+        if t0 > 0 or t1 < T:
+            y[:t0].zero_()
+            y[t1:].zero_()
+        return y
+    y = torch.zeros((T, H), dtype=torch.float32)
+    counts = act.sum(0).tolist()
+    order = torch.argsort(act.t().to(torch.int8), dim=1, descending=True, stable=True)  # tokens of e first
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        idx = order[e, :n] + t0
+        xe = x.index_select(0, idx)
+        h = F.silu(torch.mm(xe, w_up[e].t()).float())
+        h.mul_(scores.index_select(0, idx)[:, e : e + 1])
+        y.index_add_(0, idx, torch.mm(h.to(x.dtype), w_down_t[e]).float())
+    return y.to(x.dtype)
 
 
 def sparse_ffn_cpu_torch(
