@@ -200,12 +200,62 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
     return rows
 
 
+LINEARS = {"XLarge qkv": (1792 * 3, 1792), "XLarge o_proj": (1792, 1792), "lm_head 32k": (32000, 1792)}
+"""name → (N, K) of decode-size linears (vanilla attention of an XLarge-sized model; a 32k-vocab head)."""
+
+
+def linear_rows(args, threads: int, bw: float) -> list[list[str]]:
+    """Streaming linear vs vLLM's oneDNN handler vs F.linear, cold weights, M = 1, 4, 8."""
+    try:
+        from vllm import _custom_ops as ops
+    except Exception:  # noqa: BLE001
+        ops = None
+    rows = []
+    for name, (N, K) in LINEARS.items():
+        for dname in args.dtypes:
+            dt = DTYPES[dname]
+            esz = torch.tensor([], dtype=dt).element_size()
+            n = max(4, math.ceil(3 * llc_bytes() / (N * K * esz)))
+            w0 = (torch.randn(N, K) / K**0.5).to(dt)
+            ws = [w0.clone() for _ in range(n)]
+            handlers = [ops.create_onednn_mm(w.t(), 32) for w in ws] if ops is not None else None
+            for M in (1, 4, 8):
+                x = torch.randn(M, K).to(dt)
+                ref = x.float() @ w0.float().t()
+                got = cpu_native.linear_native(x, ws[0], num_threads=threads).float()
+                assert ((got - ref).norm() / ref.norm()).item() < (2e-2 if dt == torch.bfloat16 else 1e-5)
+
+                t_s = _cycle(ws, lambda w, i, x=x: cpu_native.linear_native(x, w, num_threads=threads))
+                t_t = _cycle(ws, lambda w, i, x=x: torch.nn.functional.linear(x, w))
+                t_o = (_cycle(ws, lambda w, i, x=x, h=handlers: ops.onednn_mm(h[i], x, None)) if handlers
+                       else float("nan"))
+                b = N * K * esz
+                g = lambda t, b=b: b / t / 1e9  # noqa: E731
+                rows.append([name, dname, str(M), f"{b / 1e6:.1f}", f"{t_s * 1e6:.0f}", f"{g(t_s):.1f}",
+                             f"{g(t_s) / bw:.0%}", f"{t_o * 1e6:.0f}", f"{g(t_o):.1f}", f"{g(t_o) / bw:.0%}",
+                             f"{t_t * 1e6:.0f}", f"{g(t_t):.1f}", cpu_native.cpu_isa()])
+                print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
+def _cycle(ws: list, fn, reps: int = 3) -> float:
+    """Seconds per call of fn(w, i) over the weights ws in turn (one untimed pass first)."""
+    for i, w in enumerate(ws):
+        fn(w, i)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        for i, w in enumerate(ws):
+            fn(w, i)
+    return (time.perf_counter() - t0) / (reps * len(ws))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="Small and XLarge only, no oneDNN baseline")
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default=None, help="also write the markdown table here")
+    ap.add_argument("--linears-only", action="store_true", help="only the decode-size linear rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -219,10 +269,17 @@ def main() -> None:
     cols = ["shape", "dtype", "step", "union", "MB read", "sparse µs", "GB/s", "% of BW", "ideal µs",
             "dense_ffn µs", "GB/s", "oneDNN µs", "GB/s", "kernel all-active µs", "GB/s", "% of BW", "ISA"]
     print(" | ".join(cols), flush=True)
-    rows = kernel_rows(args, args.threads, bw * 1e9 / 1e9)
+    rows = kernel_rows(args, args.threads, bw) if not args.linears_only else []
+    lcols = ["linear", "dtype", "M", "MB", "streaming µs", "GB/s", "% of BW", "vLLM oneDNN µs", "GB/s", "% of BW",
+             "F.linear µs", "GB/s", "ISA"]
+    print(" | ".join(lcols), flush=True)
+    lrows = linear_rows(args, args.threads, bw)
     md = [head, "", "read bandwidth (1 GiB fp32, same run): " + ", ".join(f"{k} **{v:.1f} GB/s**"
-                                                                         for k, v in bws.items()), "",
-          "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(r) + " |" for r in rows]
+                                                                         for k, v in bws.items()), ""]
+    if rows:
+        md += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(r) + " |" for r in rows]
+    md += ["", "| " + " | ".join(lcols) + " |", "|" + "---|" * len(lcols)]
+    md += ["| " + " | ".join(r) + " |" for r in lrows]
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(md) + "\n")

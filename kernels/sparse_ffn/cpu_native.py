@@ -80,6 +80,8 @@ _THREADS = int(os.environ.get("VLLM_BLOCKFFN_CPU_THREADS", "0") or 0)
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
+lib_path: str | None = None
+"""The shared object in use (None until loaded or without one)."""
 
 
 def _cache_dir() -> str:
@@ -96,6 +98,7 @@ def _fallback(why: str) -> None:
 
 def _open(path: str) -> ctypes.CDLL | None:
     """Load a built kernel and declare its entry points; None if it is not a usable build."""
+    global lib_path
     try:
         lib = ctypes.CDLL(path)
         fn = lib.blockffn_sparse_ffn
@@ -108,6 +111,7 @@ def _open(path: str) -> ctypes.CDLL | None:
     fn.argtypes = [p, i64, i32, p, p, p, i32, p, i64, i64, i64, i64, i64, p, i32, f32, i32, i64, f32, p, i32, i32]
     fn.restype = i32
     isa.restype = i32
+    lib_path = path
     lib.blockffn_linear.argtypes = [p, i64, i32, p, i32, i64, i64, i64, p, i64, i32, i32]
     lib.blockffn_linear.restype = i32
     lib.blockffn_stream_read.argtypes = [p, i64, i32, i32]

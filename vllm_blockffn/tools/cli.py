@@ -34,6 +34,10 @@ def _check(args: argparse.Namespace) -> int:
     from vllm_blockffn.serving import checkpoint as ck
     from vllm_blockffn.serving.config import BlockFFNSpec
 
+    if args.env:
+        return _check_env()
+    if args.model is None:
+        raise ValueError("check: give a checkpoint folder (MODEL), or --env")
     path = args.model
     cfg = ck.read_config(path)
     # Every weight file first (whatever the folder is): a broken file is named before anything else.
@@ -46,6 +50,26 @@ def _check(args: argparse.Namespace) -> int:
     print(f"{args.model}: BlockFFN checkpoint OK ({spec.attention_type} attention, {spec.ffn_type} layout, "
           f"E={spec.num_experts}, d_e={spec.expert_size}, router norm {spec.norm_after_router}; "
           f"{len(infos)} tensors, all finite)")
+    return 0
+
+
+def _check_env() -> int:
+    """Which CPU expert path this machine will run, and why (build, ISA, threads, cache)."""
+    import torch
+
+    from vllm_blockffn.kernels.sparse_ffn import cpu_native
+
+    lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, CUDA "
+             f"{'available' if torch.cuda.is_available() else 'not available'}"]
+    if cpu_native.native_available():
+        lines.append(f"native CPU kernel: {cpu_native.lib_path}; ISA path {cpu_native.cpu_isa()} "
+                     f"(widest this CPU runs: {cpu_native.best_isa()}; {cpu_native.ISA_ENV} forces a narrower one)")
+        lines.append("CPU experts: native expert-major kernel (fp32/bf16), grouped GEMMs for long steps; "
+                     "decode-size linears: streaming kernel")
+    else:
+        lines.append("native CPU kernel: unavailable (the warning says why, or VLLM_BLOCKFFN_CPU_NATIVE=0); "
+                     "CPU experts: PyTorch path; linears: vLLM's own")
+    print("\n".join(lines))
     return 0
 
 
@@ -137,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="check a checkpoint's (or EAGLE head's) config.json, weight files, "
                                          "weight names, shapes, dtypes and values (NaN/Inf)")
-    check.add_argument("model")
+    check.add_argument("model", nargs="?", default=None)
+    check.add_argument("--env", action="store_true", help="instead: which CPU kernel path this machine uses")
     check.set_defaults(func=_check)
 
     demo = sub.add_parser("demo", help="serve a BlockFFN model with `vllm serve` and answer one request")
