@@ -64,13 +64,13 @@ ALWAYS uint16_t to_bf16(float f) {
 }
 ALWAYS float silu(float v) { return v / (1.0f + expf(-v)); }
 
-static int g_prefetch = 1; /* software prefetch on (blockffn_set_prefetch) */
+static int g_prefetch = 2; /* software prefetch: 0 off, n: the next n blocks ahead (blockffn_set_prefetch) */
 void blockffn_set_prefetch(int on) { g_prefetch = on; }
 
 /* Everything one unit needs: NR (or fewer) rows d0.. of one expert, its m tokens. */
 typedef struct {
     const void *wu, *wd;            /* the unit's first W_up / W_down row */
-    const char *pf_next;            /* next unit's W_up rows (prefetched during the down pass), or NULL */
+    const char *pf_next;            /* the weight rows the next call reads (prefetched during this one), or NULL */
     long H, D;                      /* row length; h buffer row stride */
     int nr, m;                      /* rows in this unit, tokens of the expert */
     const float *const *xs;         /* fp32 x rows of the tokens */
@@ -80,6 +80,7 @@ typedef struct {
     float *hb;                      /* h[j * D + r] for the expert's tokens */
     float *y;                       /* this thread's fp32 y [T, H] */
     const void *zrow;               /* H zero elements (of either dtype) */
+    int phase;                      /* 1: up (h of the rows), 2: down (y += rows * h) */
 } unit_t;
 
 typedef void (*unit_fn)(const unit_t *u);
@@ -105,11 +106,15 @@ ALWAYS const char *lin_next(const lin_t *l, long n, long esz, long *blk) {
     return g_prefetch && *blk > 0 ? (const char *)l->w + nx * l->K * esz : NULL;
 }
 
-/* Prefetch `bytes` from p, spread over `steps` calls (call i prefetches its share). */
+/* Prefetch `bytes` from p, spread over `steps` calls (call i prefetches its share of whole cache
+   lines). The stride is loop-invariant (the division is hoisted out of the caller's loop). */
 ALWAYS void pf_share(const char *p, long bytes, long i, long steps) {
     if (!p) return;
-    long a = bytes * i / steps, b = bytes * (i + 1) / steps;
-    for (long o = a & ~63L; o < b; o += 64) __builtin_prefetch(p + o, 0, 3);
+    bytes *= g_prefetch; /* n blocks ahead: a stream's blocks are contiguous */
+    long stride = ((bytes + steps - 1) / steps + 63) & ~63L;
+    long a = i * stride, b = a + stride;
+    if (b > bytes) b = bytes;
+    for (long o = a; o < b; o += 64) __builtin_prefetch(p + o, 0, 1);
 }
 
 /* ------------------------------------------------------------------------------ portable */
@@ -129,7 +134,7 @@ ALWAYS float p_bf16(const uint16_t *p, long i) { return cv_bf16(p[i]); }
     static void unit_portable_##SUF(const unit_t *u) {                                                  \
         const WT *wu = (const WT *)u->wu, *wd = (const WT *)u->wd;                                      \
         long H = u->H;                                                                                  \
-        for (int j = 0; j < u->m; j++) {                                                                \
+        for (int j = 0; j < u->m && (u->phase & 1); j++) {                                              \
             const float *x = u->xs[j];                                                                  \
             for (int r = 0; r < u->nr; r++) {                                                           \
                 const WT *w = wu + r * H;                                                               \
@@ -141,7 +146,7 @@ ALWAYS float p_bf16(const uint16_t *p, long i) { return cv_bf16(p[i]); }
                 u->hb[(long)j * u->D + r] = silu(s) * u->sc[j];                                         \
             }                                                                                           \
         }                                                                                               \
-        for (int j = 0; j < u->m; j++) {                                                                \
+        for (int j = 0; j < u->m && (u->phase & 2); j++) {                                              \
             float *y = u->y + (long)u->tok[j] * H;                                                      \
             const float *hv = u->hb + (long)j * u->D;                                                   \
             for (int r = 0; r < u->nr; r++) {                                                           \
@@ -199,11 +204,10 @@ ALWAYS float a2_hsum(__m256 v) {
         const WT *wu = (const WT *)u->wu, *wd = (const WT *)u->wd;                                      \
         long H = u->H, H8 = H & ~7L, steps = H8 / 8 > 0 ? H8 / 8 : 1;                                   \
         int nr = u->nr;                                                                                 \
-        const char *pfd = g_prefetch ? (const char *)wd : NULL;                                         \
-        const char *pfn = g_prefetch ? u->pf_next : NULL;                                               \
+        const char *pfd = g_prefetch ? u->pf_next : NULL, *pfn = pfd;                                   \
         long blk = (long)nr * H * ESZ;                                                                  \
         float out[NR][2];                                                                               \
-        for (int j0 = 0; j0 < u->m; j0 += 2) {                                                          \
+        for (int j0 = 0; j0 < u->m && (u->phase & 1); j0 += 2) {                                        \
             int nt = u->m - j0 < 2 ? u->m - j0 : 2;                                                     \
             const float *x0 = u->xs[j0], *x1 = u->xs[j0 + nt - 1];                                      \
             const char *pf = j0 == 0 ? pfd : NULL;                                                      \
@@ -241,7 +245,7 @@ ALWAYS float a2_hsum(__m256 v) {
                 }                                                                                       \
             }                                                                                           \
         }                                                                                               \
-        for (int j0 = 0; j0 < u->m; j0 += 2) {                                                          \
+        for (int j0 = 0; j0 < u->m && (u->phase & 2); j0 += 2) {                                        \
             int nt = u->m - j0 < 2 ? u->m - j0 : 2;                                                     \
             const char *pf = j0 == 0 ? pfn : NULL;                                                      \
             float *ys[2] = {u->y + (long)u->tok[j0] * H, u->y + (long)u->tok[j0 + nt - 1] * H};         \
@@ -380,10 +384,9 @@ ALWAYS __mmask16 a5_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (_
             wu[r] = r < nr ? (const WT *)u->wu + r * H : (const WT *)u->zrow;                           \
             wd[r] = r < nr ? (const WT *)u->wd + r * H : (const WT *)u->zrow;                           \
         }                                                                                               \
-        const char *pfd = g_prefetch ? (const char *)u->wd : NULL;                                      \
-        const char *pfn = g_prefetch ? u->pf_next : NULL;                                               \
+        const char *pfd = g_prefetch ? u->pf_next : NULL, *pfn = pfd;                                   \
         float out[NR][4], hs[4][NR];                                                                    \
-        for (int j0 = 0; j0 < u->m; j0 += 4) {                                                          \
+        for (int j0 = 0; j0 < u->m && (u->phase & 1); j0 += 4) {                                        \
             int nt = u->m - j0 < 4 ? u->m - j0 : 4;                                                     \
             const char *pf = j0 == 0 ? pfd : NULL;                                                      \
             UPCALL                                                                                      \
@@ -391,7 +394,7 @@ ALWAYS __mmask16 a5_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (_
                 for (int r = 0; r < nr; r++)                                                            \
                     u->hb[(long)(j0 + j) * u->D + r] = silu(out[r][j]) * u->sc[j0 + j];                 \
         }                                                                                               \
-        for (int j0 = 0; j0 < u->m; j0 += 4) {                                                          \
+        for (int j0 = 0; j0 < u->m && (u->phase & 2); j0 += 4) {                                        \
             int nt = u->m - j0 < 4 ? u->m - j0 : 4;                                                     \
             const char *pf = j0 == 0 ? pfn : NULL;                                                      \
             float *ys[4];                                                                               \
@@ -679,24 +682,30 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                         long k0 = (long)ceil((lo - cum) / c), k1 = (long)ceil((hi - cum) / c);
                         k0 = k0 < 0 ? 0 : k0 > units ? units : k0;
                         k1 = k1 < 0 ? 0 : k1 > units ? units : k1;
-                        for (long k = k0; k < k1; k++) {
-                            long d0 = k * NR;
-                            size_t o = (size_t)(e * D + d0) * H * wsz;
-                            nxt.wu = (const char *)w_up + o;
-                            nxt.wd = (const char *)w_down + o;
-                            nxt.pf_next = NULL;
-                            nxt.H = H; nxt.D = D;
-                            nxt.nr = D - d0 < NR ? (int)(D - d0) : NR;
-                            nxt.m = m;
-                            nxt.xs = xs + off[e]; nxt.xh = xh + off[e];
-                            nxt.sc = sc + off[e]; nxt.tok = tok + off[e];
-                            nxt.hb = hb + off[e] * D + d0;
-                            nxt.y = ym; nxt.zrow = zrow;
-                            /* run the previous unit now that the next one's rows are known */
-                            if (have) { cur.pf_next = (const char *)nxt.wu; unit(&cur); }
-                            cur = nxt;
-                            have = 1;
-                        }
+                        /* the span's W_up rows as one stream (phase 1), then its W_down rows (phase 2);
+                           each call prefetches the rows of the call after it */
+                        for (int phase = 1; phase <= 2; phase++)
+                            for (long k = k0; k < k1; k++) {
+                                long d0 = k * NR;
+                                size_t o = (size_t)(e * D + d0) * H * wsz;
+                                nxt.wu = (const char *)w_up + o;
+                                nxt.wd = (const char *)w_down + o;
+                                nxt.pf_next = NULL;
+                                nxt.phase = phase;
+                                nxt.H = H; nxt.D = D;
+                                nxt.nr = D - d0 < NR ? (int)(D - d0) : NR;
+                                nxt.m = m;
+                                nxt.xs = xs + off[e]; nxt.xh = xh + off[e];
+                                nxt.sc = sc + off[e]; nxt.tok = tok + off[e];
+                                nxt.hb = hb + off[e] * D + d0;
+                                nxt.y = ym; nxt.zrow = zrow;
+                                if (have) {
+                                    cur.pf_next = (const char *)(phase == 1 ? nxt.wu : nxt.wd);
+                                    unit(&cur);
+                                }
+                                cur = nxt;
+                                have = 1;
+                            }
                     }
                     cum += ce;
                 }
