@@ -60,14 +60,14 @@ class DispatchThresholds:
     """PyTorch path only (no C compiler, or fp16; the native kernel has its own rule below).
     Dense when Σ_s |U_s| > this · E: beyond it the sparse path's per-run overheads and the
     repeated reads of experts shared by segments cost more than reading all experts once.
-    Measured (bench_kernels_cpu.py, E=56, 1-64 tokens, 2-core EPYC): sparse/dense ≈ 0.6 with
-    50% of the experts in the union, ≈ 0.8 with 70%, ≈ 0.9-1.7 with 90%."""
+    Measured (bench_kernels_cpu.py at 16abe25, cache-resident; E=56, 1-64 tokens, 2-core EPYC):
+    sparse/dense ≈ 0.6 with 50% of the experts in the union, ≈ 0.8 with 70%, ≈ 0.9-1.7 with 90%."""
     cpu_max_tokens_per_segment: int = 4096
     """Segments longer than this are compute-bound: dense (one big GEMM) is as good and simpler."""
     # ---- CPU native kernel (kernels/sparse_ffn/cpu_native.py, expert-major over the whole step).
     # It reads each expert of the step's union once and computes only the P active (token,
     # expert) pairs of the n tokens; dense_ffn reads all E experts and computes all n·E pairs
-    # with oneDNN GEMMs. Measured (bench_kernels_cpu.py --dispatch, 2 threads, fp32, 2-core
+    # with oneDNN GEMMs. Measured (bench_kernels_cpu.py --dispatch at 16abe25, 2 threads, fp32, 2-core
     # EPYC AVX2, Small and XLarge shapes): the native kernel wins at every union size when
     # few tokens (1 token, all experts active: new/dense 0.52-0.60; 4 tokens: 0.44-0.49), and
     # loses only when most tokens use most experts and n is large: P = n·E at n = 64:
