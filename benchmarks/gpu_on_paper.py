@@ -59,6 +59,7 @@ from kernels.segments.triton_segments import num_token_blocks  # noqa: E402
 rt = importlib.import_module("kernels.router.triton_router")
 sg = importlib.import_module("kernels.segments.triton_segments")
 sf = importlib.import_module("kernels.sparse_ffn.triton_sparse_ffn")
+em = importlib.import_module("kernels.sparse_ffn.triton_expert_major")
 
 # The official BlockFFN MLA models (SPEC.md §1): name → (H, E, d_e).
 SHAPES = {
@@ -552,26 +553,32 @@ def compile_kernel(
 
 
 def resource_usage(kernel: Any) -> dict[str, int]:
-    """Registers per thread, spills (local memory words, as Triton's ``n_spills``) and shared bytes.
+    """Registers per thread, spills and shared bytes of an AOT-compiled kernel.
 
-    Without a GPU Triton never loads the cubin, so ``n_regs`` / ``n_spills`` are not set;
-    the bundled ``cuobjdump --dump-resource-usage`` reads them from the cubin instead.
-    Spilled registers live in local memory, so LOCAL = 0 means no spills.
+    Without a GPU Triton never loads the cubin, so ``n_regs`` / ``n_spills`` are not set. They
+    are read from ``ptxas -v`` on the kernel's PTX, with the ptxas Triton itself compiles that
+    target with (``ptxas-blackwell`` for sm_90+): ``spill_stores`` / ``spill_loads`` bytes and
+    the ``stack`` frame (where spills live: the cubin's LOCAL field stays 0 for them, so
+    ``cuobjdump --dump-resource-usage`` alone misses spills). ``n_spills`` = spill-store bytes / 4
+    (words, as Triton's ``n_spills``).
     """
-    import triton
+    from triton.backends.nvidia.compiler import get_ptxas
 
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
+    arch = kernel.metadata.target.arch
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as f:
+        f.write(kernel.asm["ptx"])
         f.flush()
-        out = subprocess.run(
-            [triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
-            check=True, capture_output=True, text=True,
-        ).stdout  # fmt: skip
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
-    if m is None:
-        raise RuntimeError(f"unexpected cuobjdump output: {out!r}")
-    regs, stack, static_smem, local = map(int, m.groups())
-    return dict(n_regs=regs, n_spills=local // 4, stack=stack, shared=kernel.metadata.shared + static_smem)
+        res = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
+                             capture_output=True, text=True)  # fmt: skip
+    log = res.stdout + res.stderr
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    r = re.search(r"Used (\d+) registers", log)
+    if res.returncode or m is None or r is None:
+        raise RuntimeError(f"unexpected ptxas output: {log!r}")
+    stack, stores, loads = map(int, m.groups())
+    return dict(n_regs=int(r.group(1)), n_spills=stores // 4, spill_stores=stores, spill_loads=loads, stack=stack,
+                shared=kernel.metadata.shared)
 
 
 I32 = "*i32"
@@ -604,6 +611,34 @@ def kernel_specs(T: int, S: int, E: int, D: int, H: int) -> list[tuple[str, Any,
 
 # (tokens, segments) whose default configs the register table covers: the corners of the sweep.
 RESOURCE_POINTS = ((1, 1), (8, 1), (8, 8), (64, 8))
+# Step sizes (tokens) whose expert-major default configs the register table covers (one per M bucket).
+EM_RESOURCE_TOKENS = (1, 64, 2048)
+
+
+def expert_major_specs(T: int, E: int, D: int, H: int) -> list[tuple[str, Any, dict, dict, dict]]:
+    """(label, kernel, pointer types, constexprs, options) of the expert-major launches of one bf16
+    step (vLLM's kernels, as ``expert_major_ffn_triton`` launches them with ``default_config``)."""
+    import triton.language as tl
+
+    cfg = em.default_config(T, E, D, H, torch.bfloat16)
+    bf = "*bf16"
+    out = []
+    for label, g, top_k in (("fused-MoE up", cfg.up, E), ("fused-MoE down", cfg.down, 1)):
+        consts = dict(b_bias_ptr=None, a_scale_ptr=None, b_scale_ptr=None, topk_weights_ptr=None, group_n=0,
+                      group_k=0, naive_block_assignment=False, BLOCK_SIZE_M=cfg.block_m, BLOCK_SIZE_N=g.block_n,
+                      BLOCK_SIZE_K=g.block_k, GROUP_SIZE_M=g.group_m, SPLIT_K=1, MUL_ROUTED_WEIGHT=False,
+                      top_k=top_k, compute_type=tl.bfloat16, use_fp8_w8a8=False, use_int8_w8a8=False,
+                      use_int8_w8a16=False, per_channel_quant=False, HAS_BIAS=False, SWAP_AB=False, USE_TD=False)
+        ptrs = dict(a_ptr=bf, b_ptr=bf, c_ptr=bf, sorted_token_ids_ptr=I32, expert_ids_ptr=I32,
+                    num_tokens_post_padded_ptr=I32)
+        out.append((label, em.fused_moe_kernel, ptrs, consts, dict(num_warps=g.num_warps, num_stages=g.num_stages)))
+    if E <= em.VLLM_SUM_MAX_EXPERTS:
+        out.append(("weighted sum", em.moe_fused_mul_sum_kernel,
+                    dict(inputs_ptr=bf, topk_weights_ptr="*fp32", outputs_ptr=bf, top_ids_ptr=I32, expert_map_ptr=I32),
+                    dict(num_valid_tokens_ptr=None, has_topk_ids=True, has_expert_map=True, has_num_valid=False,
+                         top_k=E, hidden_size=H, BLOCK_K=cfg.sum_block),
+                    dict(num_warps=cfg.sum_warps, num_stages=3)))
+    return out  # fmt: skip
 
 
 def resource_rows(points: Sequence[tuple[int, int]] = RESOURCE_POINTS, archs: Sequence[int] = (80, 90)) -> list[dict]:
@@ -611,8 +646,10 @@ def resource_rows(points: Sequence[tuple[int, int]] = RESOURCE_POINTS, archs: Se
     seen: dict[tuple, dict] = {}
     for arch in archs:
         for H, E, D in SHAPES.values():
-            for T, S in points:
-                for label, lazy, ptrs, consts, opts in kernel_specs(T, S, E, D, H):
+            specs = [spec for T, S in points for spec in kernel_specs(T, S, E, D, H)]
+            if em.vllm_kernels_available():
+                specs += [spec for T in EM_RESOURCE_TOKENS for spec in expert_major_specs(T, E, D, H)]
+            for label, lazy, ptrs, consts, opts in specs:
                     key = (arch, label, tuple(sorted(consts.items())), tuple(sorted(opts.items())))
                     if key not in seen:
                         use = resource_usage(compile_kernel(lazy, ptrs, consts, arch, **opts))
@@ -622,13 +659,16 @@ def resource_rows(points: Sequence[tuple[int, int]] = RESOURCE_POINTS, archs: Se
 
 def resource_table(rows: Sequence[dict]) -> str:
     """Markdown table; configs that differ only in their split count share a line (regs as a range)."""
-    order = ["router logits", "router norm", "segment union", "sparse up", "sparse down"]
+    order = ["router logits", "router norm", "segment union", "sparse up", "sparse down", "fused-MoE up",
+             "fused-MoE down", "weighted sum"]
+    shown = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "top_k", "hidden_size", "BLOCK_K")
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        rest = tuple((k, v) for k, v in r["constexprs"].items() if k not in ("SPLIT", "SPLIT_K", "DOT_MODE"))
+        rest = tuple((k, v) for k, v in r["constexprs"].items() if k not in ("SPLIT", "SPLIT_K", "DOT_MODE")
+                     and (r["kernel"] not in order[5:] or k in shown))
         groups[(r["arch"], order.index(r["kernel"]), rest)].append(r)
     lines = [
-        "| arch | kernel | constexprs (split counts) | warps / stages | regs | spills | shared B |",
+        "| arch | kernel | constexprs (split counts) | warps / stages | regs | spill stores B | shared B |",
         "|---|---|---|---|---|---|---|",
     ]
     for (arch, _, rest), rs in sorted(groups.items()):
@@ -641,7 +681,8 @@ def resource_table(rows: Sequence[dict]) -> str:
 
         ws = f"{rs[0].get('num_warps', 4)} / {rs[0].get('num_stages', 3)}"
         lines.append(
-            f"| sm_{arch} | {rs[0]['kernel']} | {c} | {ws} | {span('n_regs')} | {span('n_spills')} | {span('shared')} |"
+            f"| sm_{arch} | {rs[0]['kernel']} | {c} | {ws} | {span('n_regs')} | {span('spill_stores')} "
+            f"| {span('shared')} |"
         )
     return "\n".join(lines)
 

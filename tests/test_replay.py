@@ -30,6 +30,7 @@ pytest.importorskip("triton")
 
 from vllm_blockffn.kernels import _triton as triton_glue  # noqa: E402
 from vllm_blockffn.kernels import experts_naive  # noqa: E402
+from vllm_blockffn.kernels.sparse_ffn import cpu as cpu_ffn  # noqa: E402
 
 from vllm_blockffn.observe.stats import SparsityRecorder  # noqa: E402
 from vllm_blockffn.serving import segments  # noqa: E402
@@ -119,6 +120,9 @@ def _sig(a):
 def accelerator(monkeypatch):
     """The op's accelerator path on CPU tensors; Triton launches recorded (grid + scalars)."""
     monkeypatch.setattr(segments, "on_accelerator", lambda t: True)
+    # dense_ffn streams CPU tensors through the native CPU kernel at decode sizes; a GPU's
+    # dense path is the torch GEMMs.
+    monkeypatch.setattr(cpu_ffn, "native_supports", lambda *a, **k: False)
     recorder = SparsityRecorder()
     monkeypatch.setattr(blockffn, "RECORDER", recorder)
     launches: list[tuple] = []

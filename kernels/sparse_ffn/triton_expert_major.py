@@ -9,8 +9,8 @@ active pairs are computed, whatever the segments. That is what a top-k MoE layer
 vLLM ships a tuned kernel for it; a BlockFFN layer is a MoE whose k varies per token:
 
 1. routing: ``topk_ids`` [T, E] = e where score[t, e] > 0, else the dummy id E (K = E is fixed
-   per layer, so no shape depends on the routing; NaN scores count as inactive);
-   ``topk_weights`` [T, E] = the fp32 score where active, else 0;
+   per layer, so no shape depends on the routing; NaN scores count as inactive); the fp32
+   scores are the ``topk_weights`` (only active slots are ever read);
 2. ``moe_align_block_size`` with ``num_experts = E + 1``, the expert map ``[0..E-1, -1]`` and
    ``ignore_invalid_experts``: the dummy pairs are dropped before any GEMM (vLLM's CUDA op
    when it is there, else :func:`align_block_size`, a sync-free torch equivalent);
@@ -20,7 +20,9 @@ vLLM ships a tuned kernel for it; a BlockFFN layer is a MoE whose k varies per t
    buffer too: rows of inactive pairs hold garbage and are never read);
 5. ``fused_moe_kernel`` (vLLM): ``o = silu(h) · w_down[e]`` per active pair → [T·E, H];
 6. ``moe_fused_mul_sum_kernel`` (vLLM): ``y_t = Σ_e score[t, e] · o[t, e]`` in fp32 over the
-   token's active pairs only (the expert map marks the dummy id invalid), cast once.
+   token's active pairs only (the expert map marks the dummy id invalid), cast once. It unrolls
+   over the E slots, which stops fitting above 64 experts (spills, minutes of compilation):
+   there :func:`_pair_sum_kernel`, ours, loops instead.
 
 vLLM's kernel code stays in vLLM: the raw Python functions are taken from the installed
 package and decorated with ``triton.jit`` here (:class:`VllmKernel`), with real ``triton`` /
@@ -182,22 +184,23 @@ def default_config(
     tuned = tuned_config(M, num_experts, expert_size, hidden, dtype)
     if tuned is not None:
         return tuned
-    block_m = 16 if M <= 32 else 32 if M <= 96 else 64 if M <= 512 else 128
-    block_n = 64 if M <= 64 else 128
-    block_k = 128 if M <= 64 else 64
-    warps = 4 if M <= 128 else 8
-    stages = 4 if M <= 32 else 3
+    # vLLM's M buckets; tiles chosen so that no default config spills registers on sm_80 / sm_90
+    # (vLLM's own default of 64×128×64 with 4 warps spills 0.5 KB per thread, 128×128×64 with 8
+    # warps 0.3 KB; tests/test_kernels_compile.py checks ours at the official shapes).
+    if M <= 32:
+        block_m, block_n, block_k, warps, stages = 16, 64, 128, 4, 4
+    elif M <= 96:
+        block_m, block_n, block_k, warps, stages = 32, 64, 64, 4, 3
+    else:
+        block_m, block_n, block_k, warps, stages = 64, 128, 64, 8, 3
     if elt == 4:  # fp32 tiles: half the K depth keeps the shared memory of 3-4 stages in bounds
         block_k = min(block_k, 64)
     up = GemmConfig(_pow2_tile(expert_size, block_n), _pow2_tile(hidden, block_k), 1, warps, stages)
     down = GemmConfig(_pow2_tile(hidden, block_n), _pow2_tile(expert_size, block_k), 1, warps, stages)
-    # moe_fused_mul_sum: vLLM's heuristic on sm ≥ 7.5 (one program per token, wide H tiles).
-    if elt == 4:
-        sum_block, sum_warps = max(128, min(next_pow2(hidden), 256)), 4
-    elif hidden >= 1024:
-        sum_block, sum_warps = max(128, min(next_pow2(hidden), 4096)), 16
-    else:
-        sum_block, sum_warps = max(128, min(next_pow2(hidden), 512)), 2
+    # The weighted sum: one program per token, H tiles of up to 2048 with 8 warps (vLLM's heuristic
+    # takes 16 warps, which caps a thread at 128 registers: its E-way unrolled slot loop then
+    # spills at E = 56).
+    sum_block, sum_warps = max(128, min(next_pow2(hidden), 2048)), 8
     return ExpertMajorConfig(block_m, up, down, chunk, sum_block, sum_warps)
 
 
@@ -255,14 +258,11 @@ def _expert_tables(num_experts: int, device: torch.device) -> tuple[torch.Tensor
     return emap[:num_experts], emap
 
 
-def route(scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``topk_ids`` [T, E] int32 (e if score > 0 else E) and ``topk_weights`` [T, E] fp32
-    (the score if active else 0; NaN is inactive)."""
-    E = scores.shape[1]
-    active = scores > 0
-    topk_ids = torch.where(active, ids, E).to(torch.int32)
-    topk_weights = torch.where(active, scores, 0.0).to(torch.float32)
-    return topk_ids, topk_weights
+def route(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``topk_ids`` [T, E] int32: e where score[t, e] > 0, else the dummy id E (NaN is inactive).
+    The scores themselves serve as ``topk_weights``: the weighted sum reads only the slots of
+    active pairs, so inactive entries (0, negative, NaN) are never used."""
+    return torch.where(scores > 0, ids, scores.shape[1]).to(torch.int32)
 
 
 def max_num_tokens_padded(numel: int, num_experts: int, block_size: int) -> int:
@@ -357,6 +357,30 @@ def moe_gemm(
     )  # fmt: skip
 
 
+@lazy_jit
+def _pair_sum_kernel(o_ptr, w_ptr, ids_ptr, y_ptr, H, K, NUM_EXPERTS, BH: tl.constexpr):
+    """Ours, for E > :data:`VLLM_SUM_MAX_EXPERTS`: y[t] = Σ_k w[t, k] · o[t, k] (fp32) over the
+    slots k whose id is a real expert, as a runtime loop (vLLM's kernel unrolls over k)."""
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BH + tl.arange(0, BH)
+    hmask = offs < H
+    row = t.to(tl.int64) * K
+    acc = tl.zeros((BH,), dtype=tl.float32)
+    for k in range(0, K):
+        e = tl.load(ids_ptr + row + k)
+        if e < NUM_EXPERTS:
+            w = tl.load(w_ptr + row + k)
+            o = tl.load(o_ptr + (row + k) * H + offs, mask=hmask, other=0.0)
+            acc += o.to(tl.float32) * w
+    tl.store(y_ptr + t.to(tl.int64) * H + offs, acc.to(y_ptr.dtype.element_ty), mask=hmask)
+
+
+VLLM_SUM_MAX_EXPERTS = 64
+"""vLLM's ``moe_fused_mul_sum_kernel`` unrolls its slot loop (K = E here): at E ≤ 56 it compiles
+in ~2 s without spills (8 warps), at E = 256 it spills 2.7–6.7 KB per thread and takes 40–85 s
+to compile. Above this E, :func:`_pair_sum_kernel` (ours) does the same sum."""
+
+
 def mul_sum(
     pairs_out: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -367,6 +391,10 @@ def mul_sum(
 ) -> None:
     """``y_t = Σ_k w[t, k] · pairs_out[t, k]`` (fp32) over the slots whose expert is valid."""
     T, K, H = pairs_out.shape
+    if K > VLLM_SUM_MAX_EXPERTS:
+        bh = min(cfg.sum_block, 1024)
+        _pair_sum_kernel[(T, cdiv(H, bh))](pairs_out, topk_weights, topk_ids, y, H, K, K, BH=bh, num_warps=4)
+        return
     moe_fused_mul_sum_kernel[(T,)](
         pairs_out, topk_weights, y, topk_ids, expert_map, None, K * H,
         has_topk_ids=True, has_expert_map=True, has_num_valid=False, top_k=K, hidden_size=H,
@@ -404,11 +432,14 @@ def expert_major_ffn_triton(
         x = x.contiguous()
     w_up = w_up.contiguous()
     w_down = w_down_t.contiguous().transpose(1, 2)  # vLLM's w2 [E, H, D], a view
+    if scores.dtype != torch.float32 or not scores.is_contiguous():
+        scores = scores.float().contiguous()
     ids, emap = _expert_tables(E, x.device)
     for t0 in range(0, T, cfg.chunk_tokens):
         t1 = min(T, t0 + cfg.chunk_tokens)
         n = t1 - t0
-        topk_ids, topk_weights = route(scores[t0:t1], ids)
+        topk_weights = scores[t0:t1]
+        topk_ids = route(topk_weights, ids)
         sorted_ids, expert_ids, num_post_pad = _align(topk_ids, cfg.block_m, E, emap)
         h = torch.empty((n * E, D), device=x.device, dtype=x.dtype)
         moe_gemm(x[t0:t1], w_up, h, sorted_ids, expert_ids, num_post_pad, E, n * E, cfg.block_m, cfg.up)
