@@ -85,6 +85,8 @@ class Launch:
     stores: dict[str, int] = field(default_factory=dict)
     distinct_loads: dict[str, int] = field(default_factory=dict)  # each byte once
     distinct_stores: dict[str, int] = field(default_factory=dict)
+    flops: int = 0  # tensor-core work as tiled (padded rows included); 0 where not modelled
+    useful_flops: int = 0  # the active pairs' (or, dense, all pairs') multiply-adds × 2
 
     def add(self, kind: str, arg: str, requested: int, distinct: int | None = None) -> None:
         req = self.loads if kind == "load" else self.stores
@@ -687,6 +689,333 @@ def resource_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- the three CUDA paths under real load
+ROUTING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_on_paper_routing.json")
+BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "models", "blockffn-tiny-trained")
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # bf16 dense tensor-core peak (SXM)
+GRAPH_LAUNCH_US = 1.0  # assumption: per launch inside a CUDA graph (the dispatch model's cuda_launch_us)
+# (name, segment lengths, key of the routing sample set)
+SCENARIOS = [
+    ("decode, 8 requests", [1] * 8, "decode8"),
+    ("decode, 32 requests", [1] * 32, "decode32"),
+    ("decode, 128 requests", [1] * 128, "decode128"),
+    ("8 verify chunks of 4", [4] * 8, "verify8x4"),
+    ("prefill, 2048 tokens", [2048], "prefill2048"),
+]
+
+
+def measure_routing(path: str = ROUTING_FILE, window: int = 128, samples: int = 200, seed: int = 0,
+                    scenario_draws: int = 25) -> dict:
+    """The bundled model's routing on its held-out text (needs the repository's environment:
+    ``vllm_blockffn.reference``, ``training.data``, ``tokenizers``). Writes ``path``:
+
+    - ``grid["S,L"]``: S independent requests (distinct held-out windows of ``window`` tokens),
+      L consecutive tokens each from a random position ≥ 8: mean fraction of the experts in a
+      segment's union, in the step's union, and of (token, expert) pairs active — over
+      ``samples`` draws and the 4 layers (what ``kernels/dispatch.py``'s routing model is fitted to);
+    - ``scenarios[key]``: ``scenario_draws`` draws × 4 layers of each scenario's actual routing
+      (prefill: 3 stretches × 4 layers): every segment's active experts and every expert's
+      active-pair count (E = 48);
+    - ``prefill_2048``: union and pair fractions of 3 stretches of 2048 consecutive tokens.
+    """
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from tokenizers import Tokenizer
+
+    from training import data as data_mod
+    from vllm_blockffn.reference import load_reference
+
+    model = load_reference(BUNDLED_MODEL, torch.float32)
+    tok = Tokenizer.from_file(os.path.join(BUNDLED_MODEL, "tokenizer.json"))
+    ids, _ = data_mod.encode_stream(tok, data_mod.load_corpus().heldout)
+    E = model.spec.num_experts
+    n_win = ids.numel() // window
+
+    def active(tokens: torch.Tensor) -> torch.Tensor:  # [layers, T, E] bool
+        _, traces = model(tokens, return_router=True)
+        return torch.stack([tr.active for tr in traces])
+
+    acts = torch.stack([active(ids[w * window:(w + 1) * window]) for w in range(n_win)])  # [W, layers, window, E]
+    rng = random.Random(seed)
+
+    def draw(S: int, L: int) -> torch.Tensor:  # [S, layers, L, E]
+        segs = []
+        for w in rng.sample(range(n_win), S):
+            p = rng.randrange(8, window - L + 1)
+            segs.append(acts[w, :, p:p + L])
+        return torch.stack(segs)
+
+    grid = {}
+    for S in (1, 2, 4, 8, 16, 32, 64, 128):
+        for L in (1, 2, 4, 8, 16, 32, 64):
+            seg_u = all_u = pairs = 0.0
+            for _ in range(samples):
+                a = draw(S, L)
+                su = a.any(2)
+                seg_u += su.float().mean().item()
+                all_u += su.any(0).float().mean().item()
+                pairs += a.float().mean().item()
+            grid[f"{S},{L}"] = dict(segment_union=seg_u / samples, step_union=all_u / samples, pairs=pairs / samples)
+    long = [active(ids[k * 2048:(k + 1) * 2048]) for k in range(3)]
+    scenarios: dict[str, list] = {}
+    for _name, lens, key in SCENARIOS:
+        draws = []
+        for d in range(len(long) if key == "prefill2048" else scenario_draws):
+            a = long[d].unsqueeze(0) if key == "prefill2048" else draw(len(lens), lens[0])  # [S, layers, L, E]
+            for layer in range(a.shape[1]):
+                la = a[:, layer]  # [S, L, E]
+                draws.append(dict(segments=[torch.nonzero(seg.any(0)).flatten().tolist() for seg in la],
+                                  pairs=la.sum((0, 1)).tolist()))
+        scenarios[key] = draws
+    out = dict(model="models/blockffn-tiny-trained", num_experts=E, layers=model.spec.num_hidden_layers,
+               heldout_tokens=int(ids.numel()), window=window, samples=samples, seed=seed, grid=grid,
+               token_active_fraction=acts[:, :, 8:].float().mean().item(),
+               prefill_2048=dict(union=sum(x.any(1).float().mean().item() for x in long) / 3,
+                                 pairs=sum(x.float().mean().item() for x in long) / 3),
+               scenario_draws=scenario_draws, scenarios=scenarios)  # fmt: skip
+    with open(path, "w") as f:
+        json.dump(out, f)
+    return out
+
+
+def load_routing(path: str = ROUTING_FILE) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def rescale_routing(draw: dict, E: int, E0: int) -> tuple[list[list[int]], list[int]]:
+    """A routing draw of the E0-expert bundled model carried to E experts: expert i of the E
+    experts plays expert ⌊i·E0/E⌋ (a union of k of E0 becomes one of ≈ k·E/E0 of E, the pair
+    counts follow their experts), so fractions of experts and of pairs are kept."""
+    src = [int(i * E0 / E) for i in range(E)]
+    segs = [[i for i in range(E) if src[i] in set(seg)] for seg in draw["segments"]]
+    return segs, [int(draw["pairs"][src[i]]) for i in range(E)]
+
+
+def _gemm_flops(rows: int, n: int, k: int) -> int:
+    return 2 * rows * n * k
+
+
+def expert_major_model(
+    T: int, E: int, D: int, H: int, pairs_per_expert: Sequence[int], cfg: Any = None, w_bytes: int = BF16
+) -> list[Launch]:
+    """Every launch of ``expert_major_ffn_triton`` (one chunk; bf16), requested bytes as the code
+    reads them (vLLM's kernels: B tiles over all of K for every real row block, an x row per valid
+    pair per N tile, h rows per N tile of the down GEMM; early-exit blocks read the padded count),
+    distinct = each byte once. FLOPs as tiled (every row of a row block) and useful (active pairs)."""
+    cfg = cfg or em.default_config(T, E, D, H, torch.bfloat16)
+    BM = cfg.block_m
+    P = int(sum(pairs_per_expert))
+    blocks = [cdiv(p, BM) for p in pairs_per_expert if p]  # real row blocks per active expert
+    nb, n_act = sum(blocks), len(blocks)
+    EM = em.max_num_tokens_padded(T * E, E + 1, BM)
+    n_mb = cdiv(EM, BM)
+    out = []
+    gt = Launch("scores > 0", (0, 0, 0))
+    gt.add("load", "scores", T * E * FP32)
+    gt.add("store", "active", T * E)
+    wh = Launch("where(active, ids, E)", (0, 0, 0))
+    wh.add("load", "active", T * E)
+    wh.add("load", "ids", T * E * 4, E * 4)
+    wh.add("store", "topk_ids", T * E * 4)
+    al = Launch("moe_align_block_size (vLLM CUDA op" + (")" if T * E < 1024 and E < 64 else ", 2 kernels)"), (0, 0, 0))
+    al.add("load", "topk_ids", T * E * 4)
+    al.add("store", "sorted_token_ids", EM * 4)
+    al.add("store", "expert_ids", n_mb * 4)
+    al.add("store", "num_tokens_post_padded", 4)
+    out += [gt, wh, al]
+    if not (T * E < 1024 and E < 64):  # vLLM's op: align, then count-and-sort
+        out.append(Launch("moe_align_block_size: sort kernel", (0, 0, 0)))
+    gemms = (("fused_moe_kernel (up)", D, H, E, "x"), ("fused_moe_kernel (down)", H, D, 1, "h"))
+    for label, N, K, top_k, a_rows in gemms:
+        g = cfg.up if top_k == E else cfg.down
+        n_nb = cdiv(N, g.block_n)
+        L = Launch(label, (n_mb * n_nb, 1, 1))
+        L.add("load", "num_tokens_post_padded_ptr", n_mb * n_nb * 4, 4)
+        L.add("load", "sorted_token_ids_ptr", nb * n_nb * BM * 4, nb * BM * 4)
+        L.add("load", "expert_ids_ptr", nb * n_nb * 4, nb * 4)
+        # B: every real block loads its expert's [BN (wrapped mod N), K] tile for each N tile.
+        L.add("load", "b_ptr", nb * n_nb * g.block_n * K * w_bytes, n_act * N * K * w_bytes)
+        if a_rows == "x":  # a valid pair's x row, once per N tile; distinct: the tokens with a pair (≤ T)
+            L.add("load", "a_ptr", P * n_nb * K * w_bytes, min(T, P) * K * w_bytes)
+        else:
+            L.add("load", "a_ptr", P * n_nb * K * w_bytes, P * K * w_bytes)
+        L.add("store", "c_ptr", P * N * w_bytes)
+        L.flops = _gemm_flops(nb * BM, n_nb * g.block_n, K)
+        L.useful_flops = _gemm_flops(P, N, K)
+        out.append(L)
+        if a_rows == "x":
+            silu = Launch("SiLU in place over [T·E, D]", (0, 0, 0))
+            silu.add("load", "h", T * E * D * w_bytes)
+            silu.add("store", "h", T * E * D * w_bytes)
+            out.append(silu)
+    vllm_sum = E <= em.VLLM_SUM_MAX_EXPERTS
+    ms = Launch("moe_fused_mul_sum_kernel" if vllm_sum else "_pair_sum_kernel", (T, 1, 1))
+    ms.add("load", "top_ids_ptr", T * E * 4)
+    ms.add("load", "topk_weights_ptr", (T * E if vllm_sum else P) * FP32)
+    if vllm_sum:
+        ms.add("load", "expert_map_ptr", T * E * 4, (E + 1) * 4)
+    ms.add("load", "inputs_ptr", P * H * w_bytes)
+    ms.add("store", "outputs_ptr", T * H * w_bytes)
+    out.append(ms)
+    return out
+
+
+def sparse_path_flops(lens: Sequence[int], unions: Sequence[Sequence[int]], E: int, D: int, H: int,
+                      cfg: Any = None) -> tuple[int, int]:
+    """(tiled, useful) FLOPs of ``sparse_ffn_triton``: every token of a segment times every expert
+    of its union, twice (up and down); tiled: token blocks padded to ``block_t`` rows."""
+    T = sum(lens)
+    cfg = cfg or sf.default_config(T, len(lens), E, D, H)
+    tiled = sum(cdiv(n, cfg.block_t) * cfg.block_t * len(u) for n, u in zip(lens, unions, strict=True) if n)
+    useful = sum(n * len(u) for n, u in zip(lens, unions, strict=True))
+    return 2 * _gemm_flops(tiled, D, H), 2 * _gemm_flops(useful, D, H)
+
+
+def launch_us(x: Launch, gpu: str, distinct: bool = False) -> float:
+    """One launch at the device's peak: max(bytes / bandwidth, tiled FLOPs / tensor-core peak)."""
+    nbytes = total([x], distinct)
+    return max(nbytes / (PEAK_TBPS[gpu] * 1e12), x.flops / (PEAK_TFLOPS[gpu] * 1e12)) * 1e6
+
+
+@dataclass
+class PathFigures:
+    bytes: float
+    distinct_bytes: float
+    flops: float  # tiled
+    useful_flops: float
+    weight_bytes: float  # expert weights requested
+    launches: int
+    us: dict[str, float]  # per GPU: Σ launches at peak (requested bytes)
+    us_distinct: dict[str, float]
+
+
+def _figures(launches: Sequence[Launch]) -> PathFigures:
+    w = sum(x.loads.get(k, 0) for x in launches for k in ("w_ptr", "b_ptr", "w_up", "w_down"))
+    return PathFigures(
+        total(launches), total(launches, True), sum(x.flops for x in launches), sum(x.useful_flops for x in launches),
+        w, len(launches), {g: sum(launch_us(x, g) for x in launches) for g in PEAK_TBPS},
+        {g: sum(launch_us(x, g, True) for x in launches) for g in PEAK_TBPS},
+    )  # fmt: skip
+
+
+def path_figures(model: str, lens: Sequence[int], segs: Sequence[Sequence[int]], pairs: Sequence[int]
+                 ) -> dict[str, PathFigures]:
+    """The three paths' figures for one routing draw (experts only: the router is the same for all)."""
+    H, E, D = SHAPES[model]
+    T = sum(lens)
+    seg = sparse_path_model(lens, segs, E, D, H, router=False)
+    tiled, useful = sparse_path_flops(lens, segs, E, D, H)
+    for x in seg:
+        if x.kernel in ("_sparse_up_kernel", "_sparse_down_kernel"):
+            x.flops, x.useful_flops = tiled // 2, useful // 2
+    dense = dense_path_model(T, E, D, H, router=False)
+    for x in dense:
+        if x.kernel.startswith("GEMM"):
+            x.flops = x.useful_flops = _gemm_flops(T, E * D, H)
+    chunk = em.chunk_tokens(E, D, H, BF16)
+    emm: list[Launch] = []
+    for t0 in range(0, T, chunk):  # one chunk at every scenario here (2048 tokens fit)
+        n = min(chunk, T - t0)
+        emm += expert_major_model(n, E, D, H, [round(p * n / T) for p in pairs])
+    return {"segments": _figures(seg), "expert_major": _figures(emm), "dense": _figures(dense)}
+
+
+def scenario_rows(routing: dict | None = None) -> list[dict]:
+    """Per official shape and scenario: the three paths' bytes, FLOPs and µs at H100 / H200 peak,
+    averaged over the scenario's routing draws (100: 25 draws × 4 layers of the bundled model;
+    prefill: 3 stretches × 4 layers)."""
+    from kernels.dispatch import cuda_costs, cuda_path
+
+    routing = routing or load_routing()
+    E0 = routing["num_experts"]
+    rows = []
+    for model, (H, E, D) in SHAPES.items():
+        for name, lens, key in SCENARIOS:
+            draws = routing["scenarios"][key]
+            acc: dict[str, list[PathFigures]] = defaultdict(list)
+            unions, seg_sizes, pair_fr = [], [], []
+            for d in draws:
+                segs, pairs = rescale_routing(d, E, E0)
+                for path, fig in path_figures(model, lens, segs, pairs).items():
+                    acc[path].append(fig)
+                unions.append(len({e for u in segs for e in u}))
+                seg_sizes.append(sum(map(len, segs)) / len(segs))
+                pair_fr.append(sum(pairs) / (sum(lens) * E))
+            mean = {p: PathFigures(*(sum(getattr(f, a) for f in fs) / len(fs) for a in
+                                     ("bytes", "distinct_bytes", "flops", "useful_flops", "weight_bytes", "launches")),
+                                   {g: sum(f.us[g] for f in fs) / len(fs) for g in PEAK_TBPS},
+                                   {g: sum(f.us_distinct[g] for f in fs) / len(fs) for g in PEAK_TBPS})
+                    for p, fs in acc.items()}  # fmt: skip
+            T, S = sum(lens), len(lens)
+            served_S = S + (0 if key == "prefill2048" else 1)  # + the padding segment run_experts appends
+            rows.append(dict(
+                model=model, scenario=name, T=T, S=S, union=sum(unions) / len(unions),
+                segment_union=sum(seg_sizes) / len(seg_sizes), pair_fraction=sum(pair_fr) / len(pair_fr),
+                paths={p: asdict(f) for p, f in mean.items()},
+                best={g: min(mean, key=lambda p, g=g: mean[p].us[g] + GRAPH_LAUNCH_US * mean[p].launches)
+                      for g in PEAK_TBPS},
+                best_distinct={g: min(mean, key=lambda p, g=g: mean[p].us_distinct[g] + GRAPH_LAUNCH_US
+                                      * mean[p].launches) for g in PEAK_TBPS},
+                rule=cuda_path(T, served_S, E, D, H), rule_costs=cuda_costs(T, served_S, E, D, H),
+            ))  # fmt: skip
+    return rows
+
+
+def _short(path: str) -> str:
+    return {"segments": "seg", "expert_major": "EM", "dense": "dense"}[path]
+
+
+def scenario_table(rows: Sequence[dict]) -> str:
+    head = ("| model | step | union / E (per segment) | active pairs | MB dense / segments / expert-major "
+            "| weights MB seg / EM | GFLOP dense / seg / EM (useful EM) | H100 µs dense / seg / EM "
+            "| H200 µs dense / seg / EM | launches | best H100 / H200 (perfect L2) | rule |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        H, E, D = SHAPES[r["model"]]
+        p = r["paths"]
+        d, sg, x = p["dense"], p["segments"], p["expert_major"]
+
+        def t(g: str, f: dict) -> str:
+            lo, hi = f["us_distinct"][g], f["us"][g]
+            return f"{hi:.1f}" if abs(hi - lo) < 0.05 else f"{lo:.1f}–{hi:.1f}"
+
+        lines.append(
+            f"| {r['model']} | {r['scenario']} | {r['union']:.1f} / {E} ({r['segment_union']:.1f}) "
+            f"| {r['pair_fraction']:.1%} | {d['bytes'] / 1e6:.1f} / {sg['bytes'] / 1e6:.1f} / {x['bytes'] / 1e6:.1f} "
+            f"| {sg['weight_bytes'] / 1e6:.1f} / {x['weight_bytes'] / 1e6:.1f} "
+            f"| {d['flops'] / 1e9:.2f} / {sg['flops'] / 1e9:.2f} / {x['flops'] / 1e9:.2f} "
+            f"({x['useful_flops'] / 1e9:.2f}) "
+            f"| {t('H100', d)} / {t('H100', sg)} / {t('H100', x)} | {t('H200', d)} / {t('H200', sg)} / {t('H200', x)} "
+            f"| {d['launches']:.0f} / {sg['launches']:.0f} / {x['launches']:.0f} "
+            f"| {_short(r['best']['H100'])} / {_short(r['best']['H200'])} "
+            f"({_short(r['best_distinct']['H100'])} / {_short(r['best_distinct']['H200'])}) | {_short(r['rule'])} |"
+        )
+    return "\n".join(lines)
+
+
+def issue19_targets(rows: Sequence[dict]) -> list[str]:
+    """The issue's two numeric targets, checked on the scenario rows."""
+    out = []
+    for r in rows:
+        H, E, D = SHAPES[r["model"]]
+        x = r["paths"]["expert_major"]
+        if r["scenario"] == "decode, 8 requests":
+            union_bytes = r["union"] * 2 * D * H * BF16
+            out.append(f"{r['model']}: 8 decode requests: expert-major weight bytes {x['weight_bytes'] / 1e6:.2f} MB "
+                       f"vs the step union once {union_bytes / 1e6:.2f} MB (per-segment: "
+                       f"{r['paths']['segments']['weight_bytes'] / 1e6:.2f} MB) — "
+                       f"{'met' if x['weight_bytes'] <= union_bytes * 1.0001 else 'MISSED'}")
+        if r["scenario"].startswith("prefill"):
+            dense = r["paths"]["dense"]["flops"]
+            P10 = 0.10 * r["T"] * E
+            pairs = [round(P10 / E)] * E  # 10% of the pairs, spread evenly
+            at10 = sum(y.flops for y in expert_major_model(r["T"], E, D, H, pairs))
+            out.append(f"{r['model']}: 2048-token prefill: expert-major FLOPs / dense = {x['flops'] / dense:.3f} "
+                       f"at the bundled model's {r['pair_fraction']:.1%} active pairs, {at10 / dense:.3f} at 10% "
+                       f"(target ≤ 0.2: {'met' if at10 <= 0.2 * dense else 'MISSED'})")
+    return out
+
+
 # ---------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -695,7 +1024,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--launch-us", type=float, default=LAUNCH_US, help="assumed cost per kernel launch (µs)")
     p.add_argument("--no-compile", action="store_true", help="skip the sm_80 / sm_90 register table")
     p.add_argument("--no-confirm", action="store_true", help="skip the interpreter confirmation")
+    p.add_argument("--measure-routing", action="store_true",
+                   help=f"re-measure the bundled model's routing into {os.path.basename(ROUTING_FILE)} (~2 min)")
     a = p.parse_args(argv)
+    if a.measure_routing:
+        measure_routing()
     segs = (1, 2, 4, 8) if a.full else (1, 8)
     idles = (0.70, 0.75, 0.80, 0.85) if a.full else (0.70, 0.85)
     rows = [sweep_row(m, L, S, i) for m in SHAPES for L in (1, 4, 8) for S in segs for i in idles]
@@ -706,6 +1039,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("\n### Where the bytes go: 1.2B XLarge, 1 segment × 8 tokens, 70% idle\n")
     print(launch_breakdown("1.2B XLarge", 8, 1, 0.70))
     out: dict[str, Any] = dict(rows=[asdict(r) for r in rows], peak_tbps=PEAK_TBPS, launch_us=a.launch_us)
+    if os.path.exists(ROUTING_FILE):
+        srows = scenario_rows()
+        print("\n### The three CUDA paths under load (experts only; bundled model's routing)\n")
+        print(scenario_table(srows))
+        print("\n" + "\n".join(f"- {t}" for t in issue19_targets(srows)))
+        out["scenarios"] = srows
     if not a.no_confirm:
         problems = confirm()
         print("\n### Interpreter confirmation\n")
@@ -713,7 +1052,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         out["confirm_problems"] = problems
     if not a.no_compile:
         res = resource_rows()
-        print("\n### Registers, spills, shared memory (AOT-compiled, cuobjdump)\n")
+        print("\n### Registers, spills, shared memory (AOT-compiled, ptxas -v)\n")
         print(resource_table(res))
         out["resources"] = res
     if a.json:

@@ -127,10 +127,11 @@ def cuda_costs(
     ``num_tokens`` of them are taken to read weights. The launches (benchmarks/gpu_on_paper.py
     counts them exactly and checks this model against its own figures):
     - segments: union + up (its union's weights, every token × every union expert, h out) + down
-      (weights again, h in, y out) + the K-split reduction: 5;
-    - expert_major: routing (2 elementwise) + alignment (vLLM's op) + up GEMM (the step union's
-      weights, an x row per active pair, h out) + SiLU over the [T·E, D] buffer + down GEMM
-      (weights, h in, a [pairs, H] output) + the weighted sum over each token's pairs: 7;
+      (weights again, h in, y out) + the K-split reduction when the grid is small: 3 or 5;
+    - expert_major: routing (2 elementwise) + alignment (vLLM's op: 1 or 2 kernels) + up GEMM
+      (the step union's weights, an x row per active pair, h out) + SiLU over the [T·E, D] buffer
+      + down GEMM (weights, h in, a [pairs, H] output) + the weighted sum over each token's
+      pairs: 7 or 8;
     - dense: GEMM (all weights), SiLU, score cast, score multiply, GEMM: 5.
     """
     t = thresholds
@@ -147,11 +148,16 @@ def cuda_costs(
     u_step = union_fraction(s_eff, L, t)
     P = t.cuda_pair_fraction * T * E  # active pairs
     h_seg = T * u_seg * E * D * elt
+    # The K-split of the per-segment down kernel (and its 2-launch reduction) when its grid is
+    # small (triton_sparse_ffn.default_config: about two waves of 132 SMs).
+    blocks = max(1, min(T, -(-T // 16) + num_segments))
+    split = max(1, min(8, round(0.3 * E), 264 // (blocks * -(-H // 64))))
     seg = (cost(T * E * 4)  # union of the fp32 scores
            + cost(s_eff * u_seg * W + T * H * elt + h_seg, 2 * T * u_seg * E * D * H)
-           + cost(s_eff * u_seg * W + h_seg + T * H * 4, 2 * T * u_seg * E * D * H)
-           + 2 * cost(2 * T * H * 4))
-    em = (2 * cost(T * E * 5) + cost(T * E * 12)
+           + cost(s_eff * u_seg * W + h_seg + split * T * H * 4, 2 * T * u_seg * E * D * H)
+           + (2 * cost(2 * split * T * H * 4) if split > 1 else 0.0))
+    align_launches = 1 if T * E < 1024 and E < 64 else 2  # vLLM's op: one kernel, or align + sort
+    em = (2 * cost(T * E * 5) + align_launches * cost(T * E * 12)
           + cost(u_step * W + P * (H + D) * elt, 2 * P * D * H)
           + cost(2 * T * E * D * elt)
           + cost(u_step * W + P * (D + H) * elt, 2 * P * D * H)

@@ -182,6 +182,11 @@ def test_replays_follow_the_persistent_buffers(mode, backend, accelerator, monke
         path = "segments" if backend == "sparse" else "expert_major"
         monkeypatch.setattr(kernel_ops, "_cuda_path", lambda *a, **k: path)
     out = torch.empty(num_tokens, H)  # the op's output buffer: allocated by the preceding piece
+    # vLLM's profiling / warm-up forward before any capture (the expert-major path keeps its expert
+    # map from then on)
+    runner.prepare(layouts[0])
+    blockffn._blockffn_experts_with_output(runner.x_view, runner.scores_view, w_up, w_down_t, out,
+                                           "dense" if backend == "dense" else "sparse", 0, 100, False)
     traces = []
     for lengths in layouts:
         n = runner.prepare(lengths)

@@ -161,7 +161,9 @@ def moe_align_block_size_naive(
             torch.tensor([pos], dtype=torch.int32, device=dev))
 
 
-def expert_major_naive(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> torch.Tensor:
+def expert_major_naive(
+    x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor
+) -> torch.Tensor:
     """Expert by expert over its active tokens only (score > 0), fp32: the expert-major order
     of the GPU path (``triton_expert_major.py``), as a reference. Cast to x's dtype at the end."""
     T, H = x.shape

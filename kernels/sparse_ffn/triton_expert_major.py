@@ -249,12 +249,21 @@ def config_from_dict(d: dict[str, Any]) -> ExpertMajorConfig:
 
 
 # ---------------------------------------------------------------- routing and alignment
+_TABLES: dict[tuple[int, str], torch.Tensor] = {}
+
+
 def _expert_tables(num_experts: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(arange(E) int32, expert map [0..E-1, -1] int32) on the device, made by device fills on
-    every call: a cache would hand a graph capture tensors from outside its memory pool, or
-    make the first call's ops differ from the others'."""
-    emap = torch.arange(num_experts + 1, dtype=torch.int32, device=device)
-    emap[num_experts:].fill_(-1)
+    """(arange(E) int32, expert map [0..E-1, -1] int32) on the device, made by device fills and
+    kept per (E, device): two launches fewer per layer call. Never created while a CUDA graph is
+    being captured (the tensor would come from the graph's private pool); vLLM's profiling and
+    warm-up runs make it before any capture."""
+    key = (num_experts, str(device))
+    emap = _TABLES.get(key)
+    if emap is None:
+        emap = torch.arange(num_experts + 1, dtype=torch.int32, device=device)
+        emap[num_experts:].fill_(-1)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _TABLES[key] = emap
     return emap[:num_experts], emap
 
 
