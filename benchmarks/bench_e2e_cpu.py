@@ -116,6 +116,9 @@ def rows_wanted(args: argparse.Namespace) -> list[dict]:
              for b in (4, 8)]
     rows.append({"row": "prefill-heavy", "spec": "none", "batch": args.prefill_batch, "prompt_len": args.prefill_len,
                  "tokens": args.prefill_tokens})
+    if args.rows:
+        keep = {r.strip() for r in args.rows.split(",")}
+        rows = [r for r in rows if r["row"] in keep]
     return rows
 
 
@@ -307,6 +310,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--kv-cache-gib", type=float, default=1.0)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--rows", help="comma-separated row names to run (default: all)")
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
