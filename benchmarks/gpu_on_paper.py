@@ -522,6 +522,65 @@ def run_case(H: int, E: int, D: int, lens: list[int], fracs: list[float], cfg: A
     return dict(measured=[m.cleaned() for m in measured], model=[m.cleaned() for m in model], unions=unions)
 
 
+# Small expert-major cases for the interpreter: (H, E, D, segment lengths, union fractions, chunk tokens or None).
+EM_CONFIRM_CASES: list[tuple[int, int, int, list[int], list[float], int | None]] = [
+    (96, 12, 32, [1] * 6, [0.3] * 6, None),  # a decode batch: one M block per active expert
+    (80, 10, 24, [20, 1, 3], [0.6, 0.2, 0.4], None),  # partial N / K tiles, an expert with 2 row blocks
+    (64, 8, 16, [9, 9], [0.5, 0.25], 8),  # 3 chunks of ≤ 8 tokens
+]
+
+
+def run_em_case(H: int, E: int, D: int, lens: list[int], fracs: list[float], chunk: int | None = None
+                ) -> dict[str, Any]:
+    """``expert_major_ffn_triton`` in the interpreter (bf16): measured vs modelled Triton launches."""
+    from kernels.testing import make_scores, make_weights
+
+    T = sum(lens)
+    scores, _ = make_scores(lens, E, fracs, seed=T * 5 + E, zero_token_prob=0.1)
+    g = torch.Generator().manual_seed(H)
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    w_up, w_down_t = make_weights(E, D, H, torch.bfloat16, seed=E)
+    cfg = em.default_config(T, E, D, H, torch.bfloat16)
+    if chunk:
+        cfg = em.ExpertMajorConfig(**{**asdict(cfg), "chunk_tokens": chunk, "up": cfg.up, "down": cfg.down})
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        with interpreter_traffic() as measured:
+            em.expert_major_ffn_triton(x, scores, w_up, w_down_t, cfg)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    model = []
+    for t0 in range(0, T, cfg.chunk_tokens):
+        sc = scores[t0:t0 + cfg.chunk_tokens]
+        act = sc > 0
+        n_ids = len(set(torch.where(act, torch.arange(E), E).flatten().tolist()))
+        model += [y for y in expert_major_model(sc.shape[0], E, D, H, act.sum(0).tolist(), cfg,
+                                                active_tokens=int(act.any(1).sum()), distinct_ids=n_ids) if any(y.grid)]
+    return dict(measured=[m.cleaned() for m in measured], model=[m.cleaned() for m in model])
+
+
+def confirm_em(cases: Sequence[tuple] = EM_CONFIRM_CASES) -> list[str]:
+    """Interpreter counts vs :func:`expert_major_model` (the Triton launches: both fused-MoE GEMMs
+    and the weighted sum): the list of disagreements (empty = exact)."""
+    problems = []
+    for case in cases:
+        got = run_em_case(*case)
+        meas, model = got["measured"], got["model"]
+        if [m.kernel for m in meas] != [re.sub(r" \(.*", "", m.kernel) for m in model]:
+            problems.append(f"{case[:4]}: launches {[m.kernel for m in meas]} != {[m.kernel for m in model]}")
+            continue
+        for m, a in zip(meas, model, strict=True):
+            for attr in ("grid", "loads", "stores", "distinct_loads", "distinct_stores"):
+                if getattr(m, attr) != getattr(a, attr):
+                    problems.append(
+                        f"{case[:4]} {a.kernel}.{attr}: measured {getattr(m, attr)} model {getattr(a, attr)}")
+    return problems
+
+
 def confirm(cases: Sequence[tuple] = CONFIRM_CASES) -> list[str]:
     """Interpreter counts vs the analytic model on small shapes: the list of disagreements (empty = exact)."""
     problems = []
@@ -796,12 +855,16 @@ def _gemm_flops(rows: int, n: int, k: int) -> int:
 
 
 def expert_major_model(
-    T: int, E: int, D: int, H: int, pairs_per_expert: Sequence[int], cfg: Any = None, w_bytes: int = BF16
+    T: int, E: int, D: int, H: int, pairs_per_expert: Sequence[int], cfg: Any = None, w_bytes: int = BF16,
+    active_tokens: int | None = None, distinct_ids: int | None = None,
 ) -> list[Launch]:
     """Every launch of ``expert_major_ffn_triton`` (one chunk; bf16), requested bytes as the code
     reads them (vLLM's kernels: B tiles over all of K for every real row block, an x row per valid
     pair per N tile, h rows per N tile of the down GEMM; early-exit blocks read the padded count),
-    distinct = each byte once. FLOPs as tiled (every row of a row block) and useful (active pairs)."""
+    distinct = each byte once. FLOPs as tiled (every row of a row block) and useful (active pairs).
+    ``active_tokens`` (tokens with an active pair) and ``distinct_ids`` (distinct values in
+    ``topk_ids``, the dummy id included) make the distinct x and expert-map bytes exact; by
+    default min(T, pairs) and E + 1."""
     cfg = cfg or em.default_config(T, E, D, H, torch.bfloat16)
     BM = cfg.block_m
     P = int(sum(pairs_per_expert))
@@ -836,7 +899,8 @@ def expert_major_model(
         # B: every real block loads its expert's [BN (wrapped mod N), K] tile for each N tile.
         L.add("load", "b_ptr", nb * n_nb * g.block_n * K * w_bytes, n_act * N * K * w_bytes)
         if a_rows == "x":  # a valid pair's x row, once per N tile; distinct: the tokens with a pair (≤ T)
-            L.add("load", "a_ptr", P * n_nb * K * w_bytes, min(T, P) * K * w_bytes)
+            rows = min(T, P) if active_tokens is None else active_tokens
+            L.add("load", "a_ptr", P * n_nb * K * w_bytes, rows * K * w_bytes)
         else:
             L.add("load", "a_ptr", P * n_nb * K * w_bytes, P * K * w_bytes)
         L.add("store", "c_ptr", P * N * w_bytes)
@@ -853,7 +917,7 @@ def expert_major_model(
     ms.add("load", "top_ids_ptr", T * E * 4)
     ms.add("load", "topk_weights_ptr", (T * E if vllm_sum else P) * FP32)
     if vllm_sum:
-        ms.add("load", "expert_map_ptr", T * E * 4, (E + 1) * 4)
+        ms.add("load", "expert_map_ptr", T * E * 4, (E + 1 if distinct_ids is None else distinct_ids) * 4)
     ms.add("load", "inputs_ptr", P * H * w_bytes)
     ms.add("store", "outputs_ptr", T * H * w_bytes)
     out.append(ms)
@@ -1050,6 +1114,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("\n### Interpreter confirmation\n")
         print(f"{len(CONFIRM_CASES)} cases, {len(problems)} disagreements" + "".join(f"\n- {q}" for q in problems))
         out["confirm_problems"] = problems
+        if em.vllm_kernels_available():
+            em_problems = confirm_em()
+            print(f"\nExpert-major: {len(EM_CONFIRM_CASES)} cases, {len(em_problems)} disagreements"
+                  + "".join(f"\n- {q}" for q in em_problems))
+            out["confirm_em_problems"] = em_problems
     if not a.no_compile:
         res = resource_rows()
         print("\n### Registers, spills, shared memory (AOT-compiled, ptxas -v)\n")
