@@ -14,7 +14,7 @@ Rows (official BlockFFN shapes, SPEC.md; fp32 and bf16; 2 threads = what vLLM pi
   one 4-token verify chunk, two 4-token verify chunks; ~10% of experts active per token, tokens
   of a chunk sharing most of theirs (BlockFFN's chunk sparsity); bytes = the step's union of
   experts (W_up and W_down rows), each read once;
-- the dense baselines on all experts: `dense_ffn` (torch GEMMs) and vLLM's own CPU GEMM path
+- the dense baselines on all experts: `dense_ffn_gemm` (torch GEMMs) and vLLM's own CPU GEMM path
   (`ops.create_onednn_mm` / `onednn_mm`, what `dispatch_cpu_unquantized_gemm` installs for a
   linear layer: AMX for bf16 where present), and the native kernel with every expert active.
 
@@ -27,6 +27,7 @@ import argparse
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -36,7 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels.sparse_ffn import cpu_native  # noqa: E402
-from kernels.sparse_ffn.cpu import dense_ffn  # noqa: E402
+from kernels.sparse_ffn.cpu import dense_ffn_gemm  # noqa: E402
 from kernels.sparse_ffn.naive import experts_reference  # noqa: E402
 
 SHAPES = {"Small": (768, 48, 64), "Medium": (1280, 40, 128), "Large": (1536, 48, 128), "XLarge": (1792, 56, 128)}
@@ -116,14 +117,40 @@ class Pool:
         self.bytes = self.n * layer_bytes
 
 
-def time_calls(pool: Pool, calls: list, fn) -> float:
-    """Seconds per call over ``calls`` = [(layer, x, scores, cu)], after one untimed cycle."""
-    for layer, x, s, cu in calls[: pool.n]:
-        fn(*pool.layers[layer], x, s, cu)
-    t0 = time.perf_counter()
-    for layer, x, s, cu in calls:
-        fn(*pool.layers[layer], x, s, cu)
-    return (time.perf_counter() - t0) / len(calls)
+_STREAM: torch.Tensor | None = None
+
+
+def adjacent(run, calls: int, nbytes: float, threads: int, rounds: int) -> tuple[float, float, float]:
+    """Seconds per call of ``run()`` (``calls`` calls reading ``nbytes`` each), the read bandwidth
+    measured right before each round (a 512 MiB stream with the same threads), and the median of
+    the per-round ratios. Interleaved because this VM's memory bandwidth drifts with its neighbours
+    (10-28 GB/s seen within minutes): a ratio to a figure from another minute would mislead."""
+    global _STREAM
+    if _STREAM is None:
+        _STREAM = torch.ones(1 << 27)
+    run()  # untimed: the first pass
+    secs, bws, ratios = [], [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        cpu_native.stream_read(_STREAM, threads)
+        bw = _STREAM.numel() * 4 / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        run()
+        dt = (time.perf_counter() - t0) / calls
+        secs.append(dt)
+        bws.append(bw / 1e9)
+        ratios.append(nbytes / dt / bw)
+    return statistics.median(secs), statistics.median(bws), statistics.median(ratios)
+
+
+def time_calls(pool: Pool, calls: list, fn, nbytes: float, threads: int, rounds: int = 5):
+    """:func:`adjacent` over ``calls`` = [(layer, x, scores, cu)], each on its layer's weights."""
+
+    def run():
+        for layer, x, s, cu in calls:
+            fn(*pool.layers[layer], x, s, cu)
+
+    return adjacent(run, len(calls), nbytes, threads, rounds)
 
 
 def onednn_dense(pool: Pool):
@@ -178,22 +205,23 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
                 ref = experts_reference(x.float(), s, w_up.float(), w_down.transpose(1, 2).float(), "block")
                 err = ((y.float() - ref).norm() / ref.norm()).item()
                 assert err < (3e-2 if dt == torch.bfloat16 else 1e-4), (sname, dname, scen, err)
-                sparse = time_calls(pool, calls, lambda wu, wd, x, s, cu: cpu_native.sparse_ffn_native(
-                    x, s, wu, wd, cu, num_threads=threads))
+                sparse, bw_s, r_s = time_calls(pool, calls, lambda wu, wd, x, s, cu: cpu_native.sparse_ffn_native(
+                    x, s, wu, wd, cu, num_threads=threads), union_bytes, threads)
                 dense_bytes = 2 * E * D * H * esz
-                dense = time_calls(pool, calls[: 2 * pool.n], lambda wu, wd, x, s, cu: dense_ffn(x, s, wu, wd))
-                allk = time_calls(pool, calls[: 2 * pool.n], lambda wu, wd, x, s, cu: cpu_native.sparse_ffn_native(
-                    x, torch.ones_like(s), wu, wd, cu, num_threads=threads))
-                odn = (time_calls(pool, calls[: 2 * pool.n], onednn) if onednn else float("nan"))
-                g = lambda b, t: b / t / 1e9  # noqa: E731
+                few = calls[: pool.n]
+                dense, _, r_d = time_calls(pool, few, lambda wu, wd, x, s, cu: dense_ffn_gemm(x, s, wu, wd),
+                                           dense_bytes, threads, 3)
+                allk, _, r_a = time_calls(pool, few, lambda wu, wd, x, s, cu: cpu_native.sparse_ffn_native(
+                    x, s, wu, wd, cu, num_threads=threads, all_experts=True), dense_bytes, threads, 3)
+                odn, _, r_o = (time_calls(pool, few, onednn, dense_bytes, threads, 3) if onednn
+                               else (float("nan"),) * 3)
                 rows.append([
                     sname, dname, scen, f"{union_bytes / dense_bytes:.0%}", f"{union_bytes / 1e6:.2f}",
-                    f"{sparse * 1e6:.0f}", f"{g(union_bytes, sparse):.1f}", f"{g(union_bytes, sparse) / bw:.0%}",
-                    f"{union_bytes / bw / 1e3:.0f}",
-                    f"{dense * 1e6:.0f}", f"{g(dense_bytes, dense):.1f}",
-                    f"{odn * 1e6:.0f}" if onednn else "-", f"{g(dense_bytes, odn):.1f}" if onednn else "-",
-                    f"{allk * 1e6:.0f}", f"{g(dense_bytes, allk):.1f}", f"{g(dense_bytes, allk) / bw:.0%}",
-                    isa,
+                    f"{bw_s:.1f}", f"{sparse * 1e6:.0f}", f"{union_bytes / sparse / 1e9:.1f}", f"**{r_s:.0%}**",
+                    f"{union_bytes / (bw_s * 1e9) * 1e6:.0f}",
+                    f"{dense * 1e6:.0f}", f"{r_d:.0%}",
+                    f"{odn * 1e6:.0f}" if onednn else "-", f"{r_o:.0%}" if onednn else "-",
+                    f"{allk * 1e6:.0f}", f"**{r_a:.0%}**", isa,
                 ])  # fmt: skip
                 print(" | ".join(rows[-1]), flush=True)
             del pool
@@ -266,8 +294,9 @@ def main() -> None:
     bws = read_bandwidth(args.threads)
     bw = max(bws.values())
     print("read bandwidth (1 GiB fp32): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bws.items()), flush=True)
-    cols = ["shape", "dtype", "step", "union", "MB read", "sparse µs", "GB/s", "% of BW", "ideal µs",
-            "dense_ffn µs", "GB/s", "oneDNN µs", "GB/s", "kernel all-active µs", "GB/s", "% of BW", "ISA"]
+    cols = ["shape", "dtype", "step", "union", "MB read", "BW GB/s (adjacent)", "sparse µs", "GB/s", "% of BW",
+            "ideal µs", "torch GEMMs µs", "% of BW", "vLLM oneDNN µs", "% of BW", "kernel, all experts µs",
+            "% of BW", "ISA"]
     print(" | ".join(cols), flush=True)
     rows = kernel_rows(args, args.threads, bw) if not args.linears_only else []
     lcols = ["linear", "dtype", "M", "MB", "streaming µs", "GB/s", "% of BW", "vLLM oneDNN µs", "GB/s", "% of BW",

@@ -35,24 +35,30 @@ from .naive import active_scores
 
 
 def dense_ffn(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> torch.Tensor:
-    """All experts with two dense GEMMs: y = (SiLU(x W_up^T) ⊙ r) W_down^T. Any device.
+    """All experts: y = (SiLU(x W_up^T) ⊙ r) W_down^T. Any device.
 
     The reference the sparse paths must beat, and the fallback when a step is too dense for
     sparsity to pay (long prefill segments, large batches). At decode sizes on a CPU (T ≤
     ``cpu_linear_max_tokens``) it is the native kernel streaming every expert: the fastest dense
-    layer this machine has, so that sparse-vs-dense ratios are not inflated by a slow baseline.
-    Otherwise, on CPUs the intermediate is
-    computed transposed, h^T = W_up x^T, so that both GEMMs take the weights as their
-    row-major left / transposed right operand: with the weights as a plain row-major right
-    operand (h @ W_down), oneDNN's bf16 GEMM on AVX2 CPUs measured ~10× slower here.
+    layer this machine has (benchmarks/RESULTS.md), so that sparse-vs-dense ratios are not
+    inflated by a slow baseline. Otherwise :func:`dense_ffn_gemm`.
+    """
+    T = x.shape[0]
+    if 0 < T <= THRESHOLDS.cpu_linear_max_tokens and native_supports(x, w_up, w_down_t):
+        return sparse_ffn_native(x, scores, w_up, w_down_t, torch.tensor([0, T], dtype=torch.int32),
+                                 all_experts=True)
+    return dense_ffn_gemm(x, scores, w_up, w_down_t)
+
+
+def dense_ffn_gemm(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> torch.Tensor:
+    """:func:`dense_ffn` as two GEMMs (torch: oneDNN/MKL on CPUs, cuBLAS on GPUs).
+
+    On CPUs the intermediate is computed transposed, h^T = W_up x^T, so that both GEMMs take the
+    weights as their row-major left / transposed right operand: with the weights as a plain
+    row-major right operand (h @ W_down), oneDNN's bf16 GEMM on AVX2 CPUs measured ~10× slower here.
     """
     T, H = x.shape
     E, D, _ = w_up.shape
-    if T <= THRESHOLDS.cpu_linear_max_tokens and T > 0 and native_supports(x, w_up, w_down_t):
-        # decode sizes: the streaming kernel over every expert reads the weights at memory speed,
-        # where torch's small-M GEMMs do not (benchmarks/bench_memory_cpu.py)
-        return sparse_ffn_native(x, scores, w_up, w_down_t, torch.tensor([0, T], dtype=torch.int32),
-                                 all_experts=True)
     scores = active_scores(scores)  # NaN / negative scores: inactive (naive.py)
     if x.device.type == "cpu":
         h_t = F.silu(w_up.reshape(E * D, H) @ x.t())
