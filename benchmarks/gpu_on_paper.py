@@ -621,7 +621,7 @@ def resource_usage(kernel: Any) -> dict[str, int]:
     target with (``ptxas-blackwell`` for sm_90+): ``spill_stores`` / ``spill_loads`` bytes and
     the ``stack`` frame (where spills live: the cubin's LOCAL field stays 0 for them, so
     ``cuobjdump --dump-resource-usage`` alone misses spills). ``n_spills`` = spill-store bytes / 4
-    (words, as Triton's ``n_spills``).
+    (words, as Triton's ``n_spills``). Shared bytes: Triton's dynamic + the cubin's static.
     """
     from triton.backends.nvidia.compiler import get_ptxas
 
@@ -638,8 +638,16 @@ def resource_usage(kernel: Any) -> dict[str, int]:
     if res.returncode or m is None or r is None:
         raise RuntimeError(f"unexpected ptxas output: {log!r}")
     stack, stores, loads = map(int, m.groups())
+    import triton
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:  # static shared memory, beside Triton's dynamic
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        dump = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+                              check=True, capture_output=True, text=True).stdout  # fmt: skip
+    static = re.search(r"SHARED:(\d+)", dump)
     return dict(n_regs=int(r.group(1)), n_spills=stores // 4, spill_stores=stores, spill_loads=loads, stack=stack,
-                shared=kernel.metadata.shared)
+                shared=kernel.metadata.shared + (int(static.group(1)) if static else 0))
 
 
 I32 = "*i32"
@@ -733,7 +741,8 @@ def resource_table(rows: Sequence[dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for (arch, _, rest), rs in sorted(groups.items()):
-        splits = sorted({r["constexprs"].get("SPLIT", r["constexprs"].get("SPLIT_K")) for r in rs} - {None})
+        splits = sorted({r["constexprs"].get("SPLIT", r["constexprs"].get("SPLIT_K")) for r in rs
+                         if r["kernel"] not in order[5:]} - {None})
         c = ", ".join(f"{k}={v}" for k, v in rest) + (f" (split {', '.join(map(str, splits))})" if splits else "")
 
         def span(key: str, rs: list[dict] = rs) -> str:
@@ -1126,7 +1135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         out["resources"] = res
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+            json.dump(out, f, indent=1, default=str)
 
 
 if __name__ == "__main__":
