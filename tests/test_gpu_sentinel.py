@@ -24,7 +24,9 @@ capture). The GPU is emulated (ENV.md, "Emulating a GPU on this machine"):
 Every step asserts that the Triton kernels were launched (so the CPU path cannot pass for the
 CUDA one) and that nothing forbidden was seen. Covered: decode, speculative verify chunks,
 prefill, mixed steps, CUDA-graph padding of the token count and of ``query_start_loc``,
-the piecewise case, the live counters on and off, and the backends.
+the piecewise case, the live counters on and off, and the backends; every step also through the
+expert-major path (vLLM's fused-MoE kernel, the torch alignment: vLLM's CUDA op is absent here),
+whichever path the static rule picks at these tiny shapes.
 """
 
 from __future__ import annotations

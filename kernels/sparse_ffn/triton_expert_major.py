@@ -91,6 +91,8 @@ def _raw(obj: Any) -> Any:
     build decorates with a placeholder that returns it unchanged)."""
     while hasattr(obj, "fn") and callable(obj.fn):
         obj = obj.fn
+    if not hasattr(obj, "__code__"):  # e.g. a platform's KernelOverride (vllm.triton_utils.dispatcher)
+        raise RuntimeError(f"{obj!r} is not a Triton kernel's Python function: cannot re-jit vLLM's kernel")
     return obj
 
 
