@@ -287,9 +287,12 @@ def test_cuda_dispatch_uses_static_shapes_only():
     assert not cuda_prefers_dense(1, 1, 56, 128, 1792)  # decode
     assert not cuda_prefers_dense(8, 1, 56, 128, 1792)  # one verify chunk
     assert not cuda_prefers_dense(3 * 8, 3, 56, 128, 1792)  # three verify chunks
-    assert cuda_prefers_dense(THRESHOLDS.cuda_max_tokens + 1, 1, 56, 128, 1792)  # prefill
-    assert cuda_prefers_dense(300, 1, 56, 128, 1792)  # one long segment
-    assert cuda_prefers_dense(64, 16, 56, 128, 1792)  # a batch of 16 requests
+    assert not cuda_prefers_dense(THRESHOLDS.cuda_max_tokens + 1, 1, 56, 128, 1792)  # prefill: expert-major
+    assert not cuda_prefers_dense(64, 16, 56, 128, 1792)  # 16 requests: expert-major
+    # without vLLM's fused-MoE kernels (expert_major=False): the per-segment-or-dense rule
+    assert cuda_prefers_dense(THRESHOLDS.cuda_max_tokens + 1, 1, 56, 128, 1792, expert_major=False)
+    assert cuda_prefers_dense(300, 1, 56, 128, 1792, expert_major=False)  # one long segment
+    assert cuda_prefers_dense(64, 16, 56, 128, 1792, expert_major=False)  # a batch of 16 requests
     assert cuda_prefers_dense(1, 1, 512, 128, 1792)  # more experts than the kernels take
     assert cuda_prefers_dense(0, 0, 56, 128, 1792)
 
@@ -359,11 +362,15 @@ def test_torch_compile_fullgraph_smoke():
 
 
 def test_package_imports_without_vllm():
-    """kernels/ must not import vLLM (the GPU benchmark machine has none)."""
+    """kernels/ must import without vLLM (the GPU benchmark machine has none): no import statement
+    of vLLM (the expert-major path finds vLLM's kernels by module name, optionally, at run time)."""
+    import re
+
+    stmt = re.compile(r"^\s*(import vllm(\.|\s|$)|from vllm(\.|\s))", re.M)
     root = os.path.dirname(K.__file__)
     for dirpath, _, files in os.walk(root):
         for name in files:
             if name.endswith(".py"):
                 with open(os.path.join(dirpath, name)) as f:
                     src = f.read()
-                assert "import vllm" not in src and "from vllm" not in src, name
+                assert not stmt.search(src), name

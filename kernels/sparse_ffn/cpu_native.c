@@ -106,14 +106,18 @@ ALWAYS const char *lin_next(const lin_t *l, long n, long esz, long *blk) {
     return g_prefetch && *blk > 0 ? (const char *)l->w + nx * l->K * esz : NULL;
 }
 
-/* Prefetch `bytes` from p, spread over `steps` calls (call i prefetches its share of whole cache
-   lines). The stride is loop-invariant (the division is hoisted out of the caller's loop). */
-ALWAYS void pf_share(const char *p, long bytes, long i, long steps) {
+/* Software prefetch of the rows the next call reads, spread over a loop of `steps` iterations:
+   pf_stride (once, before the loop) gives the bytes per iteration and sets *lim to the bytes to
+   cover (g_prefetch blocks: a stream's blocks are contiguous); pf_share (each iteration i) issues
+   the iteration's share. No division inside the loop. */
+ALWAYS long pf_stride(long bytes, long steps, long *lim) {
+    *lim = bytes * g_prefetch;
+    return steps > 0 ? ((*lim + steps - 1) / steps + 63) & ~63L : *lim;
+}
+ALWAYS void pf_share(const char *p, long lim, long i, long stride) {
     if (!p) return;
-    bytes *= g_prefetch; /* n blocks ahead: a stream's blocks are contiguous */
-    long stride = ((bytes + steps - 1) / steps + 63) & ~63L;
     long a = i * stride, b = a + stride;
-    if (b > bytes) b = bytes;
+    if (b > lim) b = lim;
     for (long o = a; o < b; o += 64) __builtin_prefetch(p + o, 0, 1);
 }
 
@@ -205,7 +209,7 @@ ALWAYS float a2_hsum(__m256 v) {
         long H = u->H, H8 = H & ~7L, steps = H8 / 8 > 0 ? H8 / 8 : 1;                                   \
         int nr = u->nr;                                                                                 \
         const char *pfd = g_prefetch ? u->pf_next : NULL, *pfn = pfd;                                   \
-        long blk = (long)nr * H * ESZ;                                                                  \
+        long blk = (long)nr * H * ESZ, pfl, pfs = pf_stride(blk, steps, &pfl);                          \
         float out[NR][2];                                                                               \
         for (int j0 = 0; j0 < u->m && (u->phase & 1); j0 += 2) {                                        \
             int nt = u->m - j0 < 2 ? u->m - j0 : 2;                                                     \
@@ -216,7 +220,7 @@ ALWAYS float a2_hsum(__m256 v) {
                 __m256 a00 = _mm256_setzero_ps(), a10 = a00, a20 = a00, a30 = a00;                      \
                 __m256 a01 = a00, a11 = a00, a21 = a00, a31 = a00;                                      \
                 for (long h = 0, i = 0; h < H8; h += 8, i++) {                                          \
-                    pf_share(pf, blk, i, steps);                                                        \
+                    pf_share(pf, pfl, i, pfs);                                                        \
                     __m256 xa = _mm256_loadu_ps(x0 + h), xb = _mm256_loadu_ps(x1 + h), v;               \
                     v = a2_##SUF(w0 + h); a00 = _mm256_fmadd_ps(v, xa, a00); a01 = _mm256_fmadd_ps(v, xb, a01); \
                     v = a2_##SUF(w1 + h); a10 = _mm256_fmadd_ps(v, xa, a10); a11 = _mm256_fmadd_ps(v, xb, a11); \
@@ -256,7 +260,7 @@ ALWAYS float a2_hsum(__m256 v) {
             if (nr == NR) {                                                                             \
                 const WT *w0 = wd, *w1 = wd + H, *w2 = wd + 2 * H, *w3 = wd + 3 * H;                    \
                 for (long c = 0, i = 0; c < H8; c += 8, i++) {                                          \
-                    pf_share(pf, blk, i, steps);                                                        \
+                    pf_share(pf, pfl, i, pfs);                                                        \
                     __m256 v0 = a2_##SUF(w0 + c), v1 = a2_##SUF(w1 + c), v2 = a2_##SUF(w2 + c), v3 = a2_##SUF(w3 + c); \
                     __m256 a = _mm256_loadu_ps(ys[0] + c);                                              \
                     a = _mm256_fmadd_ps(hv[0][0], v0, a); a = _mm256_fmadd_ps(hv[0][1], v1, a);         \
@@ -295,11 +299,12 @@ AVX2_UNIT(bf16, uint16_t, 2)
             for (int r = 0; r < 4; r++) w[r] = r < nr ? (const WT *)l->w + (n + r) * K : (const WT *)l->zrow; \
             long blk;                                                                                   \
             const char *pf = lin_next(l, n, ESZ, &blk);                                                 \
+            long pfl, pfs = pf_stride(blk, steps, &pfl);                                                \
             for (int j = 0; j < l->m; j++) {                                                            \
                 const float *x = l->xs[j];                                                              \
                 __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                             \
                 for (long h = 0, i = 0; h < K8; h += 8, i++) {                                          \
-                    if (j == 0) pf_share(pf, blk, i, steps);                                            \
+                    if (j == 0) pf_share(pf, pfl, i, pfs);                                            \
                     __m256 xv = _mm256_loadu_ps(x + h);                                                 \
                     a0 = _mm256_fmadd_ps(a2_##SUF(w[0] + h), xv, a0);                                   \
                     a1 = _mm256_fmadd_ps(a2_##SUF(w[1] + h), xv, a1);                                   \
@@ -333,11 +338,11 @@ ALWAYS __mmask16 a5_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (_
     ALWAYS void a5_up_##SUF##_##NT(const WT *const *w, long H, const float *const *xs, float out[NR][4], \
                                     const char *pf, long blk) {                                        \
         __m512 acc[NR][NT];                                                                             \
-        long steps = (H + 15) / 16, i = 0;                                                              \
+        long steps = (H + 15) / 16, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl);                       \
         for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) acc[r][j] = _mm512_setzero_ps();      \
         for (long h = 0; h < H; h += 16, i++) {                                                         \
             __mmask16 k = a5_mask(H - h);                                                               \
-            pf_share(pf, blk, i, steps);                                                                \
+            pf_share(pf, pfl, i, pfs);                                                                \
             __m512 wv[NR], xv[NT];                                                                      \
             for (int r = 0; r < NR; r++) wv[r] = a5_##SUF(w[r] + h, k);                                 \
             for (int j = 0; j < NT; j++) xv[j] = _mm512_maskz_loadu_ps(k, xs[j] + h);                   \
@@ -350,11 +355,11 @@ ALWAYS __mmask16 a5_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (_
     ALWAYS void a5_down_##SUF##_##NT(const WT *const *w, long H, float *const *ys, float hs[4][NR],   \
                                       const char *pf, long blk) {                                      \
         __m512 hv[NT][NR];                                                                              \
-        long steps = (H + 15) / 16, i = 0;                                                              \
+        long steps = (H + 15) / 16, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl);                       \
         for (int j = 0; j < NT; j++) for (int r = 0; r < NR; r++) hv[j][r] = _mm512_set1_ps(hs[j][r]);  \
         for (long c = 0; c < H; c += 16, i++) {                                                         \
             __mmask16 k = a5_mask(H - c);                                                               \
-            pf_share(pf, blk, i, steps);                                                                \
+            pf_share(pf, pfl, i, pfs);                                                                \
             __m512 wv[NR];                                                                              \
             for (int r = 0; r < NR; r++) wv[r] = a5_##SUF(w[r] + c, k);                                 \
             for (int j = 0; j < NT; j++) {                                                              \
@@ -445,11 +450,11 @@ ALWAYS __m512 a5_bf16b(const uint16_t *p, __mmask16 k) {
     ALWAYS void bf_up_##NT(const uint16_t *const *w, long H, const uint16_t *const *xh, float out[NR][4], \
                            const char *pf, long blk) {                                                 \
         __m512 acc[NR][NT];                                                                             \
-        long steps = (H + 31) / 32, i = 0;                                                              \
+        long steps = (H + 31) / 32, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl);                       \
         for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) acc[r][j] = _mm512_setzero_ps();      \
         for (long h = 0; h < H; h += 32, i++) {                                                         \
             __mmask32 k = H - h >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (H - h)) - 1);      \
-            pf_share(pf, blk, i, steps);                                                                \
+            pf_share(pf, pfl, i, pfs);                                                                \
             __m512i wv[NR], xv[NT];                                                                     \
             for (int r = 0; r < NR; r++) wv[r] = _mm512_maskz_loadu_epi16(k, w[r] + h);                 \
             for (int j = 0; j < NT; j++) xv[j] = _mm512_maskz_loadu_epi16(k, xh[j] + h);                \
