@@ -181,6 +181,8 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
     rows = []
     isa = cpu_native.cpu_isa()
     shapes = {"Small": SHAPES["Small"], "XLarge": SHAPES["XLarge"]} if args.quick else SHAPES
+    if args.shapes:
+        shapes = {k: v for k, v in SHAPES.items() if k in args.shapes}
     for sname, (H, E, D) in shapes.items():
         for dname in args.dtypes:
             dt = DTYPES[dname]
@@ -284,6 +286,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     ap.add_argument("--linears-only", action="store_true", help="only the decode-size linear rows")
+    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="expert shapes (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
