@@ -470,26 +470,19 @@ A5_LIN(lin_avx512bf16_bf16, uint16_t, 2, A5_SWITCH(bf_up, nt, wu, H, l->xh + j0,
 #pragma GCC pop_options
 #endif /* BLOCKFFN_X86 */
 
-/* The unit function for an ISA, weight dtype (0 fp32, 1 bf16) and x dtype. */
-static unit_fn pick_unit(int isa, int wdt, int xdt) {
+/* The function of a family (unit_: the experts, lin_: a linear) for an ISA, weight dtype (0 fp32,
+   1 bf16) and x dtype. */
 #if BLOCKFFN_X86
-    if (isa >= ISA_AVX512_BF16 && wdt == 1 && xdt == 1) return unit_avx512bf16_bf16;
-    if (isa >= ISA_AVX512) return wdt ? unit_avx512_bf16 : unit_avx512_f32;
-    if (isa >= ISA_AVX2) return wdt ? unit_avx2_bf16 : unit_avx2_f32;
+#define PICK(FAM)                                                                                       \
+    if (isa >= ISA_AVX512_BF16 && wdt == 1 && xdt == 1) return FAM##avx512bf16_bf16;                    \
+    if (isa >= ISA_AVX512) return wdt ? FAM##avx512_bf16 : FAM##avx512_f32;                             \
+    if (isa >= ISA_AVX2) return wdt ? FAM##avx2_bf16 : FAM##avx2_f32;                                   \
+    return wdt ? FAM##portable_bf16 : FAM##portable_f32;
+#else
+#define PICK(FAM) (void)isa; (void)xdt; return wdt ? FAM##portable_bf16 : FAM##portable_f32;
 #endif
-    (void)xdt;
-    return wdt ? unit_portable_bf16 : unit_portable_f32;
-}
-
-static lin_fn pick_lin(int isa, int wdt, int xdt) {
-#if BLOCKFFN_X86
-    if (isa >= ISA_AVX512_BF16 && wdt == 1 && xdt == 1) return lin_avx512bf16_bf16;
-    if (isa >= ISA_AVX512) return wdt ? lin_avx512_bf16 : lin_avx512_f32;
-    if (isa >= ISA_AVX2) return wdt ? lin_avx2_bf16 : lin_avx2_f32;
-#endif
-    (void)xdt;
-    return wdt ? lin_portable_bf16 : lin_portable_f32;
-}
+static unit_fn pick_unit(int isa, int wdt, int xdt) { PICK(unit_) }
+static lin_fn pick_lin(int isa, int wdt, int xdt) { PICK(lin_) }
 
 /* y [M, N] (row stride ldy, dtype of x) = x [M, K] (row stride ldx) W^T, W [N, K] row-major: a
    streaming GEMV for decode-size M (vLLM's linear layers of BlockFFN models on CPUs). Threads

@@ -238,11 +238,7 @@ def linear_native(x: torch.Tensor, weight: torch.Tensor, num_threads: int | None
     rc = lib.blockffn_linear(x.data_ptr(), x.stride(0), _DTYPE_CODES[x.dtype], weight.data_ptr(),
                              _DTYPE_CODES[weight.dtype], M, N, K, y.data_ptr(), N,
                              num_threads or _THREADS or torch.get_num_threads(), _isa_code(isa))
-    if rc == -2:
-        raise ValueError(f"blockffn linear CPU kernel: bad arguments (x {tuple(x.shape)}, "
-                         f"weight {tuple(weight.shape)})")
-    if rc != 0:
-        raise MemoryError("blockffn linear CPU kernel: out of memory")
+    _check_rc(rc, "linear", x, weight)
     return y
 
 
@@ -316,12 +312,16 @@ def sparse_ffn_native(
     )  # fmt: skip
     if rc == 1:
         return None
-    if rc == -2:
-        raise ValueError(f"blockffn sparse_ffn CPU kernel: bad arguments (x {tuple(x.shape)}, "
-                         f"w_up {tuple(w_up.shape)})")
-    if rc != 0:
-        raise MemoryError("blockffn sparse_ffn CPU kernel: out of memory")
+    _check_rc(rc, "sparse_ffn", x, w_up)
     return y
+
+
+def _check_rc(rc: int, op: str, x: torch.Tensor, w: torch.Tensor) -> None:
+    """The kernel's return code as an exception: -2 bad arguments, any other non-zero no memory."""
+    if rc == -2:
+        raise ValueError(f"blockffn {op} CPU kernel: bad arguments (x {tuple(x.shape)}, weight {tuple(w.shape)})")
+    if rc != 0:
+        raise MemoryError(f"blockffn {op} CPU kernel: out of memory")
 
 
 def _stats_ptr(stats: np.ndarray | None) -> int | None:
