@@ -57,3 +57,14 @@ def from_internal_layout(w_up: torch.Tensor, w_down_t: torch.Tensor, layout: str
     if layout == "block_linear":
         return w_up.reshape(e * d, h).contiguous(), w_down_t.reshape(e * d, h).t().contiguous()
     raise ValueError(f"unknown BlockFFN weight layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def check_ffn_shapes(x, scores, w_up, w_down_t) -> None:
+    """x [T, H], scores [T, E], w_up and w_down_t [E, D, H], or a ValueError naming every shape."""
+    T, H = x.shape
+    E, D, H2 = w_up.shape
+    if H2 != H or tuple(w_down_t.shape) != (E, D, H) or tuple(scores.shape) != (T, E):
+        raise ValueError(
+            f"shape mismatch: x {tuple(x.shape)}, scores {tuple(scores.shape)}, "
+            f"w_up {tuple(w_up.shape)}, w_down_t {tuple(w_down_t.shape)}"
+        )

@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from .._triton import cdiv, interpret_mode, lazy_jit, next_pow2, tl, triton
+from ..layout import check_ffn_shapes
 
 VLLM_FUSED_MOE = "vllm.model_executor.layers.fused_moe.fused_moe"
 VLLM_MUL_SUM = "vllm.model_executor.layers.fused_moe.moe_fused_mul_sum"
@@ -425,12 +426,8 @@ def expert_major_ffn_triton(
     ``scores`` fp32 [T, E] (active iff > 0); ``w_up`` / ``w_down_t`` [E, D, H] in x's dtype.
     """
     T, H = x.shape
-    E, D, H2 = w_up.shape
-    if H2 != H or tuple(w_down_t.shape) != (E, D, H) or tuple(scores.shape) != (T, E):
-        raise ValueError(
-            f"shape mismatch: x {tuple(x.shape)}, scores {tuple(scores.shape)}, "
-            f"w_up {tuple(w_up.shape)}, w_down_t {tuple(w_down_t.shape)}"
-        )
+    E, D, _ = w_up.shape
+    check_ffn_shapes(x, scores, w_up, w_down_t)
     if E > MAX_EXPERTS:
         raise ValueError(f"the expert-major path supports at most {MAX_EXPERTS} experts, got {E}")
     if w_up.dtype != x.dtype or w_down_t.dtype != x.dtype:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .._triton import cdiv, dot_mode, lazy_jit, next_pow2, tl
+from ..layout import check_ffn_shapes
 from ..segments.triton_segments import num_token_blocks, segment_union_triton
 
 MAX_EXPERTS = 256
@@ -266,12 +267,8 @@ def sparse_ffn_triton(
     ``cu_seqlens`` int32 [S+1] on the same device.
     """
     T, H = x.shape
-    E, D, H2 = w_up.shape
-    if H2 != H or tuple(w_down_t.shape) != (E, D, H) or tuple(scores.shape) != (T, E):
-        raise ValueError(
-            f"shape mismatch: x {tuple(x.shape)}, scores {tuple(scores.shape)}, "
-            f"w_up {tuple(w_up.shape)}, w_down_t {tuple(w_down_t.shape)}"
-        )
+    E, D, _ = w_up.shape
+    check_ffn_shapes(x, scores, w_up, w_down_t)
     if E > MAX_EXPERTS:
         raise ValueError(f"the sparse Triton kernels support at most {MAX_EXPERTS} experts, got {E}")
     S = cu_seqlens.numel() - 1
