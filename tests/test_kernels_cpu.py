@@ -288,7 +288,7 @@ def test_cuda_dispatch_uses_static_shapes_only():
     assert not cuda_prefers_dense(8, 1, 56, 128, 1792)  # one verify chunk
     assert not cuda_prefers_dense(3 * 8, 3, 56, 128, 1792)  # three verify chunks
     assert not cuda_prefers_dense(THRESHOLDS.cuda_max_tokens + 1, 1, 56, 128, 1792)  # prefill: expert-major
-    assert not cuda_prefers_dense(64, 16, 56, 128, 1792)  # 16 requests: expert-major
+    assert not cuda_prefers_dense(32, 32, 56, 128, 1792)  # 32 decode requests: expert-major
     # without vLLM's fused-MoE kernels (expert_major=False): the per-segment-or-dense rule
     assert cuda_prefers_dense(THRESHOLDS.cuda_max_tokens + 1, 1, 56, 128, 1792, expert_major=False)
     assert cuda_prefers_dense(300, 1, 56, 128, 1792, expert_major=False)  # one long segment
