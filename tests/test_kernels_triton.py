@@ -315,7 +315,10 @@ def test_alignment_matches_reference(T, E, block, frac):
 
 @needs_vllm
 def test_expert_major_through_the_op_and_the_rule(monkeypatch):
-    """impl="triton" takes the expert-major path when the static rule says so."""
+    """impl="triton" takes the expert-major path when the static rule says so. The op's body is
+    called directly: torch.ops.blockffn.sparse_ffn is registered by whichever copy of ops.py was
+    imported first (`kernels` from the repository root, as the benchmarks import it, or
+    `vllm_blockffn.kernels`), so patching one module's globals would depend on test order."""
     from vllm_blockffn.kernels import ops
 
     x, scores, w_up, w_down_t, _ = _em_inputs([1, 1, 1, 1], 16, 16, 32, 0.3, "fp32")
@@ -323,7 +326,7 @@ def test_expert_major_through_the_op_and_the_rule(monkeypatch):
     real = em.expert_major_ffn_triton
     monkeypatch.setattr(em, "expert_major_ffn_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(ops, "_cuda_path", lambda *a, **k: "expert_major")
-    y = sparse_ffn(x, scores, w_up, w_down_t, cu_seqlens_of([1, 1, 1, 1]), impl="triton")
+    y = ops._sparse_ffn_impl(x, scores, w_up, w_down_t, cu_seqlens_of([1, 1, 1, 1]), "triton")
     assert calls and rel_err(y, expert_major_naive(x, scores, w_up, w_down_t)) < 1e-5
 
 
