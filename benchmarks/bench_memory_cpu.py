@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kernels.quant import dequantize_experts, quantize_experts, quantize_rows  # noqa: E402
 from kernels.sparse_ffn import cpu_native  # noqa: E402
 from kernels.sparse_ffn.cpu import dense_ffn_gemm  # noqa: E402
 from kernels.sparse_ffn.naive import experts_reference  # noqa: E402
@@ -43,7 +44,19 @@ from kernels.sparse_ffn.naive import experts_reference  # noqa: E402
 SHAPES = {"Small": (768, 48, 64), "Medium": (1280, 40, 128), "Large": (1536, 48, 128), "XLarge": (1792, 56, 128)}
 """name → (H, E, d_e), SPEC.md."""
 SCENARIOS = {"1 tok": [1], "decode x4": [1, 1, 1, 1], "decode x8": [1] * 8, "verify 1x4": [4], "verify 2x4": [4, 4]}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+"""Weight dtypes. int8: weight-only with per-output-row scales (kernels/quant.py), x in bf16 (what
+vLLM serves a bf16 checkpoint in); its bytes count the scales too."""
+
+
+def x_dtype(dt: torch.dtype) -> torch.dtype:
+    return torch.bfloat16 if dt == torch.int8 else dt
+
+
+def expert_bytes(D: int, H: int, dt: torch.dtype) -> int:
+    """Bytes of one expert (W_up and W_down rows, plus int8's fp32 scales: D + H per expert)."""
+    esz = torch.tensor([], dtype=dt).element_size()
+    return 2 * D * H * esz + ((D + H) * 4 if dt == torch.int8 else 0)
 
 
 def cpu_model() -> str:
@@ -108,12 +121,17 @@ class Pool:
     """Layers of expert weights, ≥ 3× the LLC in total: each call takes the next layer."""
 
     def __init__(self, H: int, E: int, D: int, dtype: torch.dtype, min_bytes: int):
-        layer_bytes = 2 * E * D * H * torch.tensor([], dtype=dtype).element_size()
+        layer_bytes = E * expert_bytes(D, H, dtype)
         self.n = max(4, math.ceil(min_bytes / layer_bytes))
         g = torch.Generator().manual_seed(0)
-        w_up = (torch.randn(E, D, H, generator=g) / H**0.5).to(dtype)
-        w_down = (torch.randn(E, D, H, generator=g) / D**0.5).to(dtype)
-        self.layers = [(w_up.clone(), w_down.clone()) for _ in range(self.n)]
+        w_up = torch.randn(E, D, H, generator=g) / H**0.5
+        w_down = torch.randn(E, D, H, generator=g) / D**0.5
+        if dtype == torch.int8:  # (q_up, q_down, up_scale, down_scale)
+            qu, su, qd, sd = quantize_experts(w_up, w_down)
+            self.layers = [(qu.clone(), qd.clone(), su.clone(), sd.clone()) for _ in range(self.n)]
+        else:
+            w_up, w_down = w_up.to(dtype), w_down.to(dtype)
+            self.layers = [(w_up.clone(), w_down.clone(), None, None) for _ in range(self.n)]
         self.bytes = self.n * layer_bytes
 
 
@@ -162,12 +180,12 @@ def onednn_dense(pool: Pool):
     if not getattr(ops, "_supports_onednn", False):
         return None
     handlers = {}
-    for w_up, w_down in pool.layers:
+    for w_up, w_down, _, _ in pool.layers:
         E, D, H = w_up.shape
         handlers[id(w_up)] = (ops.create_onednn_mm(w_up.reshape(E * D, H).t(), 32),
                               ops.create_onednn_mm(w_down.reshape(E * D, H), 32))
 
-    def run(w_up, w_down, x, s, cu):
+    def run(w_up, w_down, su, sd, x, s, cu):
         E, D, H = w_up.shape
         up, down = handlers[id(w_up)]
         h = torch.nn.functional.silu(ops.onednn_mm(up, x, None))
@@ -187,8 +205,7 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
         for dname in args.dtypes:
             dt = DTYPES[dname]
             pool = Pool(H, E, D, dt, 3 * llc_bytes())
-            esz = torch.tensor([], dtype=dt).element_size()
-            onednn = onednn_dense(pool) if not args.quick else None
+            onednn = onednn_dense(pool) if not args.quick and dt != torch.int8 else None
             for scen, lengths in SCENARIOS.items():
                 T = sum(lengths)
                 cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
@@ -196,32 +213,37 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
                 ncalls = max(3 * pool.n, 60)
                 for i in range(ncalls):
                     s = routed_scores(lengths, E, rotate=(i // pool.n) * max(1, round(0.1 * E)), seed=i % 97)
-                    x = torch.randn(T, H, generator=torch.Generator().manual_seed(i)).to(dt)
+                    x = torch.randn(T, H, generator=torch.Generator().manual_seed(i)).to(x_dtype(dt))
                     calls.append((i % pool.n, x, s, cu))
-                    union_bytes += int((s > 0).any(0).sum()) * 2 * D * H * esz
+                    union_bytes += int((s > 0).any(0).sum()) * expert_bytes(D, H, dt)
                 union_bytes /= ncalls
                 # correctness on one call before timing
-                w_up, w_down = pool.layers[0]
+                w_up, w_down, su, sd = pool.layers[0]
                 _, x, s, _ = calls[0]
-                y = cpu_native.sparse_ffn_native(x, s, w_up, w_down, cu, num_threads=threads)
-                ref = experts_reference(x.float(), s, w_up.float(), w_down.transpose(1, 2).float(), "block")
+                y = cpu_native.sparse_ffn_native(x, s, w_up, w_down, cu, num_threads=threads, up_scale=su,
+                                                 down_scale=sd)
+                ref_up, ref_down = (dequantize_experts(w_up, su, w_down, sd) if su is not None
+                                    else (w_up.float(), w_down.float()))
+                ref = experts_reference(x.float(), s, ref_up, ref_down.transpose(1, 2), "block")
                 err = ((y.float() - ref).norm() / ref.norm()).item()
-                assert err < (3e-2 if dt == torch.bfloat16 else 1e-4), (sname, dname, scen, err)
-                sparse, bw_s, r_s = time_calls(pool, calls, lambda wu, wd, x, s, cu: cpu_native.sparse_ffn_native(
-                    x, s, wu, wd, cu, num_threads=threads), union_bytes, threads)
-                dense_bytes = 2 * E * D * H * esz
+                assert err < (3e-2 if x.dtype == torch.bfloat16 else 1e-4), (sname, dname, scen, err)
+                sparse, bw_s, r_s = time_calls(
+                    pool, calls, lambda wu, wd, su, sd, x, s, cu: cpu_native.sparse_ffn_native(
+                        x, s, wu, wd, cu, num_threads=threads, up_scale=su, down_scale=sd), union_bytes, threads)
+                dense_bytes = E * expert_bytes(D, H, dt)
                 few = calls[: pool.n]
-                dense, _, r_d = time_calls(pool, few, lambda wu, wd, x, s, cu: dense_ffn_gemm(x, s, wu, wd),
-                                           dense_bytes, threads, 3)
-                allk, _, r_a = time_calls(pool, few, lambda wu, wd, x, s, cu: cpu_native.sparse_ffn_native(
-                    x, s, wu, wd, cu, num_threads=threads, all_experts=True), dense_bytes, threads, 3)
+                dense, _, r_d = (time_calls(pool, few, lambda wu, wd, su, sd, x, s, cu: dense_ffn_gemm(x, s, wu, wd),
+                                            dense_bytes, threads, 3) if dt != torch.int8 else (float("nan"),) * 3)
+                allk, _, r_a = time_calls(pool, few, lambda wu, wd, su, sd, x, s, cu: cpu_native.sparse_ffn_native(
+                    x, s, wu, wd, cu, num_threads=threads, all_experts=True, up_scale=su, down_scale=sd),
+                    dense_bytes, threads, 3)
                 odn, _, r_o = (time_calls(pool, few, onednn, dense_bytes, threads, 3) if onednn
                                else (float("nan"),) * 3)
                 rows.append([
                     sname, dname, scen, f"{union_bytes / dense_bytes:.0%}", f"{union_bytes / 1e6:.2f}",
                     f"{bw_s:.1f}", f"{sparse * 1e6:.0f}", f"{union_bytes / sparse / 1e9:.1f}", f"**{r_s:.0%}**",
                     f"{union_bytes / (bw_s * 1e9) * 1e6:.0f}",
-                    f"{dense * 1e6:.0f}", f"{r_d:.0%}",
+                    *((f"{dense * 1e6:.0f}", f"{r_d:.0%}") if dt != torch.int8 else ("-", "-")),
                     f"{odn * 1e6:.0f}" if onednn else "-", f"{r_o:.0%}" if onednn else "-",
                     f"{allk * 1e6:.0f}", f"**{r_a:.0%}**", isa,
                 ])  # fmt: skip
@@ -235,7 +257,11 @@ LINEARS = {"XLarge qkv": (1792 * 3, 1792), "XLarge o_proj": (1792, 1792), "lm_he
 
 
 def linear_rows(args, threads: int, bw: float) -> list[list[str]]:
-    """Streaming linear vs vLLM's oneDNN handler vs F.linear, cold weights, M = 1, 4, 8."""
+    """Streaming linear vs vLLM's oneDNN handler vs F.linear, cold weights, M = 1, 4, 8.
+
+    int8 rows: our weight-only int8 (x bf16, per-row scales) against vLLM's own CPU int8 GEMM
+    (`create_onednn_scaled_mm` + dynamic per-token int8 activations: what its W8A8 linear method
+    runs), the fastest int8 linear a vLLM CPU user has."""
     try:
         from vllm import _custom_ops as ops
     except Exception:  # noqa: BLE001
@@ -244,22 +270,47 @@ def linear_rows(args, threads: int, bw: float) -> list[list[str]]:
     for name, (N, K) in LINEARS.items():
         for dname in args.dtypes:
             dt = DTYPES[dname]
+            xdt = x_dtype(dt)
             esz = torch.tensor([], dtype=dt).element_size()
-            n = max(4, math.ceil(3 * llc_bytes() / (N * K * esz)))
-            w0 = (torch.randn(N, K) / K**0.5).to(dt)
-            ws = [w0.clone() for _ in range(n)]
-            handlers = [ops.create_onednn_mm(w.t(), 32) for w in ws] if ops is not None else None
-            for M in (1, 4, 8):
-                x = torch.randn(M, K).to(dt)
-                ref = x.float() @ w0.float().t()
-                got = cpu_native.linear_native(x, ws[0], num_threads=threads).float()
-                assert ((got - ref).norm() / ref.norm()).item() < (2e-2 if dt == torch.bfloat16 else 1e-5)
+            b = N * K * esz + (N * 4 if dt == torch.int8 else 0)
+            n = max(4, math.ceil(3 * llc_bytes() / b))
+            w0 = torch.randn(N, K) / K**0.5
+            if dt == torch.int8:
+                q0, s0 = quantize_rows(w0)
+                ws, scales = [q0.clone() for _ in range(n)], [s0.clone() for _ in range(n)]
+                w_ref = q0.float() * s0[:, None]
+            else:
+                w0 = w0.to(dt)
+                ws, scales, w_ref = [w0.clone() for _ in range(n)], [None] * n, w0.float()
+            handlers = None
+            if ops is not None and getattr(ops, "_supports_onednn", False):
+                if dt == torch.int8:
+                    handlers = [ops.create_onednn_scaled_mm(w.t(), sc.view(1, -1), xdt, True, False, 32)
+                                for w, sc in zip(ws, scales)]
+                else:
+                    handlers = [ops.create_onednn_mm(w.t(), 32) for w in ws]
 
-                t_s = _cycle(ws, lambda w, i, x=x: cpu_native.linear_native(x, w, num_threads=threads))
-                t_t = _cycle(ws, lambda w, i, x=x: torch.nn.functional.linear(x, w))
-                t_o = (_cycle(ws, lambda w, i, x=x, h=handlers: ops.onednn_mm(h[i], x, None)) if handlers
+            def vllm_mm(w, i, x, dt=dt, handlers=handlers, N=N):
+                if dt != torch.int8:
+                    return ops.onednn_mm(handlers[i], x, None)
+                x_q, x_s, _ = ops.onednn_scaled_int8_quant(x, None, None, True)
+                out = torch.empty((x.shape[0], N), dtype=x.dtype)
+                return ops.onednn_scaled_mm(handlers[i], x_q, out, x_s, None, None, None)
+
+            for M in (1, 4, 8):
+                x = torch.randn(M, K).to(xdt)
+                ref = x.float() @ w_ref.t()
+                got = cpu_native.linear_native(x, ws[0], num_threads=threads, weight_scale=scales[0]).float()
+                assert ((got - ref).norm() / ref.norm()).item() < (2e-2 if xdt == torch.bfloat16 else 1e-5)
+                if handlers:
+                    got = vllm_mm(ws[0], 0, x).float()
+                    assert ((got - ref).norm() / ref.norm()).item() < 5e-2, (name, dname, "vllm")
+
+                t_s = _cycle(ws, lambda w, i, x=x, sc=scales: cpu_native.linear_native(
+                    x, w, num_threads=threads, weight_scale=sc[i]))
+                t_t = (_cycle(ws, lambda w, i, x=x: torch.nn.functional.linear(x, w)) if dt != torch.int8
                        else float("nan"))
-                b = N * K * esz
+                t_o = _cycle(ws, lambda w, i, x=x: vllm_mm(w, i, x)) if handlers else float("nan")
                 g = lambda t, b=b: b / t / 1e9  # noqa: E731
                 rows.append([name, dname, str(M), f"{b / 1e6:.1f}", f"{t_s * 1e6:.0f}", f"{g(t_s):.1f}",
                              f"{g(t_s) / bw:.0%}", f"{t_o * 1e6:.0f}", f"{g(t_o):.1f}", f"{g(t_o) / bw:.0%}",

@@ -70,42 +70,49 @@ def _sparse_ffn_impl(
     cu_seqlens: torch.Tensor,
     impl: str,
     stats: np.ndarray | None = None,
+    up_scale: torch.Tensor | None = None,
+    down_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     _check_impl(impl)
     T = x.shape[0]
     E, D, H = w_up.shape
     S = cu_seqlens.shape[0] - 1
+    # int8 experts' scales (quant.py): passed on only when present
+    q = {} if up_scale is None and down_scale is None else {"up_scale": up_scale, "down_scale": down_scale}
     if impl == "auto":
         if x.is_cuda:
-            impl = "dense" if (not HAS_TRITON or _cuda_path(x, T, S, E, D, H) == "dense") else "triton"
+            impl = "dense" if (not HAS_TRITON or _cuda_path(x, T, S, E, D, H, w=w_up) == "dense") else "triton"
     if impl == "dense":
-        return _dense_ffn_torch(x, scores, w_up, w_down_t)
+        return _dense_ffn_torch(x, scores, w_up, w_down_t, **q)
     if impl == "triton":
         _need_triton(x.device)
-        if _cuda_path(x, T, S, E, D, H, allow_dense=False) == "expert_major":
+        if _cuda_path(x, T, S, E, D, H, allow_dense=False, w=w_up) == "expert_major":
             from .sparse_ffn.triton_expert_major import expert_major_ffn_triton
 
-            return expert_major_ffn_triton(x, scores, w_up, w_down_t)  # no segments needed
+            return expert_major_ffn_triton(x, scores, w_up, w_down_t, **q)  # no segments needed
         from .sparse_ffn.naive import active_scores
         from .sparse_ffn.triton_sparse_ffn import sparse_ffn_triton
 
         scores = active_scores(scores)  # NaN / negative scores: inactive (naive.py); a device op
-        return sparse_ffn_triton(x, scores, w_up, w_down_t, cu_seqlens)
+        return sparse_ffn_triton(x, scores, w_up, w_down_t, cu_seqlens, **q)
     # "torch": the CPU sparse path (native kernel, else PyTorch), always sparse; "auto" on a CPU
     # lets it choose dense on the actual counts (host-side data on a CPU).
     allow_dense = impl == "auto"
     if x.is_cuda:
+        q = {k: None if v is None else v.cpu() for k, v in q.items()}
         return sparse_ffn_cpu(x.cpu(), scores.cpu(), w_up.cpu(), w_down_t.cpu(), cu_seqlens.cpu(),
-                              allow_dense=False).to(x.device)
-    return sparse_ffn_cpu(x, scores, w_up, w_down_t, cu_seqlens, allow_dense=allow_dense, stats=stats)
+                              allow_dense=False, **q).to(x.device)
+    return sparse_ffn_cpu(x, scores, w_up, w_down_t, cu_seqlens, allow_dense=allow_dense, stats=stats, **q)
 
 
-def _cuda_path(x: torch.Tensor, T: int, S: int, E: int, D: int, H: int, allow_dense: bool = True) -> str:
-    """:func:`~.dispatch.cuda_path` for these shapes; expert-major only where vLLM's kernels exist."""
+def _cuda_path(x: torch.Tensor, T: int, S: int, E: int, D: int, H: int, allow_dense: bool = True,
+               w: torch.Tensor | None = None) -> str:
+    """:func:`~.dispatch.cuda_path` for these shapes; expert-major only where vLLM's kernels exist.
+    ``w``: the expert weights (their element size: 1 for int8), else x's."""
     from .sparse_ffn.triton_expert_major import vllm_kernels_available
 
-    return cuda_path(T, S, E, D, H, expert_major=vllm_kernels_available(), elt=x.element_size(),
-                     allow_dense=allow_dense)
+    return cuda_path(T, S, E, D, H, expert_major=vllm_kernels_available(),
+                     elt=(w if w is not None else x).element_size(), allow_dense=allow_dense)
 
 
 def _segment_union_impl(active: torch.Tensor, cu_seqlens: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,23 +165,26 @@ def _register() -> None:
             w_down_t: torch.Tensor,
             cu_seqlens: torch.Tensor,
             impl: str,
+            up_scale: torch.Tensor | None = None,
+            down_scale: torch.Tensor | None = None,
         ) -> torch.Tensor:
-            return _sparse_ffn_impl(x, scores, w_up, w_down_t, cu_seqlens, impl)
+            return _sparse_ffn_impl(x, scores, w_up, w_down_t, cu_seqlens, impl, None, up_scale, down_scale)
 
         @_sparse_ffn_op.register_fake
-        def _sparse_ffn_fake(x, scores, w_up, w_down_t, cu_seqlens, impl):
+        def _sparse_ffn_fake(x, scores, w_up, w_down_t, cu_seqlens, impl, up_scale=None, down_scale=None):
             return x.new_empty((x.shape[0], w_up.shape[2]))
 
     if not _op_registered("dense_ffn"):
 
         @torch.library.custom_op("blockffn::dense_ffn", mutates_args=())
         def _dense_ffn_op(
-            x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor
+            x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+            up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None,
         ) -> torch.Tensor:
-            return _dense_ffn_torch(x, scores, w_up, w_down_t)
+            return _dense_ffn_torch(x, scores, w_up, w_down_t, up_scale, down_scale)
 
         @_dense_ffn_op.register_fake
-        def _dense_ffn_fake(x, scores, w_up, w_down_t):
+        def _dense_ffn_fake(x, scores, w_up, w_down_t, up_scale=None, down_scale=None):
             return x.new_empty((x.shape[0], w_up.shape[2]))
 
     if not _op_registered("segment_union"):
@@ -219,15 +229,17 @@ def sparse_ffn(
     w_down_t: torch.Tensor,
     cu_seqlens: torch.Tensor,
     impl: str = "auto",
+    up_scale: torch.Tensor | None = None,
+    down_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The experts' output y [T, H], running per segment only the union of active experts.
 
     Segments are given by ``cu_seqlens`` (int32 [S+1]); an expert with score 0 for a token
     contributes exactly 0 to it, so the result equals the dense layer up to rounding. Pass
     one segment per request (its tokens of this step) to make a speculative verify chunk
-    read only its union's weights.
+    read only its union's weights. int8 experts: ``up_scale`` / ``down_scale`` (quant.py).
     """
-    return torch.ops.blockffn.sparse_ffn(x, scores, w_up, w_down_t, cu_seqlens, impl)
+    return torch.ops.blockffn.sparse_ffn(x, scores, w_up, w_down_t, cu_seqlens, impl, up_scale, down_scale)
 
 
 def sparse_ffn_eager(
@@ -238,21 +250,24 @@ def sparse_ffn_eager(
     cu_seqlens: torch.Tensor,
     impl: str = "auto",
     stats: np.ndarray | None = None,
+    up_scale: torch.Tensor | None = None,
+    down_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`sparse_ffn` without the custom-op wrapper, for callers already inside an opaque op
     (vLLM's ``blockffn_experts``): ``torch.library.custom_op``'s Python dispatch costs 30–60 µs
     per call on a CPU, as much as a decode step's expert reads. ``stats``: the CPU native
     kernel adds its live counters there (see ``sparse_ffn_cpu``)."""
-    return _sparse_ffn_impl(x, scores, w_up, w_down_t, cu_seqlens, impl, stats)
+    return _sparse_ffn_impl(x, scores, w_up, w_down_t, cu_seqlens, impl, stats, up_scale, down_scale)
 
 
 dense_ffn_eager = _dense_ffn_torch
 """The body of :func:`dense_ffn` (two GEMMs) without the custom-op wrapper: see :func:`sparse_ffn_eager`."""
 
 
-def dense_ffn(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> torch.Tensor:
+def dense_ffn(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+              up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None) -> torch.Tensor:
     """All experts with two dense GEMMs (the baseline, and the fallback for dense steps)."""
-    return torch.ops.blockffn.dense_ffn(x, scores, w_up, w_down_t)
+    return torch.ops.blockffn.dense_ffn(x, scores, w_up, w_down_t, up_scale, down_scale)
 
 
 def segment_union(

@@ -17,3 +17,5 @@ def register_all() -> None:
         ModelRegistry.register_model("EagleBlockFFNForCausalLM", "vllm_blockffn.serving.eagle:EagleBlockFFNForCausalLM")
     apply_all()
     setup_metrics()
+    # `--quantization blockffn_int8` (registers itself with vLLM on import; once per process)
+    import vllm_blockffn.serving.layers.quantization  # noqa: F401

@@ -30,23 +30,30 @@ import torch
 import torch.nn.functional as F
 
 from ..dispatch import THRESHOLDS, cpu_prefers_dense
+from ..quant import check_expert_scales, dequantize_experts, dequantize_rows
 from .cpu_native import count_native, native_supports, sparse_ffn_native
 from .naive import active_scores
 
+Scale = torch.Tensor | None
 
-def dense_ffn(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> torch.Tensor:
+
+def dense_ffn(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+              up_scale: Scale = None, down_scale: Scale = None) -> torch.Tensor:
     """All experts: y = (SiLU(x W_up^T) ⊙ r) W_down^T. Any device.
 
     The reference the sparse paths must beat, and the fallback when a step is too dense for
     sparsity to pay (long prefill segments, large batches). At decode sizes on a CPU (T ≤
     ``cpu_linear_max_tokens``) it is the native kernel streaming every expert: the fastest dense
     layer this machine has (benchmarks/RESULTS.md), so that sparse-vs-dense ratios are not
-    inflated by a slow baseline. Otherwise :func:`dense_ffn_gemm`.
+    inflated by a slow baseline. Otherwise :func:`dense_ffn_gemm`. int8 experts: their scales
+    (``kernels/quant.py``); the GEMM path dequantizes them first.
     """
     T = x.shape[0]
     if 0 < T <= THRESHOLDS.cpu_linear_max_tokens and native_supports(x, w_up, w_down_t):
         return sparse_ffn_native(x, scores, w_up, w_down_t, torch.tensor([0, T], dtype=torch.int32),
-                                 all_experts=True)
+                                 all_experts=True, up_scale=up_scale, down_scale=down_scale)
+    if check_expert_scales(w_up, up_scale, w_down_t, down_scale):
+        w_up, w_down_t = dequantize_experts(w_up, up_scale, w_down_t, down_scale, x.dtype)
     return dense_ffn_gemm(x, scores, w_up, w_down_t)
 
 
@@ -158,6 +165,8 @@ def sparse_ffn_cpu(
     allow_dense: bool = True,
     native: bool = True,
     stats: np.ndarray | None = None,
+    up_scale: Scale = None,
+    down_scale: Scale = None,
 ) -> torch.Tensor:
     """y [T, H] reading only the experts the step's tokens use (sparse: tokens past cu[-1] get 0).
 
@@ -166,8 +175,11 @@ def sparse_ffn_cpu(
     per-segment semantics, since an inactive pair contributes exactly 0. With
     ``allow_dense`` it runs :func:`dense_ffn` where :func:`~..dispatch.cpu_native_prefers_dense`
     says dense wins. Otherwise :func:`sparse_ffn_cpu_torch`. ``stats`` (int64 [5] live
-    counters) is filled by the native kernel only: check :func:`uses_native` first.
+    counters) is filled by the native kernel only: check :func:`uses_native` first. int8 experts:
+    ``up_scale`` / ``down_scale`` (``kernels/quant.py``), read by the native kernel; the PyTorch
+    fallback dequantizes the weights first.
     """
+    q = check_expert_scales(w_up, up_scale, w_down_t, down_scale)
     if x.shape[0] == 0:
         return x.new_empty((0, x.shape[1]))
     if native and native_supports(x, w_up, w_down_t):
@@ -175,9 +187,12 @@ def sparse_ffn_cpu(
             # a long step (prefill): compute-bound, so each active expert's tokens as one GEMM
             if stats is not None:
                 count_native(scores, cu_seqlens, stats)
-            return sparse_ffn_grouped(x, scores, w_up, w_down_t, cu_seqlens)
-        y = sparse_ffn_native(x, scores, w_up, w_down_t, cu_seqlens, allow_dense=allow_dense, stats=stats)
-        return dense_ffn(x, scores, w_up, w_down_t) if y is None else y
+            return sparse_ffn_grouped(x, scores, w_up, w_down_t, cu_seqlens, up_scale, down_scale)
+        y = sparse_ffn_native(x, scores, w_up, w_down_t, cu_seqlens, allow_dense=allow_dense, stats=stats,
+                              up_scale=up_scale, down_scale=down_scale)
+        return dense_ffn(x, scores, w_up, w_down_t, up_scale, down_scale) if y is None else y
+    if q:
+        w_up, w_down_t = dequantize_experts(w_up, up_scale, w_down_t, down_scale, x.dtype)
     return sparse_ffn_cpu_torch(x, scores, w_up, w_down_t, cu_seqlens, allow_dense=allow_dense)
 
 
@@ -187,13 +202,17 @@ def sparse_ffn_grouped(
     w_up: torch.Tensor,
     w_down_t: torch.Tensor,
     cu_seqlens: torch.Tensor,
+    up_scale: Scale = None,
+    down_scale: Scale = None,
 ) -> torch.Tensor:
     """y [T, H] for long steps: each active expert's tokens gathered into one GEMM pair.
 
     FLOPs ∝ active (token, expert) pairs, at the GEMM library's speed (oneDNN: AMX tiles for bf16
     where the CPU has them), which a per-token register-blocked kernel cannot match once a step is
     compute-bound (prefill chunks). Tokens outside [cu[0], cu[-1]) get 0. Dense (all pairs) when
-    :func:`~..dispatch.cpu_native_prefers_dense` says so."""
+    :func:`~..dispatch.cpu_native_prefers_dense` says so. int8 experts: each active expert is
+    dequantized to x's dtype before its GEMMs (compute-bound here: the dequantization is O(D·H)
+    against O(n·D·H) FLOPs)."""
     T, H = x.shape
     E, D, _ = w_up.shape
     t0, t1 = int(cu_seqlens[0]), int(cu_seqlens[-1])
@@ -203,7 +222,7 @@ def sparse_ffn_grouped(
     from ..dispatch import cpu_native_prefers_dense
 
     if cpu_native_prefers_dense(pairs, t1 - t0, E):
-        y = dense_ffn(x, scores, w_up, w_down_t)
+        y = dense_ffn(x, scores, w_up, w_down_t, up_scale, down_scale)
         if t0 > 0 or t1 < T:
             y[:t0].zero_()
             y[t1:].zero_()
@@ -216,9 +235,12 @@ def sparse_ffn_grouped(
             continue
         idx = order[e, :n] + t0
         xe = x.index_select(0, idx)
-        h = F.silu(torch.mm(xe, w_up[e].t()).float())
+        wu, wd = w_up[e], w_down_t[e]
+        if up_scale is not None:
+            wu, wd = dequantize_rows(wu, up_scale[e], x.dtype), (wd.float() * down_scale[e]).to(x.dtype)
+        h = F.silu(torch.mm(xe, wu.t()).float())
         h.mul_(scores.index_select(0, idx)[:, e : e + 1])
-        y.index_add_(0, idx, torch.mm(h.to(x.dtype), w_down_t[e]).float())
+        y.index_add_(0, idx, torch.mm(h.to(x.dtype), wd).float())
     return y.to(x.dtype)
 
 

@@ -80,6 +80,8 @@ typedef struct {
     float *hb;                      /* h[j * D + r] for the expert's tokens */
     float *y;                       /* this thread's fp32 y [T, H] */
     const void *zrow;               /* H zero elements (of either dtype) */
+    const float *su;                /* int8 weights: the unit's nr W_up row scales, else NULL */
+    const float *sd;                /* int8 weights: the expert's W_down output-row scales [H], else zrow */
     int phase;                      /* 1: up (h of the rows), 2: down (y += rows * h) */
 } unit_t;
 
@@ -95,6 +97,7 @@ typedef struct {
     float *out;                     /* fp32 out [m, ldo] */
     long ldo;
     const void *zrow;               /* K zero elements */
+    const float *scale;             /* int8 weights: per-row scales [N], else NULL */
 } lin_t;
 
 typedef void (*lin_fn)(const lin_t *l);
@@ -131,12 +134,23 @@ ALWAYS v8f pl_bf16(const uint16_t *p) {
     v8u u = __builtin_convertvector(h, v8u) << 16;
     v8f f; memcpy(&f, &u, sizeof f); return f;
 }
+typedef int8_t v8b __attribute__((vector_size(8)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+ALWAYS v8f pl_i8(const int8_t *p) {
+    v8b b; memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(__builtin_convertvector(b, v8i), v8f);
+}
 ALWAYS float p_f32(const float *p, long i) { return p[i]; }
 ALWAYS float p_bf16(const uint16_t *p, long i) { return cv_bf16(p[i]); }
+ALWAYS float p_i8(const int8_t *p, long i) { return (float)p[i]; }
+/* Row scales of int8 weights: an up row's (1 for float weights: exact) and, in the down pass, a
+   W_down column's (sd points at zeros for float weights, and is then not read: SCALED = 0). */
+ALWAYS float row_scale(const float *su, int r) { return su ? su[r] : 1.0f; }
 
-#define PORTABLE_UNIT(SUF, WT)                                                                          \
+#define PORTABLE_UNIT(SUF, WT, SCALED)                                                                  \
     static void unit_portable_##SUF(const unit_t *u) {                                                  \
         const WT *wu = (const WT *)u->wu, *wd = (const WT *)u->wd;                                      \
+        const float *sd = u->sd;                                                                        \
         long H = u->H;                                                                                  \
         for (int j = 0; j < u->m && (u->phase & 1); j++) {                                              \
             const float *x = u->xs[j];                                                                  \
@@ -147,7 +161,7 @@ ALWAYS float p_bf16(const uint16_t *p, long i) { return cv_bf16(p[i]); }
                 for (; h + 8 <= H; h += 8) acc += pl_##SUF(w + h) * pl_f32(x + h);                      \
                 float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])); \
                 for (; h < H; h++) s += p_##SUF(w, h) * x[h];                                           \
-                u->hb[(long)j * u->D + r] = silu(s) * u->sc[j];                                         \
+                u->hb[(long)j * u->D + r] = silu(s * row_scale(u->su, r)) * u->sc[j];                   \
             }                                                                                           \
         }                                                                                               \
         for (int j = 0; j < u->m && (u->phase & 2); j++) {                                              \
@@ -158,15 +172,18 @@ ALWAYS float p_bf16(const uint16_t *p, long i) { return cv_bf16(p[i]); }
                 float a = hv[r];                                                                        \
                 long c = 0;                                                                             \
                 for (; c + 8 <= H; c += 8) {                                                            \
-                    v8f v = pl_f32(y + c) + a * pl_##SUF(w + c);                                        \
+                    v8f wv = pl_##SUF(w + c);                                                           \
+                    if (SCALED) wv *= pl_f32(sd + c);                                                   \
+                    v8f v = pl_f32(y + c) + a * wv;                                                     \
                     memcpy(y + c, &v, sizeof v);                                                        \
                 }                                                                                       \
-                for (; c < H; c++) y[c] += a * p_##SUF(w, c);                                           \
+                for (; c < H; c++) y[c] += a * (SCALED ? p_##SUF(w, c) * sd[c] : p_##SUF(w, c));        \
             }                                                                                           \
         }                                                                                               \
     }
-PORTABLE_UNIT(f32, float)
-PORTABLE_UNIT(bf16, uint16_t)
+PORTABLE_UNIT(f32, float, 0)
+PORTABLE_UNIT(bf16, uint16_t, 0)
+PORTABLE_UNIT(i8, int8_t, 1)
 
 #define PORTABLE_LIN(SUF, WT)                                                                           \
     static void lin_portable_##SUF(const lin_t *l) {                                                    \
@@ -180,12 +197,13 @@ PORTABLE_UNIT(bf16, uint16_t)
                 for (; h + 8 <= K; h += 8) acc += pl_##SUF(w + h) * pl_f32(x + h);                      \
                 float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])); \
                 for (; h < K; h++) s += p_##SUF(w, h) * x[h];                                           \
-                l->out[(long)j * l->ldo + n] = s;                                                       \
+                l->out[(long)j * l->ldo + n] = s * (l->scale ? l->scale[n] : 1.0f);                     \
             }                                                                                           \
         }                                                                                               \
     }
 PORTABLE_LIN(f32, float)
 PORTABLE_LIN(bf16, uint16_t)
+PORTABLE_LIN(i8, int8_t)
 
 #if BLOCKFFN_X86
 /* ---------------------------------------------------------------------------------- AVX2 */
@@ -195,6 +213,9 @@ ALWAYS __m256 a2_f32(const float *p) { return _mm256_loadu_ps(p); }
 ALWAYS __m256 a2_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
+ALWAYS __m256 a2_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
 ALWAYS float a2_hsum(__m256 v) {
     __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     a = _mm_add_ps(a, _mm_movehl_ps(a, a));
@@ -203,7 +224,7 @@ ALWAYS float a2_hsum(__m256 v) {
 }
 /* up: 4 rows x (2 or 1) tokens in registers; down: 4 rows x (2 or 1) tokens. Rows < 4 and the
    column tail (H % 8) go through scalar code. ESZ: bytes per weight element. */
-#define AVX2_UNIT(SUF, WT, ESZ)                                                                         \
+#define AVX2_UNIT(SUF, WT, ESZ, SCALED)                                                                       \
     static void unit_avx2_##SUF(const unit_t *u) {                                                      \
         const WT *wu = (const WT *)u->wu, *wd = (const WT *)u->wd;                                      \
         long H = u->H, H8 = H & ~7L, steps = H8 / 8 > 0 ? H8 / 8 : 1;                                   \
@@ -245,7 +266,7 @@ ALWAYS float a2_hsum(__m256 v) {
                 for (int r = 0; r < nr; r++) {                                                          \
                     float s = out[r][j];                                                                \
                     for (long k = H8; k < H; k++) s += p_##SUF(wu + r * H, k) * x[k];                   \
-                    u->hb[(long)(j0 + j) * u->D + r] = silu(s) * u->sc[j0 + j];                         \
+                    u->hb[(long)(j0 + j) * u->D + r] = silu(s * row_scale(u->su, r)) * u->sc[j0 + j];   \
                 }                                                                                       \
             }                                                                                           \
         }                                                                                               \
@@ -262,6 +283,11 @@ ALWAYS float a2_hsum(__m256 v) {
                 for (long c = 0, i = 0; c < H8; c += 8, i++) {                                          \
                     pf_share(pf, pfl, i, pfs);                                                        \
                     __m256 v0 = a2_##SUF(w0 + c), v1 = a2_##SUF(w1 + c), v2 = a2_##SUF(w2 + c), v3 = a2_##SUF(w3 + c); \
+                    if (SCALED) {                                                                       \
+                        __m256 sv = _mm256_loadu_ps(u->sd + c);                                         \
+                        v0 = _mm256_mul_ps(v0, sv); v1 = _mm256_mul_ps(v1, sv);                         \
+                        v2 = _mm256_mul_ps(v2, sv); v3 = _mm256_mul_ps(v3, sv);                         \
+                    }                                                                                   \
                     __m256 a = _mm256_loadu_ps(ys[0] + c);                                              \
                     a = _mm256_fmadd_ps(hv[0][0], v0, a); a = _mm256_fmadd_ps(hv[0][1], v1, a);         \
                     a = _mm256_fmadd_ps(hv[0][2], v2, a); a = _mm256_fmadd_ps(hv[0][3], v3, a);         \
@@ -276,19 +302,23 @@ ALWAYS float a2_hsum(__m256 v) {
             } else {                                                                                    \
                 for (int j = 0; j < nt; j++)                                                            \
                     for (int r = 0; r < nr; r++)                                                        \
-                        for (long c = 0; c < H8; c += 8)                                                \
-                            _mm256_storeu_ps(ys[j] + c, _mm256_fmadd_ps(hv[j][r], a2_##SUF(wd + r * H + c), \
-                                                                        _mm256_loadu_ps(ys[j] + c)));   \
+                        for (long c = 0; c < H8; c += 8) {                                              \
+                            __m256 v = a2_##SUF(wd + r * H + c);                                        \
+                            if (SCALED) v = _mm256_mul_ps(v, _mm256_loadu_ps(u->sd + c));               \
+                            _mm256_storeu_ps(ys[j] + c, _mm256_fmadd_ps(hv[j][r], v, _mm256_loadu_ps(ys[j] + c))); \
+                        }                                                                               \
             }                                                                                           \
             for (int j = 0; j < nt; j++)                                                                \
                 for (int r = 0; r < nr; r++) {                                                          \
                     float a = u->hb[(long)(j0 + j) * u->D + r];                                         \
-                    for (long c = H8; c < H; c++) ys[j][c] += a * p_##SUF(wd + r * H, c);               \
+                    for (long c = H8; c < H; c++)                                                       \
+                        ys[j][c] += a * (SCALED ? p_##SUF(wd + r * H, c) * u->sd[c] : p_##SUF(wd + r * H, c)); \
                 }                                                                                       \
         }                                                                                               \
     }
-AVX2_UNIT(f32, float, 4)
-AVX2_UNIT(bf16, uint16_t, 2)
+AVX2_UNIT(f32, float, 4, 0)
+AVX2_UNIT(bf16, uint16_t, 2, 0)
+AVX2_UNIT(i8, int8_t, 1, 1)
 
 #define AVX2_LIN(SUF, WT, ESZ)                                                                          \
     static void lin_avx2_##SUF(const lin_t *l) {                                                        \
@@ -314,13 +344,14 @@ AVX2_UNIT(bf16, uint16_t, 2)
                 float o[4] = {a2_hsum(a0), a2_hsum(a1), a2_hsum(a2), a2_hsum(a3)};                      \
                 for (int r = 0; r < nr; r++) {                                                          \
                     for (long k = K8; k < K; k++) o[r] += p_##SUF(w[r], k) * x[k];                      \
-                    l->out[(long)j * l->ldo + n + r] = o[r];                                            \
+                    l->out[(long)j * l->ldo + n + r] = o[r] * (l->scale ? l->scale[n + r] : 1.0f);      \
                 }                                                                                       \
             }                                                                                           \
         }                                                                                               \
     }
 AVX2_LIN(f32, float, 4)
 AVX2_LIN(bf16, uint16_t, 2)
+AVX2_LIN(i8, int8_t, 1)
 #pragma GCC pop_options
 
 /* ------------------------------------------------------------------------------- AVX-512 */
@@ -329,6 +360,9 @@ AVX2_LIN(bf16, uint16_t, 2)
 ALWAYS __m512 a5_f32(const float *p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
 ALWAYS __m512 a5_bf16(const uint16_t *p, __mmask16 k) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+ALWAYS __m512 a5_i8(const int8_t *p, __mmask16 k) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, p)));
 }
 ALWAYS __mmask16 a5_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
 /* up: 4 rows x NT tokens (up to 16 zmm accumulators); down: 4 rows x NT tokens. Rows past the
@@ -351,9 +385,9 @@ ALWAYS __mmask16 a5_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (_
         }                                                                                               \
         for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]); \
     }
-#define A5_DOWN(SUF, WT, NT)                                                                            \
+#define A5_DOWN(SUF, WT, NT, SCALED)                                                                    \
     ALWAYS void a5_down_##SUF##_##NT(const WT *const *w, long H, float *const *ys, float hs[4][NR],   \
-                                      const char *pf, long blk) {                                      \
+                                      const char *pf, long blk, const float *sd) {                     \
         __m512 hv[NT][NR];                                                                              \
         long steps = (H + 15) / 16, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl);                       \
         for (int j = 0; j < NT; j++) for (int r = 0; r < NR; r++) hv[j][r] = _mm512_set1_ps(hs[j][r]);  \
@@ -362,6 +396,10 @@ ALWAYS __mmask16 a5_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (_
             pf_share(pf, pfl, i, pfs);                                                                \
             __m512 wv[NR];                                                                              \
             for (int r = 0; r < NR; r++) wv[r] = a5_##SUF(w[r] + c, k);                                 \
+            if (SCALED) {                                                                               \
+                __m512 sv = _mm512_maskz_loadu_ps(k, sd + c);                                           \
+                for (int r = 0; r < NR; r++) wv[r] = _mm512_mul_ps(wv[r], sv);                          \
+            }                                                                                           \
             for (int j = 0; j < NT; j++) {                                                              \
                 __m512 a = _mm512_maskz_loadu_ps(k, ys[j] + c);                                         \
                 for (int r = 0; r < NR; r++) a = _mm512_fmadd_ps(hv[j][r], wv[r], a);                   \
@@ -377,9 +415,10 @@ ALWAYS __mmask16 a5_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (_
     default: FN##_4(__VA_ARGS__); break;                                                                \
     }
 /* One unit in blocks of up to 4 tokens. UPCALL computes out[r][j] for tokens j0..j0+nt-1. */
-#define A5_UNIT(NAME, SUF, WT, ESZ, UPCALL)                                                             \
+#define A5_UNIT(NAME, SUF, WT, ESZ, SCALED, UPCALL)                                                     \
     A5_UP(SUF, WT, 1) A5_UP(SUF, WT, 2) A5_UP(SUF, WT, 3) A5_UP(SUF, WT, 4)                            \
-    A5_DOWN(SUF, WT, 1) A5_DOWN(SUF, WT, 2) A5_DOWN(SUF, WT, 3) A5_DOWN(SUF, WT, 4)                    \
+    A5_DOWN(SUF, WT, 1, SCALED) A5_DOWN(SUF, WT, 2, SCALED)                                             \
+    A5_DOWN(SUF, WT, 3, SCALED) A5_DOWN(SUF, WT, 4, SCALED)                                             \
     static void NAME(const unit_t *u) {                                                                 \
         long H = u->H;                                                                                  \
         int nr = u->nr;                                                                                 \
@@ -397,7 +436,7 @@ ALWAYS __mmask16 a5_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (_
             UPCALL                                                                                      \
             for (int j = 0; j < nt; j++)                                                                \
                 for (int r = 0; r < nr; r++)                                                            \
-                    u->hb[(long)(j0 + j) * u->D + r] = silu(out[r][j]) * u->sc[j0 + j];                 \
+                    u->hb[(long)(j0 + j) * u->D + r] = silu(out[r][j] * row_scale(u->su, r)) * u->sc[j0 + j]; \
         }                                                                                               \
         for (int j0 = 0; j0 < u->m && (u->phase & 2); j0 += 4) {                                        \
             int nt = u->m - j0 < 4 ? u->m - j0 : 4;                                                     \
@@ -408,11 +447,12 @@ ALWAYS __mmask16 a5_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (_
                 for (int r = 0; r < NR; r++)                                                            \
                     hs[j][r] = j < nt && r < nr ? u->hb[(long)(j0 + j) * u->D + r] : 0.0f;              \
             }                                                                                           \
-            A5_SWITCH(a5_down_##SUF, nt, wd, H, ys, hs, pf, blk)                                        \
+            A5_SWITCH(a5_down_##SUF, nt, wd, H, ys, hs, pf, blk, u->sd)                                 \
         }                                                                                               \
     }
-A5_UNIT(unit_avx512_f32, f32, float, 4, A5_SWITCH(a5_up_f32, nt, wu, H, u->xs + j0, out, pf, blk))
-A5_UNIT(unit_avx512_bf16, bf16, uint16_t, 2, A5_SWITCH(a5_up_bf16, nt, wu, H, u->xs + j0, out, pf, blk))
+A5_UNIT(unit_avx512_f32, f32, float, 4, 0, A5_SWITCH(a5_up_f32, nt, wu, H, u->xs + j0, out, pf, blk))
+A5_UNIT(unit_avx512_bf16, bf16, uint16_t, 2, 0, A5_SWITCH(a5_up_bf16, nt, wu, H, u->xs + j0, out, pf, blk))
+A5_UNIT(unit_avx512_i8, i8, int8_t, 1, 1, A5_SWITCH(a5_up_i8, nt, wu, H, u->xs + j0, out, pf, blk))
 
 /* A linear's rows in blocks of 4, tokens in blocks of 4: the up kernels without SiLU. */
 #define A5_LIN(NAME, WT, ESZ, UPCALL)                                                                   \
@@ -430,12 +470,14 @@ A5_UNIT(unit_avx512_bf16, bf16, uint16_t, 2, A5_SWITCH(a5_up_bf16, nt, wu, H, u-
                 const char *pf = j0 == 0 ? pfn : NULL;                                                  \
                 UPCALL                                                                                  \
                 for (int j = 0; j < nt; j++)                                                            \
-                    for (int r = 0; r < nr; r++) l->out[(long)(j0 + j) * l->ldo + n + r] = out[r][j];   \
+                    for (int r = 0; r < nr; r++)                                                        \
+                        l->out[(long)(j0 + j) * l->ldo + n + r] = out[r][j] * row_scale(l->scale ? l->scale + n : NULL, r); \
             }                                                                                           \
         }                                                                                               \
     }
 A5_LIN(lin_avx512_f32, float, 4, A5_SWITCH(a5_up_f32, nt, wu, H, l->xs + j0, out, pf, blk))
 A5_LIN(lin_avx512_bf16, uint16_t, 2, A5_SWITCH(a5_up_bf16, nt, wu, H, l->xs + j0, out, pf, blk))
+A5_LIN(lin_avx512_i8, int8_t, 1, A5_SWITCH(a5_up_i8, nt, wu, H, l->xs + j0, out, pf, blk))
 #pragma GCC pop_options
 
 /* ------------------------------------------------------------------------- AVX512_BF16 */
@@ -465,21 +507,24 @@ ALWAYS __m512 a5_bf16b(const uint16_t *p, __mmask16 k) {
         for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]); \
     }
 BF_UP(1) BF_UP(2) BF_UP(3) BF_UP(4)
-A5_UNIT(unit_avx512bf16_bf16, bf16b, uint16_t, 2, A5_SWITCH(bf_up, nt, wu, H, u->xh + j0, out, pf, blk))
+A5_UNIT(unit_avx512bf16_bf16, bf16b, uint16_t, 2, 0, A5_SWITCH(bf_up, nt, wu, H, u->xh + j0, out, pf, blk))
 A5_LIN(lin_avx512bf16_bf16, uint16_t, 2, A5_SWITCH(bf_up, nt, wu, H, l->xh + j0, out, pf, blk))
 #pragma GCC pop_options
 #endif /* BLOCKFFN_X86 */
 
 /* The function of a family (unit_: the experts, lin_: a linear) for an ISA, weight dtype (0 fp32,
-   1 bf16) and x dtype. */
+   1 bf16, 2 int8 with row scales) and x dtype. int8 weights: the AVX-512 path on AVX512_BF16 CPUs
+   too (x is widened to fp32 for them). */
 #if BLOCKFFN_X86
 #define PICK(FAM)                                                                                       \
     if (isa >= ISA_AVX512_BF16 && wdt == 1 && xdt == 1) return FAM##avx512bf16_bf16;                    \
-    if (isa >= ISA_AVX512) return wdt ? FAM##avx512_bf16 : FAM##avx512_f32;                             \
-    if (isa >= ISA_AVX2) return wdt ? FAM##avx2_bf16 : FAM##avx2_f32;                                   \
-    return wdt ? FAM##portable_bf16 : FAM##portable_f32;
+    if (isa >= ISA_AVX512) return wdt == 2 ? FAM##avx512_i8 : wdt ? FAM##avx512_bf16 : FAM##avx512_f32; \
+    if (isa >= ISA_AVX2) return wdt == 2 ? FAM##avx2_i8 : wdt ? FAM##avx2_bf16 : FAM##avx2_f32;         \
+    return wdt == 2 ? FAM##portable_i8 : wdt ? FAM##portable_bf16 : FAM##portable_f32;
 #else
-#define PICK(FAM) (void)isa; (void)xdt; return wdt ? FAM##portable_bf16 : FAM##portable_f32;
+#define PICK(FAM)                                                                                       \
+    (void)isa; (void)xdt;                                                                               \
+    return wdt == 2 ? FAM##portable_i8 : wdt ? FAM##portable_bf16 : FAM##portable_f32;
 #endif
 static unit_fn pick_unit(int isa, int wdt, int xdt) { PICK(unit_) }
 static lin_fn pick_lin(int isa, int wdt, int xdt) { PICK(lin_) }
@@ -489,8 +534,10 @@ static lin_fn pick_lin(int isa, int wdt, int xdt) { PICK(lin_) }
    take contiguous row ranges of equal bytes; every W byte is read once. Returns 0, -1 (no
    memory) or -2 (bad arguments). */
 int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, long M, long N, long K, void *y,
-                    long ldy, int nthreads, int isa) {
-    if (M < 0 || N < 0 || K <= 0 || ldx < K || ldy < N || xdt < 0 || xdt > 1 || wdt < 0 || wdt > 1) return -2;
+                    long ldy, int nthreads, int isa, const float *scale) {
+    if (M < 0 || N < 0 || K <= 0 || ldx < K || ldy < N || xdt < 0 || xdt > 1 || wdt < 0 || wdt > 2 ||
+        (wdt == 2) != (scale != NULL))
+        return -2;
     if (M == 0 || N == 0) return 0;
     int best = blockffn_cpu_isa();
     if (isa < 0 || isa > best) isa = best;
@@ -524,7 +571,7 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
     #pragma omp parallel num_threads(nth)
     {
         int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-        lin_t l = {w, K, (blocks * tid / nt) * 4, (blocks * (tid + 1) / nt) * 4, (int)M, xs, xh, o, ldo, zrow};
+        lin_t l = {w, K, (blocks * tid / nt) * 4, (blocks * (tid + 1) / nt) * 4, (int)M, xs, xh, o, ldo, zrow, scale};
         if (l.n1 > N) l.n1 = N;
         if (l.n1 > l.n0) fn(&l);
     }
@@ -564,7 +611,8 @@ static int count_segments(const float *scores, const int32_t *cu, long S, long T
 }
 
 /* --------------------------------------------------------------------------------- entry */
-/* dtype codes: 0 = fp32, 1 = bf16. x [T, H] (row stride ldx), scores fp32 [T, E] contiguous,
+/* dtype codes: 0 = fp32, 1 = bf16, 2 = int8 (weights only: then up_scale fp32 [E, D] and down_scale
+   fp32 [E, H], the per-output-row scales of kernels/quant.py; both NULL for float weights). x [T, H] (row stride ldx), scores fp32 [T, E] contiguous,
    w_up / w_down_t [E, D, H] contiguous, cu int32 [S+1], y [T, H] contiguous (dtype of x).
    Returns 0 (done), 1 (declined: the dense rule says dense wins; y untouched), -1 (no memory),
    2 (w_up NULL: only the counters were added), -2 (bad arguments). stats: NULL, or int64 [5]
@@ -577,9 +625,9 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                         const void *w_down, int wdt, const int32_t *cu, long S, long T, long E,
                         long D, long H, void *y, int nthreads, float up_row_cost, int allow_dense,
                         long min_dense_tokens, float max_pair_fraction, int64_t *stats, int isa,
-                        int all_experts) {
+                        int all_experts, const float *up_scale, const float *down_scale) {
     if (S < 0 || T < 0 || E < 0 || (w_up && (D <= 0 || H <= 0 || ldx < H)) || xdt < 0 || xdt > 1 ||
-        wdt < 0 || wdt > 1)
+        wdt < 0 || wdt > 2 || (w_up && (wdt == 2) != (up_scale != NULL && down_scale != NULL)))
         return -2;
     long t0 = S > 0 ? cu[0] : 0, t1 = S > 0 ? cu[S] : 0;
     if (t0 < 0) t0 = 0;
@@ -616,7 +664,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     int nth = nthreads < 1 ? 1 : nthreads;
     if ((double)P * D * H < 65536.0) nth = 1; /* too little work to fork */
     if (nth > U * units) nth = U * units > 0 ? (int)(U * units) : 1;
-    size_t wsz = wdt ? 2 : 4;
+    size_t wsz = wdt == 2 ? 1 : wdt ? 2 : 4;
     int *tok = malloc(((size_t)P + 1) * sizeof(int));
     float *sc = malloc(((size_t)P + 1) * sizeof(float));
     float *hb = malloc(((size_t)P * D + 1) * sizeof(float));
@@ -697,6 +745,8 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                                 nxt.sc = sc + off[e]; nxt.tok = tok + off[e];
                                 nxt.hb = hb + off[e] * D + d0;
                                 nxt.y = ym; nxt.zrow = zrow;
+                                nxt.su = up_scale ? up_scale + e * D + d0 : NULL;
+                                nxt.sd = down_scale ? down_scale + e * H : (const float *)zrow;
                                 if (have) {
                                     cur.pf_next = (const char *)(phase == 1 ? nxt.wu : nxt.wd);
                                     unit(&cur);

@@ -43,8 +43,10 @@ control) into a cache directory (``$VLLM_BLOCKFFN_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/vllm_blockffn`` or ``~/.cache/...``, else the temp directory), keyed by the
 source, the compiler and the flags. Without a compiler, when the build or the load fails, or
 with ``VLLM_BLOCKFFN_CPU_NATIVE=0``, :func:`native_available` is False (one warning line) and
-callers keep the plain-PyTorch path. Supported dtypes: fp32 and bf16 (weights and x,
-independently); fp16 goes to the PyTorch path.
+callers keep the plain-PyTorch path. Supported dtypes: fp32 and bf16 x; fp32, bf16 and int8
+weights (int8: weight-only, with per-output-row fp32 scales, ``kernels/quant.py``: the kernel
+widens int8 to fp32 in registers, scales each W_up row's dot product and each W_down column, and
+reads 1 byte per weight); fp16 goes to the PyTorch path.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ _CFLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-Wno-psabi"]
 SANITIZE_ENV = "VLLM_BLOCKFFN_CPU_SANITIZE"
 """=1 builds the kernel with AddressSanitizer (tests: run the process with libasan preloaded)."""
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+_WEIGHT_CODES = {**_DTYPE_CODES, torch.int8: 2}
+"""Weight dtypes: int8 comes with per-output-row fp32 scales (kernels/quant.py)."""
 ISAS = ("portable", "avx2", "avx512", "avx512_bf16")
 """The kernel's ISA paths, narrowest first (codes 0..3 in cpu_native.c)."""
 ISA_ENV = "VLLM_BLOCKFFN_CPU_ISA"
@@ -108,11 +112,11 @@ def _open(path: str) -> ctypes.CDLL | None:
         logger.debug("blockffn: cannot load %s: %s", path, exc)
         return None
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
-    fn.argtypes = [p, i64, i32, p, p, p, i32, p, i64, i64, i64, i64, i64, p, i32, f32, i32, i64, f32, p, i32, i32]
+    fn.argtypes = [p, i64, i32, p, p, p, i32, p, i64, i64, i64, i64, i64, p, i32, f32, i32, i64, f32, p, i32, i32, p, p]
     fn.restype = i32
     isa.restype = i32
     lib_path = path
-    lib.blockffn_linear.argtypes = [p, i64, i32, p, i32, i64, i64, i64, p, i64, i32, i32]
+    lib.blockffn_linear.argtypes = [p, i64, i32, p, i32, i64, i64, i64, p, i64, i32, i32, p]
     lib.blockffn_linear.restype = i32
     lib.blockffn_stream_read.argtypes = [p, i64, i32, i32]
     lib.blockffn_stream_read.restype = ctypes.c_double
@@ -223,9 +227,10 @@ def set_prefetch(on: bool) -> None:
 
 
 def linear_native(x: torch.Tensor, weight: torch.Tensor, num_threads: int | None = None,
-                  isa: str | None = None) -> torch.Tensor:
-    """y = x Wᵀ for decode-size x [M, K] (fp32/bf16) and W [N, K] (fp32/bf16, contiguous): a streaming
-    GEMV reading every weight byte once, split across threads by rows (equal bytes). fp32 accumulation."""
+                  isa: str | None = None, weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x Wᵀ for decode-size x [M, K] (fp32/bf16) and W [N, K] (fp32/bf16, or int8 with
+    ``weight_scale`` fp32 [N]: W = q · scale per row), contiguous: a streaming GEMV reading every
+    weight byte once, split across threads by rows (equal bytes). fp32 accumulation."""
     lib = _load()
     assert lib is not None, "native kernel unavailable"
     M, K = x.shape
@@ -234,10 +239,16 @@ def linear_native(x: torch.Tensor, weight: torch.Tensor, num_threads: int | None
         x = x.contiguous()
     if not weight.is_contiguous():
         weight = weight.contiguous()
+    if (weight.dtype == torch.int8) != (weight_scale is not None):
+        raise ValueError(f"linear: weight {weight.dtype} with weight_scale "
+                         f"{'given' if weight_scale is not None else 'missing'}; int8 weights need fp32 [N] scales")
+    if weight_scale is not None and (weight_scale.dtype != torch.float32 or tuple(weight_scale.shape) != (N,)):
+        raise ValueError(f"weight_scale: {weight_scale.dtype} {list(weight_scale.shape)}; expected torch.float32 [{N}]")
     y = torch.empty((M, N), dtype=x.dtype)
     rc = lib.blockffn_linear(x.data_ptr(), x.stride(0), _DTYPE_CODES[x.dtype], weight.data_ptr(),
-                             _DTYPE_CODES[weight.dtype], M, N, K, y.data_ptr(), N,
-                             num_threads or _THREADS or torch.get_num_threads(), _isa_code(isa))
+                             _WEIGHT_CODES[weight.dtype], M, N, K, y.data_ptr(), N,
+                             num_threads or _THREADS or torch.get_num_threads(), _isa_code(isa),
+                             None if weight_scale is None else weight_scale.contiguous().data_ptr())
     _check_rc(rc, "linear", x, weight)
     return y
 
@@ -256,11 +267,11 @@ def native_available() -> bool:
 
 
 def native_supports(x: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> bool:
-    """Dtypes and devices the kernel takes (fp32 / bf16 CPU tensors)."""
+    """Dtypes and devices the kernel takes (fp32 / bf16 x; fp32 / bf16 / int8 weights; CPU tensors)."""
     return (
         x.device.type == "cpu"
         and x.dtype in _DTYPE_CODES
-        and w_up.dtype in _DTYPE_CODES
+        and w_up.dtype in _WEIGHT_CODES
         and w_down_t.dtype == w_up.dtype
         and native_available()
     )
@@ -277,6 +288,8 @@ def sparse_ffn_native(
     stats: np.ndarray | None = None,
     isa: str | None = None,
     all_experts: bool = False,
+    up_scale: torch.Tensor | None = None,
+    down_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """y [T, H] computing only the active (token, expert) pairs, each active expert read once.
 
@@ -289,7 +302,12 @@ def sparse_ffn_native(
     :func:`cpu_isa`). Active pairs: score > 0 (NaN inactive; the module docstring).
     ``all_experts``: the dense layer (every expert for every token in range, inactive pairs weighted
     by 0), streamed like the sparse one: the dense baseline at decode sizes (``dense_ffn``).
+    int8 weights: ``up_scale`` [E, D] and ``down_scale`` [E, H] (kernels/quant.py), checked here.
     """
+    from ..quant import check_expert_scales
+
+    if check_expert_scales(w_up, up_scale, w_down_t, down_scale):
+        up_scale, down_scale = up_scale.contiguous(), down_scale.contiguous()
     lib = _load()
     assert lib is not None, "native kernel unavailable"
     T, H = x.shape
@@ -306,9 +324,10 @@ def sparse_ffn_native(
     y = torch.empty((T, H), dtype=x.dtype)
     rc = lib.blockffn_sparse_ffn(
         x.data_ptr(), x.stride(0), _DTYPE_CODES[x.dtype], scores.data_ptr(), w_up.data_ptr(), w_down_t.data_ptr(),
-        _DTYPE_CODES[w_up.dtype], cu_seqlens.data_ptr(), cu_seqlens.shape[0] - 1, T, E, D, H, y.data_ptr(),
+        _WEIGHT_CODES[w_up.dtype], cu_seqlens.data_ptr(), cu_seqlens.shape[0] - 1, T, E, D, H, y.data_ptr(),
         num_threads or _THREADS or torch.get_num_threads(), UP_ROW_COST, allow_dense,
         th.cpu_min_dense_tokens, th.cpu_max_pair_fraction, _stats_ptr(stats), _isa_code(isa), int(all_experts),
+        None if up_scale is None else up_scale.data_ptr(), None if down_scale is None else down_scale.data_ptr(),
     )  # fmt: skip
     if rc == 1:
         return None
@@ -348,7 +367,7 @@ def count_native(scores: torch.Tensor, cu_seqlens: torch.Tensor, stats: np.ndarr
     T, E = scores.shape
     rc = lib.blockffn_sparse_ffn(
         None, 0, 0, scores.data_ptr(), None, None, 0, cu_seqlens.data_ptr(), cu_seqlens.shape[0] - 1,
-        T, E, 0, 0, None, 1, 0.0, 0, 0, 0.0, _stats_ptr(stats), -1, 0,
+        T, E, 0, 0, None, 1, 0.0, 0, 0, 0.0, _stats_ptr(stats), -1, 0, None, None,
     )  # fmt: skip
     if rc == -1:
         raise MemoryError("blockffn counters: out of memory")

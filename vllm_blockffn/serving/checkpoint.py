@@ -400,6 +400,30 @@ def expected_shapes(spec: BlockFFNSpec) -> dict[str, tuple[int, ...]]:
     return out
 
 
+INT8_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa")
+"""Attention projections a blockffn_int8 checkpoint stores in int8 (MLA's kv_b_proj stays float)."""
+
+
+def int8_tensors(spec: BlockFFNSpec, linears: bool = True) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name → (dtype, shape) of the int8 weights and fp32 scales of a `vllm-blockffn quantize`
+    checkpoint (kernels/quant.py): ``mlp.up_proj`` int8 + ``mlp.up_proj_scale`` [E, D] ([E·D] for
+    block_linear); ``mlp.down_proj`` int8 + ``mlp.down_proj_scale`` [E, H]; with ``linears`` the
+    attention projections and an untied lm_head: ``X.weight`` int8 + ``X.weight_scale`` [N]."""
+    E, D, H = spec.num_experts, spec.expert_size, spec.hidden_size
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, shape in expected_shapes(spec).items():
+        if name.endswith("mlp.up_proj"):
+            out[name] = ("int8", shape)
+            out[name + "_scale"] = ("float32", (E, D) if spec.ffn_type == "block" else (E * D,))
+        elif name.endswith("mlp.down_proj"):
+            out[name] = ("int8", shape)
+            out[name + "_scale"] = ("float32", (E, H))
+        elif linears and (name == "lm_head.weight" or name.rsplit(".", 2)[-2] in INT8_LINEARS):
+            out[name] = ("int8", shape)
+            out[name + "_scale"] = ("float32", (shape[0],))
+    return out
+
+
 def router_weight_names(spec: BlockFFNSpec) -> list[str]:
     """The routers' tensors (router_proj, router_norm): E·H + E values per layer."""
     return [n for n in expected_shapes(spec) if ".mlp.router_" in n]
@@ -412,11 +436,24 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.
 def check_weights(path: str | os.PathLike, spec: BlockFFNSpec,
                   infos: Mapping[str, TensorInfo] | None = None) -> Mapping[str, TensorInfo]:
     """Validate the weight files (unless their `infos` are given), then raise BlockFFNWeightError
-    naming the first missing tensor, wrong shape or non-floating-point dtype. Returns every
+    naming the first missing tensor, wrong shape or non-floating-point dtype (an int8 checkpoint,
+    ``spec.int8``: its int8 weights and fp32 scales, :func:`int8_tensors`). Returns every
     tensor's TensorInfo."""
     if infos is None:
         infos = file_tensor_info(weight_files(path))
+    quantized = int8_tensors(spec, spec.int8_linears) if spec.int8 else {}
+    for name, (dtype, shape) in quantized.items():
+        info = infos.get(name)
+        what = "one fp32 scale per output row" if name.endswith("_scale") else "int8 weights"
+        if info is None:
+            raise BlockFFNWeightError(f"{path}: weight '{name}' is missing; expected {dtype} {list(shape)} "
+                                      f"({what} of a blockffn_int8 checkpoint)")
+        if info.shape != shape or info.dtype != dtype:
+            raise BlockFFNWeightError(f"{path}: weight '{name}' is {info.dtype} {list(info.shape)}; expected "
+                                      f"{dtype} {list(shape)} ({what} of a blockffn_int8 checkpoint)")
     for name, shape in expected_shapes(spec).items():
+        if name in quantized:
+            continue
         info = infos.get(name)
         if info is None:
             raise BlockFFNWeightError(f"{path}: weight '{name}' is missing; expected shape {list(shape)} "

@@ -76,6 +76,10 @@ class BlockFFNSpec:
     qk_nope_head_dim: int | None = None
     qk_rope_head_dim: int | None = None
     v_head_dim: int | None = None
+    int8: bool = False
+    """A checkpoint written by `vllm-blockffn quantize` (config.json quantization_config blockffn_int8)."""
+    int8_linears: bool = True
+    """…with its attention projections and lm_head in int8 too (quantization_config.linears)."""
 
     @property
     def head_dim(self) -> int:
@@ -156,6 +160,14 @@ class BlockFFNSpec:
             rope_scaling = {"type": kind, "factor": float(rope_scaling["factor"])}
 
         norm = choice("norm_after_router", ROUTER_NORMS)
+        qc = cfg.get("quantization_config")
+        if qc is not None and (not isinstance(qc, Mapping) or qc.get("quant_method") != "blockffn_int8"):
+            method = qc.get("quant_method") if isinstance(qc, Mapping) else qc
+            raise err("quantization_config", "absent (float weights) or {\"quant_method\": \"blockffn_int8\"} "
+                      "(a checkpoint written by `vllm-blockffn quantize`)", method)
+        int8_linears = qc.get("linears", True) if qc is not None else True
+        if not isinstance(int8_linears, bool):
+            raise err("quantization_config.linears", "true or false", int8_linears)
         spec = cls(
             vocab_size=positive_int("vocab_size"),
             hidden_size=hidden,
@@ -181,6 +193,8 @@ class BlockFFNSpec:
             block_implementation=choice("block_implementation", BLOCK_IMPLEMENTATIONS, default="torch",
                                         refused=UNSUPPORTED_BLOCK_IMPLEMENTATIONS),
             **mla,
+            int8=qc is not None,
+            int8_linears=int8_linears,
         )
         return spec
 

@@ -48,7 +48,7 @@ class _BlockFFNBlock:
     def _init_ffn_block(self) -> None:
         self.post_attention_layernorm = RMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps)
         self.mlp = BlockFFN(BlockFFNSpec.from_config(self.config), prefix=f"{self.prefix}.mlp",
-                            model_name=getattr(self.config, "name_or_path", ""))
+                            model_name=getattr(self.config, "name_or_path", ""), quant_config=self.quant_config)
 
 
 class BlockFFNDecoderLayer(_BlockFFNBlock, MiniCPMDecoderLayer):
@@ -124,8 +124,9 @@ class BlockFFNForCausalLM(MiniCPMForCausalLM):
         RECORDER.start_model(getattr(vllm_config.model_config.hf_config, "name_or_path", ""))
         worker_step_end.apply()  # in a worker process: vLLM's worker module is imported by now
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        if vllm_config.quant_config is None:  # decode-size linears at memory speed on CPUs (cpu_linear.py)
-            cpu_linear.install(self)
+        # decode-size linears at memory speed on CPUs (cpu_linear.py): the unquantized ones (all of them, or
+        # under `--quantization blockffn_int8` the router's; the int8 ones stream through quantization.py)
+        cpu_linear.install(self)
 
     def _init_model(self, *, vllm_config: VllmConfig, prefix: str = ""):
         return BlockFFNModel(vllm_config=vllm_config, prefix=prefix)

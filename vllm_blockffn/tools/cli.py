@@ -46,8 +46,10 @@ def _check(args: argparse.Namespace) -> int:
         return _check_head(path, cfg, infos)
     spec = BlockFFNSpec.from_config(cfg, source=os.path.join(path, "config.json"))  # names a non-BlockFFN ffn_type
     infos = ck.check_weights(path, spec)
-    _fail_on_nonfinite(ck.nonfinite_weights(infos, ck.expected_shapes(spec)))
-    print(f"{args.model}: BlockFFN checkpoint OK ({spec.attention_type} attention, {spec.ffn_type} layout, "
+    scales = [n for n in ck.int8_tensors(spec, spec.int8_linears) if n.endswith("_scale")] if spec.int8 else []
+    _fail_on_nonfinite(ck.nonfinite_weights(infos, [*ck.expected_shapes(spec), *scales]))
+    quant = f", int8 weights ({'experts and linears' if spec.int8_linears else 'experts'})" if spec.int8 else ""
+    print(f"{args.model}: BlockFFN checkpoint OK ({spec.attention_type} attention, {spec.ffn_type} layout{quant}, "
           f"E={spec.num_experts}, d_e={spec.expert_size}, router norm {spec.norm_after_router}; "
           f"{len(infos)} tensors, all finite)")
     return 0
@@ -134,6 +136,16 @@ def _inflate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from vllm_blockffn.tools.quantize import quantize_checkpoint
+
+    spec = quantize_checkpoint(args.src, args.out, linears=not args.experts_only)
+    what = "experts" if args.experts_only else "experts, attention projections and lm_head"
+    print(f"{args.out}: blockffn_int8 checkpoint ({what} int8 with per-output-row fp32 scales; "
+          f"{spec.num_hidden_layers} layers, E={spec.num_experts}); serve it as any checkpoint")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-blockffn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -205,6 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     inflate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                          help="weights' dtype (default: %(default)s: the padding's rescaled norms stay exact)")
     inflate.set_defaults(func=_inflate)
+
+    quantize = sub.add_parser(
+        "quantize", help="write SRC with int8 weights (per-output-row scales), loadable as --quantization blockffn_int8",
+        description="Weight-only int8 (kernels/quant.py): experts, attention projections and an untied lm_head; "
+                    "the router, norms and embedding stay as they are. The result loads like any checkpoint "
+                    "(config.json names the method) and equals quantizing SRC at load.")
+    quantize.add_argument("src", help="float BlockFFN checkpoint folder (official format)")
+    quantize.add_argument("out", help="folder to write the int8 checkpoint to")
+    quantize.add_argument("--experts-only", action="store_true", help="keep the dense linears in SRC's dtype")
+    quantize.set_defaults(func=_quantize)
     return parser
 
 

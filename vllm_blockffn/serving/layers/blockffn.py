@@ -48,7 +48,7 @@ def backend_from_env() -> str:
 class BlockFFN(nn.Module):
     """router_proj → ReLU → router_norm, then Σ_e r_e · W_down,e · SiLU(W_up,e x)."""
 
-    def __init__(self, spec: BlockFFNSpec, prefix: str = "", model_name: str = ""):
+    def __init__(self, spec: BlockFFNSpec, prefix: str = "", model_name: str = "", quant_config=None):
         super().__init__()
         self.spec = spec
         self.prefix = prefix
@@ -62,8 +62,13 @@ class BlockFFN(nn.Module):
         self.local_expert_size = D // self.tp_size
         self.backend = backend_from_env()
         self.layer_id = extract_layer_index(prefix)
-        # Bytes of one whole expert (up + down), whatever the TP slicing.
-        self.expert_bytes = 2 * D * H * torch.tensor([], dtype=torch.get_default_dtype()).element_size()
+        # int8 experts (`--quantization blockffn_int8`, quantization.py): the method makes the weights
+        self.quant_method = quant_config.get_quant_method(self, prefix) if quant_config is not None else None
+        # Bytes of one whole expert (up + down, int8: + its fp32 scales), whatever the TP slicing.
+        if self.quant_method is not None:
+            self.expert_bytes = 2 * D * H + 4 * (D + H)
+        else:
+            self.expert_bytes = 2 * D * H * torch.tensor([], dtype=torch.get_default_dtype()).element_size()
 
         self.router_proj = ReplicatedLinear(H, E, bias=False, prefix=f"{prefix}.router_proj")
         if spec.norm_after_router == "rms":
@@ -74,10 +79,13 @@ class BlockFFN(nn.Module):
             self.router_norm = None
         # Both stored as [E, D/TP, H]: each expert's rows contiguous, so a sparse
         # step reads one block per active expert.
-        self.up_proj = nn.Parameter(torch.empty(E, self.local_expert_size, H), requires_grad=False)
-        self.down_proj = nn.Parameter(torch.empty(E, self.local_expert_size, H), requires_grad=False)
-        set_weight_attrs(self.up_proj, {"weight_loader": self._load_up})
-        set_weight_attrs(self.down_proj, {"weight_loader": self._load_down})
+        if self.quant_method is not None:
+            self.quant_method.create_weights(self)
+        else:
+            self.up_proj = nn.Parameter(torch.empty(E, self.local_expert_size, H), requires_grad=False)
+            self.down_proj = nn.Parameter(torch.empty(E, self.local_expert_size, H), requires_grad=False)
+            set_weight_attrs(self.up_proj, {"weight_loader": self._load_up})
+            set_weight_attrs(self.down_proj, {"weight_loader": self._load_down})
         self.record_stats = stats_enabled()
         if self.record_stats:  # the counters are allocated now, on the weights' device, never inside a graph
             RECORDER.add_layer(self.layer_id, model_name, E, self.expert_bytes, self.up_proj.device)
@@ -91,13 +99,19 @@ class BlockFFN(nn.Module):
                 f"expert_size={self.spec.expert_size}, hidden_size={self.spec.hidden_size})")
 
     def _tp_slice(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's D/TP slice of an [E, D, ...] tensor (weights [E, D, H], up scales [E, D])."""
         d = self.local_expert_size
-        return full[:, self.tp_rank * d:(self.tp_rank + 1) * d, :]
+        return full[:, self.tp_rank * d:(self.tp_rank + 1) * d]
 
     def _load_up(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         E, D, H = self.spec.num_experts, self.spec.expert_size, self.spec.hidden_size
         self._check_shape("up_proj", loaded, (E, D, H) if self.spec.ffn_type == "block" else (E * D, H))
-        param.data.copy_(self._tp_slice(loaded.reshape(E, D, H)))
+        full = loaded.reshape(E, D, H)
+        if self.quant_method is not None:  # int8: quantized here, whole, before the TP slice
+            full, scale = self.quant_method.quantize_or_check(self, "up_proj", full)
+            if scale is not None:
+                self.up_proj_scale.data.copy_(self._tp_slice(scale))
+        param.data.copy_(self._tp_slice(full))
 
     def _load_down(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         E, D, H = self.spec.num_experts, self.spec.expert_size, self.spec.hidden_size
@@ -107,7 +121,22 @@ class BlockFFN(nn.Module):
         else:
             self._check_shape("down_proj", loaded, (H, E * D))
             full = loaded.reshape(H, E, D).permute(1, 2, 0)
+        if self.quant_method is not None:
+            full, scale = self.quant_method.quantize_or_check(self, "down_proj", full)
+            if scale is not None:
+                self.down_proj_scale.data.copy_(scale)  # per output row h: the same on every rank
         param.data.copy_(self._tp_slice(full))
+
+    def _load_up_scale(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        """int8 checkpoints: W_up's row scales, [E, D] (block) or [E·D] (block_linear)."""
+        E, D = self.spec.num_experts, self.spec.expert_size
+        self._check_shape("up_proj_scale", loaded, (E, D) if self.spec.ffn_type == "block" else (E * D,))
+        param.data.copy_(self._tp_slice(loaded.reshape(E, D).float()))
+
+    def _load_down_scale(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        """int8 checkpoints: W_down's output-row scales, [E, H] in both layouts."""
+        self._check_shape("down_proj_scale", loaded, (self.spec.num_experts, self.spec.hidden_size))
+        param.data.copy_(loaded.float())
 
     def _load_router_norm(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         self._check_shape("router_norm.weight", loaded, (self.spec.num_experts,))
@@ -128,7 +157,9 @@ class BlockFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores = self.router(x)
-        args = (self.backend, self.layer_id, self.expert_bytes, self.record_stats)
+        q = self.quant_method is not None
+        scales = (self.up_proj_scale if q else None, self.down_proj_scale if q else None)
+        args = (self.backend, self.layer_id, self.expert_bytes, self.record_stats, *scales)
         if segments.on_accelerator(x):
             # The output buffer is allocated here, inside the compiled piece before the op: vLLM
             # splits piecewise CUDA graphs at this op (patches/splitting_ops.py), and the next
@@ -143,14 +174,19 @@ class BlockFFN(nn.Module):
         return y
 
 
+Scale = torch.Tensor | None
+
+
 def run_experts(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
-                backend: str, layer_id: int, expert_bytes: int, record: bool) -> torch.Tensor:
+                backend: str, layer_id: int, expert_bytes: int, record: bool, up_scale: Scale = None,
+                down_scale: Scale = None) -> torch.Tensor:
     """The experts of one layer for this step, per request segment (segments.py).
 
     On an accelerator (`segments.on_accelerator`) nothing here reads device data on the host,
     copies host data to the device or branches on device data, so the same code is valid
     eagerly, between piecewise CUDA graphs and captured inside a full graph (README
-    "CUDA graphs"; tests/test_replay.py replays it with the Triton kernels interpreted)."""
+    "CUDA graphs"; tests/test_replay.py replays it with the Triton kernels interpreted).
+    int8 experts: ``up_scale`` / ``down_scale`` (kernels/quant.py), else None."""
     from vllm_blockffn.kernels import ops
     from vllm_blockffn.kernels.sparse_ffn.cpu import uses_native
 
@@ -177,34 +213,40 @@ def run_experts(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_dow
     # The kernels' bodies, not their custom ops: this op is opaque already, and the nested
     # custom-op dispatch cost 30–60 µs per call on a CPU (measured at 16abe25).
     if backend == "dense":
-        return ops.dense_ffn_eager(x, scores, w_up, w_down_t)
+        return ops.dense_ffn_eager(x, scores, w_up, w_down_t, up_scale, down_scale)
     impl = "auto" if backend == "auto" else ("triton" if graph_safe else "torch")
-    return ops.sparse_ffn_eager(x, scores, w_up, w_down_t, cu, impl=impl, stats=stats)
+    return ops.sparse_ffn_eager(x, scores, w_up, w_down_t, cu, impl=impl, stats=stats, up_scale=up_scale,
+                                down_scale=down_scale)
 
 
 def _blockffn_experts(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
-                      backend: str, layer_id: int, expert_bytes: int, record: bool) -> torch.Tensor:
+                      backend: str, layer_id: int, expert_bytes: int, record: bool, up_scale: Scale = None,
+                      down_scale: Scale = None) -> torch.Tensor:
     """The experts as one opaque op (CPU backend: no graphs, no output copy). It reads this
     step's segments from vLLM's forward context, which a torch.compile'd graph must not capture."""
-    return run_experts(x, scores, w_up, w_down_t, backend, layer_id, expert_bytes, record)
+    return run_experts(x, scores, w_up, w_down_t, backend, layer_id, expert_bytes, record, up_scale, down_scale)
 
 
 def _blockffn_experts_fake(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
-                           backend: str, layer_id: int, expert_bytes: int, record: bool) -> torch.Tensor:
+                           backend: str, layer_id: int, expert_bytes: int, record: bool, up_scale: Scale = None,
+                           down_scale: Scale = None) -> torch.Tensor:
     return torch.empty_like(x)
 
 
 def _blockffn_experts_with_output(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor,
                                   w_down_t: torch.Tensor, output: torch.Tensor, backend: str, layer_id: int,
-                                  expert_bytes: int, record: bool) -> None:
+                                  expert_bytes: int, record: bool, up_scale: Scale = None,
+                                  down_scale: Scale = None) -> None:
     """Accelerators: the same op writing into `output` (allocated by the caller), so that it can
     be a piecewise-graph splitting op (patches/splitting_ops.py) and be captured in full graphs."""
-    output.copy_(run_experts(x, scores, w_up, w_down_t, backend, layer_id, expert_bytes, record))
+    output.copy_(run_experts(x, scores, w_up, w_down_t, backend, layer_id, expert_bytes, record, up_scale,
+                             down_scale))
 
 
 def _blockffn_experts_with_output_fake(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor,
                                        w_down_t: torch.Tensor, output: torch.Tensor, backend: str, layer_id: int,
-                                       expert_bytes: int, record: bool) -> None:
+                                       expert_bytes: int, record: bool, up_scale: Scale = None,
+                                       down_scale: Scale = None) -> None:
     return None
 
 
