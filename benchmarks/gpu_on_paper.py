@@ -20,6 +20,13 @@ cost on an H100 / H200?" the only way it can be answered here:
    sm_80 and sm_90 with Triton's bundled ptxas (no GPU needed) and the cubin is read with
    the bundled ``cuobjdump --dump-resource-usage``.
 
+int8 weight-only experts (``kernels/quant.py``; issue 18): every model above takes ``int8=True``
+(int8 weights at 1 byte, their fp32 scales as the kernels load them); the interpreter confirms it
+the same way, the register table covers the int8 variants, and :func:`int8_rows` puts the three
+paths with int8 experts next to bf16 at the XLarge shapes (the official one and the XLarge-sized
+E 48, d_e 149 model of the CPU benchmarks). Dense with int8 weights is costed as dequantize-then-
+GEMM (what ``kernels/dispatch.py`` assumes). On paper, not run on a GPU.
+
 Times are bytes / peak bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s): what the traffic
 would cost at full memory bandwidth, nothing more. Launch overhead is an *assumption*
 (``--launch-us``, 3 µs per kernel launch by default), reported separately.
@@ -159,9 +166,13 @@ def segment_union_model(lens: Sequence[int], E: int, block_t: int, act_bytes: in
 
 
 def sparse_up_model(
-    lens: Sequence[int], counts: Sequence[int], n_distinct: int, E: int, D: int, H: int, cfg: Any, w_bytes: int = BF16
+    lens: Sequence[int], counts: Sequence[int], n_distinct: int, E: int, D: int, H: int, cfg: Any, w_bytes: int = BF16,
+    int8: bool = False,
 ) -> Launch:
-    """``_sparse_up_kernel``; ``n_distinct``: experts in the union of all segments' (non-empty) unions."""
+    """``_sparse_up_kernel``; ``n_distinct``: experts in the union of all segments' (non-empty) unions.
+    ``w_bytes``: activations' (and float weights') element size; ``int8``: int8 weights (1 byte)
+    and their fp32 row scales ``s_ptr`` (one BD slice per program)."""
+    q = 1 if int8 else w_bytes
     blocks, NB = token_blocks(lens, cfg.block_t)
     n_db = cdiv(D, cfg.up_block_d)
     L = Launch("_sparse_up_kernel", (NB, E * n_db, 1))
@@ -173,14 +184,18 @@ def sparse_up_model(
         L.add("load", "ids_ptr", k * n_db * 4, 0)
         L.add("load", "block_t0_ptr", k * n_db * 4, 4)
         L.add("load", "x_ptr", k * n_db * rows * H * w_bytes, 0)
-        L.add("load", "w_ptr", k * D * H * w_bytes, 0)
+        L.add("load", "w_ptr", k * D * H * q, 0)
+        if int8:
+            L.add("load", "s_ptr", k * D * FP32, 0)
         L.add("load", "r_ptr", k * n_db * rows * FP32, rows * k * FP32)
         L.add("store", "h_ptr", rows * k * D * w_bytes)
     live_segs = {s for s, _ in live}
     L.add("load", "ids_ptr", 0, sum(counts[s] * 4 for s in live_segs))
     L.add("load", "cu_ptr", sum(counts[s] * n_db * 4 for s, _ in live), len(live_segs) * 4)
     L.add("load", "x_ptr", 0, sum(lens[s] for s in live_segs) * H * w_bytes)
-    L.add("load", "w_ptr", 0, n_distinct * D * H * w_bytes)
+    L.add("load", "w_ptr", 0, n_distinct * D * H * q)
+    if int8:
+        L.add("load", "s_ptr", 0, n_distinct * D * FP32)
     return L
 
 
@@ -194,8 +209,11 @@ def sparse_down_model(
     cfg: Any,
     w_bytes: int = BF16,
     out_bytes: int = BF16,
+    int8: bool = False,
 ) -> Launch:
-    """``_sparse_down_kernel`` (fp32 partials when ``cfg.split_k`` > 1)."""
+    """``_sparse_down_kernel`` (fp32 partials when ``cfg.split_k`` > 1); ``int8``: int8 weights
+    and their fp32 column scales ``s_ptr`` (one BN slice per program and active slot)."""
+    q = 1 if int8 else w_bytes
     blocks, NB = token_blocks(lens, cfg.block_t)
     n_nb, split = cdiv(H, cfg.down_block_n), cfg.split_k
     y_bytes = FP32 if split > 1 else out_bytes
@@ -209,11 +227,15 @@ def sparse_down_model(
         k = counts[s]
         L.add("load", "ids_ptr", n_nb * k * 4, 0)
         L.add("load", "h_ptr", n_nb * k * rows * D * w_bytes, 0)
-        L.add("load", "w_ptr", k * D * H * w_bytes, 0)
+        L.add("load", "w_ptr", k * D * H * q, 0)
+        if int8:
+            L.add("load", "s_ptr", k * H * FP32, 0)
         L.add("store", "y_ptr", split * rows * H * y_bytes)  # written even when k == 0
     L.add("load", "ids_ptr", 0, sum(counts) * 4)
     L.add("load", "h_ptr", 0, sum(n * k for n, k in zip(lens, counts, strict=True)) * D * w_bytes)
-    L.add("load", "w_ptr", 0, n_distinct * D * H * w_bytes)
+    L.add("load", "w_ptr", 0, n_distinct * D * H * q)
+    if int8:
+        L.add("load", "s_ptr", 0, n_distinct * H * FP32)
     return L
 
 
@@ -231,28 +253,40 @@ def reduction_model(T: int, H: int, split: int, out_bytes: int = BF16) -> list[L
 
 
 def sparse_path_model(
-    lens: Sequence[int], unions: Sequence[Sequence[int]], E: int, D: int, H: int, cfg: Any = None, router: bool = True
+    lens: Sequence[int], unions: Sequence[Sequence[int]], E: int, D: int, H: int, cfg: Any = None, router: bool = True,
+    int8: bool = False,
 ) -> list[Launch]:
-    """Every launch of router + ``sparse_ffn_triton`` for segments ``lens`` with active sets ``unions`` (bf16)."""
+    """Every launch of router + ``sparse_ffn_triton`` for segments ``lens`` with active sets ``unions``
+    (bf16 activations; bf16 expert weights, or int8 + fp32 scales with ``int8``)."""
     T = sum(lens)
-    cfg = cfg or sf.default_config(T, len(lens), E, D, H)
+    cfg = cfg or sf.default_config(T, len(lens), E, D, H, w_int8=int8)
     counts = [len(u) for u in unions]
     distinct = len({e for n, u in zip(lens, unions, strict=True) if n for e in u})
     out = router_model(T, E, H) if router else []
     out.append(segment_union_model(lens, E, cfg.block_t))
-    out.append(sparse_up_model(lens, counts, distinct, E, D, H, cfg))
-    out.append(sparse_down_model(lens, counts, distinct, E, D, H, cfg))
+    out.append(sparse_up_model(lens, counts, distinct, E, D, H, cfg, int8=int8))
+    out.append(sparse_down_model(lens, counts, distinct, E, D, H, cfg, int8=int8))
     return out + reduction_model(T, H, cfg.split_k)
 
 
-def dense_path_model(T: int, E: int, D: int, H: int, router: bool = True) -> list[Launch]:
+def dense_path_model(T: int, E: int, D: int, H: int, router: bool = True, int8: bool = False) -> list[Launch]:
     """Router + ``dense_ffn_torch`` on CUDA: GEMM, SiLU, score cast, score multiply, GEMM (bf16).
 
     Each GEMM is counted at its ideal traffic (every operand read once, the output written
-    once): the best cuBLAS could do, so the dense figures are a lower bound.
+    once): the best cuBLAS could do, so the dense figures are a lower bound. ``int8``: the
+    experts are dequantized to bf16 first (one elementwise launch per projection: int8 weights
+    and fp32 scales in, bf16 weights out), as ``kernels/dispatch.py`` costs dense int8; a
+    weight-only int8 GEMM would read the int8 bytes once instead (not modelled: none exists here).
     """
     ED = E * D
     out = router_model(T, E, H) if router else []
+    if int8:
+        for name, n_scales in (("up", ED), ("down", E * H)):
+            dq = Launch(f"dequantize w_{name} (int8 → bf16)", (0, 0, 0))
+            dq.add("load", f"w_{name}_q", ED * H)
+            dq.add("load", f"{name}_scale", n_scales * FP32)
+            dq.add("store", f"w_{name}", ED * H * BF16)
+            out.append(dq)
     g1 = Launch("GEMM x·W_upᵀ", (0, 0, 0))
     g1.add("load", "x", T * H * BF16)
     g1.add("load", "w_up", ED * H * BF16)
@@ -491,8 +525,18 @@ CONFIRM_CASES: list[tuple[int, int, int, list[int], list[float], Any]] = [
 ]
 
 
-def run_case(H: int, E: int, D: int, lens: list[int], fracs: list[float], cfg: Any = None) -> dict[str, Any]:
-    """Run router + ``sparse_ffn_triton`` in the interpreter; return measured and modelled launches (bf16)."""
+# int8 weight-only experts (kernels/quant.py), same format: the W_INT8 variants of the same kernels.
+INT8_CONFIRM_CASES: list[tuple[int, int, int, list[int], list[float], Any]] = [
+    (96, 12, 32, [1], [0.3], None),  # decode with a K split
+    (80, 12, 24, [1, 3, 20], [0.25, 0.0, 0.5], "nosplit"),  # partial tiles, an empty union, 2 token blocks
+]
+
+
+def run_case(H: int, E: int, D: int, lens: list[int], fracs: list[float], cfg: Any = None, int8: bool = False
+             ) -> dict[str, Any]:
+    """Run router + ``sparse_ffn_triton`` in the interpreter; return measured and modelled launches
+    (bf16; ``int8``: the experts quantized with ``kernels.quant.quantize_experts``)."""
+    from kernels.quant import quantize_experts
     from kernels.router.triton_router import router_triton
     from kernels.sparse_ffn.triton_sparse_ffn import SparseFFNConfig, default_config, sparse_ffn_triton
     from kernels.testing import cu_seqlens_of, make_scores, make_weights
@@ -500,25 +544,28 @@ def run_case(H: int, E: int, D: int, lens: list[int], fracs: list[float], cfg: A
     T, S = sum(lens), len(lens)
     scores, unions = make_scores(lens, E, fracs, seed=T * 7 + E)
     if cfg == "nosplit":
-        cfg = SparseFFNConfig(**{**asdict(default_config(T, S, E, D, H)), "split_k": 1})
+        cfg = SparseFFNConfig(**{**asdict(default_config(T, S, E, D, H, w_int8=int8)), "split_k": 1})
     g = torch.Generator().manual_seed(H)
     x = torch.randn(T, H, generator=g).to(torch.bfloat16)
     w_r = (torch.randn(E, H, generator=g) / H**0.5).to(torch.bfloat16)
     norm_w = (torch.rand(E, generator=g) + 0.5).to(torch.bfloat16)
     w_up, w_down_t = make_weights(E, D, H, torch.bfloat16, seed=E)
+    scales: dict[str, torch.Tensor] = {}
+    if int8:
+        w_up, scales["up_scale"], w_down_t, scales["down_scale"] = quantize_experts(w_up, w_down_t)
     cu = cu_seqlens_of(lens)
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         with interpreter_traffic() as measured:
             router_triton(x, w_r, norm_w, "rms")
-            sparse_ffn_triton(x, scores, w_up, w_down_t, cu, cfg)
+            sparse_ffn_triton(x, scores, w_up, w_down_t, cu, config=cfg, **scales)
     finally:
         if old is None:
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = old
-    model = [x for x in sparse_path_model(lens, unions, E, D, H, cfg) if any(x.grid)]  # torch launches aside
+    model = [x for x in sparse_path_model(lens, unions, E, D, H, cfg, int8=int8) if any(x.grid)]  # torch launches aside
     return dict(measured=[m.cleaned() for m in measured], model=[m.cleaned() for m in model], unions=unions)
 
 
@@ -530,9 +577,16 @@ EM_CONFIRM_CASES: list[tuple[int, int, int, list[int], list[float], int | None]]
 ]
 
 
-def run_em_case(H: int, E: int, D: int, lens: list[int], fracs: list[float], chunk: int | None = None
-                ) -> dict[str, Any]:
-    """``expert_major_ffn_triton`` in the interpreter (bf16): measured vs modelled Triton launches."""
+INT8_EM_CONFIRM_CASES: list[tuple[int, int, int, list[int], list[float], int | None]] = [
+    (80, 10, 24, [20, 1, 3], [0.6, 0.2, 0.4], None),  # partial N / K tiles, an expert with 2 row blocks
+]
+
+
+def run_em_case(H: int, E: int, D: int, lens: list[int], fracs: list[float], chunk: int | None = None,
+                int8: bool = False) -> dict[str, Any]:
+    """``expert_major_ffn_triton`` in the interpreter (bf16): measured vs modelled Triton launches
+    (``int8``: int8 experts + scales, vLLM's ``use_int8_w8a16`` GEMMs)."""
+    from kernels.quant import quantize_experts
     from kernels.testing import make_scores, make_weights
 
     T = sum(lens)
@@ -540,14 +594,17 @@ def run_em_case(H: int, E: int, D: int, lens: list[int], fracs: list[float], chu
     g = torch.Generator().manual_seed(H)
     x = torch.randn(T, H, generator=g).to(torch.bfloat16)
     w_up, w_down_t = make_weights(E, D, H, torch.bfloat16, seed=E)
-    cfg = em.default_config(T, E, D, H, torch.bfloat16)
+    scales: dict[str, torch.Tensor] = {}
+    if int8:
+        w_up, scales["up_scale"], w_down_t, scales["down_scale"] = quantize_experts(w_up, w_down_t)
+    cfg = em.default_config(T, E, D, H, torch.bfloat16, w_int8=int8)
     if chunk:
         cfg = em.ExpertMajorConfig(**{**asdict(cfg), "chunk_tokens": chunk, "up": cfg.up, "down": cfg.down})
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         with interpreter_traffic() as measured:
-            em.expert_major_ffn_triton(x, scores, w_up, w_down_t, cfg)
+            em.expert_major_ffn_triton(x, scores, w_up, w_down_t, config=cfg, **scales)
     finally:
         if old is None:
             del os.environ["TRITON_INTERPRET"]
@@ -559,16 +616,17 @@ def run_em_case(H: int, E: int, D: int, lens: list[int], fracs: list[float], chu
         act = sc > 0
         n_ids = len(set(torch.where(act, torch.arange(E), E).flatten().tolist()))
         model += [y for y in expert_major_model(sc.shape[0], E, D, H, act.sum(0).tolist(), cfg,
-                                                active_tokens=int(act.any(1).sum()), distinct_ids=n_ids) if any(y.grid)]
+                                                active_tokens=int(act.any(1).sum()), distinct_ids=n_ids, int8=int8)
+                  if any(y.grid)]
     return dict(measured=[m.cleaned() for m in measured], model=[m.cleaned() for m in model])
 
 
-def confirm_em(cases: Sequence[tuple] = EM_CONFIRM_CASES) -> list[str]:
+def confirm_em(cases: Sequence[tuple] = EM_CONFIRM_CASES, int8: bool = False) -> list[str]:
     """Interpreter counts vs :func:`expert_major_model` (the Triton launches: both fused-MoE GEMMs
     and the weighted sum): the list of disagreements (empty = exact)."""
     problems = []
     for case in cases:
-        got = run_em_case(*case)
+        got = run_em_case(*case, int8=int8)
         meas, model = got["measured"], got["model"]
         if [m.kernel for m in meas] != [re.sub(r" \(.*", "", m.kernel) for m in model]:
             problems.append(f"{case[:4]}: launches {[m.kernel for m in meas]} != {[m.kernel for m in model]}")
@@ -581,11 +639,11 @@ def confirm_em(cases: Sequence[tuple] = EM_CONFIRM_CASES) -> list[str]:
     return problems
 
 
-def confirm(cases: Sequence[tuple] = CONFIRM_CASES) -> list[str]:
+def confirm(cases: Sequence[tuple] = CONFIRM_CASES, int8: bool = False) -> list[str]:
     """Interpreter counts vs the analytic model on small shapes: the list of disagreements (empty = exact)."""
     problems = []
     for case in cases:
-        got = run_case(*case)
+        got = run_case(*case, int8=int8)
         meas, model = got["measured"], got["model"]
         if [m.kernel for m in meas] != [m.kernel for m in model]:
             problems.append(f"{case[:4]}: launches {[m.kernel for m in meas]} != {[m.kernel for m in model]}")
@@ -654,13 +712,17 @@ I32 = "*i32"
 SEG_PTRS = dict(ids_ptr=I32, counts_ptr=I32, block_seg_ptr=I32, block_t0_ptr=I32, cu_ptr=I32)
 
 
-def kernel_specs(T: int, S: int, E: int, D: int, H: int) -> list[tuple[str, Any, dict, dict, dict]]:
-    """(label, kernel, pointer types, constexprs, options) of every launch of one bf16 step, as the code picks them."""
-    cfg = sf.default_config(T, S, E, D, H)
+def kernel_specs(T: int, S: int, E: int, D: int, H: int, int8: bool = False) -> list[tuple[str, Any, dict, dict, dict]]:
+    """(label, kernel, pointer types, constexprs, options) of every launch of one bf16 step, as the code picks them.
+    ``int8``: the expert kernels' int8 weight-only variants (labels "sparse up (int8)", ...)."""
+    cfg = sf.default_config(T, S, E, D, H, w_int8=int8)
     r = router_tiles(T, E, H)
     e_pad = max(16, next_pow2(E))
     opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     bf = "*bf16"
+    # int8: an int8 weight pointer and an fp32 scale pointer; float: no scale pointer (None, a constexpr).
+    tag, w, sp, sc = (" (int8)", "*i8", dict(s_ptr="*fp32"), dict(W_INT8=True)) if int8 else \
+        ("", bf, {}, dict(s_ptr=None, W_INT8=False))
     return [
         ("router logits", rt._router_logits_kernel, dict(x_ptr=bf, w_ptr=bf, zp_ptr="*fp32"),
          dict(SPLIT=r["split"], BT=r["BT"], BE=r["BE"], BH=r["BH"], DOT_MODE=0), {}),
@@ -670,11 +732,11 @@ def kernel_specs(T: int, S: int, E: int, D: int, H: int) -> list[tuple[str, Any,
         ("segment union", sg._segment_union_kernel, dict(act_ptr="*fp32", **SEG_PTRS),
          dict(BLOCK_T=cfg.block_t, E_PAD=e_pad, S_PAD=max(16, next_pow2(S)), SCAN_T=max(1, min(64, 4096 // e_pad)),
               VEC=sg._VEC), {}),
-        ("sparse up", sf._sparse_up_kernel, dict(x_ptr=bf, r_ptr="*fp32", w_ptr=bf, h_ptr=bf, **SEG_PTRS),
-         dict(BT=cfg.block_t, BD=cfg.up_block_d, BH=cfg.up_block_h, DOT_MODE=0), opts),
-        ("sparse down", sf._sparse_down_kernel,
-         dict(h_ptr=bf, w_ptr=bf, y_ptr="*fp32" if cfg.split_k > 1 else bf, **SEG_PTRS),
-         dict(SPLIT_K=cfg.split_k, BT=cfg.block_t, BD=cfg.down_block_d, BN=cfg.down_block_n, DOT_MODE=0), opts),
+        ("sparse up" + tag, sf._sparse_up_kernel, dict(x_ptr=bf, r_ptr="*fp32", w_ptr=w, h_ptr=bf, **sp, **SEG_PTRS),
+         dict(BT=cfg.block_t, BD=cfg.up_block_d, BH=cfg.up_block_h, DOT_MODE=0, **sc), opts),
+        ("sparse down" + tag, sf._sparse_down_kernel,
+         dict(h_ptr=bf, w_ptr=w, y_ptr="*fp32" if cfg.split_k > 1 else bf, **sp, **SEG_PTRS),
+         dict(SPLIT_K=cfg.split_k, BT=cfg.block_t, BD=cfg.down_block_d, BN=cfg.down_block_n, DOT_MODE=0, **sc), opts),
     ]  # fmt: skip
 
 
@@ -684,24 +746,31 @@ RESOURCE_POINTS = ((1, 1), (8, 1), (8, 8), (64, 8))
 EM_RESOURCE_TOKENS = (1, 64, 2048)
 
 
-def expert_major_specs(T: int, E: int, D: int, H: int) -> list[tuple[str, Any, dict, dict, dict]]:
+def expert_major_specs(T: int, E: int, D: int, H: int, int8: bool = False) -> list[tuple[str, Any, dict, dict, dict]]:
     """(label, kernel, pointer types, constexprs, options) of the expert-major launches of one bf16
-    step (vLLM's kernels, as ``expert_major_ffn_triton`` launches them with ``default_config``)."""
+    step (vLLM's kernels, as ``expert_major_ffn_triton`` launches them with ``default_config``).
+    ``int8``: the two GEMMs with int8 weights (``use_int8_w8a16``, per-channel fp32 scales; labels
+    "fused-MoE up (int8)", ...); the weighted sum is the same kernel either way."""
     import triton.language as tl
 
-    cfg = em.default_config(T, E, D, H, torch.bfloat16)
+    cfg = em.default_config(T, E, D, H, torch.bfloat16, w_int8=int8)
     bf = "*bf16"
+    tag = " (int8)" if int8 else ""
     out = []
-    for label, g, top_k in (("fused-MoE up", cfg.up, E), ("fused-MoE down", cfg.down, 1)):
-        consts = dict(b_bias_ptr=None, a_scale_ptr=None, b_scale_ptr=None, topk_weights_ptr=None, group_n=0,
+    for label, g, top_k in (("fused-MoE up" + tag, cfg.up, E), ("fused-MoE down" + tag, cfg.down, 1)):
+        consts = dict(b_bias_ptr=None, a_scale_ptr=None, topk_weights_ptr=None, group_n=0,
                       group_k=0, naive_block_assignment=False, BLOCK_SIZE_M=cfg.block_m, BLOCK_SIZE_N=g.block_n,
                       BLOCK_SIZE_K=g.block_k, GROUP_SIZE_M=g.group_m, SPLIT_K=1, MUL_ROUTED_WEIGHT=False,
                       top_k=top_k, compute_type=tl.bfloat16, use_fp8_w8a8=False, use_int8_w8a8=False,
-                      use_int8_w8a16=False, per_channel_quant=False, HAS_BIAS=False, SWAP_AB=False, USE_TD=False)
-        ptrs = dict(a_ptr=bf, b_ptr=bf, c_ptr=bf, sorted_token_ids_ptr=I32, expert_ids_ptr=I32,
+                      use_int8_w8a16=int8, per_channel_quant=int8, HAS_BIAS=False, SWAP_AB=False, USE_TD=False)
+        ptrs = dict(a_ptr=bf, b_ptr="*i8" if int8 else bf, c_ptr=bf, sorted_token_ids_ptr=I32, expert_ids_ptr=I32,
                     num_tokens_post_padded_ptr=I32)
+        if int8:
+            ptrs["b_scale_ptr"] = "*fp32"
+        else:
+            consts["b_scale_ptr"] = None
         out.append((label, em.fused_moe_kernel, ptrs, consts, dict(num_warps=g.num_warps, num_stages=g.num_stages)))
-    if E <= em.VLLM_SUM_MAX_EXPERTS:
+    if E <= em.VLLM_SUM_MAX_EXPERTS and not int8:
         out.append(("weighted sum", em.moe_fused_mul_sum_kernel,
                     dict(inputs_ptr=bf, topk_weights_ptr="*fp32", outputs_ptr=bf, top_ids_ptr=I32, expert_map_ptr=I32),
                     dict(num_valid_tokens_ptr=None, has_topk_ids=True, has_expert_map=True, has_num_valid=False,
@@ -710,14 +779,18 @@ def expert_major_specs(T: int, E: int, D: int, H: int) -> list[tuple[str, Any, d
     return out  # fmt: skip
 
 
-def resource_rows(points: Sequence[tuple[int, int]] = RESOURCE_POINTS, archs: Sequence[int] = (80, 90)) -> list[dict]:
-    """Compile every kernel at the default configs of the official shapes for ``points`` (T, S); dedupe."""
+def resource_rows(points: Sequence[tuple[int, int]] = RESOURCE_POINTS, archs: Sequence[int] = (80, 90),
+                  int8: bool = True) -> list[dict]:
+    """Compile every kernel at the default configs of the official shapes for ``points`` (T, S); dedupe.
+    ``int8``: also the expert kernels' int8 weight-only variants."""
     seen: dict[tuple, dict] = {}
     for arch in archs:
         for H, E, D in SHAPES.values():
-            specs = [spec for T, S in points for spec in kernel_specs(T, S, E, D, H)]
-            if em.vllm_kernels_available():
-                specs += [spec for T in EM_RESOURCE_TOKENS for spec in expert_major_specs(T, E, D, H)]
+            specs = []
+            for q in (False, True) if int8 else (False,):
+                specs += [spec for T, S in points for spec in kernel_specs(T, S, E, D, H, q)]
+                if em.vllm_kernels_available():
+                    specs += [spec for T in EM_RESOURCE_TOKENS for spec in expert_major_specs(T, E, D, H, q)]
             for label, lazy, ptrs, consts, opts in specs:
                     key = (arch, label, tuple(sorted(consts.items())), tuple(sorted(opts.items())))
                     if key not in seen:
@@ -728,13 +801,16 @@ def resource_rows(points: Sequence[tuple[int, int]] = RESOURCE_POINTS, archs: Se
 
 def resource_table(rows: Sequence[dict]) -> str:
     """Markdown table; configs that differ only in their split count share a line (regs as a range)."""
-    order = ["router logits", "router norm", "segment union", "sparse up", "sparse down", "fused-MoE up",
-             "fused-MoE down", "weighted sum"]
+    order = ["router logits", "router norm", "segment union", "sparse up", "sparse down", "sparse up (int8)",
+             "sparse down (int8)", "fused-MoE up", "fused-MoE down", "fused-MoE up (int8)", "fused-MoE down (int8)",
+             "weighted sum"]
+    vllm = [k for k in order if k.startswith(("fused-MoE", "weighted"))]
     shown = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "top_k", "hidden_size", "BLOCK_K")
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        rest = tuple((k, v) for k, v in r["constexprs"].items() if k not in ("SPLIT", "SPLIT_K", "DOT_MODE")
-                     and (r["kernel"] not in order[5:] or k in shown))
+        rest = tuple((k, v) for k, v in r["constexprs"].items()
+                     if k not in ("SPLIT", "SPLIT_K", "DOT_MODE", "s_ptr", "W_INT8")
+                     and (r["kernel"] not in vllm or k in shown))
         groups[(r["arch"], order.index(r["kernel"]), rest)].append(r)
     lines = [
         "| arch | kernel | constexprs (split counts) | warps / stages | regs | spill stores B | shared B |",
@@ -742,7 +818,7 @@ def resource_table(rows: Sequence[dict]) -> str:
     ]
     for (arch, _, rest), rs in sorted(groups.items()):
         splits = sorted({r["constexprs"].get("SPLIT", r["constexprs"].get("SPLIT_K")) for r in rs
-                         if r["kernel"] not in order[5:]} - {None})
+                         if r["kernel"] not in vllm} - {None})
         c = ", ".join(f"{k}={v}" for k, v in rest) + (f" (split {', '.join(map(str, splits))})" if splits else "")
 
         def span(key: str, rs: list[dict] = rs) -> str:
@@ -865,7 +941,7 @@ def _gemm_flops(rows: int, n: int, k: int) -> int:
 
 def expert_major_model(
     T: int, E: int, D: int, H: int, pairs_per_expert: Sequence[int], cfg: Any = None, w_bytes: int = BF16,
-    active_tokens: int | None = None, distinct_ids: int | None = None,
+    active_tokens: int | None = None, distinct_ids: int | None = None, int8: bool = False,
 ) -> list[Launch]:
     """Every launch of ``expert_major_ffn_triton`` (one chunk; bf16), requested bytes as the code
     reads them (vLLM's kernels: B tiles over all of K for every real row block, an x row per valid
@@ -873,8 +949,11 @@ def expert_major_model(
     distinct = each byte once. FLOPs as tiled (every row of a row block) and useful (active pairs).
     ``active_tokens`` (tokens with an active pair) and ``distinct_ids`` (distinct values in
     ``topk_ids``, the dummy id included) make the distinct x and expert-map bytes exact; by
-    default min(T, pairs) and E + 1."""
-    cfg = cfg or em.default_config(T, E, D, H, torch.bfloat16)
+    default min(T, pairs) and E + 1. ``int8``: int8 weights (1 byte) and vLLM's ``use_int8_w8a16``
+    per-channel scales ``b_scale_ptr``: one [BN] fp32 slice per real row block and N tile, loaded
+    before the K loop (the N offsets wrap mod N, so every lane is in bounds)."""
+    cfg = cfg or em.default_config(T, E, D, H, torch.bfloat16, w_int8=int8)
+    q = 1 if int8 else w_bytes
     BM = cfg.block_m
     P = int(sum(pairs_per_expert))
     blocks = [cdiv(p, BM) for p in pairs_per_expert if p]  # real row blocks per active expert
@@ -906,7 +985,9 @@ def expert_major_model(
         L.add("load", "sorted_token_ids_ptr", nb * n_nb * BM * 4, nb * BM * 4)
         L.add("load", "expert_ids_ptr", nb * n_nb * 4, nb * 4)
         # B: every real block loads its expert's [BN (wrapped mod N), K] tile for each N tile.
-        L.add("load", "b_ptr", nb * n_nb * g.block_n * K * w_bytes, n_act * N * K * w_bytes)
+        L.add("load", "b_ptr", nb * n_nb * g.block_n * K * q, n_act * N * K * q)
+        if int8:
+            L.add("load", "b_scale_ptr", nb * n_nb * g.block_n * FP32, n_act * N * FP32)
         if a_rows == "x":  # a valid pair's x row, once per N tile; distinct: the tokens with a pair (≤ T)
             rows = min(T, P) if active_tokens is None else active_tokens
             L.add("load", "a_ptr", P * n_nb * K * w_bytes, rows * K * w_bytes)
@@ -962,8 +1043,13 @@ class PathFigures:
     us_distinct: dict[str, float]
 
 
+WEIGHT_ARGS = ("w_ptr", "b_ptr", "w_up", "w_down", "s_ptr", "b_scale_ptr", "w_up_q", "w_down_q", "up_scale",
+               "down_scale")
+"""Arguments whose loads are expert weights (int8 scales included)."""
+
+
 def _figures(launches: Sequence[Launch]) -> PathFigures:
-    w = sum(x.loads.get(k, 0) for x in launches for k in ("w_ptr", "b_ptr", "w_up", "w_down"))
+    w = sum(x.loads.get(k, 0) for x in launches for k in WEIGHT_ARGS)
     return PathFigures(
         total(launches), total(launches, True), sum(x.flops for x in launches), sum(x.useful_flops for x in launches),
         w, len(launches), {g: sum(launch_us(x, g) for x in launches) for g in PEAK_TBPS},
@@ -971,17 +1057,19 @@ def _figures(launches: Sequence[Launch]) -> PathFigures:
     )  # fmt: skip
 
 
-def path_figures(model: str, lens: Sequence[int], segs: Sequence[Sequence[int]], pairs: Sequence[int]
-                 ) -> dict[str, PathFigures]:
-    """The three paths' figures for one routing draw (experts only: the router is the same for all)."""
-    H, E, D = SHAPES[model]
+def path_figures(model: str, lens: Sequence[int], segs: Sequence[Sequence[int]], pairs: Sequence[int],
+                 int8: bool = False, shape: tuple[int, int, int] | None = None) -> dict[str, PathFigures]:
+    """The three paths' figures for one routing draw (experts only: the router is the same for all).
+    ``int8``: int8 expert weights + fp32 scales (bf16 activations); ``shape``: (H, E, D) instead
+    of ``SHAPES[model]``."""
+    H, E, D = shape or SHAPES[model]
     T = sum(lens)
-    seg = sparse_path_model(lens, segs, E, D, H, router=False)
+    seg = sparse_path_model(lens, segs, E, D, H, router=False, int8=int8)
     tiled, useful = sparse_path_flops(lens, segs, E, D, H)
     for x in seg:
         if x.kernel in ("_sparse_up_kernel", "_sparse_down_kernel"):
             x.flops, x.useful_flops = tiled // 2, useful // 2
-    dense = dense_path_model(T, E, D, H, router=False)
+    dense = dense_path_model(T, E, D, H, router=False, int8=int8)
     for x in dense:
         if x.kernel.startswith("GEMM"):
             x.flops = x.useful_flops = _gemm_flops(T, E * D, H)
@@ -989,7 +1077,7 @@ def path_figures(model: str, lens: Sequence[int], segs: Sequence[Sequence[int]],
     emm: list[Launch] = []
     for t0 in range(0, T, chunk):  # one chunk at every scenario here (2048 tokens fit)
         n = min(chunk, T - t0)
-        emm += expert_major_model(n, E, D, H, [round(p * n / T) for p in pairs])
+        emm += expert_major_model(n, E, D, H, [round(p * n / T) for p in pairs], int8=int8)
     return {"segments": _figures(seg), "expert_major": _figures(emm), "dense": _figures(dense)}
 
 
@@ -1089,6 +1177,94 @@ def issue19_targets(rows: Sequence[dict]) -> list[str]:
     return out
 
 
+# ---------------------------------------------------------------- int8 weight-only experts
+# (H, E, d_e): the XLarge-sized model the CPU benchmarks serve (the bundled model inflated to the
+# 1.2B XLarge's expert bytes: E = 48, d_e = 149) and the official 1.2B XLarge.
+INT8_SHAPES = {
+    "1.2B XLarge-sized (E 48, d_e 149)": (1792, 48, 149),
+    "1.2B XLarge": (1792, 56, 128),
+}
+INT8_SCENARIOS = [("decode, 1 request", [1], "decode8")] + SCENARIOS  # 1 request: each 8-draw's first
+CUDA_PATHS = ("dense", "segments", "expert_major")
+
+
+def int8_rows(routing: dict | None = None, shapes: dict[str, tuple[int, int, int]] | None = None) -> list[dict]:
+    """Per shape and scenario: the three paths with bf16 experts and with int8 experts (+ fp32
+    scales; bf16 activations either way), on the same routing draws as :func:`scenario_rows`.
+    One request: the first segment of each 8-request draw (its pairs are its union)."""
+    from kernels.dispatch import cuda_path
+
+    routing = routing or load_routing()
+    E0 = routing["num_experts"]
+    rows = []
+    for model, (H, E, D) in (shapes or INT8_SHAPES).items():
+        for name, lens, key in INT8_SCENARIOS:
+            acc: dict[tuple[str, bool], list[PathFigures]] = defaultdict(list)
+            unions = []
+            for d in routing["scenarios"][key]:
+                segs, pairs = rescale_routing(d, E, E0)
+                if len(lens) < len(segs):
+                    segs = segs[:len(lens)]
+                    pairs = [int(i in set(segs[0])) for i in range(E)]
+                unions.append(len({e for u in segs for e in u}))
+                for q in (False, True):
+                    for path, fig in path_figures(model, lens, segs, pairs, int8=q, shape=(H, E, D)).items():
+                        acc[(path, q)].append(fig)
+            mean = {k: {a: sum(getattr(f, a) for f in fs) / len(fs)
+                        for a in ("bytes", "distinct_bytes", "weight_bytes", "launches")}
+                    | {"us": sum(f.us["H100"] for f in fs) / len(fs),
+                       "us_distinct": sum(f.us_distinct["H100"] for f in fs) / len(fs)}
+                    for k, fs in acc.items()}  # fmt: skip
+            T, S = sum(lens), len(lens)
+            served_S = S + (0 if key == "prefill2048" else 1)
+
+            def at_h100(p: str, q: bool, mean: dict = mean) -> float:
+                return mean[(p, q)]["us"] + GRAPH_LAUNCH_US * mean[(p, q)]["launches"]
+
+            best = {q: min(CUDA_PATHS, key=lambda p, q=q: at_h100(p, q)) for q in (False, True)}
+            rows.append(dict(
+                model=model, shape=(H, E, D), scenario=name, T=T, S=S, union=sum(unions) / len(unions),
+                bf16={p: mean[(p, False)] for p in CUDA_PATHS}, int8={p: mean[(p, True)] for p in CUDA_PATHS},
+                best_bf16=best[False], best_int8=best[True],
+                rule_bf16=cuda_path(T, served_S, E, D, H), rule_int8=cuda_path(T, served_S, E, D, H, elt=1),
+            ))  # fmt: skip
+    return rows
+
+
+def int8_table(rows: Sequence[dict]) -> str:
+    """Markdown: bf16 and int8 experts side by side per path (requested MB, expert-weight MB incl.
+    scales, H100 µs at peak bandwidth: distinct–requested), the best path with 1 µs per launch
+    and what ``cuda_path`` picks."""
+    head = ("| model (H, E, d_e) | step | union / E | MB bf16 → int8: dense / seg / EM | weights MB bf16 → int8: "
+            "dense / seg / EM | H100 µs bf16: dense / seg / EM | H100 µs int8: dense / seg / EM "
+            "| int8 / bf16 µs of the best path | best bf16 / int8 | rule bf16 / int8 |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def mb(d: dict, key: str) -> str:
+        return " / ".join(f"{d[p][key] / 1e6:.1f}" for p in CUDA_PATHS)
+
+    def t(d: dict) -> str:
+        out = []
+        for p in CUDA_PATHS:
+            lo, hi = f"{d[p]['us_distinct']:.1f}", f"{d[p]['us']:.1f}"
+            out.append(hi if lo == hi else f"{lo}–{hi}")
+        return " / ".join(out)
+
+    for r in rows:
+        H, E, D = r["shape"]
+        b, q = r["bf16"], r["int8"]
+        tb = b[r["best_bf16"]]["us"] + GRAPH_LAUNCH_US * b[r["best_bf16"]]["launches"]
+        tq = q[r["best_int8"]]["us"] + GRAPH_LAUNCH_US * q[r["best_int8"]]["launches"]
+        lines.append(
+            f"| {r['model']} ({H}, {E}, {D}) | {r['scenario']} | {r['union']:.1f} / {E} "
+            f"| {mb(b, 'bytes')} → {mb(q, 'bytes')} | {mb(b, 'weight_bytes')} → {mb(q, 'weight_bytes')} "
+            f"| {t(b)} | {t(q)} | {tq / tb:.2f} ({tq:.1f} / {tb:.1f}) "
+            f"| {_short(r['best_bf16'])} / {_short(r['best_int8'])} "
+            f"| {_short(r['rule_bf16'])} / {_short(r['rule_int8'])} |"
+        )
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -1118,6 +1294,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(scenario_table(srows))
         print("\n" + "\n".join(f"- {t}" for t in issue19_targets(srows)))
         out["scenarios"] = srows
+        qrows = int8_rows()
+        print("\n### int8 weight-only experts next to bf16 (on paper, not run on a GPU; experts only)\n")
+        print(int8_table(qrows))
+        out["int8"] = qrows
     if not a.no_confirm:
         problems = confirm()
         print("\n### Interpreter confirmation\n")
@@ -1128,6 +1308,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"\nExpert-major: {len(EM_CONFIRM_CASES)} cases, {len(em_problems)} disagreements"
                   + "".join(f"\n- {q}" for q in em_problems))
             out["confirm_em_problems"] = em_problems
+        q_problems = confirm(INT8_CONFIRM_CASES, int8=True)
+        if em.vllm_kernels_available():
+            q_problems += confirm_em(INT8_EM_CONFIRM_CASES, int8=True)
+        n_q = len(INT8_CONFIRM_CASES) + (len(INT8_EM_CONFIRM_CASES) if em.vllm_kernels_available() else 0)
+        print(f"\nint8 experts: {n_q} cases, {len(q_problems)} disagreements" + "".join(f"\n- {q}" for q in q_problems))
+        out["confirm_int8_problems"] = q_problems
     if not a.no_compile:
         res = resource_rows()
         print("\n### Registers, spills, shared memory (AOT-compiled, ptxas -v)\n")

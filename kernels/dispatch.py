@@ -118,6 +118,7 @@ def cuda_costs(
     hidden_size: int,
     elt: int = 2,
     thresholds: DispatchThresholds = THRESHOLDS,
+    act_elt: int | None = None,
 ) -> dict[str, float]:
     """Modelled µs of one layer's expert part per CUDA path, from static shapes only.
 
@@ -133,6 +134,15 @@ def cuda_costs(
       + down GEMM (weights, h in, a [pairs, H] output) + the weighted sum over each token's
       pairs: 7 or 8;
     - dense: GEMM (all weights), SiLU, score cast, score multiply, GEMM: 5.
+
+    ``elt``: bytes per expert weight (2 bf16/fp16, 4 fp32, 1 int8 weight-only). int8 weights
+    (``kernels/quant.py``) also read their fp32 scales, 4·E·D (up) and 4·E·H (down) bytes per
+    projection read in full, the union's share of them otherwise; both sparse paths read them
+    in their kernels (``W_INT8`` / vLLM's ``use_int8_w8a16``). Dense with int8 weights is costed as
+    dequantize-then-GEMM (one elementwise launch per projection: int8 + scales in, activation-
+    dtype weights out, then the float GEMMs): the only dense int8 path without a weight-only
+    GEMM kernel of our own. ``act_elt``: bytes per activation (x, h, y); default ``elt``, or 2
+    (bf16) for int8 weights.
     """
     t = thresholds
     T, E, D, H = num_tokens, num_experts, expert_size, hidden_size
@@ -141,30 +151,36 @@ def cuda_costs(
     def cost(nbytes: float, flops: float = 0.0) -> float:
         return max(nbytes / bw, flops / peak) + t.cuda_launch_us
 
+    int8 = elt == 1
+    a = act_elt or (2 if int8 else elt)
     W = E * D * H * elt  # one projection of all experts
+    W_up = W + (E * D * 4 if int8 else 0)  # + the fp32 scales of int8 weights
+    W_down = W + (E * H * 4 if int8 else 0)
     s_eff = max(1, min(num_segments, T))
     L = T / s_eff
     u_seg = union_fraction(1, L, t)
     u_step = union_fraction(s_eff, L, t)
     P = t.cuda_pair_fraction * T * E  # active pairs
-    h_seg = T * u_seg * E * D * elt
+    h_seg = T * u_seg * E * D * a
     # The K-split of the per-segment down kernel (and its 2-launch reduction) when its grid is
     # small (triton_sparse_ffn.default_config: about two waves of 132 SMs).
     blocks = max(1, min(T, -(-T // 16) + num_segments))
     split = max(1, min(8, round(0.3 * E), 264 // (blocks * -(-H // 64))))
     seg = (cost(T * E * 4)  # union of the fp32 scores
-           + cost(s_eff * u_seg * W + T * H * elt + h_seg, 2 * T * u_seg * E * D * H)
-           + cost(s_eff * u_seg * W + h_seg + split * T * H * 4, 2 * T * u_seg * E * D * H)
+           + cost(s_eff * u_seg * W_up + T * H * a + h_seg, 2 * T * u_seg * E * D * H)
+           + cost(s_eff * u_seg * W_down + h_seg + split * T * H * 4, 2 * T * u_seg * E * D * H)
            + (2 * cost(2 * split * T * H * 4) if split > 1 else 0.0))
     align_launches = 1 if T * E < 1024 and E < 64 else 2  # vLLM's op: one kernel, or align + sort
     em = (2 * cost(T * E * 5) + align_launches * cost(T * E * 12)
-          + cost(u_step * W + P * (H + D) * elt, 2 * P * D * H)
-          + cost(2 * T * E * D * elt)
-          + cost(u_step * W + P * (D + H) * elt, 2 * P * D * H)
-          + cost(P * H * elt + T * E * 8 + T * H * elt))
-    h = T * E * D * elt
-    dense = (cost(W + T * H * elt + h, 2 * T * E * D * H) + cost(2 * h) + cost(T * E * (4 + elt))
-             + cost(2 * h + T * E * elt) + cost(W + h + T * H * elt, 2 * T * E * D * H))
+          + cost(u_step * W_up + P * (H + D) * a, 2 * P * D * H)
+          + cost(2 * T * E * D * a)
+          + cost(u_step * W_down + P * (D + H) * a, 2 * P * D * H)
+          + cost(P * H * a + T * E * 8 + T * H * a))
+    h = T * E * D * a
+    Wd = E * D * H * a  # the weights the dense GEMMs read
+    dequant = (cost(W_up + Wd) + cost(W_down + Wd)) if int8 else 0.0
+    dense = (dequant + cost(Wd + T * H * a + h, 2 * T * E * D * H) + cost(2 * h) + cost(T * E * (4 + a))
+             + cost(2 * h + T * E * a) + cost(Wd + h + T * H * a, 2 * T * E * D * H))
     return {"segments": seg, "expert_major": em, "dense": dense}
 
 
@@ -178,8 +194,12 @@ def cuda_path(
     expert_major: bool = True,
     elt: int = 2,
     allow_dense: bool = True,
+    act_elt: int | None = None,
 ) -> str:
     """Static (shape-only) choice for CUDA tensors: "segments", "expert_major" or "dense".
+
+    ``elt``: bytes per expert weight (1 for int8 weight-only experts: 1 byte per weight plus the
+    fp32 scales), ``act_elt``: per activation (see :func:`cuda_costs`).
 
     The cheapest path by :func:`cuda_costs`, the per-segment kernels only for steps of at most
     ``cuda_max_tokens`` tokens and ``cuda_max_tokens_per_segment`` tokens per segment on average;
@@ -199,7 +219,7 @@ def cuda_path(
         return "dense" if S * t.cuda_expected_union_fraction > t.cuda_max_read_ratio else "segments"
     if T == 0 or S == 0 or E > t.cuda_max_experts:
         return "dense" if allow_dense else "segments"
-    costs = cuda_costs(T, S, E, expert_size, hidden_size, elt, t)
+    costs = cuda_costs(T, S, E, expert_size, hidden_size, elt, t, act_elt)
     if not allow_dense:
         del costs["dense"]
     if T > t.cuda_max_tokens or T > t.cuda_max_tokens_per_segment * S:

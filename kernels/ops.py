@@ -112,7 +112,8 @@ def _cuda_path(x: torch.Tensor, T: int, S: int, E: int, D: int, H: int, allow_de
     from .sparse_ffn.triton_expert_major import vllm_kernels_available
 
     return cuda_path(T, S, E, D, H, expert_major=vllm_kernels_available(),
-                     elt=(w if w is not None else x).element_size(), allow_dense=allow_dense)
+                     elt=(w if w is not None else x).element_size(), allow_dense=allow_dense,
+                     act_elt=x.element_size())
 
 
 def _segment_union_impl(active: torch.Tensor, cu_seqlens: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor]:

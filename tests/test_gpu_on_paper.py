@@ -109,3 +109,57 @@ def test_dispatch_model_tracks_the_detailed_model():
         us = {k: v["us"]["H100"] + gp.GRAPH_LAUNCH_US * v["launches"] for k, v in r["paths"].items()}
         best = min(us.values())
         assert us[r["rule"]] <= 1.25 * best, (r["model"], r["scenario"], r["rule"], us)
+
+
+# ---------------------------------------------------------------- int8 weight-only experts (issue 18)
+@pytest.mark.parametrize("case", gp.INT8_CONFIRM_CASES,
+                         ids=lambda c: f"H{c[0]}-E{c[1]}-D{c[2]}-L{'.'.join(map(str, c[3]))}")
+def test_int8_interpreter_traffic_matches_model(case):
+    """The per-segment kernels with int8 experts (``W_INT8``), run in the interpreter: grids and
+    per-argument bytes equal the model's, the int8 weights at 1 byte and the fp32 scales
+    (``s_ptr``) included; the up kernel reads exactly the active experts' int8 rows and scales."""
+    got = gp.run_case(*case, int8=True)
+    measured, model = got["measured"], got["model"]
+    assert [m.kernel for m in measured] == [m.kernel for m in model]
+    for m, a in zip(measured, model, strict=True):
+        assert (m.grid, m.loads, m.stores, m.distinct_loads, m.distinct_stores) == (
+            a.grid, a.loads, a.stores, a.distinct_loads, a.distinct_stores), a.kernel
+    up = measured[3]
+    n_active = len({e for n, u in zip(case[3], got["unions"], strict=True) if n for e in u})
+    assert up.distinct_loads.get("w_ptr", 0) == n_active * case[2] * case[0] * 1
+    assert up.distinct_loads.get("s_ptr", 0) == n_active * case[2] * 4
+
+
+@needs_vllm
+@pytest.mark.parametrize("case", gp.INT8_EM_CONFIRM_CASES, ids=lambda c: f"H{c[0]}-E{c[1]}-D{c[2]}-T{sum(c[3])}")
+def test_int8_expert_major_interpreter_traffic_matches_model(case):
+    """vLLM's ``use_int8_w8a16`` GEMMs in the interpreter: grids and bytes (int8 B tiles, the
+    per-channel scales ``b_scale_ptr``) equal ``expert_major_model(int8=True)``'s."""
+    got = gp.run_em_case(*case, int8=True)
+    measured, model = got["measured"], got["model"]
+    assert [m.kernel for m in measured] == ["fused_moe_kernel", "fused_moe_kernel", "moe_fused_mul_sum_kernel"]
+    for m, a in zip(measured, model, strict=True):
+        assert (m.grid, m.loads, m.stores, m.distinct_loads, m.distinct_stores) == (
+            a.grid, a.loads, a.stores, a.distinct_loads, a.distinct_stores), a.kernel
+    assert all(m.loads.get("b_scale_ptr") for m in measured[:2])
+
+
+def test_int8_rows_on_paper():
+    """int8 next to bf16 (XLarge shapes, the bundled model's routing): both sparse paths read about
+    half of bf16's expert bytes (int8 + fp32 scales: 0.5–0.53 of the weight bytes), dense pays a
+    dequantize pass (more bytes than bf16), and ``cuda_path(elt=1)`` picks a path within 25% of the
+    best by the detailed model (1 µs per launch, H100)."""
+    rows = gp.int8_rows()
+    assert len(rows) == len(gp.INT8_SHAPES) * len(gp.INT8_SCENARIOS)
+    for r in rows:
+        H, E, D = r["shape"]
+        for p in ("segments", "expert_major"):
+            ratio = r["int8"][p]["weight_bytes"] / r["bf16"][p]["weight_bytes"]
+            assert 0.5 < ratio < 0.5 + (D + H) * 4 / (2 * D * H * 2) + 1e-9, (r["model"], r["scenario"], p, ratio)
+            assert r["int8"][p]["bytes"] < r["bf16"][p]["bytes"], (r["model"], r["scenario"], p)
+        assert r["int8"]["dense"]["bytes"] > r["bf16"]["dense"]["bytes"]
+        q = r["int8"]
+        us = {p: q[p]["us"] + gp.GRAPH_LAUNCH_US * q[p]["launches"] for p in q}
+        assert us[r["rule_int8"]] <= 1.25 * min(us.values()), (r["model"], r["scenario"], r["rule_int8"], us)
+    table = gp.int8_table(rows)
+    assert table.count("\n") == len(rows) + 1

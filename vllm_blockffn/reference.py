@@ -220,7 +220,10 @@ class ReferenceModel(nn.Module):
         model = cls(spec)
         params = dict(model.named_parameters())
         E, D, H = spec.num_experts, spec.expert_size, spec.hidden_size
-        for name, tensor in iter_tensors(path):
+        tensors = iter_tensors(path)
+        if spec.int8:  # a `vllm-blockffn quantize` checkpoint: the dequantized weights (kernels/quant.py)
+            tensors = _dequantized(dict(tensors), spec)
+        for name, tensor in tensors:
             if name.endswith(IGNORED_SUFFIXES):
                 continue
             key = name.removeprefix("model.").removesuffix(".weight")
@@ -236,6 +239,29 @@ class ReferenceModel(nn.Module):
                 raise KeyError(f"{path}: unexpected weight '{name}' in a BlockFFN checkpoint")
             params[key].data = tensor.to(dtype).contiguous()
         return model.to(dtype)
+
+
+def _dequantized(tensors: dict[str, torch.Tensor], spec: BlockFFNSpec) -> list[tuple[str, torch.Tensor]]:
+    """An int8 checkpoint's tensors with every int8 weight times its row scales (fp32), scales dropped."""
+    from vllm_blockffn.kernels.quant import dequantize_rows
+
+    E, D, H = spec.num_experts, spec.expert_size, spec.hidden_size
+    out = []
+    for name, t in tensors.items():
+        if name.endswith("_scale"):
+            continue
+        if t.dtype == torch.int8:
+            s = tensors[name + "_scale"]
+            if name.endswith("mlp.up_proj"):
+                t = dequantize_rows(t.reshape(E, D, H), s.reshape(E, D)).reshape(t.shape)
+            elif name.endswith("mlp.down_proj"):
+                full = t if spec.ffn_type == "block" else t.reshape(H, E, D).permute(1, 0, 2)
+                t = dequantize_rows(full, s)
+                t = t if spec.ffn_type == "block" else t.permute(1, 0, 2).reshape(H, E * D)
+            else:
+                t = dequantize_rows(t, s)
+        out.append((name, t))
+    return out
 
 
 def load_reference(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> ReferenceModel:

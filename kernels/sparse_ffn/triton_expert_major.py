@@ -31,6 +31,16 @@ same kernels run compiled on a GPU and in Triton's CPU interpreter in the tests.
 launch arguments are ours (as vLLM's ``invoke_fused_moe_triton_kernel`` passes them, with
 strides that read ``w_down_t`` [E, D, H] as vLLM's ``w2`` [E, H, D] without a copy).
 
+int8 weight-only experts (``kernels/quant.py``: int8 ``w_up`` / ``w_down_t`` with fp32 scales per
+output row of W_up,e [E, D] and of W_down,e [E, H]): both GEMMs run vLLM's own ``use_int8_w8a16``
+variant with ``per_channel_quant``, as vLLM launches it for int8 weight-only MoE layers: each B
+tile is widened to the activations' dtype (exact: |q| ≤ 127), the fp32 accumulator multiplied by
+the output channel's scale (``up_scale`` is already [E, N = D]; ``down_scale`` [E, H] is [E, N = H]
+of the down GEMM, whose B is the [E, H, D] view of ``w_down_t``), so every pair's output is its
+own expert's, scaled, before the weighted sum adds the experts up. Under the interpreter,
+:func:`_interpreter_bf16_casts` makes the int8 → bf16 widening numeric (Triton 3.9's interpreter
+casts it to a bit pattern).
+
 Graph safety: every grid depends on shapes only (programs past ``num_tokens_post_padded``
 return at once); nothing reads device data on the host or copies host data to the device.
 Long steps run in chunks of tokens so the [T·E, H] pair buffer stays bounded
@@ -45,11 +55,13 @@ one); the on-paper model shows how much that would save (RESULTS "GPU, on paper"
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
 import os
 import types
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -57,6 +69,7 @@ import torch
 
 from .._triton import cdiv, interpret_mode, lazy_jit, next_pow2, tl, triton
 from ..layout import check_ffn_shapes
+from .triton_sparse_ffn import check_scales
 
 VLLM_FUSED_MOE = "vllm.model_executor.layers.fused_moe.fused_moe"
 VLLM_MUL_SUM = "vllm.model_executor.layers.fused_moe.moe_fused_mul_sum"
@@ -138,6 +151,40 @@ class VllmKernel(lazy_jit):
             kernel = self._variants[mode] = triton.jit(self._build())
         return kernel
 
+    def __getitem__(self, grid: Any) -> Any:
+        run = super().__getitem__(grid)
+        if not interpret_mode():
+            return run
+
+        def launch(*args: Any, **kwargs: Any) -> Any:
+            with _interpreter_bf16_casts():
+                return run(*args, **kwargs)
+
+        return launch
+
+
+@contextlib.contextmanager
+def _interpreter_bf16_casts() -> Iterator[None]:
+    """During an interpreted launch of vLLM's kernels: casts to bf16 from anything but fp32 go
+    through fp32. Triton 3.9's interpreter stores bf16 as uint16 bit patterns and casts an int8
+    tile (``b.to(compute_type)`` of the ``use_int8_w8a16`` GEMM) with a plain numpy ``astype``,
+    i.e. to the *bit pattern* of the integer (−5 → 0xFFFB, a NaN). Compiled kernels are untouched;
+    the builder's attribute is put back afterwards."""
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    orig = InterpreterBuilder.__dict__["cast_impl"]
+
+    def cast_impl(self: Any, src: Any, dst_type: Any) -> Any:
+        if dst_type.scalar == tl.bfloat16 and src.dtype.scalar not in (tl.float32, tl.bfloat16):
+            return orig(self, orig(self, src, tl.float32), dst_type)
+        return orig(self, src, dst_type)
+
+    InterpreterBuilder.cast_impl = cast_impl
+    try:
+        yield
+    finally:
+        InterpreterBuilder.cast_impl = orig
+
 
 fused_moe_kernel = VllmKernel(VLLM_FUSED_MOE, "fused_moe_kernel", helpers=("write_zeros_to_output",))
 moe_fused_mul_sum_kernel = VllmKernel(VLLM_MUL_SUM, "moe_fused_mul_sum_kernel")
@@ -176,15 +223,18 @@ def chunk_tokens(num_experts: int, expert_size: int, hidden: int, elt: int) -> i
 
 
 def default_config(
-    num_tokens: int, num_experts: int, expert_size: int, hidden: int, dtype: torch.dtype = torch.bfloat16
+    num_tokens: int, num_experts: int, expert_size: int, hidden: int, dtype: torch.dtype = torch.bfloat16,
+    w_int8: bool = False,
 ) -> ExpertMajorConfig:
     """Tiles from static shapes: vLLM's ``get_default_config`` rule for bf16/fp16 (block M by
     batch size, tall K tiles at small batches), applied to each GEMM's own N and K; a tuned
-    file in ``$VLLM_BLOCKFFN_MOE_CONFIG_DIR`` overrides it (:func:`tuned_config`)."""
+    file in ``$VLLM_BLOCKFFN_MOE_CONFIG_DIR`` overrides it (:func:`tuned_config`). ``w_int8``
+    (int8 weights, ``dtype`` still the activations'): the same tiles (they compile without
+    spills, tests/test_triton_int8.py), never a tuned file (those were tuned for float weights)."""
     elt = torch.empty((), dtype=dtype).element_size()
     chunk = chunk_tokens(num_experts, expert_size, hidden, elt)
     M = max(1, min(num_tokens, chunk))
-    tuned = tuned_config(M, num_experts, expert_size, hidden, dtype)
+    tuned = None if w_int8 else tuned_config(M, num_experts, expert_size, hidden, dtype)
     if tuned is not None:
         return tuned
     # vLLM's M buckets; tiles chosen so that no default config spills registers on sm_80 / sm_90
@@ -347,23 +397,29 @@ def moe_gemm(
     num_valid: int,
     block_m: int,
     cfg: GemmConfig,
+    b_scale: torch.Tensor | None = None,
 ) -> None:
     """One ``fused_moe_kernel`` launch: ``c[p] = a[p // top_k] · b[expert(p)]ᵀ`` for the aligned
     pairs p. ``b`` is [E, N, K] (any strides); ``c`` [pairs, N] with unit column stride. The
     arguments are those vLLM's ``invoke_fused_moe_triton_kernel`` passes for unquantized
-    weights, without bias and router weights."""
+    weights, without bias and router weights; with ``b_scale`` fp32 [E, N] (``b`` int8), those it
+    passes for int8 weight-only with per-output-channel scales (``use_int8_w8a16``,
+    ``per_channel_quant``): the kernel widens each B tile to the compute type and multiplies the
+    fp32 accumulator by the column's scale before the single cast."""
     N, K = b.shape[1], b.shape[2]
     EM = sorted_ids.shape[0]
     grid = (cdiv(EM, block_m) * cdiv(N, cfg.block_n),)
+    int8 = b_scale is not None
+    bse, bsn = (b_scale.stride(0), b_scale.stride(1)) if int8 else (0, 0)
     fused_moe_kernel[grid](
-        a, b, c, None, None, None, None, sorted_ids, expert_ids, num_post_pad,
+        a, b, c, None, None, b_scale, None, sorted_ids, expert_ids, num_post_pad,
         N, K, EM, num_valid,
         a.stride(0), a.stride(1), b.stride(0), b.stride(2), b.stride(1), c.stride(0), c.stride(1),
-        0, 0, 0, 0, 0, 0, 0,
+        0, 0, bse, 0, bsn, 0, 0,
         group_n=0, group_k=0, naive_block_assignment=False,
         BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=cfg.block_n, BLOCK_SIZE_K=cfg.block_k, GROUP_SIZE_M=cfg.group_m,
         SPLIT_K=1, MUL_ROUTED_WEIGHT=False, top_k=top_k, compute_type=getattr(tl, _COMPUTE_TYPE[c.dtype]),
-        use_fp8_w8a8=False, use_int8_w8a8=False, use_int8_w8a16=False, per_channel_quant=False,
+        use_fp8_w8a8=False, use_int8_w8a8=False, use_int8_w8a16=int8, per_channel_quant=int8,
         HAS_BIAS=False, SWAP_AB=False, USE_TD=False,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -419,27 +475,35 @@ def expert_major_ffn_triton(
     scores: torch.Tensor,
     w_up: torch.Tensor,
     w_down_t: torch.Tensor,
+    up_scale: torch.Tensor | None = None,
+    down_scale: torch.Tensor | None = None,
     config: ExpertMajorConfig | None = None,
 ) -> torch.Tensor:
     """y [T, H] of the BlockFFN experts, expert-major over the whole step (no segments needed).
 
-    ``scores`` fp32 [T, E] (active iff > 0); ``w_up`` / ``w_down_t`` [E, D, H] in x's dtype.
+    ``scores`` fp32 [T, E] (active iff > 0); ``w_up`` / ``w_down_t`` [E, D, H] in x's dtype, or
+    int8 weight-only (``kernels/quant.py``) with ``up_scale`` fp32 [E, D] and ``down_scale`` fp32
+    [E, H]: vLLM's ``use_int8_w8a16`` GEMMs, each pair's output scaled per channel before the
+    weighted sum adds the experts up.
     """
     T, H = x.shape
     E, D, _ = w_up.shape
     check_ffn_shapes(x, scores, w_up, w_down_t)
+    int8 = check_scales(w_up, up_scale, w_down_t, down_scale)
     if E > MAX_EXPERTS:
         raise ValueError(f"the expert-major path supports at most {MAX_EXPERTS} experts, got {E}")
-    if w_up.dtype != x.dtype or w_down_t.dtype != x.dtype:
+    if not int8 and (w_up.dtype != x.dtype or w_down_t.dtype != x.dtype):
         raise TypeError(f"x is {x.dtype} but w_up / w_down_t are {w_up.dtype} / {w_down_t.dtype}")
     y = torch.empty((T, H), device=x.device, dtype=x.dtype)
     if T == 0:
         return y
-    cfg = config or default_config(T, E, D, H, x.dtype)
+    cfg = config or default_config(T, E, D, H, x.dtype, w_int8=int8)
     if x.stride(-1) != 1:
         x = x.contiguous()
     w_up = w_up.contiguous()
     w_down = w_down_t.contiguous().transpose(1, 2)  # vLLM's w2 [E, H, D], a view
+    if int8:  # [E, N] with unit column stride: the up GEMM's N is D, the down GEMM's N is H
+        up_scale, down_scale = up_scale.contiguous(), down_scale.contiguous()
     if scores.dtype != torch.float32 or not scores.is_contiguous():
         scores = scores.float().contiguous()
     ids, emap = _expert_tables(E, x.device)
@@ -450,10 +514,10 @@ def expert_major_ffn_triton(
         topk_ids = route(topk_weights, ids)
         sorted_ids, expert_ids, num_post_pad = _align(topk_ids, cfg.block_m, E, emap)
         h = torch.empty((n * E, D), device=x.device, dtype=x.dtype)
-        moe_gemm(x[t0:t1], w_up, h, sorted_ids, expert_ids, num_post_pad, E, n * E, cfg.block_m, cfg.up)
+        moe_gemm(x[t0:t1], w_up, h, sorted_ids, expert_ids, num_post_pad, E, n * E, cfg.block_m, cfg.up, up_scale)
         torch.nn.functional.silu(h, inplace=True)
         o = torch.empty((n * E, H), device=x.device, dtype=x.dtype)
-        moe_gemm(h, w_down, o, sorted_ids, expert_ids, num_post_pad, 1, n * E, cfg.block_m, cfg.down)
+        moe_gemm(h, w_down, o, sorted_ids, expert_ids, num_post_pad, 1, n * E, cfg.block_m, cfg.down, down_scale)
         mul_sum(o.view(n, E, H), topk_weights, topk_ids, emap, y[t0:t1], cfg)
     return y
 

@@ -1,0 +1,254 @@
+"""int8 weights (issue 18): kernels against a dequantize-then-compute reference, the quantized
+checkpoint against quantize-at-load, the engine against the PyTorch reference, and the errors.
+
+Tolerances: fp32 activations — relative max error 1e-5 of the output's scale (the kernel scales
+each W_up row's dot product and each W_down column instead of dequantizing every weight first:
+fp32 rounding order only); bf16 activations — 1e-2 (bf16 inputs/outputs, fp32 accumulation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import PROMPTS, compare_to_reference
+
+from vllm_blockffn.kernels.quant import (
+    check_expert_scales,
+    dequantize_experts,
+    dequantize_rows,
+    quantize_experts,
+    quantize_rows,
+)
+from vllm_blockffn.kernels.sparse_ffn import cpu_native
+from vllm_blockffn.kernels.sparse_ffn.cpu import dense_ffn, sparse_ffn_cpu, sparse_ffn_grouped
+from vllm_blockffn.kernels.sparse_ffn.naive import experts_naive, sparse_ffn_naive
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = os.path.join(ROOT, "models", "blockffn-tiny-trained")
+needs_native = pytest.mark.skipif(not cpu_native.native_available(), reason="no native CPU kernel")
+
+
+def _isas() -> list[str]:
+    best = cpu_native.best_isa()
+    return list(cpu_native.ISAS[: cpu_native.ISAS.index(best) + 1]) if best else []
+
+
+def _experts(E: int, D: int, H: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    up, down = torch.randn(E, D, H, generator=g) / H**0.5, torch.randn(E, D, H, generator=g) / D**0.5
+    return quantize_experts(up, down)
+
+
+def _scores(T: int, E: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    s = torch.relu(torch.randn(T, E, generator=g) - 1.0)
+    s[0, 0] = float("nan")  # inactive, whatever the weights
+    s[-1, -1] = 0.7
+    return s
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6))
+
+
+def test_quantize_rows_round_trip_and_errors():
+    w = torch.randn(6, 5, 33)
+    w[1, 2] = 0.0  # an all-zero row: scale 1, q 0
+    q, s = quantize_rows(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (6, 5)
+    assert int(q.abs().max()) == 127 and float(s[1, 2]) == 1.0 and not q[1, 2].any()
+    err = (dequantize_rows(q, s) - w).abs()
+    assert bool((err <= s.unsqueeze(-1) / 2 + 1e-7).all())  # round to nearest: half a step per row
+    w[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layer.3.up_proj.*NaN or Inf"):
+        quantize_rows(w, "layer.3.up_proj")
+    with pytest.raises(ValueError, match="int32"):
+        quantize_rows(torch.ones(2, 2, dtype=torch.int32), "w")
+
+
+def test_expert_scale_checks_name_the_tensor():
+    qu, su, qd, sd = _experts(4, 3, 16)
+    assert check_expert_scales(qu, su, qd, sd)
+    with pytest.raises(ValueError, match="down_proj_scale: missing"):
+        check_expert_scales(qu, su, qd, None)
+    with pytest.raises(ValueError, match=r"up_proj_scale: torch.float32 \[4, 16\]; expected torch.float32 \[4, 3\]"):
+        check_expert_scales(qu, sd, qd, sd)
+    with pytest.raises(ValueError, match="scales go with int8 weights only"):
+        check_expert_scales(qu.float(), su, qd.float(), sd)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
+def test_native_int8_experts_equal_dequantized_reference(isa, xdt):
+    for E, D, H in [(8, 21, 256), (6, 13, 37), (5, 4, 16)]:
+        qu, su, qd, sd = _experts(E, D, H)
+        up, down = dequantize_experts(qu, su, qd, sd)
+        for T in (1, 3, 4, 8, 17):
+            x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(xdt)
+            s = _scores(T, E, seed=T)
+            ref = experts_naive(x.float(), s, up, down)
+            for threads in (1, 2):
+                y = cpu_native.sparse_ffn_native(x, s, qu, qd, torch.tensor([0, T], dtype=torch.int32), isa=isa,
+                                                 num_threads=threads, up_scale=su, down_scale=sd)
+                assert y.dtype == xdt and not y.isnan().any()
+                assert _rel(y, ref) < (1e-5 if xdt == torch.float32 else 1e-2), (E, D, H, T, threads)
+            dense = cpu_native.sparse_ffn_native(x, s, qu, qd, torch.tensor([0, T], dtype=torch.int32), isa=isa,
+                                                 all_experts=True, up_scale=su, down_scale=sd)
+            assert _rel(dense, ref) < (1e-5 if xdt == torch.float32 else 1e-2)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", _isas())
+def test_native_int8_linear_equals_dequantized_reference(isa):
+    for N, K in [(37, 256), (5, 19), (130, 1792)]:
+        q, s = quantize_rows(torch.randn(N, K))
+        w = dequantize_rows(q, s)
+        for M in (1, 3, 8):
+            for xdt in (torch.float32, torch.bfloat16):
+                x = torch.randn(M, K).to(xdt)
+                y = cpu_native.linear_native(x, q, isa=isa, weight_scale=s)
+                assert _rel(y, x.float() @ w.t()) < (1e-5 if xdt == torch.float32 else 1e-2), (N, K, M, xdt)
+    with pytest.raises(ValueError, match="weight_scale"):
+        cpu_native.linear_native(torch.randn(1, 19), q)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_int8_cpu_paths_equal_reference(native):
+    """Per-segment decode, verify chunks, a long (grouped-GEMM) step, dense, and the PyTorch fallback."""
+    E, D, H = 12, 16, 64
+    qu, su, qd, sd = _experts(E, D, H)
+    up, down = dequantize_experts(qu, su, qd, sd)
+    for lengths in ([1], [4, 4, 1], [160]):
+        T = sum(lengths)
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        x = torch.randn(T, H)
+        s = _scores(T, E, seed=T)
+        ref = sparse_ffn_naive(x, s, up, down, cu)
+        y = sparse_ffn_cpu(x, s, qu, qd, cu, native=native, up_scale=su, down_scale=sd)
+        assert _rel(y, ref) < 1e-5, lengths
+        assert _rel(dense_ffn(x, s, qu, qd, su, sd), ref) < 1e-5
+    if native and cpu_native.native_available():
+        assert _rel(sparse_ffn_grouped(x, s, qu, qd, cu, su, sd), ref) < 1e-5
+
+
+# ---------------------------------------------------------------------------------- engines
+@pytest.fixture(scope="module")
+def int8_checkpoint(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("int8") / "blockffn-tiny-trained-int8")
+    proc = subprocess.run([sys.executable, "-m", "vllm_blockffn.tools.cli", "quantize", MODEL, out],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def _expert_dtypes(engine) -> list[tuple]:
+    def get(model):
+        from vllm_blockffn.serving.layers.blockffn import BlockFFN
+
+        ffn = next(m for m in model.modules() if isinstance(m, BlockFFN))
+        attn = model.model.layers[0].self_attn
+        return (ffn.up_proj.dtype, ffn.down_proj.dtype, ffn.up_proj_scale.shape, attn.qkv_proj.weight.dtype,
+                attn.o_proj.weight.dtype, model.lm_head.weight.dtype, ffn.router_proj.weight.dtype)
+
+    return engine.llm.apply_model(get)
+
+
+@pytest.mark.slow
+def test_int8_engine_matches_reference_and_checkpoint(engine_factory, int8_checkpoint, record_figure):
+    """--quantization blockffn_int8 (quantize at load) = the saved int8 checkpoint (same int8 weights and
+    scales, so identical logprobs) = the PyTorch reference on the dequantized weights; greedy stable."""
+    from vllm_blockffn.reference import load_reference
+
+    online = engine_factory(MODEL, dtype="float32", quantization="blockffn_int8")
+    dtypes = _expert_dtypes(online)[0]
+    assert dtypes[:2] == (torch.int8, torch.int8) and dtypes[3:6] == (torch.int8,) * 3, dtypes
+    assert dtypes[6] == torch.float32, "the router stays in the model's dtype"
+    first = online.greedy(PROMPTS, max_tokens=32, prompt_logprobs=True)
+    again = online.greedy(PROMPTS, max_tokens=32, prompt_logprobs=True)
+    assert [o.outputs[0].token_ids for o in first] == [o.outputs[0].token_ids for o in again]
+    worst, same = compare_to_reference(first, load_reference(int8_checkpoint), max_tokens=32)
+    record_figure("int8 engine vs dequantized reference: max |d logprob|", f"{worst:.2e}")
+    assert worst <= 1e-3 and all(same), (worst, same)
+    online.close()
+
+    saved = engine_factory(int8_checkpoint, dtype="float32")
+    assert _expert_dtypes(saved)[0] == dtypes
+    loaded = saved.greedy(PROMPTS, max_tokens=32, prompt_logprobs=True)
+    for a, b in zip(first, loaded):
+        assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
+        la = [next(iter(d.values())).logprob for d in a.prompt_logprobs[1:]]
+        lb = [next(iter(d.values())).logprob for d in b.prompt_logprobs[1:]]
+        assert la == lb  # bit-identical: the same int8 weights and scales
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vllm_blockffn.tools.cli", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_int8_checkpoint_errors_name_the_tensor(int8_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ok = _cli("check", int8_checkpoint)
+    assert ok.returncode == 0 and "int8 weights (experts and linears)" in ok.stdout, ok.stderr
+    tensors = load_file(os.path.join(int8_checkpoint, "model.safetensors"))
+    cases = {
+        "missing": ("model.layers.1.mlp.down_proj_scale", None,
+                    r"weight 'model.layers.1.mlp.down_proj_scale' is missing; expected float32 \[48, 256\]"),
+        "shape": ("model.layers.0.mlp.up_proj_scale", torch.ones(48, 20),
+                  r"weight 'model.layers.0.mlp.up_proj_scale' is float32 \[48, 20\]; expected float32 \[48, 21\]"),
+        "dtype": ("model.layers.2.self_attn.q_proj.weight", torch.zeros(256, 256, dtype=torch.bfloat16),
+                  r"weight 'model.layers.2.self_attn.q_proj.weight' is bfloat16 \[256, 256\]; expected int8"),
+    }
+    for case, (name, value, pattern) in cases.items():
+        bad = tmp_path / case
+        shutil.copytree(int8_checkpoint, bad)
+        t = dict(tensors)
+        if value is None:
+            del t[name]
+        else:
+            t[name] = value
+        save_file(t, str(bad / "model.safetensors"), metadata={"format": "pt"})
+        r = _cli("check", str(bad))
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, (case, r.stderr)
+        assert str(bad) in lines[0] and re.search(pattern, lines[0]), (case, lines[0])
+
+    cfg_bad = tmp_path / "method"
+    shutil.copytree(int8_checkpoint, cfg_bad)
+    cfg = json.loads((cfg_bad / "config.json").read_text())
+    cfg["quantization_config"]["quant_method"] = "blockffn_int4"
+    (cfg_bad / "config.json").write_text(json.dumps(cfg))
+    r = _cli("check", str(cfg_bad))
+    assert r.returncode == 2 and "quantization_config" in r.stderr and "blockffn_int4" in r.stderr, r.stderr
+
+
+def test_quantize_refuses_bad_sources(int8_checkpoint, tmp_path):
+    r = _cli("quantize", int8_checkpoint, str(tmp_path / "again"))
+    assert r.returncode == 2 and "already a blockffn_int8 checkpoint" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_bad_int8_checkpoint_stops_the_engine_before_workers(int8_checkpoint, tmp_path):
+    """`LLM(...)` on an int8 checkpoint with a missing scale: the named error, from the preflight."""
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(int8_checkpoint, bad)
+    t = load_file(str(bad / "model.safetensors"))
+    del t["model.layers.3.mlp.up_proj_scale"]
+    save_file(t, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    script = ("from vllm import LLM\n"
+              f"LLM({str(bad)!r}, enforce_eager=True, max_model_len=128)\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    assert "weight 'model.layers.3.mlp.up_proj_scale' is missing" in r.stderr, r.stderr[-3000:]
+    assert "Initializing a V1 LLM engine" not in r.stderr  # stopped before any engine process started
