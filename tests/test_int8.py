@@ -18,7 +18,6 @@ import sys
 import pytest
 import torch
 from conftest import PROMPTS, compare_to_reference
-
 from vllm_blockffn.kernels.quant import (
     check_expert_scales,
     dequantize_experts,

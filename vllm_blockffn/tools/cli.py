@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     inflate.set_defaults(func=_inflate)
 
     quantize = sub.add_parser(
-        "quantize", help="write SRC with int8 weights (per-output-row scales), served like --quantization blockffn_int8",
+        "quantize", help="write SRC with int8 weights (per-output-row scales), as --quantization blockffn_int8 does",
         description="Weight-only int8 (kernels/quant.py): experts, attention projections and an untied lm_head; "
                     "the router, norms and embedding stay as they are. The result loads like any checkpoint "
                     "(config.json names the method) and equals quantizing SRC at load.")
