@@ -78,13 +78,13 @@ def model_bytes(llm) -> None:
             b = p.numel() * p.element_size()
             if "embed_tokens" in name:
                 continue
-            if name.endswith(("mlp.up_proj", "mlp.down_proj")):
+            if name.endswith(("mlp.up_proj", "mlp.down_proj", "mlp.up_proj_scale", "mlp.down_proj_scale")):
                 expert += b
             else:
                 rest += b
         for m in model.modules():
             if isinstance(m, BlockFFN):
-                one_expert = 2 * m.up_proj.shape[1] * m.up_proj.shape[2] * m.up_proj.element_size()
+                one_expert = m.expert_bytes // m.tp_size  # int8: + the expert's fp32 row scales
                 break
         return one_expert, rest
 
@@ -257,7 +257,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         llm = LLM(args.model, dtype=args.dtype, enforce_eager=True, max_model_len=max_len, seed=0,
                   max_num_seqs=max(r["batch"] for r in rows), enable_prefix_caching=False,
                   kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)), disable_log_stats=False,
-                  speculative_config=spec)
+                  speculative_config=spec, quantization=args.quantization)
         model_bytes(llm)
         for row in rows:
             results.append(measure_row(llm, row, args.repeats))
@@ -311,6 +311,7 @@ def main() -> None:
     parser.add_argument("--kv-cache-gib", type=float, default=1.0)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--rows", help="comma-separated row names to run (default: all)")
+    parser.add_argument("--quantization", choices=["blockffn_int8"], help="int8 weights, quantized at load")
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

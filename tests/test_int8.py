@@ -251,3 +251,29 @@ def test_bad_int8_checkpoint_stops_the_engine_before_workers(int8_checkpoint, tm
     assert r.returncode != 0
     assert "weight 'model.layers.3.mlp.up_proj_scale' is missing" in r.stderr, r.stderr[-3000:]
     assert "Initializing a V1 LLM engine" not in r.stderr  # stopped before any engine process started
+
+
+@pytest.mark.slow
+def test_vllm_serve_int8_mla_matches_reference(tiny_factory, tmp_path):
+    """`vllm serve --quantization blockffn_int8` on an MLA checkpoint (kv_b_proj stays float), queried
+    with the OpenAI client: the completion is the dequantized reference's greedy text."""
+    from openai import OpenAI
+    from transformers import PreTrainedTokenizerFast
+
+    from vllm_blockffn.reference import load_reference
+    from vllm_blockffn.tools.demo import VLLMServer
+
+    path = tiny_factory(attention="mla")
+    quantized = str(tmp_path / "mla-int8")
+    r = _cli("quantize", path, quantized)
+    assert r.returncode == 0, r.stderr
+    reference = load_reference(quantized)
+    tok = PreTrainedTokenizerFast(tokenizer_file=f"{path}/tokenizer.json")
+    with VLLMServer(path, 18761, extra_args=["--dtype", "float32", "--quantization", "blockffn_int8"],
+                    env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}) as srv:
+        client = OpenAI(base_url=srv.base_url, api_key="none", timeout=120)
+        for prompt in PROMPTS[:3]:
+            out = client.completions.create(model=srv.model, prompt=prompt, max_tokens=12, temperature=0,
+                                            extra_body={"ignore_eos": True})
+            ids = tok(prompt)["input_ids"]
+            assert out.choices[0].text == tok.decode(reference.greedy(ids, 12), skip_special_tokens=True)
