@@ -35,7 +35,8 @@ def main() -> None:
         out = llm.generate([prompt], params, use_tqdm=False)
         runs.append(time.perf_counter() - t)
     ms = statistics.median(runs) * 1e3
-    print("RESULT " + json.dumps(dict(dtype=dtype, quantization=quantization, backend=backend, ms=ms, runs=[round(x * 1e3) for x in runs],
+    print("RESULT " + json.dumps(dict(dtype=dtype, quantization=quantization, backend=backend, ms=ms,
+                                      runs=[round(x * 1e3) for x in runs],
                                       tok_s=32e3 / ms, tokens=list(out[0].outputs[0].token_ids)[:8])))
 
 

@@ -45,19 +45,13 @@ def keep_most_used_experts(model, rates: list[list[float]], k: int) -> None:
             layer.mlp.router_proj[drop] = 0.0
 
 
-def evaluate(model_path: str, seq_len: int = 256, heldout_fraction: float = 0.05, seed: int = 0,
-             max_windows: int | None = None, chunk_sizes=CHUNK_SIZES,
-             fixed_experts: tuple[list[list[float]], int] | None = None) -> dict:
-    """fixed_experts=(per-layer activation rates, k): evaluate the pruned model of
-    :func:`keep_most_used_experts` instead."""
+def heldout_windows(model_path: str, seq_len: int = 256, heldout_fraction: float = 0.05, seed: int = 0,
+                    max_windows: int | None = None) -> tuple[list[torch.Tensor], data_mod.Corpus]:
+    """The held-out windows :func:`evaluate` scores (seq_len + 1 token ids each, in order), and the corpus.
+
+    Encoded with the checkpoint's own tokenizer; other evaluations (e.g. in vLLM) reuse them."""
     from tokenizers import Tokenizer
 
-    from vllm_blockffn.reference import load_reference
-
-    model = load_reference(model_path)
-    if fixed_experts is not None:
-        keep_most_used_experts(model, *fixed_experts)
-    spec = model.spec
     tokenizer = Tokenizer.from_file(os.path.join(model_path, "tokenizer.json"))
     corpus = data_mod.load_corpus(heldout_fraction, seed=seed)
     ids, _ = data_mod.encode_stream(tokenizer, corpus.heldout)
@@ -66,14 +60,29 @@ def evaluate(model_path: str, seq_len: int = 256, heldout_fraction: float = 0.05
         n = min(n, max_windows)
     if n == 0:
         raise ValueError("held-out text is shorter than one window")
+    return [ids[w * (seq_len + 1): (w + 1) * (seq_len + 1)] for w in range(n)], corpus
+
+
+def evaluate(model_path: str, seq_len: int = 256, heldout_fraction: float = 0.05, seed: int = 0,
+             max_windows: int | None = None, chunk_sizes=CHUNK_SIZES,
+             fixed_experts: tuple[list[list[float]], int] | None = None) -> dict:
+    """fixed_experts=(per-layer activation rates, k): evaluate the pruned model of
+    :func:`keep_most_used_experts` instead."""
+    from vllm_blockffn.reference import load_reference
+
+    model = load_reference(model_path)
+    if fixed_experts is not None:
+        keep_most_used_experts(model, *fixed_experts)
+    spec = model.spec
+    windows, corpus = heldout_windows(model_path, seq_len, heldout_fraction, seed, max_windows)
+    n = len(windows)
     E, L = spec.num_experts, spec.num_hidden_layers
     nll_sum, n_pred = 0.0, 0
     active_sum = [0.0] * L
     expert_tokens = torch.zeros(L, E, dtype=torch.float64)  # tokens on which each expert is active
     inactive_chunks = [[0.0] * len(chunk_sizes) for _ in range(L)]
     n_chunks = [0] * len(chunk_sizes)
-    for w in range(n):
-        window = ids[w * (seq_len + 1): (w + 1) * (seq_len + 1)]
+    for window in windows:
         logits, traces = model(window[:-1], return_router=True)
         nll_sum += F.cross_entropy(logits, window[1:], reduction="sum").item()
         n_pred += seq_len

@@ -45,7 +45,8 @@ int blockffn_cpu_isa(void) {
     __builtin_cpu_init();
     int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    if (avx512 && __builtin_cpu_supports("avx512bf16")) return ISA_AVX512_BF16;
+    if (avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni"))
+        return ISA_AVX512_BF16;
     if (avx512) return ISA_AVX512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
 #endif
@@ -66,6 +67,11 @@ ALWAYS float silu(float v) { return v / (1.0f + expf(-v)); }
 
 static int g_prefetch = 2; /* software prefetch: 0 off, n: the next n blocks ahead (blockffn_set_prefetch) */
 void blockffn_set_prefetch(int on) { g_prefetch = on; }
+/* Row order of the AVX-512 paths: bit 0 (up) / bit 1 (down) set = one weight row after the other (a
+   single sequential stream per unit), clear = the unit's NR rows side by side (NR streams, each x / y
+   vector loaded once per NR rows). blockffn_set_rowseq: benchmarks compare the two. */
+static int g_rowseq = 0;
+void blockffn_set_rowseq(int bits) { g_rowseq = bits; }
 
 /* Everything one unit needs: NR (or fewer) rows d0.. of one expert, its m tokens. */
 typedef struct {
@@ -82,6 +88,8 @@ typedef struct {
     const void *zrow;               /* H zero elements (of either dtype) */
     const float *su;                /* int8 weights: the unit's nr W_up row scales, else NULL */
     const float *sd;                /* int8 weights: the expert's W_down output-row scales [H], else zrow */
+    const int16_t *const *xq;       /* int8 weights on the VNNI path: the tokens' x rounded to int16, else NULL */
+    const float *xqs;               /* ...and their scales (x ~ xq * xqs; NaN: x not finite, use the fp32 x) */
     int phase;                      /* 1: up (h of the rows), 2: down (y += rows * h) */
 } unit_t;
 
@@ -98,6 +106,8 @@ typedef struct {
     long ldo;
     const void *zrow;               /* K zero elements */
     const float *scale;             /* int8 weights: per-row scales [N], else NULL */
+    const int16_t *const *xq;       /* int8 weights on the VNNI path: x rounded to int16 per token, else NULL */
+    const float *xqs;               /* ...their scales (NaN: not finite, use the fp32 x) */
 } lin_t;
 
 typedef void (*lin_fn)(const lin_t *l);
@@ -374,6 +384,19 @@ ALWAYS __mmask16 a5_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (_
         __m512 acc[NR][NT];                                                                             \
         long steps = (H + 15) / 16, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl);                       \
         for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) acc[r][j] = _mm512_setzero_ps();      \
+        if (g_rowseq & 1) { /* one row after the other: acc[r][j] holds row r's sums */                \
+            long q = 0;                                                                                 \
+            for (int r = 0; r < NR; r++)                                                                \
+                for (long h = 0; h < H; h += 16, q++) {                                                 \
+                    __mmask16 k = a5_mask(H - h);                                                       \
+                    if ((q & 3) == 0) pf_share(pf, pfl, q >> 2, pfs);                                   \
+                    __m512 wv = a5_##SUF(w[r] + h, k);                                                  \
+                    for (int j = 0; j < NT; j++)                                                        \
+                        acc[r][j] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(k, xs[j] + h), acc[r][j]); \
+                }                                                                                       \
+            for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]); \
+            return;                                                                                     \
+        }                                                                                               \
         for (long h = 0; h < H; h += 16, i++) {                                                         \
             __mmask16 k = a5_mask(H - h);                                                               \
             pf_share(pf, pfl, i, pfs);                                                                \
@@ -391,6 +414,20 @@ ALWAYS __mmask16 a5_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (_
         __m512 hv[NT][NR];                                                                              \
         long steps = (H + 15) / 16, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl);                       \
         for (int j = 0; j < NT; j++) for (int r = 0; r < NR; r++) hv[j][r] = _mm512_set1_ps(hs[j][r]);  \
+        if (g_rowseq & 2) { /* one row after the other: y read and written once per row */             \
+            long q = 0;                                                                                 \
+            for (int r = 0; r < NR; r++)                                                                \
+                for (long c = 0; c < H; c += 16, q++) {                                                 \
+                    __mmask16 k = a5_mask(H - c);                                                       \
+                    if ((q & 3) == 0) pf_share(pf, pfl, q >> 2, pfs);                                   \
+                    __m512 wv = a5_##SUF(w[r] + c, k);                                                  \
+                    if (SCALED) wv = _mm512_mul_ps(wv, _mm512_maskz_loadu_ps(k, sd + c));               \
+                    for (int j = 0; j < NT; j++)                                                        \
+                        _mm512_mask_storeu_ps(ys[j] + c, k, _mm512_fmadd_ps(hv[j][r], wv,               \
+                                                                            _mm512_maskz_loadu_ps(k, ys[j] + c))); \
+                }                                                                                       \
+            return;                                                                                     \
+        }                                                                                               \
         for (long c = 0; c < H; c += 16, i++) {                                                         \
             __mmask16 k = a5_mask(H - c);                                                               \
             pf_share(pf, pfl, i, pfs);                                                                \
@@ -482,7 +519,7 @@ A5_LIN(lin_avx512_i8, int8_t, 1, A5_SWITCH(a5_up_i8, nt, wu, H, l->xs + j0, out,
 
 /* ------------------------------------------------------------------------- AVX512_BF16 */
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma")
 ALWAYS __m512 a5_bf16b(const uint16_t *p, __mmask16 k) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
 }
@@ -494,6 +531,20 @@ ALWAYS __m512 a5_bf16b(const uint16_t *p, __mmask16 k) {
         __m512 acc[NR][NT];                                                                             \
         long steps = (H + 31) / 32, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl);                       \
         for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) acc[r][j] = _mm512_setzero_ps();      \
+        if (g_rowseq & 1) {                                                                             \
+            long q = 0;                                                                                 \
+            for (int r = 0; r < NR; r++)                                                                \
+                for (long h = 0; h < H; h += 32, q++) {                                                 \
+                    __mmask32 k = H - h >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (H - h)) - 1); \
+                    if ((q & 3) == 0) pf_share(pf, pfl, q >> 2, pfs);                                   \
+                    __m512i wv = _mm512_maskz_loadu_epi16(k, w[r] + h);                                 \
+                    for (int j = 0; j < NT; j++)                                                        \
+                        acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)wv,                           \
+                                                     (__m512bh)_mm512_maskz_loadu_epi16(k, xh[j] + h)); \
+                }                                                                                       \
+            for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]); \
+            return;                                                                                     \
+        }                                                                                               \
         for (long h = 0; h < H; h += 32, i++) {                                                         \
             __mmask32 k = H - h >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (H - h)) - 1);      \
             pf_share(pf, pfl, i, pfs);                                                                \
@@ -509,15 +560,89 @@ ALWAYS __m512 a5_bf16b(const uint16_t *p, __mmask16 k) {
 BF_UP(1) BF_UP(2) BF_UP(3) BF_UP(4)
 A5_UNIT(unit_avx512bf16_bf16, bf16b, uint16_t, 2, 0, A5_SWITCH(bf_up, nt, wu, H, u->xh + j0, out, pf, blk))
 A5_LIN(lin_avx512bf16_bf16, uint16_t, 2, A5_SWITCH(bf_up, nt, wu, H, l->xh + j0, out, pf, blk))
+
+/* int8 weights, up pass (and linears) with VPDPWSSD: the weights widened to int16 (exact), x rounded to
+   int16 per token (xq = round(x / s), s = max|x| / 32767: a step of max|x| / 32767, finer than bf16's
+   own rounding for every element above max|x| / 64), int32 sums (a lane adds H / 16 products of at
+   most 127 * 32767: exact for H < 8256; longer rows are summed in blocks of 8192), scaled once per
+   dot product. Three instructions per 32 weights and token instead of eight in fp32: what lets int8
+   run at memory speed. Tokens whose x is not finite take the fp32 path (NaN/Inf propagate as there). */
+ALWAYS __m512 a5_i8v(const int8_t *p, __mmask16 k) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, p)));
+}
+ALWAYS __m512 a5_i8w(const int8_t *p, __mmask16 k) { return a5_i8v(p, k); } /* the unit's own (A5_UNIT) */
+A5_UP(i8v, int8_t, 1) A5_UP(i8v, int8_t, 2) A5_UP(i8v, int8_t, 3) A5_UP(i8v, int8_t, 4)
+#define VN_UP(NT)                                                                                       \
+    ALWAYS void vn_up_##NT(const int8_t *const *w, long H, const int16_t *const *xq, float out[NR][4],   \
+                           const char *pf, long blk) {                                                 \
+        __m512 tot[NR][NT];                                                                             \
+        long steps = (H + 31) / 32, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl);                       \
+        for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) tot[r][j] = _mm512_setzero_ps();      \
+        for (long h0 = 0; h0 < H; h0 += 8192) {                                                         \
+            long h1 = h0 + 8192 < H ? h0 + 8192 : H;                                                    \
+            __m512i acc[NR][NT];                                                                        \
+            for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) acc[r][j] = _mm512_setzero_si512(); \
+            for (long h = h0; h < h1; h += 32, i++) {                                                   \
+                __mmask32 k = h1 - h >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (h1 - h)) - 1); \
+                pf_share(pf, pfl, i, pfs);                                                            \
+                __m512i wv[NR], xv[NT];                                                                 \
+                for (int r = 0; r < NR; r++) wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(k, w[r] + h)); \
+                for (int j = 0; j < NT; j++) xv[j] = _mm512_maskz_loadu_epi16(k, xq[j] + h);            \
+                for (int r = 0; r < NR; r++)                                                            \
+                    for (int j = 0; j < NT; j++) acc[r][j] = _mm512_dpwssd_epi32(acc[r][j], wv[r], xv[j]); \
+            }                                                                                           \
+            for (int r = 0; r < NR; r++)                                                                \
+                for (int j = 0; j < NT; j++) tot[r][j] = _mm512_add_ps(tot[r][j], _mm512_cvtepi32_ps(acc[r][j])); \
+        }                                                                                               \
+        for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) out[r][j] = _mm512_reduce_add_ps(tot[r][j]); \
+    }
+VN_UP(1) VN_UP(2) VN_UP(3) VN_UP(4)
+/* The up dots of tokens j0..j0+nt-1: VNNI when every one has a finite x (then scaled by its xqs), else fp32. */
+ALWAYS void vn_dots(const int8_t *const *w, long H, const float *const *xs, const int16_t *const *xq,
+                    const float *xqs, int nt, float out[NR][4], const char *pf, long blk) {
+    int finite = 1;
+    for (int j = 0; j < nt; j++) finite &= xqs[j] == xqs[j];
+    if (finite) {
+        A5_SWITCH(vn_up, nt, w, H, xq, out, pf, blk)
+        for (int r = 0; r < NR; r++) for (int j = 0; j < nt; j++) out[r][j] *= xqs[j];
+    } else {
+        A5_SWITCH(a5_up_i8v, nt, w, H, xs, out, pf, blk)
+    }
+}
+A5_UNIT(unit_avx512vnni_i8, i8w, int8_t, 1, 1,
+        vn_dots(wu, H, u->xs + j0, u->xq + j0, u->xqs + j0, nt, out, pf, blk);)
+A5_LIN(lin_avx512vnni_i8, int8_t, 1, vn_dots(wu, H, l->xs + j0, l->xq + j0, l->xqs + j0, nt, out, pf, blk);)
 #pragma GCC pop_options
+
 #endif /* BLOCKFFN_X86 */
 
+/* x rows (fp32) → int16 rows and scales for the VNNI int8 path (see above). */
+static void quantize_x16(const float *const *xs, long n, long H, int16_t *xq, float *xqs) {
+    for (long t = 0; t < n; t++) {
+        const float *x = xs[t];
+        float m = 0.0f;
+        int finite = 1;
+        for (long k = 0; k < H; k++) {
+            float a = fabsf(x[k]);
+            finite &= a <= 3.4028235e38f; /* false for NaN and Inf */
+            m = a > m ? a : m;
+        }
+        float sc = m > 0.0f ? m / 32767.0f : 1.0f;
+        xqs[t] = finite ? sc : NAN;
+        for (long k = 0; k < H; k++) {
+            float v = finite ? x[k] / sc : 0.0f;
+            xq[t * H + k] = (int16_t)lrintf(v > 32767.0f ? 32767.0f : v < -32767.0f ? -32767.0f : v);
+        }
+    }
+}
+
 /* The function of a family (unit_: the experts, lin_: a linear) for an ISA, weight dtype (0 fp32,
-   1 bf16, 2 int8 with row scales) and x dtype. int8 weights: the AVX-512 path on AVX512_BF16 CPUs
-   too (x is widened to fp32 for them). */
+   1 bf16, 2 int8 with row scales) and x dtype. int8 weights on AVX512_BF16 (+ VNNI) CPUs: VPDPWSSD
+   up dots on x rounded to int16 (vn_dots); on plain AVX-512, AVX2 and portable: fp32 FMAs. */
 #if BLOCKFFN_X86
 #define PICK(FAM)                                                                                       \
     if (isa >= ISA_AVX512_BF16 && wdt == 1 && xdt == 1) return FAM##avx512bf16_bf16;                    \
+    if (isa >= ISA_AVX512_BF16 && wdt == 2) return FAM##avx512vnni_i8;                                  \
     if (isa >= ISA_AVX512) return wdt == 2 ? FAM##avx512_i8 : wdt ? FAM##avx512_bf16 : FAM##avx512_f32; \
     if (isa >= ISA_AVX2) return wdt == 2 ? FAM##avx2_i8 : wdt ? FAM##avx2_bf16 : FAM##avx2_f32;         \
     return wdt == 2 ? FAM##portable_i8 : wdt ? FAM##portable_bf16 : FAM##portable_f32;
@@ -562,6 +687,18 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
             xh[t] = NULL;
         }
     }
+    int vnni = wdt == 2 && isa >= ISA_AVX512_BF16;
+    int16_t *xq16 = vnni ? malloc((size_t)M * K * sizeof(int16_t)) : NULL;
+    float *xqs = vnni ? malloc((size_t)M * sizeof(float)) : NULL;
+    const int16_t **xqp = vnni ? malloc((size_t)M * sizeof(int16_t *)) : NULL;
+    if (vnni && (!xq16 || !xqs || !xqp)) {
+        free(xs); free(xh); free(xf); free(out); free(zrow); free(xq16); free(xqs); free(xqp);
+        return -1;
+    }
+    if (vnni) {
+        quantize_x16(xs, M, K, xq16, xqs);
+        for (long t = 0; t < M; t++) xqp[t] = xq16 + t * K;
+    }
     float *o = xdt ? out : (float *)y;
     long ldo = xdt ? N : ldy;
     int nth = nthreads < 1 ? 1 : nthreads;
@@ -571,14 +708,15 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
     #pragma omp parallel num_threads(nth)
     {
         int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-        lin_t l = {w, K, (blocks * tid / nt) * 4, (blocks * (tid + 1) / nt) * 4, (int)M, xs, xh, o, ldo, zrow, scale};
+        lin_t l = {w, K, (blocks * tid / nt) * 4, (blocks * (tid + 1) / nt) * 4, (int)M, xs, xh, o, ldo, zrow, scale,
+                   xqp, xqs};
         if (l.n1 > N) l.n1 = N;
         if (l.n1 > l.n0) fn(&l);
     }
     if (xdt)
         for (long t = 0; t < M; t++)
             for (long n = 0; n < N; n++) ((uint16_t *)y)[t * ldy + n] = to_bf16(out[t * N + n]);
-    free(xs); free(xh); free(xf); free(out); free(zrow);
+    free(xs); free(xh); free(xf); free(out); free(zrow); free(xq16); free(xqs); free(xqp);
     return 0;
 }
 
@@ -676,7 +814,14 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     long nbuf = direct ? nth - 1 : nth;
     float *yb = nbuf > 0 ? malloc(((size_t)nbuf * T * H + 1) * sizeof(float)) : NULL;
     int *used = calloc((size_t)nth + 1, sizeof(int));
-    int ok = tok && sc && hb && xs && xh && zrow && used && (!need_xf || xf) && (nbuf == 0 || yb);
+    int vnni = wdt == 2 && isa >= ISA_AVX512_BF16;
+    int16_t *xq16 = vnni ? malloc(((size_t)n * H + 1) * sizeof(int16_t)) : NULL;
+    float *xqs = vnni ? malloc(((size_t)n + 1) * sizeof(float)) : NULL;
+    const float **xrow = vnni ? malloc(((size_t)n + 1) * sizeof(float *)) : NULL;
+    const int16_t **xqp = vnni ? malloc(((size_t)P + 1) * sizeof(int16_t *)) : NULL;
+    float *xqsp = vnni ? malloc(((size_t)P + 1) * sizeof(float)) : NULL;
+    int ok = tok && sc && hb && xs && xh && zrow && used && (!need_xf || xf) && (nbuf == 0 || yb) &&
+             (!vnni || (xq16 && xqs && xrow && xqp && xqsp));
     if (ok) {
         for (long t = t0; t < t1; t++) { /* fill: the same mask, so exactly cnt[e] entries each */
             const float *s = scores + t * E;
@@ -694,6 +839,11 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
         for (long p = 0; p < P; p++) {
             xs[p] = need_xf ? xf + (tok[p] - t0) * H : (const float *)x + tok[p] * ldx;
             xh[p] = need_xf ? (const uint16_t *)x + tok[p] * ldx : NULL;
+        }
+        if (vnni) { /* int8 weights, VNNI path: each token's x rounded to int16 once (quantize_x16) */
+            for (long t = t0; t < t1; t++) xrow[t - t0] = need_xf ? xf + (t - t0) * H : (const float *)x + t * ldx;
+            quantize_x16(xrow, n, H, xq16, xqs);
+            for (long p = 0; p < P; p++) { xqp[p] = xq16 + (tok[p] - t0) * H; xqsp[p] = xqs[tok[p] - t0]; }
         }
         /* cost of one unit of expert e: its row reads plus its tokens' dots */
         double total = 0.0;
@@ -747,6 +897,8 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                                 nxt.y = ym; nxt.zrow = zrow;
                                 nxt.su = up_scale ? up_scale + e * D + d0 : NULL;
                                 nxt.sd = down_scale ? down_scale + e * H : (const float *)zrow;
+                                nxt.xq = vnni ? xqp + off[e] : NULL;
+                                nxt.xqs = vnni ? xqsp + off[e] : NULL;
                                 if (have) {
                                     cur.pf_next = (const char *)(phase == 1 ? nxt.wu : nxt.wd);
                                     unit(&cur);
@@ -779,7 +931,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
         }
     }
     free(mask); free(used); free(cnt); free(off); free(uni); free(tok); free(sc); free(hb); free(xs);
-    free(xh); free(zrow); free(xf); free(yb);
+    free(xh); free(zrow); free(xf); free(yb); free(xq16); free(xqs); free(xrow); free(xqp); free(xqsp);
     return ok ? 0 : -1;
 }
 

@@ -30,6 +30,7 @@ from vllm_blockffn.observe.stats import RECORDER, stats_enabled
 from vllm_blockffn.serving import segments
 from vllm_blockffn.serving.checkpoint import BlockFFNWeightError
 from vllm_blockffn.serving.config import BlockFFNSpec
+from vllm_blockffn.serving.layers.quantization import Int8ExpertsMethod
 
 # "skip" is benchmark-only: experts output zeros and read nothing, so a step takes T_rest, the time of
 # everything but the experts (benchmarks/bench_e2e_cpu.py: the Amdahl bound on the experts' speed-up).
@@ -62,8 +63,10 @@ class BlockFFN(nn.Module):
         self.local_expert_size = D // self.tp_size
         self.backend = backend_from_env()
         self.layer_id = extract_layer_index(prefix)
-        # int8 experts (`--quantization blockffn_int8`, quantization.py): the method makes the weights
-        self.quant_method = quant_config.get_quant_method(self, prefix) if quant_config is not None else None
+        # int8 experts (`--quantization blockffn_int8`, quantization.py): the method makes the weights. Other
+        # methods (vLLM's own, e.g. online fp8 for the linears) leave the experts in the model's dtype.
+        method = quant_config.get_quant_method(self, prefix) if quant_config is not None else None
+        self.quant_method = method if isinstance(method, Int8ExpertsMethod) else None
         # Bytes of one whole expert (up + down, int8: + its fp32 scales), whatever the TP slicing.
         if self.quant_method is not None:
             self.expert_bytes = 2 * D * H + 4 * (D + H)

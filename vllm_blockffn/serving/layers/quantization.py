@@ -19,7 +19,10 @@ How (vLLM's own mechanism, `register_quantization_config`, as its online fp8 doe
   {"quant_method": "blockffn_int8"}`` in config.json and loads the same int8 tensors directly
   (tensor names: README "int8 weights").
 - CPU: the native kernels read int8 (experts: ``cpu_native.c``; linears: the streaming GEMV for
-  M ≤ ``cpu_linear_max_tokens``, torch's ``_weight_int8pack_mm`` above). GPU: the experts run the
+  M ≤ ``cpu_linear_max_tokens``, torch's ``_weight_int8pack_mm`` above). On AVX512_BF16 (+VNNI)
+  CPUs their dot products with W_up rows and linear rows run VPDPWSSD on x rounded to int16 per
+  token (a step of max|x| / 32767: finer than bf16's rounding for all but the smallest elements);
+  elsewhere, and in the W_down pass, int8 is widened to fp32. GPU: the experts run the
   Triton kernels on int8; the dense linears are dequantized once at load (int8 GEMMs on GPUs are
   vLLM's own schemes' job).
 """
@@ -115,11 +118,15 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     """x Wᵀ with W = weight (int8 [N, K]) · weight_scale (fp32 [N]) per row, in x's dtype (CPU).
 
     M ≤ cpu_linear_max_tokens: the native streaming GEMV (reads each int8 byte once); larger M
-    (compute-bound) or without the native kernel: torch's weight-only int8 GEMM."""
+    (compute-bound) or without the native kernel: torch's weight-only int8 GEMM on unit scales, the
+    fp32 row scales applied to its output (torch takes scales in x's dtype only: bf16 scales would be
+    other weights than the decode path's)."""
     if x.dim() == 2 and x.shape[0] <= THRESHOLDS.cpu_linear_max_tokens and x.dtype in (torch.float32, torch.bfloat16) \
             and cpu_native.native_available():
         return cpu_native.linear_native(x, weight, weight_scale=weight_scale)
-    return torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, weight_scale.to(x.dtype))
+    ones = torch.ones(weight.shape[0], dtype=x.dtype)
+    y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, ones)
+    return (y.float() * weight_scale).to(x.dtype)
 
 
 def _int8_linear_fake(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
