@@ -433,9 +433,14 @@ ALWAYS __mmask16 a5_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (_
             pf_share(pf, pfl, i, pfs);                                                                \
             __m512 wv[NR];                                                                              \
             for (int r = 0; r < NR; r++) wv[r] = a5_##SUF(w[r] + c, k);                                 \
-            if (SCALED) {                                                                               \
+            if (SCALED) { /* y += scale * (sum of the NR rows' terms): one multiply per token, not per row */ \
                 __m512 sv = _mm512_maskz_loadu_ps(k, sd + c);                                           \
-                for (int r = 0; r < NR; r++) wv[r] = _mm512_mul_ps(wv[r], sv);                          \
+                for (int j = 0; j < NT; j++) {                                                          \
+                    __m512 t = _mm512_mul_ps(hv[j][0], wv[0]);                                          \
+                    for (int r = 1; r < NR; r++) t = _mm512_fmadd_ps(hv[j][r], wv[r], t);               \
+                    _mm512_mask_storeu_ps(ys[j] + c, k, _mm512_fmadd_ps(sv, t, _mm512_maskz_loadu_ps(k, ys[j] + c))); \
+                }                                                                                       \
+                continue;                                                                               \
             }                                                                                           \
             for (int j = 0; j < NT; j++) {                                                              \
                 __m512 a = _mm512_maskz_loadu_ps(k, ys[j] + c);                                         \
