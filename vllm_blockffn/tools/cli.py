@@ -68,6 +68,9 @@ def _check_env() -> int:
                      f"(widest this CPU runs: {cpu_native.best_isa()}; {cpu_native.ISA_ENV} forces a narrower one)")
         lines.append("CPU experts: native expert-major kernel (fp32/bf16), grouped GEMMs for long steps; "
                      "decode-size linears: streaming kernel")
+        int8 = ("VPDPWSSD dots on x rounded to int16" if cpu_native.cpu_isa() == "avx512_bf16"
+                else "int8 widened to fp32")
+        lines.append(f"int8 weights (--quantization blockffn_int8): native kernel, {int8}")
     else:
         lines.append("native CPU kernel: unavailable (the warning says why, or VLLM_BLOCKFFN_CPU_NATIVE=0); "
                      "CPU experts: PyTorch path; linears: vLLM's own")
