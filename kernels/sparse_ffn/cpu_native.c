@@ -371,8 +371,9 @@ ALWAYS __m512 a5_f32(const float *p, __mmask16 k) { return _mm512_maskz_loadu_ps
 ALWAYS __m512 a5_bf16(const uint16_t *p, __mmask16 k) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
 }
-ALWAYS __m512 a5_i8(const int8_t *p, __mmask16 k) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, p)));
+ALWAYS __m512 a5_i8(const int8_t *p, __mmask16 k) { /* full steps: the load folds into VPMOVSXBD */
+    __m128i b = k == (__mmask16)0xffff ? _mm_loadu_si128((const __m128i *)p) : _mm_maskz_loadu_epi8(k, p);
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
 }
 ALWAYS __mmask16 a5_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
 /* up: 4 rows x NT tokens (up to 16 zmm accumulators); down: 4 rows x NT tokens. Rows past the
@@ -572,9 +573,7 @@ A5_LIN(lin_avx512bf16_bf16, uint16_t, 2, A5_SWITCH(bf_up, nt, wu, H, l->xh + j0,
    most 127 * 32767: exact for H < 8256; longer rows are summed in blocks of 8192), scaled once per
    dot product. Three instructions per 32 weights and token instead of eight in fp32: what lets int8
    run at memory speed. Tokens whose x is not finite take the fp32 path (NaN/Inf propagate as there). */
-ALWAYS __m512 a5_i8v(const int8_t *p, __mmask16 k) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, p)));
-}
+ALWAYS __m512 a5_i8v(const int8_t *p, __mmask16 k) { return a5_i8(p, k); }
 ALWAYS __m512 a5_i8w(const int8_t *p, __mmask16 k) { return a5_i8v(p, k); } /* the unit's own (A5_UNIT) */
 A5_UP(i8v, int8_t, 1) A5_UP(i8v, int8_t, 2) A5_UP(i8v, int8_t, 3) A5_UP(i8v, int8_t, 4)
 #define VN_UP(NT)                                                                                       \
