@@ -47,8 +47,6 @@ DEFAULT_MODEL = os.path.join(ROOT, "models", "blockffn-tiny-trained")
 DEFAULT_HEAD = os.path.join(ROOT, "models", "blockffn-tiny-trained-eagle")
 BUCKET = 8
 NAME = "blockffn_int8"
-SPEC_COUNTERS = {"vllm:spec_decode_num_drafts": "drafts", "vllm:spec_decode_num_draft_tokens": "drafted",
-                 "vllm:spec_decode_num_accepted_tokens": "accepted"}
 
 
 # ----------------------------------------------------------------------------------- reference
@@ -74,18 +72,6 @@ def reference_eval(path: str, seq_len: int, max_windows: int | None) -> dict[str
 
 
 # --------------------------------------------------------------------------------------- vLLM
-def _spec_counts(llm: Any) -> dict[str, Any]:
-    """vLLM's spec-decode counters so far (process-wide: callers take differences)."""
-    out: dict[str, Any] = {v: 0.0 for v in SPEC_COUNTERS.values()}
-    out["per_pos"] = []
-    for m in llm.get_metrics():
-        if m.name in SPEC_COUNTERS:
-            out[SPEC_COUNTERS[m.name]] += float(getattr(m, "value", 0) or 0)
-        elif m.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
-            out["per_pos"] = [float(v) for v in getattr(m, "values", []) or []]
-    return out
-
-
 def run_engine(path: str, dtype: str, prompts: list[list[int]], max_tokens: int, windows: list[list[int]] | None,
                quantization: str | None = None, spec: dict | None = None) -> dict[str, Any]:
     """One in-process engine: greedy tokens of ``prompts``, the held-out loss of ``windows`` (prompt
@@ -100,13 +86,16 @@ def run_engine(path: str, dtype: str, prompts: list[list[int]], max_tokens: int,
     res: dict[str, Any] = {"dtype": str(llm.llm_engine.model_config.dtype).removeprefix("torch."),
                            "quantization": llm.llm_engine.model_config.quantization}
     try:
-        before = _spec_counts(llm) if spec else None
+        from training.eagle import _spec_counters  # vLLM's spec-decode counters (process-wide)
+
+        before = _spec_counters(llm) if spec else None
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         res["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
         if spec:
-            after = _spec_counts(llm)
-            d = {k: after[k] - before[k] for k in ("drafts", "drafted", "accepted")}
+            after = _spec_counters(llm)
+            d = {k: after[a] - before[a] for k, a in (("drafts", "drafts"), ("drafted", "draft_tokens"),
+                                                       ("accepted", "accepted"))}
             per_pos = [a - b for a, b in zip(after["per_pos"], before["per_pos"] + [0.0] * len(after["per_pos"]))]
             res["spec"] = {"drafts": int(d["drafts"]), "drafted": int(d["drafted"]), "accepted": int(d["accepted"]),
                            "acceptance_rate": d["accepted"] / d["drafted"] if d["drafted"] else None,

