@@ -309,3 +309,27 @@ def test_native_int8_nonfinite_x_propagates_only_to_its_token(isa):
         assert _rel(y[clean], experts_naive(x[clean], s[clean], up, down)) < _tol(torch.float32, isa)
         lin = cpu_native.linear_native(x, qu.reshape(E * D, H), isa=isa, weight_scale=su.reshape(-1))
         assert not torch.isfinite(lin[1]).all() and torch.isfinite(lin[clean]).all()
+
+
+@pytest.mark.slow
+def test_int8_checkpoint_tp2_equals_tp1(tiny_factory, tmp_path, monkeypatch):
+    """An int8 checkpoint under tensor parallelism (mp executor): every rank holds a D/2 slice of the int8
+    experts with their up scales, the whole down scales, and its shards of the int8 q/k/v/o weights and
+    scales; greedy tokens equal TP=1's."""
+    from conftest import Engine
+    from test_distributed import MAX_TOKENS, _close, omp_bind_for
+
+    path = str(tmp_path / "tiny-int8")
+    r = _cli("quantize", tiny_factory(), path)
+    assert r.returncode == 0, r.stderr
+    tokens = {}
+    for tp in (1, 2):
+        kwargs = dict(tensor_parallel_size=2, distributed_executor_backend="mp") if tp == 2 else {}
+        if tp == 2:
+            monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", omp_bind_for(2))
+        engine = Engine(path, **kwargs)
+        try:
+            tokens[tp] = [list(o.outputs[0].token_ids) for o in engine.greedy(PROMPTS, MAX_TOKENS)]
+        finally:
+            _close(engine)
+    assert tokens[2] == tokens[1]
