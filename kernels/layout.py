@@ -49,6 +49,24 @@ def to_internal_layout(
     raise ValueError(f"unknown BlockFFN weight layout {layout!r}; expected one of {LAYOUTS}")
 
 
+def down_rows(down: torch.Tensor, layout: str, num_experts: int) -> torch.Tensor:
+    """A checkpoint's ``mlp.down_proj`` as the rows of each W_down,e, [E, H, D] (a view): itself for
+    ``block``, ``[H, E·D]`` regrouped for ``block_linear``. The per-output-row int8 scales (quant.py)
+    are taken over these rows."""
+    if layout == "block":
+        return down
+    h, ed = down.shape
+    return down.reshape(h, num_experts, ed // num_experts).permute(1, 0, 2)
+
+
+def down_from_rows(rows: torch.Tensor, layout: str) -> torch.Tensor:
+    """The inverse of :func:`down_rows`: [E, H, D] back to the checkpoint's own shape."""
+    if layout == "block":
+        return rows
+    e, h, d = rows.shape
+    return rows.permute(1, 0, 2).reshape(h, e * d)
+
+
 def from_internal_layout(w_up: torch.Tensor, w_down_t: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of :func:`to_internal_layout` (for tests and for writing checkpoints)."""
     e, d, h = w_up.shape

@@ -333,3 +333,27 @@ def test_int8_checkpoint_tp2_equals_tp1(tiny_factory, tmp_path, monkeypatch):
         finally:
             _close(engine)
     assert tokens[2] == tokens[1]
+
+
+@pytest.mark.parametrize("layout", ["block", "block_linear"])
+def test_quantized_checkpoint_holds_kernels_quant_weights(tiny_factory, tmp_path, layout):
+    """`vllm-blockffn quantize` + the reference's dequantization, in both checkpoint layouts, give exactly
+    kernels/quant.py's int8 experts (quantize_experts on the internal layout), dequantized."""
+    from vllm_blockffn.kernels.layout import to_internal_layout
+    from vllm_blockffn.reference import load_reference
+    from vllm_blockffn.serving.checkpoint import iter_tensors
+
+    src = tiny_factory(layout=layout)
+    out = str(tmp_path / f"{layout}-int8")
+    r = _cli("quantize", src, out)
+    assert r.returncode == 0, r.stderr
+    ref = load_reference(out)
+    float_tensors = dict(iter_tensors(src))
+    E = ref.spec.num_experts
+    params = dict(ref.named_parameters())
+    for i in range(ref.spec.num_hidden_layers):
+        p = f"model.layers.{i}.mlp."
+        w_up, w_down_t = to_internal_layout(float_tensors[p + "up_proj"], float_tensors[p + "down_proj"], layout, E)
+        up, down = dequantize_experts(*quantize_experts(w_up, w_down_t))
+        assert torch.equal(params[f"layers.{i}.mlp.up"], up)
+        assert torch.equal(params[f"layers.{i}.mlp.down"], down.transpose(1, 2))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vllm_blockffn.kernels.layout import down_rows
 from vllm_blockffn.serving.checkpoint import IGNORED_SUFFIXES, check_weights, iter_tensors
 from vllm_blockffn.serving.config import BlockFFNSpec
 
@@ -230,8 +231,7 @@ class ReferenceModel(nn.Module):
             if key.endswith("mlp.up_proj"):
                 tensor, key = tensor.reshape(E, D, H), key.replace("up_proj", "up")
             elif key.endswith("mlp.down_proj"):
-                if spec.ffn_type == "block_linear":  # [H, E·D] → [E, H, D]
-                    tensor = tensor.reshape(H, E, D).permute(1, 0, 2)
+                tensor = down_rows(tensor, spec.ffn_type, E)  # [E, H, D] in both layouts
                 key = key.replace("down_proj", "down")
             elif key == "lm_head" and spec.tie_word_embeddings:
                 continue
@@ -243,6 +243,7 @@ class ReferenceModel(nn.Module):
 
 def _dequantized(tensors: dict[str, torch.Tensor], spec: BlockFFNSpec) -> list[tuple[str, torch.Tensor]]:
     """An int8 checkpoint's tensors with every int8 weight times its row scales (fp32), scales dropped."""
+    from vllm_blockffn.kernels.layout import down_from_rows
     from vllm_blockffn.kernels.quant import dequantize_rows
 
     E, D, H = spec.num_experts, spec.expert_size, spec.hidden_size
@@ -255,9 +256,7 @@ def _dequantized(tensors: dict[str, torch.Tensor], spec: BlockFFNSpec) -> list[t
             if name.endswith("mlp.up_proj"):
                 t = dequantize_rows(t.reshape(E, D, H), s.reshape(E, D)).reshape(t.shape)
             elif name.endswith("mlp.down_proj"):
-                full = t if spec.ffn_type == "block" else t.reshape(H, E, D).permute(1, 0, 2)
-                t = dequantize_rows(full, s)
-                t = t if spec.ffn_type == "block" else t.permute(1, 0, 2).reshape(H, E * D)
+                t = down_from_rows(dequantize_rows(down_rows(t, spec.ffn_type, E), s), spec.ffn_type)
             else:
                 t = dequantize_rows(t, s)
         out.append((name, t))

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dispatch import THRESHOLDS, cpu_prefers_dense
-from ..quant import check_expert_scales, dequantize_experts, dequantize_rows
+from ..quant import check_expert_scales, dequantize_experts
 from .cpu_native import count_native, native_supports, sparse_ffn_native
 from .naive import active_scores
 
@@ -179,7 +179,6 @@ def sparse_ffn_cpu(
     ``up_scale`` / ``down_scale`` (``kernels/quant.py``), read by the native kernel; the PyTorch
     fallback dequantizes the weights first.
     """
-    q = check_expert_scales(w_up, up_scale, w_down_t, down_scale)
     if x.shape[0] == 0:
         return x.new_empty((0, x.shape[1]))
     if native and native_supports(x, w_up, w_down_t):
@@ -191,7 +190,7 @@ def sparse_ffn_cpu(
         y = sparse_ffn_native(x, scores, w_up, w_down_t, cu_seqlens, allow_dense=allow_dense, stats=stats,
                               up_scale=up_scale, down_scale=down_scale)
         return dense_ffn(x, scores, w_up, w_down_t, up_scale, down_scale) if y is None else y
-    if q:
+    if check_expert_scales(w_up, up_scale, w_down_t, down_scale):  # (the native kernel checks its own)
         w_up, w_down_t = dequantize_experts(w_up, up_scale, w_down_t, down_scale, x.dtype)
     return sparse_ffn_cpu_torch(x, scores, w_up, w_down_t, cu_seqlens, allow_dense=allow_dense)
 
@@ -215,6 +214,7 @@ def sparse_ffn_grouped(
     against O(n·D·H) FLOPs)."""
     T, H = x.shape
     E, D, _ = w_up.shape
+    q = check_expert_scales(w_up, up_scale, w_down_t, down_scale)
     t0, t1 = int(cu_seqlens[0]), int(cu_seqlens[-1])
     t0, t1 = max(0, t0), min(T, max(t1, t0))
     act = scores[t0:t1] > 0
@@ -236,8 +236,9 @@ def sparse_ffn_grouped(
         idx = order[e, :n] + t0
         xe = x.index_select(0, idx)
         wu, wd = w_up[e], w_down_t[e]
-        if up_scale is not None:
-            wu, wd = dequantize_rows(wu, up_scale[e], x.dtype), (wd.float() * down_scale[e]).to(x.dtype)
+        if q:
+            wu, wd = (w[0] for w in dequantize_experts(w_up[e : e + 1], up_scale[e : e + 1], w_down_t[e : e + 1],
+                                                        down_scale[e : e + 1], x.dtype))
         h = F.silu(torch.mm(xe, wu.t()).float())
         h.mul_(scores.index_select(0, idx)[:, e : e + 1])
         y.index_add_(0, idx, torch.mm(h.to(x.dtype), wd).float())

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import torch
 
+from vllm_blockffn.kernels.layout import down_from_rows, down_rows
 from vllm_blockffn.kernels.quant import quantize_rows
 from vllm_blockffn.serving.checkpoint import check_weights, int8_tensors, iter_tensors
 from vllm_blockffn.serving.config import BlockFFNSpec
@@ -36,10 +37,8 @@ def quantized_tensors(src: str, spec: BlockFFNSpec, linears: bool = True) -> Ite
             q, s = quantize_rows(t.reshape(E, D, H), where)
             q, s = q.reshape(t.shape), s.reshape(targets[name + "_scale"][1])
         elif name.endswith("mlp.down_proj"):  # rows of W_down,e = [E, H, D] rows, over D
-            full = t if spec.ffn_type == "block" else t.reshape(H, E, D).permute(1, 0, 2)
-            q, s = quantize_rows(full, where)
-            if spec.ffn_type != "block":
-                q = q.permute(1, 0, 2).reshape(H, E * D)
+            q, s = quantize_rows(down_rows(t, spec.ffn_type, E), where)
+            q = down_from_rows(q, spec.ffn_type)
         else:  # a linear [N, K]
             q, s = quantize_rows(t, where)
         yield name, q.contiguous()
