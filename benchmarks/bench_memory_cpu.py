@@ -338,15 +338,16 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     ap.add_argument("--linears-only", action="store_true", help="only the decode-size linear rows")
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="expert shapes (default: all)")
-    ap.add_argument("--rowseq", type=int, default=None,
-                    help="AVX-512 row order: bit 0 up, bit 1 down one row after the other (cpu_native.set_rowseq)")
+    ap.add_argument("--no-pairdown", action="store_true",
+                    help="bf16 down pass by widening to fp32 instead of VDPBF16PS row pairs (cpu_native.set_pairdown)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.rowseq is not None:
-        cpu_native.set_rowseq(args.rowseq)
+    if args.no_pairdown:
+        cpu_native.set_pairdown(False)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     head = (f"CPU: {cpu_model()}, {os.cpu_count()} cores, {args.threads} threads, kernel ISA path "
-            f"{cpu_native.cpu_isa()} (best {cpu_native.best_isa()}), rowseq {args.rowseq or 0}, "
+            f"{cpu_native.cpu_isa()} (best {cpu_native.best_isa()}), "
+            f"bf16 down pass {'widening' if args.no_pairdown else 'row pairs'}, "
             f"LLC {llc_bytes() >> 20} MiB, commit {commit}, "
             f"torch {torch.__version__}")
     print(head, flush=True)

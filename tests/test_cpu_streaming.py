@@ -60,6 +60,38 @@ def test_dense_layer_streams_every_expert(isa, dtype, monkeypatch):
     torch.testing.assert_close(dense_ffn(x[:1], s[:1], w_up, w_down_t).float(), ref[:1], **TOL[dtype])
 
 
+@pytest.mark.skipif("avx512_bf16" not in PATHS, reason="the CPU has no AVX512_BF16")
+@pytest.mark.parametrize("H,lengths", [(128, [1, 2]), (1792, [4]), (96, [1, 1, 1, 1, 1, 3]), (80, [2, 1]), (32, [9])])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_down_pass_on_row_pairs(H, lengths, threads):
+    """The bf16 down pass on AVX512_BF16 CPUs (VDPBF16PS on row pairs, y kept in a 32-column block order,
+    h rounded to bf16 as a bf16 model carries it) equals the widening pass and the reference, NaN x rows
+    included; H % 32 != 0 (80) takes the widening pass."""
+    T, E, D = sum(lengths), 9, 13  # D % 4 != 0: the last unit has one row (its pair partner reads zeros)
+    g = torch.Generator().manual_seed(H + T)
+    x = torch.randn(T, H, generator=g).bfloat16()
+    x[T - 1, 5] = float("nan")
+    s = torch.relu(torch.randn(T, E, generator=g))
+    w_up = (torch.randn(E, D, H, generator=g) / H**0.5).bfloat16()
+    w_down_t = (torch.randn(E, D, H, generator=g) / D**0.5).bfloat16()
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    ref = experts_reference(x.float(), s, w_up.float(), w_down_t.transpose(1, 2).float(), "block")
+    ys = {}
+    try:
+        for on in (False, True):
+            cpu_native.set_pairdown(on)
+            ys[on] = cpu_native.sparse_ffn_native(x, s, w_up, w_down_t, cu, num_threads=threads).float()
+    finally:
+        cpu_native.set_pairdown(True)
+    for y in ys.values():
+        assert torch.equal(y.isnan(), ref.isnan()) and y[T - 1].isnan().any() == bool((s[T - 1] > 0).any())
+        ok = ~ref.isnan()
+        torch.testing.assert_close(y[ok], ref[ok], **TOL["bf16"])
+    torch.testing.assert_close(ys[True][ok], ys[False][ok], **TOL["bf16"])
+    # the switch does change the path where it applies (h rounded to bf16 moves some outputs), not elsewhere
+    assert torch.equal(ys[True][ok], ys[False][ok]) == (H % 32 != 0)
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_long_steps_run_grouped_gemms_per_expert(dtype):
     """From cpu_grouped_min_tokens tokens the auto CPU path gathers each expert's tokens into one GEMM

@@ -340,6 +340,7 @@ def test_quantized_checkpoint_holds_kernels_quant_weights(tiny_factory, tmp_path
     """`vllm-blockffn quantize` + the reference's dequantization, in both checkpoint layouts, give exactly
     kernels/quant.py's int8 experts (quantize_experts on the internal layout), dequantized."""
     from vllm_blockffn.kernels.layout import to_internal_layout
+
     from vllm_blockffn.reference import load_reference
     from vllm_blockffn.serving.checkpoint import iter_tensors
 

@@ -57,21 +57,20 @@ int blockffn_cpu_isa(void) {
 ALWAYS int is_active(float s) { return s > 0.0f; }
 
 ALWAYS float cv_bf16(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
-ALWAYS uint16_t to_bf16(float f) {
+ALWAYS uint16_t to_bf16(float f) { /* round to nearest even; NaN stays a (quiet) NaN. Branch-free: vectorizes */
     uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, q = (u >> 16) | 0x40u;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? q : r);
 }
 ALWAYS float silu(float v) { return v / (1.0f + expf(-v)); }
 
 static int g_prefetch = 2; /* software prefetch: 0 off, n: the next n blocks ahead (blockffn_set_prefetch) */
 void blockffn_set_prefetch(int on) { g_prefetch = on; }
-/* Row order of the AVX-512 paths: bit 0 (up) / bit 1 (down) set = one weight row after the other (a
-   single sequential stream per unit), clear = the unit's NR rows side by side (NR streams, each x / y
-   vector loaded once per NR rows). blockffn_set_rowseq: benchmarks compare the two. */
-static int g_rowseq = 0;
-void blockffn_set_rowseq(int bits) { g_rowseq = bits; }
+/* The paired bf16 down pass (bf_down, AVX512_BF16 CPUs): 1 on, 0 the widening one (benchmarks compare). */
+static int g_pairdown = 1;
+void blockffn_set_pairdown(int on) { g_pairdown = on; }
+/* Where column col of a y row sits when the paired down pass keeps it in its 32-column block order. */
+ALWAYS long perm_col(long col) { long q = col & 31, m = q & 7; return (col & ~31L) + (m < 4 ? 0 : 16) + 4 * (q >> 3) + (m & 3); }
 
 /* Everything one unit needs: NR (or fewer) rows d0.. of one expert, its m tokens. */
 typedef struct {
@@ -91,6 +90,7 @@ typedef struct {
     const int16_t *const *xq;       /* int8 weights on the VNNI path: the tokens' x rounded to int16, else NULL */
     const float *xqs;               /* ...and their scales (x ~ xq * xqs; NaN: x not finite, use the fp32 x) */
     int phase;                      /* 1: up (h of the rows), 2: down (y += rows * h) */
+    int perm;                       /* y is kept in perm_col order (the paired bf16 down pass, bf_down) */
 } unit_t;
 
 typedef void (*unit_fn)(const unit_t *u);
@@ -119,18 +119,20 @@ ALWAYS const char *lin_next(const lin_t *l, long n, long esz, long *blk) {
     return g_prefetch && *blk > 0 ? (const char *)l->w + nx * l->K * esz : NULL;
 }
 
-/* Software prefetch of the rows the next call reads, spread over a loop of `steps` iterations:
-   pf_stride (once, before the loop) gives the bytes per iteration and sets *lim to the bytes to
-   cover (g_prefetch blocks: a stream's blocks are contiguous); pf_share (each iteration i) issues
-   the iteration's share. No division inside the loop. */
+/* Software prefetch, g_prefetch blocks ahead: p is the block the next call reads (a stream's blocks
+   are contiguous), and a call prefetches only the block g_prefetch - 1 after it, so every byte is
+   prefetched once (prefetching all the blocks up to it spent a fifth of the loop's instructions on
+   repeats). pf_stride (once, before the loop) gives the bytes per iteration and sets *lim to the
+   block's bytes; pf_share (each iteration i) issues the iteration's share. No division in the loop. */
 ALWAYS long pf_stride(long bytes, long steps, long *lim) {
-    *lim = bytes * g_prefetch;
+    *lim = bytes;
     return steps > 0 ? ((*lim + steps - 1) / steps + 63) & ~63L : *lim;
 }
 ALWAYS void pf_share(const char *p, long lim, long i, long stride) {
     if (!p) return;
     long a = i * stride, b = a + stride;
     if (b > lim) b = lim;
+    p += (g_prefetch - 1) * lim;
     for (long o = a; o < b; o += 64) __builtin_prefetch(p + o, 0, 1);
 }
 
@@ -385,19 +387,6 @@ ALWAYS __mmask16 a5_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (_
         __m512 acc[NR][NT];                                                                             \
         long steps = (H + 15) / 16, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl);                       \
         for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) acc[r][j] = _mm512_setzero_ps();      \
-        if (g_rowseq & 1) { /* one row after the other: acc[r][j] holds row r's sums */                \
-            long q = 0;                                                                                 \
-            for (int r = 0; r < NR; r++)                                                                \
-                for (long h = 0; h < H; h += 16, q++) {                                                 \
-                    __mmask16 k = a5_mask(H - h);                                                       \
-                    if ((q & 3) == 0) pf_share(pf, pfl, q >> 2, pfs);                                   \
-                    __m512 wv = a5_##SUF(w[r] + h, k);                                                  \
-                    for (int j = 0; j < NT; j++)                                                        \
-                        acc[r][j] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(k, xs[j] + h), acc[r][j]); \
-                }                                                                                       \
-            for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]); \
-            return;                                                                                     \
-        }                                                                                               \
         for (long h = 0; h < H; h += 16, i++) {                                                         \
             __mmask16 k = a5_mask(H - h);                                                               \
             pf_share(pf, pfl, i, pfs);                                                                \
@@ -415,20 +404,6 @@ ALWAYS __mmask16 a5_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (_
         __m512 hv[NT][NR];                                                                              \
         long steps = (H + 15) / 16, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl);                       \
         for (int j = 0; j < NT; j++) for (int r = 0; r < NR; r++) hv[j][r] = _mm512_set1_ps(hs[j][r]);  \
-        if (g_rowseq & 2) { /* one row after the other: y read and written once per row */             \
-            long q = 0;                                                                                 \
-            for (int r = 0; r < NR; r++)                                                                \
-                for (long c = 0; c < H; c += 16, q++) {                                                 \
-                    __mmask16 k = a5_mask(H - c);                                                       \
-                    if ((q & 3) == 0) pf_share(pf, pfl, q >> 2, pfs);                                   \
-                    __m512 wv = a5_##SUF(w[r] + c, k);                                                  \
-                    if (SCALED) wv = _mm512_mul_ps(wv, _mm512_maskz_loadu_ps(k, sd + c));               \
-                    for (int j = 0; j < NT; j++)                                                        \
-                        _mm512_mask_storeu_ps(ys[j] + c, k, _mm512_fmadd_ps(hv[j][r], wv,               \
-                                                                            _mm512_maskz_loadu_ps(k, ys[j] + c))); \
-                }                                                                                       \
-            return;                                                                                     \
-        }                                                                                               \
         for (long c = 0; c < H; c += 16, i++) {                                                         \
             __mmask16 k = a5_mask(H - c);                                                               \
             pf_share(pf, pfl, i, pfs);                                                                \
@@ -457,8 +432,10 @@ ALWAYS __mmask16 a5_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (_
     case 3: FN##_3(__VA_ARGS__); break;                                                                 \
     default: FN##_4(__VA_ARGS__); break;                                                                \
     }
-/* One unit in blocks of up to 4 tokens. UPCALL computes out[r][j] for tokens j0..j0+nt-1. */
-#define A5_UNIT(NAME, SUF, WT, ESZ, SCALED, UPCALL)                                                     \
+/* One unit in blocks of up to 4 tokens. UPCALL computes out[r][j] for tokens j0..j0+nt-1; DOWNCALL adds
+   the rows times hs[j][r] into ys[j] (A5_DOWN: the default). */
+#define A5_DOWNCALL(SUF) A5_SWITCH(a5_down_##SUF, nt, wd, H, ys, hs, pf, blk, u->sd)
+#define A5_UNIT(NAME, SUF, WT, ESZ, SCALED, UPCALL, DOWNCALL)                                           \
     A5_UP(SUF, WT, 1) A5_UP(SUF, WT, 2) A5_UP(SUF, WT, 3) A5_UP(SUF, WT, 4)                            \
     A5_DOWN(SUF, WT, 1, SCALED) A5_DOWN(SUF, WT, 2, SCALED)                                             \
     A5_DOWN(SUF, WT, 3, SCALED) A5_DOWN(SUF, WT, 4, SCALED)                                             \
@@ -490,12 +467,15 @@ ALWAYS __mmask16 a5_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (_
                 for (int r = 0; r < NR; r++)                                                            \
                     hs[j][r] = j < nt && r < nr ? u->hb[(long)(j0 + j) * u->D + r] : 0.0f;              \
             }                                                                                           \
-            A5_SWITCH(a5_down_##SUF, nt, wd, H, ys, hs, pf, blk, u->sd)                                 \
+            DOWNCALL                                                                                    \
         }                                                                                               \
     }
-A5_UNIT(unit_avx512_f32, f32, float, 4, 0, A5_SWITCH(a5_up_f32, nt, wu, H, u->xs + j0, out, pf, blk))
-A5_UNIT(unit_avx512_bf16, bf16, uint16_t, 2, 0, A5_SWITCH(a5_up_bf16, nt, wu, H, u->xs + j0, out, pf, blk))
-A5_UNIT(unit_avx512_i8, i8, int8_t, 1, 1, A5_SWITCH(a5_up_i8, nt, wu, H, u->xs + j0, out, pf, blk))
+A5_UNIT(unit_avx512_f32, f32, float, 4, 0, A5_SWITCH(a5_up_f32, nt, wu, H, u->xs + j0, out, pf, blk),
+        A5_DOWNCALL(f32))
+A5_UNIT(unit_avx512_bf16, bf16, uint16_t, 2, 0, A5_SWITCH(a5_up_bf16, nt, wu, H, u->xs + j0, out, pf, blk),
+        A5_DOWNCALL(bf16))
+A5_UNIT(unit_avx512_i8, i8, int8_t, 1, 1, A5_SWITCH(a5_up_i8, nt, wu, H, u->xs + j0, out, pf, blk),
+        A5_DOWNCALL(i8))
 
 /* A linear's rows in blocks of 4, tokens in blocks of 4: the up kernels without SiLU. */
 #define A5_LIN(NAME, WT, ESZ, UPCALL)                                                                   \
@@ -537,20 +517,6 @@ ALWAYS __m512 a5_bf16b(const uint16_t *p, __mmask16 k) {
         __m512 acc[NR][NT];                                                                             \
         long steps = (H + 31) / 32, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl);                       \
         for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) acc[r][j] = _mm512_setzero_ps();      \
-        if (g_rowseq & 1) {                                                                             \
-            long q = 0;                                                                                 \
-            for (int r = 0; r < NR; r++)                                                                \
-                for (long h = 0; h < H; h += 32, q++) {                                                 \
-                    __mmask32 k = H - h >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (H - h)) - 1); \
-                    if ((q & 3) == 0) pf_share(pf, pfl, q >> 2, pfs);                                   \
-                    __m512i wv = _mm512_maskz_loadu_epi16(k, w[r] + h);                                 \
-                    for (int j = 0; j < NT; j++)                                                        \
-                        acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)wv,                           \
-                                                     (__m512bh)_mm512_maskz_loadu_epi16(k, xh[j] + h)); \
-                }                                                                                       \
-            for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]); \
-            return;                                                                                     \
-        }                                                                                               \
         for (long h = 0; h < H; h += 32, i++) {                                                         \
             __mmask32 k = H - h >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (H - h)) - 1);      \
             pf_share(pf, pfl, i, pfs);                                                                \
@@ -564,7 +530,40 @@ ALWAYS __m512 a5_bf16b(const uint16_t *p, __mmask16 k) {
         for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]); \
     }
 BF_UP(1) BF_UP(2) BF_UP(3) BF_UP(4)
-A5_UNIT(unit_avx512bf16_bf16, bf16b, uint16_t, 2, 0, A5_SWITCH(bf_up, nt, wu, H, u->xh + j0, out, pf, blk))
+/* down with VDPBF16PS on row pairs: rows r and r+1 interleaved in registers (VPUNPCKLWD / VPUNPCKHWD: one
+   instruction per 32 columns, no bf16 -> fp32 widening), times the pair (h_r, h_r+1) rounded to bf16 (the
+   value a bf16 model's FFN carries between its two projections), fp32 accumulation into y. 8 instructions
+   per 4 rows x 32 columns and token instead of 18: what keeps the bf16 down pass at memory speed. The
+   unpacks work within 128-bit lanes, so y is kept in a fixed order inside each 32-column block
+   (perm_col; the thread's private y only: the final reduction puts it back). Needs H % 32 == 0. */
+#define BF_DOWN(NT)                                                                                     \
+    ALWAYS void bf_down_##NT(const uint16_t *const *w, long H, float *const *ys, float hs[4][NR],       \
+                             const char *pf, long blk) {                                               \
+        __m512i hp[NT][2];                                                                              \
+        for (int j = 0; j < NT; j++)                                                                    \
+            for (int p = 0; p < 2; p++)                                                                 \
+                hp[j][p] = _mm512_set1_epi32((int)((uint32_t)to_bf16(hs[j][2 * p]) |                    \
+                                                   ((uint32_t)to_bf16(hs[j][2 * p + 1]) << 16)));       \
+        long steps = H / 32 > 0 ? H / 32 : 1, pfl, pfs = pf_stride(blk, steps, &pfl);                   \
+        for (long c = 0, i = 0; c < H; c += 32, i++) {                                                  \
+            pf_share(pf, pfl, i, pfs);                                                                  \
+            __m512i a0 = _mm512_loadu_si512(w[0] + c), a1 = _mm512_loadu_si512(w[1] + c);               \
+            __m512i a2 = _mm512_loadu_si512(w[2] + c), a3 = _mm512_loadu_si512(w[3] + c);               \
+            __m512bh l01 = (__m512bh)_mm512_unpacklo_epi16(a0, a1), h01 = (__m512bh)_mm512_unpackhi_epi16(a0, a1); \
+            __m512bh l23 = (__m512bh)_mm512_unpacklo_epi16(a2, a3), h23 = (__m512bh)_mm512_unpackhi_epi16(a2, a3); \
+            for (int j = 0; j < NT; j++) {                                                              \
+                float *y = ys[j] + c;                                                                   \
+                __m512 lo = _mm512_loadu_ps(y), hi = _mm512_loadu_ps(y + 16);                           \
+                lo = _mm512_dpbf16_ps(_mm512_dpbf16_ps(lo, l01, (__m512bh)hp[j][0]), l23, (__m512bh)hp[j][1]); \
+                hi = _mm512_dpbf16_ps(_mm512_dpbf16_ps(hi, h01, (__m512bh)hp[j][0]), h23, (__m512bh)hp[j][1]); \
+                _mm512_storeu_ps(y, lo);                                                                \
+                _mm512_storeu_ps(y + 16, hi);                                                           \
+            }                                                                                           \
+        }                                                                                               \
+    }
+BF_DOWN(1) BF_DOWN(2) BF_DOWN(3) BF_DOWN(4)
+A5_UNIT(unit_avx512bf16_bf16, bf16b, uint16_t, 2, 0, A5_SWITCH(bf_up, nt, wu, H, u->xh + j0, out, pf, blk),
+        if (u->perm) { A5_SWITCH(bf_down, nt, wd, H, ys, hs, pf, blk) } else { A5_DOWNCALL(bf16b) })
 A5_LIN(lin_avx512bf16_bf16, uint16_t, 2, A5_SWITCH(bf_up, nt, wu, H, l->xh + j0, out, pf, blk))
 
 /* int8 weights, up pass (and linears) with VPDPWSSD: the weights widened to int16 (exact), x rounded to
@@ -614,7 +613,7 @@ ALWAYS void vn_dots(const int8_t *const *w, long H, const float *const *xs, cons
     }
 }
 A5_UNIT(unit_avx512vnni_i8, i8w, int8_t, 1, 1,
-        vn_dots(wu, H, u->xs + j0, u->xq + j0, u->xqs + j0, nt, out, pf, blk);)
+        vn_dots(wu, H, u->xs + j0, u->xq + j0, u->xqs + j0, nt, out, pf, blk);, A5_DOWNCALL(i8w))
 A5_LIN(lin_avx512vnni_i8, int8_t, 1, vn_dots(wu, H, l->xs + j0, l->xq + j0, l->xqs + j0, nt, out, pf, blk);)
 #pragma GCC pop_options
 
@@ -818,13 +817,19 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     long nbuf = direct ? nth - 1 : nth;
     float *yb = nbuf > 0 ? malloc(((size_t)nbuf * T * H + 1) * sizeof(float)) : NULL;
     int *used = calloc((size_t)nth + 1, sizeof(int));
+    float *ra = direct ? NULL : malloc(((size_t)H + 1) * sizeof(float)); /* one output row's sums */
     int vnni = wdt == 2 && isa >= ISA_AVX512_BF16;
+    /* the paired bf16 down pass: thread-private y only (bf16 x: never direct), whole 32-column blocks */
+    int perm = 0;
+#if BLOCKFFN_X86
+    perm = g_pairdown && unit == unit_avx512bf16_bf16 && H % 32 == 0 && !direct;
+#endif
     int16_t *xq16 = vnni ? malloc(((size_t)n * H + 1) * sizeof(int16_t)) : NULL;
     float *xqs = vnni ? malloc(((size_t)n + 1) * sizeof(float)) : NULL;
     const float **xrow = vnni ? malloc(((size_t)n + 1) * sizeof(float *)) : NULL;
     const int16_t **xqp = vnni ? malloc(((size_t)P + 1) * sizeof(int16_t *)) : NULL;
     float *xqsp = vnni ? malloc(((size_t)P + 1) * sizeof(float)) : NULL;
-    int ok = tok && sc && hb && xs && xh && zrow && used && (!need_xf || xf) && (nbuf == 0 || yb) &&
+    int ok = tok && sc && hb && xs && xh && zrow && used && (direct || ra) && (!need_xf || xf) && (nbuf == 0 || yb) &&
              (!vnni || (xq16 && xqs && xrow && xqp && xqsp));
     if (ok) {
         for (long t = t0; t < t1; t++) { /* fill: the same mask, so exactly cnt[e] entries each */
@@ -903,6 +908,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                                 nxt.sd = down_scale ? down_scale + e * H : (const float *)zrow;
                                 nxt.xq = vnni ? xqp + off[e] : NULL;
                                 nxt.xqs = vnni ? xqsp + off[e] : NULL;
+                                nxt.perm = perm;
                                 if (have) {
                                     cur.pf_next = (const char *)(phase == 1 ? nxt.wu : nxt.wd);
                                     unit(&cur);
@@ -927,15 +933,21 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
             }
         } else {
             uint16_t *yo = (uint16_t *)y;
-            for (long i = 0; i < nn; i++) {
-                float a = 0.0f;
-                for (long b = 0; b < nbuf; b++) if (used[b]) a += yb[b * nn + i];
-                yo[i] = to_bf16(a);
+            for (long t = 0; t < T; t++) { /* a row at a time: the sums vectorize, then round */
+                for (long c = 0; c < H; c++) ra[c] = 0.0f;
+                for (long b = 0; b < nbuf; b++) {
+                    if (!used[b]) continue;
+                    const float *src = yb + b * nn + t * H;
+                    for (long c = 0; c < H; c++) ra[c] += src[c];
+                }
+                uint16_t *dst = yo + t * H;
+                if (perm) for (long c = 0; c < H; c++) dst[c] = to_bf16(ra[perm_col(c)]);
+                else for (long c = 0; c < H; c++) dst[c] = to_bf16(ra[c]);
             }
         }
     }
     free(mask); free(used); free(cnt); free(off); free(uni); free(tok); free(sc); free(hb); free(xs);
-    free(xh); free(zrow); free(xf); free(yb); free(xq16); free(xqs); free(xrow); free(xqp); free(xqsp);
+    free(xh); free(zrow); free(xf); free(yb); free(xq16); free(xqs); free(xrow); free(xqp); free(xqsp); free(ra);
     return ok ? 0 : -1;
 }
 

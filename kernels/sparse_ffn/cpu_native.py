@@ -110,7 +110,7 @@ def _open(path: str) -> ctypes.CDLL | None:
         fn = lib.blockffn_sparse_ffn
         isa = lib.blockffn_cpu_isa
         lib.blockffn_set_prefetch.argtypes = [ctypes.c_int]
-        lib.blockffn_set_rowseq.argtypes = [ctypes.c_int]
+        lib.blockffn_set_pairdown.argtypes = [ctypes.c_int]
     except (OSError, AttributeError) as exc:
         logger.debug("blockffn: cannot load %s: %s", path, exc)
         return None
@@ -229,12 +229,12 @@ def set_prefetch(on: bool) -> None:
         lib.blockffn_set_prefetch(int(on))
 
 
-def set_rowseq(bits: int) -> None:
-    """AVX-512 paths' row order (benchmarks): bit 0 up, bit 1 down = one weight row after the other
-    instead of a unit's rows side by side (``cpu_native.c``, ``g_rowseq``)."""
+def set_pairdown(on: bool) -> None:
+    """The bf16 down pass on AVX512_BF16 CPUs (benchmarks compare): on (default) = VDPBF16PS on row
+    pairs, off = the widening one (bf16 -> fp32, then FMAs) (``cpu_native.c``, ``bf_down``)."""
     lib = _load()
     if lib is not None:
-        lib.blockffn_set_rowseq(int(bits))
+        lib.blockffn_set_pairdown(int(bool(on)))
 
 
 def linear_native(x: torch.Tensor, weight: torch.Tensor, num_threads: int | None = None,
