@@ -113,6 +113,33 @@ def test_native_int8_experts_equal_dequantized_reference(isa, xdt):
             assert _rel(dense, ref) < _tol(xdt, isa)
 
 
+@pytest.mark.skipif("avx512_bf16" not in _isas(), reason="the CPU has no AVX512_BF16 + VNNI")
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
+def test_int8_down_pass_on_row_pairs(xdt):
+    """The int8 down pass on VNNI CPUs (VPDPWSSD on row pairs, h rounded to int16 per token and unit)
+    equals the widening pass and the dequantized reference within the VNNI tolerance, column tails
+    (H % 32) and one-row units included; the switch does change the path."""
+    for E, D, H in [(7, 13, 256), (5, 6, 45), (4, 9, 1792)]:
+        qu, su, qd, sd = _experts(E, D, H, seed=H)
+        up, down = dequantize_experts(qu, su, qd, sd)
+        for T in (1, 4, 6):
+            x = torch.randn(T, H, generator=torch.Generator().manual_seed(T + H)).to(xdt)
+            s = _scores(T, E, seed=T)
+            ref = experts_naive(x.float(), s, up, down)
+            ys = {}
+            try:
+                for on in (False, True):
+                    cpu_native.set_pairdown(on)
+                    ys[on] = cpu_native.sparse_ffn_native(x, s, qu, qd, torch.tensor([0, T], dtype=torch.int32),
+                                                          num_threads=2, up_scale=su, down_scale=sd)
+            finally:
+                cpu_native.set_pairdown(True)
+            for y in ys.values():
+                assert _rel(y, ref) < _tol(xdt, "avx512_bf16"), (E, D, H, T)
+            if xdt == torch.float32:
+                assert not torch.equal(ys[True], ys[False])
+
+
 @needs_native
 @pytest.mark.parametrize("isa", _isas())
 def test_native_int8_linear_equals_dequantized_reference(isa):

@@ -66,7 +66,8 @@ ALWAYS float silu(float v) { return v / (1.0f + expf(-v)); }
 
 static int g_prefetch = 2; /* software prefetch: 0 off, n: the next n blocks ahead (blockffn_set_prefetch) */
 void blockffn_set_prefetch(int on) { g_prefetch = on; }
-/* The paired bf16 down pass (bf_down, AVX512_BF16 CPUs): 1 on, 0 the widening one (benchmarks compare). */
+/* The down passes on row pairs (AVX512_BF16 + VNNI CPUs: bf_down for bf16, vn_down for int8 weights):
+   1 on, 0 the widening ones (benchmarks compare). */
 static int g_pairdown = 1;
 void blockffn_set_pairdown(int on) { g_pairdown = on; }
 /* Where column col of a y row sits when the paired down pass keeps it in its 32-column block order. */
@@ -612,8 +613,66 @@ ALWAYS void vn_dots(const int8_t *const *w, long H, const float *const *xs, cons
         A5_SWITCH(a5_up_i8v, nt, w, H, xs, out, pf, blk)
     }
 }
+/* int8 down pass with VPDPWSSD on row pairs: rows r and r+1 widened to int16 (exact) and interleaved
+   (VPERMT2W: the columns stay in order, so y and the column scales need no reordering), times the
+   pair (hq_r, hq_r+1) of h rounded to int16 per token and unit (a step of max|h| / 32767 over the
+   unit's rows), int32 sums (4 products of at most 127 * 32767: exact), then y += sum * (s_h * column
+   scale). 6 instructions per 2 rows x 32 columns and token plus 3 per 16 columns and token, instead of
+   3 per 16 weights: the int8 down pass is no longer bound by widening. A token whose h is not finite
+   in the unit takes the widening pass (NaN/Inf propagate as there). */
+ALWAYS int vn_h_finite(float hs[4][NR], int nt) {
+    int ok = 1;
+    for (int j = 0; j < nt; j++)
+        for (int r = 0; r < NR; r++) ok &= fabsf(hs[j][r]) <= 3.4028235e38f;
+    return ok;
+}
+#define VN_DOWN(NT)                                                                                     \
+    ALWAYS void vn_down_##NT(const int8_t *const *w, long H, float *const *ys, float hs[4][NR],         \
+                             const char *pf, long blk, const float *sd) {                              \
+        __m512i hp[NT][2];                                                                              \
+        __m512 hsc[NT];                                                                                 \
+        for (int j = 0; j < NT; j++) {                                                                  \
+            float m = 0.0f;                                                                             \
+            for (int r = 0; r < NR; r++) m = fabsf(hs[j][r]) > m ? fabsf(hs[j][r]) : m;                 \
+            float st = m > 0.0f ? m / 32767.0f : 1.0f;                                                  \
+            int32_t q[NR];                                                                              \
+            for (int r = 0; r < NR; r++) q[r] = (int32_t)lrintf(hs[j][r] / st);                         \
+            for (int p = 0; p < 2; p++)                                                                 \
+                hp[j][p] = _mm512_set1_epi32((int)(((uint32_t)q[2 * p] & 0xffffu) | ((uint32_t)q[2 * p + 1] << 16))); \
+            hsc[j] = _mm512_set1_ps(st);                                                                \
+        }                                                                                               \
+        const __m512i ilo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, \
+                                             39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);     \
+        const __m512i ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));                               \
+        long steps = (H + 31) / 32, pfl, pfs = pf_stride(blk, steps, &pfl);                              \
+        for (long c = 0, i = 0; c < H; c += 32, i++) {                                                  \
+            __mmask32 k = H - c >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (H - c)) - 1);      \
+            __mmask16 kl = (__mmask16)k, kh = (__mmask16)(k >> 16);                                     \
+            pf_share(pf, pfl, i, pfs);                                                                  \
+            __m512i a0 = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(k, w[0] + c));                   \
+            __m512i a1 = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(k, w[1] + c));                   \
+            __m512i a2 = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(k, w[2] + c));                   \
+            __m512i a3 = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(k, w[3] + c));                   \
+            __m512i l01 = _mm512_permutex2var_epi16(a0, ilo, a1), h01 = _mm512_permutex2var_epi16(a0, ihi, a1); \
+            __m512i l23 = _mm512_permutex2var_epi16(a2, ilo, a3), h23 = _mm512_permutex2var_epi16(a2, ihi, a3); \
+            __m512 slo = _mm512_maskz_loadu_ps(kl, sd + c), shi = _mm512_maskz_loadu_ps(kh, sd + c + 16); \
+            for (int j = 0; j < NT; j++) {                                                              \
+                __m512i z = _mm512_setzero_si512();                                                     \
+                __m512i lo = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(z, l01, hp[j][0]), l23, hp[j][1]); \
+                __m512i hi = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(z, h01, hp[j][0]), h23, hp[j][1]); \
+                float *y = ys[j] + c;                                                                   \
+                _mm512_mask_storeu_ps(y, kl, _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_mul_ps(slo, hsc[j]), \
+                                                             _mm512_maskz_loadu_ps(kl, y)));            \
+                _mm512_mask_storeu_ps(y + 16, kh, _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(shi, hsc[j]), \
+                                                                  _mm512_maskz_loadu_ps(kh, y + 16)));  \
+            }                                                                                           \
+        }                                                                                               \
+    }
+VN_DOWN(1) VN_DOWN(2) VN_DOWN(3) VN_DOWN(4)
 A5_UNIT(unit_avx512vnni_i8, i8w, int8_t, 1, 1,
-        vn_dots(wu, H, u->xs + j0, u->xq + j0, u->xqs + j0, nt, out, pf, blk);, A5_DOWNCALL(i8w))
+        vn_dots(wu, H, u->xs + j0, u->xq + j0, u->xqs + j0, nt, out, pf, blk);,
+        if (g_pairdown && vn_h_finite(hs, nt)) { A5_SWITCH(vn_down, nt, wd, H, ys, hs, pf, blk, u->sd) }
+        else { A5_DOWNCALL(i8w) })
 A5_LIN(lin_avx512vnni_i8, int8_t, 1, vn_dots(wu, H, l->xs + j0, l->xq + j0, l->xqs + j0, nt, out, pf, blk);)
 #pragma GCC pop_options
 

@@ -230,8 +230,9 @@ def set_prefetch(on: bool) -> None:
 
 
 def set_pairdown(on: bool) -> None:
-    """The bf16 down pass on AVX512_BF16 CPUs (benchmarks compare): on (default) = VDPBF16PS on row
-    pairs, off = the widening one (bf16 -> fp32, then FMAs) (``cpu_native.c``, ``bf_down``)."""
+    """The down passes on AVX512_BF16 + VNNI CPUs (benchmarks compare): on (default) = row pairs
+    (VDPBF16PS for bf16 weights, VPDPWSSD for int8), off = the widening ones (to fp32, then FMAs)
+    (``cpu_native.c``, ``bf_down`` / ``vn_down``)."""
     lib = _load()
     if lib is not None:
         lib.blockffn_set_pairdown(int(bool(on)))
