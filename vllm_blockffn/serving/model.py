@@ -23,6 +23,7 @@ from vllm.sequence import IntermediateTensors
 
 from vllm_blockffn.observe.stats import RECORDER
 from vllm_blockffn.patches import worker_step_end
+from vllm_blockffn.serving import hugepages
 from vllm_blockffn.serving.checkpoint import IGNORED_SUFFIXES, BlockFFNWeightError
 from vllm_blockffn.serving.config import BlockFFNSpec
 from vllm_blockffn.serving.layers import cpu_linear
@@ -130,3 +131,8 @@ class BlockFFNForCausalLM(MiniCPMForCausalLM):
 
     def _init_model(self, *, vllm_config: VllmConfig, prefix: str = ""):
         return BlockFFNModel(vllm_config=vllm_config, prefix=prefix)
+
+    def process_weights_after_loading(self) -> None:
+        """vLLM's model-level hook, after every layer's own: on CPUs the weights go to 2 MiB pages
+        (hugepages.py: each decode step streams them all)."""
+        hugepages.place_weights(self)
