@@ -40,6 +40,18 @@ from kernels.quant import dequantize_experts, quantize_experts, quantize_rows  #
 from kernels.sparse_ffn import cpu_native  # noqa: E402
 from kernels.sparse_ffn.cpu import dense_ffn_gemm  # noqa: E402
 from kernels.sparse_ffn.naive import experts_reference  # noqa: E402
+from vllm_blockffn.serving import hugepages  # noqa: E402
+
+HUGE_PAGES = True
+"""Weights and the bandwidth probe's buffers in 2 MiB pages, as the engine places weights after loading
+(vllm_blockffn/serving/hugepages.py); --pages 4k leaves them in 4 KiB pages."""
+
+
+def placed(t: torch.Tensor) -> torch.Tensor:
+    """``t``, in 2 MiB pages when HUGE_PAGES (the engine's placement)."""
+    if HUGE_PAGES and hugepages.thp_mode() not in (None, "never"):
+        hugepages.advise(t)
+    return t
 
 SHAPES = {"Small": (768, 48, 64), "Medium": (1280, 40, 128), "Large": (1536, 48, 128), "XLarge": (1792, 56, 128)}
 """name → (H, E, d_e), SPEC.md."""
@@ -83,7 +95,7 @@ def llc_bytes() -> int:
 
 def read_bandwidth(threads: int, repeats: int = 5) -> dict[str, float]:
     """GB/s of a 1 GiB fp32 read: torch.sum (torch's threads) and the native streaming loop."""
-    buf = torch.ones(1 << 28)
+    buf = placed(torch.ones(1 << 28))
     out = {}
     for name, fn in {"torch.sum": lambda: buf.sum(),
                      "native stream": lambda: cpu_native.stream_read(buf, threads)}.items():
@@ -128,10 +140,10 @@ class Pool:
         w_down = torch.randn(E, D, H, generator=g) / D**0.5
         if dtype == torch.int8:  # (q_up, q_down, up_scale, down_scale)
             qu, su, qd, sd = quantize_experts(w_up, w_down)
-            self.layers = [(qu.clone(), qd.clone(), su.clone(), sd.clone()) for _ in range(self.n)]
+            self.layers = [(placed(qu.clone()), placed(qd.clone()), su.clone(), sd.clone()) for _ in range(self.n)]
         else:
             w_up, w_down = w_up.to(dtype), w_down.to(dtype)
-            self.layers = [(w_up.clone(), w_down.clone(), None, None) for _ in range(self.n)]
+            self.layers = [(placed(w_up.clone()), placed(w_down.clone()), None, None) for _ in range(self.n)]
         self.bytes = self.n * layer_bytes
 
 
@@ -145,7 +157,7 @@ def adjacent(run, calls: int, nbytes: float, threads: int, rounds: int) -> tuple
     (10-28 GB/s seen within minutes): a ratio to a figure from another minute would mislead."""
     global _STREAM
     if _STREAM is None:
-        _STREAM = torch.ones(1 << 27)
+        _STREAM = placed(torch.ones(1 << 27))
     run()  # untimed: the first pass
     secs, bws, ratios = [], [], []
     for _ in range(rounds):
@@ -277,11 +289,11 @@ def linear_rows(args, threads: int, bw: float) -> list[list[str]]:
             w0 = torch.randn(N, K) / K**0.5
             if dt == torch.int8:
                 q0, s0 = quantize_rows(w0)
-                ws, scales = [q0.clone() for _ in range(n)], [s0.clone() for _ in range(n)]
+                ws, scales = [placed(q0.clone()) for _ in range(n)], [s0.clone() for _ in range(n)]
                 w_ref = q0.float() * s0[:, None]
             else:
                 w0 = w0.to(dt)
-                ws, scales, w_ref = [w0.clone() for _ in range(n)], [None] * n, w0.float()
+                ws, scales, w_ref = [placed(w0.clone()) for _ in range(n)], [None] * n, w0.float()
             handlers = None
             if ops is not None and getattr(ops, "_supports_onednn", False):
                 if dt == torch.int8:
@@ -338,16 +350,20 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     ap.add_argument("--linears-only", action="store_true", help="only the decode-size linear rows")
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="expert shapes (default: all)")
+    ap.add_argument("--pages", choices=["2m", "4k"], default="2m",
+                    help="weights in 2 MiB pages as the engine places them (default) or 4 KiB pages")
     ap.add_argument("--no-pairdown", action="store_true",
                     help="bf16 down pass by widening to fp32 instead of VDPBF16PS row pairs (cpu_native.set_pairdown)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.no_pairdown:
         cpu_native.set_pairdown(False)
+    global HUGE_PAGES
+    HUGE_PAGES = args.pages == "2m"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     head = (f"CPU: {cpu_model()}, {os.cpu_count()} cores, {args.threads} threads, kernel ISA path "
             f"{cpu_native.cpu_isa()} (best {cpu_native.best_isa()}), "
-            f"bf16 down pass {'widening' if args.no_pairdown else 'row pairs'}, "
+            f"bf16 down pass {'widening' if args.no_pairdown else 'row pairs'}, pages {args.pages}, "
             f"LLC {llc_bytes() >> 20} MiB, commit {commit}, "
             f"torch {torch.__version__}")
     print(head, flush=True)

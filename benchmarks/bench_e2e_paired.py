@@ -1,0 +1,102 @@
+"""Two compiled engines side by side, measured in turns: the ratio of two settings on a machine whose
+speed drifts.
+
+Why: the VMs here change memory bandwidth by ±30% within minutes (their neighbours), so two engines
+measured one after the other (bench_e2e_compiled.py) can differ by more than the change under test.
+Here each setting lives in its own process, both loaded at once, and a coordinator has them generate
+in turns (A, B, A, B, …; only one runs at a time): every ratio is taken from two runs seconds apart,
+and the table reports each setting's median and the median of the per-turn ratios.
+
+    scripts/dev python benchmarks/bench_e2e_paired.py /tmp/xl --a "dtype=bfloat16" \
+        --b "dtype=bfloat16 quantization=blockffn_int8" [--turns 8] [--tokens 32] [--json FILE]
+
+A setting is `key=value` pairs for `vllm.LLM` (dtype, quantization) plus `env.NAME=value` for the
+environment of its process (e.g. `env.VLLM_BLOCKFFN_HUGEPAGES=off`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import time
+
+PROMPT = "The json module exposes an API familiar to users of the standard library"
+
+
+def parse(setting: str) -> tuple[dict, dict]:
+    kw, env = {}, {}
+    for item in setting.split():
+        key, _, value = item.partition("=")
+        if not value:
+            raise SystemExit(f"setting item {item!r}: expected key=value")
+        (env if key.startswith("env.") else kw)[key.removeprefix("env.")] = value
+    return kw, env
+
+
+def worker(model: str, setting: str, tokens: int, conn) -> None:
+    kw, env = parse(setting)
+    os.environ.update(env)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model, max_model_len=256, seed=0, max_num_seqs=1, kv_cache_memory_bytes=1 << 30,
+              enable_prefix_caching=False, **kw)
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    llm.generate([PROMPT], params, use_tqdm=False)
+    conn.send("ready")
+    while conn.recv() == "go":
+        t = time.perf_counter()
+        out = llm.generate([PROMPT], params, use_tqdm=False)
+        conn.send((time.perf_counter() - t, list(out[0].outputs[0].token_ids)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--a", required=True, help="setting A (key=value ...)")
+    ap.add_argument("--b", required=True, help="setting B")
+    ap.add_argument("--turns", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    ctx = mp.get_context("spawn")
+    procs, conns = [], []
+    for setting in (args.a, args.b):  # loaded one after the other (loading both at once halves each)
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=worker, args=(args.model, setting, args.tokens, child))
+        p.start()
+        if parent.recv() != "ready":
+            raise SystemExit(f"engine for {setting!r} did not start")
+        procs.append(p)
+        conns.append(parent)
+    secs: list[list[float]] = [[], []]
+    tokens: list[list[int]] = [[], []]
+    for turn in range(args.turns):
+        order = (0, 1) if turn % 2 == 0 else (1, 0)  # alternate who goes first
+        for i in order:
+            conns[i].send("go")
+            dt, toks = conns[i].recv()
+            secs[i].append(dt)
+            tokens[i] = toks
+    for c, p in zip(conns, procs):
+        c.send("stop")
+        p.join(timeout=60)
+    ratios = [a / b for a, b in zip(*secs)]
+    res = {
+        "model": args.model, "a": args.a, "b": args.b, "tokens": args.tokens, "turns": args.turns,
+        "a_ms": [round(s * 1e3) for s in secs[0]], "b_ms": [round(s * 1e3) for s in secs[1]],
+        "a_tok_s": args.tokens / statistics.median(secs[0]), "b_tok_s": args.tokens / statistics.median(secs[1]),
+        "b_over_a_speed": statistics.median(ratios), "ratio_min_max": [min(ratios), max(ratios)],
+        "same_tokens": tokens[0] == tokens[1],
+    }
+    print("RESULT " + json.dumps(res), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
