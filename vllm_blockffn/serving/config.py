@@ -203,3 +203,12 @@ class BlockFFNSpec:
         config_path = os.path.join(path, "config.json")
         with open(config_path) as f:
             return cls.from_config(json.load(f), source=config_path)
+
+
+def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    """The value of environment variable ``name``, lower-cased: one of ``choices`` (unset or empty:
+    ``default``); a ValueError naming the variable and the choices otherwise."""
+    value = os.environ.get(name, default).strip().lower() or default
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}; expected one of {list(choices)}")
+    return value

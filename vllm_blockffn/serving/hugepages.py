@@ -17,10 +17,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import os
 import sys
 
 import torch
+
+from vllm_blockffn.serving.config import env_choice
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +36,7 @@ _THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def mode() -> str:
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if value not in MODES:
-        raise ValueError(f"{ENV}={value!r}; expected one of {list(MODES)}")
-    return value
+    return env_choice(ENV, MODES, "auto")
 
 
 def thp_mode() -> str | None:

@@ -12,8 +12,6 @@ one all-reduce, as a dense MLP does.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 from vllm.distributed import (
@@ -29,7 +27,7 @@ from vllm.utils.torch_utils import direct_register_custom_op
 from vllm_blockffn.observe.stats import RECORDER, stats_enabled
 from vllm_blockffn.serving import segments
 from vllm_blockffn.serving.checkpoint import BlockFFNWeightError
-from vllm_blockffn.serving.config import BlockFFNSpec
+from vllm_blockffn.serving.config import BlockFFNSpec, env_choice
 from vllm_blockffn.serving.layers.quantization import Int8ExpertsMethod
 
 # "skip" is benchmark-only: experts output zeros and read nothing, so a step takes T_rest, the time of
@@ -40,10 +38,7 @@ BACKEND_ENV = "VLLM_BLOCKFFN_BACKEND"
 
 def backend_from_env() -> str:
     """`VLLM_BLOCKFFN_BACKEND`: auto (default) | dense | sparse."""
-    value = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    if value not in BACKENDS:
-        raise ValueError(f"{BACKEND_ENV}={value!r}; expected one of {list(BACKENDS)}")
-    return value
+    return env_choice(BACKEND_ENV, BACKENDS, "auto")
 
 
 class BlockFFN(nn.Module):

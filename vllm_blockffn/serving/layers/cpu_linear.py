@@ -20,8 +20,6 @@ native kernel.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
@@ -31,6 +29,7 @@ from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_blockffn.kernels.dispatch import THRESHOLDS
 from vllm_blockffn.kernels.sparse_ffn import cpu_native
+from vllm_blockffn.serving.config import env_choice
 
 LINEAR_ENV = "VLLM_BLOCKFFN_CPU_LINEAR"
 MODES = ("auto", "vllm")
@@ -38,10 +37,7 @@ MODES = ("auto", "vllm")
 
 def linear_mode() -> str:
     """`VLLM_BLOCKFFN_CPU_LINEAR`: auto (default: streaming kernel for decode-size M) | vllm."""
-    value = os.environ.get(LINEAR_ENV, "auto").strip().lower() or "auto"
-    if value not in MODES:
-        raise ValueError(f"{LINEAR_ENV}={value!r}; expected one of {list(MODES)}")
-    return value
+    return env_choice(LINEAR_ENV, MODES, "auto")
 
 
 def _eligible(layer: torch.nn.Module) -> bool:
