@@ -533,8 +533,9 @@ ALWAYS __m512 a5_bf16b(const uint16_t *p, __mmask16 k) {
 BF_UP(1) BF_UP(2) BF_UP(3) BF_UP(4)
 /* down with VDPBF16PS on row pairs: rows r and r+1 interleaved in registers (VPUNPCKLWD / VPUNPCKHWD: one
    instruction per 32 columns, no bf16 -> fp32 widening), times the pair (h_r, h_r+1) rounded to bf16 (the
-   value a bf16 model's FFN carries between its two projections), fp32 accumulation into y. 8 instructions
-   per 4 rows x 32 columns and token instead of 18: what keeps the bf16 down pass at memory speed. The
+   value a bf16 model's FFN carries between its two projections), fp32 accumulation into y. At 1 token 8
+   vector instructions per 4 rows x 32 columns (loads aside) instead of the widening pass's 24, each
+   further token 4 instead of 8: on CPUs whose vector units are scarce, fewer per weight byte. The
    unpacks work within 128-bit lanes, so y is kept in a fixed order inside each 32-column block
    (perm_col; the thread's private y only: the final reduction puts it back). Needs H % 32 == 0. */
 #define BF_DOWN(NT)                                                                                     \
@@ -617,9 +618,9 @@ ALWAYS void vn_dots(const int8_t *const *w, long H, const float *const *xs, cons
    (VPERMT2W: the columns stay in order, so y and the column scales need no reordering), times the
    pair (hq_r, hq_r+1) of h rounded to int16 per token and unit (a step of max|h| / 32767 over the
    unit's rows), int32 sums (4 products of at most 127 * 32767: exact), then y += sum * (s_h * column
-   scale). 6 instructions per 2 rows x 32 columns and token plus 3 per 16 columns and token, instead of
-   3 per 16 weights: the int8 down pass is no longer bound by widening. A token whose h is not finite
-   in the unit takes the widening pass (NaN/Inf propagate as there). */
+   scale). Per 4 rows x 32 columns: 4 widenings and 4 interleaves shared by the tokens, then per token 4
+   VPDPWSSD and 6 to scale and add, instead of 8 widenings, 8 conversions and 10 FMAs per token. A token
+   whose h is not finite in the unit takes the widening pass (NaN/Inf propagate as there). */
 ALWAYS int vn_h_finite(float hs[4][NR], int nt) {
     int ok = 1;
     for (int j = 0; j < nt; j++)
