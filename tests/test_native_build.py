@@ -73,3 +73,17 @@ def test_check_env_names_the_path(isa):
     else:
         want = isa if cpu_native.ISAS.index(isa) <= cpu_native.ISAS.index(best) else best
         assert f"ISA path {want} " in line and f"widest this CPU runs: {best}" in line, line
+
+
+@pytest.mark.parametrize("setting", ["auto", "off"])
+def test_check_env_says_where_weights_live(setting):
+    """`check --env` says whether weights go to 2 MiB pages after loading (hugepages.py), as the engine decides."""
+    from vllm_blockffn.serving import hugepages
+
+    r = subprocess.run([sys.executable, "-m", "vllm_blockffn.tools.cli", "check", "--env"], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, hugepages.ENV: setting})
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("weights in 2 MiB pages"))
+    placed = setting == "auto" and hugepages.thp_mode() not in (None, "never")
+    assert line.startswith(f"weights in 2 MiB pages after loading: {'yes' if placed else 'no'} "), line
+    assert f"{hugepages.ENV}={setting}" in line

@@ -68,12 +68,20 @@ def _check_env() -> int:
                      f"(widest this CPU runs: {cpu_native.best_isa()}; {cpu_native.ISA_ENV} forces a narrower one)")
         lines.append("CPU experts: native expert-major kernel (fp32/bf16), grouped GEMMs for long steps; "
                      "decode-size linears: streaming kernel")
-        int8 = ("VPDPWSSD dots on x rounded to int16" if cpu_native.cpu_isa() == "avx512_bf16"
-                else "int8 widened to fp32")
+        pairs = cpu_native.cpu_isa() == "avx512_bf16"
+        int8 = ("VPDPWSSD dots on x rounded to int16, down pass on row pairs" if pairs else "int8 widened to fp32")
         lines.append(f"int8 weights (--quantization blockffn_int8): native kernel, {int8}")
+        if pairs:
+            lines.append("bf16 experts: VDPBF16PS dots, down pass on row pairs")
     else:
         lines.append("native CPU kernel: unavailable (the warning says why, or VLLM_BLOCKFFN_CPU_NATIVE=0); "
                      "CPU experts: PyTorch path; linears: vLLM's own")
+    from vllm_blockffn.serving import hugepages
+
+    thp = hugepages.thp_mode()
+    placed = hugepages.mode() == "auto" and thp not in (None, "never")
+    lines.append(f"weights in 2 MiB pages after loading: {'yes' if placed else 'no'} (transparent huge pages: "
+                 f"{thp or 'unknown'}; {hugepages.ENV}={hugepages.mode()})")
     print("\n".join(lines))
     return 0
 
