@@ -379,6 +379,7 @@ ALWAYS __m512 a5_i8(const int8_t *p, __mmask16 k) { /* full steps: the load fold
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
 }
 ALWAYS __mmask16 a5_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
+ALWAYS __mmask32 a5_mask32(long left) { return left >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << left) - 1); }
 /* up: 4 rows x NT tokens (up to 16 zmm accumulators); down: 4 rows x NT tokens. Rows past the
    unit's nr point at a zero row (their h is 0 and they add exactly 0); the column tail (H % 16)
    is one masked step, so there is no scalar code. */
@@ -519,7 +520,7 @@ ALWAYS __m512 a5_bf16b(const uint16_t *p, __mmask16 k) {
         long steps = (H + 31) / 32, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl);                       \
         for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) acc[r][j] = _mm512_setzero_ps();      \
         for (long h = 0; h < H; h += 32, i++) {                                                         \
-            __mmask32 k = H - h >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (H - h)) - 1);      \
+            __mmask32 k = a5_mask32(H - h);                                                             \
             pf_share(pf, pfl, i, pfs);                                                                \
             __m512i wv[NR], xv[NT];                                                                     \
             for (int r = 0; r < NR; r++) wv[r] = _mm512_maskz_loadu_epi16(k, w[r] + h);                 \
@@ -588,7 +589,7 @@ A5_UP(i8v, int8_t, 1) A5_UP(i8v, int8_t, 2) A5_UP(i8v, int8_t, 3) A5_UP(i8v, int
             __m512i acc[NR][NT];                                                                        \
             for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) acc[r][j] = _mm512_setzero_si512(); \
             for (long h = h0; h < h1; h += 32, i++) {                                                   \
-                __mmask32 k = h1 - h >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (h1 - h)) - 1); \
+                __mmask32 k = a5_mask32(h1 - h);                                                        \
                 pf_share(pf, pfl, i, pfs);                                                            \
                 __m512i wv[NR], xv[NT];                                                                 \
                 for (int r = 0; r < NR; r++) wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(k, w[r] + h)); \
@@ -647,7 +648,7 @@ ALWAYS int vn_h_finite(float hs[4][NR], int nt) {
         const __m512i ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));                               \
         long steps = (H + 31) / 32, pfl, pfs = pf_stride(blk, steps, &pfl);                              \
         for (long c = 0, i = 0; c < H; c += 32, i++) {                                                  \
-            __mmask32 k = H - c >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (H - c)) - 1);      \
+            __mmask32 k = a5_mask32(H - c);                                                             \
             __mmask16 kl = (__mmask16)k, kh = (__mmask16)(k >> 16);                                     \
             pf_share(pf, pfl, i, pfs);                                                                  \
             __m512i a0 = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(k, w[0] + c));                   \
