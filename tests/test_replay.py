@@ -254,11 +254,10 @@ def test_registered_op_writes_its_output_buffer(accelerator, monkeypatch):
     assert not out[n:].any()
 
 
-def test_cpu_path_skips_the_padding_segment_when_nothing_is_padded():
+def test_accelerator_segments_always_end_with_the_padding_segment():
     starts = torch.tensor([0, 2, 5], dtype=torch.int32)
-    assert segments.kernel_segments(starts, 5, graph_safe=False) is starts
-    assert segments.kernel_segments(starts, 7, graph_safe=False).tolist() == [0, 2, 5, 7]
-    assert segments.kernel_segments(starts, 5, graph_safe=True).tolist() == [0, 2, 5, 5]
+    assert segments.kernel_segments(starts, 5).tolist() == [0, 2, 5, 5]
+    assert segments.kernel_segments(starts, 7).tolist() == [0, 2, 5, 7]
     assert segments.whole_batch(4, torch.device("cpu"), graph_safe=True).tolist() == [0, 4]
 
 

@@ -26,6 +26,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #define ALWAYS static inline __attribute__((always_inline))
 #define NR 4 /* weight rows per unit */
@@ -52,6 +53,37 @@ int blockffn_cpu_isa(void) {
 #endif
     return ISA_PORTABLE;
 }
+
+/* The path a call runs, never wider than the CPU's: isa >= 0 asks for that one; -1 takes
+   $VLLM_BLOCKFFN_CPU_ISA (unset, empty or "auto": the best), read here on every call (getenv is a
+   short scan, and Python's os.environ writes reach it through putenv), so the switch works in a
+   running process and the Python wrapper does not pay for reading it. -3: the variable names no
+   path (the wrapper raises, naming it). */
+static const char *const ISA_NAMES[] = {"portable", "avx2", "avx512", "avx512_bf16"};
+int blockffn_resolve_isa(int isa) {
+    static int best = -1;
+    if (best < 0) best = blockffn_cpu_isa();
+    if (isa < 0) {
+        const char *e = getenv("VLLM_BLOCKFFN_CPU_ISA");
+        isa = best;
+        if (e) {
+            while (*e == ' ' || *e == '\t' || *e == '\n') e++;
+            size_t n = strlen(e);
+            while (n && (e[n - 1] == ' ' || e[n - 1] == '\t' || e[n - 1] == '\n')) n--;
+            if (n && !(n == 4 && strncasecmp(e, "auto", 4) == 0)) {
+                isa = -3;
+                for (int i = 0; i < 4; i++)
+                    if (strlen(ISA_NAMES[i]) == n && strncasecmp(e, ISA_NAMES[i], n) == 0) isa = i;
+                if (isa < 0) return -3;
+            }
+        }
+    }
+    return isa > best ? best : isa;
+}
+
+/* Threads of a call: nthreads, or (< 1) OpenMP's current count, which torch.set_num_threads sets
+   (the same libgomp and calling thread as torch's). */
+ALWAYS int call_threads(int nthreads) { return nthreads > 0 ? nthreads : omp_get_max_threads(); }
 
 /* The one definition of an active (token, expert) pair. IEEE compare: false for NaN. */
 ALWAYS int is_active(float s) { return s > 0.0f; }
@@ -720,16 +752,17 @@ static lin_fn pick_lin(int isa, int wdt, int xdt) { PICK(lin_) }
 
 /* y [M, N] (row stride ldy, dtype of x) = x [M, K] (row stride ldx) W^T, W [N, K] row-major: a
    streaming GEMV for decode-size M (vLLM's linear layers of BlockFFN models on CPUs). Threads
-   take contiguous row ranges of equal bytes; every W byte is read once. Returns 0, -1 (no
-   memory) or -2 (bad arguments). */
+   take contiguous row ranges of equal bytes; every W byte is read once. isa, nthreads:
+   blockffn_resolve_isa, call_threads. Returns 0, -1 (no memory), -2 (bad arguments) or -3
+   ($VLLM_BLOCKFFN_CPU_ISA names no path). */
 int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, long M, long N, long K, void *y,
                     long ldy, int nthreads, int isa, const float *scale) {
     if (M < 0 || N < 0 || K <= 0 || ldx < K || ldy < N || xdt < 0 || xdt > 1 || wdt < 0 || wdt > 2 ||
         (wdt == 2) != (scale != NULL))
         return -2;
     if (M == 0 || N == 0) return 0;
-    int best = blockffn_cpu_isa();
-    if (isa < 0 || isa > best) isa = best;
+    isa = blockffn_resolve_isa(isa);
+    if (isa < 0) return -3;
     lin_fn fn = pick_lin(isa, wdt, xdt);
     const float **xs = malloc((size_t)M * sizeof(float *));
     const uint16_t **xh = malloc((size_t)M * sizeof(uint16_t *));
@@ -765,7 +798,7 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
     }
     float *o = xdt ? out : (float *)y;
     long ldo = xdt ? N : ldy;
-    int nth = nthreads < 1 ? 1 : nthreads;
+    int nth = call_threads(nthreads);
     if ((double)N * K < 262144.0) nth = 1; /* under ~1 MB of weights a fork does not pay */
     long blocks = (N + 3) / 4;
     if (nth > blocks) nth = (int)blocks;
@@ -817,7 +850,8 @@ static int count_segments(const float *scores, const int32_t *cu, long S, long T
    fp32 [E, H], the per-output-row scales of kernels/quant.py; both NULL for float weights). x [T, H] (row stride ldx), scores fp32 [T, E] contiguous,
    w_up / w_down_t [E, D, H] contiguous, cu int32 [S+1], y [T, H] contiguous (dtype of x).
    Returns 0 (done), 1 (declined: the dense rule says dense wins; y untouched), -1 (no memory),
-   2 (w_up NULL: only the counters were added), -2 (bad arguments). stats: NULL, or int64 [5]
+   2 (w_up NULL: only the counters were added), -2 (bad arguments), -3 ($VLLM_BLOCKFFN_CPU_ISA names
+   no path; isa, nthreads: blockffn_resolve_isa, call_threads). stats: NULL, or int64 [5]
    counters to add to (count_segments), also when the call then declines.
    Dense rule (kernels/dispatch.py): n >= min_dense_tokens and P > max_pair_fraction * n * E,
    with P the active (token, expert) pairs, n the tokens in range; allow_dense = 0 skips it.
@@ -857,13 +891,12 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     if (stats && count_segments(scores, cu, S, T, E, P, stats) != 0) rc = -1;
     else if (!w_up) rc = 2; /* counters only */
     else if (allow_dense && n >= min_dense_tokens && P > (double)max_pair_fraction * n * E) rc = 1;
+    if (rc == 0 && (isa = blockffn_resolve_isa(isa)) < 0) rc = -3;
     if (rc != 0) { free(mask); free(cnt); free(off); free(uni); return rc; }
 
-    int best = blockffn_cpu_isa();
-    if (isa < 0 || isa > best) isa = best;
     unit_fn unit = pick_unit(isa, wdt, xdt);
     long units = (D + NR - 1) / NR;
-    int nth = nthreads < 1 ? 1 : nthreads;
+    int nth = call_threads(nthreads);
     if ((double)P * D * H < 65536.0) nth = 1; /* too little work to fork */
     if (nth > U * units) nth = U * units > 0 ? (int)(U * units) : 1;
     size_t wsz = wdt == 2 ? 1 : wdt ? 2 : 4;
@@ -1049,10 +1082,10 @@ static float stream_avx2(const float *p, long n) {
 #endif
 
 double blockffn_stream_read(const float *p, long n, int nthreads, int isa) {
-    int best = blockffn_cpu_isa();
-    if (isa < 0 || isa > best) isa = best;
+    isa = blockffn_resolve_isa(isa);
+    if (isa < 0) isa = ISA_PORTABLE;
     double total = 0.0;
-    #pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads) reduction(+ : total)
+    #pragma omp parallel num_threads(call_threads(nthreads)) reduction(+ : total)
     {
         int nt = omp_get_num_threads(), id = omp_get_thread_num();
         long a = n / nt * id, b = id == nt - 1 ? n : n / nt * (id + 1);

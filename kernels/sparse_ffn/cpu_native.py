@@ -31,11 +31,11 @@ ISA paths (chosen at run time, one shared object for every x86-64 CPU): ``avx512
 run every path the machine can). Weight streaming: each unit's W_down rows are prefetched while
 its W_up rows are read, and the next unit's W_up rows while its W_down rows are read.
 
-Threads: ``torch.get_num_threads()`` per call (or ``$VLLM_BLOCKFFN_CPU_THREADS``), OpenMP
-from the libgomp torch has loaded (same soname, so the same thread pool that vLLM pins). On
-an oversubscribed machine (more runnable threads than cores) a 2-thread call waits at the
-join for a preempted thread; with vLLM's pinned threads on their own cores this does not
-arise. Set the variable to 1 on a shared box.
+Threads: OpenMP's current count, which ``torch.set_num_threads`` sets (or
+``$VLLM_BLOCKFFN_CPU_THREADS``), OpenMP from the libgomp torch has loaded (same soname, so the
+same thread pool that vLLM pins). On an oversubscribed machine (more runnable threads than
+cores) a 2-thread call waits at the join for a preempted thread; with vLLM's pinned threads on
+their own cores this does not arise. Set the variable to 1 on a shared box.
 
 Build: ``cc -O3 -fopenmp -shared`` (no ``-march=native``: every ISA path carries its own target
 attribute; no ``-ffast-math``: the kernel must keep IEEE NaN semantics on data it does not
@@ -66,6 +66,7 @@ import numpy as np
 import torch
 
 from ..dispatch import THRESHOLDS
+from ..quant import check_expert_scales
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,8 @@ def _open(path: str) -> ctypes.CDLL | None:
     lib_path = path
     lib.blockffn_linear.argtypes = [p, i64, i32, p, i32, i64, i64, i64, p, i64, i32, i32, p]
     lib.blockffn_linear.restype = i32
+    lib.blockffn_resolve_isa.argtypes = [i32]
+    lib.blockffn_resolve_isa.restype = i32
     lib.blockffn_stream_read.argtypes = [p, i64, i32, i32]
     lib.blockffn_stream_read.restype = ctypes.c_double
     return lib
@@ -204,22 +207,31 @@ def best_isa() -> str | None:
 
 
 def _isa_code(isa: str | None) -> int:
-    """The code to pass: ``isa`` or ``$VLLM_BLOCKFFN_CPU_ISA`` (``auto`` = the best), clamped to the CPU's."""
-    name = (isa or os.environ.get(ISA_ENV, "auto")).strip().lower() or "auto"
-    if name == "auto":
+    """The code to pass for ``isa``: None → -1, which makes the kernel read ``$VLLM_BLOCKFFN_CPU_ISA``
+    itself (``blockffn_resolve_isa``: no environment lookup per call here); ``auto`` → the best."""
+    if isa is None:
         return -1
+    name = isa.strip().lower() or "auto"
+    if name == "auto":
+        return len(ISAS)  # clamped to the CPU's best by the kernel
     if name not in ISAS:
-        raise ValueError(f"{ISA_ENV}={name!r}; expected 'auto' or one of {list(ISAS)}")
+        raise ValueError(f"isa={isa!r}; expected 'auto' or one of {list(ISAS)}")
     return ISAS.index(name)
+
+
+def _bad_isa_env() -> ValueError:
+    return ValueError(f"{ISA_ENV}={os.environ.get(ISA_ENV)!r}; expected 'auto' or one of {list(ISAS)}")
 
 
 def cpu_isa(isa: str | None = None) -> str | None:
     """The ISA path calls run with (``isa`` or ``$VLLM_BLOCKFFN_CPU_ISA``, never wider than the CPU's)."""
-    best = best_isa()
-    if best is None:
+    lib = _load()
+    if lib is None:
         return None
-    code = _isa_code(isa)
-    return best if code < 0 else ISAS[min(code, ISAS.index(best))]
+    code = lib.blockffn_resolve_isa(_isa_code(isa))
+    if code < 0:
+        raise _bad_isa_env()
+    return ISAS[code]
 
 
 def set_prefetch(on: bool) -> None:
@@ -241,27 +253,36 @@ def set_pairdown(on: bool) -> None:
 def linear_native(x: torch.Tensor, weight: torch.Tensor, num_threads: int | None = None,
                   isa: str | None = None, weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """y = x Wᵀ for decode-size x [M, K] (fp32/bf16) and W [N, K] (fp32/bf16, or int8 with
-    ``weight_scale`` fp32 [N]: W = q · scale per row), contiguous: a streaming GEMV reading every
-    weight byte once, split across threads by rows (equal bytes). fp32 accumulation."""
+    ``weight_scale`` fp32 [N]: W = q · scale per row): a streaming GEMV reading every weight byte
+    once, split across threads by rows (equal bytes). fp32 accumulation. Called ~100 times per
+    decode step by a served model, right after a kernel has flushed the caches, so the common case
+    is a handful of checks and one ctypes call (the kernel resolves the ISA and thread count)."""
     lib = _load()
     assert lib is not None, "native kernel unavailable"
     M, K = x.shape
-    N = weight.shape[0]
-    if x.stride(-1) != 1:
+    N, Kw = weight.shape
+    if Kw != K:
+        raise ValueError(f"linear: x {list(x.shape)} and weight {list(weight.shape)}; expected weight [N, {K}]")
+    if x.stride(1) != 1:
         x = x.contiguous()
     if not weight.is_contiguous():
         weight = weight.contiguous()
-    if (weight.dtype == torch.int8) != (weight_scale is not None):
-        raise ValueError(f"linear: weight {weight.dtype} with weight_scale "
-                         f"{'given' if weight_scale is not None else 'missing'}; int8 weights need fp32 [N] scales")
-    if weight_scale is not None and (weight_scale.dtype != torch.float32 or tuple(weight_scale.shape) != (N,)):
-        raise ValueError(f"weight_scale: {weight_scale.dtype} {list(weight_scale.shape)}; expected torch.float32 [{N}]")
+    scale = None
+    if weight_scale is not None or weight.dtype == torch.int8:
+        if weight.dtype != torch.int8 or weight_scale is None:
+            raise ValueError(f"linear: weight {weight.dtype} with weight_scale "
+                             f"{'given' if weight_scale is not None else 'missing'}; int8 weights need fp32 [N] "
+                             f"scales")
+        if weight_scale.dtype != torch.float32 or tuple(weight_scale.shape) != (N,):
+            raise ValueError(f"weight_scale: {weight_scale.dtype} {list(weight_scale.shape)}; expected "
+                             f"torch.float32 [{N}]")
+        scale = weight_scale.contiguous().data_ptr()
     y = torch.empty((M, N), dtype=x.dtype)
     rc = lib.blockffn_linear(x.data_ptr(), x.stride(0), _DTYPE_CODES[x.dtype], weight.data_ptr(),
-                             _WEIGHT_CODES[weight.dtype], M, N, K, y.data_ptr(), N,
-                             num_threads or _THREADS or torch.get_num_threads(), _isa_code(isa),
-                             None if weight_scale is None else weight_scale.contiguous().data_ptr())
-    _check_rc(rc, "linear", x, weight)
+                             _WEIGHT_CODES[weight.dtype], M, N, K, y.data_ptr(), N, num_threads or _THREADS,
+                             _isa_code(isa), scale)
+    if rc:
+        _check_rc(rc, "linear", x, weight)
     return y
 
 
@@ -269,8 +290,7 @@ def stream_read(buf: torch.Tensor, num_threads: int | None = None, isa: str | No
     """Sum a contiguous fp32 tensor with the kernel's threads and widest loads (read-bandwidth probe)."""
     lib = _load()
     assert lib is not None and buf.dtype == torch.float32 and buf.is_contiguous()
-    return lib.blockffn_stream_read(buf.data_ptr(), buf.numel(), num_threads or _THREADS or torch.get_num_threads(),
-                                    _isa_code(isa))
+    return lib.blockffn_stream_read(buf.data_ptr(), buf.numel(), num_threads or _THREADS, _isa_code(isa))
 
 
 def native_available() -> bool:
@@ -316,15 +336,18 @@ def sparse_ffn_native(
     by 0), streamed like the sparse one: the dense baseline at decode sizes (``dense_ffn``).
     int8 weights: ``up_scale`` [E, D] and ``down_scale`` [E, H] (kernels/quant.py), checked here.
     """
-    from ..quant import check_expert_scales
-
-    if check_expert_scales(w_up, up_scale, w_down_t, down_scale):
-        up_scale, down_scale = up_scale.contiguous(), down_scale.contiguous()
     lib = _load()
     assert lib is not None, "native kernel unavailable"
     T, H = x.shape
-    E, D, _ = w_up.shape
-    if x.stride(-1) != 1:
+    E, D, Hw = w_up.shape
+    if Hw != H or w_down_t.shape != w_up.shape:
+        raise ValueError(f"sparse_ffn: x {list(x.shape)}, w_up {list(w_up.shape)}, w_down_t {list(w_down_t.shape)}; "
+                         f"expected w_up and w_down_t [E, D, {H}]")
+    su = sd = None
+    if up_scale is not None or down_scale is not None or w_up.dtype == torch.int8:
+        check_expert_scales(w_up, up_scale, w_down_t, down_scale)
+        su, sd = up_scale.contiguous().data_ptr(), down_scale.contiguous().data_ptr()
+    if x.stride(1) != 1:
         x = x.contiguous()
     if scores.dtype != torch.float32 or not scores.is_contiguous():
         scores = scores.float().contiguous()
@@ -337,10 +360,11 @@ def sparse_ffn_native(
     rc = lib.blockffn_sparse_ffn(
         x.data_ptr(), x.stride(0), _DTYPE_CODES[x.dtype], scores.data_ptr(), w_up.data_ptr(), w_down_t.data_ptr(),
         _WEIGHT_CODES[w_up.dtype], cu_seqlens.data_ptr(), cu_seqlens.shape[0] - 1, T, E, D, H, y.data_ptr(),
-        num_threads or _THREADS or torch.get_num_threads(), UP_ROW_COST, allow_dense,
-        th.cpu_min_dense_tokens, th.cpu_max_pair_fraction, _stats_ptr(stats), _isa_code(isa), int(all_experts),
-        None if up_scale is None else up_scale.data_ptr(), None if down_scale is None else down_scale.data_ptr(),
+        num_threads or _THREADS, UP_ROW_COST, allow_dense, th.cpu_min_dense_tokens, th.cpu_max_pair_fraction,
+        None if stats is None else _stats_ptr(stats), _isa_code(isa), all_experts, su, sd,
     )  # fmt: skip
+    if rc == 0:
+        return y
     if rc == 1:
         return None
     _check_rc(rc, "sparse_ffn", x, w_up)
@@ -348,19 +372,20 @@ def sparse_ffn_native(
 
 
 def _check_rc(rc: int, op: str, x: torch.Tensor, w: torch.Tensor) -> None:
-    """The kernel's return code as an exception: -2 bad arguments, any other non-zero no memory."""
+    """The kernel's return code as an exception: -2 bad arguments, -3 a bad ``$VLLM_BLOCKFFN_CPU_ISA``,
+    any other non-zero no memory."""
     if rc == -2:
         raise ValueError(f"blockffn {op} CPU kernel: bad arguments (x {tuple(x.shape)}, weight {tuple(w.shape)})")
+    if rc == -3:
+        raise _bad_isa_env()
     if rc != 0:
         raise MemoryError(f"blockffn {op} CPU kernel: out of memory")
 
 
-def _stats_ptr(stats: np.ndarray | None) -> int | None:
-    if stats is None:
-        return None
+def _stats_ptr(stats: np.ndarray) -> int:
     if stats.dtype != np.int64 or stats.shape != (5,) or not stats.flags.c_contiguous:
         raise ValueError(f"stats must be a contiguous int64 array of 5 counters, got {stats.dtype} {stats.shape}")
-    return stats.ctypes.data
+    return stats.__array_interface__["data"][0]
 
 
 def count_native(scores: torch.Tensor, cu_seqlens: torch.Tensor, stats: np.ndarray) -> bool:

@@ -60,14 +60,10 @@ def whole_batch(num_tokens: int, device: torch.device, graph_safe: bool) -> torc
     return cu
 
 
-def kernel_segments(starts: torch.Tensor, num_tokens: int, graph_safe: bool) -> torch.Tensor:
-    """cu_seqlens for the kernels: the requests' segments, then [starts[-1], num_tokens).
-
-    On an accelerator the padding segment is always appended (empty when nothing is
-    padded): its presence cannot depend on device data. On the CPU the host check is
-    free, and an unpadded step (always, in practice) skips the concatenation."""
-    if not graph_safe and int(starts[-1]) == num_tokens:
-        return starts
+def kernel_segments(starts: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """cu_seqlens for the accelerator kernels: the requests' segments, then [starts[-1], num_tokens),
+    always appended (empty when nothing is padded): its presence cannot depend on device data.
+    (The CPU path passes `starts` as is: its kernels give tokens past the last entry y = 0.)"""
     return torch.cat([starts, starts.new_full((1,), num_tokens)])
 
 

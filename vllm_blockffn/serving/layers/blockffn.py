@@ -186,35 +186,56 @@ def run_experts(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_dow
     "CUDA graphs"; tests/test_replay.py replays it with the Triton kernels interpreted).
     int8 experts: ``up_scale`` / ``down_scale`` (kernels/quant.py), else None."""
     from vllm_blockffn.kernels import ops
-    from vllm_blockffn.kernels.sparse_ffn.cpu import uses_native
 
     if backend == "skip":
         return torch.zeros_like(x)
+    if not segments.on_accelerator(x):
+        return _experts_cpu(x, scores, w_up, w_down_t, backend, layer_id, expert_bytes, record, up_scale,
+                            down_scale)
     num_tokens = x.shape[0]
-    graph_safe = segments.on_accelerator(x)
-    stats = None
     starts = segments.request_starts(num_tokens)
     if starts is None:
-        cu = segments.whole_batch(num_tokens, x.device, graph_safe)
+        cu = segments.whole_batch(num_tokens, x.device, graph_safe=True)
     else:
         if starts.dtype != torch.int32:  # vLLM's is int32 already; a device-side cast otherwise
             starts = starts.to(torch.int32)
-        cu = segments.kernel_segments(starts, num_tokens, graph_safe)
+        cu = segments.kernel_segments(starts, num_tokens)
         if record:
-            if not graph_safe and backend != "dense" and uses_native(x, w_up, w_down_t):
-                # CPU: the native kernel adds the counters from the scan it makes anyway
-                stats = RECORDER.host_row(layer_id, scores.shape[1], expert_bytes)
-            else:
-                RECORDER.record(layer_id, scores, starts, expert_bytes, on_device=graph_safe)
-        if graph_safe:
-            scores = segments.mask_padding(scores, starts)
+            RECORDER.record(layer_id, scores, starts, expert_bytes, on_device=True)
+        scores = segments.mask_padding(scores, starts)
     # The kernels' bodies, not their custom ops: this op is opaque already, and the nested
     # custom-op dispatch cost 30–60 µs per call on a CPU (measured at 16abe25).
     if backend == "dense":
         return ops.dense_ffn_eager(x, scores, w_up, w_down_t, up_scale, down_scale)
-    impl = "auto" if backend == "auto" else ("triton" if graph_safe else "torch")
-    return ops.sparse_ffn_eager(x, scores, w_up, w_down_t, cu, impl=impl, stats=stats, up_scale=up_scale,
-                                down_scale=down_scale)
+    return ops.sparse_ffn_eager(x, scores, w_up, w_down_t, cu, impl="auto" if backend == "auto" else "triton",
+                                up_scale=up_scale, down_scale=down_scale)
+
+
+def _experts_cpu(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+                 backend: str, layer_id: int, expert_bytes: int, record: bool, up_scale: Scale,
+                 down_scale: Scale) -> torch.Tensor:
+    """run_experts on a CPU: host data, no graphs. vLLM's `query_start_loc` is the segments as it
+    is (the CPU paths give tokens past its last entry y = 0; the CPU backend pads nothing), and the
+    native kernel adds the live counters from the scan it makes anyway. Kept short on purpose: it
+    runs once per layer and step, after a kernel that has just flushed the caches, so every Python
+    call here costs several µs of each decode step (RESULTS.md, "Where a decode step goes")."""
+    from vllm_blockffn.kernels.sparse_ffn.cpu import dense_ffn, sparse_ffn_cpu, uses_native
+
+    starts = segments.request_starts(x.shape[0])
+    stats = None
+    if starts is None:
+        cu = segments.whole_batch(x.shape[0], x.device, graph_safe=False)
+    else:
+        cu = starts if starts.dtype == torch.int32 else starts.to(torch.int32)
+        if record:
+            if backend != "dense" and uses_native(x, w_up, w_down_t):
+                stats = RECORDER.host_row(layer_id, scores.shape[1], expert_bytes)
+            else:
+                RECORDER.record(layer_id, scores, starts, expert_bytes, on_device=False)
+    if backend == "dense":
+        return dense_ffn(x, scores, w_up, w_down_t, up_scale, down_scale)
+    return sparse_ffn_cpu(x, scores, w_up, w_down_t, cu, allow_dense=backend == "auto", stats=stats,
+                          up_scale=up_scale, down_scale=down_scale)
 
 
 def _blockffn_experts(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,

@@ -68,13 +68,21 @@ def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y if bias is None else y + bias
 
 
+def _plain_weight(layer: torch.nn.Module) -> None:
+    """The loaded weight as a plain Parameter (contiguous, same storage when it already is). vLLM's
+    parameter classes carry a Python ``__torch_function__`` that every op call on them runs: ~100
+    calls per decode step; their weight loaders are not needed after loading (vLLM's quantized
+    methods replace their parameters the same way)."""
+    layer.weight = torch.nn.Parameter(layer.weight.data.contiguous(), requires_grad=False)
+
+
 class StreamingLinearMethod(UnquantizedLinearMethod):
     """UnquantizedLinearMethod whose CPU GEMM is :func:`_cpu_linear` (weight kept as loaded)."""
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if not _eligible(layer):
             return super().process_weights_after_loading(layer)
-        layer.weight.data = layer.weight.data.contiguous()
+        _plain_weight(layer)
         layer.cpu_linear = _cpu_linear
 
 
@@ -84,6 +92,7 @@ class StreamingLMHeadMethod(UnquantizedEmbeddingMethod):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if not _eligible(layer):
             return super().process_weights_after_loading(layer)
+        _plain_weight(layer)
         layer.cpu_linear = _cpu_linear
 
 
