@@ -799,7 +799,7 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
     float *o = xdt ? out : (float *)y;
     long ldo = xdt ? N : ldy;
     int nth = call_threads(nthreads);
-    if ((double)N * K < 262144.0) nth = 1; /* under ~1 MB of weights a fork does not pay */
+    if ((double)N * K < 32768.0) nth = 1; /* a fork (~2 µs) pays once a share takes longer to read cold */
     long blocks = (N + 3) / 4;
     if (nth > blocks) nth = (int)blocks;
     #pragma omp parallel num_threads(nth)
