@@ -1,0 +1,191 @@
+"""Where a compiled CPU decode step goes: each native kernel call, vLLM's attention kernels, and the
+gaps between them (Python, torch dispatch, vLLM's attention wrappers, the engine between steps).
+
+Why: a decode step of a BlockFFN model on a CPU is its weight reads plus a fixed time that reads
+no weights; the memory-speed limit (bytes ÷ read bandwidth) is only reachable when the second is
+small. cProfile inflates Python several fold and hides C time inside its callers; this probe only
+timestamps the entry and exit of the ctypes calls into ``cpu_native`` (linears by their output
+width, experts per layer) and of vLLM's two CPU attention ops, and the entry of our Python
+wrappers, so the step splits into kernel time (with bytes, GB/s) and gaps, at ~1 µs per probe.
+
+    scripts/dev python benchmarks/step_breakdown_cpu.py /tmp/xl [--quantization blockffn_int8]
+        [--tokens 64] [--json FILE]
+
+One engine, in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), compiled as ``vllm serve`` runs it,
+batch 1, greedy; the first (prefill) step is left out. The expert bytes per layer are the layer's
+mean segment union (the live counters) × one expert's bytes. Figures drift with the machine's
+bandwidth: compare runs taken minutes apart, or within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import time
+
+PROMPT = "The json module exposes an API familiar to users of the standard library"
+
+
+class Probe:
+    """Timestamps of probed calls: per tag the call durations, per (previous, next) the gaps."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, list[float]] = collections.defaultdict(list)
+        self.gaps: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+        self.last: tuple[str, float] | None = None
+        self.steps = 0  # lm_head calls seen: decode steps start after the first
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.gaps.clear()
+        self.last, self.steps = None, 0
+
+    def enter(self, tag: str) -> float:
+        t = time.perf_counter()
+        if self.last is not None and self.steps >= 1:
+            self.gaps[(self.last[0], tag)].append(t - self.last[1])
+        return t
+
+    def leave(self, tag: str, t0: float, call: bool = True) -> None:
+        t = time.perf_counter()
+        if call and self.steps >= 1:
+            self.calls[tag].append(t - t0)
+        self.last = (tag, t if call else t0)
+
+    def wrap_c(self, fn, tag_of):
+        def probed(*args):
+            tag = tag_of(args)
+            t0 = self.enter(tag)
+            r = fn(*args)
+            self.leave(tag, t0)
+            if tag == LM_HEAD[0]:
+                self.steps += 1
+            return r
+        return probed
+
+    def wrap_py(self, fn, tag: str):
+        def probed(*args, **kwargs):
+            self.leave(tag, self.enter(tag), call=False)
+            return fn(*args, **kwargs)
+        return probed
+
+
+LM_HEAD = [""]
+
+
+class ProbedLib:
+    """The kernel's ctypes library with its two compute entries timed."""
+
+    def __init__(self, lib, probe: Probe) -> None:
+        self._lib = lib
+        self.blockffn_linear = probe.wrap_c(lib.blockffn_linear, lambda a: f"linear N={a[6]}")
+        self.blockffn_sparse_ffn = probe.wrap_c(lib.blockffn_sparse_ffn, lambda a: "experts")
+
+    def __getattr__(self, name):
+        return getattr(self._lib, name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--quantization", default=None)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+    import torch
+    import vllm._custom_ops as vops
+    from vllm import LLM, SamplingParams
+    from vllm_blockffn.kernels.sparse_ffn import cpu as cpu_experts
+    from vllm_blockffn.kernels.sparse_ffn import cpu_native
+
+    import vllm_blockffn.serving.layers.blockffn as blockffn_layer
+    from vllm_blockffn.observe.stats import RECORDER, SEGMENTS, UNION
+
+    probe = Probe()
+    assert cpu_native.native_available(), "the native CPU kernel is needed"
+    cpu_native._lib = ProbedLib(cpu_native._load(), probe)
+    for name in ("cpu_attn_reshape_and_cache", "cpu_attention_with_kv_cache"):
+        fn = getattr(vops, name)
+        setattr(vops, name, (lambda f, n: lambda *a, **k: _timed(probe, n, f, a, k))(fn, name))
+    blockffn_layer.run_experts = probe.wrap_py(blockffn_layer.run_experts, "py run_experts")
+    cpu_experts.sparse_ffn_native = probe.wrap_py(cpu_experts.sparse_ffn_native, "py sparse_ffn_native")
+    cpu_native.linear_native = probe.wrap_py(cpu_native.linear_native, "py linear_native")
+
+    kw = {"quantization": args.quantization} if args.quantization else {}
+    llm = LLM(args.model, dtype=args.dtype, max_model_len=512, seed=0, max_num_seqs=1,
+              kv_cache_memory_bytes=1 << 30, enable_prefix_caching=False, **kw)
+    cfg = llm.llm_engine.model_config.hf_config
+    LM_HEAD[0] = f"linear N={cfg.vocab_size}"
+    params = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
+    llm.generate([PROMPT], params, use_tqdm=False)
+    RECORDER.reset()
+    probe.reset()
+    t = time.perf_counter()
+    llm.generate([PROMPT], params, use_tqdm=False)
+    wall = time.perf_counter() - t
+    steps = probe.steps - 1  # decode steps measured (the prefill step is left out)
+    buf = torch.ones(1 << 28)
+    bw = max(buf.numel() * 4 / _secs(cpu_native.stream_read, buf) for _ in range(3)) / 1e9
+
+    D, H = cfg.expert_size, cfg.hidden_size
+    elt = 1 if args.quantization == "blockffn_int8" else getattr(torch, args.dtype).itemsize
+    layers = [(i, float(r[UNION] / max(r[SEGMENTS], 1))) for i, r in sorted(RECORDER._totals.items())]
+    expert_mb = [u * 2 * D * H * elt / 1e6 for _, u in layers]
+    per_layer = [statistics.median(probe.calls["experts"][i::len(layers)]) for i in range(len(layers))]
+
+    rows = []
+    print(f"{args.model} {args.dtype} {args.quantization or ''}: {steps} decode steps, "
+          f"{wall / (steps + 1) * 1e3:.2f} ms per step (all steps), read bandwidth {bw:.1f} GB/s (2 threads)")
+    kernel_ms = 0.0
+    for tag, v in sorted(probe.calls.items()):
+        ms = sum(v) / steps * 1e3
+        kernel_ms += ms
+        n = tag.removeprefix("linear N=")
+        mb = None
+        if tag.startswith("linear"):
+            mb = int(n) * H * elt / 1e6  # [N, H] weights (attention projections, router, lm_head)
+        elif tag == "experts":
+            mb = statistics.mean(expert_mb)
+        gbs = f"{mb / (statistics.median(v) * 1e6) * 1e3:5.1f} GB/s" if mb else ""
+        print(f"  call {tag:34s} {len(v) / steps:5.1f}/step  median {statistics.median(v) * 1e6:7.1f} µs  "
+              f"{ms:6.2f} ms/step  {gbs}")
+        rows.append({"kind": "call", "tag": tag, "per_step": len(v) / steps, "median_us": statistics.median(v) * 1e6,
+                     "ms_per_step": ms})
+    gap_ms = 0.0
+    for (a, b), v in sorted(probe.gaps.items(), key=lambda kv: -sum(kv[1])):
+        ms = sum(v) / steps * 1e3
+        gap_ms += ms
+        print(f"  gap  {a:>30s} -> {b:30s} median {statistics.median(v) * 1e6:7.1f} µs  {ms:6.2f} ms/step")
+        rows.append({"kind": "gap", "from": a, "to": b, "median_us": statistics.median(v) * 1e6, "ms_per_step": ms})
+    print(f"  in probed calls {kernel_ms:.2f} ms/step, between them {gap_ms:.2f} ms/step")
+    for (i, u), mb, us in zip(layers, expert_mb, per_layer):
+        print(f"  layer {i:2d}: union {u:5.1f} experts, {mb:5.2f} MB, {us * 1e6:6.1f} µs, {mb / us / 1e3:5.1f} GB/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "dtype": args.dtype, "quantization": args.quantization, "steps": steps,
+                       "bandwidth_gbs": bw, "rows": rows,
+                       "layers": [{"layer": i, "union": u, "mb": mb, "median_us": us * 1e6}
+                                  for (i, u), mb, us in zip(layers, expert_mb, per_layer)]}, f, indent=1)
+
+
+def _timed(probe: Probe, tag: str, fn, args, kwargs):
+    t0 = probe.enter(tag)
+    r = fn(*args, **kwargs)
+    probe.leave(tag, t0)
+    return r
+
+
+def _secs(fn, *args) -> float:
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
+
+
+if __name__ == "__main__":
+    main()
