@@ -42,8 +42,11 @@ def test_streaming_linear_rejects_bad_shapes():
     with pytest.raises(ValueError, match=r"weight \[3, 20\]; expected weight \[N, 19\]"):
         cpu_native.linear_native(torch.randn(2, 19), torch.randn(3, 20))
     w = torch.randn(2, 3, 16)
-    with pytest.raises(ValueError, match=r"w_up \[2, 3, 16\].*expected w_up and w_down_t \[E, D, 8\]"):
-        cpu_native.sparse_ffn_native(torch.randn(1, 8), torch.ones(1, 2), w, w, torch.tensor([0, 1], dtype=torch.int32))
+    cu = torch.tensor([0, 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"x \[1, 8\] for experts \[E, D, H\] = \[2, 3, 16\]; expected x \[T, 16\]"):
+        cpu_native.sparse_ffn_native(torch.randn(1, 8), torch.ones(1, 2), w, w, cu)
+    with pytest.raises(ValueError, match=r"w_down_t \[2, 3, 8\]; expected both \[E, D, H\]"):
+        cpu_native.sparse_ffn_native(torch.randn(1, 16), torch.ones(1, 2), w, w[..., :8], cu)
 
 
 @pytest.mark.parametrize("isa", PATHS)

@@ -374,3 +374,24 @@ def test_package_imports_without_vllm():
                 with open(os.path.join(dirpath, name)) as f:
                     src = f.read()
                 assert not stmt.search(src), name
+
+
+@pytest.mark.skipif(not native_available(), reason="native kernel unavailable")
+def test_native_binding_is_made_once_per_weight_and_follows_new_storage():
+    """A served model's experts are bound once (kept on the weight); new storage rebinds."""
+    g = torch.Generator().manual_seed(5)
+    E, D, H = 6, 8, 32
+    w_up = torch.nn.Parameter(torch.randn(E, D, H, generator=g), requires_grad=False)
+    w_down_t = torch.randn(E, D, H, generator=g)
+    x, cu = torch.randn(3, H, generator=g), cu_seqlens_of([1, 2])
+    scores = torch.relu(torch.randn(3, E, generator=g))
+    first = cpu_native.bound_experts(w_up, w_down_t)
+    assert cpu_native.bound_experts(w_up, w_down_t) is first
+    torch.testing.assert_close(sparse_ffn_native(x, scores, w_up, w_down_t, cu),
+                               sparse_ffn_naive(x, scores, w_up, w_down_t, cu), rtol=1e-5, atol=1e-5)
+    w_up.data = torch.randn(E, D, H, generator=g)  # new storage: the old pointers must not be used
+    assert cpu_native.bound_experts(w_up, w_down_t) is not first
+    torch.testing.assert_close(sparse_ffn_native(x, scores, w_up, w_down_t, cu),
+                               sparse_ffn_naive(x, scores, w_up, w_down_t, cu), rtol=1e-5, atol=1e-5)
+    other_down = torch.randn(E, D, H, generator=g)
+    assert cpu_native.bound_experts(w_up, other_down).tensors[1] is other_down

@@ -309,6 +309,91 @@ def native_supports(x: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor)
     )
 
 
+class NativeExperts:
+    """One layer's expert weights bound to the kernel: the weight checks and every argument that
+    does not change between calls resolved once, as vLLM's CPU MoE prepacks its experts.
+
+    Why: a served model calls the experts once per layer and step right after a kernel that has
+    flushed the caches, where each Python-level check costs several µs (benchmarks/
+    step_breakdown_cpu.py); bound once per weight tensor (:func:`bound_experts`), a call checks x,
+    the scores and the segments and makes one ctypes call. int8 weights: ``up_scale`` [E, D] and
+    ``down_scale`` [E, H] (kernels/quant.py), checked here."""
+
+    def __init__(self, w_up: torch.Tensor, w_down_t: torch.Tensor, up_scale: torch.Tensor | None = None,
+                 down_scale: torch.Tensor | None = None) -> None:
+        lib = _load()
+        assert lib is not None, "native kernel unavailable"
+        if w_up.dim() != 3 or w_down_t.shape != w_up.shape:
+            raise ValueError(f"sparse_ffn: w_up {list(w_up.shape)}, w_down_t {list(w_down_t.shape)}; expected both "
+                             f"[E, D, H]")
+        su = sd = None
+        if check_expert_scales(w_up, up_scale, w_down_t, down_scale):
+            up_scale, down_scale = up_scale.contiguous(), down_scale.contiguous()
+            su, sd = up_scale.data_ptr(), down_scale.data_ptr()
+        w_up, w_down_t = w_up.contiguous(), w_down_t.contiguous()
+        self.tensors = (w_up, w_down_t, up_scale, down_scale)  # kept alive with the pointers below
+        self.E, self.D, self.H = w_up.shape
+        self.w_up_ptr = w_up.data_ptr()
+        self._fn = lib.blockffn_sparse_ffn
+        self._weights = (w_up.data_ptr(), w_down_t.data_ptr(), _WEIGHT_CODES[w_up.dtype])
+        self._scales = (su, sd)
+        self._stats: tuple[np.ndarray | None, int | None] = (None, None)  # the layer's counter row, its address
+
+    def __call__(self, x: torch.Tensor, scores: torch.Tensor, cu_seqlens: torch.Tensor, allow_dense: bool = False,
+                 stats: np.ndarray | None = None, num_threads: int | None = None, isa: str | None = None,
+                 all_experts: bool = False) -> torch.Tensor | None:
+        """:func:`sparse_ffn_native` on the bound weights."""
+        T, H = x.shape
+        if H != self.H:
+            raise ValueError(f"sparse_ffn: x {list(x.shape)} for experts [E, D, H] = {[self.E, self.D, self.H]}; "
+                             f"expected x [T, {self.H}]")
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        if scores.dtype != torch.float32 or not scores.is_contiguous():
+            scores = scores.float().contiguous()
+        if cu_seqlens.dtype != torch.int32 or not cu_seqlens.is_contiguous():
+            cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
+        th = THRESHOLDS
+        y = torch.empty((T, H), dtype=x.dtype)
+        rc = self._fn(
+            x.data_ptr(), x.stride(0), _DTYPE_CODES[x.dtype], scores.data_ptr(), *self._weights, cu_seqlens.data_ptr(),
+            cu_seqlens.shape[0] - 1, T, self.E, self.D, H, y.data_ptr(), num_threads or _THREADS, UP_ROW_COST,
+            allow_dense, th.cpu_min_dense_tokens, th.cpu_max_pair_fraction,
+            self._stats_address(stats), _isa_code(isa), all_experts, *self._scales,
+        )  # fmt: skip
+        if rc == 0:
+            return y
+        if rc == 1:
+            return None
+        _check_rc(rc, "sparse_ffn", x, self.tensors[0])
+        return y
+
+
+    def _stats_address(self, stats: np.ndarray | None) -> int | None:
+        """The counters' address, checked once per array: a layer adds to the same row every step, and
+        numpy's attribute reads cost ~10 µs per call in a decode step (cold caches)."""
+        if stats is None:
+            return None
+        if stats is not self._stats[0]:
+            self._stats = (stats, _stats_ptr(stats))
+        return self._stats[1]
+
+
+def bound_experts(w_up: torch.Tensor, w_down_t: torch.Tensor, up_scale: torch.Tensor | None = None,
+                  down_scale: torch.Tensor | None = None) -> NativeExperts:
+    """The :class:`NativeExperts` of these weights, made on the first call and kept on ``w_up`` (a
+    served model passes the same parameter objects every step); made again when the tensors behind
+    it changed (new storage, other scales)."""
+    b = getattr(w_up, "_blockffn_native", None)
+    if b is not None and b.w_up_ptr == w_up.data_ptr() and b.tensors[1] is w_down_t and b.tensors[2] is up_scale \
+            and b.tensors[3] is down_scale:
+        return b
+    b = NativeExperts(w_up, w_down_t, up_scale, down_scale)
+    if b.tensors[0] is w_up and b.tensors[2] is up_scale and b.tensors[3] is down_scale:
+        w_up._blockffn_native = b  # contiguous already: the binding describes exactly these tensors
+    return b
+
+
 def sparse_ffn_native(
     x: torch.Tensor,
     scores: torch.Tensor,
@@ -336,39 +421,8 @@ def sparse_ffn_native(
     by 0), streamed like the sparse one: the dense baseline at decode sizes (``dense_ffn``).
     int8 weights: ``up_scale`` [E, D] and ``down_scale`` [E, H] (kernels/quant.py), checked here.
     """
-    lib = _load()
-    assert lib is not None, "native kernel unavailable"
-    T, H = x.shape
-    E, D, Hw = w_up.shape
-    if Hw != H or w_down_t.shape != w_up.shape:
-        raise ValueError(f"sparse_ffn: x {list(x.shape)}, w_up {list(w_up.shape)}, w_down_t {list(w_down_t.shape)}; "
-                         f"expected w_up and w_down_t [E, D, {H}]")
-    su = sd = None
-    if up_scale is not None or down_scale is not None or w_up.dtype == torch.int8:
-        check_expert_scales(w_up, up_scale, w_down_t, down_scale)
-        su, sd = up_scale.contiguous().data_ptr(), down_scale.contiguous().data_ptr()
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    if scores.dtype != torch.float32 or not scores.is_contiguous():
-        scores = scores.float().contiguous()
-    if not (w_up.is_contiguous() and w_down_t.is_contiguous()):
-        w_up, w_down_t = w_up.contiguous(), w_down_t.contiguous()
-    if cu_seqlens.dtype != torch.int32 or not cu_seqlens.is_contiguous():
-        cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
-    th = THRESHOLDS
-    y = torch.empty((T, H), dtype=x.dtype)
-    rc = lib.blockffn_sparse_ffn(
-        x.data_ptr(), x.stride(0), _DTYPE_CODES[x.dtype], scores.data_ptr(), w_up.data_ptr(), w_down_t.data_ptr(),
-        _WEIGHT_CODES[w_up.dtype], cu_seqlens.data_ptr(), cu_seqlens.shape[0] - 1, T, E, D, H, y.data_ptr(),
-        num_threads or _THREADS, UP_ROW_COST, allow_dense, th.cpu_min_dense_tokens, th.cpu_max_pair_fraction,
-        None if stats is None else _stats_ptr(stats), _isa_code(isa), all_experts, su, sd,
-    )  # fmt: skip
-    if rc == 0:
-        return y
-    if rc == 1:
-        return None
-    _check_rc(rc, "sparse_ffn", x, w_up)
-    return y
+    return bound_experts(w_up, w_down_t, up_scale, down_scale)(x, scores, cu_seqlens, allow_dense, stats,
+                                                               num_threads, isa, all_experts)
 
 
 def _check_rc(rc: int, op: str, x: torch.Tensor, w: torch.Tensor) -> None:

@@ -24,6 +24,7 @@ device-side fill, so the kernels cover every row; their router scores are zeroed
 from __future__ import annotations
 
 import torch
+import vllm.forward_context as forward_context
 
 
 def on_accelerator(t: torch.Tensor) -> bool:
@@ -38,11 +39,9 @@ def request_starts(num_tokens: int) -> torch.Tensor | None:
     """vLLM's `query_start_loc` for this step ([R+1], on the device, not copied), or None
     when no request layout is known (profiling and warm-up runs, piecewise capture,
     micro-batching): the caller then treats the batch as one segment."""
-    from vllm.forward_context import get_forward_context, is_forward_context_available
-
-    if not is_forward_context_available():
+    if not forward_context.is_forward_context_available():
         return None
-    metadata = get_forward_context().attn_metadata
+    metadata = forward_context.get_forward_context().attn_metadata
     if not isinstance(metadata, dict) or not metadata:
         return None
     qsl = getattr(next(iter(metadata.values())), "query_start_loc", None)

@@ -24,6 +24,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.utils.torch_utils import direct_register_custom_op
 
+from vllm_blockffn.kernels.sparse_ffn.cpu import dense_ffn, sparse_ffn_cpu, uses_native
 from vllm_blockffn.observe.stats import RECORDER, stats_enabled
 from vllm_blockffn.serving import segments
 from vllm_blockffn.serving.checkpoint import BlockFFNWeightError
@@ -185,13 +186,12 @@ def run_experts(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_dow
     eagerly, between piecewise CUDA graphs and captured inside a full graph (README
     "CUDA graphs"; tests/test_replay.py replays it with the Triton kernels interpreted).
     int8 experts: ``up_scale`` / ``down_scale`` (kernels/quant.py), else None."""
-    from vllm_blockffn.kernels import ops
-
     if backend == "skip":
         return torch.zeros_like(x)
     if not segments.on_accelerator(x):
         return _experts_cpu(x, scores, w_up, w_down_t, backend, layer_id, expert_bytes, record, up_scale,
                             down_scale)
+    from vllm_blockffn.kernels import ops
     num_tokens = x.shape[0]
     starts = segments.request_starts(num_tokens)
     if starts is None:
@@ -219,8 +219,6 @@ def _experts_cpu(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_do
     native kernel adds the live counters from the scan it makes anyway. Kept short on purpose: it
     runs once per layer and step, after a kernel that has just flushed the caches, so every Python
     call here costs several µs of each decode step (RESULTS.md, "Where a decode step goes")."""
-    from vllm_blockffn.kernels.sparse_ffn.cpu import dense_ffn, sparse_ffn_cpu, uses_native
-
     starts = segments.request_starts(x.shape[0])
     stats = None
     if starts is None:
