@@ -142,34 +142,41 @@ def main() -> None:
     rows = []
     print(f"{args.model} {args.dtype} {args.quantization or ''}: {steps} decode steps, "
           f"{wall / (steps + 1) * 1e3:.2f} ms per step (all steps), read bandwidth {bw:.1f} GB/s (2 threads)")
-    kernel_ms = 0.0
+    kernel_ms = step_mb = 0.0
     for tag, v in sorted(probe.calls.items()):
         ms = sum(v) / steps * 1e3
         kernel_ms += ms
-        n = tag.removeprefix("linear N=")
         mb = None
         if tag.startswith("linear"):
-            mb = int(n) * H * elt / 1e6  # [N, H] weights (attention projections, router, lm_head)
+            n = int(tag.removeprefix("linear N="))
+            # the router (N = E) stays in the model's dtype under int8 (quantization.py SKIPPED_LINEARS)
+            lin_elt = getattr(torch, args.dtype).itemsize if n == cfg.num_experts else elt
+            mb = n * H * lin_elt / 1e6 * len(v) / steps  # [N, H] weights per step
         elif tag == "experts":
-            mb = statistics.mean(expert_mb)
-        gbs = f"{mb / (statistics.median(v) * 1e6) * 1e3:5.1f} GB/s" if mb else ""
+            mb = sum(expert_mb)  # every layer's union, per step
+        step_mb += mb or 0.0
+        gbs = f"{mb / ms:5.1f} GB/s over {mb:6.1f} MB" if mb else ""
         print(f"  call {tag:34s} {len(v) / steps:5.1f}/step  median {statistics.median(v) * 1e6:7.1f} µs  "
               f"{ms:6.2f} ms/step  {gbs}")
         rows.append({"kind": "call", "tag": tag, "per_step": len(v) / steps, "median_us": statistics.median(v) * 1e6,
-                     "ms_per_step": ms})
+                     "ms_per_step": ms, "mb_per_step": mb})
     gap_ms = 0.0
     for (a, b), v in sorted(probe.gaps.items(), key=lambda kv: -sum(kv[1])):
         ms = sum(v) / steps * 1e3
         gap_ms += ms
         print(f"  gap  {a:>30s} -> {b:30s} median {statistics.median(v) * 1e6:7.1f} µs  {ms:6.2f} ms/step")
         rows.append({"kind": "gap", "from": a, "to": b, "median_us": statistics.median(v) * 1e6, "ms_per_step": ms})
-    print(f"  in probed calls {kernel_ms:.2f} ms/step, between them {gap_ms:.2f} ms/step")
+    step_ms = kernel_ms + gap_ms
+    limit_ms = step_mb / bw
+    print(f"  in probed calls {kernel_ms:.2f} ms/step, between them {gap_ms:.2f} ms/step: a decode step "
+          f"{step_ms:.2f} ms; its weights {step_mb:.0f} MB at {bw:.1f} GB/s = {limit_ms:.2f} ms, so "
+          f"{100 * limit_ms / step_ms:.0f}% of the memory-speed limit")
     for (i, u), mb, us in zip(layers, expert_mb, per_layer):
         print(f"  layer {i:2d}: union {u:5.1f} experts, {mb:5.2f} MB, {us * 1e6:6.1f} µs, {mb / us / 1e3:5.1f} GB/s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "dtype": args.dtype, "quantization": args.quantization, "steps": steps,
-                       "bandwidth_gbs": bw, "rows": rows,
+                       "bandwidth_gbs": bw, "step_ms": step_ms, "step_mb": step_mb, "limit_ms": limit_ms, "rows": rows,
                        "layers": [{"layer": i, "union": u, "mb": mb, "median_us": us * 1e6}
                                   for (i, u), mb, us in zip(layers, expert_mb, per_layer)]}, f, indent=1)
 
