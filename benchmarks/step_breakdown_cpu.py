@@ -83,6 +83,7 @@ class ProbedLib:
         self._lib = lib
         self.blockffn_linear = probe.wrap_c(lib.blockffn_linear, lambda a: f"linear N={a[6]}")
         self.blockffn_sparse_ffn = probe.wrap_c(lib.blockffn_sparse_ffn, lambda a: "experts")
+        self.blockffn_router_sparse_ffn = probe.wrap_c(lib.blockffn_router_sparse_ffn, lambda a: "router+experts")
 
     def __getattr__(self, name):
         return getattr(self._lib, name)
@@ -114,6 +115,8 @@ def main() -> None:
         fn = getattr(vops, name)
         setattr(vops, name, (lambda f, n: lambda *a, **k: _timed(probe, n, f, a, k))(fn, name))
     blockffn_layer.run_experts = probe.wrap_py(blockffn_layer.run_experts, "py run_experts")
+    if hasattr(blockffn_layer, "bound_experts"):
+        blockffn_layer.bound_experts = probe.wrap_py(blockffn_layer.bound_experts, "py bound_experts")
     cpu_experts.sparse_ffn_native = probe.wrap_py(cpu_experts.sparse_ffn_native, "py sparse_ffn_native")
     cpu_native.linear_native = probe.wrap_py(cpu_native.linear_native, "py linear_native")
 
@@ -137,7 +140,8 @@ def main() -> None:
     elt = 1 if args.quantization == "blockffn_int8" else getattr(torch, args.dtype).itemsize
     layers = [(i, float(r[UNION] / max(r[SEGMENTS], 1))) for i, r in sorted(RECORDER._totals.items())]
     expert_mb = [u * 2 * D * H * elt / 1e6 for _, u in layers]
-    per_layer = [statistics.median(probe.calls["experts"][i::len(layers)]) for i in range(len(layers))]
+    ex = probe.calls.get("experts") or probe.calls["router+experts"]
+    per_layer = [statistics.median(ex[i::len(layers)]) for i in range(len(layers))]
 
     rows = []
     print(f"{args.model} {args.dtype} {args.quantization or ''}: {steps} decode steps, "
@@ -154,6 +158,8 @@ def main() -> None:
             mb = n * H * lin_elt / 1e6 * len(v) / steps  # [N, H] weights per step
         elif tag == "experts":
             mb = sum(expert_mb)  # every layer's union, per step
+        elif tag == "router+experts":  # the router read inside the expert kernel (VLLM_BLOCKFFN_CPU_ROUTER=fused)
+            mb = sum(expert_mb) + len(layers) * cfg.num_experts * H * getattr(torch, args.dtype).itemsize / 1e6
         step_mb += mb or 0.0
         gbs = f"{mb / ms:5.1f} GB/s over {mb:6.1f} MB" if mb else ""
         print(f"  call {tag:34s} {len(v) / steps:5.1f}/step  median {statistics.median(v) * 1e6:7.1f} µs  "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 import vllm_blockffn.kernels as K
@@ -395,3 +396,33 @@ def test_native_binding_is_made_once_per_weight_and_follows_new_storage():
                                sparse_ffn_naive(x, scores, w_up, w_down_t, cu), rtol=1e-5, atol=1e-5)
     other_down = torch.randn(E, D, H, generator=g)
     assert cpu_native.bound_experts(w_up, other_down).tensors[1] is other_down
+
+
+@pytest.mark.skipif(not native_available(), reason="native kernel unavailable")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_fused_into_the_expert_kernel_equals_router_then_experts(dtype):
+    """blockffn_router_sparse_ffn: z = x W_rᵀ (in x's dtype), ReLU + RMS norm, experts -- against the
+    model's own router math (BlockFFN.router_scores) and the naive experts. A NaN x row has NaN
+    router logits, so no active expert (as in the separate router): its output is exactly 0."""
+    from vllm_blockffn.serving.layers.blockffn import router_scores
+
+    g = torch.Generator().manual_seed(7)
+    E, D, H, T = 12, 8, 64, 5
+    x = torch.randn(T, H, generator=g).to(dtype)
+    x[3] = float("nan")
+    w_r = (torch.randn(E, H, generator=g) * 0.3).to(dtype)
+    norm_w = (torch.rand(E, generator=g) + 0.5).to(dtype)
+    w_up, w_down_t = (torch.randn(E, D, H, generator=g).to(dtype) for _ in range(2))
+    cu = cu_seqlens_of([1, 2, 2])
+    stats = np.zeros(5, dtype=np.int64)
+    y = cpu_native.bound_experts(w_up, w_down_t).with_router(x, w_r, norm_w, 1e-5, cu, stats)
+    scores = router_scores(torch.nn.functional.linear(x, w_r), "rms", 1e-5, 1.0, norm_w)
+    ref = sparse_ffn_naive(x.float(), scores, w_up.float(), w_down_t.float(), cu)
+    assert rel_err(y, ref) < TOLERANCES[dtype]
+    # the same kernel on the separately computed scores: only the router's rounding differs
+    separate = sparse_ffn_native(x, scores, w_up, w_down_t, cu)
+    assert rel_err(y, separate) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert torch.equal(y[3], torch.zeros_like(y[3]))
+    assert stats[0] == T and stats[1] == int((scores[torch.arange(T) != 3] > 0).sum())  # tokens, active pairs
+    with pytest.raises(ValueError, match=r"router: w_router"):
+        cpu_native.bound_experts(w_up, w_down_t).with_router(x, w_r[:, :8], norm_w, 1e-5, cu)

@@ -60,16 +60,28 @@ def test_dtypes_and_file_formats(tiny_factory, engine_factory, record_figure, op
 
 
 @pytest.mark.slow
-def test_compiled_model_matches_reference(tiny_factory, record_figure):
+@pytest.mark.parametrize("router", ["fused", "separate"])
+def test_compiled_model_matches_reference(tiny_factory, record_figure, router):
     """enforce_eager off: vLLM compiles the model with torch.compile; the experts op stays opaque.
 
     The backend comes from the environment (a compiled graph does not see later attribute changes).
-    The engine runs in its own process (inductor's native code; see greedy_in_fresh_process).
+    The engine runs in its own process (inductor's native code; see greedy_in_fresh_process). The
+    router inside the expert kernel (the CPU default) and as its own linear give the same answers.
     """
     path = tiny_factory(attention="vanilla", layout="block", norm="rms")
     reference = load_reference(path)
-    outputs = greedy_in_fresh_process(path, PROMPTS, env={"VLLM_BLOCKFFN_BACKEND": "sparse"},
+    outputs = greedy_in_fresh_process(path, PROMPTS, env={"VLLM_BLOCKFFN_BACKEND": "sparse",
+                                                          "VLLM_BLOCKFFN_CPU_ROUTER": router},
                                       enforce_eager=False)
     worst, same = compare_to_reference(outputs, reference)
-    record_figure("max|dlogprob| fp32 compiled vanilla/block/rms/sparse", f"{worst:.2e}")
+    record_figure(f"max|dlogprob| fp32 compiled vanilla/block/rms/sparse router={router}", f"{worst:.2e}")
     assert worst <= 1e-3 and all(same)
+
+
+def test_router_switch_rejects_unknown_values(monkeypatch):
+    from vllm_blockffn.serving.layers.blockffn import ROUTER_ENV, router_mode
+
+    assert router_mode() == "fused"
+    monkeypatch.setenv(ROUTER_ENV, "sometimes")
+    with pytest.raises(ValueError, match="VLLM_BLOCKFFN_CPU_ROUTER='sometimes'"):
+        router_mode()

@@ -1100,3 +1100,44 @@ double blockffn_stream_read(const float *p, long n, int nthreads, int isa) {
     }
     return total;
 }
+
+/* ------------------------------------------------------------------- router + experts */
+/* The layer's router and experts in one call, for decode-size steps on CPUs: z = x W_r^T through
+   blockffn_linear (W_r [E, H], fp32 or bf16; z rounded to x's dtype, as the model's linear returns
+   it), then the ReLU + RMS-norm router in fp32 -- a = relu(z) (NaN stays NaN, as torch.relu),
+   s = a * (1 / sqrt(mean_e a^2 + eps)) * norm_w[e] (norm_w fp32 [E]) -- then blockffn_sparse_ffn
+   on those scores. One ctypes call, one output, no scores tensor: a served model makes this call
+   once per layer and step, where every separate op costs tens of µs of Python with cold caches.
+   Returns as blockffn_sparse_ffn (the router's errors included). */
+int blockffn_router_sparse_ffn(const void *x, long ldx, int xdt, const void *w_r, int wdt_r, const float *norm_w,
+                               float eps, const void *w_up, const void *w_down, int wdt, const int32_t *cu, long S,
+                               long T, long E, long D, long H, void *y, int nthreads, float up_row_cost,
+                               int allow_dense, long min_dense_tokens, float max_pair_fraction, int64_t *stats,
+                               int isa, const float *up_scale, const float *down_scale) {
+    if (T < 0 || E <= 0 || H <= 0 || xdt < 0 || xdt > 1 || wdt_r < 0 || wdt_r > 1 || !w_r || !norm_w) return -2;
+    size_t zsz = xdt ? 2 : 4;
+    void *z = malloc((size_t)T * E * zsz + 4);
+    float *sc = malloc((size_t)T * E * sizeof(float) + 4);
+    if (!z || !sc) { free(z); free(sc); return -1; }
+    int rc = T > 0 ? blockffn_linear(x, ldx, xdt, w_r, wdt_r, T, E, H, z, E, nthreads, isa, NULL) : 0;
+    if (rc == 0) {
+        for (long t = 0; t < T; t++) {
+            float *s = sc + t * E;
+            float ss = 0.0f;
+            for (long e = 0; e < E; e++) {
+                float v = xdt ? cv_bf16(((const uint16_t *)z)[t * E + e]) : ((const float *)z)[t * E + e];
+                float a = v > 0.0f ? v : (v != v ? v : 0.0f);
+                s[e] = a;
+                ss += a * a;
+            }
+            float r = 1.0f / sqrtf(ss / (float)E + eps);
+            for (long e = 0; e < E; e++) s[e] = s[e] * r * norm_w[e];
+        }
+        rc = blockffn_sparse_ffn(x, ldx, xdt, sc, w_up, w_down, wdt, cu, S, T, E, D, H, y, nthreads, up_row_cost,
+                                 allow_dense, min_dense_tokens, max_pair_fraction, stats, isa, 0, up_scale,
+                                 down_scale);
+    }
+    free(z);
+    free(sc);
+    return rc;
+}

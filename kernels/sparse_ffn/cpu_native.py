@@ -122,6 +122,9 @@ def _open(path: str) -> ctypes.CDLL | None:
     lib_path = path
     lib.blockffn_linear.argtypes = [p, i64, i32, p, i32, i64, i64, i64, p, i64, i32, i32, p]
     lib.blockffn_linear.restype = i32
+    lib.blockffn_router_sparse_ffn.argtypes = [p, i64, i32, p, i32, p, f32, p, p, i32, p, i64, i64, i64, i64, i64, p,
+                                               i32, f32, i32, i64, f32, p, i32, p, p]
+    lib.blockffn_router_sparse_ffn.restype = i32
     lib.blockffn_resolve_isa.argtypes = [i32]
     lib.blockffn_resolve_isa.restype = i32
     lib.blockffn_stream_read.argtypes = [p, i64, i32, i32]
@@ -334,7 +337,9 @@ class NativeExperts:
         self.tensors = (w_up, w_down_t, up_scale, down_scale)  # kept alive with the pointers below
         self.E, self.D, self.H = w_up.shape
         self.w_up_ptr = w_up.data_ptr()
+        self._lib = lib
         self._fn = lib.blockffn_sparse_ffn
+        self._router: tuple[torch.Tensor, ...] | None = None
         self._weights = (w_up.data_ptr(), w_down_t.data_ptr(), _WEIGHT_CODES[w_up.dtype])
         self._scales = (su, sd)
         self._stats: tuple[np.ndarray | None, int | None] = (None, None)  # the layer's counter row, its address
@@ -368,6 +373,39 @@ class NativeExperts:
         _check_rc(rc, "sparse_ffn", x, self.tensors[0])
         return y
 
+
+    def with_router(self, x: torch.Tensor, w_router: torch.Tensor, norm_w: torch.Tensor, eps: float,
+                    cu_seqlens: torch.Tensor, stats: np.ndarray | None = None, num_threads: int | None = None,
+                    isa: str | None = None) -> torch.Tensor:
+        """The layer's ReLU + RMS-norm router (``w_router`` [E, H] in x's dtype, ``norm_w`` [E]) and these
+        experts in one kernel call (``blockffn_router_sparse_ffn``): scores = relu(x W_rᵀ) · rsqrt(mean
+        relu(·)² + eps) · norm_w, as ``BlockFFN.router`` computes them, then :meth:`__call__` on them
+        (sparse always). For decode-size steps on CPUs, where the router as separate ops costs more
+        than reading it."""
+        T, H = x.shape
+        E = self.E
+        if w_router.dtype != x.dtype or tuple(w_router.shape) != (E, H) or tuple(norm_w.shape) != (E,):
+            raise ValueError(f"router: w_router {w_router.dtype} {list(w_router.shape)}, norm_w {list(norm_w.shape)}; "
+                             f"expected {x.dtype} [{E}, {H}] and [{E}]")
+        r = self._router
+        if r is None or r[0] is not w_router or r[1] is not norm_w or r[2].data_ptr() != w_router.data_ptr():
+            r = self._router = (w_router, norm_w, w_router.contiguous(), norm_w.float().contiguous())
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        if cu_seqlens.dtype != torch.int32 or not cu_seqlens.is_contiguous():
+            cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
+        th = THRESHOLDS
+        y = torch.empty((T, H), dtype=x.dtype)
+        xdt = _DTYPE_CODES[x.dtype]
+        rc = self._lib.blockffn_router_sparse_ffn(
+            x.data_ptr(), x.stride(0), xdt, r[2].data_ptr(), xdt, r[3].data_ptr(), eps, *self._weights,
+            cu_seqlens.data_ptr(), cu_seqlens.shape[0] - 1, T, E, self.D, H, y.data_ptr(), num_threads or _THREADS,
+            UP_ROW_COST, False, th.cpu_min_dense_tokens, th.cpu_max_pair_fraction, self._stats_address(stats),
+            _isa_code(isa), *self._scales,
+        )  # fmt: skip
+        if rc:
+            _check_rc(rc, "router + sparse_ffn", x, self.tensors[0])
+        return y
 
     def _stats_address(self, stats: np.ndarray | None) -> int | None:
         """The counters' address, checked once per array: a layer adds to the same row every step, and

@@ -24,7 +24,9 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.utils.torch_utils import direct_register_custom_op
 
+from vllm_blockffn.kernels.dispatch import THRESHOLDS
 from vllm_blockffn.kernels.sparse_ffn.cpu import dense_ffn, sparse_ffn_cpu, uses_native
+from vllm_blockffn.kernels.sparse_ffn.cpu_native import bound_experts
 from vllm_blockffn.observe.stats import RECORDER, stats_enabled
 from vllm_blockffn.serving import segments
 from vllm_blockffn.serving.checkpoint import BlockFFNWeightError
@@ -35,6 +37,27 @@ from vllm_blockffn.serving.layers.quantization import Int8ExpertsMethod
 # everything but the experts (benchmarks/bench_e2e_cpu.py: the Amdahl bound on the experts' speed-up).
 BACKENDS = ("auto", "dense", "sparse", "skip")
 BACKEND_ENV = "VLLM_BLOCKFFN_BACKEND"
+
+
+ROUTER_ENV = "VLLM_BLOCKFFN_CPU_ROUTER"
+
+
+def router_mode() -> str:
+    """`VLLM_BLOCKFFN_CPU_ROUTER`: fused (default: on CPUs the router runs inside the expert kernel at
+    decode sizes) | separate (its own linear and ops, as on accelerators)."""
+    return env_choice(ROUTER_ENV, ("fused", "separate"), "fused")
+
+
+def router_scores(z: torch.Tensor, mode: str, eps: float, norm_scale: float,
+                  norm_w: torch.Tensor | None) -> torch.Tensor:
+    """ReLU + norm of the router's logits z [T, E], in fp32 (SPEC.md); the native kernel's fused router
+    (cpu_native.c, blockffn_router_sparse_ffn) computes the "rms" case the same way."""
+    a = torch.relu(z.float())
+    if mode == "rms":
+        return a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + eps) * norm_w.float()
+    if mode == "sum":
+        return a / (a.sum(-1, keepdim=True) * norm_scale + 1e-5)
+    return a
 
 
 def backend_from_env() -> str:
@@ -145,20 +168,28 @@ class BlockFFN(nn.Module):
     def router(self, x: torch.Tensor) -> torch.Tensor:
         """Router scores r [T, E] in fp32; r_e = 0 exactly where expert e is inactive."""
         z, _ = self.router_proj(x)
-        a = torch.relu(z.float())
-        mode = self.spec.norm_after_router
-        if mode == "rms":
-            return a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + self.spec.rms_norm_eps) \
-                * self.router_norm.weight.float()
-        if mode == "sum":
-            return a / (a.sum(-1, keepdim=True) * self.spec.norm_scale + 1e-5)
-        return a
+        norm_w = self.router_norm.weight if self.router_norm is not None else None
+        return router_scores(z, self.spec.norm_after_router, self.spec.rms_norm_eps, self.spec.norm_scale, norm_w)
+
+    def _fuses_router(self, x: torch.Tensor) -> bool:
+        """Whether this step's router runs inside the CPU expert kernel (decided from static facts, at
+        trace time): CPU, the ReLU + RMS-norm router in x's dtype, a sparse backend, the native kernel,
+        and `VLLM_BLOCKFFN_CPU_ROUTER` not `separate`."""
+        w = self.router_proj.weight
+        return (not segments.on_accelerator(x) and self.spec.norm_after_router == "rms"
+                and self.backend in ("auto", "sparse") and router_mode() == "fused"
+                and isinstance(w, torch.Tensor) and w.dtype == x.dtype and x.dtype in (torch.float32, torch.bfloat16)
+                and getattr(self.router_proj, "bias", None) is None and uses_native(x, self.up_proj, self.down_proj))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scores = self.router(x)
         q = self.quant_method is not None
         scales = (self.up_proj_scale if q else None, self.down_proj_scale if q else None)
         args = (self.backend, self.layer_id, self.expert_bytes, self.record_stats, *scales)
+        if self._fuses_router(x):
+            y = torch.ops.vllm.blockffn_router_experts(x, self.router_proj.weight, self.router_norm.weight,
+                                                       self.spec.rms_norm_eps, self.up_proj, self.down_proj, *args)
+            return tensor_model_parallel_all_reduce(y) if self.tp_size > 1 else y
+        scores = self.router(x)
         if segments.on_accelerator(x):
             # The output buffer is allocated here, inside the compiled piece before the op: vLLM
             # splits piecewise CUDA graphs at this op (patches/splitting_ops.py), and the next
@@ -244,6 +275,37 @@ def _blockffn_experts(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor,
     return run_experts(x, scores, w_up, w_down_t, backend, layer_id, expert_bytes, record, up_scale, down_scale)
 
 
+def _blockffn_router_experts(x: torch.Tensor, w_router: torch.Tensor, norm_w: torch.Tensor, eps: float,
+                             w_up: torch.Tensor, w_down_t: torch.Tensor, backend: str, layer_id: int,
+                             expert_bytes: int, record: bool, up_scale: Scale = None,
+                             down_scale: Scale = None) -> torch.Tensor:
+    """CPUs: the ReLU + RMS-norm router and the experts as one op (BlockFFN._fuses_router). Decode-size
+    steps run both in one native call (cpu_native.NativeExperts.with_router): no router linear, no
+    scores tensor, one Python entry per layer instead of three. Longer steps (prefill) compute the
+    scores with torch ops and take the CPU expert route."""
+    if x.shape[0] > THRESHOLDS.cpu_linear_max_tokens:
+        z = torch.nn.functional.linear(x, w_router)
+        scores = router_scores(z, "rms", eps, 1.0, norm_w)
+        return _experts_cpu(x, scores, w_up, w_down_t, backend, layer_id, expert_bytes, record, up_scale,
+                            down_scale)
+    starts = segments.request_starts(x.shape[0])
+    stats = None
+    if starts is None:
+        cu = segments.whole_batch(x.shape[0], x.device, graph_safe=False)
+    else:
+        cu = starts if starts.dtype == torch.int32 else starts.to(torch.int32)
+        if record:
+            stats = RECORDER.host_row(layer_id, w_router.shape[0], expert_bytes)
+    return bound_experts(w_up, w_down_t, up_scale, down_scale).with_router(x, w_router, norm_w, eps, cu, stats)
+
+
+def _blockffn_router_experts_fake(x: torch.Tensor, w_router: torch.Tensor, norm_w: torch.Tensor, eps: float,
+                                  w_up: torch.Tensor, w_down_t: torch.Tensor, backend: str, layer_id: int,
+                                  expert_bytes: int, record: bool, up_scale: Scale = None,
+                                  down_scale: Scale = None) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 def _blockffn_experts_fake(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
                            backend: str, layer_id: int, expert_bytes: int, record: bool, up_scale: Scale = None,
                            down_scale: Scale = None) -> torch.Tensor:
@@ -268,5 +330,7 @@ def _blockffn_experts_with_output_fake(x: torch.Tensor, scores: torch.Tensor, w_
 
 
 direct_register_custom_op("blockffn_experts", _blockffn_experts, fake_impl=_blockffn_experts_fake)
+direct_register_custom_op("blockffn_router_experts", _blockffn_router_experts,
+                          fake_impl=_blockffn_router_experts_fake)
 direct_register_custom_op("blockffn_experts_with_output", _blockffn_experts_with_output, mutates_args=["output"],
                           fake_impl=_blockffn_experts_with_output_fake)
