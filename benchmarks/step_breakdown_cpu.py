@@ -83,7 +83,8 @@ class ProbedLib:
         self._lib = lib
         self.blockffn_linear = probe.wrap_c(lib.blockffn_linear, lambda a: f"linear N={a[6]}")
         self.blockffn_sparse_ffn = probe.wrap_c(lib.blockffn_sparse_ffn, lambda a: "experts")
-        self.blockffn_router_sparse_ffn = probe.wrap_c(lib.blockffn_router_sparse_ffn, lambda a: "router+experts")
+        if hasattr(lib, "blockffn_router_sparse_ffn"):  # (absent before 46128dc: A/Bs against older code)
+            self.blockffn_router_sparse_ffn = probe.wrap_c(lib.blockffn_router_sparse_ffn, lambda a: "router+experts")
 
     def __getattr__(self, name):
         return getattr(self._lib, name)

@@ -242,25 +242,30 @@ def run_experts(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_dow
                                 up_scale=up_scale, down_scale=down_scale)
 
 
+def _cpu_segments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(cu_seqlens, vLLM's query_start_loc or None) on a CPU: the requests' offsets as they are (int32;
+    the CPU paths give tokens past the last one y = 0, and the CPU backend pads nothing), or the
+    whole batch as one segment when no request layout is known (warm-up, profiling)."""
+    starts = segments.request_starts(x.shape[0])
+    if starts is None:
+        return segments.whole_batch(x.shape[0], x.device, graph_safe=False), None
+    return (starts if starts.dtype == torch.int32 else starts.to(torch.int32)), starts
+
+
 def _experts_cpu(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
                  backend: str, layer_id: int, expert_bytes: int, record: bool, up_scale: Scale,
                  down_scale: Scale) -> torch.Tensor:
-    """run_experts on a CPU: host data, no graphs. vLLM's `query_start_loc` is the segments as it
-    is (the CPU paths give tokens past its last entry y = 0; the CPU backend pads nothing), and the
+    """run_experts on a CPU: host data, no graphs; the segments of :func:`_cpu_segments`, and the
     native kernel adds the live counters from the scan it makes anyway. Kept short on purpose: it
     runs once per layer and step, after a kernel that has just flushed the caches, so every Python
     call here costs several µs of each decode step (RESULTS.md, "Where a decode step goes")."""
-    starts = segments.request_starts(x.shape[0])
+    cu, starts = _cpu_segments(x)
     stats = None
-    if starts is None:
-        cu = segments.whole_batch(x.shape[0], x.device, graph_safe=False)
-    else:
-        cu = starts if starts.dtype == torch.int32 else starts.to(torch.int32)
-        if record:
-            if backend != "dense" and uses_native(x, w_up, w_down_t):
-                stats = RECORDER.host_row(layer_id, scores.shape[1], expert_bytes)
-            else:
-                RECORDER.record(layer_id, scores, starts, expert_bytes, on_device=False)
+    if starts is not None and record:
+        if backend != "dense" and uses_native(x, w_up, w_down_t):
+            stats = RECORDER.host_row(layer_id, scores.shape[1], expert_bytes)
+        else:
+            RECORDER.record(layer_id, scores, starts, expert_bytes, on_device=False)
     if backend == "dense":
         return dense_ffn(x, scores, w_up, w_down_t, up_scale, down_scale)
     return sparse_ffn_cpu(x, scores, w_up, w_down_t, cu, allow_dense=backend == "auto", stats=stats,
@@ -288,14 +293,8 @@ def _blockffn_router_experts(x: torch.Tensor, w_router: torch.Tensor, norm_w: to
         scores = router_scores(z, "rms", eps, 1.0, norm_w)
         return _experts_cpu(x, scores, w_up, w_down_t, backend, layer_id, expert_bytes, record, up_scale,
                             down_scale)
-    starts = segments.request_starts(x.shape[0])
-    stats = None
-    if starts is None:
-        cu = segments.whole_batch(x.shape[0], x.device, graph_safe=False)
-    else:
-        cu = starts if starts.dtype == torch.int32 else starts.to(torch.int32)
-        if record:
-            stats = RECORDER.host_row(layer_id, w_router.shape[0], expert_bytes)
+    cu, starts = _cpu_segments(x)
+    stats = RECORDER.host_row(layer_id, w_router.shape[0], expert_bytes) if record and starts is not None else None
     return bound_experts(w_up, w_down_t, up_scale, down_scale).with_router(x, w_router, norm_w, eps, cu, stats)
 
 
