@@ -173,12 +173,14 @@ class BlockFFN(nn.Module):
 
     def _fuses_router(self, x: torch.Tensor) -> bool:
         """Whether this step's router runs inside the CPU expert kernel (decided from static facts, at
-        trace time): CPU, the ReLU + RMS-norm router in x's dtype, a sparse backend, the native kernel,
+        trace time): CPU, the ReLU + RMS-norm router in x's dtype with its weight as loaded (not packed
+        away by vLLM's oneDNN path: VLLM_BLOCKFFN_CPU_LINEAR=vllm), a sparse backend, the native kernel,
         and `VLLM_BLOCKFFN_CPU_ROUTER` not `separate`."""
         w = self.router_proj.weight
         return (not segments.on_accelerator(x) and self.spec.norm_after_router == "rms"
                 and self.backend in ("auto", "sparse") and router_mode() == "fused"
                 and isinstance(w, torch.Tensor) and w.dtype == x.dtype and x.dtype in (torch.float32, torch.bfloat16)
+                and tuple(w.shape) == (self.spec.num_experts, self.spec.hidden_size)  # vLLM's oneDNN path empties it
                 and getattr(self.router_proj, "bias", None) is None and uses_native(x, self.up_proj, self.down_proj))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
