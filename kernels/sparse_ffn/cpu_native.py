@@ -339,7 +339,7 @@ class NativeExperts:
         self.w_up_ptr = w_up.data_ptr()
         self._lib = lib
         self._fn = lib.blockffn_sparse_ffn
-        self._router: tuple[torch.Tensor, ...] | None = None
+        self._norm: tuple = (None, 0, None)  # the router's norm weight, its address, its fp32 copy
         self._weights = (w_up.data_ptr(), w_down_t.data_ptr(), _WEIGHT_CODES[w_up.dtype])
         self._scales = (su, sd)
         self._stats: tuple[np.ndarray | None, int | None] = (None, None)  # the layer's counter row, its address
@@ -348,16 +348,10 @@ class NativeExperts:
                  stats: np.ndarray | None = None, num_threads: int | None = None, isa: str | None = None,
                  all_experts: bool = False) -> torch.Tensor | None:
         """:func:`sparse_ffn_native` on the bound weights."""
+        x, cu_seqlens = self._inputs(x, cu_seqlens)
         T, H = x.shape
-        if H != self.H:
-            raise ValueError(f"sparse_ffn: x {list(x.shape)} for experts [E, D, H] = {[self.E, self.D, self.H]}; "
-                             f"expected x [T, {self.H}]")
-        if x.stride(1) != 1:
-            x = x.contiguous()
         if scores.dtype != torch.float32 or not scores.is_contiguous():
             scores = scores.float().contiguous()
-        if cu_seqlens.dtype != torch.int32 or not cu_seqlens.is_contiguous():
-            cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
         th = THRESHOLDS
         y = torch.empty((T, H), dtype=x.dtype)
         rc = self._fn(
@@ -373,7 +367,6 @@ class NativeExperts:
         _check_rc(rc, "sparse_ffn", x, self.tensors[0])
         return y
 
-
     def with_router(self, x: torch.Tensor, w_router: torch.Tensor, norm_w: torch.Tensor, eps: float,
                     cu_seqlens: torch.Tensor, stats: np.ndarray | None = None, num_threads: int | None = None,
                     isa: str | None = None) -> torch.Tensor:
@@ -382,23 +375,20 @@ class NativeExperts:
         relu(·)² + eps) · norm_w, as ``BlockFFN.router`` computes them, then :meth:`__call__` on them
         (sparse always). For decode-size steps on CPUs, where the router as separate ops costs more
         than reading it."""
+        x, cu_seqlens = self._inputs(x, cu_seqlens)
         T, H = x.shape
         E = self.E
         if w_router.dtype != x.dtype or tuple(w_router.shape) != (E, H) or tuple(norm_w.shape) != (E,):
             raise ValueError(f"router: w_router {w_router.dtype} {list(w_router.shape)}, norm_w {list(norm_w.shape)}; "
                              f"expected {x.dtype} [{E}, {H}] and [{E}]")
-        r = self._router
-        if r is None or r[0] is not w_router or r[1] is not norm_w or r[2].data_ptr() != w_router.data_ptr():
-            r = self._router = (w_router, norm_w, w_router.contiguous(), norm_w.float().contiguous())
-        if x.stride(1) != 1:
-            x = x.contiguous()
-        if cu_seqlens.dtype != torch.int32 or not cu_seqlens.is_contiguous():
-            cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
+        w_router = w_router.contiguous()
+        if self._norm[0] is not norm_w or self._norm[1] != norm_w.data_ptr():  # its fp32 copy, made once
+            self._norm = (norm_w, norm_w.data_ptr(), norm_w.float().contiguous())
         th = THRESHOLDS
         y = torch.empty((T, H), dtype=x.dtype)
         xdt = _DTYPE_CODES[x.dtype]
         rc = self._lib.blockffn_router_sparse_ffn(
-            x.data_ptr(), x.stride(0), xdt, r[2].data_ptr(), xdt, r[3].data_ptr(), eps, *self._weights,
+            x.data_ptr(), x.stride(0), xdt, w_router.data_ptr(), xdt, self._norm[2].data_ptr(), eps, *self._weights,
             cu_seqlens.data_ptr(), cu_seqlens.shape[0] - 1, T, E, self.D, H, y.data_ptr(), num_threads or _THREADS,
             UP_ROW_COST, False, th.cpu_min_dense_tokens, th.cpu_max_pair_fraction, self._stats_address(stats),
             _isa_code(isa), *self._scales,
@@ -406,6 +396,17 @@ class NativeExperts:
         if rc:
             _check_rc(rc, "router + sparse_ffn", x, self.tensors[0])
         return y
+
+    def _inputs(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] with unit column stride and int32 contiguous segments, or a ValueError naming x."""
+        if x.dim() != 2 or x.shape[1] != self.H:
+            raise ValueError(f"sparse_ffn: x {list(x.shape)} for experts [E, D, H] = {[self.E, self.D, self.H]}; "
+                             f"expected x [T, {self.H}]")
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        if cu_seqlens.dtype != torch.int32 or not cu_seqlens.is_contiguous():
+            cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
+        return x, cu_seqlens
 
     def _stats_address(self, stats: np.ndarray | None) -> int | None:
         """The counters' address, checked once per array: a layer adds to the same row every step, and
