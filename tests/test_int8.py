@@ -155,6 +155,29 @@ def test_native_int8_linear_equals_dequantized_reference(isa):
         cpu_native.linear_native(torch.randn(1, q.shape[1]), q)
 
 
+@pytest.mark.skipif("avx512_bf16" not in _isas(), reason="the CPU has no AVX512_BF16 + VNNI")
+def test_int8_vnni_dot_products_are_exact_integers():
+    """The VPDPBUSD dots (x rounded to int16 per token, offset into two byte planes, corrected by the
+    row sums) are the exact integer dot product, rounded once: bit-equal to an int64 reference, for
+    extreme weights and x (all ±127, one sign), rows longer than the kernel's 16384-element int32
+    blocks, and tails shorter than 64."""
+    g = torch.Generator().manual_seed(5)
+    for N, K in [(9, 20000), (6, 63), (5, 64 * 3 + 1)]:
+        q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+        q[0] = 127
+        q[1] = -127
+        s = torch.rand(N, generator=g) + 0.5
+        x = torch.randn(3, K, generator=g)
+        x[0] = x[0].abs() + 1.0  # all positive: the largest sums
+        y = cpu_native.linear_native(x, q, isa="avx512_bf16", weight_scale=s)
+        xs = x.abs().amax(-1) / 32767
+        xq = torch.round(x / xs[:, None])
+        exact = (xq.double() @ q.double().t()).float()
+        assert torch.equal(y, exact * xs[:, None] * s[None, :]), (N, K)
+    rs = cpu_native.int8_row_sums(q)
+    assert rs is cpu_native.int8_row_sums(q) and torch.equal(rs, q.sum(-1, dtype=torch.int32))  # made once
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_int8_cpu_paths_equal_reference(native):
     """Per-segment decode, verify chunks, a long (grouped-GEMM) step, dense, and the PyTorch fallback."""

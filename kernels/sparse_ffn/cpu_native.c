@@ -120,8 +120,10 @@ typedef struct {
     const void *zrow;               /* H zero elements (of either dtype) */
     const float *su;                /* int8 weights: the unit's nr W_up row scales, else NULL */
     const float *sd;                /* int8 weights: the expert's W_down output-row scales [H], else zrow */
-    const int16_t *const *xq;       /* int8 weights on the VNNI path: the tokens' x rounded to int16, else NULL */
+    const uint8_t *const *xq;       /* int8 weights on the VNNI path: the tokens' x rounded to int16, as two
+                                       byte planes (vb_quantize), else NULL */
     const float *xqs;               /* ...and their scales (x ~ xq * xqs; NaN: x not finite, use the fp32 x) */
+    const int32_t *rs;              /* int8 weights: the unit's W_up row sums (vb_up), else NULL */
     int phase;                      /* 1: up (h of the rows), 2: down (y += rows * h) */
     int perm;                       /* y is kept in perm_col order (the paired bf16 down pass, bf_down) */
 } unit_t;
@@ -139,8 +141,10 @@ typedef struct {
     long ldo;
     const void *zrow;               /* K zero elements */
     const float *scale;             /* int8 weights: per-row scales [N], else NULL */
-    const int16_t *const *xq;       /* int8 weights on the VNNI path: x rounded to int16 per token, else NULL */
+    const uint8_t *const *xq;       /* int8 weights on the VNNI path: x rounded to int16 per token, as two byte
+                                       planes (vb_quantize), else NULL */
     const float *xqs;               /* ...their scales (NaN: not finite, use the fp32 x) */
+    const int32_t *rs;              /* int8 weights: the row sums [N] (vb_up), else NULL */
 } lin_t;
 
 typedef void (*lin_fn)(const lin_t *l);
@@ -601,50 +605,101 @@ A5_UNIT(unit_avx512bf16_bf16, bf16b, uint16_t, 2, 0, A5_SWITCH(bf_up, nt, wu, H,
         if (u->perm) { A5_SWITCH(bf_down, nt, wd, H, ys, hs, pf, blk) } else { A5_DOWNCALL(bf16b) })
 A5_LIN(lin_avx512bf16_bf16, uint16_t, 2, A5_SWITCH(bf_up, nt, wu, H, l->xh + j0, out, pf, blk))
 
-/* int8 weights, up pass (and linears) with VPDPWSSD: the weights widened to int16 (exact), x rounded to
-   int16 per token (xq = round(x / s), s = max|x| / 32767: a step of max|x| / 32767, finer than bf16's
-   own rounding for every element above max|x| / 64), int32 sums (a lane adds H / 16 products of at
-   most 127 * 32767: exact for H < 8256; longer rows are summed in blocks of 8192), scaled once per
-   dot product. Three instructions per 32 weights and token instead of eight in fp32: what lets int8
-   run at memory speed. Tokens whose x is not finite take the fp32 path (NaN/Inf propagate as there). */
+/* int8 weights, up pass (and linears) with VPDPBUSD (unsigned x signed bytes, 4 products per int32 lane:
+   64 weights per instruction, read straight from the row, no widening). x is rounded to int16 per token
+   (xq = round(x / s), s = max|x| / 32767: a step of max|x| / 32767, finer than bf16's own rounding for
+   every element above max|x| / 64) and stored offset, xu = xq + 32768 = 256 hi + lo, as two byte planes
+   (vb_quantize). Then sum_k w_k xq_k = 256 A + B - 32768 sum_k w_k, with A and B the row's dot products
+   with the hi and lo planes and sum_k w_k the row's sum, computed once when the weights are bound (rs).
+   Per 64 weight bytes and token: two VPDPBUSD (the VPDPWSSD path this replaces spent two widenings and
+   two VPDPWSSD). Exact: a lane adds 4 products of at most 255 * 128 per step, 256 steps per 16384-element
+   block (< 2^25), a block's 16 lanes stay < 2^29, and blocks are summed in int64: the dot product is
+   the exact integer, rounded once to fp32 and scaled by the token's and the row's scales. Tokens in
+   pairs (4 rows x 2 tokens x 2 planes: 16 accumulators); a third and fourth token re-read the rows
+   from L1. Tokens whose x is not finite take the fp32 path (NaN/Inf propagate as there). */
 ALWAYS __m512 a5_i8v(const int8_t *p, __mmask16 k) { return a5_i8(p, k); }
 ALWAYS __m512 a5_i8w(const int8_t *p, __mmask16 k) { return a5_i8v(p, k); } /* the unit's own (A5_UNIT) */
 A5_UP(i8v, int8_t, 1) A5_UP(i8v, int8_t, 2) A5_UP(i8v, int8_t, 3) A5_UP(i8v, int8_t, 4)
-#define VN_UP(NT)                                                                                       \
-    ALWAYS void vn_up_##NT(const int8_t *const *w, long H, const int16_t *const *xq, float out[NR][4],   \
-                           const char *pf, long blk) {                                                 \
-        __m512 tot[NR][NT];                                                                             \
-        long steps = (H + 31) / 32, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl);                       \
-        for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) tot[r][j] = _mm512_setzero_ps();      \
-        for (long h0 = 0; h0 < H; h0 += 8192) {                                                         \
-            long h1 = h0 + 8192 < H ? h0 + 8192 : H;                                                    \
-            __m512i acc[NR][NT];                                                                        \
-            for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) acc[r][j] = _mm512_setzero_si512(); \
-            for (long h = h0; h < h1; h += 32, i++) {                                                   \
-                __mmask32 k = a5_mask32(h1 - h);                                                        \
-                pf_share(pf, pfl, i, pfs);                                                            \
-                __m512i wv[NR], xv[NT];                                                                 \
-                for (int r = 0; r < NR; r++) wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(k, w[r] + h)); \
-                for (int j = 0; j < NT; j++) xv[j] = _mm512_maskz_loadu_epi16(k, xq[j] + h);            \
-                for (int r = 0; r < NR; r++)                                                            \
-                    for (int j = 0; j < NT; j++) acc[r][j] = _mm512_dpwssd_epi32(acc[r][j], wv[r], xv[j]); \
+ALWAYS __mmask64 a5_mask64(long left) { return left >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << left) - 1); }
+#define VB_UP(NT)                                                                                       \
+    ALWAYS void vb_up_##NT(const int8_t *const *w, long H, const uint8_t *const *xq, int64_t tot[NR][4], \
+                           int j0, const char *pf, long blk) {                                         \
+        long steps = (H + 63) / 64, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl);                       \
+        for (long h0 = 0; h0 < H; h0 += 16384) {                                                        \
+            long h1 = h0 + 16384 < H ? h0 + 16384 : H;                                                  \
+            __m512i ah[NR][NT], al[NR][NT];                                                             \
+            for (int r = 0; r < NR; r++)                                                                \
+                for (int j = 0; j < NT; j++) ah[r][j] = al[r][j] = _mm512_setzero_si512();              \
+            for (long h = h0; h < h1; h += 64, i++) {                                                   \
+                __mmask64 k = a5_mask64(h1 - h);                                                        \
+                pf_share(pf, pfl, i, pfs);                                                              \
+                __m512i xh[NT], xl[NT];                                                                 \
+                for (int j = 0; j < NT; j++) {                                                          \
+                    xh[j] = _mm512_maskz_loadu_epi8(k, xq[j0 + j] + h);                                 \
+                    xl[j] = _mm512_maskz_loadu_epi8(k, xq[j0 + j] + H + h);                             \
+                }                                                                                       \
+                for (int r = 0; r < NR; r++) {                                                          \
+                    __m512i wv = _mm512_maskz_loadu_epi8(k, w[r] + h);                                  \
+                    for (int j = 0; j < NT; j++) {                                                      \
+                        ah[r][j] = _mm512_dpbusd_epi32(ah[r][j], xh[j], wv);                            \
+                        al[r][j] = _mm512_dpbusd_epi32(al[r][j], xl[j], wv);                            \
+                    }                                                                                   \
+                }                                                                                       \
             }                                                                                           \
             for (int r = 0; r < NR; r++)                                                                \
-                for (int j = 0; j < NT; j++) tot[r][j] = _mm512_add_ps(tot[r][j], _mm512_cvtepi32_ps(acc[r][j])); \
+                for (int j = 0; j < NT; j++)                                                            \
+                    tot[r][j0 + j] += 256 * (int64_t)_mm512_reduce_add_epi32(ah[r][j]) +                \
+                                      (int64_t)_mm512_reduce_add_epi32(al[r][j]);                       \
         }                                                                                               \
-        for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) out[r][j] = _mm512_reduce_add_ps(tot[r][j]); \
     }
-VN_UP(1) VN_UP(2) VN_UP(3) VN_UP(4)
-/* The up dots of tokens j0..j0+nt-1: VNNI when every one has a finite x (then scaled by its xqs), else fp32. */
-ALWAYS void vn_dots(const int8_t *const *w, long H, const float *const *xs, const int16_t *const *xq,
-                    const float *xqs, int nt, float out[NR][4], const char *pf, long blk) {
+VB_UP(1) VB_UP(2)
+/* The up dots of tokens j0..j0+nt-1 with rows w (nr real ones, row sums rs): VPDPBUSD when every token
+   has a finite x (then scaled by its xqs), else fp32. */
+ALWAYS void vn_dots(const int8_t *const *w, long H, const float *const *xs, const uint8_t *const *xq,
+                    const float *xqs, const int32_t *rs, int nr, int nt, float out[NR][4], const char *pf,
+                    long blk) {
     int finite = 1;
     for (int j = 0; j < nt; j++) finite &= xqs[j] == xqs[j];
     if (finite) {
-        A5_SWITCH(vn_up, nt, w, H, xq, out, pf, blk)
-        for (int r = 0; r < NR; r++) for (int j = 0; j < nt; j++) out[r][j] *= xqs[j];
+        int64_t tot[NR][4] = {{0}};
+        for (int j0 = 0; j0 < nt; j0 += 2) {
+            if (nt - j0 >= 2) vb_up_2(w, H, xq, tot, j0, j0 ? NULL : pf, blk);
+            else vb_up_1(w, H, xq, tot, j0, j0 ? NULL : pf, blk);
+        }
+        for (int r = 0; r < NR; r++) {
+            int64_t corr = r < nr ? 32768 * (int64_t)rs[r] : 0;
+            for (int j = 0; j < nt; j++) out[r][j] = (float)(tot[r][j] - corr) * xqs[j];
+        }
     } else {
         A5_SWITCH(a5_up_i8v, nt, w, H, xs, out, pf, blk)
+    }
+}
+/* x rows (fp32) -> the VPDPBUSD planes: per token 2H bytes, hi then lo of xq + 32768 (xq = round(x / s),
+   round to nearest even as lrintf), and the scale s (NaN when x is not finite: that token uses fp32). */
+static void vb_quantize(const float *const *xs, long n, long H, uint8_t *xq, float *xqs) {
+    const __m512 big = _mm512_set1_ps(3.4028235e38f), lim = _mm512_set1_ps(32767.0f);
+    for (long t = 0; t < n; t++) {
+        const float *x = xs[t];
+        __m512 m = _mm512_setzero_ps();
+        __mmask16 bad = 0;
+        for (long k = 0; k < H; k += 16) {
+            __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(a5_mask(H - k), x + k));
+            bad |= _mm512_cmp_ps_mask(a, big, _CMP_NLE_UQ); /* NaN or Inf */
+            m = _mm512_max_ps(m, a);
+        }
+        float mx = _mm512_reduce_max_ps(m), sc = mx > 0.0f ? mx / 32767.0f : 1.0f;
+        xqs[t] = bad ? NAN : sc;
+        uint8_t *hi = xq + t * 2 * H, *lo = hi + H;
+        const __m512 vs = _mm512_set1_ps(sc);
+        const __m512i off = _mm512_set1_epi32(32768), ff = _mm512_set1_epi32(255);
+        for (long k = 0; k < H; k += 16) {
+            __mmask16 km = a5_mask(H - k);
+            __m512 v = bad ? _mm512_setzero_ps() : _mm512_div_ps(_mm512_maskz_loadu_ps(km, x + k), vs);
+            v = _mm512_min_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
+            __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(v), off);
+            _mm_mask_storeu_epi8(hi + k, km, _mm512_cvtepi32_epi8(_mm512_srli_epi32(u, 8)));
+            _mm_mask_storeu_epi8(lo + k, km, _mm512_cvtepi32_epi8(_mm512_and_si512(u, ff)));
+        }
     }
 }
 /* int8 down pass with VPDPWSSD on row pairs: rows r and r+1 widened to int16 (exact) and interleaved
@@ -704,37 +759,27 @@ ALWAYS int vn_h_finite(float hs[4][NR], int nt) {
     }
 VN_DOWN(1) VN_DOWN(2) VN_DOWN(3) VN_DOWN(4)
 A5_UNIT(unit_avx512vnni_i8, i8w, int8_t, 1, 1,
-        vn_dots(wu, H, u->xs + j0, u->xq + j0, u->xqs + j0, nt, out, pf, blk);,
+        vn_dots(wu, H, u->xs + j0, u->xq + j0, u->xqs + j0, u->rs, nr, nt, out, pf, blk);,
         if (g_pairdown && vn_h_finite(hs, nt)) { A5_SWITCH(vn_down, nt, wd, H, ys, hs, pf, blk, u->sd) }
         else { A5_DOWNCALL(i8w) })
-A5_LIN(lin_avx512vnni_i8, int8_t, 1, vn_dots(wu, H, l->xs + j0, l->xq + j0, l->xqs + j0, nt, out, pf, blk);)
+A5_LIN(lin_avx512vnni_i8, int8_t, 1,
+       vn_dots(wu, H, l->xs + j0, l->xq + j0, l->xqs + j0, l->rs + n, nr, nt, out, pf, blk);)
 #pragma GCC pop_options
 
 #endif /* BLOCKFFN_X86 */
 
-/* x rows (fp32) → int16 rows and scales for the VNNI int8 path (see above). */
-static void quantize_x16(const float *const *xs, long n, long H, int16_t *xq, float *xqs) {
-    for (long t = 0; t < n; t++) {
-        const float *x = xs[t];
-        float m = 0.0f;
-        int finite = 1;
-        for (long k = 0; k < H; k++) {
-            float a = fabsf(x[k]);
-            finite &= a <= 3.4028235e38f; /* false for NaN and Inf */
-            m = a > m ? a : m;
-        }
-        float sc = m > 0.0f ? m / 32767.0f : 1.0f;
-        xqs[t] = finite ? sc : NAN;
-        for (long k = 0; k < H; k++) {
-            float v = finite ? x[k] / sc : 0.0f;
-            xq[t * H + k] = (int16_t)lrintf(v > 32767.0f ? 32767.0f : v < -32767.0f ? -32767.0f : v);
-        }
-    }
+/* The VPDPBUSD paths' x planes (vb_quantize); only called where the CPU has them (x86). */
+static void quantize_planes(const float *const *xs, long n, long H, uint8_t *xq, float *xqs) {
+#if BLOCKFFN_X86
+    vb_quantize(xs, n, H, xq, xqs);
+#else
+    (void)xs; (void)n; (void)H; (void)xq; (void)xqs;
+#endif
 }
 
 /* The function of a family (unit_: the experts, lin_: a linear) for an ISA, weight dtype (0 fp32,
-   1 bf16, 2 int8 with row scales) and x dtype. int8 weights on AVX512_BF16 (+ VNNI) CPUs: VPDPWSSD
-   up dots on x rounded to int16 (vn_dots); on plain AVX-512, AVX2 and portable: fp32 FMAs. */
+   1 bf16, 2 int8 with row scales) and x dtype. int8 weights on AVX512_BF16 (+ VNNI) CPUs: VPDPBUSD
+   up dots on x rounded to int16 (vn_dots), VPDPWSSD down pass on row pairs (vn_down); on plain AVX-512, AVX2 and portable: fp32 FMAs. */
 #if BLOCKFFN_X86
 #define PICK(FAM)                                                                                       \
     if (isa >= ISA_AVX512_BF16 && wdt == 1 && xdt == 1) return FAM##avx512bf16_bf16;                    \
@@ -752,13 +797,14 @@ static lin_fn pick_lin(int isa, int wdt, int xdt) { PICK(lin_) }
 
 /* y [M, N] (row stride ldy, dtype of x) = x [M, K] (row stride ldx) W^T, W [N, K] row-major: a
    streaming GEMV for decode-size M (vLLM's linear layers of BlockFFN models on CPUs). Threads
-   take contiguous row ranges of equal bytes; every W byte is read once. isa, nthreads:
+   take contiguous row ranges of equal bytes; every W byte is read once. int8 W (wdt 2): scale fp32 [N]
+   and rowsum int32 [N] (each row's sum, vb_up), both NULL for float W. isa, nthreads:
    blockffn_resolve_isa, call_threads. Returns 0, -1 (no memory), -2 (bad arguments) or -3
    ($VLLM_BLOCKFFN_CPU_ISA names no path). */
 int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, long M, long N, long K, void *y,
-                    long ldy, int nthreads, int isa, const float *scale) {
+                    long ldy, int nthreads, int isa, const float *scale, const int32_t *rowsum) {
     if (M < 0 || N < 0 || K <= 0 || ldx < K || ldy < N || xdt < 0 || xdt > 1 || wdt < 0 || wdt > 2 ||
-        (wdt == 2) != (scale != NULL))
+        (wdt == 2) != (scale != NULL) || (wdt == 2) != (rowsum != NULL))
         return -2;
     if (M == 0 || N == 0) return 0;
     isa = blockffn_resolve_isa(isa);
@@ -785,16 +831,16 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
         }
     }
     int vnni = wdt == 2 && isa >= ISA_AVX512_BF16;
-    int16_t *xq16 = vnni ? malloc((size_t)M * K * sizeof(int16_t)) : NULL;
+    uint8_t *xq8 = vnni ? malloc((size_t)M * 2 * K) : NULL;
     float *xqs = vnni ? malloc((size_t)M * sizeof(float)) : NULL;
-    const int16_t **xqp = vnni ? malloc((size_t)M * sizeof(int16_t *)) : NULL;
-    if (vnni && (!xq16 || !xqs || !xqp)) {
-        free(xs); free(xh); free(xf); free(out); free(zrow); free(xq16); free(xqs); free(xqp);
+    const uint8_t **xqp = vnni ? malloc((size_t)M * sizeof(uint8_t *)) : NULL;
+    if (vnni && (!xq8 || !xqs || !xqp)) {
+        free(xs); free(xh); free(xf); free(out); free(zrow); free(xq8); free(xqs); free(xqp);
         return -1;
     }
     if (vnni) {
-        quantize_x16(xs, M, K, xq16, xqs);
-        for (long t = 0; t < M; t++) xqp[t] = xq16 + t * K;
+        quantize_planes(xs, M, K, xq8, xqs);
+        for (long t = 0; t < M; t++) xqp[t] = xq8 + t * 2 * K;
     }
     float *o = xdt ? out : (float *)y;
     long ldo = xdt ? N : ldy;
@@ -806,14 +852,14 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
     {
         int tid = omp_get_thread_num(), nt = omp_get_num_threads();
         lin_t l = {w, K, (blocks * tid / nt) * 4, (blocks * (tid + 1) / nt) * 4, (int)M, xs, xh, o, ldo, zrow, scale,
-                   xqp, xqs};
+                   xqp, xqs, rowsum};
         if (l.n1 > N) l.n1 = N;
         if (l.n1 > l.n0) fn(&l);
     }
     if (xdt)
         for (long t = 0; t < M; t++)
             for (long n = 0; n < N; n++) ((uint16_t *)y)[t * ldy + n] = to_bf16(out[t * N + n]);
-    free(xs); free(xh); free(xf); free(out); free(zrow); free(xq16); free(xqs); free(xqp);
+    free(xs); free(xh); free(xf); free(out); free(zrow); free(xq8); free(xqs); free(xqp);
     return 0;
 }
 
@@ -847,7 +893,8 @@ static int count_segments(const float *scores, const int32_t *cu, long S, long T
 
 /* --------------------------------------------------------------------------------- entry */
 /* dtype codes: 0 = fp32, 1 = bf16, 2 = int8 (weights only: then up_scale fp32 [E, D] and down_scale
-   fp32 [E, H], the per-output-row scales of kernels/quant.py; both NULL for float weights). x [T, H] (row stride ldx), scores fp32 [T, E] contiguous,
+   fp32 [E, H], the per-output-row scales of kernels/quant.py, and up_rowsum int32 [E, D], the sums of
+   W_up's int8 rows (vb_up); all NULL for float weights). x [T, H] (row stride ldx), scores fp32 [T, E] contiguous,
    w_up / w_down_t [E, D, H] contiguous, cu int32 [S+1], y [T, H] contiguous (dtype of x).
    Returns 0 (done), 1 (declined: the dense rule says dense wins; y untouched), -1 (no memory),
    2 (w_up NULL: only the counters were added), -2 (bad arguments), -3 ($VLLM_BLOCKFFN_CPU_ISA names
@@ -861,9 +908,11 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                         const void *w_down, int wdt, const int32_t *cu, long S, long T, long E,
                         long D, long H, void *y, int nthreads, float up_row_cost, int allow_dense,
                         long min_dense_tokens, float max_pair_fraction, int64_t *stats, int isa,
-                        int all_experts, const float *up_scale, const float *down_scale) {
+                        int all_experts, const float *up_scale, const float *down_scale,
+                        const int32_t *up_rowsum) {
     if (S < 0 || T < 0 || E < 0 || (w_up && (D <= 0 || H <= 0 || ldx < H)) || xdt < 0 || xdt > 1 ||
-        wdt < 0 || wdt > 2 || (w_up && (wdt == 2) != (up_scale != NULL && down_scale != NULL)))
+        wdt < 0 || wdt > 2 ||
+        (w_up && (wdt == 2) != (up_scale != NULL && down_scale != NULL && up_rowsum != NULL)))
         return -2;
     long t0 = S > 0 ? cu[0] : 0, t1 = S > 0 ? cu[S] : 0;
     if (t0 < 0) t0 = 0;
@@ -918,13 +967,13 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
 #if BLOCKFFN_X86
     perm = g_pairdown && unit == unit_avx512bf16_bf16 && H % 32 == 0 && !direct;
 #endif
-    int16_t *xq16 = vnni ? malloc(((size_t)n * H + 1) * sizeof(int16_t)) : NULL;
+    uint8_t *xq8 = vnni ? malloc((size_t)n * 2 * H + 1) : NULL;
     float *xqs = vnni ? malloc(((size_t)n + 1) * sizeof(float)) : NULL;
     const float **xrow = vnni ? malloc(((size_t)n + 1) * sizeof(float *)) : NULL;
-    const int16_t **xqp = vnni ? malloc(((size_t)P + 1) * sizeof(int16_t *)) : NULL;
+    const uint8_t **xqp = vnni ? malloc(((size_t)P + 1) * sizeof(uint8_t *)) : NULL;
     float *xqsp = vnni ? malloc(((size_t)P + 1) * sizeof(float)) : NULL;
     int ok = tok && sc && hb && xs && xh && zrow && used && (direct || ra) && (!need_xf || xf) && (nbuf == 0 || yb) &&
-             (!vnni || (xq16 && xqs && xrow && xqp && xqsp));
+             (!vnni || (xq8 && xqs && xrow && xqp && xqsp));
     if (ok) {
         for (long t = t0; t < t1; t++) { /* fill: the same mask, so exactly cnt[e] entries each */
             const float *s = scores + t * E;
@@ -943,10 +992,10 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
             xs[p] = need_xf ? xf + (tok[p] - t0) * H : (const float *)x + tok[p] * ldx;
             xh[p] = need_xf ? (const uint16_t *)x + tok[p] * ldx : NULL;
         }
-        if (vnni) { /* int8 weights, VNNI path: each token's x rounded to int16 once (quantize_x16) */
+        if (vnni) { /* int8 weights, VNNI path: each token's x rounded to int16 once (vb_quantize) */
             for (long t = t0; t < t1; t++) xrow[t - t0] = need_xf ? xf + (t - t0) * H : (const float *)x + t * ldx;
-            quantize_x16(xrow, n, H, xq16, xqs);
-            for (long p = 0; p < P; p++) { xqp[p] = xq16 + (tok[p] - t0) * H; xqsp[p] = xqs[tok[p] - t0]; }
+            quantize_planes(xrow, n, H, xq8, xqs);
+            for (long p = 0; p < P; p++) { xqp[p] = xq8 + (tok[p] - t0) * 2 * H; xqsp[p] = xqs[tok[p] - t0]; }
         }
         /* cost of one unit of expert e: its row reads plus its tokens' dots */
         double total = 0.0;
@@ -1002,6 +1051,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                                 nxt.sd = down_scale ? down_scale + e * H : (const float *)zrow;
                                 nxt.xq = vnni ? xqp + off[e] : NULL;
                                 nxt.xqs = vnni ? xqsp + off[e] : NULL;
+                                nxt.rs = up_rowsum ? up_rowsum + e * D + d0 : NULL;
                                 nxt.perm = perm;
                                 if (have) {
                                     cur.pf_next = (const char *)(phase == 1 ? nxt.wu : nxt.wd);
@@ -1041,7 +1091,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
         }
     }
     free(mask); free(used); free(cnt); free(off); free(uni); free(tok); free(sc); free(hb); free(xs);
-    free(xh); free(zrow); free(xf); free(yb); free(xq16); free(xqs); free(xrow); free(xqp); free(xqsp); free(ra);
+    free(xh); free(zrow); free(xf); free(yb); free(xq8); free(xqs); free(xrow); free(xqp); free(xqsp); free(ra);
     return ok ? 0 : -1;
 }
 
@@ -1113,13 +1163,13 @@ int blockffn_router_sparse_ffn(const void *x, long ldx, int xdt, const void *w_r
                                float eps, const void *w_up, const void *w_down, int wdt, const int32_t *cu, long S,
                                long T, long E, long D, long H, void *y, int nthreads, float up_row_cost,
                                int allow_dense, long min_dense_tokens, float max_pair_fraction, int64_t *stats,
-                               int isa, const float *up_scale, const float *down_scale) {
+                               int isa, const float *up_scale, const float *down_scale, const int32_t *up_rowsum) {
     if (T < 0 || E <= 0 || H <= 0 || xdt < 0 || xdt > 1 || wdt_r < 0 || wdt_r > 1 || !w_r || !norm_w) return -2;
     size_t zsz = xdt ? 2 : 4;
     void *z = malloc((size_t)T * E * zsz + 4);
     float *sc = malloc((size_t)T * E * sizeof(float) + 4);
     if (!z || !sc) { free(z); free(sc); return -1; }
-    int rc = T > 0 ? blockffn_linear(x, ldx, xdt, w_r, wdt_r, T, E, H, z, E, nthreads, isa, NULL) : 0;
+    int rc = T > 0 ? blockffn_linear(x, ldx, xdt, w_r, wdt_r, T, E, H, z, E, nthreads, isa, NULL, NULL) : 0;
     if (rc == 0) {
         for (long t = 0; t < T; t++) {
             float *s = sc + t * E;
@@ -1135,7 +1185,7 @@ int blockffn_router_sparse_ffn(const void *x, long ldx, int xdt, const void *w_r
         }
         rc = blockffn_sparse_ffn(x, ldx, xdt, sc, w_up, w_down, wdt, cu, S, T, E, D, H, y, nthreads, up_row_cost,
                                  allow_dense, min_dense_tokens, max_pair_fraction, stats, isa, 0, up_scale,
-                                 down_scale);
+                                 down_scale, up_rowsum);
     }
     free(z);
     free(sc);

@@ -47,8 +47,10 @@ callers keep the plain-PyTorch path. Supported dtypes: fp32 and bf16 x; fp32, bf
 weights (int8: weight-only, with per-output-row fp32 scales, ``kernels/quant.py``: the kernel
 widens int8 to fp32 in registers, scales each W_up row's dot product and each W_down column, and
 reads 1 byte per weight; on AVX512_BF16 CPUs, which all have VNNI, the W_up and linear dot
-products run VPDPWSSD on int16-widened weights and x rounded to int16 per token, a step of
-max|x| / 32767, three instructions per 32 weights instead of eight); fp16 goes to the PyTorch path.
+products run VPDPBUSD on the int8 rows as stored and x rounded to int16 per token (a step of
+max|x| / 32767) in two byte planes, two instructions per 64 weights and token, exact integer sums
+corrected by each row's sum (:func:`int8_row_sums`, computed once when the weights are bound); the
+W_down pass runs VPDPWSSD on row pairs); fp16 goes to the PyTorch path.
 """
 
 from __future__ import annotations
@@ -116,14 +118,15 @@ def _open(path: str) -> ctypes.CDLL | None:
         logger.debug("blockffn: cannot load %s: %s", path, exc)
         return None
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
-    fn.argtypes = [p, i64, i32, p, p, p, i32, p, i64, i64, i64, i64, i64, p, i32, f32, i32, i64, f32, p, i32, i32, p, p]
+    fn.argtypes = [p, i64, i32, p, p, p, i32, p, i64, i64, i64, i64, i64, p, i32, f32, i32, i64, f32, p, i32, i32, p, p,
+                   p]
     fn.restype = i32
     isa.restype = i32
     lib_path = path
-    lib.blockffn_linear.argtypes = [p, i64, i32, p, i32, i64, i64, i64, p, i64, i32, i32, p]
+    lib.blockffn_linear.argtypes = [p, i64, i32, p, i32, i64, i64, i64, p, i64, i32, i32, p, p]
     lib.blockffn_linear.restype = i32
     lib.blockffn_router_sparse_ffn.argtypes = [p, i64, i32, p, i32, p, f32, p, p, i32, p, i64, i64, i64, i64, i64, p,
-                                               i32, f32, i32, i64, f32, p, i32, p, p]
+                                               i32, f32, i32, i64, f32, p, i32, p, p, p]
     lib.blockffn_router_sparse_ffn.restype = i32
     lib.blockffn_resolve_isa.argtypes = [i32]
     lib.blockffn_resolve_isa.restype = i32
@@ -253,6 +256,18 @@ def set_pairdown(on: bool) -> None:
         lib.blockffn_set_pairdown(int(bool(on)))
 
 
+def int8_row_sums(weight: torch.Tensor) -> torch.Tensor:
+    """int32 sums of an int8 weight's rows (last dim), which the kernel's VPDPBUSD dot products subtract
+    (``vb_up`` in cpu_native.c: x enters them offset by 32768). Made once per weight and kept on the tensor
+    (a served model passes the same parameters every step; its weights do not change after loading)."""
+    cached = getattr(weight, "_blockffn_rowsum", None)
+    if cached is not None and cached[0] == weight.data_ptr():
+        return cached[1]
+    rs = weight.sum(-1, dtype=torch.int32).contiguous()
+    weight._blockffn_rowsum = (weight.data_ptr(), rs)
+    return rs
+
+
 def linear_native(x: torch.Tensor, weight: torch.Tensor, num_threads: int | None = None,
                   isa: str | None = None, weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """y = x Wᵀ for decode-size x [M, K] (fp32/bf16) and W [N, K] (fp32/bf16, or int8 with
@@ -280,10 +295,13 @@ def linear_native(x: torch.Tensor, weight: torch.Tensor, num_threads: int | None
             raise ValueError(f"weight_scale: {weight_scale.dtype} {list(weight_scale.shape)}; expected "
                              f"torch.float32 [{N}]")
         scale = weight_scale.contiguous().data_ptr()
+        rowsum = int8_row_sums(weight).data_ptr()
+    else:
+        rowsum = None
     y = torch.empty((M, N), dtype=x.dtype)
     rc = lib.blockffn_linear(x.data_ptr(), x.stride(0), _DTYPE_CODES[x.dtype], weight.data_ptr(),
                              _WEIGHT_CODES[weight.dtype], M, N, K, y.data_ptr(), N, num_threads or _THREADS,
-                             _isa_code(isa), scale)
+                             _isa_code(isa), scale, rowsum)
     if rc:
         _check_rc(rc, "linear", x, weight)
     return y
@@ -320,7 +338,8 @@ class NativeExperts:
     flushed the caches, where each Python-level check costs several µs (benchmarks/
     step_breakdown_cpu.py); bound once per weight tensor (:func:`bound_experts`), a call checks x,
     the scores and the segments and makes one ctypes call. int8 weights: ``up_scale`` [E, D] and
-    ``down_scale`` [E, H] (kernels/quant.py), checked here."""
+    ``down_scale`` [E, H] (kernels/quant.py), checked here, and W_up's row sums (:func:`int8_row_sums`) made here.
+    The weights are not expected to change in place after binding (as vLLM's prepacked CPU experts)."""
 
     def __init__(self, w_up: torch.Tensor, w_down_t: torch.Tensor, up_scale: torch.Tensor | None = None,
                  down_scale: torch.Tensor | None = None) -> None:
@@ -329,19 +348,20 @@ class NativeExperts:
         if w_up.dim() != 3 or w_down_t.shape != w_up.shape:
             raise ValueError(f"sparse_ffn: w_up {list(w_up.shape)}, w_down_t {list(w_down_t.shape)}; expected both "
                              f"[E, D, H]")
-        su = sd = None
+        su = sd = rs = up_sums = None
+        w_up, w_down_t = w_up.contiguous(), w_down_t.contiguous()
         if check_expert_scales(w_up, up_scale, w_down_t, down_scale):
             up_scale, down_scale = up_scale.contiguous(), down_scale.contiguous()
-            su, sd = up_scale.data_ptr(), down_scale.data_ptr()
-        w_up, w_down_t = w_up.contiguous(), w_down_t.contiguous()
-        self.tensors = (w_up, w_down_t, up_scale, down_scale)  # kept alive with the pointers below
+            up_sums = int8_row_sums(w_up)
+            su, sd, rs = up_scale.data_ptr(), down_scale.data_ptr(), up_sums.data_ptr()
+        self.tensors = (w_up, w_down_t, up_scale, down_scale, up_sums)  # kept alive with the pointers below
         self.E, self.D, self.H = w_up.shape
         self.w_up_ptr = w_up.data_ptr()
         self._lib = lib
         self._fn = lib.blockffn_sparse_ffn
         self._norm: tuple = (None, 0, None)  # the router's norm weight, its address, its fp32 copy
         self._weights = (w_up.data_ptr(), w_down_t.data_ptr(), _WEIGHT_CODES[w_up.dtype])
-        self._scales = (su, sd)
+        self._scales = (su, sd, rs)
         self._stats: tuple[np.ndarray | None, int | None] = (None, None)  # the layer's counter row, its address
 
     def __call__(self, x: torch.Tensor, scores: torch.Tensor, cu_seqlens: torch.Tensor, allow_dense: bool = False,
@@ -497,7 +517,7 @@ def count_native(scores: torch.Tensor, cu_seqlens: torch.Tensor, stats: np.ndarr
     T, E = scores.shape
     rc = lib.blockffn_sparse_ffn(
         None, 0, 0, scores.data_ptr(), None, None, 0, cu_seqlens.data_ptr(), cu_seqlens.shape[0] - 1,
-        T, E, 0, 0, None, 1, 0.0, 0, 0, 0.0, _stats_ptr(stats), -1, 0, None, None,
+        T, E, 0, 0, None, 1, 0.0, 0, 0, 0.0, _stats_ptr(stats), -1, 0, None, None, None,
     )  # fmt: skip
     if rc == -1:
         raise MemoryError("blockffn counters: out of memory")
