@@ -116,10 +116,11 @@ def test_native_int8_experts_equal_dequantized_reference(isa, xdt):
 @pytest.mark.skipif("avx512_bf16" not in _isas(), reason="the CPU has no AVX512_BF16 + VNNI")
 @pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
 def test_int8_down_pass_on_row_pairs(xdt):
-    """The int8 down pass on VNNI CPUs (VPDPWSSD on row pairs, h rounded to int16 per token and unit)
-    equals the widening pass and the dequantized reference within the VNNI tolerance, column tails
-    (H % 32) and one-row units included; the switch does change the path."""
-    for E, D, H in [(7, 13, 256), (5, 6, 45), (4, 9, 1792)]:
+    """The int8 down pass on VNNI CPUs (VPDPWSSD on row pairs into int32 sums per span, h rounded to
+    int16 per token and span) equals the widening pass and the dequantized reference within the VNNI
+    tolerance, column tails (H % 32), one-row units and spans cut at 128 units (D = 530) included; the
+    switch does change the path."""
+    for E, D, H in [(7, 13, 256), (5, 6, 45), (4, 9, 1792), (2, 530, 72)]:
         qu, su, qd, sd = _experts(E, D, H, seed=H)
         up, down = dequantize_experts(qu, su, qd, sd)
         for T in (1, 4, 6):

@@ -98,7 +98,7 @@ ALWAYS float silu(float v) { return v / (1.0f + expf(-v)); }
 
 static int g_prefetch = 2; /* software prefetch: 0 off, n: the next n blocks ahead (blockffn_set_prefetch) */
 void blockffn_set_prefetch(int on) { g_prefetch = on; }
-/* The down passes on row pairs (AVX512_BF16 + VNNI CPUs: bf_down for bf16, vn_down for int8 weights):
+/* The down passes on row pairs (AVX512_BF16 + VNNI CPUs: bf_down for bf16, vq_down for int8 weights):
    1 on, 0 the widening ones (benchmarks compare). */
 static int g_pairdown = 1;
 void blockffn_set_pairdown(int on) { g_pairdown = on; }
@@ -126,6 +126,13 @@ typedef struct {
     const int32_t *rs;              /* int8 weights: the unit's W_up row sums (vb_up), else NULL */
     int phase;                      /* 1: up (h of the rows), 2: down (y += rows * h) */
     int perm;                       /* y is kept in perm_col order (the paired bf16 down pass, bf_down) */
+    /* int8 weights, VNNI down pass (vq_down), else acc NULL: the span's W_down rows (a thread's run of
+       units of one expert) add into int32 sums, one [Hp] row per token of the expert, flushed into y once */
+    int32_t *acc;                   /* the thread's int32 sums [m][Hp] (Hp = H rounded up to 32), perm_col order */
+    float *hq;                      /* the thread's per-token h steps [m] and, at [m], 1 if the span's h is finite */
+    long Hp;
+    int span, first, last;          /* rows in the span; this unit starts it (set the steps, zero the sums),
+                                       ends it (flush into y) */
 } unit_t;
 
 typedef void (*unit_fn)(const unit_t *u);
@@ -618,33 +625,40 @@ A5_LIN(lin_avx512bf16_bf16, uint16_t, 2, A5_SWITCH(bf_up, nt, wu, H, l->xh + j0,
    pairs (4 rows x 2 tokens x 2 planes: 16 accumulators); a third and fourth token re-read the rows
    from L1. Tokens whose x is not finite take the fp32 path (NaN/Inf propagate as there). */
 ALWAYS __m512 a5_i8v(const int8_t *p, __mmask16 k) { return a5_i8(p, k); }
-ALWAYS __m512 a5_i8w(const int8_t *p, __mmask16 k) { return a5_i8v(p, k); } /* the unit's own (A5_UNIT) */
+ALWAYS __m512 a5_i8w(const int8_t *p, __mmask16 k) { return a5_i8v(p, k); } /* the down pass's (A5_DOWNCALL) */
 A5_UP(i8v, int8_t, 1) A5_UP(i8v, int8_t, 2) A5_UP(i8v, int8_t, 3) A5_UP(i8v, int8_t, 4)
 ALWAYS __mmask64 a5_mask64(long left) { return left >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << left) - 1); }
+#define VB_STEP(NT, KM, LOADW, LOADX)                                                                 \
+    {                                                                                                   \
+        __m512i xh[NT], xl[NT];                                                                         \
+        for (int j = 0; j < NT; j++) { xh[j] = LOADX(KM, xq[j0 + j] + h); xl[j] = LOADX(KM, xq[j0 + j] + H + h); } \
+        for (int r = 0; r < NR; r++) {                                                                  \
+            __m512i wv = LOADW(KM, w[r] + h);                                                           \
+            for (int j = 0; j < NT; j++) {                                                              \
+                ah[r][j] = _mm512_dpbusd_epi32(ah[r][j], xh[j], wv);                                    \
+                al[r][j] = _mm512_dpbusd_epi32(al[r][j], xl[j], wv);                                    \
+            }                                                                                           \
+        }                                                                                               \
+    }
+#define VB_FULL(k, p) _mm512_loadu_si512(p)
+#define VB_MASK(k, p) _mm512_maskz_loadu_epi8(k, p)
 #define VB_UP(NT)                                                                                       \
     ALWAYS void vb_up_##NT(const int8_t *const *w, long H, const uint8_t *const *xq, int64_t tot[NR][4], \
                            int j0, const char *pf, long blk) {                                         \
         long steps = (H + 63) / 64, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl);                       \
         for (long h0 = 0; h0 < H; h0 += 16384) {                                                        \
-            long h1 = h0 + 16384 < H ? h0 + 16384 : H;                                                  \
+            long h1 = h0 + 16384 < H ? h0 + 16384 : H, h = h0;                                          \
             __m512i ah[NR][NT], al[NR][NT];                                                             \
             for (int r = 0; r < NR; r++)                                                                \
                 for (int j = 0; j < NT; j++) ah[r][j] = al[r][j] = _mm512_setzero_si512();              \
-            for (long h = h0; h < h1; h += 64, i++) {                                                   \
-                __mmask64 k = a5_mask64(h1 - h);                                                        \
+            for (; h + 64 <= h1; h += 64, i++) {                                                        \
                 pf_share(pf, pfl, i, pfs);                                                              \
-                __m512i xh[NT], xl[NT];                                                                 \
-                for (int j = 0; j < NT; j++) {                                                          \
-                    xh[j] = _mm512_maskz_loadu_epi8(k, xq[j0 + j] + h);                                 \
-                    xl[j] = _mm512_maskz_loadu_epi8(k, xq[j0 + j] + H + h);                             \
-                }                                                                                       \
-                for (int r = 0; r < NR; r++) {                                                          \
-                    __m512i wv = _mm512_maskz_loadu_epi8(k, w[r] + h);                                  \
-                    for (int j = 0; j < NT; j++) {                                                      \
-                        ah[r][j] = _mm512_dpbusd_epi32(ah[r][j], xh[j], wv);                            \
-                        al[r][j] = _mm512_dpbusd_epi32(al[r][j], xl[j], wv);                            \
-                    }                                                                                   \
-                }                                                                                       \
+                VB_STEP(NT, 0, VB_FULL, VB_FULL)                                                        \
+            }                                                                                           \
+            if (h < h1) {                                                                               \
+                __mmask64 k = a5_mask64(h1 - h);                                                        \
+                pf_share(pf, pfl, i++, pfs);                                                            \
+                VB_STEP(NT, k, VB_MASK, VB_MASK)                                                        \
             }                                                                                           \
             for (int r = 0; r < NR; r++)                                                                \
                 for (int j = 0; j < NT; j++)                                                            \
@@ -702,66 +716,138 @@ static void vb_quantize(const float *const *xs, long n, long H, uint8_t *xq, flo
         }
     }
 }
-/* int8 down pass with VPDPWSSD on row pairs: rows r and r+1 widened to int16 (exact) and interleaved
-   (VPERMT2W: the columns stay in order, so y and the column scales need no reordering), times the
-   pair (hq_r, hq_r+1) of h rounded to int16 per token and unit (a step of max|h| / 32767 over the
-   unit's rows), int32 sums (4 products of at most 127 * 32767: exact), then y += sum * (s_h * column
-   scale). Per 4 rows x 32 columns: 4 widenings and 4 interleaves shared by the tokens, then per token 4
-   VPDPWSSD and 6 to scale and add, instead of 8 widenings, 8 conversions and 10 FMAs per token. A token
-   whose h is not finite in the unit takes the widening pass (NaN/Inf propagate as there). */
-ALWAYS int vn_h_finite(float hs[4][NR], int nt) {
+/* int8 down pass with VPDPWSSD, a span at a time: a thread's run of units of one expert (its W_up rows were
+   all read before its W_down rows) shares one h step per token, st = max|h| / 32767 over the span's rows,
+   so the span's rows add into exact int32 sums that meet y, the column scales and st once, at the end of
+   the span (a lane adds 4 products of at most 128 x 32767 per unit: a span is at most VQ_UNITS units,
+   < 2^31; the scheduler cuts longer runs). Per unit (4 rows x 32 columns): 4 widenings (int8 -> int16, exact) and 4
+   VPUNPCK{L,H}WD making row pairs (h_r, h_r+1) per dword lane, shared by the tokens, then per token 4
+   VPDPWSSD on its int32 row, instead of converting, scaling and adding into fp32 y after every unit.
+   The unpacks work within 128-bit lanes, so the sums are kept in perm_col order and put back at the
+   flush. A span where some token's h is not finite takes the widening pass (NaN/Inf propagate as
+   there). */
+#define VQ_UNITS 128
+ALWAYS void vq_begin(const unit_t *u) {
     int ok = 1;
-    for (int j = 0; j < nt; j++)
-        for (int r = 0; r < NR; r++) ok &= fabsf(hs[j][r]) <= 3.4028235e38f;
-    return ok;
+    for (int j = 0; j < u->m; j++) {
+        const float *h = u->hb + (long)j * u->D;
+        float mx = 0.0f;
+        for (int r = 0; r < u->span; r++) {
+            float a = fabsf(h[r]);
+            ok &= a <= 3.4028235e38f;
+            mx = a > mx ? a : mx;
+        }
+        u->hq[j] = mx > 0.0f ? mx / 32767.0f : 1.0f;
+    }
+    u->hq[u->m] = (float)ok;
+    if (ok) memset(u->acc, 0, (size_t)u->m * u->Hp * sizeof(int32_t));
 }
-#define VN_DOWN(NT)                                                                                     \
-    ALWAYS void vn_down_##NT(const int8_t *const *w, long H, float *const *ys, float hs[4][NR],         \
-                             const char *pf, long blk, const float *sd) {                              \
-        __m512i hp[NT][2];                                                                              \
-        __m512 hsc[NT];                                                                                 \
+/* One step of vq_down: 4 rows x 32 columns at c (full: no mask; the compiler drops the masks). */
+ALWAYS void vq_step(const int8_t *const *w, long c, __mmask32 k, int full, int nt, int32_t *const *acc,
+                    const __m512i hp[4][2]) {
+    __m512i a[NR];
+    for (int r = 0; r < NR; r++)
+        a[r] = _mm512_cvtepi8_epi16(full ? _mm256_loadu_si256((const __m256i *)(w[r] + c))
+                                         : _mm256_maskz_loadu_epi8(k, w[r] + c));
+    __m512i l01 = _mm512_unpacklo_epi16(a[0], a[1]), h01 = _mm512_unpackhi_epi16(a[0], a[1]);
+    __m512i l23 = _mm512_unpacklo_epi16(a[2], a[3]), h23 = _mm512_unpackhi_epi16(a[2], a[3]);
+    for (int j = 0; j < nt; j++) {
+        int32_t *s = acc[j] + c;
+        __m512i lo = _mm512_loadu_si512(s), hi = _mm512_loadu_si512(s + 16);
+        lo = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(lo, l01, hp[j][0]), l23, hp[j][1]);
+        hi = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(hi, h01, hp[j][0]), h23, hp[j][1]);
+        _mm512_storeu_si512(s, lo);
+        _mm512_storeu_si512(s + 16, hi);
+    }
+}
+#define VQ_DOWN(NT)                                                                                     \
+    ALWAYS void vq_down_##NT(const int8_t *const *w, long H, int32_t *const *acc, const float *hv,      \
+                             const float *st, int nr, long D, const char *pf, long blk) {              \
+        __m512i hp[4][2];                                                                               \
         for (int j = 0; j < NT; j++) {                                                                  \
-            float m = 0.0f;                                                                             \
-            for (int r = 0; r < NR; r++) m = fabsf(hs[j][r]) > m ? fabsf(hs[j][r]) : m;                 \
-            float st = m > 0.0f ? m / 32767.0f : 1.0f;                                                  \
             int32_t q[NR];                                                                              \
-            for (int r = 0; r < NR; r++) q[r] = (int32_t)lrintf(hs[j][r] / st);                         \
+            for (int r = 0; r < NR; r++) q[r] = r < nr ? (int32_t)lrintf(hv[(long)j * D + r] / st[j]) : 0; \
             for (int p = 0; p < 2; p++)                                                                 \
                 hp[j][p] = _mm512_set1_epi32((int)(((uint32_t)q[2 * p] & 0xffffu) | ((uint32_t)q[2 * p + 1] << 16))); \
-            hsc[j] = _mm512_set1_ps(st);                                                                \
         }                                                                                               \
-        const __m512i ilo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, \
-                                             39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);     \
-        const __m512i ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));                               \
+        const int8_t *wr[NR] = {w[0], w[1], w[2], w[3]};                                                \
+        int32_t *ar[4] = {acc[0], acc[1], acc[2], acc[3]};                                              \
         long steps = (H + 31) / 32, pfl, pfs = pf_stride(blk, steps, &pfl);                              \
-        for (long c = 0, i = 0; c < H; c += 32, i++) {                                                  \
-            __mmask32 k = a5_mask32(H - c);                                                             \
-            __mmask16 kl = (__mmask16)k, kh = (__mmask16)(k >> 16);                                     \
-            pf_share(pf, pfl, i, pfs);                                                                  \
-            __m512i a0 = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(k, w[0] + c));                   \
-            __m512i a1 = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(k, w[1] + c));                   \
-            __m512i a2 = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(k, w[2] + c));                   \
-            __m512i a3 = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(k, w[3] + c));                   \
-            __m512i l01 = _mm512_permutex2var_epi16(a0, ilo, a1), h01 = _mm512_permutex2var_epi16(a0, ihi, a1); \
-            __m512i l23 = _mm512_permutex2var_epi16(a2, ilo, a3), h23 = _mm512_permutex2var_epi16(a2, ihi, a3); \
-            __m512 slo = _mm512_maskz_loadu_ps(kl, sd + c), shi = _mm512_maskz_loadu_ps(kh, sd + c + 16); \
-            for (int j = 0; j < NT; j++) {                                                              \
-                __m512i z = _mm512_setzero_si512();                                                     \
-                __m512i lo = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(z, l01, hp[j][0]), l23, hp[j][1]); \
-                __m512i hi = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(z, h01, hp[j][0]), h23, hp[j][1]); \
-                float *y = ys[j] + c;                                                                   \
-                _mm512_mask_storeu_ps(y, kl, _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_mul_ps(slo, hsc[j]), \
-                                                             _mm512_maskz_loadu_ps(kl, y)));            \
-                _mm512_mask_storeu_ps(y + 16, kh, _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(shi, hsc[j]), \
-                                                                  _mm512_maskz_loadu_ps(kh, y + 16)));  \
+        /* the prefetch target resolved here: the loop stores int32, which may alias the global */      \
+        const char *pt = pf ? pf + (long)(g_prefetch - 1) * pfl : NULL;                                 \
+        long c = 0, i = 0;                                                                              \
+        for (; c + 32 <= H; c += 32, i++) {                                                             \
+            if (pt) {                                                                                   \
+                long o0 = i * pfs, o1 = o0 + pfs < pfl ? o0 + pfs : pfl;                                \
+                for (long o = o0; o < o1; o += 64) __builtin_prefetch(pt + o, 0, 1);                    \
             }                                                                                           \
+            vq_step(wr, c, 0, 1, NT, ar, hp);                                                           \
         }                                                                                               \
+        if (c < H) vq_step(wr, c, a5_mask32(H - c), 0, NT, ar, hp);                                     \
     }
-VN_DOWN(1) VN_DOWN(2) VN_DOWN(3) VN_DOWN(4)
-A5_UNIT(unit_avx512vnni_i8, i8w, int8_t, 1, 1,
-        vn_dots(wu, H, u->xs + j0, u->xq + j0, u->xqs + j0, u->rs, nr, nt, out, pf, blk);,
-        if (g_pairdown && vn_h_finite(hs, nt)) { A5_SWITCH(vn_down, nt, wd, H, ys, hs, pf, blk, u->sd) }
-        else { A5_DOWNCALL(i8w) })
+VQ_DOWN(1) VQ_DOWN(2) VQ_DOWN(3) VQ_DOWN(4)
+/* y_j += sums_j * st_j * column scale, the sums put back into column order (2 VPERMT2D per 32 columns). */
+ALWAYS void vq_flush(const unit_t *u) {
+    const __m512i ilo = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+    const __m512i ihi = _mm512_add_epi32(ilo, _mm512_set1_epi32(8));
+    long H = u->H;
+    for (int j = 0; j < u->m; j++) {
+        const int32_t *s = u->acc + (long)j * u->Hp;
+        float *y = u->y + (long)u->tok[j] * H;
+        __m512 st = _mm512_set1_ps(u->hq[j]);
+        for (long c = 0; c < H; c += 32) {
+            __mmask32 k = a5_mask32(H - c);
+            __mmask16 kl = (__mmask16)k, kh = (__mmask16)(k >> 16);
+            __m512i lo = _mm512_loadu_si512(s + c), hi = _mm512_loadu_si512(s + c + 16);
+            __m512 v0 = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo, ilo, hi));
+            __m512 v1 = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo, ihi, hi));
+            __m512 s0 = _mm512_mul_ps(_mm512_maskz_loadu_ps(kl, u->sd + c), st);
+            __m512 s1 = _mm512_mul_ps(_mm512_maskz_loadu_ps(kh, u->sd + c + 16), st);
+            _mm512_mask_storeu_ps(y + c, kl, _mm512_fmadd_ps(v0, s0, _mm512_maskz_loadu_ps(kl, y + c)));
+            _mm512_mask_storeu_ps(y + c + 16, kh, _mm512_fmadd_ps(v1, s1, _mm512_maskz_loadu_ps(kh, y + c + 16)));
+        }
+    }
+}
+A5_DOWN(i8w, int8_t, 1, 1) A5_DOWN(i8w, int8_t, 2, 1) A5_DOWN(i8w, int8_t, 3, 1) A5_DOWN(i8w, int8_t, 4, 1)
+static void unit_avx512vnni_i8(const unit_t *u) {
+    long H = u->H;
+    int nr = u->nr;
+    long blk = (long)nr * H;
+    const int8_t *wu[NR], *wd[NR];
+    for (int r = 0; r < NR; r++) {
+        wu[r] = r < nr ? (const int8_t *)u->wu + r * H : (const int8_t *)u->zrow;
+        wd[r] = r < nr ? (const int8_t *)u->wd + r * H : (const int8_t *)u->zrow;
+    }
+    const char *pfd = g_prefetch ? u->pf_next : NULL;
+    float out[NR][4], hs[4][NR];
+    for (int j0 = 0; j0 < u->m && (u->phase & 1); j0 += 4) {
+        int nt = u->m - j0 < 4 ? u->m - j0 : 4;
+        vn_dots(wu, H, u->xs + j0, u->xq + j0, u->xqs + j0, u->rs, nr, nt, out, j0 == 0 ? pfd : NULL, blk);
+        for (int j = 0; j < nt; j++)
+            for (int r = 0; r < nr; r++)
+                u->hb[(long)(j0 + j) * u->D + r] = silu(out[r][j] * row_scale(u->su, r)) * u->sc[j0 + j];
+    }
+    if (!(u->phase & 2)) return;
+    if (u->acc && u->first) vq_begin(u);
+    int sums = u->acc && u->hq[u->m] != 0.0f;
+    for (int j0 = 0; j0 < u->m; j0 += 4) {
+        int nt = u->m - j0 < 4 ? u->m - j0 : 4;
+        const char *pf = j0 == 0 ? pfd : NULL;
+        if (sums) {
+            int32_t *acc[4];
+            for (int j = 0; j < 4; j++) acc[j] = u->acc + (long)(j0 + (j < nt ? j : 0)) * u->Hp;
+            A5_SWITCH(vq_down, nt, wd, H, acc, u->hb + (long)j0 * u->D, u->hq + j0, nr, u->D, pf, blk)
+            continue;
+        }
+        float *ys[4];
+        for (int j = 0; j < 4; j++) {
+            ys[j] = u->y + (long)u->tok[j0 + (j < nt ? j : 0)] * H;
+            for (int r = 0; r < NR; r++) hs[j][r] = j < nt && r < nr ? u->hb[(long)(j0 + j) * u->D + r] : 0.0f;
+        }
+        A5_DOWNCALL(i8w)
+    }
+    if (sums && u->last) vq_flush(u);
+}
 A5_LIN(lin_avx512vnni_i8, int8_t, 1,
        vn_dots(wu, H, l->xs + j0, l->xq + j0, l->xqs + j0, l->rs + n, nr, nt, out, pf, blk);)
 #pragma GCC pop_options
@@ -779,7 +865,7 @@ static void quantize_planes(const float *const *xs, long n, long H, uint8_t *xq,
 
 /* The function of a family (unit_: the experts, lin_: a linear) for an ISA, weight dtype (0 fp32,
    1 bf16, 2 int8 with row scales) and x dtype. int8 weights on AVX512_BF16 (+ VNNI) CPUs: VPDPBUSD
-   up dots on x rounded to int16 (vn_dots), VPDPWSSD down pass on row pairs (vn_down); on plain AVX-512, AVX2 and portable: fp32 FMAs. */
+   up dots on x rounded to int16 (vn_dots), VPDPWSSD down pass on row pairs (vq_down); on plain AVX-512, AVX2 and portable: fp32 FMAs. */
 #if BLOCKFFN_X86
 #define PICK(FAM)                                                                                       \
     if (isa >= ISA_AVX512_BF16 && wdt == 1 && xdt == 1) return FAM##avx512bf16_bf16;                    \
@@ -967,13 +1053,18 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
 #if BLOCKFFN_X86
     perm = g_pairdown && unit == unit_avx512bf16_bf16 && H % 32 == 0 && !direct;
 #endif
+    /* the int8 down pass in int32 sums per span (vq_down): per thread [T][Hp] sums and T + 1 steps */
+    int vq = vnni && g_pairdown;
+    long Hp = (H + 31) & ~31L;
+    int32_t *accb = vq ? malloc(((size_t)nth * T * Hp + 1) * sizeof(int32_t)) : NULL;
+    float *hqb = vq ? malloc(((size_t)nth * (T + 1) + 1) * sizeof(float)) : NULL;
     uint8_t *xq8 = vnni ? malloc((size_t)n * 2 * H + 1) : NULL;
     float *xqs = vnni ? malloc(((size_t)n + 1) * sizeof(float)) : NULL;
     const float **xrow = vnni ? malloc(((size_t)n + 1) * sizeof(float *)) : NULL;
     const uint8_t **xqp = vnni ? malloc(((size_t)P + 1) * sizeof(uint8_t *)) : NULL;
     float *xqsp = vnni ? malloc(((size_t)P + 1) * sizeof(float)) : NULL;
     int ok = tok && sc && hb && xs && xh && zrow && used && (direct || ra) && (!need_xf || xf) && (nbuf == 0 || yb) &&
-             (!vnni || (xq8 && xqs && xrow && xqp && xqsp));
+             (!vnni || (xq8 && xqs && xrow && xqp && xqsp)) && (!vq || (accb && hqb));
     if (ok) {
         for (long t = t0; t < t1; t++) { /* fill: the same mask, so exactly cnt[e] entries each */
             const float *s = scores + t * E;
@@ -1053,6 +1144,16 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                                 nxt.xqs = vnni ? xqsp + off[e] : NULL;
                                 nxt.rs = up_rowsum ? up_rowsum + e * D + d0 : NULL;
                                 nxt.perm = perm;
+                                nxt.acc = vq && phase == 2 ? accb + (size_t)tid * T * Hp : NULL;
+                                nxt.hq = vq ? hqb + (size_t)tid * (T + 1) : NULL;
+                                nxt.Hp = Hp;
+                                nxt.first = (k - k0) % VQ_UNITS == 0;
+                                nxt.last = k == k1 - 1 || (k - k0) % VQ_UNITS == VQ_UNITS - 1;
+                                {
+                                    long kend = k0 + ((k - k0) / VQ_UNITS + 1) * VQ_UNITS;
+                                    long rend = (kend < k1 ? kend : k1) * NR;
+                                    nxt.span = (int)((rend < D ? rend : D) - d0);
+                                }
                                 if (have) {
                                     cur.pf_next = (const char *)(phase == 1 ? nxt.wu : nxt.wd);
                                     unit(&cur);
@@ -1091,7 +1192,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
         }
     }
     free(mask); free(used); free(cnt); free(off); free(uni); free(tok); free(sc); free(hb); free(xs);
-    free(xh); free(zrow); free(xf); free(yb); free(xq8); free(xqs); free(xrow); free(xqp); free(xqsp); free(ra);
+    free(xh); free(zrow); free(xf); free(yb); free(accb); free(hqb); free(xq8); free(xqs); free(xrow); free(xqp); free(xqsp); free(ra);
     return ok ? 0 : -1;
 }
 
