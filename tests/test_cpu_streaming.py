@@ -39,8 +39,10 @@ def test_streaming_linear_equals_torch(isa, dtype, M, N, K):
 def test_streaming_linear_rejects_bad_shapes():
     with pytest.raises(ValueError, match="bad arguments"):
         cpu_native.linear_native(torch.randn(2, 0), torch.randn(3, 0))
-    with pytest.raises(ValueError, match=r"weight \[3, 20\]; expected weight \[N, 19\]"):
+    with pytest.raises(ValueError, match=r"x \[2, 19\] and weight \[3, 20\]; expected x \[M, 20\]"):
         cpu_native.linear_native(torch.randn(2, 19), torch.randn(3, 20))
+    with pytest.raises(ValueError, match=r"weight torch.float16 \[3, 4\]; expected a 2-D"):
+        cpu_native.linear_native(torch.randn(2, 4), torch.randn(3, 4).half())
     w = torch.randn(2, 3, 16)
     cu = torch.tensor([0, 1], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"x \[1, 8\] for experts \[E, D, H\] = \[2, 3, 16\]; expected x \[T, 16\]"):

@@ -175,8 +175,9 @@ def test_int8_vnni_dot_products_are_exact_integers():
         xq = torch.round(x / xs[:, None])
         exact = (xq.double() @ q.double().t()).float()
         assert torch.equal(y, exact * xs[:, None] * s[None, :]), (N, K)
-    rs = cpu_native.int8_row_sums(q)
-    assert rs is cpu_native.int8_row_sums(q) and torch.equal(rs, q.sum(-1, dtype=torch.int32))  # made once
+    bound = cpu_native.bound_linear(q, s)
+    assert bound is cpu_native.bound_linear(q, s)  # bound once: the row sums are made once
+    assert torch.equal(bound.tensors[2], q.sum(-1, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("native", [True, False])

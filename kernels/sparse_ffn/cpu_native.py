@@ -258,53 +258,81 @@ def set_pairdown(on: bool) -> None:
 
 def int8_row_sums(weight: torch.Tensor) -> torch.Tensor:
     """int32 sums of an int8 weight's rows (last dim), which the kernel's VPDPBUSD dot products subtract
-    (``vb_up`` in cpu_native.c: x enters them offset by 32768). Made once per weight and kept on the tensor
-    (a served model passes the same parameters every step; its weights do not change after loading)."""
-    cached = getattr(weight, "_blockffn_rowsum", None)
-    if cached is not None and cached[0] == weight.data_ptr():
-        return cached[1]
-    rs = weight.sum(-1, dtype=torch.int32).contiguous()
-    weight._blockffn_rowsum = (weight.data_ptr(), rs)
-    return rs
+    (``vb_up`` in cpu_native.c: x enters them offset by 32768); the bindings below make them once."""
+    return weight.sum(-1, dtype=torch.int32).contiguous()
+
+
+class NativeLinear:
+    """A linear's weight bound to the streaming GEMV (``blockffn_linear``): the weight checks and the
+    arguments that do not change between calls resolved once, as :class:`NativeExperts` does for the
+    experts. Why: a served model calls ~70 linears per decode step right after kernels that flushed the
+    caches, where every Python-level check costs µs (benchmarks/step_breakdown_cpu.py). int8 weights:
+    ``weight_scale`` fp32 [N] (W = q · scale per row) and the row sums (:func:`int8_row_sums`) made here.
+    The weight is not expected to change in place after binding."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor | None = None) -> None:
+        lib = _load()
+        assert lib is not None, "native kernel unavailable"
+        if weight.dim() != 2 or weight.dtype not in _WEIGHT_CODES:
+            raise ValueError(f"linear: weight {weight.dtype} {list(weight.shape)}; expected a 2-D "
+                             f"{list(_WEIGHT_CODES)} weight [N, K]")
+        N, K = weight.shape
+        weight = weight.contiguous()
+        scale = rowsum = sums = None
+        if weight_scale is not None or weight.dtype == torch.int8:
+            if weight.dtype != torch.int8 or weight_scale is None:
+                raise ValueError(f"linear: weight {weight.dtype} with weight_scale "
+                                 f"{'given' if weight_scale is not None else 'missing'}; int8 weights need fp32 "
+                                 f"[N] scales")
+            if weight_scale.dtype != torch.float32 or tuple(weight_scale.shape) != (N,):
+                raise ValueError(f"weight_scale: {weight_scale.dtype} {list(weight_scale.shape)}; expected "
+                                 f"torch.float32 [{N}]")
+            weight_scale = weight_scale.contiguous()
+            sums = int8_row_sums(weight)
+            scale, rowsum = weight_scale.data_ptr(), sums.data_ptr()
+        self.tensors = (weight, weight_scale, sums)  # kept alive with the pointers below
+        self.N, self.K = N, K
+        self.w_ptr = weight.data_ptr()
+        self._fn = lib.blockffn_linear
+        self._w = (self.w_ptr, _WEIGHT_CODES[weight.dtype], N, K)
+        self._q = (scale, rowsum)
+
+    def __call__(self, x: torch.Tensor, num_threads: int | None = None, isa: str | None = None) -> torch.Tensor:
+        """y = x Wᵀ for x [M, K] (fp32/bf16), in x's dtype."""
+        if x.dim() != 2 or x.shape[1] != self.K:
+            raise ValueError(f"linear: x {list(x.shape)} and weight {[self.N, self.K]}; expected x [M, {self.K}]")
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        M = x.shape[0]
+        y = torch.empty((M, self.N), dtype=x.dtype)
+        rc = self._fn(x.data_ptr(), x.stride(0), _DTYPE_CODES[x.dtype], *self._w[:2], M, self.N, self.K, y.data_ptr(),
+                      self.N, num_threads or _THREADS, _isa_code(isa), *self._q)
+        if rc:
+            _check_rc(rc, "linear", x, self.tensors[0])
+        return y
+
+
+def bound_linear(weight: torch.Tensor, weight_scale: torch.Tensor | None = None) -> NativeLinear:
+    """The :class:`NativeLinear` of this weight, made on the first call and kept on ``weight`` (a served
+    model passes the same parameter every step); made again when its storage or scales changed."""
+    b = getattr(weight, "_blockffn_linear", None)
+    if b is not None and b.w_ptr == weight.data_ptr() and b.tensors[1] is weight_scale:
+        return b
+    b = NativeLinear(weight, weight_scale)
+    if b.tensors[0] is weight and b.tensors[1] is weight_scale:
+        weight._blockffn_linear = b  # contiguous already: the binding describes exactly these tensors
+    return b
 
 
 def linear_native(x: torch.Tensor, weight: torch.Tensor, num_threads: int | None = None,
                   isa: str | None = None, weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """y = x Wᵀ for decode-size x [M, K] (fp32/bf16) and W [N, K] (fp32/bf16, or int8 with
     ``weight_scale`` fp32 [N]: W = q · scale per row): a streaming GEMV reading every weight byte
-    once, split across threads by rows (equal bytes). fp32 accumulation. Called ~100 times per
-    decode step by a served model, right after a kernel has flushed the caches, so the common case
-    is a handful of checks and one ctypes call (the kernel resolves the ISA and thread count)."""
-    lib = _load()
-    assert lib is not None, "native kernel unavailable"
-    M, K = x.shape
-    N, Kw = weight.shape
-    if Kw != K:
-        raise ValueError(f"linear: x {list(x.shape)} and weight {list(weight.shape)}; expected weight [N, {K}]")
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    if not weight.is_contiguous():
-        weight = weight.contiguous()
-    scale = None
-    if weight_scale is not None or weight.dtype == torch.int8:
-        if weight.dtype != torch.int8 or weight_scale is None:
-            raise ValueError(f"linear: weight {weight.dtype} with weight_scale "
-                             f"{'given' if weight_scale is not None else 'missing'}; int8 weights need fp32 [N] "
-                             f"scales")
-        if weight_scale.dtype != torch.float32 or tuple(weight_scale.shape) != (N,):
-            raise ValueError(f"weight_scale: {weight_scale.dtype} {list(weight_scale.shape)}; expected "
-                             f"torch.float32 [{N}]")
-        scale = weight_scale.contiguous().data_ptr()
-        rowsum = int8_row_sums(weight).data_ptr()
-    else:
-        rowsum = None
-    y = torch.empty((M, N), dtype=x.dtype)
-    rc = lib.blockffn_linear(x.data_ptr(), x.stride(0), _DTYPE_CODES[x.dtype], weight.data_ptr(),
-                             _WEIGHT_CODES[weight.dtype], M, N, K, y.data_ptr(), N, num_threads or _THREADS,
-                             _isa_code(isa), scale, rowsum)
-    if rc:
-        _check_rc(rc, "linear", x, weight)
-    return y
+    once, split across threads by rows (equal bytes). fp32 accumulation. The weight is bound on the
+    first call (:func:`bound_linear`): a served model calls this ~70 times per decode step right after
+    kernels have flushed the caches, so a call is a handful of checks and one ctypes call (the kernel
+    resolves the ISA and thread count)."""
+    return bound_linear(weight, weight_scale)(x, num_threads, isa)
 
 
 def stream_read(buf: torch.Tensor, num_threads: int | None = None, isa: str | None = None) -> float:
