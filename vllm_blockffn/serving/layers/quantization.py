@@ -117,12 +117,15 @@ class BlockFFNInt8Config(QuantizationConfig):
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """x Wᵀ with W = weight (int8 [N, K]) · weight_scale (fp32 [N]) per row, in x's dtype (CPU).
 
-    M ≤ cpu_linear_max_tokens: the native streaming GEMV (reads each int8 byte once); larger M
-    (compute-bound) or without the native kernel: torch's weight-only int8 GEMM on unit scales, the
-    fp32 row scales applied to its output (torch takes scales in x's dtype only: bf16 scales would be
-    other weights than the decode path's)."""
-    if x.dim() == 2 and x.shape[0] <= THRESHOLDS.cpu_linear_max_tokens and x.dtype in (torch.float32, torch.bfloat16) \
-            and cpu_native.native_available():
+    The native kernel for M ≤ cpu_linear_max_tokens (the streaming GEMV: each int8 byte read once),
+    and for every M on CPUs whose kernel path has the VPDPBUSD dot products (``avx512_bf16``): there
+    it is ~2× torch's weight-only int8 GEMM at every size measured, 1 to 256 rows (benchmarks/
+    RESULTS.md), and prefill then runs the decode steps' arithmetic. Otherwise (compute-bound sizes
+    on other CPUs, or no native kernel): torch's weight-only int8 GEMM on unit scales, the fp32 row
+    scales applied to its output (torch takes scales in x's dtype only: bf16 scales would be other
+    weights than the decode path's)."""
+    if x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16) and cpu_native.native_available() \
+            and (x.shape[0] <= THRESHOLDS.cpu_linear_max_tokens or cpu_native.cpu_isa() == "avx512_bf16"):
         return cpu_native.linear_native(x, weight, weight_scale=weight_scale)
     ones = torch.ones(weight.shape[0], dtype=x.dtype)
     y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, ones)
