@@ -84,6 +84,11 @@ class DispatchThresholds:
     active expert's tokens as one gathered GEMM pair (sparse_ffn_grouped: FLOPs ∝ active pairs at
     oneDNN speed, AMX for bf16) instead of the streaming kernel, which is built for memory-bound
     steps. Measured: benchmarks/RESULTS.md, "long steps"."""
+    cpu_grouped_min_tokens_int8: int = 384
+    """The same for int8 experts on CPUs whose kernel path has the VPDPBUSD dots (avx512_bf16), where
+    the grouped path must dequantize each active expert first: the native kernel is faster up to
+    ~400 tokens (XLarge shape, 4 segments, ~8 experts each; 128 tokens: 4.2 vs 12.8 ms, 256: 10.5 vs
+    18.5, 384: 15.5 vs 16.9, 512: 20.5 vs 18.0, 1024: 47 vs 34; RESULTS.md, 2026-12-02 13:34 UTC)."""
     # ---- CPU dense linears of BlockFFN models (vllm_blockffn/serving/layers/cpu_linear.py).
     cpu_linear_max_tokens: int = 8
     """Up to this many rows, a linear runs the native streaming GEMV (each weight byte read once, at

@@ -219,6 +219,31 @@ def test_int8_cpu_paths_equal_reference(native):
         assert _rel(sparse_ffn_grouped(x, s, qu, qd, cu, su, sd), ref) < 1e-5
 
 
+@needs_native
+def test_long_int8_steps_stay_native_where_it_has_vpdpbusd(monkeypatch):
+    """A 200-token step (prefill) with int8 experts: the native kernel on the avx512_bf16 path (below
+    cpu_grouped_min_tokens_int8), the grouped dequantize-then-GEMM path on the others (from
+    cpu_grouped_min_tokens); both equal the reference."""
+    from vllm_blockffn.kernels.dispatch import THRESHOLDS
+
+    E, D, H, T = 12, 16, 64, 200
+    assert THRESHOLDS.cpu_grouped_min_tokens <= T < THRESHOLDS.cpu_grouped_min_tokens_int8
+    qu, su, qd, sd = _experts(E, D, H)
+    up, down = dequantize_experts(qu, su, qd, sd)
+    x = torch.randn(T, H)
+    s = _scores(T, E, seed=3)
+    cu = torch.tensor([0, 120, T], dtype=torch.int32)
+    ref = sparse_ffn_naive(x, s, up, down, cu)
+    for isa in _isas():
+        monkeypatch.setenv("VLLM_BLOCKFFN_CPU_ISA", isa)
+        y = sparse_ffn_cpu(x, s, qu, qd, cu, up_scale=su, down_scale=sd)
+        assert _rel(y, ref) < _tol(x.dtype, isa), isa
+        native = cpu_native.sparse_ffn_native(x, s, qu, qd, cu, up_scale=su, down_scale=sd)
+        assert torch.equal(y, native) == (isa == "avx512_bf16"), isa
+        if isa != "avx512_bf16":
+            assert torch.equal(y, sparse_ffn_grouped(x, s, qu, qd, cu, su, sd)), isa
+
+
 # ---------------------------------------------------------------------------------- engines
 @pytest.fixture(scope="module")
 def int8_checkpoint(tmp_path_factory) -> str:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..dispatch import THRESHOLDS, cpu_prefers_dense
 from ..quant import check_expert_scales, dequantize_experts
-from .cpu_native import count_native, native_supports, sparse_ffn_native
+from .cpu_native import count_native, cpu_isa, native_supports, sparse_ffn_native
 from .naive import active_scores
 
 Scale = torch.Tensor | None
@@ -156,6 +156,14 @@ def uses_native(x: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> 
     return native_supports(x, w_up, w_down_t)
 
 
+def grouped_min_tokens(w_up: torch.Tensor) -> int:
+    """Steps of at least this many tokens run :func:`sparse_ffn_grouped` (the auto backend): int8 experts
+    on the VPDPBUSD path stay on the native kernel longer (``cpu_grouped_min_tokens_int8``)."""
+    if w_up.dtype == torch.int8 and cpu_isa() == "avx512_bf16":
+        return THRESHOLDS.cpu_grouped_min_tokens_int8
+    return THRESHOLDS.cpu_grouped_min_tokens
+
+
 def sparse_ffn_cpu(
     x: torch.Tensor,
     scores: torch.Tensor,
@@ -182,7 +190,7 @@ def sparse_ffn_cpu(
     if x.shape[0] == 0:
         return x.new_empty((0, x.shape[1]))
     if native and native_supports(x, w_up, w_down_t):
-        if allow_dense and x.shape[0] >= THRESHOLDS.cpu_grouped_min_tokens:
+        if allow_dense and x.shape[0] >= grouped_min_tokens(w_up):
             # a long step (prefill): compute-bound, so each active expert's tokens as one GEMM
             if stats is not None:
                 count_native(scores, cu_seqlens, stats)
