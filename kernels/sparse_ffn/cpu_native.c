@@ -625,7 +625,6 @@ A5_LIN(lin_avx512bf16_bf16, uint16_t, 2, A5_SWITCH(bf_up, nt, wu, H, l->xh + j0,
    pairs (4 rows x 2 tokens x 2 planes: 16 accumulators); a third and fourth token re-read the rows
    from L1. Tokens whose x is not finite take the fp32 path (NaN/Inf propagate as there). */
 ALWAYS __m512 a5_i8v(const int8_t *p, __mmask16 k) { return a5_i8(p, k); }
-ALWAYS __m512 a5_i8w(const int8_t *p, __mmask16 k) { return a5_i8v(p, k); } /* the down pass's (A5_DOWNCALL) */
 A5_UP(i8v, int8_t, 1) A5_UP(i8v, int8_t, 2) A5_UP(i8v, int8_t, 3) A5_UP(i8v, int8_t, 4)
 ALWAYS __mmask64 a5_mask64(long left) { return left >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << left) - 1); }
 #define VB_STEP(NT, KM, LOADW, LOADX)                                                                 \
@@ -808,7 +807,7 @@ ALWAYS void vq_flush(const unit_t *u) {
         }
     }
 }
-A5_DOWN(i8w, int8_t, 1, 1) A5_DOWN(i8w, int8_t, 2, 1) A5_DOWN(i8w, int8_t, 3, 1) A5_DOWN(i8w, int8_t, 4, 1)
+A5_DOWN(i8v, int8_t, 1, 1) A5_DOWN(i8v, int8_t, 2, 1) A5_DOWN(i8v, int8_t, 3, 1) A5_DOWN(i8v, int8_t, 4, 1)
 static void unit_avx512vnni_i8(const unit_t *u) {
     long H = u->H;
     int nr = u->nr;
@@ -844,7 +843,7 @@ static void unit_avx512vnni_i8(const unit_t *u) {
             ys[j] = u->y + (long)u->tok[j0 + (j < nt ? j : 0)] * H;
             for (int r = 0; r < NR; r++) hs[j][r] = j < nt && r < nr ? u->hb[(long)(j0 + j) * u->D + r] : 0.0f;
         }
-        A5_DOWNCALL(i8w)
+        A5_DOWNCALL(i8v)
     }
     if (sums && u->last) vq_flush(u);
 }
@@ -1147,11 +1146,11 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                                 nxt.acc = vq && phase == 2 ? accb + (size_t)tid * T * Hp : NULL;
                                 nxt.hq = vq ? hqb + (size_t)tid * (T + 1) : NULL;
                                 nxt.Hp = Hp;
-                                nxt.first = (k - k0) % VQ_UNITS == 0;
-                                nxt.last = k == k1 - 1 || (k - k0) % VQ_UNITS == VQ_UNITS - 1;
-                                {
-                                    long kend = k0 + ((k - k0) / VQ_UNITS + 1) * VQ_UNITS;
+                                if (nxt.acc) { /* the span this unit belongs to: at most VQ_UNITS units */
+                                    long q = (k - k0) % VQ_UNITS, kend = k - q + VQ_UNITS;
                                     long rend = (kend < k1 ? kend : k1) * NR;
+                                    nxt.first = q == 0;
+                                    nxt.last = k == k1 - 1 || q == VQ_UNITS - 1;
                                     nxt.span = (int)((rend < D ? rend : D) - d0);
                                 }
                                 if (have) {

@@ -50,7 +50,8 @@ reads 1 byte per weight; on AVX512_BF16 CPUs, which all have VNNI, the W_up and 
 products run VPDPBUSD on the int8 rows as stored and x rounded to int16 per token (a step of
 max|x| / 32767) in two byte planes, two instructions per 64 weights and token, exact integer sums
 corrected by each row's sum (:func:`int8_row_sums`, computed once when the weights are bound); the
-W_down pass runs VPDPWSSD on row pairs); fp16 goes to the PyTorch path.
+W_down pass runs VPDPWSSD on row pairs into int32 sums per thread's run of rows of an expert); fp16
+goes to the PyTorch path.
 """
 
 from __future__ import annotations
@@ -294,7 +295,7 @@ class NativeLinear:
         self.N, self.K = N, K
         self.w_ptr = weight.data_ptr()
         self._fn = lib.blockffn_linear
-        self._w = (self.w_ptr, _WEIGHT_CODES[weight.dtype], N, K)
+        self._w = (self.w_ptr, _WEIGHT_CODES[weight.dtype])
         self._q = (scale, rowsum)
 
     def __call__(self, x: torch.Tensor, num_threads: int | None = None, isa: str | None = None) -> torch.Tensor:
@@ -305,7 +306,7 @@ class NativeLinear:
             x = x.contiguous()
         M = x.shape[0]
         y = torch.empty((M, self.N), dtype=x.dtype)
-        rc = self._fn(x.data_ptr(), x.stride(0), _DTYPE_CODES[x.dtype], *self._w[:2], M, self.N, self.K, y.data_ptr(),
+        rc = self._fn(x.data_ptr(), x.stride(0), _DTYPE_CODES[x.dtype], *self._w, M, self.N, self.K, y.data_ptr(),
                       self.N, num_threads or _THREADS, _isa_code(isa), *self._q)
         if rc:
             _check_rc(rc, "linear", x, self.tensors[0])
