@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..dispatch import THRESHOLDS, cpu_prefers_dense
 from ..quant import check_expert_scales, dequantize_experts
-from .cpu_native import count_native, cpu_isa, native_supports, sparse_ffn_native
+from .cpu_native import count_native, isa_at_least, native_supports, sparse_ffn_native
 from .naive import active_scores
 
 Scale = torch.Tensor | None
@@ -159,7 +159,7 @@ def uses_native(x: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> 
 def grouped_min_tokens(w_up: torch.Tensor) -> int:
     """Steps of at least this many tokens run :func:`sparse_ffn_grouped` (the auto backend): int8 experts
     on the VPDPBUSD path stay on the native kernel longer (``cpu_grouped_min_tokens_int8``)."""
-    if w_up.dtype == torch.int8 and cpu_isa() == "avx512_bf16":
+    if w_up.dtype == torch.int8 and isa_at_least("avx512_bf16"):
         return THRESHOLDS.cpu_grouped_min_tokens_int8
     return THRESHOLDS.cpu_grouped_min_tokens
 

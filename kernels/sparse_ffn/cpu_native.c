@@ -17,7 +17,9 @@
  *
  * ISA paths, picked at run time (blockffn_cpu_isa; the caller may force a narrower one):
  *   0 portable (GCC vector extensions), 1 AVX2+FMA, 2 AVX-512 (F/BW/VL/DQ),
- *   3 AVX-512 + AVX512_BF16 (bf16 weights with bf16 x: VDPBF16PS dot products in the up pass).
+ *   3 AVX-512 + AVX512_BF16 (bf16 weights with bf16 x: VDPBF16PS dot products in the up pass),
+ *   4 AMX (AMX-BF16 + AMX-INT8 tiles, where the OS grants the tile state: the dot products of linears,
+ *     16 rows x up to 16 tokens per tile instruction; see "AMX" below).
  * One shared object serves every x86-64 CPU: each path is compiled for its own target
  * (#pragma GCC target) and only called where the CPU has it.
  */
@@ -27,6 +29,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #define ALWAYS static inline __attribute__((always_inline))
 #define NR 4 /* weight rows per unit */
@@ -38,7 +44,7 @@
 #define BLOCKFFN_X86 0
 #endif
 
-enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512_BF16 = 3 };
+enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512_BF16 = 3, ISA_AMX = 4 };
 
 /* The best path this CPU (and OS: __builtin_cpu_supports checks XSAVE state) can run. */
 int blockffn_cpu_isa(void) {
@@ -46,8 +52,16 @@ int blockffn_cpu_isa(void) {
     __builtin_cpu_init();
     int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    if (avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni"))
+    if (avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni")) {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+        /* AMX: the CPU has the tiles and Linux lets this process use their state (ARCH_REQ_XCOMP_PERM
+           for XFEATURE_XTILEDATA, once per process; a VM or kernel without it refuses) */
+        if (__builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+            __builtin_cpu_supports("amx-int8") && syscall(SYS_arch_prctl, 0x1023, 18) == 0)
+            return ISA_AMX;
+#endif
         return ISA_AVX512_BF16;
+    }
     if (avx512) return ISA_AVX512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
 #endif
@@ -59,7 +73,8 @@ int blockffn_cpu_isa(void) {
    short scan, and Python's os.environ writes reach it through putenv), so the switch works in a
    running process and the Python wrapper does not pay for reading it. -3: the variable names no
    path (the wrapper raises, naming it). */
-static const char *const ISA_NAMES[] = {"portable", "avx2", "avx512", "avx512_bf16"};
+static const char *const ISA_NAMES[] = {"portable", "avx2", "avx512", "avx512_bf16", "amx"};
+#define N_ISAS 5
 int blockffn_resolve_isa(int isa) {
     static int best = -1;
     if (best < 0) best = blockffn_cpu_isa();
@@ -72,7 +87,7 @@ int blockffn_resolve_isa(int isa) {
             while (n && (e[n - 1] == ' ' || e[n - 1] == '\t' || e[n - 1] == '\n')) n--;
             if (n && !(n == 4 && strncasecmp(e, "auto", 4) == 0)) {
                 isa = -3;
-                for (int i = 0; i < 4; i++)
+                for (int i = 0; i < N_ISAS; i++)
                     if (strlen(ISA_NAMES[i]) == n && strncasecmp(e, ISA_NAMES[i], n) == 0) isa = i;
                 if (isa < 0) return -3;
             }
@@ -152,6 +167,8 @@ typedef struct {
                                        planes (vb_quantize), else NULL */
     const float *xqs;               /* ...their scales (NaN: not finite, use the fp32 x) */
     const int32_t *rs;              /* int8 weights: the row sums [N] (vb_up), else NULL */
+    const void *xb;                 /* AMX paths: x packed as tile rows (amx_pack_*), else NULL */
+    int nc;                         /* ...the B tile's columns (tokens, or token planes for int8) per group */
 } lin_t;
 
 typedef void (*lin_fn)(const lin_t *l);
@@ -851,6 +868,164 @@ A5_LIN(lin_avx512vnni_i8, int8_t, 1,
        vn_dots(wu, H, l->xs + j0, l->xq + j0, l->xqs + j0, l->rs + n, nr, nt, out, pf, blk);)
 #pragma GCC pop_options
 
+/* ------------------------------------------------------------------------------------------ AMX */
+/* Linears on AMX tiles: a weight block of 16 rows is the A tile as stored (16 rows x 64 bytes at the row
+   stride: no repacking of the weights), x the B tile, packed once per call as the tile wants it
+   (amx_pack_bf16: pairs of consecutive k per token column; amx_pack_i8: quads of consecutive k of each
+   token's two byte planes, vb_quantize). One TDPBF16PS takes 16 rows x 32 k x up to 16 tokens (1 KB of
+   weights), one TDPBSUD 16 rows x 64 k x up to 8 tokens' two planes: the dot products that took one vector
+   instruction per 64 weight bytes and token take one per KB whatever the tokens, so the tokens of a verify
+   chunk or a batch no longer add compute to the weight stream. Arithmetic: bf16 products exact, fp32
+   sums (AMX flushes fp32 denormals: a difference below any tolerance here); int8: the same exact integer
+   sums as vn_dots (int32 tile lanes: K <= 65536 keeps them below 2^31), so the same results bit for
+   bit. Rows past the last multiple of 16 of a thread's range, k past the last multiple of 32 (64) and
+   calls with a non-finite x (int8) take the AVX-512 code. */
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma,amx-tile,amx-bf16,amx-int8")
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((aligned(64))) amx_cfg_t;
+/* tile 0: C (16 rows x nc 32-bit sums), 1: A (16 weight rows x 64 bytes), 2: B (16 rows x nc 32-bit words of x) */
+ALWAYS void amx_config(int nc) {
+    amx_cfg_t c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    c.rows[0] = 16; c.colsb[0] = (uint16_t)(4 * nc);
+    c.rows[1] = 16; c.colsb[1] = 64;
+    c.rows[2] = 16; c.colsb[2] = (uint16_t)(4 * nc);
+    _tile_loadconfig(&c);
+}
+#define AMX_MAX_K8 65536L /* int8: K up to this keeps every int32 lane of the C tile exact */
+/* bf16 x rows -> B tiles: groups of nc tokens (the last one padded with zeros), each [K32 / 2][nc] words
+   of 2 consecutive k. */
+static void amx_pack_bf16(const uint16_t *const *xh, long M, long K32, int nc, uint32_t *xb) {
+    long G = (M + nc - 1) / nc, KP = K32 / 2;
+    for (long g = 0; g < G; g++)
+        for (int c = 0; c < nc; c++) {
+            long t = g * nc + c;
+            uint32_t *d = xb + g * KP * nc + c;
+            for (long kp = 0; kp < KP; kp++) {
+                uint32_t v = 0;
+                if (t < M) memcpy(&v, xh[t] + 2 * kp, 4);
+                d[kp * nc] = v;
+            }
+        }
+}
+/* The int8 paths' x planes (vb_quantize: hi then lo, K bytes each) -> B tiles: groups of nc / 2 tokens,
+   column 2j the hi plane of the group's token j, 2j + 1 its lo plane, each [K64 / 4][nc] words of 4
+   consecutive k. */
+static void amx_pack_i8(const uint8_t *const *xq, long M, long K, long K64, int nc, uint32_t *xb) {
+    long tg = nc / 2, G = (M + tg - 1) / tg, KQ = K64 / 4;
+    for (long g = 0; g < G; g++)
+        for (int c = 0; c < nc; c++) {
+            long t = g * tg + c / 2;
+            uint32_t *d = xb + g * KQ * nc + c;
+            for (long kq = 0; kq < KQ; kq++) {
+                uint32_t v = 0;
+                if (t < M) memcpy(&v, xq[t] + (c & 1) * K + 4 * kq, 4);
+                d[kq * nc] = v;
+            }
+        }
+}
+/* The next 16-row block of a linear is prefetched during this one (as lin_next). */
+ALWAYS const char *amx_next(const lin_t *l, long n, long esz, long *blk) {
+    long nx = n + 16, end = nx + 16 < l->n1 ? nx + 16 : l->n1;
+    *blk = end > nx ? (end - nx) * l->K * esz : 0;
+    return g_prefetch && *blk > 0 ? (const char *)l->w + nx * l->K * esz : NULL;
+}
+static void lin_amx_bf16(const lin_t *l) {
+    long K = l->K, K32 = K & ~31L, n0 = l->n0, nf = n0 + ((l->n1 - n0) & ~15L);
+    int nc = l->nc;
+    if (!l->xb || K32 == 0) nf = n0;
+    if (nf > n0) {
+        long G = (l->m + nc - 1) / nc, gw = (K32 / 2) * nc, steps = K32 / 32;
+        float c[16][16];
+        amx_config(nc);
+        for (long n = n0; n < nf; n += 16) {
+            const uint16_t *w = (const uint16_t *)l->w + n * K;
+            long blk, pfl;
+            const char *pf = amx_next(l, n, 2, &blk);
+            long pfs = pf_stride(blk, steps, &pfl);
+            for (long g = 0; g < G; g++) {
+                const uint32_t *xb = (const uint32_t *)l->xb + g * gw;
+                _tile_zero(0);
+                for (long s = 0; s < steps; s++) {
+                    if (g == 0) pf_share(pf, pfl, s, pfs);
+                    _tile_loadd(1, w + 32 * s, K * 2);
+                    _tile_loadd(2, xb + s * 16 * nc, nc * 4);
+                    _tile_dpbf16ps(0, 1, 2);
+                }
+                _tile_stored(0, c, 64);
+                for (int j = 0; j < nc && g * nc + j < l->m; j++) {
+                    long t = g * nc + j;
+                    const float *x = l->xs[t];
+                    for (int r = 0; r < 16; r++) {
+                        float v = c[r][j];
+                        for (long k = K32; k < K; k++) v += cv_bf16(w[r * K + k]) * x[k];
+                        l->out[t * l->ldo + n + r] = v;
+                    }
+                }
+            }
+        }
+        _tile_release();
+    }
+    if (nf < l->n1) {
+        lin_t sub = *l;
+        sub.n0 = nf;
+        lin_avx512bf16_bf16(&sub);
+    }
+}
+static void lin_amx_i8(const lin_t *l) {
+    long K = l->K, K64 = K & ~63L, n0 = l->n0, nf = n0 + ((l->n1 - n0) & ~15L);
+    int finite = 1, nc = l->nc;
+    for (int j = 0; j < l->m; j++) finite &= l->xqs[j] == l->xqs[j];
+    if (!l->xb || !finite || K64 == 0 || K > AMX_MAX_K8) nf = n0;
+    if (nf > n0) {
+        long tg = nc / 2, G = (l->m + tg - 1) / tg, gw = (K64 / 4) * nc, steps = K64 / 64;
+        int32_t c[16][16];
+        amx_config(nc);
+        for (long n = n0; n < nf; n += 16) {
+            const int8_t *w = (const int8_t *)l->w + n * K;
+            long blk, pfl;
+            const char *pf = amx_next(l, n, 1, &blk);
+            long pfs = pf_stride(blk, steps, &pfl);
+            for (long g = 0; g < G; g++) {
+                const uint32_t *xb = (const uint32_t *)l->xb + g * gw;
+                _tile_zero(0);
+                for (long s = 0; s < steps; s++) {
+                    if (g == 0) pf_share(pf, pfl, s, pfs);
+                    _tile_loadd(1, w + 64 * s, K);
+                    _tile_loadd(2, xb + s * 16 * nc, nc * 4);
+                    _tile_dpbsud(0, 1, 2);
+                }
+                _tile_stored(0, c, 64);
+                for (long j = 0; j < tg && g * tg + j < l->m; j++) {
+                    long t = g * tg + j;
+                    const uint8_t *xh = l->xq[t], *xl = xh + K;
+                    for (int r = 0; r < 16; r++) {
+                        int64_t a = c[r][2 * j], b = c[r][2 * j + 1];
+                        for (long k = K64; k < K; k++) { a += w[r * K + k] * xh[k]; b += w[r * K + k] * xl[k]; }
+                        int64_t tot = 256 * a + b - 32768 * (int64_t)l->rs[n + r];
+                        l->out[t * l->ldo + n + r] = (float)tot * l->xqs[t] * row_scale(l->scale + n, r);
+                    }
+                }
+            }
+        }
+        _tile_release();
+    }
+    if (nf < l->n1) {
+        lin_t sub = *l;
+        sub.n0 = nf;
+        lin_avx512vnni_i8(&sub);
+    }
+}
+/* The experts keep the AVX-512 units on AMX CPUs (for now). */
+#define unit_amx_bf16 unit_avx512bf16_bf16
+#define unit_amx_i8 unit_avx512vnni_i8
+#pragma GCC pop_options
+
 #endif /* BLOCKFFN_X86 */
 
 /* The VPDPBUSD paths' x planes (vb_quantize); only called where the CPU has them (x86). */
@@ -867,6 +1042,8 @@ static void quantize_planes(const float *const *xs, long n, long H, uint8_t *xq,
    up dots on x rounded to int16 (vn_dots), VPDPWSSD down pass on row pairs (vq_down); on plain AVX-512, AVX2 and portable: fp32 FMAs. */
 #if BLOCKFFN_X86
 #define PICK(FAM)                                                                                       \
+    if (isa >= ISA_AMX && wdt == 1 && xdt == 1) return FAM##amx_bf16;                                   \
+    if (isa >= ISA_AMX && wdt == 2) return FAM##amx_i8;                                                 \
     if (isa >= ISA_AVX512_BF16 && wdt == 1 && xdt == 1) return FAM##avx512bf16_bf16;                    \
     if (isa >= ISA_AVX512_BF16 && wdt == 2) return FAM##avx512vnni_i8;                                  \
     if (isa >= ISA_AVX512) return wdt == 2 ? FAM##avx512_i8 : wdt ? FAM##avx512_bf16 : FAM##avx512_f32; \
@@ -929,22 +1106,37 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
     }
     float *o = xdt ? out : (float *)y;
     long ldo = xdt ? N : ldy;
+    /* AMX: x packed once for the B tiles; threads take whole 16-row blocks */
+    uint32_t *xb = NULL;
+    int nc = 0, rb = 4;
+#if BLOCKFFN_X86
+    if (fn == lin_amx_bf16 && K >= 32) {
+        nc = M < 16 ? (int)M : 16;
+        xb = malloc((size_t)((M + nc - 1) / nc) * (size_t)(K & ~31L) / 2 * nc * 4 + 64);
+        if (xb) amx_pack_bf16(xh, M, K & ~31L, nc, xb);
+    } else if (fn == lin_amx_i8 && K >= 64) {
+        nc = M < 8 ? 2 * (int)M : 16;
+        xb = malloc((size_t)((M + nc / 2 - 1) / (nc / 2)) * (size_t)(K & ~63L) / 4 * nc * 4 + 64);
+        if (xb) amx_pack_i8(xqp, M, K, K & ~63L, nc, xb);
+    }
+    if (xb) rb = 16;
+#endif
     int nth = call_threads(nthreads);
     if ((double)N * K < 32768.0) nth = 1; /* a fork (~2 µs) pays once a share takes longer to read cold */
-    long blocks = (N + 3) / 4;
+    long blocks = (N + rb - 1) / rb;
     if (nth > blocks) nth = (int)blocks;
     #pragma omp parallel num_threads(nth)
     {
         int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-        lin_t l = {w, K, (blocks * tid / nt) * 4, (blocks * (tid + 1) / nt) * 4, (int)M, xs, xh, o, ldo, zrow, scale,
-                   xqp, xqs, rowsum};
+        lin_t l = {w, K, (blocks * tid / nt) * rb, (blocks * (tid + 1) / nt) * rb, (int)M, xs, xh, o, ldo, zrow, scale,
+                   xqp, xqs, rowsum, xb, nc};
         if (l.n1 > N) l.n1 = N;
         if (l.n1 > l.n0) fn(&l);
     }
     if (xdt)
         for (long t = 0; t < M; t++)
             for (long n = 0; n < N; n++) ((uint16_t *)y)[t * ldy + n] = to_bf16(out[t * N + n]);
-    free(xs); free(xh); free(xf); free(out); free(zrow); free(xq8); free(xqs); free(xqp);
+    free(xs); free(xh); free(xf); free(out); free(zrow); free(xq8); free(xqs); free(xqp); free(xb);
     return 0;
 }
 

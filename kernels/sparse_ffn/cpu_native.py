@@ -25,8 +25,10 @@ Arithmetic: fp32 accumulation; bf16 weights are widened on load (on AVX512_BF16 
 weights with bf16 x use VDPBF16PS dot products: exact bf16 products, fp32 sums), y is rounded
 once at the end.
 
-ISA paths (chosen at run time, one shared object for every x86-64 CPU): ``avx512_bf16``,
-``avx512`` (F/BW/VL/DQ), ``avx2`` (AVX2 + FMA), ``portable`` (GCC vector extensions).
+ISA paths (chosen at run time, one shared object for every x86-64 CPU): ``amx`` (``avx512_bf16`` with
+the linears' dot products on AMX tiles, where the CPU has AMX-BF16/INT8 and Linux grants the tile
+state), ``avx512_bf16``, ``avx512`` (F/BW/VL/DQ), ``avx2`` (AVX2 + FMA), ``portable`` (GCC vector
+extensions).
 :func:`cpu_isa` tells the one in use; ``$VLLM_BLOCKFFN_CPU_ISA`` forces a narrower one (tests
 run every path the machine can). Weight streaming: each unit's W_down rows are prefetched while
 its W_up rows are read, and the next unit's W_up rows while its W_down rows are read.
@@ -80,8 +82,8 @@ SANITIZE_ENV = "VLLM_BLOCKFFN_CPU_SANITIZE"
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _WEIGHT_CODES = {**_DTYPE_CODES, torch.int8: 2}
 """Weight dtypes: int8 comes with per-output-row fp32 scales (kernels/quant.py)."""
-ISAS = ("portable", "avx2", "avx512", "avx512_bf16")
-"""The kernel's ISA paths, narrowest first (codes 0..3 in cpu_native.c)."""
+ISAS = ("portable", "avx2", "avx512", "avx512_bf16", "amx")
+"""The kernel's ISA paths, narrowest first (codes 0..4 in cpu_native.c)."""
 ISA_ENV = "VLLM_BLOCKFFN_CPU_ISA"
 UP_ROW_COST = 3.0
 """Cost of reading one weight row, in units of one token's dot product over it (work split)."""
@@ -211,6 +213,13 @@ def best_isa() -> str | None:
     """The widest ISA path this CPU runs (None without the native kernel)."""
     lib = _load()
     return None if lib is None else ISAS[lib.blockffn_cpu_isa()]
+
+
+def isa_at_least(floor: str, isa: str | None = None) -> bool:
+    """True when the path calls run with (``isa``, else :func:`cpu_isa`) is ``floor`` or wider: what a
+    feature of ``floor`` (e.g. the VNNI int8 dots of ``avx512_bf16``) needs, AMX CPUs included."""
+    isa = isa or cpu_isa()
+    return isa is not None and ISAS.index(isa) >= ISAS.index(floor)
 
 
 def _isa_code(isa: str | None) -> int:

@@ -68,7 +68,7 @@ def _check_env() -> int:
                      f"(widest this CPU runs: {cpu_native.best_isa()}; {cpu_native.ISA_ENV} forces a narrower one)")
         lines.append("CPU experts: native expert-major kernel (fp32/bf16), grouped GEMMs for long steps; "
                      "decode-size linears: streaming kernel")
-        pairs = cpu_native.cpu_isa() == "avx512_bf16"
+        pairs = cpu_native.isa_at_least("avx512_bf16")
         int8 = ("VPDPWSSD dots on x rounded to int16, down pass on row pairs" if pairs else "int8 widened to fp32")
         lines.append(f"int8 weights (--quantization blockffn_int8): native kernel, {int8}")
         if pairs:

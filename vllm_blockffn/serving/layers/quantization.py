@@ -126,7 +126,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     scales applied to its output (torch takes scales in x's dtype only: bf16 scales would be other
     weights than the decode path's)."""
     if x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16) and cpu_native.native_available() \
-            and (x.shape[0] <= THRESHOLDS.cpu_linear_max_tokens or cpu_native.cpu_isa() == "avx512_bf16"):
+            and (x.shape[0] <= THRESHOLDS.cpu_linear_max_tokens or cpu_native.isa_at_least("avx512_bf16")):
         return cpu_native.linear_native(x, weight, weight_scale=weight_scale)
     ones = torch.ones(weight.shape[0], dtype=x.dtype)
     y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, ones)
