@@ -89,6 +89,21 @@ class DispatchThresholds:
     the grouped path must dequantize each active expert first: the native kernel is faster up to
     ~400 tokens (XLarge shape, 4 segments, ~8 experts each; 128 tokens: 4.2 vs 12.8 ms, 256: 10.5 vs
     18.5, 384: 15.5 vs 16.9, 512: 20.5 vs 18.0, 1024: 47 vs 34; RESULTS.md, 2026-12-02 13:34 UTC)."""
+    cpu_grouped_min_tokens_amx: int = 1536
+    """The same on AMX CPUs (kernel path ``amx``), bf16 and int8: the native kernel's AMX units beat the
+    grouped GEMMs up to 1024 tokens and lose at 2048 (XLarge shape, 4 segments, warm; bf16 2.7 vs 8.5 ms at
+    128 tokens, 22.3 vs 31.0 at 1024, 77 vs 49 at 2048; int8 32.6 vs 44.3 at 1024, 112 vs 66 at 2048:
+    RESULTS.md, 2026-12-02 16:08 UTC); the crossover lies between, 1536 is taken without a measurement there.
+    Must stay at least ``cpu_grouped_min_tokens`` (the smallest of these thresholds is checked first)."""
+    cpu_amx_min_tokens: int = 16
+    """On AMX CPUs (kernel path ``amx``), expert calls of at least this many tokens run the AMX units
+    (16 rows x up to 16 tokens per tile product); fewer tokens keep the AVX512_BF16 units, whose 4-row
+    weight streams read faster when the step is memory-bound. Measured (RESULTS.md, 2026-12-02 16:08 UTC,
+    XLarge shape, cold weights): AMX units 51% vs 64-68% of read bandwidth at 1 token, 46-47% vs 50-53% on a
+    4-token verify chunk; warm 16-256-token steps (4 segments): bf16 1.4-2x faster, int8 0.9-1.1x."""
+    cpu_amx_min_rows: int = 2
+    """On AMX CPUs, linears of at least this many rows run the AMX tiles (M = 4, 8: 1.1-2x the
+    AVX512_BF16 GEMV, cold); a single row keeps the GEMV (equal within noise)."""
     # ---- CPU dense linears of BlockFFN models (vllm_blockffn/serving/layers/cpu_linear.py).
     cpu_linear_max_tokens: int = 8
     """Up to this many rows, a linear runs the native streaming GEMV (each weight byte read once, at

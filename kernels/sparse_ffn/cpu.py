@@ -157,8 +157,11 @@ def uses_native(x: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> 
 
 
 def grouped_min_tokens(w_up: torch.Tensor) -> int:
-    """Steps of at least this many tokens run :func:`sparse_ffn_grouped` (the auto backend): int8 experts
-    on the VPDPBUSD path stay on the native kernel longer (``cpu_grouped_min_tokens_int8``)."""
+    """Steps of at least this many tokens run :func:`sparse_ffn_grouped` (the auto backend): on AMX CPUs
+    the native kernel's AMX units stay faster up to ~1.5k tokens (``cpu_grouped_min_tokens_amx``), int8
+    experts on the VPDPBUSD path up to ~400 (``cpu_grouped_min_tokens_int8``)."""
+    if isa_at_least("amx"):
+        return THRESHOLDS.cpu_grouped_min_tokens_amx
     if w_up.dtype == torch.int8 and isa_at_least("avx512_bf16"):
         return THRESHOLDS.cpu_grouped_min_tokens_int8
     return THRESHOLDS.cpu_grouped_min_tokens
@@ -190,7 +193,7 @@ def sparse_ffn_cpu(
     if x.shape[0] == 0:
         return x.new_empty((0, x.shape[1]))
     if native and native_supports(x, w_up, w_down_t):
-        if allow_dense and x.shape[0] >= grouped_min_tokens(w_up):
+        if allow_dense and x.shape[0] >= THRESHOLDS.cpu_grouped_min_tokens and x.shape[0] >= grouped_min_tokens(w_up):
             # a long step (prefill): compute-bound, so each active expert's tokens as one GEMM
             if stats is not None:
                 count_native(scores, cu_seqlens, stats)

@@ -117,8 +117,19 @@ void blockffn_set_prefetch(int on) { g_prefetch = on; }
    1 on, 0 the widening ones (benchmarks compare). */
 static int g_pairdown = 1;
 void blockffn_set_pairdown(int on) { g_pairdown = on; }
+/* AMX only where it is faster (kernels/dispatch.py sets both at load, blockffn_set_amx_rules): linears
+   from this many rows, the experts from this many tokens in a call (below, the AVX512_BF16 code: at decode
+   sizes the weight stream decides and its 4-row units stream better than 16-row tiles, measured). */
+static long g_amx_min_rows = 2, g_amx_min_tokens = 16;
+void blockffn_set_amx_rules(long min_rows, long min_tokens) { g_amx_min_rows = min_rows; g_amx_min_tokens = min_tokens; }
+/* Calls that ran AMX tiles (linears and expert calls), for tests: which path a call took is otherwise
+   invisible in bf16 outputs. */
+static long g_amx_calls = 0;
+long blockffn_amx_calls(void) { return __atomic_load_n(&g_amx_calls, __ATOMIC_RELAXED); }
 /* Where column col of a y row sits when the paired down pass keeps it in its 32-column block order. */
 ALWAYS long perm_col(long col) { long q = col & 31, m = q & 7; return (col & ~31L) + (m < 4 ? 0 : 16) + 4 * (q >> 3) + (m & 3); }
+/* ... and when the AMX down pass keeps it: the even columns of each 32-column block, then the odd ones. */
+ALWAYS long amx_col(long col) { long q = col & 31; return (col & ~31L) + ((q & 1) << 4) + (q >> 1); }
 
 /* Everything one unit needs: NR (or fewer) rows d0.. of one expert, its m tokens. */
 typedef struct {
@@ -140,7 +151,8 @@ typedef struct {
     const float *xqs;               /* ...and their scales (x ~ xq * xqs; NaN: x not finite, use the fp32 x) */
     const int32_t *rs;              /* int8 weights: the unit's W_up row sums (vb_up), else NULL */
     int phase;                      /* 1: up (h of the rows), 2: down (y += rows * h) */
-    int perm;                       /* y is kept in perm_col order (the paired bf16 down pass, bf_down) */
+    int perm;                       /* y is kept in perm_col order (1: the paired bf16 down pass, bf_down) or
+                                       amx_col order (2: the AMX bf16 down pass) */
     /* int8 weights, VNNI down pass (vq_down), else acc NULL: the span's W_down rows (a thread's run of
        units of one expert) add into int32 sums, one [Hp] row per token of the expert, flushed into y once */
     int32_t *acc;                   /* the thread's int32 sums [m][Hp] (Hp = H rounded up to 32), perm_col order */
@@ -148,6 +160,10 @@ typedef struct {
     long Hp;
     int span, first, last;          /* rows in the span; this unit starts it (set the steps, zero the sums),
                                        ends it (flush into y) */
+    const uint32_t *xb;             /* AMX units: every token of the call packed for the B tiles (amx_pack_*), */
+    int nc;                         /* ...columns per group of tokens, */
+    long xt0;                       /* ...and the token of the first column */
+    float *facc;                    /* AMX bf16 down pass: the thread's fp32 sums of the span (else NULL) */
 } unit_t;
 
 typedef void (*unit_fn)(const unit_t *u);
@@ -735,14 +751,14 @@ static void vb_quantize(const float *const *xs, long n, long H, uint8_t *xq, flo
 /* int8 down pass with VPDPWSSD, a span at a time: a thread's run of units of one expert (its W_up rows were
    all read before its W_down rows) shares one h step per token, st = max|h| / 32767 over the span's rows,
    so the span's rows add into exact int32 sums that meet y, the column scales and st once, at the end of
-   the span (a lane adds 4 products of at most 128 x 32767 per unit: a span is at most VQ_UNITS units,
+   the span (a lane adds 4 products of at most 128 x 32767 per unit: a span is at most VQ_ROWS rows,
    < 2^31; the scheduler cuts longer runs). Per unit (4 rows x 32 columns): 4 widenings (int8 -> int16, exact) and 4
    VPUNPCK{L,H}WD making row pairs (h_r, h_r+1) per dword lane, shared by the tokens, then per token 4
    VPDPWSSD on its int32 row, instead of converting, scaling and adding into fp32 y after every unit.
    The unpacks work within 128-bit lanes, so the sums are kept in perm_col order and put back at the
    flush. A span where some token's h is not finite takes the widening pass (NaN/Inf propagate as
    there). */
-#define VQ_UNITS 128
+#define VQ_ROWS 512 /* rows per span at most */
 ALWAYS void vq_begin(const unit_t *u) {
     int ok = 1;
     for (int j = 0; j < u->m; j++) {
@@ -1021,9 +1037,190 @@ static void lin_amx_i8(const lin_t *l) {
         lin_avx512vnni_i8(&sub);
     }
 }
-/* The experts keep the AVX-512 units on AMX CPUs (for now). */
-#define unit_amx_bf16 unit_avx512bf16_bf16
-#define unit_amx_i8 unit_avx512vnni_i8
+/* The experts on AMX, a unit of up to 16 rows of one expert. Up: the unit's W_up rows as the A tile, the
+   call's tokens (packed once) as B, so one TDPBF16PS / TDPBSUD serves every token of a group of 16 (8 for
+   int8): a token that does not use the expert costs nothing extra, its column is not read. bf16 down: the
+   unit's W_down rows as they are stored are the B tile (16 rows x 32 columns, read as 16 pairs of
+   adjacent columns), and h enters as an A tile of two rows per token, h in the even slots of the first
+   row (the even columns' sums) and in the odd slots of the second (the odd columns'), zeros elsewhere:
+   C's two rows are the token's 32 columns, even ones then odd ones, accumulated in place in the thread's
+   y kept in that order (amx_col; put back by the final reduction). int8 down: the VPDPWSSD span pass
+   (vq_down) on the unit's rows, 4 at a time. Tiles: 0 C, 1 A, 2 B of the up pass; 3 B, 4 A, 5 C of the
+   down pass, configured per unit for its nr rows and the call's nc. */
+/* Up: tiles 0, 1 C (nr x nc sums: even and odd slabs, two chains), 2, 3 A (nr weight rows), 4, 5 B (x). */
+ALWAYS void amx_up_config(int nr, int nc) {
+    amx_cfg_t c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 2; t++) {
+        c.rows[t] = (uint8_t)nr; c.colsb[t] = (uint16_t)(4 * nc);
+        c.rows[2 + t] = (uint8_t)nr; c.colsb[2 + t] = 64;
+        c.rows[4 + t] = 16; c.colsb[4 + t] = (uint16_t)(4 * nc);
+    }
+    _tile_loadconfig(&c);
+}
+/* Down (bf16): tile 0 A (h of nt tokens: 2 nt rows of nr pairs), 2, 3 B (nr W_down rows x 32 columns), 6, 7
+   C (2 nt rows x 16 sums): even and odd column slabs alternate tiles, so a slab's loads need not wait for
+   the previous slab's product. */
+ALWAYS void amx_down_config(int nr, int nt) {
+    amx_cfg_t c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    c.rows[0] = (uint8_t)(2 * nt); c.colsb[0] = (uint16_t)(4 * nr);
+    for (int t = 0; t < 2; t++) {
+        c.rows[2 + t] = (uint8_t)nr; c.colsb[2 + t] = 64;
+        c.rows[6 + t] = (uint8_t)(2 * nt); c.colsb[6 + t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+static void amx_release(void) { _tile_release(); }
+/* C0 + C1 (tiles 0, 1) = the unit's rows . the tokens of group g: slabs of KB weight bytes. */
+#define AMX_UP_LOOP(DP, KB)                                                                             \
+    {                                                                                                   \
+        const char *w = (const char *)u->wu;                                                            \
+        const uint32_t *xb = u->xb + g * gw;                                                            \
+        _tile_zero(0);                                                                                  \
+        _tile_zero(1);                                                                                  \
+        long s = 0;                                                                                     \
+        for (; s + 1 < steps; s += 2) {                                                                 \
+            if (first) { pf_share(pf, pfl, s, pfs); pf_share(pf, pfl, s + 1, pfs); }                    \
+            _tile_loadd(2, w + KB * s, rowb);                                                           \
+            _tile_loadd(4, xb + s * 16 * nc, nc * 4);                                                   \
+            DP(0, 2, 4);                                                                                \
+            _tile_loadd(3, w + KB * (s + 1), rowb);                                                     \
+            _tile_loadd(5, xb + (s + 1) * 16 * nc, nc * 4);                                             \
+            DP(1, 3, 5);                                                                                \
+        }                                                                                               \
+        if (s < steps) {                                                                                \
+            if (first) pf_share(pf, pfl, s, pfs);                                                       \
+            _tile_loadd(2, w + KB * s, rowb);                                                           \
+            _tile_loadd(4, xb + s * 16 * nc, nc * 4);                                                   \
+            DP(0, 2, 4);                                                                                \
+        }                                                                                               \
+        first = 0;                                                                                      \
+        _tile_stored(0, c0, 64);                                                                        \
+        _tile_stored(1, c1, 64);                                                                        \
+    }
+/* One column slab of the bf16 down pass on tiles B = BT, C = CT (literal numbers: the intrinsics paste
+   them into the instruction): C (the span's sums, or 0 when the span starts here) += A . B, stored back. */
+#define AMX_DOWN_SLAB(BT, CT)                                                                           \
+    {                                                                                                   \
+        float *cs = base + s * 32 * nt;                                                                 \
+        if (j0 == 0) pf_share(pf, pfl, s, pfs);                                                         \
+        _tile_loadd(BT, w + 64 * s, rowb);                                                              \
+        if (u->first) _tile_zero(CT);                                                                   \
+        else _tile_loadd(CT, cs, 64);                                                                   \
+        _tile_dpbf16ps(CT, 0, BT);                                                                      \
+        _tile_stored(CT, cs, 64);                                                                       \
+    }
+static void unit_amx_bf16(const unit_t *u) {
+    long H = u->H, rowb = 2 * H, steps = H / 32;
+    int nr = u->nr, nc = u->nc, m = u->m;
+    long blk = (long)nr * rowb, pfl, pfs = pf_stride(blk, steps, &pfl);
+    const char *pf = g_prefetch ? u->pf_next : NULL;
+    if (u->phase & 1) {
+        long gw = (H / 2) * nc;
+        float c0[16][16], c1[16][16];
+        int first = 1;
+        amx_up_config(nr, nc);
+        for (int j = 0; j < m;) {
+            long g = (u->tok[j] - u->xt0) / nc;
+            AMX_UP_LOOP(_tile_dpbf16ps, 64)
+            for (; j < m && (u->tok[j] - u->xt0) / nc == g; j++) {
+                int col = (int)((u->tok[j] - u->xt0) % nc);
+                for (int r = 0; r < nr; r++)
+                    u->hb[(long)j * u->D + r] = silu((c0[r][col] + c1[r][col]) * row_scale(u->su, r)) * u->sc[j];
+            }
+        }
+    }
+    if (u->phase & 2) {
+        /* the span's sums: per chunk of up to 8 tokens (at j0 * H), per column slab 2 nt rows x 16 */
+        const char *w = (const char *)u->wd;
+        uint16_t a[16][32];
+        for (int j0 = 0; j0 < m; j0 += 8) {
+            int nt = m - j0 < 8 ? m - j0 : 8;
+            float *base = u->facc + (long)j0 * H;
+            amx_down_config(nr, nt);
+            memset(a, 0, sizeof a);
+            for (int j = 0; j < nt; j++)
+                for (int r = 0; r < nr; r++) {
+                    uint16_t v = to_bf16(u->hb[(long)(j0 + j) * u->D + r]);
+                    a[2 * j][2 * r] = v;
+                    a[2 * j + 1][2 * r + 1] = v;
+                }
+            _tile_loadd(0, a, 64);
+            long s = 0;
+            for (; s + 1 < steps; s += 2) {
+                AMX_DOWN_SLAB(2, 6)
+                s++;
+                AMX_DOWN_SLAB(3, 7)
+                s--;
+            }
+            if (s < steps) AMX_DOWN_SLAB(2, 6)
+        }
+        if (u->last) /* into the thread's y (amx_col order: a token's two rows of a slab are its 32 columns) */
+            for (int j = 0; j < m; j++) {
+                int q = j / 8, nt = m - 8 * q < 8 ? m - 8 * q : 8;
+                const float *src = u->facc + (long)(8 * q) * H + (long)(j % 8) * 32;
+                float *y = u->y + (long)u->tok[j] * H;
+                for (long s = 0; s < steps; s++) {
+                    const float *cs = src + s * 32 * nt;
+                    _mm512_storeu_ps(y + 32 * s, _mm512_add_ps(_mm512_loadu_ps(y + 32 * s), _mm512_loadu_ps(cs)));
+                    _mm512_storeu_ps(y + 32 * s + 16,
+                                     _mm512_add_ps(_mm512_loadu_ps(y + 32 * s + 16), _mm512_loadu_ps(cs + 16)));
+                }
+            }
+    }
+}
+/* int8: the unit's rows 4 at a time through the VNNI unit (its down pass; its up pass where a token's x
+   is not finite). */
+static void amx_i8_rows(const unit_t *u, int phase) {
+    long H = u->H;
+    for (int r0 = 0; r0 < u->nr; r0 += NR) {
+        unit_t q = *u;
+        q.nr = u->nr - r0 < NR ? u->nr - r0 : NR;
+        q.wu = (const int8_t *)u->wu + r0 * H;
+        q.wd = (const int8_t *)u->wd + r0 * H;
+        q.hb = u->hb + r0;
+        q.su = u->su ? u->su + r0 : NULL;
+        q.rs = u->rs ? u->rs + r0 : NULL;
+        q.phase = phase;
+        q.first = u->first && r0 == 0;
+        q.last = u->last && r0 + NR >= u->nr;
+        q.pf_next = r0 + NR < u->nr ? (const char *)(phase == 1 ? q.wu : q.wd) + NR * H : u->pf_next;
+        unit_avx512vnni_i8(&q);
+    }
+}
+static void unit_amx_i8(const unit_t *u) {
+    if (u->phase & 1) {
+        int finite = 1;
+        for (int j = 0; j < u->m; j++) finite &= u->xqs[j] == u->xqs[j];
+        if (!finite) {
+            amx_i8_rows(u, 1);
+        } else {
+            long H = u->H, rowb = H, steps = H / 64, gw = (H / 4) * u->nc;
+            int nr = u->nr, nc = u->nc, m = u->m, tg = nc / 2;
+            long blk = (long)nr * rowb, pfl, pfs = pf_stride(blk, steps, &pfl);
+            const char *pf = g_prefetch ? u->pf_next : NULL;
+            int32_t c0[16][16], c1[16][16];
+            int first = 1;
+            amx_up_config(nr, nc);
+            for (int j = 0; j < m;) {
+                long g = (u->tok[j] - u->xt0) / tg;
+                AMX_UP_LOOP(_tile_dpbsud, 64)
+                for (; j < m && (u->tok[j] - u->xt0) / tg == g; j++) {
+                    int col = 2 * (int)((u->tok[j] - u->xt0) % tg);
+                    for (int r = 0; r < nr; r++) {
+                        int64_t tot = 256 * ((int64_t)c0[r][col] + c1[r][col]) + c0[r][col + 1] + c1[r][col + 1] -
+                                      32768 * (int64_t)u->rs[r];
+                        u->hb[(long)j * u->D + r] = silu((float)tot * u->xqs[j] * row_scale(u->su, r)) * u->sc[j];
+                    }
+                }
+            }
+        }
+    }
+    if (u->phase & 2) amx_i8_rows(u, 2);
+}
 #pragma GCC pop_options
 
 #endif /* BLOCKFFN_X86 */
@@ -1072,6 +1269,10 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
     isa = blockffn_resolve_isa(isa);
     if (isa < 0) return -3;
     lin_fn fn = pick_lin(isa, wdt, xdt);
+#if BLOCKFFN_X86
+    if (M < g_amx_min_rows && fn == lin_amx_bf16) fn = lin_avx512bf16_bf16;
+    if (M < g_amx_min_rows && fn == lin_amx_i8) fn = lin_avx512vnni_i8;
+#endif
     const float **xs = malloc((size_t)M * sizeof(float *));
     const uint16_t **xh = malloc((size_t)M * sizeof(uint16_t *));
     float *xf = xdt ? malloc((size_t)M * K * sizeof(float)) : NULL;
@@ -1119,7 +1320,10 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
         xb = malloc((size_t)((M + nc / 2 - 1) / (nc / 2)) * (size_t)(K & ~63L) / 4 * nc * 4 + 64);
         if (xb) amx_pack_i8(xqp, M, K, K & ~63L, nc, xb);
     }
-    if (xb) rb = 16;
+    if (xb) {
+        rb = 16;
+        __atomic_add_fetch(&g_amx_calls, 1, __ATOMIC_RELAXED);
+    }
 #endif
     int nth = call_threads(nthreads);
     if ((double)N * K < 32768.0) nth = 1; /* a fork (~2 µs) pays once a share takes longer to read cold */
@@ -1221,7 +1425,17 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     if (rc != 0) { free(mask); free(cnt); free(off); free(uni); return rc; }
 
     unit_fn unit = pick_unit(isa, wdt, xdt);
-    long units = (D + NR - 1) / NR;
+    int ur = NR; /* rows per unit */
+#if BLOCKFFN_X86
+    /* AMX units from g_amx_min_tokens tokens, with whole tile slabs along H (int8: K within AMX_MAX_K8) */
+    if (unit == unit_amx_bf16 && (H % 32 || n < g_amx_min_tokens)) unit = unit_avx512bf16_bf16;
+    if (unit == unit_amx_i8 && (H % 64 || H > AMX_MAX_K8 || n < g_amx_min_tokens)) unit = unit_avx512vnni_i8;
+    if (unit == unit_amx_bf16 || unit == unit_amx_i8) {
+        ur = 16;
+        __atomic_add_fetch(&g_amx_calls, 1, __ATOMIC_RELAXED);
+    }
+#endif
+    long units = (D + ur - 1) / ur;
     int nth = call_threads(nthreads);
     if ((double)P * D * H < 65536.0) nth = 1; /* too little work to fork */
     if (nth > U * units) nth = U * units > 0 ? (int)(U * units) : 1;
@@ -1241,8 +1455,23 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     int vnni = wdt == 2 && isa >= ISA_AVX512_BF16;
     /* the paired bf16 down pass: thread-private y only (bf16 x: never direct), whole 32-column blocks */
     int perm = 0;
+    uint32_t *xb = NULL; /* AMX: the call's tokens packed for the B tiles */
+    float *faccb = NULL; /* the AMX bf16 down pass's span sums, per thread (T + 8) x Hp */
+    const void **xr = NULL;
+    int nc = 0;
 #if BLOCKFFN_X86
     perm = g_pairdown && unit == unit_avx512bf16_bf16 && H % 32 == 0 && !direct;
+    if (unit == unit_amx_bf16) {
+        perm = 2; /* bf16 x: never direct */
+        nc = n < 16 ? (int)n : 16;
+    } else if (unit == unit_amx_i8) {
+        nc = n < 8 ? 2 * (int)n : 16;
+    }
+    if (unit == unit_amx_bf16) faccb = malloc(((size_t)nth * (T + 8) * ((H + 31) & ~31L) + 1) * sizeof(float));
+    if (nc) {
+        xb = malloc((size_t)((n + nc - 1) / (unit == unit_amx_i8 ? nc / 2 : nc) + 1) * (size_t)H * nc * 2 + 64);
+        xr = malloc(((size_t)n + 1) * sizeof(void *));
+    }
 #endif
     /* the int8 down pass in int32 sums per span (vq_down): per thread [T][Hp] sums and T + 1 steps */
     int vq = vnni && g_pairdown;
@@ -1255,7 +1484,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     const uint8_t **xqp = vnni ? malloc(((size_t)P + 1) * sizeof(uint8_t *)) : NULL;
     float *xqsp = vnni ? malloc(((size_t)P + 1) * sizeof(float)) : NULL;
     int ok = tok && sc && hb && xs && xh && zrow && used && (direct || ra) && (!need_xf || xf) && (nbuf == 0 || yb) &&
-             (!vnni || (xq8 && xqs && xrow && xqp && xqsp)) && (!vq || (accb && hqb));
+             (!vnni || (xq8 && xqs && xrow && xqp && xqsp)) && (!vq || (accb && hqb)) && (!nc || (xb && xr)) && (!perm || perm != 2 || faccb);
     if (ok) {
         for (long t = t0; t < t1; t++) { /* fill: the same mask, so exactly cnt[e] entries each */
             const float *s = scores + t * E;
@@ -1279,6 +1508,15 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
             quantize_planes(xrow, n, H, xq8, xqs);
             for (long p = 0; p < P; p++) { xqp[p] = xq8 + (tok[p] - t0) * 2 * H; xqsp[p] = xqs[tok[p] - t0]; }
         }
+#if BLOCKFFN_X86
+        if (unit == unit_amx_bf16) {
+            for (long t = t0; t < t1; t++) xr[t - t0] = (const uint16_t *)x + t * ldx;
+            amx_pack_bf16((const uint16_t *const *)xr, n, H, nc, xb);
+        } else if (unit == unit_amx_i8) {
+            for (long t = t0; t < t1; t++) xr[t - t0] = xq8 + (t - t0) * 2 * H;
+            amx_pack_i8((const uint8_t *const *)xr, n, H, H, nc, xb);
+        }
+#endif
         /* cost of one unit of expert e: its row reads plus its tokens' dots */
         double total = 0.0;
         for (long u = 0; u < U; u++) total += units * (up_row_cost + cnt[uni[u]]);
@@ -1316,14 +1554,14 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                            each call prefetches the rows of the call after it */
                         for (int phase = 1; phase <= 2; phase++)
                             for (long k = k0; k < k1; k++) {
-                                long d0 = k * NR;
+                                long d0 = k * ur;
                                 size_t o = (size_t)(e * D + d0) * H * wsz;
                                 nxt.wu = (const char *)w_up + o;
                                 nxt.wd = (const char *)w_down + o;
                                 nxt.pf_next = NULL;
                                 nxt.phase = phase;
                                 nxt.H = H; nxt.D = D;
-                                nxt.nr = D - d0 < NR ? (int)(D - d0) : NR;
+                                nxt.nr = D - d0 < ur ? (int)(D - d0) : ur;
                                 nxt.m = m;
                                 nxt.xs = xs + off[e]; nxt.xh = xh + off[e];
                                 nxt.sc = sc + off[e]; nxt.tok = tok + off[e];
@@ -1338,11 +1576,13 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                                 nxt.acc = vq && phase == 2 ? accb + (size_t)tid * T * Hp : NULL;
                                 nxt.hq = vq ? hqb + (size_t)tid * (T + 1) : NULL;
                                 nxt.Hp = Hp;
-                                if (nxt.acc) { /* the span this unit belongs to: at most VQ_UNITS units */
-                                    long q = (k - k0) % VQ_UNITS, kend = k - q + VQ_UNITS;
-                                    long rend = (kend < k1 ? kend : k1) * NR;
+                                nxt.xb = xb; nxt.nc = nc; nxt.xt0 = t0;
+                                nxt.facc = faccb && phase == 2 ? faccb + (size_t)tid * (T + 8) * Hp : NULL;
+                                if (nxt.acc || nxt.facc) { /* the span this unit belongs to: at most VQ_ROWS rows */
+                                    long su = VQ_ROWS / ur, q = (k - k0) % su, kend = k - q + su;
+                                    long rend = (kend < k1 ? kend : k1) * ur;
                                     nxt.first = q == 0;
-                                    nxt.last = k == k1 - 1 || q == VQ_UNITS - 1;
+                                    nxt.last = k == k1 - 1 || q == su - 1;
                                     nxt.span = (int)((rend < D ? rend : D) - d0);
                                 }
                                 if (have) {
@@ -1357,6 +1597,9 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                 }
                 if (have) unit(&cur);
             }
+#if BLOCKFFN_X86
+            if (nc) amx_release();
+#endif
         }
         /* sum the threads' partial outputs (and round to bf16) */
         long nn = T * H;
@@ -1377,13 +1620,15 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                     for (long c = 0; c < H; c++) ra[c] += src[c];
                 }
                 uint16_t *dst = yo + t * H;
-                if (perm) for (long c = 0; c < H; c++) dst[c] = to_bf16(ra[perm_col(c)]);
+                if (perm == 2) for (long c = 0; c < H; c++) dst[c] = to_bf16(ra[amx_col(c)]);
+                else if (perm) for (long c = 0; c < H; c++) dst[c] = to_bf16(ra[perm_col(c)]);
                 else for (long c = 0; c < H; c++) dst[c] = to_bf16(ra[c]);
             }
         }
     }
     free(mask); free(used); free(cnt); free(off); free(uni); free(tok); free(sc); free(hb); free(xs);
     free(xh); free(zrow); free(xf); free(yb); free(accb); free(hqb); free(xq8); free(xqs); free(xrow); free(xqp); free(xqsp); free(ra);
+    free(xb); free(xr); free(faccb);
     return ok ? 0 : -1;
 }
 

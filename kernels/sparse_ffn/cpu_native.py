@@ -117,6 +117,9 @@ def _open(path: str) -> ctypes.CDLL | None:
         isa = lib.blockffn_cpu_isa
         lib.blockffn_set_prefetch.argtypes = [ctypes.c_int]
         lib.blockffn_set_pairdown.argtypes = [ctypes.c_int]
+        lib.blockffn_set_amx_rules.argtypes = [ctypes.c_long, ctypes.c_long]
+        lib.blockffn_set_amx_rules(THRESHOLDS.cpu_amx_min_rows, THRESHOLDS.cpu_amx_min_tokens)
+        lib.blockffn_amx_calls.restype = ctypes.c_long
     except (OSError, AttributeError) as exc:
         logger.debug("blockffn: cannot load %s: %s", path, exc)
         return None
@@ -248,6 +251,12 @@ def cpu_isa(isa: str | None = None) -> str | None:
     if code < 0:
         raise _bad_isa_env()
     return ISAS[code]
+
+
+def amx_calls() -> int:
+    """How many kernel calls ran AMX tiles so far in this process (tests: which path a call took)."""
+    lib = _load()
+    return 0 if lib is None else int(lib.blockffn_amx_calls())
 
 
 def set_prefetch(on: bool) -> None:

@@ -1,0 +1,88 @@
+"""The AMX path (kernel ISA ``amx``): linears and expert units on AMX tiles against the references and the
+AVX512_BF16 path beside it (forced with the ISA switch). Skipped where the CPU (or the OS) has no AMX."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vllm_blockffn.kernels.dispatch import THRESHOLDS
+from vllm_blockffn.kernels.quant import dequantize_experts, quantize_experts, quantize_rows
+from vllm_blockffn.kernels.sparse_ffn import cpu_native
+from vllm_blockffn.kernels.sparse_ffn.naive import experts_reference
+
+pytestmark = pytest.mark.skipif(not cpu_native.native_available() or cpu_native.best_isa() != "amx",
+                                reason="no AMX (amx-tile/bf16/int8 and the OS's tile state) on this CPU")
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("N,K", [(64, 1792), (70, 1856), (37, 100), (33, 64), (20, 40)])
+def test_amx_linears_equal_the_reference_and_int8_equals_the_vnni_path_bit_for_bit(N, K):
+    """bf16: fp32 sums of exact products (rows past the last 16-row block and k past the last 32 on the
+    GEMV). int8: the same exact integers as the VPDPBUSD path, so the same floats."""
+    g = torch.Generator().manual_seed(N * K)
+    w = torch.randn(N, K, generator=g) / K**0.5
+    wb = w.bfloat16()
+    q, s = quantize_rows(w)
+    for M in (2, 5, 8, 9, 17, 40):
+        xf = torch.randn(M, K, generator=g)
+        x = xf.bfloat16()
+        ref = x.float() @ wb.float().t()
+        n0 = cpu_native.amx_calls()
+        y = cpu_native.linear_native(x, wb, isa="amx")
+        assert _rel(y, ref) < 4e-3, (M, "bf16")
+        assert cpu_native.amx_calls() == n0 + (K >= 32), (M, "bf16 on the tiles")
+        for xin in (x, xf):
+            a = cpu_native.linear_native(xin, q, isa="amx", weight_scale=s)
+            b = cpu_native.linear_native(xin, q, isa="avx512_bf16", weight_scale=s)
+            assert torch.equal(a, b), (M, xin.dtype)
+
+
+def test_amx_int8_linear_is_exact_at_the_extremes():
+    """All weights ±127 of one sign and x all positive: the largest int32 tile sums, still exact."""
+    g = torch.Generator().manual_seed(7)
+    for N, K in [(16, 20000), (17, 64 * 3 + 5)]:
+        q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+        q[0], q[1] = 127, -127
+        s = torch.rand(N, generator=g) + 0.5
+        x = torch.randn(3, K, generator=g)
+        x[0] = x[0].abs() + 1.0
+        y = cpu_native.linear_native(x, q, isa="amx", weight_scale=s)
+        xs = x.abs().amax(-1) / 32767
+        exact = (torch.round(x / xs[:, None]).double() @ q.double().t()).float()
+        assert torch.equal(y, exact * xs[:, None] * s[None, :]), (N, K)
+
+
+@pytest.mark.parametrize("E,D,H", [(6, 149, 256), (5, 33, 128), (3, 600, 64)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_expert_units_match_the_reference(E, D, H, threads):
+    """From cpu_amx_min_tokens tokens the experts run AMX units (16-row tiles, row tails, several token
+    groups, spans longer than the int8 pass's 512 rows): equal to the reference within the AVX512_BF16
+    path's tolerance (the tiles ran: the kernel's AMX call counter moved); below it, the AVX512_BF16
+    units, bit for bit."""
+    g = torch.Generator().manual_seed(E * D)
+    wu, wd = torch.randn(E, D, H, generator=g) / H**0.5, torch.randn(E, D, H, generator=g) / D**0.5
+    qu, su, qd, sd = quantize_experts(wu, wd)
+    du, dd = dequantize_experts(qu, su, qd, sd)
+    wub, wdb = wu.bfloat16(), wd.bfloat16()
+    for T in (THRESHOLDS.cpu_amx_min_tokens - 1, THRESHOLDS.cpu_amx_min_tokens, 23, 40):
+        s = torch.rand(T, E, generator=g) * (torch.rand(T, E, generator=g) < 0.5)
+        s[0, 0] = float("nan")
+        x = torch.randn(T, H, generator=g).bfloat16()
+        cu = torch.tensor([0, 7, T], dtype=torch.int32)
+        kw = dict(num_threads=threads, allow_dense=False)
+        amx = T >= THRESHOLDS.cpu_amx_min_tokens
+        n0 = cpu_native.amx_calls()
+        y = cpu_native.sparse_ffn_native(x, s, wub, wdb, cu, isa="amx", **kw)
+        assert cpu_native.amx_calls() == n0 + amx, T
+        z = cpu_native.sparse_ffn_native(x, s, wub, wdb, cu, isa="avx512_bf16", **kw)
+        ref = experts_reference(x.float(), s, wub.float(), wdb.float().transpose(1, 2), "block")
+        assert _rel(y, ref) < 1e-2 and _rel(z, ref) < 1e-2, T
+        if not amx:
+            assert torch.equal(y, z), T
+        yi = cpu_native.sparse_ffn_native(x, s, qu, qd, cu, isa="amx", up_scale=su, down_scale=sd, **kw)
+        assert cpu_native.amx_calls() == n0 + 2 * amx, T
+        ref_i = experts_reference(x.float(), s, du, dd.transpose(1, 2), "block")
+        assert _rel(yi, ref_i) < 1e-2, T
