@@ -342,6 +342,15 @@ def _cycle(ws: list, fn, reps: int = 3) -> float:
     return (time.perf_counter() - t0) / (reps * len(ws))
 
 
+def amx_rules(args) -> str:
+    """Where the amx path used the tiles in this run."""
+    from kernels.dispatch import THRESHOLDS
+
+    rows = THRESHOLDS.cpu_amx_min_rows if args.amx_min_rows is None else args.amx_min_rows
+    toks = THRESHOLDS.cpu_amx_min_tokens if args.amx_min_tokens is None else args.amx_min_tokens
+    return f"; AMX tiles for linears from {rows} rows, experts from {toks} tokens, AVX512_BF16 code below"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="Small and XLarge only, no oneDNN baseline")
@@ -354,15 +363,21 @@ def main() -> None:
                     help="weights in 2 MiB pages as the engine places them (default) or 4 KiB pages")
     ap.add_argument("--no-pairdown", action="store_true",
                     help="bf16 down pass by widening to fp32 instead of VDPBF16PS row pairs (cpu_native.set_pairdown)")
+    ap.add_argument("--amx-min-tokens", type=int, default=None,
+                    help="on the amx path, run the AMX expert units from this many tokens (default: dispatch.py's)")
+    ap.add_argument("--amx-min-rows", type=int, default=None,
+                    help="on the amx path, run AMX linears from this many rows (default: dispatch.py's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    cpu_native.set_amx_rules(args.amx_min_rows, args.amx_min_tokens)
     if args.no_pairdown:
         cpu_native.set_pairdown(False)
     global HUGE_PAGES
     HUGE_PAGES = args.pages == "2m"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     head = (f"CPU: {cpu_model()}, {os.cpu_count()} cores, {args.threads} threads, kernel ISA path "
-            f"{cpu_native.cpu_isa()} (best {cpu_native.best_isa()}), "
+            f"{cpu_native.cpu_isa()} (best {cpu_native.best_isa()}"
+            f"{amx_rules(args) if cpu_native.cpu_isa() == 'amx' else ''}), "
             f"bf16 down pass {'widening' if args.no_pairdown else 'row pairs'}, pages {args.pages}, "
             f"LLC {llc_bytes() >> 20} MiB, commit {commit}, "
             f"torch {torch.__version__}")

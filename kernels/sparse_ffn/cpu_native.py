@@ -253,6 +253,16 @@ def cpu_isa(isa: str | None = None) -> str | None:
     return ISAS[code]
 
 
+def set_amx_rules(min_rows: int | None = None, min_tokens: int | None = None) -> None:
+    """Where the ``amx`` path uses the tiles: linears from ``min_rows`` rows, expert calls from ``min_tokens``
+    tokens (None: ``kernels/dispatch.py``'s ``cpu_amx_min_rows`` / ``cpu_amx_min_tokens``). Benchmarks
+    set them to compare the AMX code with the AVX512_BF16 code at every size."""
+    lib = _load()
+    if lib is not None:
+        lib.blockffn_set_amx_rules(THRESHOLDS.cpu_amx_min_rows if min_rows is None else min_rows,
+                                   THRESHOLDS.cpu_amx_min_tokens if min_tokens is None else min_tokens)
+
+
 def amx_calls() -> int:
     """How many kernel calls ran AMX tiles so far in this process (tests: which path a call took)."""
     lib = _load()

@@ -1,0 +1,166 @@
+"""Long CPU steps (prefill chunks, big batches): compute-bound, against the machine's GEMM FLOP bound.
+
+Why this benchmark: a step of hundreds of tokens reads each weight once and multiplies it by every
+token that uses it, so it is bounded by arithmetic, not memory. Which route is fastest decides the
+dispatch thresholds of `kernels/dispatch.py` (``cpu_grouped_min_tokens*``, ``cpu_amx_min_tokens``,
+``cpu_linear_max_tokens``); this script measures the candidates side by side, in one process:
+
+- experts, XLarge shape (H 1792, E 56, d_e 128), T tokens in 4 segments (chunk-sparse routing, ~10% of
+  the experts per token as in bench_memory_cpu.py), bf16 and int8 weights with bf16 x:
+  ``grouped`` (each active expert's tokens as one oneDNN GEMM pair, int8 dequantized first),
+  the native kernel on each ISA path this CPU runs from ``avx512_bf16`` up (``amx``: AMX units from
+  ``cpu_amx_min_tokens`` tokens), and ``auto`` (what ``sparse_ffn_cpu`` picks);
+  GFLOP/s count the active (token, expert) pairs only (2 · 2 · d_e · H per pair);
+- linears [5376, 1792] (an XLarge qkv) at M rows: ``F.linear`` (oneDNN, AMX for bf16 where present)
+  against the native kernel per path, bf16 and int8;
+- the FLOP bound: a large bf16 GEMM through torch (oneDNN) in the same run.
+
+Weights stay in the cache between calls here (12-26 MB a layer): a compute-bound step does not care.
+Median of ``--repeats`` calls after two untimed ones, the routes interleaved per repeat.
+
+Run: ``scripts/dev python benchmarks/bench_long_steps_cpu.py [--tokens 128 256 512 1024 2048] [--out F.md]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_memory_cpu import DTYPES, SHAPES, Pool, cpu_model, routed_scores  # noqa: E402
+
+from kernels.quant import quantize_rows  # noqa: E402
+from kernels.sparse_ffn import cpu_native  # noqa: E402
+from kernels.sparse_ffn.cpu import sparse_ffn_cpu, sparse_ffn_grouped  # noqa: E402
+
+
+def timed(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each fn, the fns interleaved per repeat."""
+    for f in fns.values():
+        f()
+        f()
+    ts = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            ts[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in ts.items()}
+
+
+def flop_bound() -> float:
+    """GFLOP/s of a 1024 x 1792 x 4096 bf16 GEMM (torch / oneDNN: AMX where present)."""
+    a, b = torch.randn(1024, 1792).bfloat16(), torch.randn(1792, 4096).bfloat16()
+    t = timed({"mm": lambda: a @ b}, 7)["mm"]
+    return 2 * 1024 * 1792 * 4096 / t / 1e9
+
+
+def native_paths() -> list[str]:
+    best = cpu_native.best_isa()
+    if best is None:
+        return []
+    return [p for p in cpu_native.ISAS if cpu_native.ISAS.index("avx512_bf16") <= cpu_native.ISAS.index(p)
+            <= cpu_native.ISAS.index(best)] or [best]
+
+
+def expert_routes(x, s, wu, wd, cu, su, sd) -> dict:
+    """The routes of one expert step: grouped GEMMs, the native kernel per path, and auto."""
+    fns = {"grouped": lambda: sparse_ffn_grouped(x, s, wu, wd, cu, su, sd)}
+    for p in native_paths():
+        fns[f"native {p}"] = lambda p=p: cpu_native.sparse_ffn_native(
+            x, s, wu, wd, cu, up_scale=su, down_scale=sd, isa=p, allow_dense=False)
+    fns["auto"] = lambda: sparse_ffn_cpu(x, s, wu, wd, cu, up_scale=su, down_scale=sd)
+    return fns
+
+
+def linear_routes(x, wb, q, sc) -> dict:
+    """The routes of one linear: F.linear on bf16, the native kernel per path on bf16 and int8."""
+    fns = {"F.linear bf16": lambda: torch.nn.functional.linear(x, wb)}
+    for p in native_paths():
+        fns[f"native {p} bf16"] = lambda p=p: cpu_native.linear_native(x, wb, isa=p)
+    for p in native_paths():
+        fns[f"native {p} int8"] = lambda p=p: cpu_native.linear_native(x, q, isa=p, weight_scale=sc)
+    return fns
+
+
+def expert_rows(tokens: list[int], repeats: int, bound: float) -> list[list[str]]:
+    H, E, D = SHAPES["XLarge"]
+    rows = []
+    for dname in ("bf16", "int8"):
+        pool = Pool(H, E, D, DTYPES[dname], 1)
+        wu, wd, su, sd = pool.layers[0]
+        for T in tokens:
+            lengths = [T // 4] * 4
+            cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+            s = routed_scores(lengths, E, 0, 1)
+            x = torch.randn(sum(lengths), H).bfloat16()
+            flop = int((s > 0).sum()) * 4 * D * H
+            fns = expert_routes(x, s, wu, wd, cu, su, sd)
+            t = timed(fns, repeats)
+            cells = [f"{t[k] * 1e3:.2f} ms ({flop / t[k] / 1e9:.0f})" for k in fns]
+            best = min(t.values())
+            rows.append([dname, str(sum(lengths)), *cells, f"{flop / t['auto'] / 1e9 / bound:.0%}",
+                         min(t, key=t.get) if t["auto"] > 1.05 * best else "auto (best)"])
+            print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
+def linear_rows(ms: list[int], repeats: int, bound: float) -> list[list[str]]:
+    N, K = 5376, 1792
+    w = torch.randn(N, K) / K**0.5
+    wb = w.bfloat16()
+    q, sc = quantize_rows(w)
+    rows = []
+    for M in ms:
+        x = torch.randn(M, K).bfloat16()
+        fns = linear_routes(x, wb, q, sc)
+        t = timed(fns, repeats)
+        flop = 2 * M * N * K
+        rows.append([str(M), *[f"{t[k] * 1e6:.0f} µs ({flop / t[k] / 1e9:.0f})" for k in fns]])
+        print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[16, 128, 256, 512, 1024, 2048])
+    ap.add_argument("--rows", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128, 256, 512],
+                    help="M of the linear rows")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", help="also write the markdown tables here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    bound = flop_bound()
+    head = (f"CPU: {cpu_model()}, {os.cpu_count()} cores, {args.threads} threads, kernel paths "
+            f"{', '.join(native_paths())} (best {cpu_native.best_isa()}), commit {commit}, torch {torch.__version__}; "
+            f"FLOP bound (1024 x 1792 x 4096 bf16 GEMM, same run): **{bound:.0f} GFLOP/s**")
+    print(head, flush=True)
+    paths = native_paths()
+    ecols = ["weights", "T", "grouped", *[f"native {p}" for p in paths], "auto", "auto % of bound", "fastest"]
+    print(" | ".join(ecols), flush=True)
+    erows = expert_rows(args.tokens, args.repeats, bound)
+    lcols = ["M", "F.linear bf16", *[f"native {p} bf16" for p in paths], *[f"native {p} int8" for p in paths]]
+    print(" | ".join(lcols), flush=True)
+    lrows = linear_rows(args.rows, args.repeats, bound)
+    md = [head, "", "Experts (XLarge shape, 4 segments; ms per call, in brackets GFLOP/s on the active pairs):", "",
+          "| " + " | ".join(ecols) + " |", "|" + "---|" * len(ecols), *["| " + " | ".join(r) + " |" for r in erows],
+          "", "Linears [5376, 1792] (µs per call, in brackets GFLOP/s):", "",
+          "| " + " | ".join(lcols) + " |", "|" + "---|" * len(lcols), *["| " + " | ".join(r) + " |" for r in lrows]]
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
