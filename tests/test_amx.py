@@ -86,3 +86,20 @@ def test_amx_expert_units_match_the_reference(E, D, H, threads):
         assert cpu_native.amx_calls() == n0 + 2 * amx, T
         ref_i = experts_reference(x.float(), s, du, dd.transpose(1, 2), "block")
         assert _rel(yi, ref_i) < 1e-2, T
+
+
+def test_linears_of_up_to_32_rows_take_the_native_kernel_on_amx(monkeypatch):
+    """The CPU linear method's size rule: on AMX the native kernel up to cpu_linear_max_tokens_amx rows
+    (its tiles beat oneDNN there), decode sizes only on a narrower path; both equal F.linear."""
+    from vllm_blockffn.serving.layers import cpu_linear
+
+    w = (torch.randn(96, 256) / 16).bfloat16()
+    for isa, top in (("amx", THRESHOLDS.cpu_linear_max_tokens_amx), ("avx512_bf16", THRESHOLDS.cpu_linear_max_tokens)):
+        monkeypatch.setenv(cpu_native.ISA_ENV, isa)
+        assert cpu_linear.native_rows(top) and not cpu_linear.native_rows(top + 1), isa
+        for m in (top, top + 1):
+            x = torch.randn(m, 256).bfloat16()
+            n0 = cpu_native.amx_calls()
+            y = cpu_linear._blockffn_linear(x, w)
+            assert cpu_native.amx_calls() == n0 + (isa == "amx" and m <= top), (isa, m)
+            assert _rel(y, torch.nn.functional.linear(x, w)) < 1e-2, (isa, m)

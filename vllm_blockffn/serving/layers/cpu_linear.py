@@ -4,7 +4,8 @@ Why: in a sparse decode step the experts read ~10% of their bytes, and the rest 
 (attention projections, lm_head) becomes most of the time. vLLM's CPU linear path
 (`dispatch_cpu_unquantized_gemm`: oneDNN `onednn_mm`, AMX for bf16) reads a weight at
 8.7 GB/s (bf16) / 12.5 GB/s (fp32) at batch 1 on the 2-core Xeon here (ENV.md), a third of the
-memory's speed. For M ≤ `THRESHOLDS.cpu_linear_max_tokens` rows the native kernel
+memory's speed. For M ≤ `THRESHOLDS.cpu_linear_max_tokens` rows (on AMX CPUs ≤
+`cpu_linear_max_tokens_amx`, where its AMX tiles beat oneDNN's GEMM) the native kernel
 (`kernels/sparse_ffn/cpu_native.c`, `blockffn_linear`) streams the row-major [N, K] weight once
 at memory speed; larger M (prefill, big batches) is compute-bound and goes to `F.linear` (torch's
 oneDNN GEMM, AMX where present) on the same weight.
@@ -47,9 +48,17 @@ def _eligible(layer: torch.nn.Module) -> bool:
             and not getattr(layer, "_cpu_skip_gemm_dispatch", False) and cpu_native.native_available())
 
 
+def native_rows(m: int) -> bool:
+    """Whether an m-row linear runs the native kernel: decode sizes (≤ ``cpu_linear_max_tokens``), and on
+    AMX CPUs up to ``cpu_linear_max_tokens_amx`` rows, where its AMX tiles beat oneDNN (the ISA is looked
+    up only for those sizes)."""
+    return m <= THRESHOLDS.cpu_linear_max_tokens or (
+        m <= THRESHOLDS.cpu_linear_max_tokens_amx and cpu_native.isa_at_least("amx"))
+
+
 def _blockffn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x Wᵀ: streaming kernel for M ≤ cpu_linear_max_tokens (fp32/bf16, same dtype), else F.linear."""
-    if x.dim() == 2 and x.shape[0] <= THRESHOLDS.cpu_linear_max_tokens and x.dtype == weight.dtype:
+    """x Wᵀ: the native kernel for :func:`native_rows` (fp32/bf16, same dtype), else F.linear."""
+    if x.dim() == 2 and native_rows(x.shape[0]) and x.dtype == weight.dtype:
         return cpu_native.linear_native(x, weight)
     return F.linear(x, weight)
 
