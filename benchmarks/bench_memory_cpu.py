@@ -348,7 +348,8 @@ def amx_rules(args) -> str:
 
     rows = THRESHOLDS.cpu_amx_min_rows if args.amx_min_rows is None else args.amx_min_rows
     toks = THRESHOLDS.cpu_amx_min_tokens if args.amx_min_tokens is None else args.amx_min_tokens
-    return f"; AMX tiles for linears from {rows} rows, experts from {toks} tokens, AVX512_BF16 code below"
+    return (f"; AMX tiles for linears from {rows} rows, experts from {toks} tokens per active expert, "
+            "AVX512_BF16 code below")
 
 
 def main() -> None:
@@ -364,7 +365,8 @@ def main() -> None:
     ap.add_argument("--no-pairdown", action="store_true",
                     help="bf16 down pass by widening to fp32 instead of VDPBF16PS row pairs (cpu_native.set_pairdown)")
     ap.add_argument("--amx-min-tokens", type=int, default=None,
-                    help="on the amx path, run the AMX expert units from this many tokens (default: dispatch.py's)")
+                    help="on the amx path, run the AMX expert units from this many tokens per active expert "
+                         "(default: dispatch.py's)")
     ap.add_argument("--amx-min-rows", type=int, default=None,
                     help="on the amx path, run AMX linears from this many rows (default: dispatch.py's)")
     args = ap.parse_args()

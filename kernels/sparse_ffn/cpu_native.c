@@ -118,9 +118,10 @@ void blockffn_set_prefetch(int on) { g_prefetch = on; }
 static int g_pairdown = 1;
 void blockffn_set_pairdown(int on) { g_pairdown = on; }
 /* AMX only where it is faster (kernels/dispatch.py sets both at load, blockffn_set_amx_rules): linears
-   from this many rows, the experts from this many tokens in a call (below, the AVX512_BF16 code: at decode
-   sizes the weight stream decides and its 4-row units stream better than 16-row tiles, measured). */
-static long g_amx_min_rows = 2, g_amx_min_tokens = 16;
+   from this many rows, expert calls whose active experts have this many tokens each on average (below,
+   the AVX512_BF16 code: when few tokens share each weight byte the weight stream decides, and its 4-row
+   units stream better than 16-row tiles, measured). */
+static long g_amx_min_rows = 2, g_amx_min_tokens = 8;
 void blockffn_set_amx_rules(long min_rows, long min_tokens) { g_amx_min_rows = min_rows; g_amx_min_tokens = min_tokens; }
 /* Calls that ran AMX tiles (linears and expert calls), for tests: which path a call took is otherwise
    invisible in bf16 outputs. */
@@ -1427,9 +1428,11 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     unit_fn unit = pick_unit(isa, wdt, xdt);
     int ur = NR; /* rows per unit */
 #if BLOCKFFN_X86
-    /* AMX units from g_amx_min_tokens tokens, with whole tile slabs along H (int8: K within AMX_MAX_K8) */
-    if (unit == unit_amx_bf16 && (H % 32 || n < g_amx_min_tokens)) unit = unit_avx512bf16_bf16;
-    if (unit == unit_amx_i8 && (H % 64 || H > AMX_MAX_K8 || n < g_amx_min_tokens)) unit = unit_avx512vnni_i8;
+    /* AMX units from g_amx_min_tokens tokens per active expert (P / U), with whole tile slabs along H
+       (int8: K within AMX_MAX_K8) */
+    int few = P < (double)g_amx_min_tokens * U;
+    if (unit == unit_amx_bf16 && (H % 32 || few)) unit = unit_avx512bf16_bf16;
+    if (unit == unit_amx_i8 && (H % 64 || H > AMX_MAX_K8 || few)) unit = unit_avx512vnni_i8;
     if (unit == unit_amx_bf16 || unit == unit_amx_i8) {
         ur = 16;
         __atomic_add_fetch(&g_amx_calls, 1, __ATOMIC_RELAXED);

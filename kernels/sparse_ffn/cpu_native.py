@@ -255,7 +255,7 @@ def cpu_isa(isa: str | None = None) -> str | None:
 
 def set_amx_rules(min_rows: int | None = None, min_tokens: int | None = None) -> None:
     """Where the ``amx`` path uses the tiles: linears from ``min_rows`` rows, expert calls from ``min_tokens``
-    tokens (None: ``kernels/dispatch.py``'s ``cpu_amx_min_rows`` / ``cpu_amx_min_tokens``). Benchmarks
+    tokens per active expert (None: ``kernels/dispatch.py``'s ``cpu_amx_min_rows`` / ``cpu_amx_min_tokens``). Benchmarks
     set them to compare the AMX code with the AVX512_BF16 code at every size."""
     lib = _load()
     if lib is not None:
