@@ -96,13 +96,13 @@ class DispatchThresholds:
     RESULTS.md, 2026-12-02 16:08 UTC); the crossover lies between, 1536 is taken without a measurement there.
     Must stay at least ``cpu_grouped_min_tokens`` (the smallest of these thresholds is checked first)."""
     cpu_amx_min_tokens: int = 8
-    """On AMX CPUs (kernel path ``amx``), expert calls whose active experts have at least this many tokens
+    """On AMX CPUs (kernel path ``amx``), bf16 expert calls whose active experts have at least this many tokens
     each on average (active pairs / union size) run the AMX units (16 rows x up to 16 tokens per tile
     product); fewer keep the AVX512_BF16 units, whose 4-row weight streams read faster when few tokens
     share each weight byte. Measured (RESULTS.md, 2026-12-02 16:08 UTC, XLarge shape, cold weights, AMX
     units forced vs not): sparse decode x4/x8 and verify chunks (1.2-3.5 tokens per expert) 52-64% of
     read bandwidth on the tiles vs 57-79%; every expert for 8 tokens 68% vs 43-45%; warm long steps
-    (128-1024 tokens): bf16 1.6-2x faster, int8 1.1x."""
+    (128-1024 tokens) 1.6-2x faster. int8 experts keep the VNNI units (cpu_native.c says why)."""
     cpu_amx_min_rows: int = 2
     """On AMX CPUs, linears of at least this many rows run the AMX tiles (M = 4, 8: 1.1-2x the
     AVX512_BF16 GEMV, cold); a single row keeps the GEMV (equal within noise)."""

@@ -58,10 +58,10 @@ def test_amx_int8_linear_is_exact_at_the_extremes():
 @pytest.mark.parametrize("E,D,H", [(6, 149, 256), (5, 33, 128), (3, 600, 64)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_amx_expert_units_match_the_reference(E, D, H, threads):
-    """From cpu_amx_min_tokens tokens per active expert the experts run AMX units (16-row tiles, row tails,
-    several token groups, spans longer than the int8 pass's 512 rows): equal to the reference within the
-    AVX512_BF16 path's tolerance (the tiles ran: the kernel's AMX call counter moved); below it, the
-    AVX512_BF16 units, bit for bit."""
+    """From cpu_amx_min_tokens tokens per active expert bf16 experts run AMX units (16-row tiles, row tails,
+    several token groups, spans longer than 512 rows): equal to the reference within the AVX512_BF16
+    path's tolerance (the tiles ran: the kernel's AMX call counter moved); below it, the AVX512_BF16 units,
+    bit for bit. int8 experts run the VNNI units on either path, bit for bit."""
     g = torch.Generator().manual_seed(E * D)
     wu, wd = torch.randn(E, D, H, generator=g) / H**0.5, torch.randn(E, D, H, generator=g) / D**0.5
     qu, su, qd, sd = quantize_experts(wu, wd)
@@ -84,7 +84,9 @@ def test_amx_expert_units_match_the_reference(E, D, H, threads):
         if not amx:
             assert torch.equal(y, z), T
         yi = cpu_native.sparse_ffn_native(x, s, qu, qd, cu, isa="amx", up_scale=su, down_scale=sd, **kw)
-        assert cpu_native.amx_calls() == n0 + 2 * amx, T
+        zi = cpu_native.sparse_ffn_native(x, s, qu, qd, cu, isa="avx512_bf16", up_scale=su, down_scale=sd, **kw)
+        assert cpu_native.amx_calls() == n0 + amx, T
+        assert torch.equal(yi, zi), T  # int8 experts: the VNNI units on AMX CPUs too
         ref_i = experts_reference(x.float(), s, du, dd.transpose(1, 2), "block")
         assert _rel(yi, ref_i) < 1e-2, T
 

@@ -1038,16 +1038,18 @@ static void lin_amx_i8(const lin_t *l) {
         lin_avx512vnni_i8(&sub);
     }
 }
-/* The experts on AMX, a unit of up to 16 rows of one expert. Up: the unit's W_up rows as the A tile, the
-   call's tokens (packed once) as B, so one TDPBF16PS / TDPBSUD serves every token of a group of 16 (8 for
-   int8): a token that does not use the expert costs nothing extra, its column is not read. bf16 down: the
-   unit's W_down rows as they are stored are the B tile (16 rows x 32 columns, read as 16 pairs of
-   adjacent columns), and h enters as an A tile of two rows per token, h in the even slots of the first
-   row (the even columns' sums) and in the odd slots of the second (the odd columns'), zeros elsewhere:
-   C's two rows are the token's 32 columns, even ones then odd ones, accumulated in place in the thread's
-   y kept in that order (amx_col; put back by the final reduction). int8 down: the VPDPWSSD span pass
-   (vq_down) on the unit's rows, 4 at a time. Tiles: 0 C, 1 A, 2 B of the up pass; 3 B, 4 A, 5 C of the
-   down pass, configured per unit for its nr rows and the call's nc. */
+/* bf16 experts on AMX, a unit of up to 16 rows of one expert (steps where the active experts have
+   g_amx_min_tokens tokens each on average). Up: the unit's W_up rows as the A tile, the call's tokens
+   (packed once) as B, so one TDPBF16PS serves every token of a group of 16: a token that does not use the
+   expert costs nothing extra, its column is not read. Down: the unit's W_down rows as they are stored are
+   the B tile (16 rows x 32 columns, read as 16 pairs of adjacent columns), and h enters as an A tile of two
+   rows per token, h in the even slots of the first row (the even columns' sums) and in the odd slots of
+   the second (the odd columns'), zeros elsewhere: C's two rows are the token's 32 columns, even ones then
+   odd ones, summed over the span in the thread's span buffer and added once into its y, kept in that
+   order (amx_col; put back by the final reduction). int8 experts keep the VNNI units on AMX CPUs: an AMX
+   int8 unit (TDPBSUD up pass, VPDPWSSD down pass) measured only 1.05-1.1x on long steps, and its 16-row
+   blocking cut the down pass's spans elsewhere, so its h rounding differed from the VNNI path's, which the
+   int8 quality figures were measured on (RESULTS.md, 2026-12-02 16:08 UTC). */
 /* Up: tiles 0, 1 C (nr x nc sums: even and odd slabs, two chains), 2, 3 A (nr weight rows), 4, 5 B (x). */
 ALWAYS void amx_up_config(int nr, int nc) {
     amx_cfg_t c;
@@ -1173,55 +1175,6 @@ static void unit_amx_bf16(const unit_t *u) {
             }
     }
 }
-/* int8: the unit's rows 4 at a time through the VNNI unit (its down pass; its up pass where a token's x
-   is not finite). */
-static void amx_i8_rows(const unit_t *u, int phase) {
-    long H = u->H;
-    for (int r0 = 0; r0 < u->nr; r0 += NR) {
-        unit_t q = *u;
-        q.nr = u->nr - r0 < NR ? u->nr - r0 : NR;
-        q.wu = (const int8_t *)u->wu + r0 * H;
-        q.wd = (const int8_t *)u->wd + r0 * H;
-        q.hb = u->hb + r0;
-        q.su = u->su ? u->su + r0 : NULL;
-        q.rs = u->rs ? u->rs + r0 : NULL;
-        q.phase = phase;
-        q.first = u->first && r0 == 0;
-        q.last = u->last && r0 + NR >= u->nr;
-        q.pf_next = r0 + NR < u->nr ? (const char *)(phase == 1 ? q.wu : q.wd) + NR * H : u->pf_next;
-        unit_avx512vnni_i8(&q);
-    }
-}
-static void unit_amx_i8(const unit_t *u) {
-    if (u->phase & 1) {
-        int finite = 1;
-        for (int j = 0; j < u->m; j++) finite &= u->xqs[j] == u->xqs[j];
-        if (!finite) {
-            amx_i8_rows(u, 1);
-        } else {
-            long H = u->H, rowb = H, steps = H / 64, gw = (H / 4) * u->nc;
-            int nr = u->nr, nc = u->nc, m = u->m, tg = nc / 2;
-            long blk = (long)nr * rowb, pfl, pfs = pf_stride(blk, steps, &pfl);
-            const char *pf = g_prefetch ? u->pf_next : NULL;
-            int32_t c0[16][16], c1[16][16];
-            int first = 1;
-            amx_up_config(nr, nc);
-            for (int j = 0; j < m;) {
-                long g = (u->tok[j] - u->xt0) / tg;
-                AMX_UP_LOOP(_tile_dpbsud, 64)
-                for (; j < m && (u->tok[j] - u->xt0) / tg == g; j++) {
-                    int col = 2 * (int)((u->tok[j] - u->xt0) % tg);
-                    for (int r = 0; r < nr; r++) {
-                        int64_t tot = 256 * ((int64_t)c0[r][col] + c1[r][col]) + c0[r][col + 1] + c1[r][col + 1] -
-                                      32768 * (int64_t)u->rs[r];
-                        u->hb[(long)j * u->D + r] = silu((float)tot * u->xqs[j] * row_scale(u->su, r)) * u->sc[j];
-                    }
-                }
-            }
-        }
-    }
-    if (u->phase & 2) amx_i8_rows(u, 2);
-}
 #pragma GCC pop_options
 
 #endif /* BLOCKFFN_X86 */
@@ -1240,8 +1193,6 @@ static void quantize_planes(const float *const *xs, long n, long H, uint8_t *xq,
    up dots on x rounded to int16 (vn_dots), VPDPWSSD down pass on row pairs (vq_down); on plain AVX-512, AVX2 and portable: fp32 FMAs. */
 #if BLOCKFFN_X86
 #define PICK(FAM)                                                                                       \
-    if (isa >= ISA_AMX && wdt == 1 && xdt == 1) return FAM##amx_bf16;                                   \
-    if (isa >= ISA_AMX && wdt == 2) return FAM##amx_i8;                                                 \
     if (isa >= ISA_AVX512_BF16 && wdt == 1 && xdt == 1) return FAM##avx512bf16_bf16;                    \
     if (isa >= ISA_AVX512_BF16 && wdt == 2) return FAM##avx512vnni_i8;                                  \
     if (isa >= ISA_AVX512) return wdt == 2 ? FAM##avx512_i8 : wdt ? FAM##avx512_bf16 : FAM##avx512_f32; \
@@ -1252,8 +1203,19 @@ static void quantize_planes(const float *const *xs, long n, long H, uint8_t *xq,
     (void)isa; (void)xdt;                                                                               \
     return wdt == 2 ? FAM##portable_i8 : wdt ? FAM##portable_bf16 : FAM##portable_f32;
 #endif
-static unit_fn pick_unit(int isa, int wdt, int xdt) { PICK(unit_) }
-static lin_fn pick_lin(int isa, int wdt, int xdt) { PICK(lin_) }
+static unit_fn pick_unit(int isa, int wdt, int xdt) {
+#if BLOCKFFN_X86
+    if (isa >= ISA_AMX && wdt == 1 && xdt == 1) return unit_amx_bf16;
+#endif
+    PICK(unit_)
+}
+static lin_fn pick_lin(int isa, int wdt, int xdt) {
+#if BLOCKFFN_X86
+    if (isa >= ISA_AMX && wdt == 1 && xdt == 1) return lin_amx_bf16;
+    if (isa >= ISA_AMX && wdt == 2) return lin_amx_i8;
+#endif
+    PICK(lin_)
+}
 
 /* y [M, N] (row stride ldy, dtype of x) = x [M, K] (row stride ldx) W^T, W [N, K] row-major: a
    streaming GEMV for decode-size M (vLLM's linear layers of BlockFFN models on CPUs). Threads
@@ -1428,12 +1390,10 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     unit_fn unit = pick_unit(isa, wdt, xdt);
     int ur = NR; /* rows per unit */
 #if BLOCKFFN_X86
-    /* AMX units from g_amx_min_tokens tokens per active expert (P / U), with whole tile slabs along H
-       (int8: K within AMX_MAX_K8) */
-    int few = P < (double)g_amx_min_tokens * U;
-    if (unit == unit_amx_bf16 && (H % 32 || few)) unit = unit_avx512bf16_bf16;
-    if (unit == unit_amx_i8 && (H % 64 || H > AMX_MAX_K8 || few)) unit = unit_avx512vnni_i8;
-    if (unit == unit_amx_bf16 || unit == unit_amx_i8) {
+    /* AMX units (bf16) from g_amx_min_tokens tokens per active expert (P / U), with whole tile slabs
+       along H */
+    if (unit == unit_amx_bf16 && (H % 32 || P < (double)g_amx_min_tokens * U)) unit = unit_avx512bf16_bf16;
+    if (unit == unit_amx_bf16) {
         ur = 16;
         __atomic_add_fetch(&g_amx_calls, 1, __ATOMIC_RELAXED);
     }
@@ -1467,12 +1427,8 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     if (unit == unit_amx_bf16) {
         perm = 2; /* bf16 x: never direct */
         nc = n < 16 ? (int)n : 16;
-    } else if (unit == unit_amx_i8) {
-        nc = n < 8 ? 2 * (int)n : 16;
-    }
-    if (unit == unit_amx_bf16) faccb = malloc(((size_t)nth * (T + 8) * ((H + 31) & ~31L) + 1) * sizeof(float));
-    if (nc) {
-        xb = malloc((size_t)((n + nc - 1) / (unit == unit_amx_i8 ? nc / 2 : nc) + 1) * (size_t)H * nc * 2 + 64);
+        faccb = malloc(((size_t)nth * (T + 8) * ((H + 31) & ~31L) + 1) * sizeof(float));
+        xb = malloc((size_t)((n + nc - 1) / nc + 1) * (size_t)H * nc * 2 + 64);
         xr = malloc(((size_t)n + 1) * sizeof(void *));
     }
 #endif
@@ -1515,9 +1471,6 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
         if (unit == unit_amx_bf16) {
             for (long t = t0; t < t1; t++) xr[t - t0] = (const uint16_t *)x + t * ldx;
             amx_pack_bf16((const uint16_t *const *)xr, n, H, nc, xb);
-        } else if (unit == unit_amx_i8) {
-            for (long t = t0; t < t1; t++) xr[t - t0] = xq8 + (t - t0) * 2 * H;
-            amx_pack_i8((const uint8_t *const *)xr, n, H, H, nc, xb);
         }
 #endif
         /* cost of one unit of expert e: its row reads plus its tokens' dots */
