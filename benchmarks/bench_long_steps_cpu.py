@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_memory_cpu import DTYPES, SHAPES, Pool, cpu_model, routed_scores  # noqa: E402
+from bench_memory_cpu import DTYPES, SHAPES, Pool, cpu_model, emit, md_table, routed_scores  # noqa: E402
 
 from kernels.quant import quantize_rows  # noqa: E402
 from kernels.sparse_ffn import cpu_native  # noqa: E402
@@ -152,14 +152,9 @@ def main() -> None:
     lcols = ["M", "F.linear bf16", *[f"native {p} bf16" for p in paths], *[f"native {p} int8" for p in paths]]
     print(" | ".join(lcols), flush=True)
     lrows = linear_rows(args.rows, args.repeats, bound)
-    md = [head, "", "Experts (XLarge shape, 4 segments; ms per call, in brackets GFLOP/s on the active pairs):", "",
-          "| " + " | ".join(ecols) + " |", "|" + "---|" * len(ecols), *["| " + " | ".join(r) + " |" for r in erows],
-          "", "Linears [5376, 1792] (µs per call, in brackets GFLOP/s):", "",
-          "| " + " | ".join(lcols) + " |", "|" + "---|" * len(lcols), *["| " + " | ".join(r) + " |" for r in lrows]]
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(md) + "\n")
-    print("\n".join(md))
+    emit([head, "", "Experts (XLarge shape, 4 segments; ms per call, in brackets GFLOP/s on the active pairs):", "",
+          *md_table(ecols, erows), "", "Linears [5376, 1792] (µs per call, in brackets GFLOP/s):", "",
+          *md_table(lcols, lrows)], args.out)
 
 
 if __name__ == "__main__":

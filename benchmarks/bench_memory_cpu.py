@@ -342,6 +342,19 @@ def _cycle(ws: list, fn, reps: int = 3) -> float:
     return (time.perf_counter() - t0) / (reps * len(ws))
 
 
+def md_table(cols: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines."""
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols), *["| " + " | ".join(r) + " |" for r in rows]]
+
+
+def emit(md: list[str], out: str | None) -> None:
+    """Print the markdown lines, and write them to ``out`` when given."""
+    if out:
+        with open(out, "w") as f:
+            f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 def amx_rules(args) -> str:
     """Where the amx path used the tiles in this run."""
     from kernels.dispatch import THRESHOLDS
@@ -399,13 +412,9 @@ def main() -> None:
     md = [head, "", "read bandwidth (1 GiB fp32, same run): " + ", ".join(f"{k} **{v:.1f} GB/s**"
                                                                          for k, v in bws.items()), ""]
     if rows:
-        md += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(r) + " |" for r in rows]
-    md += ["", "| " + " | ".join(lcols) + " |", "|" + "---|" * len(lcols)]
-    md += ["| " + " | ".join(r) + " |" for r in lrows]
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(md) + "\n")
-    print("\n".join(md))
+        md += md_table(cols, rows)
+    md += ["", *md_table(lcols, lrows)]
+    emit(md, args.out)
 
 
 if __name__ == "__main__":

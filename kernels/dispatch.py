@@ -112,7 +112,7 @@ class DispatchThresholds:
     memory speed); above it, F.linear (oneDNN GEMM, compute-bound). At M = 8 the streaming kernel
     still reads at memory speed (benchmarks/bench_memory_cpu.py, linear rows)."""
     cpu_linear_max_tokens_amx: int = 32
-    """The same on AMX CPUs (kernel path ``amx``): the native kernel's AMX linears beat F.linear (oneDNN,
+    """The same for bf16 on AMX CPUs (kernel path ``amx``): the native kernel's AMX linears beat F.linear (oneDNN,
     AMX) up to 32 rows and lose from 64 ([5376, 1792] bf16, warm: 636 vs 1084 µs at 16 rows, 1008 vs 1234
     at 32, 1813 vs 1702 at 64; benchmarks/bench_long_steps_cpu.py, RESULTS.md 2026-12-02 16:08 UTC)."""
 

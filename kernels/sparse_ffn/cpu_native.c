@@ -952,42 +952,50 @@ ALWAYS const char *amx_next(const lin_t *l, long n, long esz, long *blk) {
     *blk = end > nx ? (end - nx) * l->K * esz : 0;
     return g_prefetch && *blk > 0 ? (const char *)l->w + nx * l->K * esz : NULL;
 }
+/* The 16-row blocks [n0, nf) of an AMX linear: per block and token group g, C (tile 0) = the block's rows .
+   the group's packed x over `steps` slabs of 64 weight bytes (DP), stored into c[16][16] of CT, then the
+   epilogue (the variadic arguments; w: the block's first row, as char). The next block is prefetched during the first group. */
+#define AMX_LIN_BLOCKS(ESZ, DP, CT, ...)                                                                \
+    {                                                                                                   \
+        CT c[16][16];                                                                                   \
+        amx_config(nc);                                                                                 \
+        for (long n = n0; n < nf; n += 16) {                                                            \
+            const char *w = (const char *)l->w + n * K * ESZ;                                           \
+            long blk, pfl;                                                                              \
+            const char *pf = amx_next(l, n, ESZ, &blk);                                                 \
+            long pfs = pf_stride(blk, steps, &pfl);                                                     \
+            for (long g = 0; g < G; g++) {                                                              \
+                const uint32_t *xb = (const uint32_t *)l->xb + g * gw;                                  \
+                _tile_zero(0);                                                                          \
+                for (long s = 0; s < steps; s++) {                                                      \
+                    if (g == 0) pf_share(pf, pfl, s, pfs);                                              \
+                    _tile_loadd(1, w + 64 * s, K * ESZ);                                                \
+                    _tile_loadd(2, xb + s * 16 * nc, nc * 4);                                           \
+                    DP(0, 1, 2);                                                                        \
+                }                                                                                       \
+                _tile_stored(0, c, 64);                                                                 \
+                __VA_ARGS__                                                                             \
+            }                                                                                           \
+        }                                                                                               \
+        _tile_release();                                                                                \
+    }
 static void lin_amx_bf16(const lin_t *l) {
     long K = l->K, K32 = K & ~31L, n0 = l->n0, nf = n0 + ((l->n1 - n0) & ~15L);
     int nc = l->nc;
     if (!l->xb || K32 == 0) nf = n0;
-    if (nf > n0) {
-        long G = (l->m + nc - 1) / nc, gw = (K32 / 2) * nc, steps = K32 / 32;
-        float c[16][16];
-        amx_config(nc);
-        for (long n = n0; n < nf; n += 16) {
-            const uint16_t *w = (const uint16_t *)l->w + n * K;
-            long blk, pfl;
-            const char *pf = amx_next(l, n, 2, &blk);
-            long pfs = pf_stride(blk, steps, &pfl);
-            for (long g = 0; g < G; g++) {
-                const uint32_t *xb = (const uint32_t *)l->xb + g * gw;
-                _tile_zero(0);
-                for (long s = 0; s < steps; s++) {
-                    if (g == 0) pf_share(pf, pfl, s, pfs);
-                    _tile_loadd(1, w + 32 * s, K * 2);
-                    _tile_loadd(2, xb + s * 16 * nc, nc * 4);
-                    _tile_dpbf16ps(0, 1, 2);
+    long G = nc ? (l->m + nc - 1) / nc : 0, gw = (K32 / 2) * nc, steps = K32 / 32;
+    if (nf > n0)
+        AMX_LIN_BLOCKS(2, _tile_dpbf16ps, float,
+            for (int j = 0; j < nc && g * nc + j < l->m; j++) {
+                long t = g * nc + j;
+                const float *x = l->xs[t];
+                const uint16_t *wr = (const uint16_t *)w;
+                for (int r = 0; r < 16; r++) {
+                    float v = c[r][j];
+                    for (long k = K32; k < K; k++) v += cv_bf16(wr[r * K + k]) * x[k];
+                    l->out[t * l->ldo + n + r] = v;
                 }
-                _tile_stored(0, c, 64);
-                for (int j = 0; j < nc && g * nc + j < l->m; j++) {
-                    long t = g * nc + j;
-                    const float *x = l->xs[t];
-                    for (int r = 0; r < 16; r++) {
-                        float v = c[r][j];
-                        for (long k = K32; k < K; k++) v += cv_bf16(w[r * K + k]) * x[k];
-                        l->out[t * l->ldo + n + r] = v;
-                    }
-                }
-            }
-        }
-        _tile_release();
-    }
+            })
     if (nf < l->n1) {
         lin_t sub = *l;
         sub.n0 = nf;
@@ -999,39 +1007,20 @@ static void lin_amx_i8(const lin_t *l) {
     int finite = 1, nc = l->nc;
     for (int j = 0; j < l->m; j++) finite &= l->xqs[j] == l->xqs[j];
     if (!l->xb || !finite || K64 == 0 || K > AMX_MAX_K8) nf = n0;
-    if (nf > n0) {
-        long tg = nc / 2, G = (l->m + tg - 1) / tg, gw = (K64 / 4) * nc, steps = K64 / 64;
-        int32_t c[16][16];
-        amx_config(nc);
-        for (long n = n0; n < nf; n += 16) {
-            const int8_t *w = (const int8_t *)l->w + n * K;
-            long blk, pfl;
-            const char *pf = amx_next(l, n, 1, &blk);
-            long pfs = pf_stride(blk, steps, &pfl);
-            for (long g = 0; g < G; g++) {
-                const uint32_t *xb = (const uint32_t *)l->xb + g * gw;
-                _tile_zero(0);
-                for (long s = 0; s < steps; s++) {
-                    if (g == 0) pf_share(pf, pfl, s, pfs);
-                    _tile_loadd(1, w + 64 * s, K);
-                    _tile_loadd(2, xb + s * 16 * nc, nc * 4);
-                    _tile_dpbsud(0, 1, 2);
+    long tg = nc / 2, G = tg ? (l->m + tg - 1) / tg : 0, gw = (K64 / 4) * nc, steps = K64 / 64;
+    if (nf > n0)
+        AMX_LIN_BLOCKS(1, _tile_dpbsud, int32_t,
+            for (long j = 0; j < tg && g * tg + j < l->m; j++) {
+                long t = g * tg + j;
+                const uint8_t *xh = l->xq[t], *xl = xh + K;
+                const int8_t *wr = (const int8_t *)w;
+                for (int r = 0; r < 16; r++) {
+                    int64_t a = c[r][2 * j], b = c[r][2 * j + 1];
+                    for (long k = K64; k < K; k++) { a += wr[r * K + k] * xh[k]; b += wr[r * K + k] * xl[k]; }
+                    int64_t tot = 256 * a + b - 32768 * (int64_t)l->rs[n + r];
+                    l->out[t * l->ldo + n + r] = (float)tot * l->xqs[t] * row_scale(l->scale + n, r);
                 }
-                _tile_stored(0, c, 64);
-                for (long j = 0; j < tg && g * tg + j < l->m; j++) {
-                    long t = g * tg + j;
-                    const uint8_t *xh = l->xq[t], *xl = xh + K;
-                    for (int r = 0; r < 16; r++) {
-                        int64_t a = c[r][2 * j], b = c[r][2 * j + 1];
-                        for (long k = K64; k < K; k++) { a += w[r * K + k] * xh[k]; b += w[r * K + k] * xl[k]; }
-                        int64_t tot = 256 * a + b - 32768 * (int64_t)l->rs[n + r];
-                        l->out[t * l->ldo + n + r] = (float)tot * l->xqs[t] * row_scale(l->scale + n, r);
-                    }
-                }
-            }
-        }
-        _tile_release();
-    }
+            })
     if (nf < l->n1) {
         lin_t sub = *l;
         sub.n0 = nf;

@@ -48,17 +48,18 @@ def _eligible(layer: torch.nn.Module) -> bool:
             and not getattr(layer, "_cpu_skip_gemm_dispatch", False) and cpu_native.native_available())
 
 
-def native_rows(m: int) -> bool:
-    """Whether an m-row linear runs the native kernel: decode sizes (≤ ``cpu_linear_max_tokens``), and on
-    AMX CPUs up to ``cpu_linear_max_tokens_amx`` rows, where its AMX tiles beat oneDNN (the ISA is looked
-    up only for those sizes)."""
+def native_rows(m: int, dtype: torch.dtype) -> bool:
+    """Whether an m-row linear of ``dtype`` runs the native kernel: decode sizes (≤
+    ``cpu_linear_max_tokens``), and bf16 on AMX CPUs up to ``cpu_linear_max_tokens_amx`` rows, where its
+    AMX tiles beat oneDNN (fp32 has no tiles: oneDNN from 9 rows; the ISA is looked up only for those
+    sizes)."""
     return m <= THRESHOLDS.cpu_linear_max_tokens or (
-        m <= THRESHOLDS.cpu_linear_max_tokens_amx and cpu_native.isa_at_least("amx"))
+        dtype == torch.bfloat16 and m <= THRESHOLDS.cpu_linear_max_tokens_amx and cpu_native.isa_at_least("amx"))
 
 
 def _blockffn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x Wᵀ: the native kernel for :func:`native_rows` (fp32/bf16, same dtype), else F.linear."""
-    if x.dim() == 2 and native_rows(x.shape[0]) and x.dtype == weight.dtype:
+    if x.dim() == 2 and x.dtype == weight.dtype and native_rows(x.shape[0], x.dtype):
         return cpu_native.linear_native(x, weight)
     return F.linear(x, weight)
 
