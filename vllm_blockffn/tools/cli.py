@@ -73,6 +73,9 @@ def _check_env() -> int:
         lines.append(f"int8 weights (--quantization blockffn_int8): native kernel, {int8}")
         if pairs:
             lines.append("bf16 experts: VDPBF16PS dots, down pass on row pairs")
+        if cpu_native.isa_at_least("amx"):
+            lines.append("AMX tiles: linears from 2 rows (bf16 and int8), bf16 experts from 8 tokens per active "
+                         "expert (kernels/dispatch.py); smaller steps run the AVX512_BF16 code")
     else:
         lines.append("native CPU kernel: unavailable (the warning says why, or VLLM_BLOCKFFN_CPU_NATIVE=0); "
                      "CPU experts: PyTorch path; linears: vLLM's own")
