@@ -1066,8 +1066,8 @@ ALWAYS void amx_down_config(int nr, int nt) {
     _tile_loadconfig(&c);
 }
 static void amx_release(void) { _tile_release(); }
-/* C0 + C1 (tiles 0, 1) = the unit's rows . the tokens of group g: slabs of KB weight bytes. */
-#define AMX_UP_LOOP(DP, KB)                                                                             \
+/* C0 + C1 (tiles 0, 1) = the unit's rows . the tokens of group g, slab by slab (32 k). */
+#define AMX_UP_LOOP                                                                                     \
     {                                                                                                   \
         const char *w = (const char *)u->wu;                                                            \
         const uint32_t *xb = u->xb + g * gw;                                                            \
@@ -1076,18 +1076,18 @@ static void amx_release(void) { _tile_release(); }
         long s = 0;                                                                                     \
         for (; s + 1 < steps; s += 2) {                                                                 \
             if (first) { pf_share(pf, pfl, s, pfs); pf_share(pf, pfl, s + 1, pfs); }                    \
-            _tile_loadd(2, w + KB * s, rowb);                                                           \
+            _tile_loadd(2, w + 64 * s, rowb);                                                           \
             _tile_loadd(4, xb + s * 16 * nc, nc * 4);                                                   \
-            DP(0, 2, 4);                                                                                \
-            _tile_loadd(3, w + KB * (s + 1), rowb);                                                     \
+            _tile_dpbf16ps(0, 2, 4);                                                                                \
+            _tile_loadd(3, w + 64 * (s + 1), rowb);                                                     \
             _tile_loadd(5, xb + (s + 1) * 16 * nc, nc * 4);                                             \
-            DP(1, 3, 5);                                                                                \
+            _tile_dpbf16ps(1, 3, 5);                                                                                \
         }                                                                                               \
         if (s < steps) {                                                                                \
             if (first) pf_share(pf, pfl, s, pfs);                                                       \
-            _tile_loadd(2, w + KB * s, rowb);                                                           \
+            _tile_loadd(2, w + 64 * s, rowb);                                                           \
             _tile_loadd(4, xb + s * 16 * nc, nc * 4);                                                   \
-            DP(0, 2, 4);                                                                                \
+            _tile_dpbf16ps(0, 2, 4);                                                                                \
         }                                                                                               \
         first = 0;                                                                                      \
         _tile_stored(0, c0, 64);                                                                        \
@@ -1117,7 +1117,7 @@ static void unit_amx_bf16(const unit_t *u) {
         amx_up_config(nr, nc);
         for (int j = 0; j < m;) {
             long g = (u->tok[j] - u->xt0) / nc;
-            AMX_UP_LOOP(_tile_dpbf16ps, 64)
+            AMX_UP_LOOP
             for (; j < m && (u->tok[j] - u->xt0) / nc == g; j++) {
                 int col = (int)((u->tok[j] - u->xt0) % nc);
                 for (int r = 0; r < nr; r++)
@@ -1432,7 +1432,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     const uint8_t **xqp = vnni ? malloc(((size_t)P + 1) * sizeof(uint8_t *)) : NULL;
     float *xqsp = vnni ? malloc(((size_t)P + 1) * sizeof(float)) : NULL;
     int ok = tok && sc && hb && xs && xh && zrow && used && (direct || ra) && (!need_xf || xf) && (nbuf == 0 || yb) &&
-             (!vnni || (xq8 && xqs && xrow && xqp && xqsp)) && (!vq || (accb && hqb)) && (!nc || (xb && xr)) && (!perm || perm != 2 || faccb);
+             (!vnni || (xq8 && xqs && xrow && xqp && xqsp)) && (!vq || (accb && hqb)) && (!nc || (xb && xr && faccb));
     if (ok) {
         for (long t = t0; t < t1; t++) { /* fill: the same mask, so exactly cnt[e] entries each */
             const float *s = scores + t * E;
