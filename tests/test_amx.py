@@ -94,18 +94,19 @@ def test_amx_expert_units_match_the_reference(E, D, H, threads):
 def test_linears_of_up_to_32_rows_take_the_native_kernel_on_amx(monkeypatch):
     """The CPU linear method's size rule: on AMX the native kernel up to cpu_linear_max_tokens_amx rows for
     bf16 (its tiles beat oneDNN there), decode sizes only on a narrower path and for fp32; both equal
-    F.linear."""
-    from vllm_blockffn.serving.layers import cpu_linear
+    F.linear (the C++ op and its Python implementation alike)."""
+    from vllm_blockffn.kernels.sparse_ffn import cpu_ops
 
     w = (torch.randn(96, 256) / 16).bfloat16()
     for isa, top in (("amx", THRESHOLDS.cpu_linear_max_tokens_amx), ("avx512_bf16", THRESHOLDS.cpu_linear_max_tokens)):
         monkeypatch.setenv(cpu_native.ISA_ENV, isa)
-        assert cpu_linear.native_rows(top, torch.bfloat16) and not cpu_linear.native_rows(top + 1, torch.bfloat16)
+        assert cpu_ops.native_rows(top, torch.bfloat16) and not cpu_ops.native_rows(top + 1, torch.bfloat16)
         top32 = THRESHOLDS.cpu_linear_max_tokens  # fp32: no tiles, oneDNN from 9 rows on every path
-        assert cpu_linear.native_rows(top32, torch.float32) and not cpu_linear.native_rows(top32 + 1, torch.float32)
+        assert cpu_ops.native_rows(top32, torch.float32) and not cpu_ops.native_rows(top32 + 1, torch.float32)
         for m in (top, top + 1):
             x = torch.randn(m, 256).bfloat16()
-            n0 = cpu_native.amx_calls()
-            y = cpu_linear._blockffn_linear(x, w)
-            assert cpu_native.amx_calls() == n0 + (isa == "amx" and m <= top), (isa, m)
-            assert _rel(y, torch.nn.functional.linear(x, w)) < 1e-2, (isa, m)
+            for op in (cpu_ops.linear, cpu_ops.linear_python):
+                n0 = cpu_native.amx_calls()
+                y = op(x, w)
+                assert cpu_native.amx_calls() == n0 + (isa == "amx" and m <= top), (isa, m, op)
+                assert _rel(y, torch.nn.functional.linear(x, w)) < 1e-2, (isa, m, op)

@@ -182,18 +182,20 @@ def test_int8_vnni_dot_products_are_exact_integers():
 
 @needs_native
 def test_int8_linear_takes_the_native_kernel_at_every_size_where_it_has_vpdpbusd(monkeypatch):
-    """int8_linear (the quantized layers' op): the native kernel for decode sizes everywhere, and for
-    long steps (prefill) on the avx512_bf16 path, where it beats torch's int8 GEMM; both within the
-    tolerance of the dequantized reference."""
-    from vllm_blockffn.serving.layers.quantization import int8_linear
+    """int8_linear (the quantized layers' op, C++ and its Python implementation): the native kernel for
+    decode sizes everywhere, and for long steps (prefill) on the avx512_bf16 path, where it beats torch's
+    int8 GEMM; both within the tolerance of the dequantized reference."""
+    from vllm_blockffn.kernels.sparse_ffn import cpu_ops
 
     q, s = quantize_rows(torch.randn(96, 256))
+    sums = cpu_native.int8_row_sums(q)
     ref_w = dequantize_rows(q, s)
     for isa in _isas():
         monkeypatch.setenv("VLLM_BLOCKFFN_CPU_ISA", isa)
         for M in (3, 40):
             x = torch.randn(M, 256).to(torch.bfloat16)
-            y = int8_linear(x, q, s)
+            y = cpu_ops.int8_linear(x, q, s, sums)
+            assert torch.equal(y, cpu_ops.int8_linear_python(x, q, s, sums)), (isa, M)
             assert _rel(y, x.float() @ ref_w.t()) < _tol(torch.bfloat16), (isa, M)
             native = M <= 8 or cpu_native.isa_at_least("avx512_bf16", isa)
             assert torch.equal(y, cpu_native.linear_native(x, q, weight_scale=s)) == native, (isa, M)

@@ -66,6 +66,8 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -74,6 +76,7 @@ from ..dispatch import THRESHOLDS
 from ..quant import check_expert_scales
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _SOURCE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_native.c")
 _CFLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-Wno-psabi"]
@@ -149,25 +152,34 @@ def _cflags() -> list[str]:
 
 def _build() -> ctypes.CDLL | None:
     """Build (or reuse) the shared object; None with one warning line when that is impossible."""
-    cflags = _cflags()
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return build_shared(_SOURCE_FILE, cc, _cflags(), ["-lm"], "sparse_ffn_cpu", _open, _fallback)
+
+
+def build_shared(source_file: str, cc: str | None, flags: list[str], libs: list[str], stem: str,
+                 opener: Callable[[str], T | None], fallback: Callable[[str], None]) -> T | None:
+    """Compile ``source_file`` with ``cc`` into the cache directory (keyed by the source, the compiler and
+    the flags, so a changed source builds anew; concurrent workers replace the file atomically) and
+    open it with ``opener``; None after one ``fallback`` call naming what failed. Shared by the kernel
+    and its torch op bindings (``cpu_ops.py``)."""
     if cc is None:
-        _fallback("no C compiler found")
+        fallback("no C compiler found")
         return None
     try:
-        with open(_SOURCE_FILE, encoding="utf-8") as f:
+        with open(source_file, encoding="utf-8") as f:
             source = f.read()
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
-        _fallback(f"{type(exc).__name__}: {exc}")
+        fallback(f"{type(exc).__name__}: {exc}")
         return None
-    key = hashlib.sha256("\0".join([source, cc, version, " ".join(cflags), os.uname().machine]).encode()).hexdigest()
+    key = hashlib.sha256("\0".join([source, cc, version, " ".join(flags + libs), os.uname().machine]).encode()
+                         ).hexdigest()
     dirs = [_cache_dir(), os.path.join(tempfile.gettempdir(), f"vllm_blockffn-{os.getuid()}")]
     errors = []
     for d in dirs:
-        path = os.path.join(d, f"sparse_ffn_cpu_{key[:16]}.so")
+        path = os.path.join(d, f"{stem}_{key[:16]}.so")
         if os.path.exists(path):
-            lib = _open(path)
+            lib = opener(path)
             if lib is not None:
                 return lib
             # a stale or corrupt build under our key: rebuild it below (replaced atomically)
@@ -179,11 +191,11 @@ def _build() -> ctypes.CDLL | None:
             errors.append(f"{d}: {exc.strerror or exc}")
             continue
         try:
-            r = subprocess.run([cc, *cflags, _SOURCE_FILE, "-o", tmp_so, "-lm"], capture_output=True, text=True,
+            r = subprocess.run([cc, *flags, source_file, "-o", tmp_so, *libs], capture_output=True, text=True,
                                timeout=300)
             if r.returncode != 0:
                 last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-                _fallback(f"{cc} failed with exit code {r.returncode}: {last}")
+                fallback(f"{cc} failed with exit code {r.returncode}: {last}")
                 return None
             os.replace(tmp_so, path)  # atomic: concurrent workers may build the same file
         except (OSError, subprocess.SubprocessError) as exc:
@@ -192,11 +204,11 @@ def _build() -> ctypes.CDLL | None:
         finally:
             if os.path.exists(tmp_so):
                 os.unlink(tmp_so)
-        lib = _open(path)
+        lib = opener(path)
         if lib is not None:
             return lib
         errors.append(f"{path}: built but cannot be loaded")
-    _fallback("; ".join(errors) or "no writable cache directory")
+    fallback("; ".join(errors) or "no writable cache directory")
     return None
 
 
@@ -210,6 +222,11 @@ def _load() -> ctypes.CDLL | None:
                 _lib = _build()
             _tried = True
     return _lib
+
+
+def threads() -> int:
+    """The thread count calls pass (``$VLLM_BLOCKFFN_CPU_THREADS``; 0: OpenMP's current count)."""
+    return _THREADS
 
 
 def best_isa() -> str | None:

@@ -4,7 +4,7 @@ Why: in a sparse decode step the experts read ~10% of their bytes, and the rest 
 (attention projections, lm_head) becomes most of the time. vLLM's CPU linear path
 (`dispatch_cpu_unquantized_gemm`: oneDNN `onednn_mm`, AMX for bf16) reads a weight at
 8.7 GB/s (bf16) / 12.5 GB/s (fp32) at batch 1 on the 2-core Xeon here (ENV.md), a third of the
-memory's speed. For M ≤ `THRESHOLDS.cpu_linear_max_tokens` rows (on AMX CPUs ≤
+memory's speed. For M ≤ `THRESHOLDS.cpu_linear_max_tokens` rows (bf16 on AMX CPUs ≤
 `cpu_linear_max_tokens_amx`, where its AMX tiles beat oneDNN's GEMM) the native kernel
 (`kernels/sparse_ffn/cpu_native.c`, `blockffn_linear`) streams the row-major [N, K] weight once
 at memory speed; larger M (prefill, big batches) is compute-bound and goes to `F.linear` (torch's
@@ -13,8 +13,9 @@ oneDNN GEMM, AMX where present) on the same weight.
 How: only our model's layers change. `install(model)` gives every unquantized linear and the
 lm_head of a BlockFFN model a method whose `process_weights_after_loading` keeps the weight as it
 was loaded (no oneDNN reorder, so no second copy) and sets `layer.cpu_linear`, which vLLM's
-`cpu_unquantized_gemm` calls, to one opaque custom op (`torch.ops.vllm.blockffn_linear`: the M
-test happens inside it, never in a compiled graph). `VLLM_BLOCKFFN_CPU_LINEAR=vllm` keeps vLLM's
+`cpu_unquantized_gemm` calls, to one opaque torch op (`torch.ops.blockffn_native.linear`,
+kernels/sparse_ffn/cpu_ops.py: C++, so a call adds no Python; the M test happens inside it, never in
+a compiled graph). `VLLM_BLOCKFFN_CPU_LINEAR=vllm` keeps vLLM's
 own path; so do fp16, layers vLLM marks `_cpu_skip_gemm_dispatch`, and machines without the
 native kernel.
 """
@@ -22,14 +23,11 @@ native kernel.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
 from vllm.platforms import current_platform
-from vllm.utils.torch_utils import direct_register_custom_op
 
-from vllm_blockffn.kernels.dispatch import THRESHOLDS
-from vllm_blockffn.kernels.sparse_ffn import cpu_native
+from vllm_blockffn.kernels.sparse_ffn import cpu_native, cpu_ops
 from vllm_blockffn.serving.config import env_choice
 
 LINEAR_ENV = "VLLM_BLOCKFFN_CPU_LINEAR"
@@ -48,32 +46,9 @@ def _eligible(layer: torch.nn.Module) -> bool:
             and not getattr(layer, "_cpu_skip_gemm_dispatch", False) and cpu_native.native_available())
 
 
-def native_rows(m: int, dtype: torch.dtype) -> bool:
-    """Whether an m-row linear of ``dtype`` runs the native kernel: decode sizes (≤
-    ``cpu_linear_max_tokens``), and bf16 on AMX CPUs up to ``cpu_linear_max_tokens_amx`` rows, where its
-    AMX tiles beat oneDNN (fp32 has no tiles: oneDNN from 9 rows; the ISA is looked up only for those
-    sizes)."""
-    return m <= THRESHOLDS.cpu_linear_max_tokens or (
-        dtype == torch.bfloat16 and m <= THRESHOLDS.cpu_linear_max_tokens_amx and cpu_native.isa_at_least("amx"))
-
-
-def _blockffn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x Wᵀ: the native kernel for :func:`native_rows` (fp32/bf16, same dtype), else F.linear."""
-    if x.dim() == 2 and x.dtype == weight.dtype and native_rows(x.shape[0], x.dtype):
-        return cpu_native.linear_native(x, weight)
-    return F.linear(x, weight)
-
-
-def _blockffn_linear_fake(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-direct_register_custom_op("blockffn_linear", _blockffn_linear, fake_impl=_blockffn_linear_fake)
-
-
 def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     shape = x.shape
-    y = torch.ops.vllm.blockffn_linear(x.reshape(-1, shape[-1]), weight)
+    y = cpu_ops.linear(x.reshape(-1, shape[-1]), weight)
     y = y.reshape(*shape[:-1], weight.shape[0])
     return y if bias is None else y + bias
 
@@ -93,6 +68,7 @@ class StreamingLinearMethod(UnquantizedLinearMethod):
         if not _eligible(layer):
             return super().process_weights_after_loading(layer)
         _plain_weight(layer)
+        cpu_ops.implementation()  # the op registered (built on first use) before any graph refers to it
         layer.cpu_linear = _cpu_linear
 
 
@@ -103,6 +79,7 @@ class StreamingLMHeadMethod(UnquantizedEmbeddingMethod):
         if not _eligible(layer):
             return super().process_weights_after_loading(layer)
         _plain_weight(layer)
+        cpu_ops.implementation()  # the op registered (built on first use) before any graph refers to it
         layer.cpu_linear = _cpu_linear
 
 

@@ -20,7 +20,8 @@ How (vLLM's own mechanism, `register_quantization_config`, as its online fp8 doe
   (tensor names: README "int8 weights").
 - CPU: the native kernels read int8 (experts: ``cpu_native.c``; linears: the streaming GEMV for
   M ≤ ``cpu_linear_max_tokens`` and, on ``avx512_bf16`` CPUs, every M; torch's ``_weight_int8pack_mm``
-  above that elsewhere: :func:`int8_linear`). On AVX512_BF16 (+VNNI)
+  above that elsewhere: ``torch.ops.blockffn_native.int8_linear``, kernels/sparse_ffn/cpu_ops.py, with each
+  row's sum made once at load). On AVX512_BF16 (+VNNI)
   CPUs their dot products with W_up rows and linear rows run VPDPBUSD on x rounded to int16 per
   token (a step of max|x| / 32767: finer than bf16's rounding for all but the smallest elements) and
   the W_down pass VPDPWSSD on h rounded to int16 likewise; elsewhere int8 is widened to fp32. GPU: the experts run the
@@ -41,11 +42,9 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
-from vllm.utils.torch_utils import direct_register_custom_op
 
-from vllm_blockffn.kernels.dispatch import THRESHOLDS
 from vllm_blockffn.kernels.quant import QMAX, dequantize_rows, quantize_rows
-from vllm_blockffn.kernels.sparse_ffn import cpu_native
+from vllm_blockffn.kernels.sparse_ffn import cpu_native, cpu_ops
 
 NAME = "blockffn_int8"
 SKIPPED_LINEARS = ("router_proj", "kv_b_proj")
@@ -115,31 +114,6 @@ class BlockFFNInt8Config(QuantizationConfig):
 
 
 # ------------------------------------------------------------------------------- dense linears
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """x Wᵀ with W = weight (int8 [N, K]) · weight_scale (fp32 [N]) per row, in x's dtype (CPU).
-
-    The native kernel for M ≤ cpu_linear_max_tokens (the streaming GEMV: each int8 byte read once),
-    and for every M on CPUs whose kernel path has the VPDPBUSD dot products (``avx512_bf16``): there
-    it is ~2× torch's weight-only int8 GEMM at every size measured, 1 to 256 rows (benchmarks/
-    RESULTS.md), and prefill then runs the decode steps' arithmetic. Otherwise (compute-bound sizes
-    on other CPUs, or no native kernel): torch's weight-only int8 GEMM on unit scales, the fp32 row
-    scales applied to its output (torch takes scales in x's dtype only: bf16 scales would be other
-    weights than the decode path's)."""
-    if x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16) and cpu_native.native_available() \
-            and (x.shape[0] <= THRESHOLDS.cpu_linear_max_tokens or cpu_native.isa_at_least("avx512_bf16")):
-        return cpu_native.linear_native(x, weight, weight_scale=weight_scale)
-    ones = torch.ones(weight.shape[0], dtype=x.dtype)
-    y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, ones)
-    return (y.float() * weight_scale).to(x.dtype)
-
-
-def _int8_linear_fake(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-direct_register_custom_op("blockffn_int8_linear", int8_linear, fake_impl=_int8_linear_fake)
-
-
 class Int8LinearMethod(LinearMethodBase):
     """int8 weight [N, K] + fp32 ``weight_scale`` [N] for a linear layer or the lm_head."""
 
@@ -177,12 +151,15 @@ class Int8LinearMethod(LinearMethodBase):
             del layer.weight_scale
             return
         layer.weight.data = layer.weight.data.contiguous()
+        # each row's sum, which the VNNI dot products need (cpu_native.int8_row_sums), made once here
+        layer.weight_row_sums = Parameter(cpu_native.int8_row_sums(layer.weight.data), requires_grad=False)
+        cpu_ops.implementation()  # the op registered (built on first use) before any graph refers to it
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not hasattr(layer, "weight_scale"):  # GPU: dequantized at load
             return F.linear(x, layer.weight, bias)
         shape = x.shape
-        y = torch.ops.vllm.blockffn_int8_linear(x.reshape(-1, shape[-1]), layer.weight, layer.weight_scale)
+        y = cpu_ops.int8_linear(x.reshape(-1, shape[-1]), layer.weight, layer.weight_scale, layer.weight_row_sums)
         y = y.reshape(*shape[:-1], layer.weight.shape[0])
         return y if bias is None else y + bias
 

@@ -1,0 +1,152 @@
+"""``torch.ops.blockffn_native``: the decode-size linears of BlockFFN models on CPUs as torch ops in C++.
+
+Why: an XLarge-sized decode step calls ~70 linears (attention projections, lm_head). Through a Python
+custom op each call costs ~19 µs beyond the kernel (the dispatcher's Python trampoline, Python frames,
+a ctypes call with 14 arguments), run with the caches the weight stream has just flushed; in C++
+(``cpu_ops.cpp``) a call is the dispatcher, one allocation and the C call (benchmarks/RESULTS.md).
+
+What: ``linear(x [M, K], weight [N, K]) -> y [M, N]`` in x's dtype, fp32/bf16 weights (x of the same
+dtype): the native streaming kernel for :func:`native_rows`, else ``F.linear`` (oneDNN).
+``int8_linear(x, weight, weight_scale, row_sums)``: int8 weights with fp32 per-row scales [N] and their
+int32 row sums (:func:`cpu_native.int8_row_sums`, made once at load): the native kernel for M ≤
+``cpu_linear_max_tokens`` and for every M on CPUs with the VNNI int8 paths (``avx512_bf16``, ``amx``),
+else torch's weight-only int8 GEMM with the scales applied to its output.
+
+How: ``cpu_ops.cpp`` is compiled on first use with the C++ compiler against the installed torch (cached
+like the kernel, ~7 s once) and loaded with ``torch.ops.load_library``; it gets the kernel's entry
+points and the size rules (kernels/dispatch.py) once. Where it cannot be built (no C++ compiler, no
+torch headers, no native kernel) or with ``VLLM_BLOCKFFN_CPU_OPS=python``, the same op is registered with
+the Python implementation below (same rules, same kernel calls, so the same results bit for bit).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import sysconfig
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from ..dispatch import THRESHOLDS
+from . import cpu_native
+
+logger = logging.getLogger(__name__)
+
+OPS_ENV = "VLLM_BLOCKFFN_CPU_OPS"
+"""auto (default: the C++ op where it builds) | python (the Python implementation of the same op)."""
+_SOURCE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_ops.cpp")
+_lock = threading.Lock()
+_impl: str | None = None  # "cpp" | "python" once registered
+_keep: list = []  # the Python registration and the loaded library, kept alive
+
+
+def native_rows(m: int, dtype: torch.dtype) -> bool:
+    """Whether an m-row linear of float ``dtype`` runs the native kernel: decode sizes (≤
+    ``cpu_linear_max_tokens``), and bf16 on AMX CPUs up to ``cpu_linear_max_tokens_amx`` rows, where its
+    AMX tiles beat oneDNN (fp32 has no tiles: oneDNN from 9 rows; the ISA is looked up only for those
+    sizes)."""
+    return m <= THRESHOLDS.cpu_linear_max_tokens or (
+        dtype == torch.bfloat16 and m <= THRESHOLDS.cpu_linear_max_tokens_amx and cpu_native.isa_at_least("amx"))
+
+
+def linear_python(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``linear`` in Python: the native kernel for :func:`native_rows`, else ``F.linear``."""
+    if x.dim() == 2 and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16) \
+            and cpu_native.native_available() and native_rows(x.shape[0], x.dtype):
+        return cpu_native.linear_native(x, weight)
+    return F.linear(x, weight)
+
+
+def int8_linear_python(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       row_sums: torch.Tensor) -> torch.Tensor:
+    """``int8_linear`` in Python (``row_sums`` unused: the bound linear makes its own)."""
+    if x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16) and cpu_native.native_available() \
+            and (x.shape[0] <= THRESHOLDS.cpu_linear_max_tokens or cpu_native.isa_at_least("avx512_bf16")):
+        return cpu_native.linear_native(x, weight, weight_scale=weight_scale)
+    y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, torch.ones(weight.shape[0], dtype=x.dtype))
+    return (y.float() * weight_scale).to(x.dtype)
+
+
+def _linear_fake(x: torch.Tensor, weight: torch.Tensor, *scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _cxx_flags() -> list[str]:
+    root = os.path.dirname(torch.__file__)
+    inc, lib = os.path.join(root, "include"), os.path.join(root, "lib")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return ["-O2", "-shared", "-fPIC", "-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{inc}",
+            f"-I{os.path.join(inc, 'torch', 'csrc', 'api', 'include')}", f"-I{sysconfig.get_paths()['include']}",
+            f"-L{lib}", f"-Wl,-rpath,{lib}"]
+
+
+def _open_cpp(path: str) -> str | None:
+    """Load the built op library and bind it to the kernel; None if it is not a usable build."""
+    kernel = cpu_native._load()
+    try:
+        torch.ops.load_library(path)
+        so = ctypes.CDLL(path)
+        so.blockffn_ops_bind.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        so.blockffn_ops_bind(ctypes.cast(kernel.blockffn_linear, ctypes.c_void_p),
+                             ctypes.cast(kernel.blockffn_resolve_isa, ctypes.c_void_p), cpu_native.threads(),
+                             THRESHOLDS.cpu_linear_max_tokens, THRESHOLDS.cpu_linear_max_tokens_amx)
+    except (OSError, AttributeError, RuntimeError, ctypes.ArgumentError) as exc:
+        logger.debug("blockffn: cannot load %s: %s", path, exc)
+        return None
+    _keep.append(so)
+    return path
+
+
+def _fallback(why: str) -> None:
+    logger.warning("blockffn: C++ CPU ops unavailable (%s); the decode-size linears use the Python op", why)
+
+
+def _register_python() -> None:
+    lib = torch.library.Library("blockffn_native", "DEF")
+    lib.define("linear(Tensor x, Tensor weight) -> Tensor")
+    lib.define("int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor row_sums) -> Tensor")
+    lib.impl("linear", linear_python, "CPU")
+    lib.impl("int8_linear", int8_linear_python, "CPU")
+    _keep.append(lib)
+
+
+def implementation() -> str:
+    """Register ``torch.ops.blockffn_native`` once per process (building the C++ op on first use) and say
+    which implementation serves it: ``cpp`` or ``python``."""
+    global _impl
+    if _impl is None:
+        with _lock:
+            if _impl is None:
+                impl = "python"
+                choice = os.environ.get(OPS_ENV, "auto").strip().lower() or "auto"
+                if choice not in ("auto", "python"):
+                    raise ValueError(f"{OPS_ENV}={os.environ[OPS_ENV]!r}; expected 'auto' or 'python'")
+                if choice == "auto" and cpu_native.native_available():
+                    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+                    if cpu_native.build_shared(_SOURCE_FILE, cxx, _cxx_flags(), ["-lc10", "-ltorch_cpu", "-ltorch"],
+                                               "blockffn_ops", _open_cpp, _fallback):
+                        impl = "cpp"
+                if impl == "python":
+                    _register_python()
+                torch.library.register_fake("blockffn_native::linear")(_linear_fake)
+                torch.library.register_fake("blockffn_native::int8_linear")(_linear_fake)
+                _impl = impl
+    return _impl
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``torch.ops.blockffn_native.linear``: y = x Wᵀ, fp32/bf16 (module docstring); registered on first use."""
+    implementation()
+    return torch.ops.blockffn_native.linear(x, weight)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                row_sums: torch.Tensor) -> torch.Tensor:
+    """``torch.ops.blockffn_native.int8_linear``: y = x (weight · weight_scale)ᵀ for int8 weight [N, K], fp32
+    weight_scale [N] and int32 row_sums [N] (:func:`cpu_native.int8_row_sums`); registered on first use."""
+    implementation()
+    return torch.ops.blockffn_native.int8_linear(x, weight, weight_scale, row_sums)
