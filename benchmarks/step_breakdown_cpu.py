@@ -6,7 +6,9 @@ no weights; the memory-speed limit (bytes ÷ read bandwidth) is only reachable w
 small. cProfile inflates Python several fold and hides C time inside its callers; this probe only
 timestamps the entry and exit of the ctypes calls into ``cpu_native`` (linears by their output
 width, experts per layer) and of vLLM's two CPU attention ops, and the entry of our Python
-wrappers, so the step splits into kernel time (with bytes, GB/s) and gaps, at ~1 µs per probe.
+wrappers, so the step splits into kernel time (with bytes, GB/s) and gaps, at ~1 µs per probe. The C++ ops
+(``torch.ops.blockffn_native``, kernels/sparse_ffn/cpu_ops.py) are timed at their entry from the
+compiled graph: their calls include the dispatcher's few µs.
 
     scripts/dev python benchmarks/step_breakdown_cpu.py /tmp/xl [--quantization blockffn_int8]
         [--tokens 64] [--json FILE]
@@ -111,6 +113,9 @@ def main() -> None:
 
     probe = Probe()
     assert cpu_native.native_available(), "the native CPU kernel is needed"
+    from vllm_blockffn.kernels.sparse_ffn import cpu_ops
+
+    cpu_ops.implementation()  # bound to the kernel's own entry points before the probe wraps them
     cpu_native._lib = ProbedLib(cpu_native._load(), probe)
     for name in ("cpu_attn_reshape_and_cache", "cpu_attention_with_kv_cache"):
         fn = getattr(vops, name)
@@ -126,6 +131,7 @@ def main() -> None:
               kv_cache_memory_bytes=1 << 30, enable_prefix_caching=False, **kw)
     cfg = llm.llm_engine.model_config.hf_config
     LM_HEAD[0] = f"linear N={cfg.vocab_size}"
+    probe_cpp_ops(probe)
     params = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
     llm.generate([PROMPT], params, use_tqdm=False)
     RECORDER.reset()
@@ -186,6 +192,40 @@ def main() -> None:
                        "bandwidth_gbs": bw, "step_ms": step_ms, "step_mb": step_mb, "limit_ms": limit_ms, "rows": rows,
                        "layers": [{"layer": i, "union": u, "mb": mb, "median_us": us * 1e6}
                                   for (i, u), mb, us in zip(layers, expert_mb, per_layer)]}, f, indent=1)
+
+
+class _ProbedOp:
+    """A C++ op of torch.ops.blockffn_native as the compiled graph calls it (``<packet>.default(...)``),
+    timed like the ctypes calls (so its time includes the dispatcher's, a few µs)."""
+
+    def __init__(self, probe: Probe, op, tag_of) -> None:
+        self.default, self._probe, self._op, self._tag_of = self, probe, op, tag_of
+
+    def __call__(self, *args, **kwargs):
+        tag = self._tag_of(args)
+        t0 = self._probe.enter(tag)
+        r = self._op(*args, **kwargs)
+        self._probe.leave(tag, t0)
+        if tag == LM_HEAD[0]:
+            self._probe.steps += 1
+        return r
+
+
+def probe_cpp_ops(probe: Probe) -> None:
+    """Time the C++ ops (kernels/sparse_ffn/cpu_ops.py), which call the kernel without ctypes. Installed
+    after the engine is built: the compiled graph looks the op up by name on every call, and dynamo must
+    not trace the probe."""
+    from vllm_blockffn.kernels.sparse_ffn import cpu_ops
+
+    if cpu_ops.implementation() != "cpp":
+        return
+    import torch
+
+    ns = torch.ops.blockffn_native
+    for name, tag_of in (("linear", lambda a: f"linear N={a[1].shape[0]}"),
+                         ("int8_linear", lambda a: f"linear N={a[1].shape[0]}"),
+                         ("router_experts", lambda a: "router+experts")):
+        setattr(ns, name, _ProbedOp(probe, getattr(ns, name).default, tag_of))
 
 
 def _timed(probe: Probe, tag: str, fn, args, kwargs):

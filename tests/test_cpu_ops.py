@@ -9,11 +9,12 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import PROMPTS, greedy_in_fresh_process
 from vllm_blockffn.kernels.dispatch import THRESHOLDS
-from vllm_blockffn.kernels.quant import dequantize_rows, quantize_rows
+from vllm_blockffn.kernels.quant import dequantize_rows, quantize_experts, quantize_rows
 from vllm_blockffn.kernels.sparse_ffn import cpu_native, cpu_ops
 
 pytestmark = pytest.mark.skipif(not cpu_native.native_available(), reason="native CPU kernel did not build")
@@ -85,6 +86,74 @@ def test_ops_name_what_is_wrong(monkeypatch):
         cpu_ops.linear(torch.randn(1, 20), w)
 
 
+def _layer(dtype: str, E: int = 16, D: int = 24, H: int = 64, seed: int = 0):
+    """x-independent weights of one layer: router, norm, experts (int8: + scales and W_up's row sums)."""
+    g = torch.Generator().manual_seed(seed)
+    xdt = torch.float32 if dtype == "fp32" else torch.bfloat16
+    w_r = (torch.randn(E, H, generator=g) / H**0.5).to(xdt)
+    norm_w = (1 + 0.1 * torch.randn(E, generator=g)).to(xdt)
+    w_up, w_down_t = torch.randn(E, D, H, generator=g) / H**0.5, torch.randn(E, D, H, generator=g) / D**0.5
+    if dtype == "int8":
+        qu, su, qd, sd = quantize_experts(w_up, w_down_t)
+        return xdt, w_r, norm_w, qu, qd, (su, sd, cpu_native.int8_row_sums(qu))
+    return xdt, w_r, norm_w, w_up.to(xdt), w_down_t.to(xdt), (None, None, None)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_router_experts_op_equals_the_bound_python_route(dtype):
+    """Decode sizes: the C++ op's one kernel call is NativeExperts.with_router's, bit for bit, counters
+    included; the layout is used only when written for this many tokens (else one segment, no counters)."""
+    xdt, w_r, norm_w, w_up, w_down_t, (su, sd, rs) = _layer(dtype)
+    bound = cpu_native.bound_experts(w_up, w_down_t, su, sd)
+    for lengths in ([1], [1, 1, 1, 1], [4], [4, 3, 1]):
+        T = sum(lengths)
+        cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+        x = torch.randn(T, 64, generator=torch.Generator().manual_seed(T)).to(xdt)
+        layout = torch.zeros(8, dtype=torch.int32)
+        layout[:2] = torch.tensor([T, len(lengths)])
+        layout[2:3 + len(lengths)] = cu
+        got, want = torch.zeros(5, dtype=torch.int64), np.zeros(5, dtype=np.int64)
+        y = torch.ops.blockffn_native.router_experts(x, w_r, norm_w, 1e-5, w_up, w_down_t, layout, got, su, sd, rs,
+                                                     "auto", 0, 1, True)
+        ref = bound.with_router(x, w_r, norm_w, 1e-5, cu, want)
+        assert torch.equal(y, ref), (dtype, lengths)
+        assert got.tolist() == want.tolist() and want[2] == len(lengths), (dtype, lengths)
+        layout[0] = T + 1  # written for another step: one segment, no counters
+        y1 = torch.ops.blockffn_native.router_experts(x, w_r, norm_w, 1e-5, w_up, w_down_t, layout, got, su, sd, rs,
+                                                      "auto", 0, 1, True)
+        assert torch.equal(y1, bound.with_router(x, w_r, norm_w, 1e-5, cu[[0, -1]])) and got.tolist() == want.tolist()
+
+
+def test_router_experts_op_hands_long_steps_to_the_python_op():
+    import vllm_blockffn.serving.layers.blockffn  # noqa: F401  (registers vllm::blockffn_router_experts)
+
+    xdt, w_r, norm_w, w_up, w_down_t, _ = _layer("bf16")
+    T = THRESHOLDS.cpu_linear_max_tokens + 5
+    x = torch.randn(T, 64).to(xdt)
+    layout = torch.tensor([T, 1, 0, T], dtype=torch.int32)
+    y = torch.ops.blockffn_native.router_experts(x, w_r, norm_w, 1e-5, w_up, w_down_t, layout, None, None, None, None,
+                                                 "auto", 0, 1, False)
+    ref = torch.ops.vllm.blockffn_router_experts(x, w_r, norm_w, 1e-5, w_up, w_down_t, "auto", 0, 1, False)
+    assert torch.equal(y, ref)
+
+
+def test_router_experts_op_names_what_is_wrong():
+    if cpu_ops.implementation() != "cpp":
+        pytest.skip("the C++ op's messages")
+    xdt, w_r, norm_w, w_up, w_down_t, _ = _layer("bf16")
+    x, layout = torch.randn(1, 64).to(xdt), torch.zeros(4, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"w_router BFloat16 \[16, 63\], norm_w \[16\]; expected BFloat16 \[16, 64\]"):
+        torch.ops.blockffn_native.router_experts(x, w_r[:, :63], norm_w, 1e-5, w_up, w_down_t, layout, None, None, None,
+                                                 None, "auto", 0, 1, False)
+    _, w_r, norm_w, qu, qd, (su, sd, rs) = _layer("int8")
+    with pytest.raises(ValueError, match=r"int8 experts: expected contiguous up_scale float32 \[16, 24\]"):
+        torch.ops.blockffn_native.router_experts(x, w_r, norm_w, 1e-5, qu, qd, layout, None, su, sd, None, "auto", 0, 1,
+                                                 False)
+    with pytest.raises(ValueError, match=r"segments: Long"):
+        torch.ops.blockffn_native.router_experts(x, w_r, norm_w, 1e-5, qu, qd, layout.long(), None, su, sd, rs, "auto",
+                                                 0, 1, False)
+
+
 def test_a_bad_ops_switch_is_named():
     code = "from vllm_blockffn.kernels.sparse_ffn import cpu_ops; cpu_ops.implementation()"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
@@ -94,9 +163,10 @@ def test_a_bad_ops_switch_is_named():
 
 @pytest.mark.slow
 def test_engine_with_the_python_ops_gives_the_same_tokens():
-    """The served bf16 model with the Python implementation of the ops (VLLM_BLOCKFFN_CPU_OPS=python, as on
-    machines without a C++ compiler) and with the C++ one: the same greedy tokens."""
-    kw = dict(max_tokens=12, dtype="bfloat16")
-    cpp = greedy_in_fresh_process(MODEL, PROMPTS[:3], **kw)
-    py = greedy_in_fresh_process(MODEL, PROMPTS[:3], env={cpu_ops.OPS_ENV: "python"}, **kw)
-    assert [list(o.outputs[0].token_ids) for o in cpp] == [list(o.outputs[0].token_ids) for o in py]
+    """The served bf16 and int8 model with the Python implementation of the ops (VLLM_BLOCKFFN_CPU_OPS=python,
+    as on machines without a C++ compiler) and with the C++ one, requests batched: the same greedy tokens."""
+    for quant in ({}, {"quantization": "blockffn_int8"}):
+        kw = dict(max_tokens=12, dtype="bfloat16", **quant)
+        cpp = greedy_in_fresh_process(MODEL, PROMPTS[:4], **kw)
+        py = greedy_in_fresh_process(MODEL, PROMPTS[:4], env={cpu_ops.OPS_ENV: "python"}, **kw)
+        assert [list(o.outputs[0].token_ids) for o in cpp] == [list(o.outputs[0].token_ids) for o in py], kw

@@ -14,22 +14,35 @@
 // cpu_linear.native_rows and quantization.int8_linear, the Python implementations of this op on
 // machines where this file cannot be built.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstring>
 #include <optional>
+#include <vector>
 
 namespace {
 
 using linear_fn = int (*)(const void *x, long ldx, int xdt, const void *w, int wdt, long M, long N, long K,
                           void *y, long ldy, int nthreads, int isa, const float *scale, const int32_t *rowsum);
 using resolve_fn = int (*)(int isa);
+using router_fn = int (*)(const void *x, long ldx, int xdt, const void *w_r, int wdt_r, const float *norm_w, float eps,
+                          const void *w_up, const void *w_down, int wdt, const int32_t *cu, long S, long T, long E,
+                          long D, long H, void *y, int nthreads, float up_row_cost, int allow_dense,
+                          long min_dense_tokens, float max_pair_fraction, int64_t *stats, int isa,
+                          const float *up_scale, const float *down_scale, const int32_t *up_rowsum);
 
 constexpr int ISA_AVX512_BF16 = 3, ISA_AMX = 4;  // cpu_native.c's codes
 
 struct Bound {
   linear_fn linear = nullptr;
   resolve_fn resolve = nullptr;
+  router_fn router = nullptr;
+  float up_row_cost = 3.0f;       // cpu_native.UP_ROW_COST
+  int64_t min_dense_tokens = 0;   // THRESHOLDS.cpu_min_dense_tokens (passed; the fused route never goes dense)
+  float max_pair_fraction = 1.0f; // THRESHOLDS.cpu_max_pair_fraction
   int threads = 0;
   int64_t max_rows = 0;      // THRESHOLDS.cpu_linear_max_tokens
   int64_t max_rows_amx = 0;  // THRESHOLDS.cpu_linear_max_tokens_amx (bf16, AMX CPUs)
@@ -102,7 +115,113 @@ at::Tensor int8_linear(const at::Tensor &x, const at::Tensor &weight, const at::
   return run(x, weight, weight_scale, row_sums);
 }
 
+// The layer's router and experts (BlockFFN._fuses_router) for decode-size steps: one call of the kernel's
+// blockffn_router_sparse_ffn, as NativeExperts.with_router makes it. `segments` is the step's request
+// layout as blockffn_publish_segments wrote it once per step (int32: [tokens, S, cu_0 .. cu_S]; S = 0 when
+// no layout is known): used when it was written for this many tokens, else the whole batch is one
+// segment and no counters are added (as blockffn.py's _cpu_segments). `stats`: the layer's int64 [5]
+// counter row (observe/stats.py), added to when `record`. Longer steps (prefill) go to the Python op
+// vllm::blockffn_router_experts, which runs them as torch ops and grouped GEMMs.
+at::Tensor router_experts(const at::Tensor &x, const at::Tensor &w_router, const at::Tensor &norm_w, double eps,
+                          const at::Tensor &w_up, const at::Tensor &w_down_t, const at::Tensor &segments,
+                          const std::optional<at::Tensor> &stats, const std::optional<at::Tensor> &up_scale,
+                          const std::optional<at::Tensor> &down_scale, const std::optional<at::Tensor> &up_row_sums,
+                          c10::string_view backend, int64_t layer_id, int64_t expert_bytes, bool record) {
+  TORCH_CHECK(g.router != nullptr, "blockffn_native::router_experts: the native CPU kernel is not bound");
+  const int64_t T = x.dim() == 2 ? x.size(0) : -1;
+  if (T > g.max_rows) {
+    static const c10::OperatorHandle op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("vllm::blockffn_router_experts", "");
+    torch::jit::Stack st{x, w_router, norm_w, eps, w_up, w_down_t, std::string(backend), layer_id, expert_bytes,
+                         record, up_scale, down_scale};
+    op.callBoxed(&st);
+    return st[0].toTensor();
+  }
+  TORCH_CHECK_VALUE(w_up.dim() == 3 && w_down_t.sizes() == w_up.sizes(), "sparse_ffn: w_up ", w_up.sizes(),
+                    ", w_down_t ", w_down_t.sizes(), "; expected both [E, D, H]");
+  const int64_t E = w_up.size(0), D = w_up.size(1), H = w_up.size(2);
+  TORCH_CHECK_VALUE(T >= 0 && x.size(1) == H, "sparse_ffn: x ", x.sizes(), " for experts [E, D, H] = ", w_up.sizes(),
+                    "; expected x [T, ", H, "]");
+  const int xdt = dtype_code(x.scalar_type()), wdt = dtype_code(w_up.scalar_type());
+  TORCH_CHECK_VALUE((xdt == 0 || xdt == 1) && wdt >= 0 && w_down_t.scalar_type() == w_up.scalar_type(),
+                    "sparse_ffn: x ", x.scalar_type(), ", experts ", w_up.scalar_type(), "/", w_down_t.scalar_type(),
+                    "; expected fp32/bf16 x and fp32, bf16 or int8 experts of one dtype");
+  TORCH_CHECK_VALUE(w_router.scalar_type() == x.scalar_type() && w_router.dim() == 2 && w_router.size(0) == E &&
+                        w_router.size(1) == H && norm_w.dim() == 1 && norm_w.size(0) == E,
+                    "router: w_router ", w_router.scalar_type(), " ", w_router.sizes(), ", norm_w ", norm_w.sizes(),
+                    "; expected ", x.scalar_type(), " [", E, ", ", H, "] and [", E, "]");
+  const float *su = nullptr, *sd = nullptr;
+  const int32_t *rs = nullptr;
+  if (wdt == 2) {
+    TORCH_CHECK_VALUE(up_scale.has_value() && down_scale.has_value() && up_row_sums.has_value() &&
+                          up_scale->scalar_type() == at::kFloat && down_scale->scalar_type() == at::kFloat &&
+                          up_row_sums->scalar_type() == at::kInt && up_scale->numel() == E * D &&
+                          down_scale->numel() == E * H && up_row_sums->numel() == E * D && up_scale->is_contiguous() &&
+                          down_scale->is_contiguous() && up_row_sums->is_contiguous(),
+                      "int8 experts: expected contiguous up_scale float32 [", E, ", ", D, "], down_scale float32 [", E,
+                      ", ", H, "] and up_row_sums int32 [", E, ", ", D, "] (cpu_native.int8_row_sums)");
+    su = up_scale->data_ptr<float>();
+    sd = down_scale->data_ptr<float>();
+    rs = up_row_sums->data_ptr<int32_t>();
+  }
+  TORCH_CHECK_VALUE(segments.scalar_type() == at::kInt && segments.dim() == 1 && segments.is_contiguous(),
+                    "segments: ", segments.scalar_type(), " ", segments.sizes(), "; expected contiguous int32 [n]");
+  const int32_t *seg = segments.data_ptr<int32_t>();
+  const int64_t n = segments.numel();
+  int32_t whole[2] = {0, static_cast<int32_t>(T)};
+  const int32_t *cu = whole;
+  long S = 1;
+  int64_t *counters = nullptr;
+  if (n >= 4 && seg[0] == T && seg[1] >= 1 && seg[1] + 3 <= n) {  // this step's request layout
+    cu = seg + 2;
+    S = seg[1];
+    if (record && stats.has_value()) {
+      TORCH_CHECK_VALUE(stats->scalar_type() == at::kLong && stats->numel() == 5 && stats->is_contiguous(),
+                        "stats: expected the layer's contiguous int64 [5] counter row");
+      counters = stats->data_ptr<int64_t>();
+    }
+  }
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  const at::Tensor wr = w_router.contiguous(), wu = w_up.contiguous(), wd = w_down_t.contiguous();
+  // the norm weight in fp32 (the kernel's operand), converted here without an ATen op: E values
+  thread_local std::vector<float> norm;
+  norm.resize(E);
+  const at::Tensor nw = norm_w.contiguous();
+  TORCH_CHECK_VALUE(nw.scalar_type() == at::kFloat || nw.scalar_type() == at::kBFloat16, "router: norm_w ",
+                    nw.scalar_type(), "; expected float32 or bfloat16");
+  if (nw.scalar_type() == at::kFloat) {
+    std::memcpy(norm.data(), nw.data_ptr<float>(), E * sizeof(float));
+  } else {
+    const uint16_t *b = reinterpret_cast<const uint16_t *>(nw.data_ptr());
+    for (int64_t e = 0; e < E; e++) {
+      const uint32_t bits = static_cast<uint32_t>(b[e]) << 16;
+      std::memcpy(&norm[e], &bits, sizeof(float));
+    }
+  }
+  at::Tensor y = at::empty({T, H}, x.options());
+  const int rc = g.router(xc.data_ptr(), xc.stride(0), xdt, wr.data_ptr(), xdt, norm.data(),
+                          static_cast<float>(eps), wu.data_ptr(), wd.data_ptr(), wdt, cu, S, T, E, D, H, y.data_ptr(),
+                          g.threads, g.up_row_cost, 0, g.min_dense_tokens, g.max_pair_fraction, counters, -1, su, sd,
+                          rs);
+  if (rc == -3) isa_now();  // raises, naming the variable
+  TORCH_CHECK_VALUE(rc != -2, "blockffn router + sparse_ffn CPU kernel: bad arguments (x ", x.sizes(), ", w_up ",
+                    w_up.sizes(), ")");
+  TORCH_CHECK(rc == 0, "blockffn router + sparse_ffn CPU kernel: out of memory");
+  (void)layer_id;
+  (void)expert_bytes;
+  return y;
+}
+
 }  // namespace
+
+extern "C" int blockffn_ops_bind_experts(void *router, float up_row_cost, long min_dense_tokens,
+                                         float max_pair_fraction) {
+  g.router = reinterpret_cast<router_fn>(router);
+  g.up_row_cost = up_row_cost;
+  g.min_dense_tokens = min_dense_tokens;
+  g.max_pair_fraction = max_pair_fraction;
+  return 0;
+}
 
 extern "C" int blockffn_ops_bind(void *linear, void *resolve, int threads, long max_rows, long max_rows_amx) {
   g.linear = reinterpret_cast<linear_fn>(linear);
@@ -116,9 +235,13 @@ extern "C" int blockffn_ops_bind(void *linear, void *resolve, int threads, long 
 TORCH_LIBRARY(blockffn_native, m) {
   m.def("linear(Tensor x, Tensor weight) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor row_sums) -> Tensor");
+  m.def("router_experts(Tensor x, Tensor w_router, Tensor norm_w, float eps, Tensor w_up, Tensor w_down_t, "
+        "Tensor segments, Tensor? stats, Tensor? up_scale, Tensor? down_scale, Tensor? up_row_sums, str backend, "
+        "int layer_id, int expert_bytes, bool record) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(blockffn_native, CPU, m) {
   m.impl("linear", linear);
   m.impl("int8_linear", int8_linear);
+  m.impl("router_experts", router_experts);
 }

@@ -1,9 +1,10 @@
-"""``torch.ops.blockffn_native``: the decode-size linears of BlockFFN models on CPUs as torch ops in C++.
+"""``torch.ops.blockffn_native``: the per-layer CPU calls of a BlockFFN decode step as torch ops in C++.
 
-Why: an XLarge-sized decode step calls ~70 linears (attention projections, lm_head). Through a Python
-custom op each call costs ~19 µs beyond the kernel (the dispatcher's Python trampoline, Python frames,
-a ctypes call with 14 arguments), run with the caches the weight stream has just flushed; in C++
-(``cpu_ops.cpp``) a call is the dispatcher, one allocation and the C call (benchmarks/RESULTS.md).
+Why: an XLarge-sized decode step calls ~70 linears (attention projections, lm_head) and 35 router +
+expert kernels. Through Python custom ops each call costs ~20 µs (linears) to ~80 µs (experts: the
+forward context, the counters, the bound weights, a ctypes call of 27 arguments) beyond the kernel, run
+with the caches the weight stream has just flushed; in C++ (``cpu_ops.cpp``) a call is the dispatcher,
+one allocation and the C call (benchmarks/RESULTS.md).
 
 What: ``linear(x [M, K], weight [N, K]) -> y [M, N]`` in x's dtype, fp32/bf16 weights (x of the same
 dtype): the native streaming kernel for :func:`native_rows`, else ``F.linear`` (oneDNN).
@@ -11,6 +12,11 @@ dtype): the native streaming kernel for :func:`native_rows`, else ``F.linear`` (
 int32 row sums (:func:`cpu_native.int8_row_sums`, made once at load): the native kernel for M ≤
 ``cpu_linear_max_tokens`` and for every M on CPUs with the VNNI int8 paths (``avx512_bf16``, ``amx``),
 else torch's weight-only int8 GEMM with the scales applied to its output.
+``router_experts(x, w_router, norm_w, eps, w_up, w_down_t, segments, stats, up_scale, down_scale,
+up_row_sums, backend, layer_id, expert_bytes, record)``: the layer's ReLU + RMS-norm router and sparse
+experts in one kernel call for decode-size steps, the step's request layout read from ``segments``
+(written once per step by the model, ``vllm::blockffn_publish_segments``), the counters added to
+``stats``; longer steps go to the Python op ``vllm::blockffn_router_experts``.
 
 How: ``cpu_ops.cpp`` is compiled on first use with the C++ compiler against the installed torch (cached
 like the kernel, ~7 s once) and loaded with ``torch.ops.load_library``; it gets the kernel's entry
@@ -71,8 +77,24 @@ def int8_linear_python(x: torch.Tensor, weight: torch.Tensor, weight_scale: torc
     return (y.float() * weight_scale).to(x.dtype)
 
 
+def router_experts_python(x: torch.Tensor, w_router: torch.Tensor, norm_w: torch.Tensor, eps: float,
+                          w_up: torch.Tensor, w_down_t: torch.Tensor, segments: torch.Tensor,
+                          stats: torch.Tensor | None, up_scale: torch.Tensor | None, down_scale: torch.Tensor | None,
+                          up_row_sums: torch.Tensor | None, backend: str, layer_id: int, expert_bytes: int,
+                          record: bool) -> torch.Tensor:
+    """``router_experts`` in Python: the serving layer's Python op (``vllm::blockffn_router_experts``,
+    vllm_blockffn/serving/layers/blockffn.py), which reads the step's layout from vLLM's forward context
+    itself (the same layout ``segments`` holds) and binds its own row sums."""
+    return torch.ops.vllm.blockffn_router_experts(x, w_router, norm_w, eps, w_up, w_down_t, backend, layer_id,
+                                                  expert_bytes, record, up_scale, down_scale)
+
+
 def _linear_fake(x: torch.Tensor, weight: torch.Tensor, *scales: torch.Tensor) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _router_experts_fake(x: torch.Tensor, *args) -> torch.Tensor:
+    return torch.empty_like(x)
 
 
 def _cxx_flags() -> list[str]:
@@ -94,6 +116,10 @@ def _open_cpp(path: str) -> str | None:
         so.blockffn_ops_bind(ctypes.cast(kernel.blockffn_linear, ctypes.c_void_p),
                              ctypes.cast(kernel.blockffn_resolve_isa, ctypes.c_void_p), cpu_native.threads(),
                              THRESHOLDS.cpu_linear_max_tokens, THRESHOLDS.cpu_linear_max_tokens_amx)
+        so.blockffn_ops_bind_experts.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_long, ctypes.c_float]
+        so.blockffn_ops_bind_experts(ctypes.cast(kernel.blockffn_router_sparse_ffn, ctypes.c_void_p),
+                                     cpu_native.UP_ROW_COST, THRESHOLDS.cpu_min_dense_tokens,
+                                     THRESHOLDS.cpu_max_pair_fraction)
     except (OSError, AttributeError, RuntimeError, ctypes.ArgumentError) as exc:
         logger.debug("blockffn: cannot load %s: %s", path, exc)
         return None
@@ -110,7 +136,11 @@ def _register_python() -> None:
     lib.define("linear(Tensor x, Tensor weight) -> Tensor")
     lib.define("int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor row_sums) -> Tensor")
     lib.impl("linear", linear_python, "CPU")
+    lib.define("router_experts(Tensor x, Tensor w_router, Tensor norm_w, float eps, Tensor w_up, Tensor w_down_t, "
+               "Tensor segments, Tensor? stats, Tensor? up_scale, Tensor? down_scale, Tensor? up_row_sums, "
+               "str backend, int layer_id, int expert_bytes, bool record) -> Tensor")
     lib.impl("int8_linear", int8_linear_python, "CPU")
+    lib.impl("router_experts", router_experts_python, "CPU")
     _keep.append(lib)
 
 
@@ -134,6 +164,7 @@ def implementation() -> str:
                     _register_python()
                 torch.library.register_fake("blockffn_native::linear")(_linear_fake)
                 torch.library.register_fake("blockffn_native::int8_linear")(_linear_fake)
+                torch.library.register_fake("blockffn_native::router_experts")(_router_experts_fake)
                 _impl = impl
     return _impl
 

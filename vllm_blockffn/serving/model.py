@@ -19,8 +19,10 @@ from vllm.model_executor.models.utils import (
     make_empty_intermediate_tensors_factory,
     make_layers,
 )
+from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
+from vllm_blockffn.kernels.sparse_ffn import cpu_native, cpu_ops
 from vllm_blockffn.observe.stats import RECORDER
 from vllm_blockffn.patches import worker_step_end
 from vllm_blockffn.serving import hugepages
@@ -74,8 +76,20 @@ class BlockFFNModel(MiniCPMModel):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states"], self.config.hidden_size)
+        # CPUs with the C++ expert op: the step's request layout, written once per step by forward() and read
+        # by every BlockFFN layer (blockffn.py, _publish_segments): [tokens, S, cu_0 .. cu_S], S ≤ max_num_seqs.
+        ffns = [m for m in self.modules() if isinstance(m, BlockFFN)]
+        layout = None
+        if current_platform.is_cpu() and ffns and cpu_native.native_available():
+            cpu_ops.implementation()  # the ops registered (built on first use) before any graph refers to them
+            layout = torch.zeros(vllm_config.scheduler_config.max_num_seqs + 3, dtype=torch.int32)
+            for m in ffns:
+                m.step_segments = layout
+        self.register_buffer("step_segments", layout, persistent=False)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        if self.step_segments is not None:
+            torch.ops.vllm.blockffn_publish_segments(self.step_segments, positions)
         if intermediate_tensors is not None:  # MiniCPMModel reads a residual, which its layers ignore
             intermediate_tensors = IntermediateTensors(
                 {"hidden_states": intermediate_tensors["hidden_states"], "residual": None})

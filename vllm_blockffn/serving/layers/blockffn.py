@@ -111,6 +111,13 @@ class BlockFFN(nn.Module):
         self.record_stats = stats_enabled()
         if self.record_stats:  # the counters are allocated now, on the weights' device, never inside a graph
             RECORDER.add_layer(self.layer_id, model_name, E, self.expert_bytes, self.up_proj.device)
+        # CPUs, C++ route (torch.ops.blockffn_native.router_experts): the step's request layout, a buffer the
+        # model shares with its layers and fills once per step (BlockFFNModel.forward), and the layer's
+        # counter row as a tensor over the recorder's numpy row (the kernel adds to it).
+        self.register_buffer("step_segments", None, persistent=False)
+        row = RECORDER.host_row(self.layer_id, E, self.expert_bytes) if self.record_stats and \
+            self.up_proj.device.type == "cpu" else None
+        self.register_buffer("stats_row", None if row is None else torch.from_numpy(row), persistent=False)
 
     # -- weight loading: checkpoint layout → [E, D_local, H] ---------------------------------
     def _check_shape(self, name: str, loaded: torch.Tensor, expected: tuple[int, ...]) -> None:
@@ -188,8 +195,15 @@ class BlockFFN(nn.Module):
         scales = (self.up_proj_scale if q else None, self.down_proj_scale if q else None)
         args = (self.backend, self.layer_id, self.expert_bytes, self.record_stats, *scales)
         if self._fuses_router(x):
-            y = torch.ops.vllm.blockffn_router_experts(x, self.router_proj.weight, self.router_norm.weight,
-                                                       self.spec.rms_norm_eps, self.up_proj, self.down_proj, *args)
+            if self.step_segments is not None:  # one C++ op: no Python per decode step (cpu_ops.py)
+                sums = self.up_proj_row_sums if q else None
+                y = torch.ops.blockffn_native.router_experts(
+                    x, self.router_proj.weight, self.router_norm.weight, self.spec.rms_norm_eps, self.up_proj,
+                    self.down_proj, self.step_segments, self.stats_row, *scales, sums, *args[:4])
+            else:
+                y = torch.ops.vllm.blockffn_router_experts(x, self.router_proj.weight, self.router_norm.weight,
+                                                           self.spec.rms_norm_eps, self.up_proj, self.down_proj,
+                                                           *args)
             return tensor_model_parallel_all_reduce(y) if self.tp_size > 1 else y
         scores = self.router(x)
         if segments.on_accelerator(x):
@@ -252,6 +266,24 @@ def _cpu_segments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     if starts is None:
         return segments.whole_batch(x.shape[0], x.device, graph_safe=False), None
     return (starts if starts.dtype == torch.int32 else starts.to(torch.int32)), starts
+
+
+def _publish_segments(layout: torch.Tensor, positions: torch.Tensor) -> None:
+    """Once per step on CPUs (BlockFFNModel.forward): this step's request layout into the buffer the layers'
+    C++ expert op reads (int32 [tokens, S, cu_0 .. cu_S], S = 0 when no layout is known or it does not fit:
+    the op then takes the whole batch as one segment and adds no counters, as :func:`_cpu_segments`)."""
+    num_tokens = positions.shape[0]
+    starts = segments.request_starts(num_tokens)
+    buf = layout.numpy()
+    n = 0 if starts is None else starts.shape[0]
+    buf[0], buf[1] = num_tokens, 0
+    if 2 <= n <= buf.shape[0] - 2:
+        buf[2:2 + n] = starts.numpy()
+        buf[1] = n - 1
+
+
+def _publish_segments_fake(layout: torch.Tensor, positions: torch.Tensor) -> None:
+    return None
 
 
 def _experts_cpu(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
@@ -331,6 +363,8 @@ def _blockffn_experts_with_output_fake(x: torch.Tensor, scores: torch.Tensor, w_
 
 
 direct_register_custom_op("blockffn_experts", _blockffn_experts, fake_impl=_blockffn_experts_fake)
+direct_register_custom_op("blockffn_publish_segments", _publish_segments, mutates_args=["layout"],
+                          fake_impl=_publish_segments_fake)
 direct_register_custom_op("blockffn_router_experts", _blockffn_router_experts,
                           fake_impl=_blockffn_router_experts_fake)
 direct_register_custom_op("blockffn_experts_with_output", _blockffn_experts_with_output, mutates_args=["output"],

@@ -208,6 +208,8 @@ class Int8ExpertsMethod(QuantizeMethodBase):
             if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
                 raise BlockFFNWeightQuantError(f"weight '{layer.prefix}.{name}' holds negative or non-finite "
                                                f"scales; expected max|row| / {QMAX} ≥ 0")
+        if layer.up_proj.device.type == "cpu":  # W_up's row sums for the VNNI dot products, made once here
+            layer.up_proj_row_sums = Parameter(cpu_native.int8_row_sums(layer.up_proj.data), requires_grad=False)
 
     def apply(self, layer: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError("BlockFFN.forward passes the scales to the expert kernels")
