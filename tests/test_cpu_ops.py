@@ -161,6 +161,17 @@ def test_a_bad_ops_switch_is_named():
     assert r.returncode != 0 and "VLLM_BLOCKFFN_CPU_OPS='fortran'; expected 'auto' or 'python'" in r.stderr
 
 
+def test_a_failing_cxx_build_falls_back_to_the_python_ops_with_one_warning(tmp_path):
+    code = ("import logging; logging.basicConfig(); from vllm_blockffn.kernels.sparse_ffn import cpu_ops; "
+            "import torch; print('IMPL', cpu_ops.implementation()); "
+            "print('Y', cpu_ops.linear(torch.ones(1, 4), torch.ones(3, 4)).tolist())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "CXX": "false", "VLLM_BLOCKFFN_CACHE_DIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert "IMPL python" in r.stdout and "Y [[4.0, 4.0, 4.0]]" in r.stdout
+    assert r.stderr.count("C++ CPU ops unavailable") == 1, r.stderr
+
+
 @pytest.mark.slow
 def test_engine_with_the_python_ops_gives_the_same_tokens():
     """The served bf16 and int8 model with the Python implementation of the ops (VLLM_BLOCKFFN_CPU_OPS=python,

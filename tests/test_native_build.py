@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 
@@ -73,6 +74,21 @@ def test_check_env_names_the_path(isa):
     else:
         want = isa if cpu_native.ISAS.index(isa) <= cpu_native.ISAS.index(best) else best
         assert f"ISA path {want} " in line and f"widest this CPU runs: {best}" in line, line
+
+
+@pytest.mark.parametrize("ops", ["auto", "python"])
+def test_check_env_names_the_ops_implementation(ops):
+    """`check --env` says whether the per-layer calls run as C++ torch ops (cpu_ops.py) or in Python."""
+    from vllm_blockffn.kernels.sparse_ffn import cpu_native
+
+    if not cpu_native.native_available():
+        pytest.skip("no native kernel: no per-layer ops")
+    r = subprocess.run([sys.executable, "-m", "vllm_blockffn.tools.cli", "check", "--env"], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "VLLM_BLOCKFFN_CPU_OPS": ops})
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("per-layer calls"))
+    has_cxx = bool(os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++"))
+    assert ("C++ torch ops" in line) == (ops == "auto" and has_cxx), line
 
 
 @pytest.mark.parametrize("setting", ["auto", "off"])

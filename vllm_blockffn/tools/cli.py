@@ -76,6 +76,13 @@ def _check_env() -> int:
         if cpu_native.isa_at_least("amx"):
             lines.append("AMX tiles: linears from 2 rows (bf16 and int8), bf16 experts from 8 tokens per active "
                          "expert (kernels/dispatch.py); smaller steps run the AVX512_BF16 code")
+        from vllm_blockffn.kernels.sparse_ffn import cpu_ops
+
+        impl = cpu_ops.implementation()
+        lines.append("per-layer calls (linears, router + experts): " + (
+            "C++ torch ops (torch.ops.blockffn_native)" if impl == "cpp" else
+            f"the Python implementation of torch.ops.blockffn_native ({cpu_ops.OPS_ENV}=python or no C++ build: "
+            f"~20-80 µs more per call)"))
     else:
         lines.append("native CPU kernel: unavailable (the warning says why, or VLLM_BLOCKFFN_CPU_NATIVE=0); "
                      "CPU experts: PyTorch path; linears: vLLM's own")
