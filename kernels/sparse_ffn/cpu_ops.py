@@ -101,7 +101,9 @@ def _cxx_flags() -> list[str]:
     root = os.path.dirname(torch.__file__)
     inc, lib = os.path.join(root, "include"), os.path.join(root, "lib")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return ["-O2", "-shared", "-fPIC", "-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{inc}",
+    # torch's version in the flags, so in the build's cache key: a torch upgraded in place builds anew
+    return ["-O2", "-shared", "-fPIC", "-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            f"-DBLOCKFFN_TORCH_VERSION=\"{torch.__version__}\"", f"-I{inc}",
             f"-I{os.path.join(inc, 'torch', 'csrc', 'api', 'include')}", f"-I{sysconfig.get_paths()['include']}",
             f"-L{lib}", f"-Wl,-rpath,{lib}"]
 
