@@ -1,6 +1,6 @@
-// torch ops over the native CPU kernel (cpu_native.c), for the calls a decode step makes dozens of
-// times: `blockffn_native::linear` and `::int8_linear` (the streaming GEMV of the attention projections and
-// the lm_head).
+// torch ops over the native CPU kernel (cpu_native.c), for the calls a decode step makes once or twice per
+// layer: `blockffn_native::linear` and `::int8_linear` (the streaming GEMV of the attention projections and
+// the lm_head) and `::router_experts` (the layer's router and sparse experts in one kernel call).
 //
 // Why C++: the same call as a Python custom op runs the dispatcher's Python trampoline, a few Python
 // frames and a ctypes call with 14 converted arguments, ~19 µs per call with the caches the weight
@@ -11,8 +11,8 @@
 // to blockffn_ops_bind once): this object does not link against it, so one kernel build serves
 // both, and a compiled graph refers to the op by name only (no addresses in cached graphs).
 // The rules for which sizes take the kernel are kernels/dispatch.py's, bound with it; they mirror
-// cpu_linear.native_rows and quantization.int8_linear, the Python implementations of this op on
-// machines where this file cannot be built.
+// cpu_ops.py's native_rows / linear_python / int8_linear_python, the Python implementations of these ops
+// on machines where this file cannot be built.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
@@ -207,8 +207,6 @@ at::Tensor router_experts(const at::Tensor &x, const at::Tensor &w_router, const
   TORCH_CHECK_VALUE(rc != -2, "blockffn router + sparse_ffn CPU kernel: bad arguments (x ", x.sizes(), ", w_up ",
                     w_up.sizes(), ")");
   TORCH_CHECK(rc == 0, "blockffn router + sparse_ffn CPU kernel: out of memory");
-  (void)layer_id;
-  (void)expert_bytes;
   return y;
 }
 
