@@ -224,8 +224,10 @@ def probe_cpp_ops(probe: Probe) -> None:
     ns = torch.ops.blockffn_native
     for name, tag_of in (("linear", lambda a: f"linear N={a[1].shape[0]}"),
                          ("int8_linear", lambda a: f"linear N={a[1].shape[0]}"),
-                         ("router_experts", lambda a: "router+experts")):
-        setattr(ns, name, _ProbedOp(probe, getattr(ns, name).default, tag_of))
+                         ("router_experts", lambda a: "router+experts"),
+                         ("attention", lambda a: "attention (C++: KV update + kernel)")):
+        if hasattr(ns, name):
+            setattr(ns, name, _ProbedOp(probe, getattr(ns, name).default, tag_of))
 
 
 def _timed(probe: Probe, tag: str, fn, args, kwargs):

@@ -1,6 +1,7 @@
 // torch ops over the native CPU kernel (cpu_native.c), for the calls a decode step makes once or twice per
 // layer: `blockffn_native::linear` and `::int8_linear` (the streaming GEMV of the attention projections and
-// the lm_head) and `::router_experts` (the layer's router and sparse experts in one kernel call).
+// the lm_head), `::router_experts` (the layer's router and sparse experts in one kernel call) and
+// `::attention` (vLLM's CPU attention kernels for one layer, the step's metadata published once).
 //
 // Why C++: the same call as a Python custom op runs the dispatcher's Python trampoline, a few Python
 // frames and a ctypes call with 14 converted arguments, ~19 µs per call with the caches the weight
@@ -21,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace {
@@ -210,6 +212,160 @@ at::Tensor router_experts(const at::Tensor &x, const at::Tensor &w_router, const
   return y;
 }
 
+// ---- attention: vLLM's CPU attention kernels for one layer in one call ----------------------------------
+// vLLM runs a layer's attention as two Python custom ops (unified_kv_cache_update, then
+// unified_attention_with_output), each looking up the forward context, the layer and its metadata and
+// calling the kernel through a Python wrapper: ~90 µs a layer between the qkv linear and the attention
+// kernel, 3 ms of an XLarge-sized decode step (benchmarks/RESULTS.md). Here the model publishes the step's
+// metadata once (serving/layers/cpu_attention.py, from the step's first op) and each layer makes one call:
+// vLLM's own two kernels (_C::cpu_attn_reshape_and_cache, _C::cpu_attention_with_kv_cache) with the
+// arguments CPUAttentionBackendImpl passes them, for the layers it installs on (decoder attention,
+// "auto" KV cache, no ALiBi, sinks, KV sharing or KV transfer).
+
+struct AttnLayer {  // static per layer: published when the model's KV caches are (re)bound
+  at::Tensor key_cache, value_cache;  // views of the layer's cache [blocks, kv_heads, block_size, head]
+  std::string isa;
+  double scale = 1.0, softcap = 0.0, k_scale = 1.0, v_scale = 1.0;
+  int64_t sliding_window = -1;
+};
+struct AttnStep {  // one per distinct metadata object of a step (normally one: one KV cache group)
+  at::Tensor query_start_loc, seq_lens, block_table, scheduler_metadata, slot_mapping;
+  std::optional<at::Tensor> dynamic_causal;
+  int64_t num_actual_tokens = 0;
+  bool causal = true, has_slots = false;
+};
+struct AttnModel {
+  const void *key = nullptr;  // the model's layout buffer (the `step` tensor every layer's call takes)
+  std::vector<AttnLayer> layers;
+  std::vector<AttnStep> sets;
+  std::vector<int64_t> layer_set;  // per layer: its entry in `sets`, -1 = no metadata (warm-up, profiling)
+};
+std::vector<AttnModel> models;  // one per live model of the process (normally one)
+
+AttnModel &model_for(const at::Tensor &step, bool create) {
+  for (auto &m : models)
+    if (m.key == step.data_ptr()) return m;
+  TORCH_CHECK(create, "blockffn_native::attention: no attention published for this model's step buffer "
+              "(serving/layers/cpu_attention.py publishes it once per step)");
+  models.emplace_back();
+  models.back().key = step.data_ptr();
+  return models.back();
+}
+
+// kv_caches[i]: layer i's cache [blocks, kv_heads, block_size, 2 * head]; params: 5 per layer (scale,
+// sliding_window, softcap, k_scale, v_scale).
+void attention_layers(const at::Tensor &step, at::TensorList kv_caches, const std::vector<std::string> &isas,
+                      at::ArrayRef<double> params) {
+  const size_t n = kv_caches.size();
+  TORCH_CHECK_VALUE(isas.size() == n && params.size() == 5 * n, "attention_layers: ", n, " kv_caches, ",
+                    isas.size(), " isas, ", params.size(), " params; expected ", n, ", ", n, " and ", 5 * n);
+  AttnModel &m = model_for(step, true);
+  m.layers.assign(n, AttnLayer{});
+  m.layer_set.assign(n, -1);
+  m.sets.clear();
+  for (size_t i = 0; i < n; i++) {
+    const at::Tensor &c = kv_caches[i];
+    AttnLayer &l = m.layers[i];
+    if (c.numel() > 0) {  // vLLM binds the caches after the model is built (an empty tensor until then)
+      TORCH_CHECK_VALUE(c.dim() == 4 && c.size(3) % 2 == 0, "attention_layers: kv_caches[", i, "] ", c.sizes(),
+                        "; expected [blocks, kv_heads, block_size, 2 * head_size]");
+      // as CPUAttentionBackendImpl: [blocks, kv_heads, block_size * 2, head] split in two along dim 2
+      auto kv = c.view({c.size(0), c.size(1), c.size(2) * 2, -1}).chunk(2, 2);
+      l.key_cache = kv[0];
+      l.value_cache = kv[1];
+    }
+    l.isa = isas[i];
+    l.scale = params[5 * i];
+    l.sliding_window = static_cast<int64_t>(params[5 * i + 1]);
+    l.softcap = params[5 * i + 2];
+    l.k_scale = params[5 * i + 3];
+    l.v_scale = params[5 * i + 4];
+  }
+}
+
+// meta: 6 tensors per set (query_start_loc, seq_lens, block_table, scheduler_metadata, slot_mapping,
+// dynamic_causal; an empty tensor stands for None); ints: per set (num_actual_tokens, causal, has_slots,
+// has_dynamic_causal), then one set index per layer (-1: no metadata this step).
+void attention_step(const at::Tensor &step, at::TensorList meta, at::IntArrayRef ints) {
+  AttnModel &m = model_for(step, false);
+  const size_t sets = meta.size() / 6, n = m.layers.size();
+  TORCH_CHECK_VALUE(meta.size() == 6 * sets && ints.size() == 4 * sets + n, "attention_step: ", meta.size(),
+                    " tensors and ", ints.size(), " ints for ", n, " layers; expected 6 per set and 4 per set + ", n);
+  m.sets.assign(sets, AttnStep{});
+  for (size_t s = 0; s < sets; s++) {
+    AttnStep &a = m.sets[s];
+    a.query_start_loc = meta[6 * s];
+    a.seq_lens = meta[6 * s + 1];
+    a.block_table = meta[6 * s + 2];
+    a.scheduler_metadata = meta[6 * s + 3];
+    a.slot_mapping = meta[6 * s + 4];
+    if (ints[4 * s + 3]) a.dynamic_causal = meta[6 * s + 5];
+    a.num_actual_tokens = ints[4 * s];
+    a.causal = ints[4 * s + 1] != 0;
+    a.has_slots = ints[4 * s + 2] != 0;
+  }
+  for (size_t i = 0; i < n; i++) {
+    const int64_t s = ints[4 * sets + i];
+    TORCH_CHECK_VALUE(s >= -1 && s < static_cast<int64_t>(sets), "attention_step: layer ", i, " names set ", s,
+                      " of ", sets);
+    m.layer_set[i] = s;
+  }
+}
+
+void attention_release(const at::Tensor &step) {
+  for (size_t i = 0; i < models.size(); i++)
+    if (models[i].key == step.data_ptr()) {
+      models.erase(models.begin() + i);
+      return;
+    }
+}
+
+// One layer: the KV cache update, then attention over the cache (CPUAttentionBackendImpl.do_kv_cache_update
+// and .forward for decoder layers). No metadata this step (warm-up, profiling): nothing, as vLLM.
+void attention(const at::Tensor &query, const at::Tensor &key, const at::Tensor &value, at::Tensor &output,
+               const at::Tensor &step, int64_t layer) {
+  AttnModel &m = model_for(step, false);
+  TORCH_CHECK_VALUE(layer >= 0 && layer < static_cast<int64_t>(m.layers.size()), "blockffn_native::attention: layer ",
+                    layer, " of a model with ", m.layers.size(), " published attention layers");
+  const int64_t s = m.layer_set[layer];
+  if (s < 0) return;
+  const AttnStep &a = m.sets[s];
+  const AttnLayer &l = m.layers[layer];
+  TORCH_CHECK(l.key_cache.defined(), "blockffn_native::attention: layer ", layer,
+              " has step metadata but no KV cache bound");
+  static const c10::OperatorHandle update =
+      c10::Dispatcher::singleton().findSchemaOrThrow("_C::cpu_attn_reshape_and_cache", "");
+  static const c10::OperatorHandle attend =
+      c10::Dispatcher::singleton().findSchemaOrThrow("_C::cpu_attention_with_kv_cache", "");
+  const std::string kv_dtype = "auto";
+  if (a.has_slots) {
+    torch::jit::Stack st{key, value, l.key_cache, l.value_cache, a.slot_mapping, l.isa, l.k_scale, l.v_scale,
+                         kv_dtype};
+    update.callBoxed(&st);
+  }
+  const int64_t t = a.num_actual_tokens;
+  const bool whole = t >= query.size(0);
+  torch::jit::Stack st{whole ? query : query.narrow(0, 0, t),
+                       l.key_cache,
+                       l.value_cache,
+                       whole ? output : output.narrow(0, 0, t),
+                       a.query_start_loc,
+                       a.seq_lens,
+                       l.scale,
+                       a.causal,
+                       c10::IValue(),
+                       l.sliding_window,
+                       a.block_table,
+                       l.softcap,
+                       a.scheduler_metadata,
+                       c10::IValue(),
+                       a.dynamic_causal.has_value() ? c10::IValue(*a.dynamic_causal) : c10::IValue(),
+                       l.k_scale,
+                       l.v_scale,
+                       kv_dtype};
+  attend.callBoxed(&st);
+}
+
 }  // namespace
 
 extern "C" int blockffn_ops_bind_experts(void *router, float up_row_cost, long min_dense_tokens,
@@ -236,10 +392,18 @@ TORCH_LIBRARY(blockffn_native, m) {
   m.def("router_experts(Tensor x, Tensor w_router, Tensor norm_w, float eps, Tensor w_up, Tensor w_down_t, "
         "Tensor segments, Tensor? stats, Tensor? up_scale, Tensor? down_scale, Tensor? up_row_sums, str backend, "
         "int layer_id, int expert_bytes, bool record) -> Tensor");
+  m.def("attention(Tensor query, Tensor key, Tensor value, Tensor(a!) output, Tensor step, int layer) -> ()");
+  m.def("attention_layers(Tensor step, Tensor[] kv_caches, str[] isas, float[] params) -> ()");
+  m.def("attention_step(Tensor step, Tensor[] meta, int[] ints) -> ()");
+  m.def("attention_release(Tensor step) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(blockffn_native, CPU, m) {
   m.impl("linear", linear);
   m.impl("int8_linear", int8_linear);
   m.impl("router_experts", router_experts);
+  m.impl("attention", attention);
+  m.impl("attention_layers", attention_layers);
+  m.impl("attention_step", attention_step);
+  m.impl("attention_release", attention_release);
 }

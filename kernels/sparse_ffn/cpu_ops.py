@@ -17,6 +17,10 @@ up_row_sums, backend, layer_id, expert_bytes, record)``: the layer's ReLU + RMS-
 experts in one kernel call for decode-size steps, the step's request layout read from ``segments``
 (written once per step by the model, ``vllm::blockffn_publish_segments``), the counters added to
 ``stats``; longer steps go to the Python op ``vllm::blockffn_router_experts``.
+``attention(query, key, value, output, step, layer)`` (C++ only): a layer's KV cache update and
+attention with vLLM's own CPU kernels, the step's metadata published once per step
+(vllm_blockffn/serving/layers/cpu_attention.py, where it is installed and why); without the C++ build
+the layers keep vLLM's attention ops.
 
 How: ``cpu_ops.cpp`` is compiled on first use with the C++ compiler against the installed torch (cached
 like the kernel, ~7 s once) and loaded with ``torch.ops.load_library``; it gets the kernel's entry
@@ -97,6 +101,11 @@ def _router_experts_fake(x: torch.Tensor, *args) -> torch.Tensor:
     return torch.empty_like(x)
 
 
+def _attention_fake(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
+                    step: torch.Tensor, layer: int) -> None:
+    return None
+
+
 def _cxx_flags() -> list[str]:
     root = os.path.dirname(torch.__file__)
     inc, lib = os.path.join(root, "include"), os.path.join(root, "lib")
@@ -167,6 +176,8 @@ def implementation() -> str:
                 torch.library.register_fake("blockffn_native::linear")(_linear_fake)
                 torch.library.register_fake("blockffn_native::int8_linear")(_linear_fake)
                 torch.library.register_fake("blockffn_native::router_experts")(_router_experts_fake)
+                if impl == "cpp":
+                    torch.library.register_fake("blockffn_native::attention")(_attention_fake)
                 _impl = impl
     return _impl
 

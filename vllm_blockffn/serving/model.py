@@ -28,7 +28,7 @@ from vllm_blockffn.patches import worker_step_end
 from vllm_blockffn.serving import hugepages
 from vllm_blockffn.serving.checkpoint import IGNORED_SUFFIXES, BlockFFNWeightError
 from vllm_blockffn.serving.config import BlockFFNSpec
-from vllm_blockffn.serving.layers import cpu_linear
+from vllm_blockffn.serving.layers import cpu_attention, cpu_linear
 from vllm_blockffn.serving.layers.blockffn import BlockFFN
 
 
@@ -77,7 +77,8 @@ class BlockFFNModel(MiniCPMModel):
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states"], self.config.hidden_size)
         # CPUs with the C++ expert op: the step's request layout, written once per step by forward() and read
-        # by every BlockFFN layer (blockffn.py, _publish_segments): [tokens, S, cu_0 .. cu_S], S ≤ max_num_seqs.
+        # by every BlockFFN layer (blockffn.py, _publish_segments): [tokens, S, cu_0 .. cu_S], S ≤ max_num_seqs;
+        # the same op publishes the step's attention metadata (cpu_attention.py).
         ffns = [m for m in self.modules() if isinstance(m, BlockFFN)]
         layout = None
         if current_platform.is_cpu() and ffns and cpu_native.native_available():
@@ -85,6 +86,8 @@ class BlockFFNModel(MiniCPMModel):
             layout = torch.zeros(vllm_config.scheduler_config.max_num_seqs + 3, dtype=torch.int32)
             for m in ffns:
                 m.step_segments = layout
+            # the attention layers: one C++ call each, the step's metadata published with the layout
+            cpu_attention.install(self, layout, vllm_config)
         self.register_buffer("step_segments", layout, persistent=False)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):

@@ -31,6 +31,7 @@ from vllm_blockffn.observe.stats import RECORDER, stats_enabled
 from vllm_blockffn.serving import segments
 from vllm_blockffn.serving.checkpoint import BlockFFNWeightError
 from vllm_blockffn.serving.config import BlockFFNSpec, env_choice
+from vllm_blockffn.serving.layers import cpu_attention
 from vllm_blockffn.serving.layers.quantization import Int8ExpertsMethod
 
 # "skip" is benchmark-only: experts output zeros and read nothing, so a step takes T_rest, the time of
@@ -271,7 +272,9 @@ def _cpu_segments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
 def _publish_segments(layout: torch.Tensor, positions: torch.Tensor) -> None:
     """Once per step on CPUs (BlockFFNModel.forward): this step's request layout into the buffer the layers'
     C++ expert op reads (int32 [tokens, S, cu_0 .. cu_S], S = 0 when no layout is known or it does not fit:
-    the op then takes the whole batch as one segment and adds no counters, as :func:`_cpu_segments`)."""
+    the op then takes the whole batch as one segment and adds no counters, as :func:`_cpu_segments`), and the
+    step's attention metadata for the model's C++ attention calls (cpu_attention.py: they take `layout` as an
+    input, so a compiled graph keeps them after this op)."""
     num_tokens = positions.shape[0]
     starts = segments.request_starts(num_tokens)
     buf = layout.numpy()
@@ -280,6 +283,7 @@ def _publish_segments(layout: torch.Tensor, positions: torch.Tensor) -> None:
     if 2 <= n <= buf.shape[0] - 2:
         buf[2:2 + n] = starts.numpy()
         buf[1] = n - 1
+    cpu_attention.publish(layout)
 
 
 def _publish_segments_fake(layout: torch.Tensor, positions: torch.Tensor) -> None:
