@@ -19,6 +19,8 @@ from vllm.plugins import load_general_plugins
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadata, _get_attn_isa
 from vllm_blockffn.kernels.sparse_ffn import cpu_native, cpu_ops
 
+from vllm_blockffn.serving.layers import cpu_attention
+
 pytestmark = pytest.mark.skipif(not cpu_native.native_available() or cpu_ops.implementation() != "cpp",
                                 reason="needs the C++ CPU ops")
 
@@ -176,3 +178,13 @@ def test_engine_with_the_cpp_attention_equals_vllms_attention_ops(kw):
     assert cpp["classes"] == ["StepAttention"] and py["classes"] == ["Attention"]
     assert cpp["out"] == py["out"]
     assert cpp["caches"] == py["caches"]
+
+
+def test_the_switch_keeps_vllms_attention_ops():
+    """VLLM_BLOCKFFN_CPU_ATTENTION=vllm: vLLM's ops for every layer, the C++ ops otherwise as before, the
+    same tokens; a value it does not know is named."""
+    vllm = _engine({}, {cpu_attention.ATTENTION_ENV: "vllm"})
+    assert vllm["classes"] == ["Attention"]
+    assert vllm["out"] == _engine({}, {})["out"]
+    with pytest.raises(AssertionError, match="VLLM_BLOCKFFN_CPU_ATTENTION='sdpa'; expected one of"):
+        _engine({}, {cpu_attention.ATTENTION_ENV: "sdpa"})

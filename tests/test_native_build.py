@@ -89,6 +89,8 @@ def test_check_env_names_the_ops_implementation(ops):
     line = next(x for x in r.stdout.splitlines() if x.startswith("per-layer calls"))
     has_cxx = bool(os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++"))
     assert ("C++ torch ops" in line) == (ops == "auto" and has_cxx), line
+    attn = next(x for x in r.stdout.splitlines() if x.startswith("attention:"))
+    assert ("one C++ call per layer" in attn) == (ops == "auto" and has_cxx), attn
 
 
 @pytest.mark.parametrize("setting", ["auto", "off"])

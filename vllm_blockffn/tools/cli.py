@@ -83,6 +83,12 @@ def _check_env() -> int:
             "C++ torch ops (torch.ops.blockffn_native)" if impl == "cpp" else
             f"the Python implementation of torch.ops.blockffn_native ({cpu_ops.OPS_ENV}=python or no C++ build: "
             f"~20-80 µs more per call)"))
+        from vllm_blockffn.serving.layers import cpu_attention
+
+        attn = os.environ.get(cpu_attention.ATTENTION_ENV, "auto").strip().lower() or "auto"
+        lines.append("attention: " + (
+            "one C++ call per layer over vLLM's CPU kernels (GQA layers)" if impl == "cpp" and attn == "auto" else
+            f"vLLM's attention ops ({cpu_attention.ATTENTION_ENV}={attn}, C++ ops: {impl})"))
     else:
         lines.append("native CPU kernel: unavailable (the warning says why, or VLLM_BLOCKFFN_CPU_NATIVE=0); "
                      "CPU experts: PyTorch path; linears: vLLM's own")

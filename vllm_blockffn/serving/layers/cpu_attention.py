@@ -10,7 +10,8 @@ What: :func:`install` gives our model's attention layers :class:`StepAttention` 
 with one forward that calls ``torch.ops.blockffn_native.attention``, kernels/sparse_ffn/cpu_ops.cpp) where
 that call does exactly what vLLM's ops do: CPU backend (``CPUAttentionBackendImpl``), decoder attention,
 ``auto`` KV cache, no ALiBi, sinks, KV sharing, query quantization or KV transfer, and the C++ ops built
-(not with ``VLLM_BLOCKFFN_CPU_OPS=python``). Every other layer keeps vLLM's path. :func:`publish`, called
+(not with ``VLLM_BLOCKFFN_CPU_OPS=python``). Every other layer, and every layer with
+``VLLM_BLOCKFFN_CPU_ATTENTION=vllm``, keeps vLLM's path. :func:`publish`, called
 from the step's first op (``vllm::blockffn_publish_segments``), hands the C++ op the step's metadata
 (``query_start_loc``, ``seq_lens``, ``block_table``, ``scheduler_metadata``, the slot mapping, the token
 count) and, when they change, the layers' KV caches, ISA and scales. The op then runs vLLM's own kernels
@@ -33,7 +34,12 @@ import torch
 import vllm.forward_context as forward_context
 from vllm.model_executor.layers.attention.attention import Attention
 
+from vllm_blockffn.serving.config import env_choice
+
 logger = logging.getLogger(__name__)
+
+ATTENTION_ENV = "VLLM_BLOCKFFN_CPU_ATTENTION"
+"""auto (default: the C++ call where it applies) | vllm (vLLM's attention ops for every layer)."""
 
 _PUBLISHERS: dict[int, Publisher] = {}  # by the model's per-step buffer's address
 
@@ -87,7 +93,7 @@ def install(model: torch.nn.Module, step: torch.Tensor, vllm_config) -> int:
     returns how many layers were installed."""
     from vllm_blockffn.kernels.sparse_ffn import cpu_ops
 
-    if cpu_ops.implementation() != "cpp":
+    if env_choice(ATTENTION_ENV, ("auto", "vllm"), "auto") == "vllm" or cpu_ops.implementation() != "cpp":
         return 0
     layers = []
     for m in model.modules():
