@@ -6,6 +6,11 @@ runs eager; this script gives the compiled figures beside it (benchmarks/RESULTS
 engine"). The backend is read from VLLM_BLOCKFFN_BACKEND when the model is built.
 
     scripts/dev python benchmarks/bench_e2e_compiled.py /tmp/xl bfloat16 auto [blockffn_int8]
+
+With ``--rows-from=E2E.json`` (a bench_e2e_cpu.py ``--json`` of the same model): its batch 1/4/8 rows
+instead (its prompts, 32 tokens, median of 3 after a warm-up), each with its memory-speed limit: the row's
+weight bytes from that run's router probe (routing does not depend on the execution mode) over the read
+bandwidth measured here, beside each row.
 """
 
 from __future__ import annotations
@@ -17,15 +22,55 @@ import sys
 import time
 
 
+def batch_rows(llm, rows_json: str) -> None:
+    """bench_e2e_cpu.py's batch rows on this compiled engine, each against its memory-speed limit."""
+    import torch
+    from bench_e2e_cpu import PROMPTS
+    from vllm import SamplingParams
+    from vllm_blockffn.kernels.sparse_ffn import cpu_native
+
+    with open(rows_json) as f:
+        data = json.load(f)
+    need = {r["row"]: r["bytes_needed"] for r in (data["rows"] if isinstance(data, dict) else data)}
+    buf = torch.ones(1 << 28)  # 1 GiB: more than the last-level cache
+
+    def read_gbs() -> float:
+        t = time.perf_counter()
+        cpu_native.stream_read(buf)
+        return buf.numel() * 4 / (time.perf_counter() - t) / 1e9
+
+    for n in (1, 4, 8):
+        prompts = (PROMPTS * 8)[:n]
+        params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+        llm.generate(prompts, params, use_tqdm=False)
+        runs = []
+        for _ in range(3):
+            t = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            runs.append(time.perf_counter() - t)
+        gbs = max(read_gbs() for _ in range(3))
+        t = statistics.median(runs)
+        limit = need[f"batch {n}"] / (gbs * 1e9)
+        print("ROW " + json.dumps(dict(row=f"batch {n}", ms=t * 1e3, runs=[round(x * 1e3) for x in runs],
+                                       read_gbs=gbs, limit_ms=limit * 1e3, pct_of_limit=limit / t,
+                                       tok_s=32 * n / t)), flush=True)
+
+
 def main() -> None:
-    model, dtype, backend = sys.argv[1], sys.argv[2], sys.argv[3]
-    quantization = sys.argv[4] if len(sys.argv) > 4 else None  # e.g. blockffn_int8
+    args = [a for a in sys.argv[1:] if not a.startswith("--rows-from")]
+    rows_json = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--rows-from=")), None)
+    model, dtype, backend = args[0], args[1], args[2]
+    quantization = args[3] if len(args) > 3 else None  # e.g. blockffn_int8
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ["VLLM_BLOCKFFN_BACKEND"] = backend
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model, dtype=dtype, max_model_len=256, seed=0, max_num_seqs=1, kv_cache_memory_bytes=1 << 30,
-              enable_prefix_caching=False, quantization=quantization)
+    llm = LLM(model, dtype=dtype, max_model_len=256, seed=0, max_num_seqs=8 if rows_json else 1,
+              kv_cache_memory_bytes=1 << 30, enable_prefix_caching=False, quantization=quantization)
+    if rows_json:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        batch_rows(llm, rows_json)
+        return
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     prompt = "The json module exposes an API familiar to users of the standard library"
     llm.generate([prompt], params, use_tqdm=False)
