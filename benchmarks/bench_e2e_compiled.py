@@ -24,20 +24,12 @@ import time
 
 def batch_rows(llm, rows_json: str) -> None:
     """bench_e2e_cpu.py's batch rows on this compiled engine, each against its memory-speed limit."""
-    import torch
-    from bench_e2e_cpu import PROMPTS
+    from bench_e2e_cpu import PROMPTS, read_bandwidth
     from vllm import SamplingParams
-    from vllm_blockffn.kernels.sparse_ffn import cpu_native
 
     with open(rows_json) as f:
         data = json.load(f)
     need = {r["row"]: r["bytes_needed"] for r in (data["rows"] if isinstance(data, dict) else data)}
-    buf = torch.ones(1 << 28)  # 1 GiB: more than the last-level cache
-
-    def read_gbs() -> float:
-        t = time.perf_counter()
-        cpu_native.stream_read(buf)
-        return buf.numel() * 4 / (time.perf_counter() - t) / 1e9
 
     for n in (1, 4, 8):
         prompts = (PROMPTS * 8)[:n]
@@ -48,7 +40,7 @@ def batch_rows(llm, rows_json: str) -> None:
             t = time.perf_counter()
             llm.generate(prompts, params, use_tqdm=False)
             runs.append(time.perf_counter() - t)
-        gbs = max(read_gbs() for _ in range(3))
+        gbs = read_bandwidth()
         t = statistics.median(runs)
         limit = need[f"batch {n}"] / (gbs * 1e9)
         print("ROW " + json.dumps(dict(row=f"batch {n}", ms=t * 1e3, runs=[round(x * 1e3) for x in runs],

@@ -85,10 +85,13 @@ def _check_env() -> int:
             f"~20-80 µs more per call)"))
         from vllm_blockffn.serving.layers import cpu_attention
 
-        attn = os.environ.get(cpu_attention.ATTENTION_ENV, "auto").strip().lower() or "auto"
+        try:
+            attn = cpu_attention.mode()
+        except ValueError as exc:  # reported here as the engine would refuse it
+            attn = str(exc)
         lines.append("attention: " + (
             "one C++ call per layer over vLLM's CPU kernels (GQA layers)" if impl == "cpp" and attn == "auto" else
-            f"vLLM's attention ops ({cpu_attention.ATTENTION_ENV}={attn}, C++ ops: {impl})"))
+            f"vLLM's attention ops ({cpu_attention.ATTENTION_ENV}: {attn}, C++ ops: {impl})"))
     else:
         lines.append("native CPU kernel: unavailable (the warning says why, or VLLM_BLOCKFFN_CPU_NATIVE=0); "
                      "CPU experts: PyTorch path; linears: vLLM's own")

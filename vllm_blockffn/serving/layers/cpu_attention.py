@@ -44,6 +44,11 @@ ATTENTION_ENV = "VLLM_BLOCKFFN_CPU_ATTENTION"
 _PUBLISHERS: dict[int, Publisher] = {}  # by the model's per-step buffer's address
 
 
+def mode() -> str:
+    """``VLLM_BLOCKFFN_CPU_ATTENTION``: auto or vllm (a ValueError naming the variable otherwise)."""
+    return env_choice(ATTENTION_ENV, ("auto", "vllm"), "auto")
+
+
 class StepAttention(Attention):
     """vLLM's Attention whose forward is one ``blockffn_native.attention`` call (module docstring).
 
@@ -93,7 +98,7 @@ def install(model: torch.nn.Module, step: torch.Tensor, vllm_config) -> int:
     returns how many layers were installed."""
     from vllm_blockffn.kernels.sparse_ffn import cpu_ops
 
-    if env_choice(ATTENTION_ENV, ("auto", "vllm"), "auto") == "vllm" or cpu_ops.implementation() != "cpp":
+    if mode() == "vllm" or cpu_ops.implementation() != "cpp":
         return 0
     layers = []
     for m in model.modules():
