@@ -207,6 +207,43 @@ def onednn_dense(pool: Pool):
     return run
 
 
+class EngineCall:
+    """The per-layer call a decode step makes in the engine (``torch.ops.blockffn_native.router_experts``,
+    C++): the layer's ReLU + RMS-norm router and its sparse experts in one kernel call, no Python between
+    them. Each pool layer gets a router ``[I_E | 0]`` (x's dtype), and each call's x carries its designed
+    scores in its first E features (active: the score, inactive: -1), so the router turns on exactly the
+    experts :func:`routed_scores` chose. Bytes: the union of experts plus the router's E x H weights.
+    None-like (``ok`` False) without the C++ build (VLLM_BLOCKFFN_CPU_OPS=python, no compiler)."""
+
+    def __init__(self, pool: Pool, dt: torch.dtype):
+        from kernels.sparse_ffn import cpu_ops
+
+        self.ok = cpu_ops.implementation() == "cpp"
+        E, _, H = pool.layers[0][0].shape
+        xdt = x_dtype(dt)
+        self.router_bytes = E * H * torch.tensor([], dtype=xdt).element_size()
+        self.norm = torch.ones(E)
+        self.routers, self.row_sums = [], []
+        for w_up, _, _, _ in pool.layers:
+            r = torch.zeros(E, H, dtype=xdt)
+            r[:, :E] = torch.eye(E, dtype=xdt)
+            self.routers.append(placed(r))
+            self.row_sums.append(cpu_native.int8_row_sums(w_up) if dt == torch.int8 else None)
+
+    @staticmethod
+    def encode(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """x with the scores s [T, E] in its first E features (what the identity router reads back)."""
+        x = x.clone()
+        x[:, : s.shape[1]] = torch.where(s > 0, s, torch.full_like(s, -1.0)).to(x.dtype)
+        return x
+
+    def __call__(self, layer: int, pool: Pool, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        w_up, w_down, su, sd = pool.layers[layer]
+        return torch.ops.blockffn_native.router_experts(
+            x, self.routers[layer], self.norm, 1e-6, w_up, w_down, seg, None, su, sd, self.row_sums[layer],
+            "auto", 0, 0, False)
+
+
 def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
     rows = []
     isa = cpu_native.cpu_isa()
@@ -218,6 +255,7 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
             dt = DTYPES[dname]
             pool = Pool(H, E, D, dt, 3 * llc_bytes())
             onednn = onednn_dense(pool) if not args.quick and dt != torch.int8 else None
+            engine = EngineCall(pool, dt)
             for scen, lengths in SCENARIOS.items():
                 T = sum(lengths)
                 cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
@@ -226,7 +264,7 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
                 for i in range(ncalls):
                     s = routed_scores(lengths, E, rotate=(i // pool.n) * max(1, round(0.1 * E)), seed=i % 97)
                     x = torch.randn(T, H, generator=torch.Generator().manual_seed(i)).to(x_dtype(dt))
-                    calls.append((i % pool.n, x, s, cu))
+                    calls.append((i % pool.n, EngineCall.encode(x, s), s, cu))
                     union_bytes += int((s > 0).any(0).sum()) * expert_bytes(D, H, dt)
                 union_bytes /= ncalls
                 # correctness on one call before timing
@@ -239,9 +277,22 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
                 ref = experts_reference(x.float(), s, ref_up, ref_down.transpose(1, 2), "block")
                 err = ((y.float() - ref).norm() / ref.norm()).item()
                 assert err < (3e-2 if x.dtype == torch.bfloat16 else 1e-4), (sname, dname, scen, err)
-                sparse, bw_s, r_s = time_calls(
+                wrapped, bw_w, r_w = time_calls(
                     pool, calls, lambda wu, wd, su, sd, x, s, cu: cpu_native.sparse_ffn_native(
                         x, s, wu, wd, cu, num_threads=threads, up_scale=su, down_scale=sd), union_bytes, threads)
+                if engine.ok:  # the engine's call: router + experts in C++, its bytes include the router's
+                    seg = torch.tensor([T, len(lengths), *cu.tolist()], dtype=torch.int32)
+                    ye = engine(0, pool, x, seg)
+                    assert ye.shape == y.shape and bool(torch.isfinite(ye.float()).all()), (sname, dname, scen)
+                    step_bytes = union_bytes + engine.router_bytes
+
+                    def run(calls=calls, seg=seg, engine=engine, pool=pool):
+                        for layer, x, _, _ in calls:
+                            engine(layer, pool, x, seg)
+
+                    sparse, bw_s, r_s = adjacent(run, len(calls), step_bytes, threads, 5)
+                else:
+                    sparse, bw_s, r_s, step_bytes = wrapped, bw_w, r_w, union_bytes
                 dense_bytes = E * expert_bytes(D, H, dt)
                 few = calls[: pool.n]
                 dense, _, r_d = (time_calls(pool, few, lambda wu, wd, su, sd, x, s, cu: dense_ffn_gemm(x, s, wu, wd),
@@ -252,9 +303,9 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
                 odn, _, r_o = (time_calls(pool, few, onednn, dense_bytes, threads, 3) if onednn
                                else (float("nan"),) * 3)
                 rows.append([
-                    sname, dname, scen, f"{union_bytes / dense_bytes:.0%}", f"{union_bytes / 1e6:.2f}",
-                    f"{bw_s:.1f}", f"{sparse * 1e6:.0f}", f"{union_bytes / sparse / 1e9:.1f}", f"**{r_s:.0%}**",
-                    f"{union_bytes / (bw_s * 1e9) * 1e6:.0f}",
+                    sname, dname, scen, f"{union_bytes / dense_bytes:.0%}", f"{step_bytes / 1e6:.2f}",
+                    f"{bw_s:.1f}", f"{sparse * 1e6:.0f}", f"{step_bytes / sparse / 1e9:.1f}", f"**{r_s:.0%}**",
+                    f"{step_bytes / (bw_s * 1e9) * 1e6:.0f}", f"{wrapped * 1e6:.0f}", f"{r_w:.0%}",
                     *((f"{dense * 1e6:.0f}", f"{r_d:.0%}") if dt != torch.int8 else ("-", "-")),
                     f"{odn * 1e6:.0f}" if onednn else "-", f"{r_o:.0%}" if onednn else "-",
                     f"{allk * 1e6:.0f}", f"**{r_a:.0%}**", isa,
@@ -400,9 +451,9 @@ def main() -> None:
     bws = read_bandwidth(args.threads)
     bw = max(bws.values())
     print("read bandwidth (1 GiB fp32): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bws.items()), flush=True)
-    cols = ["shape", "dtype", "step", "union", "MB read", "BW GB/s (adjacent)", "sparse µs", "GB/s", "% of BW",
-            "ideal µs", "torch GEMMs µs", "% of BW", "vLLM oneDNN µs", "% of BW", "kernel, all experts µs",
-            "% of BW", "ISA"]
+    cols = ["shape", "dtype", "step", "union", "MB read", "BW GB/s (adjacent)", "engine call µs", "GB/s",
+            "% of BW", "ideal µs", "experts via ctypes µs", "% of BW", "torch GEMMs µs", "% of BW",
+            "vLLM oneDNN µs", "% of BW", "kernel, all experts µs", "% of BW", "ISA"]
     print(" | ".join(cols), flush=True)
     rows = kernel_rows(args, args.threads, bw) if not args.linears_only else []
     lcols = ["linear", "dtype", "M", "MB", "streaming µs", "GB/s", "% of BW", "vLLM oneDNN µs", "GB/s", "% of BW",

@@ -11,11 +11,12 @@ wrappers, so the step splits into kernel time (with bytes, GB/s) and gaps, at ~1
 compiled graph: their calls include the dispatcher's few µs.
 
     scripts/dev python benchmarks/step_breakdown_cpu.py /tmp/xl [--quantization blockffn_int8]
-        [--tokens 64] [--json FILE]
+        [--tokens 64] [--batch N] [--json FILE]
 
 One engine, in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), compiled as ``vllm serve`` runs it,
-batch 1, greedy; the first (prefill) step is left out. The expert bytes per layer are the layer's
-mean segment union (the live counters) × one expert's bytes. Figures drift with the machine's
+batch 1 (or N distinct prompts), greedy; the first (prefill) step is left out. The expert bytes per
+layer are the layer's mean step union (the router's active experts over the step's tokens, recomputed
+by the probe outside the timed calls) × one expert's bytes. Figures drift with the machine's
 bandwidth: compare runs taken minutes apart, or within one run.
 """
 
@@ -29,6 +30,7 @@ import statistics
 import time
 
 PROMPT = "The json module exposes an API familiar to users of the standard library"
+WORDS = ["parsing", "streams", "encoders", "floats", "unicode", "files", "errors", "schemas"]
 
 
 class Probe:
@@ -39,11 +41,13 @@ class Probe:
         self.gaps: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
         self.last: tuple[str, float] | None = None
         self.steps = 0  # lm_head calls seen: decode steps start after the first
+        self.unions: dict[int, list[int]] = collections.defaultdict(list)  # layer -> the step's expert union
 
     def reset(self) -> None:
         self.calls.clear()
         self.gaps.clear()
         self.last, self.steps = None, 0
+        self.unions.clear()
 
     def enter(self, tag: str) -> float:
         t = time.perf_counter()
@@ -76,6 +80,7 @@ class Probe:
 
 
 LM_HEAD = [""]
+ROUTER_EXPERTS = "router+experts"
 
 
 class ProbedLib:
@@ -99,6 +104,8 @@ def main() -> None:
     ap.add_argument("--quantization", default=None)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--batch", type=int, default=1,
+                    help="requests decoded together (distinct prompts; expert bytes = each step's union)")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -127,17 +134,18 @@ def main() -> None:
     cpu_native.linear_native = probe.wrap_py(cpu_native.linear_native, "py linear_native")
 
     kw = {"quantization": args.quantization} if args.quantization else {}
-    llm = LLM(args.model, dtype=args.dtype, max_model_len=512, seed=0, max_num_seqs=1,
+    llm = LLM(args.model, dtype=args.dtype, max_model_len=512, seed=0, max_num_seqs=args.batch,
               kv_cache_memory_bytes=1 << 30, enable_prefix_caching=False, **kw)
     cfg = llm.llm_engine.model_config.hf_config
     LM_HEAD[0] = f"linear N={cfg.vocab_size}"
     probe_cpp_ops(probe)
     params = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
-    llm.generate([PROMPT], params, use_tqdm=False)
+    prompts = [PROMPT] + [f"{PROMPT}, example {i}: {WORDS[i % len(WORDS)]}" for i in range(1, args.batch)]
+    llm.generate(prompts, params, use_tqdm=False)
     RECORDER.reset()
     probe.reset()
     t = time.perf_counter()
-    llm.generate([PROMPT], params, use_tqdm=False)
+    llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - t
     steps = probe.steps - 1  # decode steps measured (the prefill step is left out)
     buf = torch.ones(1 << 28)
@@ -145,13 +153,17 @@ def main() -> None:
 
     D, H = cfg.expert_size, cfg.hidden_size
     elt = 1 if args.quantization == "blockffn_int8" else getattr(torch, args.dtype).itemsize
-    layers = [(i, float(r[UNION] / max(r[SEGMENTS], 1))) for i, r in sorted(RECORDER._totals.items())]
+    if probe.unions:  # the step's union seen by the C++ op's probe (a batch's tokens share one read)
+        layers = [(i, statistics.fmean(u)) for i, u in sorted(probe.unions.items())]
+    else:  # ctypes path: the live counters' segment union (= the step's at batch 1)
+        assert args.batch == 1, "--batch needs the C++ ops (the step's union is read from their arguments)"
+        layers = [(i, float(r[UNION] / max(r[SEGMENTS], 1))) for i, r in sorted(RECORDER._totals.items())]
     expert_mb = [u * 2 * D * H * elt / 1e6 for _, u in layers]
-    ex = probe.calls.get("experts") or probe.calls["router+experts"]
+    ex = probe.calls.get("experts") or probe.calls[ROUTER_EXPERTS]
     per_layer = [statistics.median(ex[i::len(layers)]) for i in range(len(layers))]
 
     rows = []
-    print(f"{args.model} {args.dtype} {args.quantization or ''}: {steps} decode steps, "
+    print(f"{args.model} {args.dtype} {args.quantization or ''} batch {args.batch}: {steps} decode steps, "
           f"{wall / (steps + 1) * 1e3:.2f} ms per step (all steps), read bandwidth {bw:.1f} GB/s (2 threads)")
     kernel_ms = step_mb = 0.0
     for tag, v in sorted(probe.calls.items()):
@@ -165,7 +177,7 @@ def main() -> None:
             mb = n * H * lin_elt / 1e6 * len(v) / steps  # [N, H] weights per step
         elif tag == "experts":
             mb = sum(expert_mb)  # every layer's union, per step
-        elif tag == "router+experts":  # the router read inside the expert kernel (VLLM_BLOCKFFN_CPU_ROUTER=fused)
+        elif tag == ROUTER_EXPERTS:  # the router read inside the expert kernel (VLLM_BLOCKFFN_CPU_ROUTER=fused)
             mb = sum(expert_mb) + len(layers) * cfg.num_experts * H * getattr(torch, args.dtype).itemsize / 1e6
         step_mb += mb or 0.0
         gbs = f"{mb / ms:5.1f} GB/s over {mb:6.1f} MB" if mb else ""
@@ -188,7 +200,8 @@ def main() -> None:
         print(f"  layer {i:2d}: union {u:5.1f} experts, {mb:5.2f} MB, {us * 1e6:6.1f} µs, {mb / us / 1e3:5.1f} GB/s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "dtype": args.dtype, "quantization": args.quantization, "steps": steps,
+            json.dump({"model": args.model, "dtype": args.dtype, "quantization": args.quantization, "batch": args.batch,
+                       "steps": steps,
                        "bandwidth_gbs": bw, "step_ms": step_ms, "step_mb": step_mb, "limit_ms": limit_ms, "rows": rows,
                        "layers": [{"layer": i, "union": u, "mb": mb, "median_us": us * 1e6}
                                   for (i, u), mb, us in zip(layers, expert_mb, per_layer)]}, f, indent=1)
@@ -208,6 +221,13 @@ class _ProbedOp:
         self._probe.leave(tag, t0)
         if tag == LM_HEAD[0]:
             self._probe.steps += 1
+        if tag == ROUTER_EXPERTS and self._probe.steps >= 1:
+            # the step's union of experts (what the kernel reads once each), from the router's own math,
+            # outside the timed call and the gaps (the probe's clock restarts after it)
+            x, w_r = args[0], args[1]
+            active = (x.float() @ w_r.float().t()) > 0
+            self._probe.unions[int(args[12])].append(int(active.any(0).sum()))
+            self._probe.last = (tag, time.perf_counter())
         return r
 
 
@@ -224,7 +244,7 @@ def probe_cpp_ops(probe: Probe) -> None:
     ns = torch.ops.blockffn_native
     for name, tag_of in (("linear", lambda a: f"linear N={a[1].shape[0]}"),
                          ("int8_linear", lambda a: f"linear N={a[1].shape[0]}"),
-                         ("router_experts", lambda a: "router+experts"),
+                         ("router_experts", lambda a: ROUTER_EXPERTS),
                          ("attention", lambda a: "attention (C++: KV update + kernel)")):
         if hasattr(ns, name):
             setattr(ns, name, _ProbedOp(probe, getattr(ns, name).default, tag_of))

@@ -95,17 +95,21 @@ class DispatchThresholds:
     128 tokens, 22.3 vs 31.0 at 1024, 77 vs 49 at 2048; int8 32.6 vs 44.3 at 1024, 112 vs 66 at 2048:
     RESULTS.md, 2026-12-02 16:08 UTC); the crossover lies between, 1536 is taken without a measurement there.
     Must stay at least ``cpu_grouped_min_tokens`` (the smallest of these thresholds is checked first)."""
-    cpu_amx_min_tokens: int = 8
+    cpu_amx_min_tokens: int = 1
     """On AMX CPUs (kernel path ``amx``), bf16 expert calls whose active experts have at least this many tokens
     each on average (active pairs / union size) run the AMX units (16 rows x up to 16 tokens per tile
-    product); fewer keep the AVX512_BF16 units, whose 4-row weight streams read faster when few tokens
-    share each weight byte. Measured (RESULTS.md, 2026-12-02 16:08 UTC, XLarge shape, cold weights, AMX
-    units forced vs not): sparse decode x4/x8 and verify chunks (1.2-3.5 tokens per expert) 52-64% of
-    read bandwidth on the tiles vs 57-79%; every expert for 8 tokens 68% vs 43-45%; warm long steps
-    (128-1024 tokens) 1.6-2x faster. int8 experts keep the VNNI units (cpu_native.c says why)."""
-    cpu_amx_min_rows: int = 2
-    """On AMX CPUs, linears of at least this many rows run the AMX tiles (M = 4, 8: 1.1-2x the
-    AVX512_BF16 GEMV, cold); a single row keeps the GEMV (equal within noise)."""
+    product); fewer keep the AVX512_BF16 units. 1: the tiles always, since the AMX paths stopped prefetching
+    in software (cpu_native.c says why). Measured (RESULTS.md, 2026-12-03 06:14 UTC, XLarge shape, cold
+    weights, the engine's C++ call, interleaved rounds): 1 token 70% of read bandwidth on the AVX512_BF16
+    units, 56% on the tiles with the prefetch, 73% without; decode x4 72 / 61 / 75%; x8 76 / 63 / 78%; a
+    4-token verify chunk 59 / 53 / 67%; two 60 / 52 / 67%. A benchmark can raise it to compare
+    (bench_memory_cpu.py --amx-min-tokens). int8 experts keep the VNNI units (cpu_native.c says why)."""
+    cpu_amx_min_rows: int = 1
+    """On AMX CPUs, linears of at least this many rows run the AMX tiles. 1: every decode-size linear, since
+    the tile paths stopped prefetching in software: cold, 2 threads, the engine's C++ op, bf16 M = 1 qkv /
+    o_proj / lm_head 81 / 75 / 89% of read bandwidth on the AVX512_BF16 GEMV vs 90 / 89 / 92% on the tiles;
+    M = 2-16 7-13 points above the tiles with the prefetch; int8 M = 1 71 / 72 / 81% (VNNI GEMV) vs 77 / 73 /
+    77% (RESULTS.md, 2026-12-03 06:14 UTC)."""
     # ---- CPU dense linears of BlockFFN models (vllm_blockffn/serving/layers/cpu_linear.py).
     cpu_linear_max_tokens: int = 8
     """Up to this many rows, a linear runs the native streaming GEMV (each weight byte read once, at

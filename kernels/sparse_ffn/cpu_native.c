@@ -946,29 +946,25 @@ static void amx_pack_i8(const uint8_t *const *xq, long M, long K, long K64, int 
             }
         }
 }
-/* The next 16-row block of a linear is prefetched during this one (as lin_next). */
-ALWAYS const char *amx_next(const lin_t *l, long n, long esz, long *blk) {
-    long nx = n + 16, end = nx + 16 < l->n1 ? nx + 16 : l->n1;
-    *blk = end > nx ? (end - nx) * l->K * esz : 0;
-    return g_prefetch && *blk > 0 ? (const char *)l->w + nx * l->K * esz : NULL;
-}
+/* No software prefetch on the AMX paths (linears and expert units), unlike the AVX paths: with the
+   weight stream prefetched as there, the tile paths read cold weights at 52-73% of the read bandwidth;
+   without, at 67-92% (XLarge shapes, 2 threads, 1-16 rows or tokens; RESULTS.md 2026-12-03 06:14 UTC), and
+   then they beat the AVX512_BF16 code at every decode size (the AVX paths themselves lose 5-13 points
+   without it). The hardware prefetchers follow the tile loads' 16 row streams on their own. */
+
 /* The 16-row blocks [n0, nf) of an AMX linear: per block and token group g, C (tile 0) = the block's rows .
    the group's packed x over `steps` slabs of 64 weight bytes (DP), stored into c[16][16] of CT, then the
-   epilogue (the variadic arguments; w: the block's first row, as char). The next block is prefetched during the first group. */
+   epilogue (the variadic arguments; w: the block's first row, as char). */
 #define AMX_LIN_BLOCKS(ESZ, DP, CT, ...)                                                                \
     {                                                                                                   \
         CT c[16][16];                                                                                   \
         amx_config(nc);                                                                                 \
         for (long n = n0; n < nf; n += 16) {                                                            \
             const char *w = (const char *)l->w + n * K * ESZ;                                           \
-            long blk, pfl;                                                                              \
-            const char *pf = amx_next(l, n, ESZ, &blk);                                                 \
-            long pfs = pf_stride(blk, steps, &pfl);                                                     \
             for (long g = 0; g < G; g++) {                                                              \
                 const uint32_t *xb = (const uint32_t *)l->xb + g * gw;                                  \
                 _tile_zero(0);                                                                          \
                 for (long s = 0; s < steps; s++) {                                                      \
-                    if (g == 0) pf_share(pf, pfl, s, pfs);                                              \
                     _tile_loadd(1, w + 64 * s, K * ESZ);                                                \
                     _tile_loadd(2, xb + s * 16 * nc, nc * 4);                                           \
                     DP(0, 1, 2);                                                                        \
@@ -1075,7 +1071,6 @@ static void amx_release(void) { _tile_release(); }
         _tile_zero(1);                                                                                  \
         long s = 0;                                                                                     \
         for (; s + 1 < steps; s += 2) {                                                                 \
-            if (first) { pf_share(pf, pfl, s, pfs); pf_share(pf, pfl, s + 1, pfs); }                    \
             _tile_loadd(2, w + 64 * s, rowb);                                                           \
             _tile_loadd(4, xb + s * 16 * nc, nc * 4);                                                   \
             _tile_dpbf16ps(0, 2, 4);                                                                                \
@@ -1084,12 +1079,10 @@ static void amx_release(void) { _tile_release(); }
             _tile_dpbf16ps(1, 3, 5);                                                                                \
         }                                                                                               \
         if (s < steps) {                                                                                \
-            if (first) pf_share(pf, pfl, s, pfs);                                                       \
             _tile_loadd(2, w + 64 * s, rowb);                                                           \
             _tile_loadd(4, xb + s * 16 * nc, nc * 4);                                                   \
             _tile_dpbf16ps(0, 2, 4);                                                                                \
         }                                                                                               \
-        first = 0;                                                                                      \
         _tile_stored(0, c0, 64);                                                                        \
         _tile_stored(1, c1, 64);                                                                        \
     }
@@ -1098,7 +1091,6 @@ static void amx_release(void) { _tile_release(); }
 #define AMX_DOWN_SLAB(BT, CT)                                                                           \
     {                                                                                                   \
         float *cs = base + s * 32 * nt;                                                                 \
-        if (j0 == 0) pf_share(pf, pfl, s, pfs);                                                         \
         _tile_loadd(BT, w + 64 * s, rowb);                                                              \
         if (u->first) _tile_zero(CT);                                                                   \
         else _tile_loadd(CT, cs, 64);                                                                   \
@@ -1108,12 +1100,9 @@ static void amx_release(void) { _tile_release(); }
 static void unit_amx_bf16(const unit_t *u) {
     long H = u->H, rowb = 2 * H, steps = H / 32;
     int nr = u->nr, nc = u->nc, m = u->m;
-    long blk = (long)nr * rowb, pfl, pfs = pf_stride(blk, steps, &pfl);
-    const char *pf = g_prefetch ? u->pf_next : NULL;
     if (u->phase & 1) {
         long gw = (H / 2) * nc;
         float c0[16][16], c1[16][16];
-        int first = 1;
         amx_up_config(nr, nc);
         for (int j = 0; j < m;) {
             long g = (u->tok[j] - u->xt0) / nc;
