@@ -237,6 +237,15 @@ class EngineCall:
         x[:, : s.shape[1]] = torch.where(s > 0, s, torch.full_like(s, -1.0)).to(x.dtype)
         return x
 
+    def time(self, pool: Pool, calls: list, seg: torch.Tensor, nbytes: float, threads: int):
+        """:func:`adjacent` over ``calls`` = [(layer, x, scores, cu)] through the engine's op."""
+
+        def run():
+            for layer, x, _, _ in calls:
+                self(layer, pool, x, seg)
+
+        return adjacent(run, len(calls), nbytes, threads, 5)
+
     def __call__(self, layer: int, pool: Pool, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         w_up, w_down, su, sd = pool.layers[layer]
         return torch.ops.blockffn_native.router_experts(
@@ -285,12 +294,7 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
                     ye = engine(0, pool, x, seg)
                     assert ye.shape == y.shape and bool(torch.isfinite(ye.float()).all()), (sname, dname, scen)
                     step_bytes = union_bytes + engine.router_bytes
-
-                    def run(calls=calls, seg=seg, engine=engine, pool=pool):
-                        for layer, x, _, _ in calls:
-                            engine(layer, pool, x, seg)
-
-                    sparse, bw_s, r_s = adjacent(run, len(calls), step_bytes, threads, 5)
+                    sparse, bw_s, r_s = engine.time(pool, calls, seg, step_bytes, threads)
                 else:
                     sparse, bw_s, r_s, step_bytes = wrapped, bw_w, r_w, union_bytes
                 dense_bytes = E * expert_bytes(D, H, dt)
@@ -311,7 +315,7 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
                     f"{allk * 1e6:.0f}", f"**{r_a:.0%}**", isa,
                 ])  # fmt: skip
                 print(" | ".join(rows[-1]), flush=True)
-            del pool
+            del pool, engine, onednn  # (the oneDNN handles hold packed copies of the pool's weights)
     return rows
 
 
