@@ -74,8 +74,11 @@ def _check_env() -> int:
         if pairs:
             lines.append("bf16 experts: VDPBF16PS dots, down pass on row pairs")
         if cpu_native.isa_at_least("amx"):
-            lines.append("AMX tiles: linears from 2 rows (bf16 and int8), bf16 experts from 8 tokens per active "
-                         "expert (kernels/dispatch.py); smaller steps run the AVX512_BF16 code")
+            from vllm_blockffn.kernels.dispatch import THRESHOLDS as T
+
+            lines.append(f"AMX tiles: linears from {T.cpu_amx_min_rows} row(s) (bf16 and int8), bf16 experts from "
+                         f"{T.cpu_amx_min_tokens} token(s) per active expert (kernels/dispatch.py), no software "
+                         "prefetch on the tile paths; int8 experts and smaller steps run the AVX512_BF16 code")
         from vllm_blockffn.kernels.sparse_ffn import cpu_ops
 
         impl = cpu_ops.implementation()
