@@ -11,7 +11,8 @@ and the table reports each setting's median and the median of the per-turn ratio
         --b "dtype=bfloat16 quantization=blockffn_int8" [--turns 8] [--tokens 32] [--json FILE]
 
 A setting is `key=value` pairs for `vllm.LLM` (dtype, quantization) plus `env.NAME=value` for the
-environment of its process (e.g. `env.VLLM_BLOCKFFN_HUGEPAGES=off`).
+environment of its process (e.g. `env.VLLM_BLOCKFFN_HUGEPAGES=off`), and `eagle=HEAD` for EAGLE
+speculative decoding with that draft head, 3 tokens per step (the verify chunks of 4 tokens).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def parse(setting: str) -> tuple[dict, dict]:
 
 def worker(model: str, setting: str, tokens: int, conn) -> None:
     kw, env = parse(setting)
+    if "eagle" in kw:
+        kw["speculative_config"] = {"method": "eagle", "model": kw.pop("eagle"), "num_speculative_tokens": 3}
     os.environ.update(env)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
