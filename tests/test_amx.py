@@ -110,3 +110,31 @@ def test_linears_of_up_to_32_rows_take_the_native_kernel_on_amx(monkeypatch):
                 y = op(x, w)
                 assert cpu_native.amx_calls() == n0 + (isa == "amx" and m <= top), (isa, m, op)
                 assert _rel(y, torch.nn.functional.linear(x, w)) < 1e-2, (isa, m, op)
+
+
+def test_decode_sizes_take_the_tiles_by_default():
+    """The default rules (kernels/dispatch.py: cpu_amx_min_rows = cpu_amx_min_tokens = 1, measured faster
+    at every decode size once the tile paths stopped prefetching in software): a 1-row linear and a 1-token
+    expert step run on the tiles, bf16 and int8 linears alike, and equal the reference."""
+    assert THRESHOLDS.cpu_amx_min_rows == 1 and THRESHOLDS.cpu_amx_min_tokens == 1
+    g = torch.Generator().manual_seed(3)
+    E, D, H = 8, 40, 256
+    w = torch.randn(96, H, generator=g) / H**0.5
+    q, s = quantize_rows(w)
+    x = torch.randn(1, H, generator=g).bfloat16()
+    for weight, kw, ref in ((w.bfloat16(), {}, x.float() @ w.bfloat16().float().t()),
+                            (q, {"weight_scale": s}, x.float() @ (q.float() * s[:, None]).t())):
+        n0 = cpu_native.amx_calls()
+        y = cpu_native.linear_native(x, weight, **kw)
+        assert cpu_native.amx_calls() == n0 + 1, weight.dtype
+        assert _rel(y, ref) < 1e-2, weight.dtype
+    wu = (torch.randn(E, D, H, generator=g) / H**0.5).bfloat16()
+    wd = (torch.randn(E, D, H, generator=g) / D**0.5).bfloat16()
+    sc = torch.zeros(1, E)
+    sc[0, [1, 5]] = torch.tensor([0.7, 1.3])
+    cu = torch.tensor([0, 1], dtype=torch.int32)
+    n0 = cpu_native.amx_calls()
+    y = cpu_native.sparse_ffn_native(x, sc, wu, wd, cu)
+    assert cpu_native.amx_calls() == n0 + 1
+    ref = experts_reference(x.float(), sc, wu.float(), wd.float().transpose(1, 2), "block")
+    assert _rel(y, ref) < 1e-2
