@@ -21,12 +21,13 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("N,K", [(64, 1792), (70, 1856), (37, 100), (33, 64), (20, 40)])
 def test_amx_linears_equal_the_reference_and_int8_equals_the_vnni_path_bit_for_bit(N, K):
     """bf16: fp32 sums of exact products (rows past the last 16-row block and k past the last 32 on the
-    GEMV). int8: the same exact integers as the VPDPBUSD path, so the same floats."""
+    GEMV). int8: the same exact integers as the VPDPBUSD path, so the same floats; 1-2 rows read super rows
+    of two weight rows per A tile row (K a multiple of 64), rows past the last 32 on the GEMV."""
     g = torch.Generator().manual_seed(N * K)
     w = torch.randn(N, K, generator=g) / K**0.5
     wb = w.bfloat16()
     q, s = quantize_rows(w)
-    for M in (2, 5, 8, 9, 17, 40):
+    for M in (1, 2, 3, 5, 8, 9, 17, 40):
         xf = torch.randn(M, K, generator=g)
         x = xf.bfloat16()
         ref = x.float() @ wb.float().t()
@@ -43,16 +44,17 @@ def test_amx_linears_equal_the_reference_and_int8_equals_the_vnni_path_bit_for_b
 def test_amx_int8_linear_is_exact_at_the_extremes():
     """All weights ±127 of one sign and x all positive: the largest int32 tile sums, still exact."""
     g = torch.Generator().manual_seed(7)
-    for N, K in [(16, 20000), (17, 64 * 3 + 5)]:
+    for N, K in [(16, 20000), (17, 64 * 3 + 5), (33, 64 * 313)]:
         q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
         q[0], q[1] = 127, -127
         s = torch.rand(N, generator=g) + 0.5
-        x = torch.randn(3, K, generator=g)
-        x[0] = x[0].abs() + 1.0
-        y = cpu_native.linear_native(x, q, isa="amx", weight_scale=s)
-        xs = x.abs().amax(-1) / 32767
-        exact = (torch.round(x / xs[:, None]).double() @ q.double().t()).float()
-        assert torch.equal(y, exact * xs[:, None] * s[None, :]), (N, K)
+        for M in (1, 3):  # 1 row: super rows where K is a multiple of 64
+            x = torch.randn(M, K, generator=g)
+            x[0] = x[0].abs() + 1.0
+            y = cpu_native.linear_native(x, q, isa="amx", weight_scale=s)
+            xs = x.abs().amax(-1) / 32767
+            exact = (torch.round(x / xs[:, None]).double() @ q.double().t()).float()
+            assert torch.equal(y, exact * xs[:, None] * s[None, :]), (N, K, M)
 
 
 @pytest.mark.parametrize("E,D,H", [(6, 149, 256), (5, 33, 128), (3, 600, 64)])

@@ -186,6 +186,7 @@ typedef struct {
     const int32_t *rs;              /* int8 weights: the row sums [N] (vb_up), else NULL */
     const void *xb;                 /* AMX paths: x packed as tile rows (amx_pack_*), else NULL */
     int nc;                         /* ...the B tile's columns (tokens, or token planes for int8) per group */
+    long rr;                        /* ...weight rows per A tile row (int8 super rows; else 1) */
 } lin_t;
 
 typedef void (*lin_fn)(const lin_t *l);
@@ -896,7 +897,17 @@ A5_LIN(lin_avx512vnni_i8, int8_t, 1,
    sums (AMX flushes fp32 denormals: a difference below any tolerance here); int8: the same exact integer
    sums as vn_dots (int32 tile lanes: K <= 65536 keeps them below 2^31), so the same results bit for
    bit. Rows past the last multiple of 16 of a thread's range, k past the last multiple of 32 (64) and
-   calls with a non-finite x (int8) take the AVX-512 code. */
+   calls with a non-finite x (int8) take the AVX-512 code.
+   int8 rows are half as long as bf16's (K bytes: 1792 at the XLarge shape), and the tile loads read cold
+   weights slower on short rows (16 row streams restarting every K bytes): XLarge shape, M = 1, cold,
+   int8 [1792, 1792] 20.5 GB/s, [896, 3584] 23.6, bf16 [896, 1792] 25.8. So for 1-2 tokens (K a multiple
+   of 64) an int8 A tile row is a super row of AMX_I8_RR adjacent weight rows (R x K contiguous bytes, read
+   like a bf16 row): the B tile gets R column pairs per token, pair j holding the token's planes against
+   the j-th row's k range and zeros elsewhere, so C's pair j sums row j's products only (the same integers,
+   bit for bit). Cold, 2 threads, XLarge qkv / o_proj / lm_head: M = 1 +6-8%, M = 2 +3-8%, M = 4 (16
+   columns) -6..+2%, hence at most AMX_I8_RR_COLS columns (RESULTS.md, 2026-12-03 08:54 UTC). */
+#define AMX_I8_RR 2
+#define AMX_I8_RR_COLS 8
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma,amx-tile,amx-bf16,amx-int8")
 typedef struct {
@@ -930,18 +941,19 @@ static void amx_pack_bf16(const uint16_t *const *xh, long M, long K32, int nc, u
             }
         }
 }
-/* The int8 paths' x planes (vb_quantize: hi then lo, K bytes each) -> B tiles: groups of nc / 2 tokens,
-   column 2j the hi plane of the group's token j, 2j + 1 its lo plane, each [K64 / 4][nc] words of 4
-   consecutive k. */
-static void amx_pack_i8(const uint8_t *const *xq, long M, long K, long K64, int nc, uint32_t *xb) {
-    long tg = nc / 2, G = (M + tg - 1) / tg, KQ = K64 / 4;
+/* The int8 paths' x planes (vb_quantize: hi then lo, K bytes each) -> B tiles: groups of nc / (2 R) tokens,
+   each [R K64 / 4][nc] words of 4 consecutive k: for token j of the group and its super row's row r (R rows
+   per A tile row, R = 1: plain rows), column 2 (j R + r) holds the hi plane and 2 (j R + r) + 1 the lo
+   plane in the tile rows of row r's k range [r K64, (r + 1) K64) / 4, zeros elsewhere. */
+static void amx_pack_i8(const uint8_t *const *xq, long M, long K, long K64, int nc, long R, uint32_t *xb) {
+    long tg = nc / (2 * R), G = (M + tg - 1) / tg, KQ = K64 / 4;
     for (long g = 0; g < G; g++)
         for (int c = 0; c < nc; c++) {
-            long t = g * tg + c / 2;
-            uint32_t *d = xb + g * KQ * nc + c;
-            for (long kq = 0; kq < KQ; kq++) {
+            long t = g * tg + c / (2 * R), r = (c / 2) % R;
+            uint32_t *d = xb + g * R * KQ * nc + c;
+            for (long kq = 0; kq < R * KQ; kq++) {
                 uint32_t v = 0;
-                if (t < M) memcpy(&v, xq[t] + (c & 1) * K + 4 * kq, 4);
+                if (t < M && kq / KQ == r) memcpy(&v, xq[t] + (c & 1) * K + 4 * (kq - r * KQ), 4);
                 d[kq * nc] = v;
             }
         }
@@ -952,20 +964,22 @@ static void amx_pack_i8(const uint8_t *const *xq, long M, long K, long K64, int 
    then they beat the AVX512_BF16 code at every decode size (the AVX paths themselves lose 5-13 points
    without it). The hardware prefetchers follow the tile loads' 16 row streams on their own. */
 
-/* The 16-row blocks [n0, nf) of an AMX linear: per block and token group g, C (tile 0) = the block's rows .
-   the group's packed x over `steps` slabs of 64 weight bytes (DP), stored into c[16][16] of CT, then the
-   epilogue (the variadic arguments; w: the block's first row, as char). */
+/* The blocks [n0, nf) of an AMX linear, 16 A tile rows of R weight rows each (R = l->rr: int8 super rows,
+   else 1): per block and token group g, C (tile 0) = the block's rows . the group's packed x over `steps`
+   slabs of 64 bytes of each A tile row (DP), stored into c[16][16] of CT, then the epilogue (the variadic
+   arguments; w: the block's first row, as char). */
 #define AMX_LIN_BLOCKS(ESZ, DP, CT, ...)                                                                \
     {                                                                                                   \
         CT c[16][16];                                                                                   \
+        long R = l->rr > 1 ? l->rr : 1, ld = R * K * ESZ;                                                            \
         amx_config(nc);                                                                                 \
-        for (long n = n0; n < nf; n += 16) {                                                            \
+        for (long n = n0; n < nf; n += 16 * R) {                                                        \
             const char *w = (const char *)l->w + n * K * ESZ;                                           \
             for (long g = 0; g < G; g++) {                                                              \
                 const uint32_t *xb = (const uint32_t *)l->xb + g * gw;                                  \
                 _tile_zero(0);                                                                          \
                 for (long s = 0; s < steps; s++) {                                                      \
-                    _tile_loadd(1, w + 64 * s, K * ESZ);                                                \
+                    _tile_loadd(1, w + 64 * s, ld);                                                     \
                     _tile_loadd(2, xb + s * 16 * nc, nc * 4);                                           \
                     DP(0, 1, 2);                                                                        \
                 }                                                                                       \
@@ -999,23 +1013,25 @@ static void lin_amx_bf16(const lin_t *l) {
     }
 }
 static void lin_amx_i8(const lin_t *l) {
-    long K = l->K, K64 = K & ~63L, n0 = l->n0, nf = n0 + ((l->n1 - n0) & ~15L);
+    long K = l->K, K64 = K & ~63L, R = l->rr, n0 = l->n0, nf = n0 + ((l->n1 - n0) / (16 * R)) * 16 * R;
     int finite = 1, nc = l->nc;
     for (int j = 0; j < l->m; j++) finite &= l->xqs[j] == l->xqs[j];
-    if (!l->xb || !finite || K64 == 0 || K > AMX_MAX_K8) nf = n0;
-    long tg = nc / 2, G = tg ? (l->m + tg - 1) / tg : 0, gw = (K64 / 4) * nc, steps = K64 / 64;
+    if (!l->xb || !finite || K64 == 0 || K > AMX_MAX_K8 || (R > 1 && K64 != K)) nf = n0;
+    long tg = nc / (2 * R), G = tg ? (l->m + tg - 1) / tg : 0, gw = R * (K64 / 4) * nc, steps = R * K64 / 64;
     if (nf > n0)
         AMX_LIN_BLOCKS(1, _tile_dpbsud, int32_t,
             for (long j = 0; j < tg && g * tg + j < l->m; j++) {
                 long t = g * tg + j;
                 const uint8_t *xh = l->xq[t], *xl = xh + K;
-                const int8_t *wr = (const int8_t *)w;
-                for (int r = 0; r < 16; r++) {
-                    int64_t a = c[r][2 * j], b = c[r][2 * j + 1];
-                    for (long k = K64; k < K; k++) { a += wr[r * K + k] * xh[k]; b += wr[r * K + k] * xl[k]; }
-                    int64_t tot = 256 * a + b - 32768 * (int64_t)l->rs[n + r];
-                    l->out[t * l->ldo + n + r] = (float)tot * l->xqs[t] * row_scale(l->scale + n, r);
-                }
+                for (int i = 0; i < 16; i++)
+                    for (long q = 0; q < R; q++) {
+                        long r = i * R + q, col = 2 * (j * R + q);
+                        const int8_t *wr = (const int8_t *)w + r * K;
+                        int64_t a = c[i][col], b = c[i][col + 1];
+                        for (long k = K64; k < K; k++) { a += wr[k] * xh[k]; b += wr[k] * xl[k]; }
+                        int64_t tot = 256 * a + b - 32768 * (int64_t)l->rs[n + r];
+                        l->out[t * l->ldo + n + r] = (float)tot * l->xqs[t] * row_scale(l->scale + n, r);
+                    }
             })
     if (nf < l->n1) {
         lin_t sub = *l;
@@ -1251,18 +1267,21 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
     /* AMX: x packed once for the B tiles; threads take whole 16-row blocks */
     uint32_t *xb = NULL;
     int nc = 0, rb = 4;
+    long rr = 1;
 #if BLOCKFFN_X86
     if (fn == lin_amx_bf16 && K >= 32) {
         nc = M < 16 ? (int)M : 16;
         xb = malloc((size_t)((M + nc - 1) / nc) * (size_t)(K & ~31L) / 2 * nc * 4 + 64);
         if (xb) amx_pack_bf16(xh, M, K & ~31L, nc, xb);
     } else if (fn == lin_amx_i8 && K >= 64) {
-        nc = M < 8 ? 2 * (int)M : 16;
-        xb = malloc((size_t)((M + nc / 2 - 1) / (nc / 2)) * (size_t)(K & ~63L) / 4 * nc * 4 + 64);
-        if (xb) amx_pack_i8(xqp, M, K, K & ~63L, nc, xb);
+        rr = K % 64 == 0 && 2 * AMX_I8_RR * M <= AMX_I8_RR_COLS ? AMX_I8_RR : 1;
+        nc = 2 * M * rr < 16 ? 2 * (int)(M * rr) : 16;
+        long tg = nc / (2 * rr);
+        xb = malloc((size_t)((M + tg - 1) / tg) * (size_t)rr * (size_t)(K & ~63L) / 4 * nc * 4 + 64);
+        if (xb) amx_pack_i8(xqp, M, K, K & ~63L, nc, rr, xb);
     }
     if (xb) {
-        rb = 16;
+        rb = 16 * (int)rr;
         __atomic_add_fetch(&g_amx_calls, 1, __ATOMIC_RELAXED);
     }
 #endif
@@ -1274,7 +1293,7 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
     {
         int tid = omp_get_thread_num(), nt = omp_get_num_threads();
         lin_t l = {w, K, (blocks * tid / nt) * rb, (blocks * (tid + 1) / nt) * rb, (int)M, xs, xh, o, ldo, zrow, scale,
-                   xqp, xqs, rowsum, xb, nc};
+                   xqp, xqs, rowsum, xb, nc, rr};
         if (l.n1 > N) l.n1 = N;
         if (l.n1 > l.n0) fn(&l);
     }
