@@ -947,17 +947,16 @@ static void amx_pack_bf16(const uint16_t *const *xh, long M, long K32, int nc, u
    plane in the tile rows of row r's k range [r K64, (r + 1) K64) / 4, zeros elsewhere. */
 static void amx_pack_i8(const uint8_t *const *xq, long M, long K, long K64, int nc, long R, uint32_t *xb) {
     long tg = nc / (2 * R), G = (M + tg - 1) / tg, KQ = K64 / 4;
-    for (long g = 0; g < G; g++)
-        for (int c = 0; c < nc; c++) {
-            long t = g * tg + c / (2 * R), r = (c / 2) % R;
-            uint32_t *d = xb + g * R * KQ * nc + c;
-            for (long kq = 0; kq < R * KQ; kq++) {
-                uint32_t v = 0;
-                if (t < M && kq / KQ == r) memcpy(&v, xq[t] + (c & 1) * K + 4 * (kq - r * KQ), 4);
-                d[kq * nc] = v;
+    memset(xb, 0, (size_t)G * R * KQ * nc * 4);
+    for (long t = 0; t < M; t++)
+        for (long r = 0; r < R; r++)
+            for (int pl = 0; pl < 2; pl++) {
+                const uint8_t *src = xq[t] + pl * K;
+                uint32_t *d = xb + ((t / tg) * R + r) * KQ * nc + 2 * ((t % tg) * R + r) + pl;
+                for (long kq = 0; kq < KQ; kq++) memcpy(d + kq * nc, src + 4 * kq, 4);
             }
-        }
 }
+
 /* No software prefetch on the AMX paths (linears and expert units), unlike the AVX paths: with the
    weight stream prefetched as there, the tile paths read cold weights at 52-73% of the read bandwidth;
    without, at 67-92% (XLarge shapes, 2 threads, 1-16 rows or tokens; RESULTS.md 2026-12-03 06:14 UTC), and
