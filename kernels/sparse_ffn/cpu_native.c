@@ -970,7 +970,7 @@ static void amx_pack_i8(const uint8_t *const *xq, long M, long K, long K64, int 
 #define AMX_LIN_BLOCKS(ESZ, DP, CT, ...)                                                                \
     {                                                                                                   \
         CT c[16][16];                                                                                   \
-        long R = l->rr > 1 ? l->rr : 1, ld = R * K * ESZ;                                                            \
+        long R = l->rr > 1 ? l->rr : 1, ld = R * K * ESZ;                                               \
         amx_config(nc);                                                                                 \
         for (long n = n0; n < nf; n += 16 * R) {                                                        \
             const char *w = (const char *)l->w + n * K * ESZ;                                           \
@@ -995,7 +995,13 @@ static void lin_amx_bf16(const lin_t *l) {
     long G = nc ? (l->m + nc - 1) / nc : 0, gw = (K32 / 2) * nc, steps = K32 / 32;
     if (nf > n0)
         AMX_LIN_BLOCKS(2, _tile_dpbf16ps, float,
-            for (int j = 0; j < nc && g * nc + j < l->m; j++) {
+            if (K32 == K) { /* a token's 16 sums: a column of C, gathered */
+                const __m512i cidx = _mm512_slli_epi32(
+                    _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 4);
+                for (int j = 0; j < nc && g * nc + j < l->m; j++)
+                    _mm512_storeu_ps(l->out + (g * nc + j) * l->ldo + n,
+                                     _mm512_i32gather_ps(_mm512_add_epi32(cidx, _mm512_set1_epi32(j)), &c[0][0], 4));
+            } else for (int j = 0; j < nc && g * nc + j < l->m; j++) {
                 long t = g * nc + j;
                 const float *x = l->xs[t];
                 const uint16_t *wr = (const uint16_t *)w;
