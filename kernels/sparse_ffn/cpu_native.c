@@ -915,7 +915,7 @@ typedef struct {
     uint16_t colsb[16];
     uint8_t rows[16];
 } __attribute__((aligned(64))) amx_cfg_t;
-/* tile 0: C (16 rows x nc 32-bit sums), 1: A (16 weight rows x 64 bytes), 2: B (16 rows x nc 32-bit words of x) */
+/* tiles 0, 3: C (16 rows x nc 32-bit sums), 1: A (16 weight rows x 64 bytes), 2: B (16 rows x nc 32-bit words of x) */
 ALWAYS void amx_config(int nc) {
     amx_cfg_t c;
     memset(&c, 0, sizeof c);
@@ -923,6 +923,7 @@ ALWAYS void amx_config(int nc) {
     c.rows[0] = 16; c.colsb[0] = (uint16_t)(4 * nc);
     c.rows[1] = 16; c.colsb[1] = 64;
     c.rows[2] = 16; c.colsb[2] = (uint16_t)(4 * nc);
+    c.rows[3] = 16; c.colsb[3] = (uint16_t)(4 * nc);
     _tile_loadconfig(&c);
 }
 #define AMX_MAX_K8 65536L /* int8: K up to this keeps every int32 lane of the C tile exact */
@@ -964,26 +965,43 @@ static void amx_pack_i8(const uint8_t *const *xq, long M, long K, long K64, int 
    without it). The hardware prefetchers follow the tile loads' 16 row streams on their own. */
 
 /* The blocks [n0, nf) of an AMX linear, 16 A tile rows of R weight rows each (R = l->rr: int8 super rows,
-   else 1): per block and token group g, C (tile 0) = the block's rows . the group's packed x over `steps`
-   slabs of 64 bytes of each A tile row (DP), stored into c[16][16] of CT, then the epilogue (the variadic
-   arguments; w: the block's first row, as char). */
+   else 1), two blocks at a time: per pair and token group g, C (tiles 0 and 3) = each block's rows . the
+   group's packed x over `steps` slabs of 64 bytes of each A tile row (DP), stored into c[16][16] of CT, then
+   the epilogue (the variadic arguments; n: the block's first row, w: that row, as char) for each block. Two
+   blocks per stop: the epilogue waits for the block's last product, and the weight stream stalls with it
+   (int8 cold, XLarge qkv / o_proj: +2-6% at 1-8 rows; bf16 -1..+2%; RESULTS.md, 2026-12-03 08:54 UTC). */
+#define AMX_LIN_PASS(DP_, CT_, W_)                                                                      \
+    {                                                                                                   \
+        _tile_zero(CT_);                                                                                \
+        for (long s = 0; s < steps; s++) {                                                              \
+            _tile_loadd(1, W_ + 64 * s, ld);                                                            \
+            _tile_loadd(2, xb + s * 16 * nc, nc * 4);                                                   \
+            DP_(CT_, 1, 2);                                                                             \
+        }                                                                                               \
+    }
 #define AMX_LIN_BLOCKS(ESZ, DP, CT, ...)                                                                \
     {                                                                                                   \
-        CT c[16][16];                                                                                   \
+        CT cc[2][16][16];                                                                               \
         long R = l->rr > 1 ? l->rr : 1, ld = R * K * ESZ;                                               \
         amx_config(nc);                                                                                 \
-        for (long n = n0; n < nf; n += 16 * R) {                                                        \
-            const char *w = (const char *)l->w + n * K * ESZ;                                           \
+        for (long n_ = n0; n_ < nf; n_ += 32 * R) {                                                     \
+            int nb = n_ + 16 * R < nf ? 2 : 1;                                                          \
+            const char *w0_ = (const char *)l->w + n_ * K * ESZ, *w1_ = w0_ + 16 * R * K * ESZ;         \
             for (long g = 0; g < G; g++) {                                                              \
                 const uint32_t *xb = (const uint32_t *)l->xb + g * gw;                                  \
-                _tile_zero(0);                                                                          \
-                for (long s = 0; s < steps; s++) {                                                      \
-                    _tile_loadd(1, w + 64 * s, ld);                                                     \
-                    _tile_loadd(2, xb + s * 16 * nc, nc * 4);                                           \
-                    DP(0, 1, 2);                                                                        \
+                AMX_LIN_PASS(DP, 0, w0_)                                                                \
+                if (nb == 2) {                                                                          \
+                    AMX_LIN_PASS(DP, 3, w1_)                                                            \
+                    _tile_stored(3, cc[1], 64);                                                         \
                 }                                                                                       \
-                _tile_stored(0, c, 64);                                                                 \
-                __VA_ARGS__                                                                             \
+                _tile_stored(0, cc[0], 64);                                                             \
+                for (int b_ = 0; b_ < nb; b_++) {                                                       \
+                    long n = n_ + b_ * 16 * R;                                                          \
+                    const char *w = b_ ? w1_ : w0_;                                                     \
+                    CT(*c)[16] = cc[b_];                                                                \
+                    (void)w;                                                                            \
+                    __VA_ARGS__                                                                         \
+                }                                                                                       \
             }                                                                                           \
         }                                                                                               \
         _tile_release();                                                                                \
