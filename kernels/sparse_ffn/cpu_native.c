@@ -207,6 +207,16 @@ ALWAYS long pf_stride(long bytes, long steps, long *lim) {
     *lim = bytes;
     return steps > 0 ? ((*lim + steps - 1) / steps + 63) & ~63L : *lim;
 }
+/* The share [a, a + stride) of p's lim bytes for shares of at most 4 lines (the int8 units' up and down
+   passes: 4 rows over H / 64 or H / 32 steps), without a loop: a loop inside theirs made GCC copy their
+   accumulators through other registers every step (int8 units, cold: +3-7% from 1 to 8 tokens, RESULTS.md
+   2026-12-03 08:54 UTC). Reads no global (vq_down's loop stores int32, which may alias one). */
+ALWAYS void pf_lines4(const char *p, long lim, long a, long stride) {
+    if (a < lim) __builtin_prefetch(p + a, 0, 1);
+    if (stride > 64 && a + 64 < lim) __builtin_prefetch(p + a + 64, 0, 1);
+    if (stride > 128 && a + 128 < lim) __builtin_prefetch(p + a + 128, 0, 1);
+    if (stride > 192 && a + 192 < lim) __builtin_prefetch(p + a + 192, 0, 1);
+}
 ALWAYS void pf_share(const char *p, long lim, long i, long stride) {
     if (!p) return;
     long a = i * stride, b = a + stride;
@@ -680,13 +690,14 @@ ALWAYS __mmask64 a5_mask64(long left) { return left >= 64 ? ~(__mmask64)0 : (((_
     ALWAYS void vb_up_##NT(const int8_t *const *w, long H, const uint8_t *const *xq, int64_t tot[NR][4], \
                            int j0, const char *pf, long blk) {                                         \
         long steps = (H + 63) / 64, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl);                       \
+        const char *pt = pf ? pf + (long)(g_prefetch - 1) * pfl : NULL;                                 \
         for (long h0 = 0; h0 < H; h0 += 16384) {                                                        \
             long h1 = h0 + 16384 < H ? h0 + 16384 : H, h = h0;                                          \
             __m512i ah[NR][NT], al[NR][NT];                                                             \
             for (int r = 0; r < NR; r++)                                                                \
                 for (int j = 0; j < NT; j++) ah[r][j] = al[r][j] = _mm512_setzero_si512();              \
             for (; h + 64 <= h1; h += 64, i++) {                                                        \
-                pf_share(pf, pfl, i, pfs);                                                              \
+                if (pt) pf_lines4(pt, pfl, i * pfs, pfs);                                               \
                 VB_STEP(NT, 0, VB_FULL, VB_FULL)                                                        \
             }                                                                                           \
             if (h < h1) {                                                                               \
@@ -811,10 +822,7 @@ ALWAYS void vq_step(const int8_t *const *w, long c, __mmask32 k, int full, int n
         const char *pt = pf ? pf + (long)(g_prefetch - 1) * pfl : NULL;                                 \
         long c = 0, i = 0;                                                                              \
         for (; c + 32 <= H; c += 32, i++) {                                                             \
-            if (pt) {                                                                                   \
-                long o0 = i * pfs, o1 = o0 + pfs < pfl ? o0 + pfs : pfl;                                \
-                for (long o = o0; o < o1; o += 64) __builtin_prefetch(pt + o, 0, 1);                    \
-            }                                                                                           \
+            if (pt) pf_lines4(pt, pfl, i * pfs, pfs);                                                   \
             vq_step(wr, c, 0, 1, NT, ar, hp);                                                           \
         }                                                                                               \
         if (c < H) vq_step(wr, c, a5_mask32(H - c), 0, NT, ar, hp);                                     \
