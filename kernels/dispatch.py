@@ -109,7 +109,8 @@ class DispatchThresholds:
     the tile paths stopped prefetching in software: cold, 2 threads, the engine's C++ op, bf16 M = 1 qkv /
     o_proj / lm_head 81 / 75 / 89% of read bandwidth on the AVX512_BF16 GEMV vs 90 / 89 / 92% on the tiles;
     M = 2-16 7-13 points above the tiles with the prefetch; int8 M = 1 71 / 72 / 81% (VNNI GEMV) vs 77 / 73 /
-    77% (RESULTS.md, 2026-12-03 06:14 UTC)."""
+    77% (RESULTS.md, 2026-12-03 06:14 UTC); the int8 tiles since (super rows at 1-2 rows, a vector epilogue):
+    75 / 74 / 81% at M = 1, 65 / 60 / 68% at M = 8 (RESULTS.md, 2026-12-03 08:54 UTC)."""
     # ---- CPU dense linears of BlockFFN models (vllm_blockffn/serving/layers/cpu_linear.py).
     cpu_linear_max_tokens: int = 8
     """Up to this many rows, a linear runs the native streaming GEMV (each weight byte read once, at
