@@ -208,9 +208,10 @@ ALWAYS long pf_stride(long bytes, long steps, long *lim) {
     return steps > 0 ? ((*lim + steps - 1) / steps + 63) & ~63L : *lim;
 }
 /* The share [a, a + stride) of p's lim bytes for shares of at most 4 lines (the int8 units' up and down
-   passes: 4 rows over H / 64 or H / 32 steps), without a loop: a loop inside theirs made GCC copy their
-   accumulators through other registers every step (int8 units, cold: +3-7% from 1 to 8 tokens, RESULTS.md
-   2026-12-03 08:54 UTC). Reads no global (vq_down's loop stores int32, which may alias one). */
+   passes: 4 rows over H / 64 or H / 32 steps), without a loop: no compare and branch per line inside their
+   step loops (int8 units, cold: +5-7% from 1 to 8 tokens, RESULTS.md 2026-12-03 08:54 UTC; GCC still copies
+   their accumulators between registers every step, with or without). Reads no global (vq_down's loop
+   stores int32, which may alias one). */
 ALWAYS void pf_lines4(const char *p, long lim, long a, long stride) {
     if (a < lim) __builtin_prefetch(p + a, 0, 1);
     if (stride > 64 && a + 64 < lim) __builtin_prefetch(p + a + 64, 0, 1);
