@@ -703,7 +703,8 @@ ALWAYS __mmask64 a5_mask64(long left) { return left >= 64 ? ~(__mmask64)0 : (((_
             }                                                                                           \
             if (h < h1) {                                                                               \
                 __mmask64 k = a5_mask64(h1 - h);                                                        \
-                pf_share(pf, pfl, i++, pfs);                                                            \
+                if (pt) pf_lines4(pt, pfl, i * pfs, pfs);                                               \
+                i++;                                                                                    \
                 VB_STEP(NT, k, VB_MASK, VB_MASK)                                                        \
             }                                                                                           \
             for (int r = 0; r < NR; r++)                                                                \
