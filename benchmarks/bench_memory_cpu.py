@@ -192,10 +192,13 @@ def onednn_dense(pool: Pool):
     if not getattr(ops, "_supports_onednn", False):
         return None
     handlers = {}
-    for w_up, w_down, _, _ in pool.layers:
-        E, D, H = w_up.shape
-        handlers[id(w_up)] = (ops.create_onednn_mm(w_up.reshape(E * D, H).t(), 32),
-                              ops.create_onednn_mm(w_down.reshape(E * D, H), 32))
+    try:
+        for w_up, w_down, _, _ in pool.layers:
+            E, D, H = w_up.shape
+            handlers[id(w_up)] = (ops.create_onednn_mm(w_up.reshape(E * D, H).t(), 32),
+                                  ops.create_onednn_mm(w_down.reshape(E * D, H), 32))
+    except RuntimeError:  # bf16 without AVX512_BF16/AMX: oneDNN has no such matmul; vLLM falls back to
+        return None       # torch's linear, which the "torch GEMMs" column times
 
     def run(w_up, w_down, su, sd, x, s, cu):
         E, D, H = w_up.shape
@@ -351,13 +354,18 @@ def linear_rows(args, threads: int, bw: float) -> list[list[str]]:
                 ws, scales, w_ref = [placed(w0.clone()) for _ in range(n)], [None] * n, w0.float()
             handlers = None
             if ops is not None and getattr(ops, "_supports_onednn", False):
-                if dt == torch.int8:
-                    handlers = [ops.create_onednn_scaled_mm(w.t(), sc.view(1, -1), xdt, True, False, 32)
-                                for w, sc in zip(ws, scales)]
-                else:
-                    handlers = [ops.create_onednn_mm(w.t(), 32) for w in ws]
+                try:
+                    if dt == torch.int8:
+                        handlers = [ops.create_onednn_scaled_mm(w.t(), sc.view(1, -1), xdt, True, False, 32)
+                                    for w, sc in zip(ws, scales)]
+                    else:
+                        handlers = [ops.create_onednn_mm(w.t(), 32) for w in ws]
+                except RuntimeError:  # as vLLM (dispatch_cpu_unquantized_gemm): torch's linear instead
+                    handlers = "torch" if dt != torch.int8 else None
 
             def vllm_mm(w, i, x, dt=dt, handlers=handlers, N=N):
+                if handlers == "torch":
+                    return torch.nn.functional.linear(x, w)
                 if dt != torch.int8:
                     return ops.onednn_mm(handlers[i], x, None)
                 x_q, x_s, _ = ops.onednn_scaled_int8_quant(x, None, None, True)

@@ -41,6 +41,12 @@ def _isas() -> list[str]:
     return list(cpu_native.ISAS[: cpu_native.ISAS.index(best) + 1]) if best else []
 
 
+def _integer_isas() -> list[str]:
+    """The paths whose int8 dots are exact integers on x rounded to int16 (VPMADDWD on avx2 / avx512,
+    VPDPBUSD from avx512_bf16): every path but the portable one."""
+    return [i for i in _isas() if i != "portable"]
+
+
 def _experts(E: int, D: int, H: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     up, down = torch.randn(E, D, H, generator=g) / H**0.5, torch.randn(E, D, H, generator=g) / D**0.5
@@ -59,7 +65,7 @@ def _tol(xdt: torch.dtype, isa: str | None = None) -> float:
     """The tolerance for int8 weights with x in ``xdt`` on ``isa`` (None: the path calls default to)."""
     if xdt == torch.bfloat16:
         return 1e-2
-    return 2e-4 if cpu_native.isa_at_least("avx512_bf16", isa) else 1e-5
+    return 2e-4 if cpu_native.isa_at_least("avx2", isa) else 1e-5
 
 
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -113,13 +119,14 @@ def test_native_int8_experts_equal_dequantized_reference(isa, xdt):
             assert _rel(dense, ref) < _tol(xdt, isa)
 
 
-@pytest.mark.skipif("avx512_bf16" not in _isas(), reason="the CPU has no AVX512_BF16 + VNNI")
+@pytest.mark.parametrize("isa", _integer_isas())
 @pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
-def test_int8_down_pass_on_row_pairs(xdt):
-    """The int8 down pass on VNNI CPUs (VPDPWSSD on row pairs into int32 sums per span, h rounded to
-    int16 per token and span) equals the widening pass and the dequantized reference within the VNNI
-    tolerance, column tails (H % 32), one-row units and spans cut at 128 units (D = 530) included; the
-    switch does change the path."""
+def test_int8_down_pass_on_row_pairs(isa, xdt, monkeypatch):
+    """The int8 down pass on the integer paths (VPDPWSSD / VPMADDWD on row pairs into int32 sums per span,
+    h rounded to int16 per token and span) equals the widening pass and the dequantized reference within
+    the integer paths' tolerance, column tails (H % 32, H % 16), one-row units and spans cut at 128 units
+    (D = 530) included; the switch does change the path."""
+    monkeypatch.setenv("VLLM_BLOCKFFN_CPU_ISA", isa)
     for E, D, H in [(7, 13, 256), (5, 6, 45), (4, 9, 1792), (2, 530, 72)]:
         qu, su, qd, sd = _experts(E, D, H, seed=H)
         up, down = dequantize_experts(qu, su, qd, sd)
@@ -136,7 +143,7 @@ def test_int8_down_pass_on_row_pairs(xdt):
             finally:
                 cpu_native.set_pairdown(True)
             for y in ys.values():
-                assert _rel(y, ref) < _tol(xdt, "avx512_bf16"), (E, D, H, T)
+                assert _rel(y, ref) < _tol(xdt, isa), (E, D, H, T)
             if xdt == torch.float32:
                 assert not torch.equal(ys[True], ys[False])
 
@@ -156,12 +163,12 @@ def test_native_int8_linear_equals_dequantized_reference(isa):
         cpu_native.linear_native(torch.randn(1, q.shape[1]), q)
 
 
-@pytest.mark.skipif("avx512_bf16" not in _isas(), reason="the CPU has no AVX512_BF16 + VNNI")
-def test_int8_vnni_dot_products_are_exact_integers():
-    """The VPDPBUSD dots (x rounded to int16 per token, offset into two byte planes, corrected by the
-    row sums) are the exact integer dot product, rounded once: bit-equal to an int64 reference, for
-    extreme weights and x (all ±127, one sign), rows longer than the kernel's 16384-element int32
-    blocks, and tails shorter than 64."""
+@pytest.mark.parametrize("isa", _integer_isas())
+def test_int8_dot_products_are_exact_integers(isa):
+    """The integer dots (x rounded to int16 per token; VPDPBUSD on two byte planes corrected by the row
+    sums, or VPMADDWD on int16) are the exact integer dot product, rounded once: bit-equal to an int64
+    reference, for extreme weights and x (all ±127, one sign), rows longer than the kernels' int32
+    blocks (16384 / 4096 elements), tails shorter than 64 and 16, 1-3 tokens (pairs and a single)."""
     g = torch.Generator().manual_seed(5)
     for N, K in [(9, 20000), (6, 63), (5, 64 * 3 + 1)]:
         q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
@@ -170,7 +177,7 @@ def test_int8_vnni_dot_products_are_exact_integers():
         s = torch.rand(N, generator=g) + 0.5
         x = torch.randn(3, K, generator=g)
         x[0] = x[0].abs() + 1.0  # all positive: the largest sums
-        y = cpu_native.linear_native(x, q, isa="avx512_bf16", weight_scale=s)
+        y = cpu_native.linear_native(x, q, isa=isa, weight_scale=s)
         xs = x.abs().amax(-1) / 32767
         xq = torch.round(x / xs[:, None])
         exact = (xq.double() @ q.double().t()).float()
@@ -178,6 +185,33 @@ def test_int8_vnni_dot_products_are_exact_integers():
     bound = cpu_native.bound_linear(q, s)
     assert bound is cpu_native.bound_linear(q, s)  # bound once: the row sums are made once
     assert torch.equal(bound.tensors[2], q.sum(-1, dtype=torch.int32))
+
+
+@pytest.mark.skipif(len(_integer_isas()) < 2, reason="one integer int8 path on this CPU")
+def test_int8_integer_paths_agree_bit_for_bit(monkeypatch):
+    """Every integer int8 path (avx2, avx512, avx512_bf16, amx) computes the same integers with the same
+    roundings: experts (decode, verify chunks, spans cut at 128 units, H % 32 tails) and linears are
+    equal bit for bit across them, so quality measured on one path holds on the others."""
+    outs: dict[str, list[torch.Tensor]] = {}
+    for isa in _integer_isas():
+        monkeypatch.setenv("VLLM_BLOCKFFN_CPU_ISA", isa)
+        got = []
+        for E, D, H in [(7, 13, 256), (2, 530, 72), (4, 9, 1800)]:
+            qu, su, qd, sd = _experts(E, D, H, seed=H)
+            for T, cu in [(1, [0, 1]), (8, [0, 4, 8]), (6, [0, 6])]:
+                x = torch.randn(T, H, generator=torch.Generator().manual_seed(T + H))
+                s = _scores(T, E, seed=T)
+                got.append(cpu_native.sparse_ffn_native(x, s, qu, qd, torch.tensor(cu, dtype=torch.int32),
+                                                        num_threads=2, up_scale=su, down_scale=sd))
+            q, sc = quantize_rows(torch.randn(3 * D, H))
+            for M in (1, 2, 5, 8):
+                got.append(cpu_native.linear_native(torch.randn(M, H, generator=torch.Generator().manual_seed(M)), q,
+                                                    weight_scale=sc))
+        outs[isa] = got
+    first, *others = outs
+    for isa in others:
+        for i, (a, b) in enumerate(zip(outs[first], outs[isa])):
+            assert torch.equal(a, b), (first, isa, i)
 
 
 @needs_native

@@ -226,6 +226,25 @@ ALWAYS void pf_share(const char *p, long lim, long i, long stride) {
     for (long o = a; o < b; o += 64) __builtin_prefetch(p + o, 0, 1);
 }
 
+/* The int8 down pass in int32 sums (vq_down, a2q_down): a span's steps. A thread's run of units of one
+   expert shares one h step per token, st = max|h| / 32767 over the span's rows (hq[j]; hq[m] = 1 if every
+   h of the span is finite, else the span takes the float down pass) and zeroes its sums. */
+#define VQ_ROWS 512 /* rows per span at most */
+ALWAYS void vq_begin(const unit_t *u) {
+    int ok = 1;
+    for (int j = 0; j < u->m; j++) {
+        const float *h = u->hb + (long)j * u->D;
+        float mx = 0.0f;
+        for (int r = 0; r < u->span; r++) {
+            float a = fabsf(h[r]);
+            ok &= a <= 3.4028235e38f;
+            mx = a > mx ? a : mx;
+        }
+        u->hq[j] = mx > 0.0f ? mx / 32767.0f : 1.0f;
+    }
+    u->hq[u->m] = (float)ok;
+    if (ok) memset(u->acc, 0, (size_t)u->m * u->Hp * sizeof(int32_t));
+}
 /* ------------------------------------------------------------------------------ portable */
 typedef float v8f __attribute__((vector_size(32)));
 typedef uint16_t v8h __attribute__((vector_size(16)));
@@ -422,38 +441,244 @@ AVX2_UNIT(f32, float, 4, 0)
 AVX2_UNIT(bf16, uint16_t, 2, 0)
 AVX2_UNIT(i8, int8_t, 1, 1)
 
-#define AVX2_LIN(SUF, WT, ESZ)                                                                          \
-    static void lin_avx2_##SUF(const lin_t *l) {                                                        \
-        long K = l->K, K8 = K & ~7L, steps = K8 / 8 > 0 ? K8 / 8 : 1;                                   \
-        for (long n = l->n0; n < l->n1; n += 4) {                                                       \
-            int nr = l->n1 - n < 4 ? (int)(l->n1 - n) : 4;                                              \
-            const WT *w[4];                                                                             \
-            for (int r = 0; r < 4; r++) w[r] = r < nr ? (const WT *)l->w + (n + r) * K : (const WT *)l->zrow; \
+/* 4 weight rows x NT (1 or 2) tokens of a dot product, the whole row (tail in scalar code): each
+   step's rows are widened once for both tokens (the linear used to re-read and re-widen its rows for
+   every token: at M = 8 the AVX2 linear read cold bf16 weights at a quarter of the read bandwidth). */
+#define A2_DOT(SUF, WT, NT)                                                                             \
+    ALWAYS void a2_dot_##SUF##_##NT(const WT *const *w, long K, const float *const *xs, float out[NR][2], \
+                                    const char *pf, long blk) {                                        \
+        long K8 = K & ~7L, steps = K8 / 8 > 0 ? K8 / 8 : 1, pfl, pfs = pf_stride(blk, steps, &pfl);      \
+        __m256 acc[NR][NT];                                                                             \
+        for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) acc[r][j] = _mm256_setzero_ps();      \
+        for (long h = 0, i = 0; h < K8; h += 8, i++) {                                                  \
+            pf_share(pf, pfl, i, pfs);                                                                  \
+            __m256 xv[NT];                                                                              \
+            for (int j = 0; j < NT; j++) xv[j] = _mm256_loadu_ps(xs[j] + h);                            \
+            for (int r = 0; r < NR; r++) {                                                              \
+                __m256 v = a2_##SUF(w[r] + h);                                                          \
+                for (int j = 0; j < NT; j++) acc[r][j] = _mm256_fmadd_ps(v, xv[j], acc[r][j]);          \
+            }                                                                                           \
+        }                                                                                               \
+        for (int r = 0; r < NR; r++)                                                                    \
+            for (int j = 0; j < NT; j++) {                                                              \
+                float t = a2_hsum(acc[r][j]);                                                           \
+                for (long k = K8; k < K; k++) t += p_##SUF(w[r], k) * xs[j][k];                         \
+                out[r][j] = t;                                                                          \
+            }                                                                                           \
+    }
+A2_DOT(f32, float, 1) A2_DOT(f32, float, 2) A2_DOT(bf16, uint16_t, 1) A2_DOT(bf16, uint16_t, 2)
+A2_DOT(i8, int8_t, 1) A2_DOT(i8, int8_t, 2)
+#define A2_DOTS(SUF, nt, ...) do { if ((nt) == 2) a2_dot_##SUF##_2(__VA_ARGS__); else a2_dot_##SUF##_1(__VA_ARGS__); } while (0)
+
+/* A linear's rows in blocks of 4 (rows past n1 read the zero row), tokens in pairs. */
+#define A2_LIN(NAME, WT, ESZ, DOTS)                                                                     \
+    static void NAME(const lin_t *l) {                                                                  \
+        long K = l->K;                                                                                  \
+        float out[NR][2];                                                                               \
+        for (long n = l->n0; n < l->n1; n += NR) {                                                      \
+            int nr = l->n1 - n < NR ? (int)(l->n1 - n) : NR;                                            \
+            const WT *w[NR];                                                                            \
+            for (int r = 0; r < NR; r++) w[r] = r < nr ? (const WT *)l->w + (n + r) * K : (const WT *)l->zrow; \
             long blk;                                                                                   \
-            const char *pf = lin_next(l, n, ESZ, &blk);                                                 \
-            long pfl, pfs = pf_stride(blk, steps, &pfl);                                                \
-            for (int j = 0; j < l->m; j++) {                                                            \
-                const float *x = l->xs[j];                                                              \
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                             \
-                for (long h = 0, i = 0; h < K8; h += 8, i++) {                                          \
-                    if (j == 0) pf_share(pf, pfl, i, pfs);                                            \
-                    __m256 xv = _mm256_loadu_ps(x + h);                                                 \
-                    a0 = _mm256_fmadd_ps(a2_##SUF(w[0] + h), xv, a0);                                   \
-                    a1 = _mm256_fmadd_ps(a2_##SUF(w[1] + h), xv, a1);                                   \
-                    a2 = _mm256_fmadd_ps(a2_##SUF(w[2] + h), xv, a2);                                   \
-                    a3 = _mm256_fmadd_ps(a2_##SUF(w[3] + h), xv, a3);                                   \
-                }                                                                                       \
-                float o[4] = {a2_hsum(a0), a2_hsum(a1), a2_hsum(a2), a2_hsum(a3)};                      \
-                for (int r = 0; r < nr; r++) {                                                          \
-                    for (long k = K8; k < K; k++) o[r] += p_##SUF(w[r], k) * x[k];                      \
-                    l->out[(long)j * l->ldo + n + r] = o[r] * (l->scale ? l->scale[n + r] : 1.0f);      \
-                }                                                                                       \
+            const char *pfn = lin_next(l, n, ESZ, &blk);                                                \
+            for (int j0 = 0; j0 < l->m; j0 += 2) {                                                      \
+                int nt = l->m - j0 < 2 ? l->m - j0 : 2;                                                 \
+                const char *pf = j0 == 0 ? pfn : NULL;                                                  \
+                DOTS;                                                                                   \
+                for (int j = 0; j < nt; j++)                                                            \
+                    for (int r = 0; r < nr; r++)                                                        \
+                        l->out[(long)(j0 + j) * l->ldo + n + r] = out[r][j] * row_scale(l->scale ? l->scale + n : NULL, r); \
             }                                                                                           \
         }                                                                                               \
     }
-AVX2_LIN(f32, float, 4)
-AVX2_LIN(bf16, uint16_t, 2)
-AVX2_LIN(i8, int8_t, 1)
+A2_LIN(lin_avx2_f32, float, 4, A2_DOTS(f32, nt, w, K, l->xs + j0, out, pf, blk))
+A2_LIN(lin_avx2_bf16, uint16_t, 2, A2_DOTS(bf16, nt, w, K, l->xs + j0, out, pf, blk))
+
+/* int8 weights on AVX2 (and plain AVX-512, which has no VPDPBUSD): the dot products in int16 x int16
+   products with VPMADDWD, the same exact integers as the VNNI path (vn_dots, vq_down), so the same
+   results bit for bit, and the quality measured on that path holds. x is rounded to int16 per token
+   exactly as vb_quantize rounds it (a2q_quantize: stored as int16, not as byte planes); each step widens
+   16 weights of a row to int16 once (VPMOVSXBW) for both tokens, then one VPMADDWD + VPADDD per token:
+   no int8 -> fp32 conversions (the float path spent two per 8 weights). Exact: a lane adds 2 products of
+   at most 128 x 32767 per step, 256 steps per 4096-element block (< 2^31), blocks summed in int64.
+   Tokens whose x is not finite take the float path (a2_dot_i8: NaN/Inf propagate as there). */
+static void a2q_quantize(const float *const *xs, long n, long H, int16_t *xq, long ldq, float *xqs) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), lim = _mm256_set1_ps(32767.0f), nlim = _mm256_set1_ps(-32767.0f);
+    for (long t = 0; t < n; t++) {
+        const float *x = xs[t];
+        long H8 = H & ~7L;
+        __m256 m = _mm256_setzero_ps();
+        int bad = 0;
+        for (long k = 0; k < H8; k += 8) {
+            __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k));
+            bad |= _mm256_movemask_ps(_mm256_cmp_ps(a, _mm256_set1_ps(3.4028235e38f), _CMP_NLE_UQ));
+            m = _mm256_max_ps(m, a);
+        }
+        float mx = 0.0f, buf[8];
+        _mm256_storeu_ps(buf, m);
+        for (int i = 0; i < 8; i++) mx = buf[i] > mx ? buf[i] : mx;
+        for (long k = H8; k < H; k++) {
+            float a = fabsf(x[k]);
+            bad |= !(a <= 3.4028235e38f);
+            mx = a > mx ? a : mx;
+        }
+        float sc = mx > 0.0f ? mx / 32767.0f : 1.0f;
+        xqs[t] = bad ? NAN : sc;
+        int16_t *q = xq + t * ldq;
+        if (bad) { memset(q, 0, (size_t)H * sizeof(int16_t)); continue; }
+        const __m256 vs = _mm256_set1_ps(sc);
+        long k = 0;
+        for (; k + 16 <= H; k += 16) {
+            __m256 v0 = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), vs), nlim), lim);
+            __m256 v1 = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(x + k + 8), vs), nlim), lim);
+            __m256i p = _mm256_packs_epi32(_mm256_cvtps_epi32(v0), _mm256_cvtps_epi32(v1)); /* in-lane */
+            _mm256_storeu_si256((__m256i *)(q + k), _mm256_permute4x64_epi64(p, 0xd8));
+        }
+        for (; k < H; k++) {
+            float v = x[k] / sc;
+            v = v < -32767.0f ? -32767.0f : v > 32767.0f ? 32767.0f : v;
+            q[k] = (int16_t)lrintf(v);
+        }
+    }
+}
+#define A2Q_DOT(NT)                                                                                     \
+    ALWAYS void a2q_dot_##NT(const int8_t *const *w, long K, const int16_t *const *xq, int64_t tot[NR][2], \
+                             const char *pf, long blk) {                                               \
+        long K16 = K & ~15L, steps = K16 / 16 > 0 ? K16 / 16 : 1, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl); \
+        for (long h0 = 0; h0 < K16; h0 += 4096) {                                                       \
+            long h1 = h0 + 4096 < K16 ? h0 + 4096 : K16;                                                \
+            __m256i acc[NR][NT];                                                                        \
+            for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) acc[r][j] = _mm256_setzero_si256(); \
+            for (long h = h0; h < h1; h += 16, i++) {                                                   \
+                pf_share(pf, pfl, i, pfs);                                                              \
+                __m256i xv[NT];                                                                         \
+                for (int j = 0; j < NT; j++) xv[j] = _mm256_loadu_si256((const __m256i *)(xq[j] + h));  \
+                for (int r = 0; r < NR; r++) {                                                          \
+                    __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w[r] + h)));     \
+                    for (int j = 0; j < NT; j++) acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(v, xv[j])); \
+                }                                                                                       \
+            }                                                                                           \
+            for (int r = 0; r < NR; r++)                                                                \
+                for (int j = 0; j < NT; j++) {                                                          \
+                    int32_t b[8];                                                                       \
+                    _mm256_storeu_si256((__m256i *)b, acc[r][j]);                                       \
+                    for (int q = 0; q < 8; q++) tot[r][j] += b[q];                                      \
+                }                                                                                       \
+        }                                                                                               \
+        for (int r = 0; r < NR; r++)                                                                    \
+            for (int j = 0; j < NT; j++)                                                                \
+                for (long k = K16; k < K; k++) tot[r][j] += (int32_t)w[r][k] * xq[j][k];                \
+    }
+A2Q_DOT(1) A2Q_DOT(2)
+/* The dots of tokens j0.. (nt <= 2) with rows w: integers when both tokens' x are finite, else fp32. */
+ALWAYS void a2q_dots(const int8_t *const *w, long K, const float *const *xs, const uint8_t *const *xq,
+                     const float *xqs, int nt, float out[NR][2], const char *pf, long blk) {
+    int finite = 1;
+    for (int j = 0; j < nt; j++) finite &= xqs[j] == xqs[j];
+    if (!finite) { A2_DOTS(i8, nt, w, K, xs, out, pf, blk); return; }
+    int64_t tot[NR][2] = {{0}};
+    const int16_t *q[2] = {(const int16_t *)xq[0], (const int16_t *)xq[nt - 1]};
+    if (nt == 2) a2q_dot_2(w, K, q, tot, pf, blk);
+    else a2q_dot_1(w, K, q, tot, pf, blk);
+    for (int r = 0; r < NR; r++)
+        for (int j = 0; j < nt; j++) out[r][j] = (float)tot[r][j] * xqs[j];
+}
+A2_LIN(lin_avx2q_i8, int8_t, 1, a2q_dots(w, K, l->xs + j0, l->xq + j0, l->xqs + j0, nt, out, pf, blk))
+
+/* Where column col of a thread's int32 sums sits in the AVX2 down pass: VPUNPCK{L,H}WD work within 128-bit
+   lanes, so a 16-column block keeps columns 0-3, 8-11, then 4-7, 12-15. */
+ALWAYS long a2_col(long col) { long q = col & 15; return (col & ~15L) + ((q & 4) << 1) + ((q & 8) >> 1) + (q & 3); }
+/* The down pass of an int8 unit into the span's int32 sums (as vq_down): per 16 columns, 4 widenings and
+   4 unpacks into row pairs shared by the tokens, then per token 4 VPMADDWD (the products of VPDPWSSD). */
+#define A2Q_DOWN(NT)                                                                                    \
+    ALWAYS void a2q_down_##NT(const int8_t *const *w, long H, int32_t *const *acc, const float *hv,      \
+                              const float *st, int nr, long D, const char *pf, long blk) {             \
+        int32_t q[NT][NR];                                                                              \
+        __m256i hp[NT][2];                                                                              \
+        for (int j = 0; j < NT; j++) {                                                                  \
+            for (int r = 0; r < NR; r++) q[j][r] = r < nr ? (int32_t)lrintf(hv[(long)j * D + r] / st[j]) : 0; \
+            for (int p = 0; p < 2; p++)                                                                 \
+                hp[j][p] = _mm256_set1_epi32((int)(((uint32_t)q[j][2 * p] & 0xffffu) | ((uint32_t)q[j][2 * p + 1] << 16))); \
+        }                                                                                               \
+        long H16 = H & ~15L, steps = H16 / 16 > 0 ? H16 / 16 : 1, pfl, pfs = pf_stride(blk, steps, &pfl); \
+        for (long c = 0, i = 0; c < H16; c += 16, i++) {                                                \
+            pf_share(pf, pfl, i, pfs);                                                                  \
+            __m256i a[NR];                                                                              \
+            for (int r = 0; r < NR; r++) a[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w[r] + c))); \
+            __m256i l01 = _mm256_unpacklo_epi16(a[0], a[1]), h01 = _mm256_unpackhi_epi16(a[0], a[1]);   \
+            __m256i l23 = _mm256_unpacklo_epi16(a[2], a[3]), h23 = _mm256_unpackhi_epi16(a[2], a[3]);   \
+            for (int j = 0; j < NT; j++) {                                                              \
+                int32_t *s = acc[j] + c;                                                                \
+                __m256i lo = _mm256_loadu_si256((const __m256i *)s), hi = _mm256_loadu_si256((const __m256i *)(s + 8)); \
+                lo = _mm256_add_epi32(lo, _mm256_add_epi32(_mm256_madd_epi16(l01, hp[j][0]), _mm256_madd_epi16(l23, hp[j][1]))); \
+                hi = _mm256_add_epi32(hi, _mm256_add_epi32(_mm256_madd_epi16(h01, hp[j][0]), _mm256_madd_epi16(h23, hp[j][1]))); \
+                _mm256_storeu_si256((__m256i *)s, lo);                                                  \
+                _mm256_storeu_si256((__m256i *)(s + 8), hi);                                            \
+            }                                                                                           \
+        }                                                                                               \
+        for (long c = H16; c < H; c++)                                                                  \
+            for (int j = 0; j < NT; j++) {                                                              \
+                int32_t t = 0;                                                                          \
+                for (int r = 0; r < NR; r++) t += (int32_t)w[r][c] * q[j][r];                           \
+                acc[j][a2_col(c)] += t;                                                                 \
+            }                                                                                           \
+    }
+A2Q_DOWN(1) A2Q_DOWN(2)
+/* y_j += sums_j * (column scale * st_j) (as vq_flush: the same roundings), columns put back in order. */
+ALWAYS void a2q_flush(const unit_t *u) {
+    long H = u->H, H16 = H & ~15L;
+    for (int j = 0; j < u->m; j++) {
+        const int32_t *s = u->acc + (long)j * u->Hp;
+        float *y = u->y + (long)u->tok[j] * H;
+        float stj = u->hq[j];
+        __m256 st = _mm256_set1_ps(stj);
+        for (long c = 0; c < H16; c += 16) {
+            __m256i lo = _mm256_loadu_si256((const __m256i *)(s + c)), hi = _mm256_loadu_si256((const __m256i *)(s + c + 8));
+            __m256 v0 = _mm256_cvtepi32_ps(_mm256_permute2x128_si256(lo, hi, 0x20));
+            __m256 v1 = _mm256_cvtepi32_ps(_mm256_permute2x128_si256(lo, hi, 0x31));
+            __m256 s0 = _mm256_mul_ps(_mm256_loadu_ps(u->sd + c), st), s1 = _mm256_mul_ps(_mm256_loadu_ps(u->sd + c + 8), st);
+            _mm256_storeu_ps(y + c, _mm256_fmadd_ps(v0, s0, _mm256_loadu_ps(y + c)));
+            _mm256_storeu_ps(y + c + 8, _mm256_fmadd_ps(v1, s1, _mm256_loadu_ps(y + c + 8)));
+        }
+        for (long c = H16; c < H; c++) y[c] = fmaf((float)s[a2_col(c)], u->sd[c] * stj, y[c]);
+    }
+}
+/* One int8 unit: up dots in integers (a2q_dots), down pass into the span's int32 sums; a span with a
+   non-finite h takes the float down pass (unit_avx2_i8). */
+static void unit_avx2q_i8(const unit_t *u) {
+    long H = u->H;
+    int nr = u->nr;
+    long blk = (long)nr * H;
+    const int8_t *wu[NR], *wd[NR];
+    for (int r = 0; r < NR; r++) {
+        wu[r] = r < nr ? (const int8_t *)u->wu + r * H : (const int8_t *)u->zrow;
+        wd[r] = r < nr ? (const int8_t *)u->wd + r * H : (const int8_t *)u->zrow;
+    }
+    const char *pfd = g_prefetch ? u->pf_next : NULL;
+    float out[NR][2];
+    for (int j0 = 0; j0 < u->m && (u->phase & 1); j0 += 2) {
+        int nt = u->m - j0 < 2 ? u->m - j0 : 2;
+        a2q_dots(wu, H, u->xs + j0, u->xq + j0, u->xqs + j0, nt, out, j0 == 0 ? pfd : NULL, blk);
+        for (int j = 0; j < nt; j++)
+            for (int r = 0; r < nr; r++)
+                u->hb[(long)(j0 + j) * u->D + r] = silu(out[r][j] * row_scale(u->su, r)) * u->sc[j0 + j];
+    }
+    if (!(u->phase & 2)) return;
+    if (u->acc && u->first) vq_begin(u);
+    if (!u->acc || u->hq[u->m] == 0.0f) {
+        unit_t v = *u;
+        v.phase = 2;
+        unit_avx2_i8(&v);
+    } else {
+        for (int j0 = 0; j0 < u->m; j0 += 2) {
+            int nt = u->m - j0 < 2 ? u->m - j0 : 2;
+            int32_t *acc[2] = {u->acc + (long)j0 * u->Hp, u->acc + (long)(j0 + nt - 1) * u->Hp};
+            if (nt == 2) a2q_down_2(wd, H, acc, u->hb + (long)j0 * u->D, u->hq + j0, nr, u->D, j0 ? NULL : pfd, blk);
+            else a2q_down_1(wd, H, acc, u->hb + (long)j0 * u->D, u->hq + j0, nr, u->D, j0 ? NULL : pfd, blk);
+        }
+    }
+    if (u->acc && u->last && u->hq[u->m] != 0.0f) a2q_flush(u);
+}
 #pragma GCC pop_options
 
 /* ------------------------------------------------------------------------------- AVX-512 */
@@ -565,8 +790,6 @@ A5_UNIT(unit_avx512_f32, f32, float, 4, 0, A5_SWITCH(a5_up_f32, nt, wu, H, u->xs
         A5_DOWNCALL(f32))
 A5_UNIT(unit_avx512_bf16, bf16, uint16_t, 2, 0, A5_SWITCH(a5_up_bf16, nt, wu, H, u->xs + j0, out, pf, blk),
         A5_DOWNCALL(bf16))
-A5_UNIT(unit_avx512_i8, i8, int8_t, 1, 1, A5_SWITCH(a5_up_i8, nt, wu, H, u->xs + j0, out, pf, blk),
-        A5_DOWNCALL(i8))
 
 /* A linear's rows in blocks of 4, tokens in blocks of 4: the up kernels without SiLU. */
 #define A5_LIN(NAME, WT, ESZ, UPCALL)                                                                   \
@@ -591,7 +814,6 @@ A5_UNIT(unit_avx512_i8, i8, int8_t, 1, 1, A5_SWITCH(a5_up_i8, nt, wu, H, u->xs +
     }
 A5_LIN(lin_avx512_f32, float, 4, A5_SWITCH(a5_up_f32, nt, wu, H, l->xs + j0, out, pf, blk))
 A5_LIN(lin_avx512_bf16, uint16_t, 2, A5_SWITCH(a5_up_bf16, nt, wu, H, l->xs + j0, out, pf, blk))
-A5_LIN(lin_avx512_i8, int8_t, 1, A5_SWITCH(a5_up_i8, nt, wu, H, l->xs + j0, out, pf, blk))
 #pragma GCC pop_options
 
 /* ------------------------------------------------------------------------- AVX512_BF16 */
@@ -773,22 +995,6 @@ static void vb_quantize(const float *const *xs, long n, long H, uint8_t *xq, flo
    The unpacks work within 128-bit lanes, so the sums are kept in perm_col order and put back at the
    flush. A span where some token's h is not finite takes the widening pass (NaN/Inf propagate as
    there). */
-#define VQ_ROWS 512 /* rows per span at most */
-ALWAYS void vq_begin(const unit_t *u) {
-    int ok = 1;
-    for (int j = 0; j < u->m; j++) {
-        const float *h = u->hb + (long)j * u->D;
-        float mx = 0.0f;
-        for (int r = 0; r < u->span; r++) {
-            float a = fabsf(h[r]);
-            ok &= a <= 3.4028235e38f;
-            mx = a > mx ? a : mx;
-        }
-        u->hq[j] = mx > 0.0f ? mx / 32767.0f : 1.0f;
-    }
-    u->hq[u->m] = (float)ok;
-    if (ok) memset(u->acc, 0, (size_t)u->m * u->Hp * sizeof(int32_t));
-}
 /* One step of vq_down: 4 rows x 32 columns at c (full: no mask; the compiler drops the masks). */
 ALWAYS void vq_step(const int8_t *const *w, long c, __mmask32 k, int full, int nt, int32_t *const *acc,
                     const __m512i hp[4][2]) {
@@ -1243,11 +1449,14 @@ static void unit_amx_bf16(const unit_t *u) {
 #endif /* BLOCKFFN_X86 */
 
 /* The VPDPBUSD paths' x planes (vb_quantize); only called where the CPU has them (x86). */
-static void quantize_planes(const float *const *xs, long n, long H, uint8_t *xq, float *xqs) {
+/* x rows -> the integer paths' int16 x (2H bytes per token): byte planes for VPDPBUSD (AVX512_BF16 CPUs,
+   which all have VNNI), plain int16 for VPMADDWD (AVX2, AVX-512); the same integers either way. */
+static void quantize_planes(int isa, const float *const *xs, long n, long H, uint8_t *xq, float *xqs) {
 #if BLOCKFFN_X86
-    vb_quantize(xs, n, H, xq, xqs);
+    if (isa >= ISA_AVX512_BF16) vb_quantize(xs, n, H, xq, xqs);
+    else a2q_quantize(xs, n, H, (int16_t *)xq, H, xqs);
 #else
-    (void)xs; (void)n; (void)H; (void)xq; (void)xqs;
+    (void)isa; (void)xs; (void)n; (void)H; (void)xq; (void)xqs;
 #endif
 }
 
@@ -1258,8 +1467,9 @@ static void quantize_planes(const float *const *xs, long n, long H, uint8_t *xq,
 #define PICK(FAM)                                                                                       \
     if (isa >= ISA_AVX512_BF16 && wdt == 1 && xdt == 1) return FAM##avx512bf16_bf16;                    \
     if (isa >= ISA_AVX512_BF16 && wdt == 2) return FAM##avx512vnni_i8;                                  \
-    if (isa >= ISA_AVX512) return wdt == 2 ? FAM##avx512_i8 : wdt ? FAM##avx512_bf16 : FAM##avx512_f32; \
-    if (isa >= ISA_AVX2) return wdt == 2 ? FAM##avx2_i8 : wdt ? FAM##avx2_bf16 : FAM##avx2_f32;         \
+    if (isa >= ISA_AVX2 && wdt == 2) return FAM##avx2q_i8;                                              \
+    if (isa >= ISA_AVX512) return wdt ? FAM##avx512_bf16 : FAM##avx512_f32;                             \
+    if (isa >= ISA_AVX2) return wdt ? FAM##avx2_bf16 : FAM##avx2_f32;                                   \
     return wdt == 2 ? FAM##portable_i8 : wdt ? FAM##portable_bf16 : FAM##portable_f32;
 #else
 #define PICK(FAM)                                                                                       \
@@ -1319,7 +1529,7 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
             xh[t] = NULL;
         }
     }
-    int vnni = wdt == 2 && isa >= ISA_AVX512_BF16;
+    int vnni = wdt == 2 && isa >= ISA_AVX2; /* int8: the integer paths (x rounded to int16) */
     uint8_t *xq8 = vnni ? malloc((size_t)M * 2 * K) : NULL;
     float *xqs = vnni ? malloc((size_t)M * sizeof(float)) : NULL;
     const uint8_t **xqp = vnni ? malloc((size_t)M * sizeof(uint8_t *)) : NULL;
@@ -1328,7 +1538,7 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
         return -1;
     }
     if (vnni) {
-        quantize_planes(xs, M, K, xq8, xqs);
+        quantize_planes(isa, xs, M, K, xq8, xqs);
         for (long t = 0; t < M; t++) xqp[t] = xq8 + t * 2 * K;
     }
     float *o = xdt ? out : (float *)y;
@@ -1481,7 +1691,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     float *yb = nbuf > 0 ? malloc(((size_t)nbuf * T * H + 1) * sizeof(float)) : NULL;
     int *used = calloc((size_t)nth + 1, sizeof(int));
     float *ra = direct ? NULL : malloc(((size_t)H + 1) * sizeof(float)); /* one output row's sums */
-    int vnni = wdt == 2 && isa >= ISA_AVX512_BF16;
+    int vnni = wdt == 2 && isa >= ISA_AVX2; /* int8: the integer paths (x rounded to int16) */
     /* the paired bf16 down pass: thread-private y only (bf16 x: never direct), whole 32-column blocks */
     int perm = 0;
     uint32_t *xb = NULL; /* AMX: the call's tokens packed for the B tiles */
@@ -1530,7 +1740,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
         }
         if (vnni) { /* int8 weights, VNNI path: each token's x rounded to int16 once (vb_quantize) */
             for (long t = t0; t < t1; t++) xrow[t - t0] = need_xf ? xf + (t - t0) * H : (const float *)x + t * ldx;
-            quantize_planes(xrow, n, H, xq8, xqs);
+            quantize_planes(isa, xrow, n, H, xq8, xqs);
             for (long p = 0; p < P; p++) { xqp[p] = xq8 + (tok[p] - t0) * 2 * H; xqsp[p] = xqs[tok[p] - t0]; }
         }
 #if BLOCKFFN_X86

@@ -45,15 +45,16 @@ control) into a cache directory (``$VLLM_BLOCKFFN_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/vllm_blockffn`` or ``~/.cache/...``, else the temp directory), keyed by the
 source, the compiler and the flags. Without a compiler, when the build or the load fails, or
 with ``VLLM_BLOCKFFN_CPU_NATIVE=0``, :func:`native_available` is False (one warning line) and
-callers keep the plain-PyTorch path. Supported dtypes: fp32 and bf16 x; fp32, bf16 and int8
-weights (int8: weight-only, with per-output-row fp32 scales, ``kernels/quant.py``: the kernel
-widens int8 to fp32 in registers, scales each W_up row's dot product and each W_down column, and
-reads 1 byte per weight; on AVX512_BF16 CPUs, which all have VNNI, the W_up and linear dot
-products run VPDPBUSD on the int8 rows as stored and x rounded to int16 per token (a step of
-max|x| / 32767) in two byte planes, two instructions per 64 weights and token, exact integer sums
-corrected by each row's sum (:func:`int8_row_sums`, computed once when the weights are bound); the
-W_down pass runs VPDPWSSD on row pairs into int32 sums per thread's run of rows of an expert); fp16
-goes to the PyTorch path.
+callers keep the plain-PyTorch path. Supported dtypes: fp32 and bf16 x; fp32, bf16 and int8 weights (int8:
+weight-only, with per-output-row fp32 scales, ``kernels/quant.py``: the kernel scales each W_up row's dot
+product and each W_down column, and reads 1 byte per weight; on AVX512_BF16 CPUs, which all have VNNI, the
+W_up and linear dot products run VPDPBUSD on the int8 rows as stored and x rounded to int16 per token (a
+step of max|x| / 32767) in two byte planes, two instructions per 64 weights and token, exact integer sums
+corrected by each row's sum (:func:`int8_row_sums`, computed once when the weights are bound); the W_down
+pass runs VPDPWSSD on row pairs into int32 sums per thread's run of rows of an expert); on AVX2 and plain
+AVX-512 CPUs the same int16 roundings of x and h go through VPMADDWD (int8 rows widened to int16, exact
+int32 sums): the same integers, so the same results bit for bit as the VNNI path (tests/test_int8.py);
+only the portable path widens int8 to fp32. fp16 goes to the PyTorch path.
 """
 
 from __future__ import annotations

@@ -69,7 +69,9 @@ def _check_env() -> int:
         lines.append("CPU experts: native expert-major kernel (fp32/bf16), grouped GEMMs for long steps; "
                      "decode-size linears: streaming kernel")
         pairs = cpu_native.isa_at_least("avx512_bf16")
-        int8 = ("VPDPWSSD dots on x rounded to int16, down pass on row pairs" if pairs else "int8 widened to fp32")
+        int8 = ("VPDPBUSD dots on x rounded to int16, VPDPWSSD down pass on row pairs" if pairs
+                else "VPMADDWD dots on x rounded to int16, down pass on row pairs (the same integers as VNNI)"
+                if cpu_native.isa_at_least("avx2") else "int8 widened to fp32")
         lines.append(f"int8 weights (--quantization blockffn_int8): native kernel, {int8}")
         if pairs:
             lines.append("bf16 experts: VDPBF16PS dots, down pass on row pairs")

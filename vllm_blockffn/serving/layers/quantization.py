@@ -24,7 +24,9 @@ How (vLLM's own mechanism, `register_quantization_config`, as its online fp8 doe
   row's sum made once at load). On AVX512_BF16 (+VNNI)
   CPUs their dot products with W_up rows and linear rows run VPDPBUSD on x rounded to int16 per
   token (a step of max|x| / 32767: finer than bf16's rounding for all but the smallest elements) and
-  the W_down pass VPDPWSSD on h rounded to int16 likewise; elsewhere int8 is widened to fp32. GPU: the experts run the
+  the W_down pass VPDPWSSD on h rounded to int16 likewise; on AVX2 (and plain AVX-512) CPUs VPMADDWD on the
+  same int16 roundings gives the same integers, hence the same results bit for bit; only the portable
+  path widens int8 to fp32. GPU: the experts run the
   Triton kernels on int8; the dense linears are dequantized once at load (int8 GEMMs on GPUs are
   vLLM's own schemes' job).
 """
