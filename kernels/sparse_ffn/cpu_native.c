@@ -245,6 +245,41 @@ ALWAYS void vq_begin(const unit_t *u) {
     u->hq[u->m] = (float)ok;
     if (ok) memset(u->acc, 0, (size_t)u->m * u->Hp * sizeof(int32_t));
 }
+/* An int8 unit's NR W_up and W_down row pointers (rows past its nr point at the zero row: they add 0), the
+   block to prefetch (*pfd) and its bytes per pass. */
+ALWAYS long i8_unit_rows(const unit_t *u, const int8_t *wu[NR], const int8_t *wd[NR], const char **pfd) {
+    for (int r = 0; r < NR; r++) {
+        wu[r] = r < u->nr ? (const int8_t *)u->wu + r * u->H : (const int8_t *)u->zrow;
+        wd[r] = r < u->nr ? (const int8_t *)u->wd + r * u->H : (const int8_t *)u->zrow;
+    }
+    *pfd = g_prefetch ? u->pf_next : NULL;
+    return (long)u->nr * u->H;
+}
+
+/* A linear's rows in blocks of NR (rows past n1 read the zero row), tokens in blocks of TB: UPCALL (the
+   ISA's dot kernel, the experts' up pass without SiLU) fills out[r][j] for tokens j0..j0+nt-1 from the
+   rows wu over H = K elements. */
+#define LIN_ROWS(NAME, WT, ESZ, TB, UPCALL)                                                             \
+    static void NAME(const lin_t *l) {                                                                  \
+        long K = l->K, H = K;                                                                           \
+        float out[NR][4];                                                                               \
+        for (long n = l->n0; n < l->n1; n += NR) {                                                      \
+            int nr = l->n1 - n < NR ? (int)(l->n1 - n) : NR;                                            \
+            const WT *wu[NR];                                                                           \
+            for (int r = 0; r < NR; r++) wu[r] = r < nr ? (const WT *)l->w + (n + r) * K : (const WT *)l->zrow; \
+            long blk;                                                                                   \
+            const char *pfn = lin_next(l, n, ESZ, &blk);                                                \
+            for (int j0 = 0; j0 < l->m; j0 += TB) {                                                     \
+                int nt = l->m - j0 < TB ? l->m - j0 : TB;                                               \
+                const char *pf = j0 == 0 ? pfn : NULL;                                                  \
+                UPCALL;                                                                                 \
+                for (int j = 0; j < nt; j++)                                                            \
+                    for (int r = 0; r < nr; r++)                                                        \
+                        l->out[(long)(j0 + j) * l->ldo + n + r] = out[r][j] * row_scale(l->scale ? l->scale + n : NULL, r); \
+            }                                                                                           \
+        }                                                                                               \
+    }
+
 /* ------------------------------------------------------------------------------ portable */
 typedef float v8f __attribute__((vector_size(32)));
 typedef uint16_t v8h __attribute__((vector_size(16)));
@@ -267,6 +302,12 @@ ALWAYS float p_i8(const int8_t *p, long i) { return (float)p[i]; }
 /* Row scales of int8 weights: an up row's (1 for float weights: exact) and, in the down pass, a
    W_down column's (sd points at zeros for float weights, and is then not read: SCALED = 0). */
 ALWAYS float row_scale(const float *su, int r) { return su ? su[r] : 1.0f; }
+/* h of the unit's rows for tokens j0..j0+nt-1 from their up dots: SiLU(dot x row scale) x score. */
+ALWAYS void unit_store_h(const unit_t *u, int j0, int nt, float out[NR][4]) {
+    for (int j = 0; j < nt; j++)
+        for (int r = 0; r < u->nr; r++)
+            u->hb[(long)(j0 + j) * u->D + r] = silu(out[r][j] * row_scale(u->su, r)) * u->sc[j0 + j];
+}
 
 #define PORTABLE_UNIT(SUF, WT, SCALED)                                                                  \
     static void unit_portable_##SUF(const unit_t *u) {                                                  \
@@ -352,7 +393,7 @@ ALWAYS float a2_hsum(__m256 v) {
         int nr = u->nr;                                                                                 \
         const char *pfd = g_prefetch ? u->pf_next : NULL, *pfn = pfd;                                   \
         long blk = (long)nr * H * ESZ, pfl, pfs = pf_stride(blk, steps, &pfl);                          \
-        float out[NR][2];                                                                               \
+        float out[NR][4];                                                                               \
         for (int j0 = 0; j0 < u->m && (u->phase & 1); j0 += 2) {                                        \
             int nt = u->m - j0 < 2 ? u->m - j0 : 2;                                                     \
             const float *x0 = u->xs[j0], *x1 = u->xs[j0 + nt - 1];                                      \
@@ -445,7 +486,7 @@ AVX2_UNIT(i8, int8_t, 1, 1)
    step's rows are widened once for both tokens (the linear used to re-read and re-widen its rows for
    every token: at M = 8 the AVX2 linear read cold bf16 weights at a quarter of the read bandwidth). */
 #define A2_DOT(SUF, WT, NT)                                                                             \
-    ALWAYS void a2_dot_##SUF##_##NT(const WT *const *w, long K, const float *const *xs, float out[NR][2], \
+    ALWAYS void a2_dot_##SUF##_##NT(const WT *const *w, long K, const float *const *xs, float out[NR][4], \
                                     const char *pf, long blk) {                                        \
         long K8 = K & ~7L, steps = K8 / 8 > 0 ? K8 / 8 : 1, pfl, pfs = pf_stride(blk, steps, &pfl);      \
         __m256 acc[NR][NT];                                                                             \
@@ -470,29 +511,8 @@ A2_DOT(f32, float, 1) A2_DOT(f32, float, 2) A2_DOT(bf16, uint16_t, 1) A2_DOT(bf1
 A2_DOT(i8, int8_t, 1) A2_DOT(i8, int8_t, 2)
 #define A2_DOTS(SUF, nt, ...) do { if ((nt) == 2) a2_dot_##SUF##_2(__VA_ARGS__); else a2_dot_##SUF##_1(__VA_ARGS__); } while (0)
 
-/* A linear's rows in blocks of 4 (rows past n1 read the zero row), tokens in pairs. */
-#define A2_LIN(NAME, WT, ESZ, DOTS)                                                                     \
-    static void NAME(const lin_t *l) {                                                                  \
-        long K = l->K;                                                                                  \
-        float out[NR][2];                                                                               \
-        for (long n = l->n0; n < l->n1; n += NR) {                                                      \
-            int nr = l->n1 - n < NR ? (int)(l->n1 - n) : NR;                                            \
-            const WT *w[NR];                                                                            \
-            for (int r = 0; r < NR; r++) w[r] = r < nr ? (const WT *)l->w + (n + r) * K : (const WT *)l->zrow; \
-            long blk;                                                                                   \
-            const char *pfn = lin_next(l, n, ESZ, &blk);                                                \
-            for (int j0 = 0; j0 < l->m; j0 += 2) {                                                      \
-                int nt = l->m - j0 < 2 ? l->m - j0 : 2;                                                 \
-                const char *pf = j0 == 0 ? pfn : NULL;                                                  \
-                DOTS;                                                                                   \
-                for (int j = 0; j < nt; j++)                                                            \
-                    for (int r = 0; r < nr; r++)                                                        \
-                        l->out[(long)(j0 + j) * l->ldo + n + r] = out[r][j] * row_scale(l->scale ? l->scale + n : NULL, r); \
-            }                                                                                           \
-        }                                                                                               \
-    }
-A2_LIN(lin_avx2_f32, float, 4, A2_DOTS(f32, nt, w, K, l->xs + j0, out, pf, blk))
-A2_LIN(lin_avx2_bf16, uint16_t, 2, A2_DOTS(bf16, nt, w, K, l->xs + j0, out, pf, blk))
+LIN_ROWS(lin_avx2_f32, float, 4, 2, A2_DOTS(f32, nt, wu, H, l->xs + j0, out, pf, blk))
+LIN_ROWS(lin_avx2_bf16, uint16_t, 2, 2, A2_DOTS(bf16, nt, wu, H, l->xs + j0, out, pf, blk))
 
 /* int8 weights on AVX2 (and plain AVX-512, which has no VPDPBUSD): the dot products in int16 x int16
    products with VPMADDWD, the same exact integers as the VNNI path (vn_dots, vq_down), so the same
@@ -572,7 +592,7 @@ static void a2q_quantize(const float *const *xs, long n, long H, int16_t *xq, lo
 A2Q_DOT(1) A2Q_DOT(2)
 /* The dots of tokens j0.. (nt <= 2) with rows w: integers when both tokens' x are finite, else fp32. */
 ALWAYS void a2q_dots(const int8_t *const *w, long K, const float *const *xs, const uint8_t *const *xq,
-                     const float *xqs, int nt, float out[NR][2], const char *pf, long blk) {
+                     const float *xqs, int nt, float out[NR][4], const char *pf, long blk) {
     int finite = 1;
     for (int j = 0; j < nt; j++) finite &= xqs[j] == xqs[j];
     if (!finite) { A2_DOTS(i8, nt, w, K, xs, out, pf, blk); return; }
@@ -583,7 +603,7 @@ ALWAYS void a2q_dots(const int8_t *const *w, long K, const float *const *xs, con
     for (int r = 0; r < NR; r++)
         for (int j = 0; j < nt; j++) out[r][j] = (float)tot[r][j] * xqs[j];
 }
-A2_LIN(lin_avx2q_i8, int8_t, 1, a2q_dots(w, K, l->xs + j0, l->xq + j0, l->xqs + j0, nt, out, pf, blk))
+LIN_ROWS(lin_avx2q_i8, int8_t, 1, 2, a2q_dots(wu, H, l->xs + j0, l->xq + j0, l->xqs + j0, nt, out, pf, blk))
 
 /* Where column col of a thread's int32 sums sits in the AVX2 down pass: VPUNPCK{L,H}WD work within 128-bit
    lanes, so a 16-column block keeps columns 0-3, 8-11, then 4-7, 12-15. */
@@ -647,21 +667,14 @@ ALWAYS void a2q_flush(const unit_t *u) {
    non-finite h takes the float down pass (unit_avx2_i8). */
 static void unit_avx2q_i8(const unit_t *u) {
     long H = u->H;
-    int nr = u->nr;
-    long blk = (long)nr * H;
     const int8_t *wu[NR], *wd[NR];
-    for (int r = 0; r < NR; r++) {
-        wu[r] = r < nr ? (const int8_t *)u->wu + r * H : (const int8_t *)u->zrow;
-        wd[r] = r < nr ? (const int8_t *)u->wd + r * H : (const int8_t *)u->zrow;
-    }
-    const char *pfd = g_prefetch ? u->pf_next : NULL;
-    float out[NR][2];
+    const char *pfd;
+    long blk = i8_unit_rows(u, wu, wd, &pfd);
+    float out[NR][4];
     for (int j0 = 0; j0 < u->m && (u->phase & 1); j0 += 2) {
         int nt = u->m - j0 < 2 ? u->m - j0 : 2;
         a2q_dots(wu, H, u->xs + j0, u->xq + j0, u->xqs + j0, nt, out, j0 == 0 ? pfd : NULL, blk);
-        for (int j = 0; j < nt; j++)
-            for (int r = 0; r < nr; r++)
-                u->hb[(long)(j0 + j) * u->D + r] = silu(out[r][j] * row_scale(u->su, r)) * u->sc[j0 + j];
+        unit_store_h(u, j0, nt, out);
     }
     if (!(u->phase & 2)) return;
     if (u->acc && u->first) vq_begin(u);
@@ -673,8 +686,8 @@ static void unit_avx2q_i8(const unit_t *u) {
         for (int j0 = 0; j0 < u->m; j0 += 2) {
             int nt = u->m - j0 < 2 ? u->m - j0 : 2;
             int32_t *acc[2] = {u->acc + (long)j0 * u->Hp, u->acc + (long)(j0 + nt - 1) * u->Hp};
-            if (nt == 2) a2q_down_2(wd, H, acc, u->hb + (long)j0 * u->D, u->hq + j0, nr, u->D, j0 ? NULL : pfd, blk);
-            else a2q_down_1(wd, H, acc, u->hb + (long)j0 * u->D, u->hq + j0, nr, u->D, j0 ? NULL : pfd, blk);
+            if (nt == 2) a2q_down_2(wd, H, acc, u->hb + (long)j0 * u->D, u->hq + j0, u->nr, u->D, j0 ? NULL : pfd, blk);
+            else a2q_down_1(wd, H, acc, u->hb + (long)j0 * u->D, u->hq + j0, u->nr, u->D, j0 ? NULL : pfd, blk);
         }
     }
     if (u->acc && u->last && u->hq[u->m] != 0.0f) a2q_flush(u);
@@ -770,9 +783,7 @@ ALWAYS __mmask32 a5_mask32(long left) { return left >= 32 ? (__mmask32)0xfffffff
             int nt = u->m - j0 < 4 ? u->m - j0 : 4;                                                     \
             const char *pf = j0 == 0 ? pfd : NULL;                                                      \
             UPCALL                                                                                      \
-            for (int j = 0; j < nt; j++)                                                                \
-                for (int r = 0; r < nr; r++)                                                            \
-                    u->hb[(long)(j0 + j) * u->D + r] = silu(out[r][j] * row_scale(u->su, r)) * u->sc[j0 + j]; \
+            unit_store_h(u, j0, nt, out);                                                               \
         }                                                                                               \
         for (int j0 = 0; j0 < u->m && (u->phase & 2); j0 += 4) {                                        \
             int nt = u->m - j0 < 4 ? u->m - j0 : 4;                                                     \
@@ -791,29 +802,8 @@ A5_UNIT(unit_avx512_f32, f32, float, 4, 0, A5_SWITCH(a5_up_f32, nt, wu, H, u->xs
 A5_UNIT(unit_avx512_bf16, bf16, uint16_t, 2, 0, A5_SWITCH(a5_up_bf16, nt, wu, H, u->xs + j0, out, pf, blk),
         A5_DOWNCALL(bf16))
 
-/* A linear's rows in blocks of 4, tokens in blocks of 4: the up kernels without SiLU. */
-#define A5_LIN(NAME, WT, ESZ, UPCALL)                                                                   \
-    static void NAME(const lin_t *l) {                                                                  \
-        long K = l->K, H = K;                                                                           \
-        float out[NR][4];                                                                               \
-        for (long n = l->n0; n < l->n1; n += NR) {                                                      \
-            int nr = l->n1 - n < NR ? (int)(l->n1 - n) : NR;                                            \
-            const WT *wu[NR];                                                                           \
-            for (int r = 0; r < NR; r++) wu[r] = r < nr ? (const WT *)l->w + (n + r) * K : (const WT *)l->zrow; \
-            long blk;                                                                                   \
-            const char *pfn = lin_next(l, n, ESZ, &blk);                                                \
-            for (int j0 = 0; j0 < l->m; j0 += 4) {                                                      \
-                int nt = l->m - j0 < 4 ? l->m - j0 : 4;                                                 \
-                const char *pf = j0 == 0 ? pfn : NULL;                                                  \
-                UPCALL                                                                                  \
-                for (int j = 0; j < nt; j++)                                                            \
-                    for (int r = 0; r < nr; r++)                                                        \
-                        l->out[(long)(j0 + j) * l->ldo + n + r] = out[r][j] * row_scale(l->scale ? l->scale + n : NULL, r); \
-            }                                                                                           \
-        }                                                                                               \
-    }
-A5_LIN(lin_avx512_f32, float, 4, A5_SWITCH(a5_up_f32, nt, wu, H, l->xs + j0, out, pf, blk))
-A5_LIN(lin_avx512_bf16, uint16_t, 2, A5_SWITCH(a5_up_bf16, nt, wu, H, l->xs + j0, out, pf, blk))
+LIN_ROWS(lin_avx512_f32, float, 4, 4, A5_SWITCH(a5_up_f32, nt, wu, H, l->xs + j0, out, pf, blk))
+LIN_ROWS(lin_avx512_bf16, uint16_t, 2, 4, A5_SWITCH(a5_up_bf16, nt, wu, H, l->xs + j0, out, pf, blk))
 #pragma GCC pop_options
 
 /* ------------------------------------------------------------------------- AVX512_BF16 */
@@ -878,7 +868,7 @@ BF_UP(1) BF_UP(2) BF_UP(3) BF_UP(4)
 BF_DOWN(1) BF_DOWN(2) BF_DOWN(3) BF_DOWN(4)
 A5_UNIT(unit_avx512bf16_bf16, bf16b, uint16_t, 2, 0, A5_SWITCH(bf_up, nt, wu, H, u->xh + j0, out, pf, blk),
         if (u->perm) { A5_SWITCH(bf_down, nt, wd, H, ys, hs, pf, blk) } else { A5_DOWNCALL(bf16b) })
-A5_LIN(lin_avx512bf16_bf16, uint16_t, 2, A5_SWITCH(bf_up, nt, wu, H, l->xh + j0, out, pf, blk))
+LIN_ROWS(lin_avx512bf16_bf16, uint16_t, 2, 4, A5_SWITCH(bf_up, nt, wu, H, l->xh + j0, out, pf, blk))
 
 /* int8 weights, up pass (and linears) with VPDPBUSD (unsigned x signed bytes, 4 products per int32 lane:
    64 weights per instruction, read straight from the row, no widening). x is rounded to int16 per token
@@ -1062,20 +1052,14 @@ A5_DOWN(i8v, int8_t, 1, 1) A5_DOWN(i8v, int8_t, 2, 1) A5_DOWN(i8v, int8_t, 3, 1)
 static void unit_avx512vnni_i8(const unit_t *u) {
     long H = u->H;
     int nr = u->nr;
-    long blk = (long)nr * H;
     const int8_t *wu[NR], *wd[NR];
-    for (int r = 0; r < NR; r++) {
-        wu[r] = r < nr ? (const int8_t *)u->wu + r * H : (const int8_t *)u->zrow;
-        wd[r] = r < nr ? (const int8_t *)u->wd + r * H : (const int8_t *)u->zrow;
-    }
-    const char *pfd = g_prefetch ? u->pf_next : NULL;
+    const char *pfd;
+    long blk = i8_unit_rows(u, wu, wd, &pfd);
     float out[NR][4], hs[4][NR];
     for (int j0 = 0; j0 < u->m && (u->phase & 1); j0 += 4) {
         int nt = u->m - j0 < 4 ? u->m - j0 : 4;
         vn_dots(wu, H, u->xs + j0, u->xq + j0, u->xqs + j0, u->rs, nr, nt, out, j0 == 0 ? pfd : NULL, blk);
-        for (int j = 0; j < nt; j++)
-            for (int r = 0; r < nr; r++)
-                u->hb[(long)(j0 + j) * u->D + r] = silu(out[r][j] * row_scale(u->su, r)) * u->sc[j0 + j];
+        unit_store_h(u, j0, nt, out);
     }
     if (!(u->phase & 2)) return;
     if (u->acc && u->first) vq_begin(u);
@@ -1098,7 +1082,7 @@ static void unit_avx512vnni_i8(const unit_t *u) {
     }
     if (sums && u->last) vq_flush(u);
 }
-A5_LIN(lin_avx512vnni_i8, int8_t, 1,
+LIN_ROWS(lin_avx512vnni_i8, int8_t, 1, 4,
        vn_dots(wu, H, l->xs + j0, l->xq + j0, l->xqs + j0, l->rs + n, nr, nt, out, pf, blk);)
 #pragma GCC pop_options
 
