@@ -1446,7 +1446,8 @@ static void quantize_planes(int isa, const float *const *xs, long n, long H, uin
 
 /* The function of a family (unit_: the experts, lin_: a linear) for an ISA, weight dtype (0 fp32,
    1 bf16, 2 int8 with row scales) and x dtype. int8 weights on AVX512_BF16 (+ VNNI) CPUs: VPDPBUSD
-   up dots on x rounded to int16 (vn_dots), VPDPWSSD down pass on row pairs (vq_down); on plain AVX-512, AVX2 and portable: fp32 FMAs. */
+   up dots on x rounded to int16 (vn_dots), VPDPWSSD down pass on row pairs (vq_down); on plain AVX-512
+   and AVX2 the same integers by VPMADDWD (a2q_dots, a2q_down); portable: fp32 FMAs. */
 #if BLOCKFFN_X86
 #define PICK(FAM)                                                                                       \
     if (isa >= ISA_AVX512_BF16 && wdt == 1 && xdt == 1) return FAM##avx512bf16_bf16;                    \
@@ -1722,7 +1723,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
             xs[p] = need_xf ? xf + (tok[p] - t0) * H : (const float *)x + tok[p] * ldx;
             xh[p] = need_xf ? (const uint16_t *)x + tok[p] * ldx : NULL;
         }
-        if (vnni) { /* int8 weights, VNNI path: each token's x rounded to int16 once (vb_quantize) */
+        if (vnni) { /* int8 weights, integer paths: each token's x rounded to int16 once (quantize_planes) */
             for (long t = t0; t < t1; t++) xrow[t - t0] = need_xf ? xf + (t - t0) * H : (const float *)x + t * ldx;
             quantize_planes(isa, xrow, n, H, xq8, xqs);
             for (long p = 0; p < P; p++) { xqp[p] = xq8 + (tok[p] - t0) * 2 * H; xqsp[p] = xqs[tok[p] - t0]; }
