@@ -1,15 +1,18 @@
 /* The vector throughput one core delivers: the compute bound of decode-size GEMMs with several tokens.
  *
  * Why: at 4-8 tokens a linear does 4-8 multiply-adds per weight it reads, and on small VMs the core,
- * not the memory, can be the limit (RESULTS.md, the AVX2 EPYC section). Eight independent accumulator
- * chains of VPMADDWD + VPADDD (int8 x int16 products of the AVX2 int8 path, 16 per instruction) and of
- * VFMADD231PS (fp32, 8 per instruction), operands in registers only, and a dependent scalar add chain
- * (about one per cycle: a clock proxy). VMs without PMU counters give no cycle counts, hence this.
+ * not the memory, can be the limit. VMs without PMU counters give no cycle counts, hence this probe.
+ * Each loop is written in inline assembly: eight independent accumulators held in registers. (The first
+ * version, in C intrinsics on arrays, let GCC keep the accumulators in memory and hoist the products out
+ * of the loop; it measured store-forwarding latency, a third of the real rate: RESULTS.md, the AVX2 EPYC
+ * sections of 2026-12-03.) Loops: VFMADD231PS (8 fp32 MACs), VPMADDWD + VPADDD (16 int16 MACs, the AVX2
+ * int8 path's product), the AVX2 int8 step itself (VPMOVSXBW of 16 weights from L1, then one VPMADDWD +
+ * VPADDD per token for 2 tokens), the bf16 widening step (VPMOVZXWD + VPSLLD, then 2 FMAs), and a
+ * dependent scalar add chain (about one per cycle: a clock proxy).
  *
  *   cc -O2 -o /tmp/cpu_peak benchmarks/cpu_peak.c && /tmp/cpu_peak
  *   (/tmp/cpu_peak & /tmp/cpu_peak; wait)   # both cores at once
  */
-#include <immintrin.h>
 #include <stdio.h>
 #include <time.h>
 
@@ -19,38 +22,68 @@ static double now(void) {
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-__attribute__((target("avx2,fma"))) int main(void) {
-    const long n = 200000000;
-    __m256i a[8], x = _mm256_set1_epi16(3), w = _mm256_set1_epi16(5);
-    for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_si256();
-    double t0 = now();
-    for (long i = 0; i < n; i++) {
-        for (int j = 0; j < 8; j++) a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(w, x));
-        __asm__ volatile("" : "+x"(x), "+x"(w)); /* keeps the products in the loop */
-    }
-    double t = now() - t0;
-    int s = 0;
-    for (int j = 0; j < 8; j++) s += _mm256_extract_epi32(a[j], 0);
-    printf("VPMADDWD + VPADDD: %.2f G/s per core = %.1f G int16 MAC/s (check %d)\n", n * 8 / t / 1e9,
-           n * 8 * 16 / t / 1e9, s);
+#define ACC8 "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15"
+static char l1[4096] __attribute__((aligned(64)));
 
-    __m256 f[8], xf = _mm256_set1_ps(1.0001f), wf = _mm256_set1_ps(0.9999f);
-    for (int i = 0; i < 8; i++) f[i] = _mm256_setzero_ps();
-    t0 = now();
-    for (long i = 0; i < n; i++) {
-        for (int j = 0; j < 8; j++) f[j] = _mm256_fmadd_ps(wf, xf, f[j]);
-        __asm__ volatile("" : "+x"(xf), "+x"(wf));
-    }
+int main(void) {
+#if defined(__x86_64__)
+    const long n = 100000000;
+    double t0 = now(), t;
+    for (long i = 0; i < n; i++)
+        __asm__ volatile(
+            "vfmadd231ps %%ymm1, %%ymm2, %%ymm8\n\t vfmadd231ps %%ymm1, %%ymm2, %%ymm9\n\t"
+            "vfmadd231ps %%ymm1, %%ymm2, %%ymm10\n\t vfmadd231ps %%ymm1, %%ymm2, %%ymm11\n\t"
+            "vfmadd231ps %%ymm1, %%ymm2, %%ymm12\n\t vfmadd231ps %%ymm1, %%ymm2, %%ymm13\n\t"
+            "vfmadd231ps %%ymm1, %%ymm2, %%ymm14\n\t vfmadd231ps %%ymm1, %%ymm2, %%ymm15\n\t" ::: ACC8);
     t = now() - t0;
-    float fs = 0;
-    for (int j = 0; j < 8; j++) fs += f[j][0];
-    printf("VFMADD231PS: %.2f G/s per core = %.1f G fp32 MAC/s (check %g)\n", n * 8 / t / 1e9, n * 8 * 8 / t / 1e9,
-           fs);
+    printf("VFMADD231PS: %.2f G/s per core = %.1f G fp32 MAC/s\n", n * 8 / t / 1e9, n * 64 / t / 1e9);
+
+    t0 = now();
+    for (long i = 0; i < n; i++)
+        __asm__ volatile(
+            "vpmaddwd %%ymm1, %%ymm2, %%ymm3\n\t vpaddd %%ymm3, %%ymm8, %%ymm8\n\t"
+            "vpmaddwd %%ymm1, %%ymm2, %%ymm4\n\t vpaddd %%ymm4, %%ymm9, %%ymm9\n\t"
+            "vpmaddwd %%ymm1, %%ymm2, %%ymm5\n\t vpaddd %%ymm5, %%ymm10, %%ymm10\n\t"
+            "vpmaddwd %%ymm1, %%ymm2, %%ymm6\n\t vpaddd %%ymm6, %%ymm11, %%ymm11\n\t"
+            "vpmaddwd %%ymm1, %%ymm2, %%ymm3\n\t vpaddd %%ymm3, %%ymm12, %%ymm12\n\t"
+            "vpmaddwd %%ymm1, %%ymm2, %%ymm4\n\t vpaddd %%ymm4, %%ymm13, %%ymm13\n\t"
+            "vpmaddwd %%ymm1, %%ymm2, %%ymm5\n\t vpaddd %%ymm5, %%ymm14, %%ymm14\n\t"
+            "vpmaddwd %%ymm1, %%ymm2, %%ymm6\n\t vpaddd %%ymm6, %%ymm15, %%ymm15\n\t" ::: "xmm3", "xmm4", "xmm5",
+            "xmm6", ACC8);
+    t = now() - t0;
+    printf("VPMADDWD + VPADDD: %.2f G/s per core = %.1f G int16 MAC/s\n", n * 8 / t / 1e9, n * 128 / t / 1e9);
+
+    t0 = now();
+    for (long i = 0; i < n; i++)
+        __asm__ volatile(
+            "vpmovsxbw (%0), %%ymm2\n\t vpmaddwd %%ymm1, %%ymm2, %%ymm3\n\t vpaddd %%ymm3, %%ymm8, %%ymm8\n\t"
+            "vpmaddwd %%ymm0, %%ymm2, %%ymm4\n\t vpaddd %%ymm4, %%ymm9, %%ymm9\n\t"
+            "vpmovsxbw 16(%0), %%ymm5\n\t vpmaddwd %%ymm1, %%ymm5, %%ymm6\n\t vpaddd %%ymm6, %%ymm10, %%ymm10\n\t"
+            "vpmaddwd %%ymm0, %%ymm5, %%ymm7\n\t vpaddd %%ymm7, %%ymm11, %%ymm11\n\t" ::"r"(l1)
+            : "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", ACC8);
+    t = now() - t0;
+    printf("int8 step (VPMOVSXBW, 2 tokens): %.2f G VPMADDWD/s per core = %.1f G int8 MAC/s\n", n * 4 / t / 1e9,
+           n * 64 / t / 1e9);
+
+    t0 = now();
+    for (long i = 0; i < n; i++)
+        __asm__ volatile(
+            "vpmovzxwd (%0), %%ymm2\n\t vpslld $16, %%ymm2, %%ymm2\n\t"
+            "vfmadd231ps %%ymm0, %%ymm2, %%ymm8\n\t vfmadd231ps %%ymm1, %%ymm2, %%ymm9\n\t"
+            "vpmovzxwd 16(%0), %%ymm3\n\t vpslld $16, %%ymm3, %%ymm3\n\t"
+            "vfmadd231ps %%ymm0, %%ymm3, %%ymm10\n\t vfmadd231ps %%ymm1, %%ymm3, %%ymm11\n\t" ::"r"(l1)
+            : "xmm2", "xmm3", ACC8);
+    t = now() - t0;
+    printf("bf16 step (VPMOVZXWD + VPSLLD, 2 tokens): %.2f G FMA/s per core = %.1f G bf16 MAC/s\n",
+           n * 4 / t / 1e9, n * 32 / t / 1e9);
 
     long c = 0;
     t0 = now();
-    for (long i = 0; i < n; i++) __asm__ volatile("add $1, %0" : "+r"(c));
+    for (long i = 0; i < n; i++) __asm__ volatile("add $1, %0\n\t add $1, %0\n\t add $1, %0\n\t add $1, %0" : "+r"(c));
     t = now() - t0;
-    printf("dependent scalar adds: %.2f G/s (about the clock in GHz)\n", n / t / 1e9);
+    printf("dependent scalar adds: %.2f G/s (about the clock in GHz)\n", n * 4 / t / 1e9);
+#else
+    puts("x86-64 only");
+#endif
     return 0;
 }

@@ -26,7 +26,8 @@ MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("M,N,K", [(1, 7, 5), (3, 37, 129), (8, 300, 256), (5, 1030, 1792), (9, 64, 48)])
+@pytest.mark.parametrize("M,N,K", [(1, 7, 5), (3, 37, 129), (8, 300, 256), (5, 1030, 1792), (9, 64, 48),
+                                   (6, 20, 600), (7, 33, 1100)])  # token groups 4+2, 4+2+1; chunk tails
 def test_streaming_linear_equals_torch(isa, dtype, M, N, K):
     g = torch.Generator().manual_seed(M * N + K)
     x = torch.randn(M, K, generator=g).to(DT[dtype])

@@ -218,6 +218,18 @@ ALWAYS void pf_lines4(const char *p, long lim, long a, long stride) {
     if (stride > 128 && a + 128 < lim) __builtin_prefetch(p + a + 128, 0, 1);
     if (stride > 192 && a + 192 < lim) __builtin_prefetch(p + a + 192, 0, 1);
 }
+/* Share q of P of a block's prefetch (blk bytes from p, prefetched g_prefetch - 1 blocks ahead as pf_share
+   does), for code that passes over the same rows P times (tokens in groups): each pass prefetches its part,
+   so the weight stream keeps running through every pass instead of only the first (with the first pass
+   alone, the memory idled while later passes computed from cache). Returns the pointer to give pf_share
+   with *part as the block's bytes, or NULL when the part is empty. */
+ALWAYS const char *pf_part(const char *p, long blk, int q, int P, long *part) {
+    *part = blk;
+    if (!p || P <= 1) return p;
+    long s = ((blk + P - 1) / P + 63) & ~63L, a = q * s, b = a + s < blk ? a + s : blk;
+    *part = b > a ? b - a : 0;
+    return *part ? p + (g_prefetch - 1) * (blk - *part) + a : NULL;
+}
 ALWAYS void pf_share(const char *p, long lim, long i, long stride) {
     if (!p) return;
     long a = i * stride, b = a + stride;
@@ -262,16 +274,16 @@ ALWAYS long i8_unit_rows(const unit_t *u, const int8_t *wu[NR], const int8_t *wd
 #define LIN_ROWS(NAME, WT, ESZ, TB, UPCALL)                                                             \
     static void NAME(const lin_t *l) {                                                                  \
         long K = l->K, H = K;                                                                           \
-        float out[NR][4];                                                                               \
+        float out[NR][TB > 4 ? TB : 4];                                                                 \
         for (long n = l->n0; n < l->n1; n += NR) {                                                      \
             int nr = l->n1 - n < NR ? (int)(l->n1 - n) : NR;                                            \
             const WT *wu[NR];                                                                           \
             for (int r = 0; r < NR; r++) wu[r] = r < nr ? (const WT *)l->w + (n + r) * K : (const WT *)l->zrow; \
-            long blk;                                                                                   \
-            const char *pfn = lin_next(l, n, ESZ, &blk);                                                \
+            long blkn, blk;                                                                             \
+            const char *pfn = lin_next(l, n, ESZ, &blkn);                                               \
             for (int j0 = 0; j0 < l->m; j0 += TB) {                                                     \
                 int nt = l->m - j0 < TB ? l->m - j0 : TB;                                               \
-                const char *pf = j0 == 0 ? pfn : NULL;                                                  \
+                const char *pf = pf_part(pfn, blkn, j0 / TB, (l->m + TB - 1) / TB, &blk);               \
                 UPCALL;                                                                                 \
                 for (int j = 0; j < nt; j++)                                                            \
                     for (int r = 0; r < nr; r++)                                                        \
@@ -303,10 +315,10 @@ ALWAYS float p_i8(const int8_t *p, long i) { return (float)p[i]; }
    W_down column's (sd points at zeros for float weights, and is then not read: SCALED = 0). */
 ALWAYS float row_scale(const float *su, int r) { return su ? su[r] : 1.0f; }
 /* h of the unit's rows for tokens j0..j0+nt-1 from their up dots: SiLU(dot x row scale) x score. */
-ALWAYS void unit_store_h(const unit_t *u, int j0, int nt, float out[NR][4]) {
+ALWAYS void unit_store_h(const unit_t *u, int j0, int nt, const float *out, int ldo) {
     for (int j = 0; j < nt; j++)
         for (int r = 0; r < u->nr; r++)
-            u->hb[(long)(j0 + j) * u->D + r] = silu(out[r][j] * row_scale(u->su, r)) * u->sc[j0 + j];
+            u->hb[(long)(j0 + j) * u->D + r] = silu(out[r * ldo + j] * row_scale(u->su, r)) * u->sc[j0 + j];
 }
 
 #define PORTABLE_UNIT(SUF, WT, SCALED)                                                                  \
@@ -384,57 +396,101 @@ ALWAYS float a2_hsum(__m256 v) {
     a = _mm_add_ss(a, _mm_movehdup_ps(a));
     return _mm_cvtss_f32(a);
 }
-/* up: 4 rows x (2 or 1) tokens in registers; down: 4 rows x (2 or 1) tokens. Rows < 4 and the
-   column tail (H % 8) go through scalar code. ESZ: bytes per weight element. */
-#define AVX2_UNIT(SUF, WT, ESZ, SCALED)                                                                       \
-    static void unit_avx2_##SUF(const unit_t *u) {                                                      \
-        const WT *wu = (const WT *)u->wu, *wd = (const WT *)u->wd;                                      \
-        long H = u->H, H8 = H & ~7L, steps = H8 / 8 > 0 ? H8 / 8 : 1;                                   \
-        int nr = u->nr;                                                                                 \
-        const char *pfd = g_prefetch ? u->pf_next : NULL, *pfn = pfd;                                   \
-        long blk = (long)nr * H * ESZ, pfl, pfs = pf_stride(blk, steps, &pfl);                          \
-        float out[NR][4];                                                                               \
-        for (int j0 = 0; j0 < u->m && (u->phase & 1); j0 += 2) {                                        \
-            int nt = u->m - j0 < 2 ? u->m - j0 : 2;                                                     \
-            const float *x0 = u->xs[j0], *x1 = u->xs[j0 + nt - 1];                                      \
-            const char *pf = j0 == 0 ? pfd : NULL;                                                      \
-            if (nr == NR) {                                                                             \
-                const WT *w0 = wu, *w1 = wu + H, *w2 = wu + 2 * H, *w3 = wu + 3 * H;                    \
-                __m256 a00 = _mm256_setzero_ps(), a10 = a00, a20 = a00, a30 = a00;                      \
-                __m256 a01 = a00, a11 = a00, a21 = a00, a31 = a00;                                      \
-                for (long h = 0, i = 0; h < H8; h += 8, i++) {                                          \
-                    pf_share(pf, pfl, i, pfs);                                                        \
-                    __m256 xa = _mm256_loadu_ps(x0 + h), xb = _mm256_loadu_ps(x1 + h), v;               \
-                    v = a2_##SUF(w0 + h); a00 = _mm256_fmadd_ps(v, xa, a00); a01 = _mm256_fmadd_ps(v, xb, a01); \
-                    v = a2_##SUF(w1 + h); a10 = _mm256_fmadd_ps(v, xa, a10); a11 = _mm256_fmadd_ps(v, xb, a11); \
-                    v = a2_##SUF(w2 + h); a20 = _mm256_fmadd_ps(v, xa, a20); a21 = _mm256_fmadd_ps(v, xb, a21); \
-                    v = a2_##SUF(w3 + h); a30 = _mm256_fmadd_ps(v, xa, a30); a31 = _mm256_fmadd_ps(v, xb, a31); \
-                }                                                                                       \
-                out[0][0] = a2_hsum(a00); out[1][0] = a2_hsum(a10); out[2][0] = a2_hsum(a20); out[3][0] = a2_hsum(a30); \
-                out[0][1] = a2_hsum(a01); out[1][1] = a2_hsum(a11); out[2][1] = a2_hsum(a21); out[3][1] = a2_hsum(a31); \
-            } else {                                                                                    \
-                for (int r = 0; r < nr; r++) {                                                          \
-                    __m256 a0 = _mm256_setzero_ps(), a1 = a0;                                           \
-                    for (long h = 0; h < H8; h += 8) {                                                  \
-                        __m256 v = a2_##SUF(wu + r * H + h);                                            \
-                        a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x0 + h), a0);                           \
-                        a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x1 + h), a1);                           \
-                    }                                                                                   \
-                    out[r][0] = a2_hsum(a0); out[r][1] = a2_hsum(a1);                                   \
-                }                                                                                       \
-            }                                                                                           \
-            for (int j = 0; j < nt; j++) {                                                              \
-                const float *x = u->xs[j0 + j];                                                         \
-                for (int r = 0; r < nr; r++) {                                                          \
-                    float s = out[r][j];                                                                \
-                    for (long k = H8; k < H; k++) s += p_##SUF(wu + r * H, k) * x[k];                   \
-                    u->hb[(long)(j0 + j) * u->D + r] = silu(s * row_scale(u->su, r)) * u->sc[j0 + j];   \
+
+#define A2_CHUNK 512
+/* 16 weights as two fp32 vectors: fp32 and int8 in order; bf16 as its even and odd elements (one load, a
+   shift and a mask: half the instructions of widening 8 at a time), so the linear's x is deinterleaved to
+   match (a2_eo). */
+ALWAYS void a2w_f32(const float *p, __m256 *a, __m256 *b) { *a = _mm256_loadu_ps(p); *b = _mm256_loadu_ps(p + 8); }
+ALWAYS void a2w_i8(const int8_t *p, __m256 *a, __m256 *b) { *a = a2_i8(p); *b = a2_i8(p + 8); }
+ALWAYS void a2w_bf16(const uint16_t *p, __m256 *a, __m256 *b) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    *a = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    *b = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+}
+/* x in the order a2w_bf16 yields bf16 weights: per 16 elements the 8 even ones, then the 8 odd ones; the
+   tail (K % 16) in order. */
+static void a2_eo(const float *x, long K, float *dst) {
+    long k = 0;
+    for (; k + 16 <= K; k += 16)
+        for (int i = 0; i < 8; i++) { dst[k + i] = x[k + 2 * i]; dst[k + 8 + i] = x[k + 2 * i + 1]; }
+    for (; k < K; k++) dst[k] = x[k];
+}
+#define A2_STEPS(SUF, R, T)                                                                             \
+    {                                                                                                   \
+        __m256 a[R][T];                                                                                 \
+        for (int r = 0; r < R; r++) for (int j = 0; j < T; j++) a[r][j] = acc[r0 + r][j0 + j];          \
+        for (long h = h0; h < h1; h += 16, i++) {                                                       \
+            pf_share(pf, pfl, i, pfs);                                                                  \
+            for (int r = 0; r < R; r++) {                                                               \
+                __m256 v0, v1;                                                                          \
+                a2w_##SUF(w[r0 + r] + h, &v0, &v1);                                                     \
+                for (int j = 0; j < T; j++) {                                                           \
+                    a[r][j] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xs[j0 + j] + h), a[r][j]);            \
+                    a[r][j] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xs[j0 + j] + h + 8), a[r][j]);        \
                 }                                                                                       \
             }                                                                                           \
         }                                                                                               \
+        for (int r = 0; r < R; r++) for (int j = 0; j < T; j++) acc[r0 + r][j0 + j] = a[r][j];          \
+    }
+/* 4 weight rows x nt (up to 8) tokens of a dot product, the whole row (tail in scalar code). With more
+   than 2 tokens, in chunks of A2_CHUNK elements: a chunk's 4 rows and the tokens' x stay in L1 while every
+   token group passes over them (groups of 4 tokens on 2 rows at a time, then 2 or 1 tokens on 4 rows),
+   the accumulators kept in memory between chunks; each row step serves up to 4 tokens, and the weight
+   stream runs through every group (the prefetch is spread over all the call's steps). Before: 4 rows x 2
+   tokens per pass over the whole row, later passes re-reading the rows from L2 with the memory idle. xs:
+   for bf16 weights in a2_eo order. */
+#define A2_DOT(SUF, WT)                                                                                 \
+    ALWAYS void a2_dot_##SUF(const WT *const *w, long K, const float *const *xs, int nt, float *out,    \
+                             int ldo, const char *pf, long blk) {                                      \
+        long K16 = K & ~15L;                                                                            \
+        int n4 = nt / 4 * 4, passes = nt / 4 * 2 + (nt - n4 + 1) / 2;                                  \
+        long steps = K16 / 16 * passes > 0 ? K16 / 16 * passes : 1, pfl, pfs = pf_stride(blk, steps, &pfl), i = 0; \
+        __m256 acc[NR][8];                                                                              \
+        for (int r = 0; r < NR; r++) for (int j = 0; j < nt; j++) acc[r][j] = _mm256_setzero_ps();      \
+        long ch = nt > 2 ? A2_CHUNK : K16; /* one group: no chunks (1-2 tokens were 6-9% slower in them) */ \
+        for (long h0 = 0; h0 < K16; h0 += ch) {                                                         \
+            long h1 = h0 + ch < K16 ? h0 + ch : K16;                                                    \
+            for (int j0 = 0; j0 < n4; j0 += 4)                                                          \
+                for (int r0 = 0; r0 < NR; r0 += 2) A2_STEPS(SUF, 2, 4)                                  \
+            int j0 = n4, r0 = 0;                                                                        \
+            if (nt - n4 >= 2) { A2_STEPS(SUF, 4, 2) j0 += 2; }                                          \
+            if (nt - j0 == 1) A2_STEPS(SUF, 4, 1)                                                       \
+        }                                                                                               \
+        for (int r = 0; r < NR; r++)                                                                    \
+            for (int j = 0; j < nt; j++) {                                                              \
+                float t = a2_hsum(acc[r][j]);                                                           \
+                for (long k = K16; k < K; k++) t += p_##SUF(w[r], k) * xs[j][k];                        \
+                out[r * ldo + j] = t;                                                                   \
+            }                                                                                           \
+    }
+A2_DOT(f32, float) A2_DOT(bf16, uint16_t) A2_DOT(i8, int8_t)
+
+/* up: a2_dot (4 rows x up to 8 tokens; bf16: x in a2_eo order); down: 4 rows x (2 or 1) tokens, each pass
+   over the rows prefetching its part of the next block (pf_part). Rows < 4 and the
+   column tail (H % 8) go through scalar code. ESZ: bytes per weight element. */
+#define AVX2_UNIT(SUF, WT, ESZ, SCALED)                                                                       \
+    static void unit_avx2_##SUF(const unit_t *u) {                                                      \
+        const WT *wd = (const WT *)u->wd;                                                               \
+        long H = u->H, H8 = H & ~7L, steps = H8 / 8 > 0 ? H8 / 8 : 1;                                   \
+        int nr = u->nr;                                                                                 \
+        const char *pfd = g_prefetch ? u->pf_next : NULL, *pfn = pfd;                                   \
+        long blk = (long)nr * H * ESZ;                                                                  \
+        const WT *wu[NR];                                                                               \
+        for (int r = 0; r < NR; r++) wu[r] = r < nr ? (const WT *)u->wu + r * H : (const WT *)u->zrow;  \
+        float out[NR][8];                                                                               \
+        for (int j0 = 0; j0 < u->m && (u->phase & 1); j0 += 8) {                                        \
+            int nt = u->m - j0 < 8 ? u->m - j0 : 8;                                                     \
+            long pb;                                                                                    \
+            const char *pf = pf_part(pfd, blk, j0 / 8, (u->m + 7) / 8, &pb);                            \
+            a2_dot_##SUF(wu, H, u->xs + j0, nt, &out[0][0], 8, pf, pb);                                 \
+            unit_store_h(u, j0, nt, &out[0][0], 8);                                                     \
+        }                                                                                               \
         for (int j0 = 0; j0 < u->m && (u->phase & 2); j0 += 2) {                                        \
             int nt = u->m - j0 < 2 ? u->m - j0 : 2;                                                     \
-            const char *pf = j0 == 0 ? pfn : NULL;                                                      \
+            long pb, pfl;                                                                               \
+            const char *pf = pf_part(pfn, blk, j0 / 2, (u->m + 1) / 2, &pb);                            \
+            long pfs = pf_stride(pb, steps, &pfl);                                                      \
             float *ys[2] = {u->y + (long)u->tok[j0] * H, u->y + (long)u->tok[j0 + nt - 1] * H};         \
             __m256 hv[2][NR];                                                                           \
             for (int j = 0; j < 2; j++)                                                                 \
@@ -482,37 +538,8 @@ AVX2_UNIT(f32, float, 4, 0)
 AVX2_UNIT(bf16, uint16_t, 2, 0)
 AVX2_UNIT(i8, int8_t, 1, 1)
 
-/* 4 weight rows x NT (1 or 2) tokens of a dot product, the whole row (tail in scalar code): each
-   step's rows are widened once for both tokens (the linear used to re-read and re-widen its rows for
-   every token: at M = 8 the AVX2 linear read cold bf16 weights at a quarter of the read bandwidth). */
-#define A2_DOT(SUF, WT, NT)                                                                             \
-    ALWAYS void a2_dot_##SUF##_##NT(const WT *const *w, long K, const float *const *xs, float out[NR][4], \
-                                    const char *pf, long blk) {                                        \
-        long K8 = K & ~7L, steps = K8 / 8 > 0 ? K8 / 8 : 1, pfl, pfs = pf_stride(blk, steps, &pfl);      \
-        __m256 acc[NR][NT];                                                                             \
-        for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) acc[r][j] = _mm256_setzero_ps();      \
-        for (long h = 0, i = 0; h < K8; h += 8, i++) {                                                  \
-            pf_share(pf, pfl, i, pfs);                                                                  \
-            __m256 xv[NT];                                                                              \
-            for (int j = 0; j < NT; j++) xv[j] = _mm256_loadu_ps(xs[j] + h);                            \
-            for (int r = 0; r < NR; r++) {                                                              \
-                __m256 v = a2_##SUF(w[r] + h);                                                          \
-                for (int j = 0; j < NT; j++) acc[r][j] = _mm256_fmadd_ps(v, xv[j], acc[r][j]);          \
-            }                                                                                           \
-        }                                                                                               \
-        for (int r = 0; r < NR; r++)                                                                    \
-            for (int j = 0; j < NT; j++) {                                                              \
-                float t = a2_hsum(acc[r][j]);                                                           \
-                for (long k = K8; k < K; k++) t += p_##SUF(w[r], k) * xs[j][k];                         \
-                out[r][j] = t;                                                                          \
-            }                                                                                           \
-    }
-A2_DOT(f32, float, 1) A2_DOT(f32, float, 2) A2_DOT(bf16, uint16_t, 1) A2_DOT(bf16, uint16_t, 2)
-A2_DOT(i8, int8_t, 1) A2_DOT(i8, int8_t, 2)
-#define A2_DOTS(SUF, nt, ...) do { if ((nt) == 2) a2_dot_##SUF##_2(__VA_ARGS__); else a2_dot_##SUF##_1(__VA_ARGS__); } while (0)
-
-LIN_ROWS(lin_avx2_f32, float, 4, 2, A2_DOTS(f32, nt, wu, H, l->xs + j0, out, pf, blk))
-LIN_ROWS(lin_avx2_bf16, uint16_t, 2, 2, A2_DOTS(bf16, nt, wu, H, l->xs + j0, out, pf, blk))
+LIN_ROWS(lin_avx2_f32, float, 4, 8, a2_dot_f32(wu, H, l->xs + j0, nt, &out[0][0], 8, pf, blk))
+LIN_ROWS(lin_avx2_bf16, uint16_t, 2, 8, a2_dot_bf16(wu, H, l->xs + j0, nt, &out[0][0], 8, pf, blk))
 
 /* int8 weights on AVX2 (and plain AVX-512, which has no VPDPBUSD): the dot products in int16 x int16
    products with VPMADDWD, the same exact integers as the VNNI path (vn_dots, vq_down), so the same
@@ -595,7 +622,7 @@ ALWAYS void a2q_dots(const int8_t *const *w, long K, const float *const *xs, con
                      const float *xqs, int nt, float out[NR][4], const char *pf, long blk) {
     int finite = 1;
     for (int j = 0; j < nt; j++) finite &= xqs[j] == xqs[j];
-    if (!finite) { A2_DOTS(i8, nt, w, K, xs, out, pf, blk); return; }
+    if (!finite) { a2_dot_i8(w, K, xs, nt, &out[0][0], 4, pf, blk); return; }
     int64_t tot[NR][2] = {{0}};
     const int16_t *q[2] = {(const int16_t *)xq[0], (const int16_t *)xq[nt - 1]};
     if (nt == 2) a2q_dot_2(w, K, q, tot, pf, blk);
@@ -671,10 +698,12 @@ static void unit_avx2q_i8(const unit_t *u) {
     const char *pfd;
     long blk = i8_unit_rows(u, wu, wd, &pfd);
     float out[NR][4];
+    long pb;
     for (int j0 = 0; j0 < u->m && (u->phase & 1); j0 += 2) {
         int nt = u->m - j0 < 2 ? u->m - j0 : 2;
-        a2q_dots(wu, H, u->xs + j0, u->xq + j0, u->xqs + j0, nt, out, j0 == 0 ? pfd : NULL, blk);
-        unit_store_h(u, j0, nt, out);
+        const char *pf = pf_part(pfd, blk, j0 / 2, (u->m + 1) / 2, &pb);
+        a2q_dots(wu, H, u->xs + j0, u->xq + j0, u->xqs + j0, nt, out, pf, pb);
+        unit_store_h(u, j0, nt, &out[0][0], 4);
     }
     if (!(u->phase & 2)) return;
     if (u->acc && u->first) vq_begin(u);
@@ -686,8 +715,9 @@ static void unit_avx2q_i8(const unit_t *u) {
         for (int j0 = 0; j0 < u->m; j0 += 2) {
             int nt = u->m - j0 < 2 ? u->m - j0 : 2;
             int32_t *acc[2] = {u->acc + (long)j0 * u->Hp, u->acc + (long)(j0 + nt - 1) * u->Hp};
-            if (nt == 2) a2q_down_2(wd, H, acc, u->hb + (long)j0 * u->D, u->hq + j0, u->nr, u->D, j0 ? NULL : pfd, blk);
-            else a2q_down_1(wd, H, acc, u->hb + (long)j0 * u->D, u->hq + j0, u->nr, u->D, j0 ? NULL : pfd, blk);
+            const char *pf = pf_part(pfd, blk, j0 / 2, (u->m + 1) / 2, &pb);
+            if (nt == 2) a2q_down_2(wd, H, acc, u->hb + (long)j0 * u->D, u->hq + j0, u->nr, u->D, pf, pb);
+            else a2q_down_1(wd, H, acc, u->hb + (long)j0 * u->D, u->hq + j0, u->nr, u->D, pf, pb);
         }
     }
     if (u->acc && u->last && u->hq[u->m] != 0.0f) a2q_flush(u);
@@ -783,7 +813,7 @@ ALWAYS __mmask32 a5_mask32(long left) { return left >= 32 ? (__mmask32)0xfffffff
             int nt = u->m - j0 < 4 ? u->m - j0 : 4;                                                     \
             const char *pf = j0 == 0 ? pfd : NULL;                                                      \
             UPCALL                                                                                      \
-            unit_store_h(u, j0, nt, out);                                                               \
+            unit_store_h(u, j0, nt, &out[0][0], 4);                                                               \
         }                                                                                               \
         for (int j0 = 0; j0 < u->m && (u->phase & 2); j0 += 4) {                                        \
             int nt = u->m - j0 < 4 ? u->m - j0 : 4;                                                     \
@@ -1059,7 +1089,7 @@ static void unit_avx512vnni_i8(const unit_t *u) {
     for (int j0 = 0; j0 < u->m && (u->phase & 1); j0 += 4) {
         int nt = u->m - j0 < 4 ? u->m - j0 : 4;
         vn_dots(wu, H, u->xs + j0, u->xq + j0, u->xqs + j0, u->rs, nr, nt, out, j0 == 0 ? pfd : NULL, blk);
-        unit_store_h(u, j0, nt, out);
+        unit_store_h(u, j0, nt, &out[0][0], 4);
     }
     if (!(u->phase & 2)) return;
     if (u->acc && u->first) vq_begin(u);
@@ -1514,12 +1544,24 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
             xh[t] = NULL;
         }
     }
+#if BLOCKFFN_X86
+    /* AVX2 bf16 weights: x deinterleaved as a2w_bf16 yields the weights (a2_eo) */
+    float *xeo = fn == lin_avx2_bf16 ? malloc((size_t)M * K * sizeof(float)) : NULL;
+    if (xeo)
+        for (long t = 0; t < M; t++) {
+            a2_eo(xs[t], K, xeo + t * K);
+            xs[t] = xeo + t * K;
+        }
+    else if (fn == lin_avx2_bf16) fn = lin_portable_bf16;
+#else
+    float *xeo = NULL;
+#endif
     int vnni = wdt == 2 && isa >= ISA_AVX2; /* int8: the integer paths (x rounded to int16) */
     uint8_t *xq8 = vnni ? malloc((size_t)M * 2 * K) : NULL;
     float *xqs = vnni ? malloc((size_t)M * sizeof(float)) : NULL;
     const uint8_t **xqp = vnni ? malloc((size_t)M * sizeof(uint8_t *)) : NULL;
     if (vnni && (!xq8 || !xqs || !xqp)) {
-        free(xs); free(xh); free(xf); free(out); free(zrow); free(xq8); free(xqs); free(xqp);
+        free(xs); free(xh); free(xf); free(out); free(zrow); free(xq8); free(xqs); free(xqp); free(xeo);
         return -1;
     }
     if (vnni) {
@@ -1564,7 +1606,7 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
     if (xdt)
         for (long t = 0; t < M; t++)
             for (long n = 0; n < N; n++) ((uint16_t *)y)[t * ldy + n] = to_bf16(out[t * N + n]);
-    free(xs); free(xh); free(xf); free(out); free(zrow); free(xq8); free(xqs); free(xqp); free(xb);
+    free(xs); free(xh); free(xf); free(out); free(zrow); free(xq8); free(xqs); free(xqp); free(xb); free(xeo);
     return 0;
 }
 
@@ -1703,7 +1745,14 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     const float **xrow = vnni ? malloc(((size_t)n + 1) * sizeof(float *)) : NULL;
     const uint8_t **xqp = vnni ? malloc(((size_t)P + 1) * sizeof(uint8_t *)) : NULL;
     float *xqsp = vnni ? malloc(((size_t)P + 1) * sizeof(float)) : NULL;
+#if BLOCKFFN_X86
+    int eo = unit == unit_avx2_bf16; /* x deinterleaved as a2w_bf16 yields the weights (a2_eo) */
+#else
+    int eo = 0;
+#endif
+    float *xeo = eo ? malloc(((size_t)n * H + 1) * sizeof(float)) : NULL;
     int ok = tok && sc && hb && xs && xh && zrow && used && (direct || ra) && (!need_xf || xf) && (nbuf == 0 || yb) &&
+             (!eo || xeo) &&
              (!vnni || (xq8 && xqs && xrow && xqp && xqsp)) && (!vq || (accb && hqb)) && (!nc || (xb && xr && faccb));
     if (ok) {
         for (long t = t0; t < t1; t++) { /* fill: the same mask, so exactly cnt[e] entries each */
@@ -1719,8 +1768,10 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                 float *dst = xf + (t - t0) * H;
                 for (long k = 0; k < H; k++) dst[k] = cv_bf16(src[k]);
             }
+        for (long t = t0; t < t1 && eo; t++)
+            a2_eo(need_xf ? xf + (t - t0) * H : (const float *)x + t * ldx, H, xeo + (t - t0) * H);
         for (long p = 0; p < P; p++) {
-            xs[p] = need_xf ? xf + (tok[p] - t0) * H : (const float *)x + tok[p] * ldx;
+            xs[p] = eo ? xeo + (tok[p] - t0) * H : need_xf ? xf + (tok[p] - t0) * H : (const float *)x + tok[p] * ldx;
             xh[p] = need_xf ? (const uint16_t *)x + tok[p] * ldx : NULL;
         }
         if (vnni) { /* int8 weights, integer paths: each token's x rounded to int16 once (quantize_planes) */
@@ -1844,7 +1895,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
         }
     }
     free(mask); free(used); free(cnt); free(off); free(uni); free(tok); free(sc); free(hb); free(xs);
-    free(xh); free(zrow); free(xf); free(yb); free(accb); free(hqb); free(xq8); free(xqs); free(xrow); free(xqp); free(xqsp); free(ra);
+    free(xh); free(zrow); free(xf); free(yb); free(accb); free(hqb); free(xq8); free(xqs); free(xrow); free(xqp); free(xqsp); free(ra); free(xeo);
     free(xb); free(xr); free(faccb);
     return ok ? 0 : -1;
 }
