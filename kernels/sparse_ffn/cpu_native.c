@@ -398,24 +398,11 @@ ALWAYS float a2_hsum(__m256 v) {
 }
 
 #define A2_CHUNK 512
-/* 16 weights as two fp32 vectors: fp32 and int8 in order; bf16 as its even and odd elements (one load, a
-   shift and a mask: half the instructions of widening 8 at a time), so the linear's x is deinterleaved to
-   match (a2_eo). */
+/* 16 weights as two fp32 vectors, in order. (bf16 as its even and odd elements, one load, a shift and a
+   mask, with x deinterleaved to match, measured no faster here: A/B in one process, cold, M = 1-8.) */
 ALWAYS void a2w_f32(const float *p, __m256 *a, __m256 *b) { *a = _mm256_loadu_ps(p); *b = _mm256_loadu_ps(p + 8); }
+ALWAYS void a2w_bf16(const uint16_t *p, __m256 *a, __m256 *b) { *a = a2_bf16(p); *b = a2_bf16(p + 8); }
 ALWAYS void a2w_i8(const int8_t *p, __m256 *a, __m256 *b) { *a = a2_i8(p); *b = a2_i8(p + 8); }
-ALWAYS void a2w_bf16(const uint16_t *p, __m256 *a, __m256 *b) {
-    __m256i v = _mm256_loadu_si256((const __m256i *)p);
-    *a = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-    *b = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
-}
-/* x in the order a2w_bf16 yields bf16 weights: per 16 elements the 8 even ones, then the 8 odd ones; the
-   tail (K % 16) in order. */
-static void a2_eo(const float *x, long K, float *dst) {
-    long k = 0;
-    for (; k + 16 <= K; k += 16)
-        for (int i = 0; i < 8; i++) { dst[k + i] = x[k + 2 * i]; dst[k + 8 + i] = x[k + 2 * i + 1]; }
-    for (; k < K; k++) dst[k] = x[k];
-}
 #define A2_STEPS(SUF, R, T)                                                                             \
     {                                                                                                   \
         __m256 a[R][T];                                                                                 \
@@ -438,8 +425,7 @@ static void a2_eo(const float *x, long K, float *dst) {
    token group passes over them (groups of 4 tokens on 2 rows at a time, then 2 or 1 tokens on 4 rows),
    the accumulators kept in memory between chunks; each row step serves up to 4 tokens, and the weight
    stream runs through every group (the prefetch is spread over all the call's steps). Before: 4 rows x 2
-   tokens per pass over the whole row, later passes re-reading the rows from L2 with the memory idle. xs:
-   for bf16 weights in a2_eo order. */
+   tokens per pass over the whole row, later passes re-reading the rows from L2 with the memory idle. */
 #define A2_DOT(SUF, WT)                                                                                 \
     ALWAYS void a2_dot_##SUF(const WT *const *w, long K, const float *const *xs, int nt, float *out,    \
                              int ldo, const char *pf, long blk) {                                      \
@@ -466,18 +452,38 @@ static void a2_eo(const float *x, long K, float *dst) {
     }
 A2_DOT(f32, float) A2_DOT(bf16, uint16_t) A2_DOT(i8, int8_t)
 
-/* up: a2_dot (4 rows x up to 8 tokens; bf16: x in a2_eo order); down: 4 rows x (2 or 1) tokens, each pass
-   over the rows prefetching its part of the next block (pf_part). Rows < 4 and the
-   column tail (H % 8) go through scalar code. ESZ: bytes per weight element. */
-#define AVX2_UNIT(SUF, WT, ESZ, SCALED)                                                                       \
+/* The down pass's steps: 16 columns of the unit's 4 W_down rows, added into the pair's y rows. */
+#define A2_DOWN_LOOP(LOAD, SCALED)                                                                      \
+    for (long c = 0, i = 0; c < H16; c += 16, i++) {                                                    \
+        pf_share(pf, pfl, i, pfs);                                                                      \
+        __m256 lo[NR], hi[NR];                                                                          \
+        for (int r = 0; r < NR; r++) LOAD(wdr[r] + c, &lo[r], &hi[r]);                                  \
+        if (SCALED) {                                                                                   \
+            __m256 s0 = _mm256_loadu_ps(u->sd + c), s1 = _mm256_loadu_ps(u->sd + c + 8);               \
+            for (int r = 0; r < NR; r++) { lo[r] = _mm256_mul_ps(lo[r], s0); hi[r] = _mm256_mul_ps(hi[r], s1); } \
+        }                                                                                               \
+        for (int j = 0; j < nt; j++) {                                                                  \
+            __m256 a = _mm256_loadu_ps(ys[j] + c), b = _mm256_loadu_ps(ys[j] + c + 8);                  \
+            for (int r = 0; r < NR; r++) { a = _mm256_fmadd_ps(hv[j][r], lo[r], a); b = _mm256_fmadd_ps(hv[j][r], hi[r], b); } \
+            _mm256_storeu_ps(ys[j] + c, a);                                                             \
+            _mm256_storeu_ps(ys[j] + c + 8, b);                                                         \
+        }                                                                                               \
+    }
+/* up: a2_dot (4 rows x up to 8 tokens); down: 4 rows x (2 or 1) tokens, each pass over the rows
+   prefetching its part of the next block (pf_part). Rows past nr read the zero row (with h = 0); the
+   column tail (H % 16) goes through scalar code. ESZ: bytes per weight element. */
+#define AVX2_UNIT(SUF, WT, ESZ, SCALED)                                                                 \
     static void unit_avx2_##SUF(const unit_t *u) {                                                      \
         const WT *wd = (const WT *)u->wd;                                                               \
-        long H = u->H, H8 = H & ~7L, steps = H8 / 8 > 0 ? H8 / 8 : 1;                                   \
+        long H = u->H, H16 = H & ~15L, steps = H16 / 16 > 0 ? H16 / 16 : 1;                             \
         int nr = u->nr;                                                                                 \
         const char *pfd = g_prefetch ? u->pf_next : NULL, *pfn = pfd;                                   \
         long blk = (long)nr * H * ESZ;                                                                  \
-        const WT *wu[NR];                                                                               \
-        for (int r = 0; r < NR; r++) wu[r] = r < nr ? (const WT *)u->wu + r * H : (const WT *)u->zrow;  \
+        const WT *wu[NR], *wdr[NR];                                                                     \
+        for (int r = 0; r < NR; r++) {                                                                  \
+            wu[r] = r < nr ? (const WT *)u->wu + r * H : (const WT *)u->zrow;                           \
+            wdr[r] = r < nr ? wd + r * H : (const WT *)u->zrow;                                         \
+        }                                                                                               \
         float out[NR][8];                                                                               \
         for (int j0 = 0; j0 < u->m && (u->phase & 1); j0 += 8) {                                        \
             int nt = u->m - j0 < 8 ? u->m - j0 : 8;                                                     \
@@ -496,40 +502,11 @@ A2_DOT(f32, float) A2_DOT(bf16, uint16_t) A2_DOT(i8, int8_t)
             for (int j = 0; j < 2; j++)                                                                 \
                 for (int r = 0; r < NR; r++)                                                            \
                     hv[j][r] = _mm256_set1_ps(j < nt && r < nr ? u->hb[(long)(j0 + j) * u->D + r] : 0.0f); \
-            if (nr == NR) {                                                                             \
-                const WT *w0 = wd, *w1 = wd + H, *w2 = wd + 2 * H, *w3 = wd + 3 * H;                    \
-                for (long c = 0, i = 0; c < H8; c += 8, i++) {                                          \
-                    pf_share(pf, pfl, i, pfs);                                                        \
-                    __m256 v0 = a2_##SUF(w0 + c), v1 = a2_##SUF(w1 + c), v2 = a2_##SUF(w2 + c), v3 = a2_##SUF(w3 + c); \
-                    if (SCALED) {                                                                       \
-                        __m256 sv = _mm256_loadu_ps(u->sd + c);                                         \
-                        v0 = _mm256_mul_ps(v0, sv); v1 = _mm256_mul_ps(v1, sv);                         \
-                        v2 = _mm256_mul_ps(v2, sv); v3 = _mm256_mul_ps(v3, sv);                         \
-                    }                                                                                   \
-                    __m256 a = _mm256_loadu_ps(ys[0] + c);                                              \
-                    a = _mm256_fmadd_ps(hv[0][0], v0, a); a = _mm256_fmadd_ps(hv[0][1], v1, a);         \
-                    a = _mm256_fmadd_ps(hv[0][2], v2, a); a = _mm256_fmadd_ps(hv[0][3], v3, a);         \
-                    _mm256_storeu_ps(ys[0] + c, a);                                                     \
-                    if (nt == 2) {                                                                      \
-                        __m256 b = _mm256_loadu_ps(ys[1] + c);                                          \
-                        b = _mm256_fmadd_ps(hv[1][0], v0, b); b = _mm256_fmadd_ps(hv[1][1], v1, b);     \
-                        b = _mm256_fmadd_ps(hv[1][2], v2, b); b = _mm256_fmadd_ps(hv[1][3], v3, b);     \
-                        _mm256_storeu_ps(ys[1] + c, b);                                                 \
-                    }                                                                                   \
-                }                                                                                       \
-            } else {                                                                                    \
-                for (int j = 0; j < nt; j++)                                                            \
-                    for (int r = 0; r < nr; r++)                                                        \
-                        for (long c = 0; c < H8; c += 8) {                                              \
-                            __m256 v = a2_##SUF(wd + r * H + c);                                        \
-                            if (SCALED) v = _mm256_mul_ps(v, _mm256_loadu_ps(u->sd + c));               \
-                            _mm256_storeu_ps(ys[j] + c, _mm256_fmadd_ps(hv[j][r], v, _mm256_loadu_ps(ys[j] + c))); \
-                        }                                                                               \
-            }                                                                                           \
+            A2_DOWN_LOOP(a2w_##SUF, SCALED)                                                             \
             for (int j = 0; j < nt; j++)                                                                \
                 for (int r = 0; r < nr; r++) {                                                          \
                     float a = u->hb[(long)(j0 + j) * u->D + r];                                         \
-                    for (long c = H8; c < H; c++)                                                       \
+                    for (long c = H16; c < H; c++)                                                      \
                         ys[j][c] += a * (SCALED ? p_##SUF(wd + r * H, c) * u->sd[c] : p_##SUF(wd + r * H, c)); \
                 }                                                                                       \
         }                                                                                               \
@@ -1544,24 +1521,12 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
             xh[t] = NULL;
         }
     }
-#if BLOCKFFN_X86
-    /* AVX2 bf16 weights: x deinterleaved as a2w_bf16 yields the weights (a2_eo) */
-    float *xeo = fn == lin_avx2_bf16 ? malloc((size_t)M * K * sizeof(float)) : NULL;
-    if (xeo)
-        for (long t = 0; t < M; t++) {
-            a2_eo(xs[t], K, xeo + t * K);
-            xs[t] = xeo + t * K;
-        }
-    else if (fn == lin_avx2_bf16) fn = lin_portable_bf16;
-#else
-    float *xeo = NULL;
-#endif
     int vnni = wdt == 2 && isa >= ISA_AVX2; /* int8: the integer paths (x rounded to int16) */
     uint8_t *xq8 = vnni ? malloc((size_t)M * 2 * K) : NULL;
     float *xqs = vnni ? malloc((size_t)M * sizeof(float)) : NULL;
     const uint8_t **xqp = vnni ? malloc((size_t)M * sizeof(uint8_t *)) : NULL;
     if (vnni && (!xq8 || !xqs || !xqp)) {
-        free(xs); free(xh); free(xf); free(out); free(zrow); free(xq8); free(xqs); free(xqp); free(xeo);
+        free(xs); free(xh); free(xf); free(out); free(zrow); free(xq8); free(xqs); free(xqp);
         return -1;
     }
     if (vnni) {
@@ -1606,7 +1571,7 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
     if (xdt)
         for (long t = 0; t < M; t++)
             for (long n = 0; n < N; n++) ((uint16_t *)y)[t * ldy + n] = to_bf16(out[t * N + n]);
-    free(xs); free(xh); free(xf); free(out); free(zrow); free(xq8); free(xqs); free(xqp); free(xb); free(xeo);
+    free(xs); free(xh); free(xf); free(out); free(zrow); free(xq8); free(xqs); free(xqp); free(xb);
     return 0;
 }
 
@@ -1745,14 +1710,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     const float **xrow = vnni ? malloc(((size_t)n + 1) * sizeof(float *)) : NULL;
     const uint8_t **xqp = vnni ? malloc(((size_t)P + 1) * sizeof(uint8_t *)) : NULL;
     float *xqsp = vnni ? malloc(((size_t)P + 1) * sizeof(float)) : NULL;
-#if BLOCKFFN_X86
-    int eo = unit == unit_avx2_bf16; /* x deinterleaved as a2w_bf16 yields the weights (a2_eo) */
-#else
-    int eo = 0;
-#endif
-    float *xeo = eo ? malloc(((size_t)n * H + 1) * sizeof(float)) : NULL;
     int ok = tok && sc && hb && xs && xh && zrow && used && (direct || ra) && (!need_xf || xf) && (nbuf == 0 || yb) &&
-             (!eo || xeo) &&
              (!vnni || (xq8 && xqs && xrow && xqp && xqsp)) && (!vq || (accb && hqb)) && (!nc || (xb && xr && faccb));
     if (ok) {
         for (long t = t0; t < t1; t++) { /* fill: the same mask, so exactly cnt[e] entries each */
@@ -1768,10 +1726,8 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                 float *dst = xf + (t - t0) * H;
                 for (long k = 0; k < H; k++) dst[k] = cv_bf16(src[k]);
             }
-        for (long t = t0; t < t1 && eo; t++)
-            a2_eo(need_xf ? xf + (t - t0) * H : (const float *)x + t * ldx, H, xeo + (t - t0) * H);
         for (long p = 0; p < P; p++) {
-            xs[p] = eo ? xeo + (tok[p] - t0) * H : need_xf ? xf + (tok[p] - t0) * H : (const float *)x + tok[p] * ldx;
+            xs[p] = need_xf ? xf + (tok[p] - t0) * H : (const float *)x + tok[p] * ldx;
             xh[p] = need_xf ? (const uint16_t *)x + tok[p] * ldx : NULL;
         }
         if (vnni) { /* int8 weights, integer paths: each token's x rounded to int16 once (quantize_planes) */
@@ -1895,7 +1851,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
         }
     }
     free(mask); free(used); free(cnt); free(off); free(uni); free(tok); free(sc); free(hb); free(xs);
-    free(xh); free(zrow); free(xf); free(yb); free(accb); free(hqb); free(xq8); free(xqs); free(xrow); free(xqp); free(xqsp); free(ra); free(xeo);
+    free(xh); free(zrow); free(xf); free(yb); free(accb); free(hqb); free(xq8); free(xqs); free(xrow); free(xqp); free(xqsp); free(ra);
     free(xb); free(xr); free(faccb);
     return ok ? 0 : -1;
 }
