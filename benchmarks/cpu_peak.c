@@ -25,62 +25,45 @@ static double now(void) {
 #define ACC8 "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15"
 static char l1[4096] __attribute__((aligned(64)));
 
+/* One timed loop of n iterations of an inline-assembly body: seconds. */
+#define TIMED(T, ...)                                                                                   \
+    do {                                                                                                \
+        double t0_ = now();                                                                             \
+        for (long i = 0; i < n; i++) __asm__ volatile(__VA_ARGS__);                                     \
+        T = now() - t0_;                                                                                \
+    } while (0)
+#define FMA(k) "vfmadd231ps %%ymm1, %%ymm2, %%ymm" #k "\n\t"
+#define MADD(tmp, k) "vpmaddwd %%ymm1, %%ymm2, %%ymm" #tmp "\n\t vpaddd %%ymm" #tmp ", %%ymm" #k ", %%ymm" #k "\n\t"
+
 int main(void) {
 #if defined(__x86_64__)
     const long n = 100000000;
-    double t0 = now(), t;
-    for (long i = 0; i < n; i++)
-        __asm__ volatile(
-            "vfmadd231ps %%ymm1, %%ymm2, %%ymm8\n\t vfmadd231ps %%ymm1, %%ymm2, %%ymm9\n\t"
-            "vfmadd231ps %%ymm1, %%ymm2, %%ymm10\n\t vfmadd231ps %%ymm1, %%ymm2, %%ymm11\n\t"
-            "vfmadd231ps %%ymm1, %%ymm2, %%ymm12\n\t vfmadd231ps %%ymm1, %%ymm2, %%ymm13\n\t"
-            "vfmadd231ps %%ymm1, %%ymm2, %%ymm14\n\t vfmadd231ps %%ymm1, %%ymm2, %%ymm15\n\t" ::: ACC8);
-    t = now() - t0;
+    double t;
+    TIMED(t, FMA(8) FMA(9) FMA(10) FMA(11) FMA(12) FMA(13) FMA(14) FMA(15) ::: ACC8);
     printf("VFMADD231PS: %.2f G/s per core = %.1f G fp32 MAC/s\n", n * 8 / t / 1e9, n * 64 / t / 1e9);
 
-    t0 = now();
-    for (long i = 0; i < n; i++)
-        __asm__ volatile(
-            "vpmaddwd %%ymm1, %%ymm2, %%ymm3\n\t vpaddd %%ymm3, %%ymm8, %%ymm8\n\t"
-            "vpmaddwd %%ymm1, %%ymm2, %%ymm4\n\t vpaddd %%ymm4, %%ymm9, %%ymm9\n\t"
-            "vpmaddwd %%ymm1, %%ymm2, %%ymm5\n\t vpaddd %%ymm5, %%ymm10, %%ymm10\n\t"
-            "vpmaddwd %%ymm1, %%ymm2, %%ymm6\n\t vpaddd %%ymm6, %%ymm11, %%ymm11\n\t"
-            "vpmaddwd %%ymm1, %%ymm2, %%ymm3\n\t vpaddd %%ymm3, %%ymm12, %%ymm12\n\t"
-            "vpmaddwd %%ymm1, %%ymm2, %%ymm4\n\t vpaddd %%ymm4, %%ymm13, %%ymm13\n\t"
-            "vpmaddwd %%ymm1, %%ymm2, %%ymm5\n\t vpaddd %%ymm5, %%ymm14, %%ymm14\n\t"
-            "vpmaddwd %%ymm1, %%ymm2, %%ymm6\n\t vpaddd %%ymm6, %%ymm15, %%ymm15\n\t" ::: "xmm3", "xmm4", "xmm5",
-            "xmm6", ACC8);
-    t = now() - t0;
+    TIMED(t, MADD(3, 8) MADD(4, 9) MADD(5, 10) MADD(6, 11) MADD(3, 12) MADD(4, 13) MADD(5, 14) MADD(6, 15)
+          ::: "xmm3", "xmm4", "xmm5", "xmm6", ACC8);
     printf("VPMADDWD + VPADDD: %.2f G/s per core = %.1f G int16 MAC/s\n", n * 8 / t / 1e9, n * 128 / t / 1e9);
 
-    t0 = now();
-    for (long i = 0; i < n; i++)
-        __asm__ volatile(
-            "vpmovsxbw (%0), %%ymm2\n\t vpmaddwd %%ymm1, %%ymm2, %%ymm3\n\t vpaddd %%ymm3, %%ymm8, %%ymm8\n\t"
-            "vpmaddwd %%ymm0, %%ymm2, %%ymm4\n\t vpaddd %%ymm4, %%ymm9, %%ymm9\n\t"
-            "vpmovsxbw 16(%0), %%ymm5\n\t vpmaddwd %%ymm1, %%ymm5, %%ymm6\n\t vpaddd %%ymm6, %%ymm10, %%ymm10\n\t"
-            "vpmaddwd %%ymm0, %%ymm5, %%ymm7\n\t vpaddd %%ymm7, %%ymm11, %%ymm11\n\t" ::"r"(l1)
-            : "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", ACC8);
-    t = now() - t0;
+    TIMED(t, "vpmovsxbw (%0), %%ymm2\n\t vpmaddwd %%ymm1, %%ymm2, %%ymm3\n\t vpaddd %%ymm3, %%ymm8, %%ymm8\n\t"
+             "vpmaddwd %%ymm0, %%ymm2, %%ymm4\n\t vpaddd %%ymm4, %%ymm9, %%ymm9\n\t"
+             "vpmovsxbw 16(%0), %%ymm5\n\t vpmaddwd %%ymm1, %%ymm5, %%ymm6\n\t vpaddd %%ymm6, %%ymm10, %%ymm10\n\t"
+             "vpmaddwd %%ymm0, %%ymm5, %%ymm7\n\t vpaddd %%ymm7, %%ymm11, %%ymm11\n\t" ::"r"(l1)
+          : "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", ACC8);
     printf("int8 step (VPMOVSXBW, 2 tokens): %.2f G VPMADDWD/s per core = %.1f G int8 MAC/s\n", n * 4 / t / 1e9,
            n * 64 / t / 1e9);
 
-    t0 = now();
-    for (long i = 0; i < n; i++)
-        __asm__ volatile(
-            "vpmovzxwd (%0), %%ymm2\n\t vpslld $16, %%ymm2, %%ymm2\n\t"
-            "vfmadd231ps %%ymm0, %%ymm2, %%ymm8\n\t vfmadd231ps %%ymm1, %%ymm2, %%ymm9\n\t"
-            "vpmovzxwd 16(%0), %%ymm3\n\t vpslld $16, %%ymm3, %%ymm3\n\t"
-            "vfmadd231ps %%ymm0, %%ymm3, %%ymm10\n\t vfmadd231ps %%ymm1, %%ymm3, %%ymm11\n\t" ::"r"(l1)
-            : "xmm2", "xmm3", ACC8);
-    t = now() - t0;
+    TIMED(t, "vpmovzxwd (%0), %%ymm2\n\t vpslld $16, %%ymm2, %%ymm2\n\t"
+             "vfmadd231ps %%ymm0, %%ymm2, %%ymm8\n\t vfmadd231ps %%ymm1, %%ymm2, %%ymm9\n\t"
+             "vpmovzxwd 16(%0), %%ymm3\n\t vpslld $16, %%ymm3, %%ymm3\n\t"
+             "vfmadd231ps %%ymm0, %%ymm3, %%ymm10\n\t vfmadd231ps %%ymm1, %%ymm3, %%ymm11\n\t" ::"r"(l1)
+          : "xmm2", "xmm3", ACC8);
     printf("bf16 step (VPMOVZXWD + VPSLLD, 2 tokens): %.2f G FMA/s per core = %.1f G bf16 MAC/s\n",
            n * 4 / t / 1e9, n * 32 / t / 1e9);
 
     long c = 0;
-    t0 = now();
-    for (long i = 0; i < n; i++) __asm__ volatile("add $1, %0\n\t add $1, %0\n\t add $1, %0\n\t add $1, %0" : "+r"(c));
-    t = now() - t0;
+    TIMED(t, "add $1, %0\n\t add $1, %0\n\t add $1, %0\n\t add $1, %0" : "+r"(c));
     printf("dependent scalar adds: %.2f G/s (about the clock in GHz)\n", n * 4 / t / 1e9);
 #else
     puts("x86-64 only");
