@@ -453,7 +453,8 @@ ALWAYS void a2w_i8(const int8_t *p, __m256 *a, __m256 *b) { *a = a2_i8(p); *b = 
 A2_DOT(f32, float) A2_DOT(bf16, uint16_t) A2_DOT(i8, int8_t)
 
 /* The down pass's steps: 8 columns of the unit's 4 W_down rows, added into the pair's y rows. (16 columns
-   per step spilled registers for bf16: 8 widened vectors + 8 h broadcasts; bf16 1 token 74 -> 66%.) */
+   per step need 8 widened vectors + 8 h broadcasts + 2 sums in bf16, more than the 16 ymm registers; in
+   one before/after pair of runs bf16 fell 74 -> 66% at 1 token, the next pair was within noise.) */
 #define A2_DOWN_LOOP(SUF, SCALED)                                                                       \
     for (long c = 0, i = 0; c < H8; c += 8, i++) {                                                      \
         pf_share(pf, pfl, i, pfs);                                                                      \
