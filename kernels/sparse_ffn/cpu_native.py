@@ -14,8 +14,9 @@ range [cu[0], cu[S]); tokens outside it get y = 0):
 2. the active experts' rows, in units of 4 rows, are cut into one chunk per thread of
    equal estimated cost (a unit costs its row reads plus one dot per token). For each of
    its units a thread reads the 4 W_up rows once, dots them with the expert's tokens' x (2–4 tokens
-   per register block; AVX2: up to 8 per pass, in L1-sized chunks), h = SiLU(·) · r, then streams the same 4 rows of W_down into its
-   own fp32 y buffer: no barrier inside the call; the buffers are summed at the end (T·H).
+   per register block; AVX2: up to 8 per pass, in L1-sized chunks), h = SiLU(·) · r, then streams
+   the same 4 rows of W_down into its own fp32 y buffer: no barrier inside the call; the buffers
+   are summed at the end (T·H).
 Active pairs: a (token, expert) pair is active iff its score > 0. A NaN, zero, negative or -Inf
 score is inactive (the expert contributes exactly 0 to that token, whatever its weights or x);
 the scan evaluates that once into a mask that sizes and fills every buffer, so no value of the
