@@ -478,7 +478,7 @@ A2_DOT(f32, float) A2_DOT(bf16, uint16_t) A2_DOT(i8, int8_t)
         const WT *wd = (const WT *)u->wd;                                                               \
         long H = u->H, H8 = H & ~7L, steps = H8 / 8 > 0 ? H8 / 8 : 1;                                   \
         int nr = u->nr;                                                                                 \
-        const char *pfd = g_prefetch ? u->pf_next : NULL, *pfn = pfd;                                   \
+        const char *pfn = g_prefetch ? u->pf_next : NULL; /* the next call's rows, in both passes */    \
         long blk = (long)nr * H * ESZ;                                                                  \
         const WT *wu[NR], *wdr[NR];                                                                     \
         for (int r = 0; r < NR; r++) {                                                                  \
@@ -489,7 +489,7 @@ A2_DOT(f32, float) A2_DOT(bf16, uint16_t) A2_DOT(i8, int8_t)
         for (int j0 = 0; j0 < u->m && (u->phase & 1); j0 += 8) {                                        \
             int nt = u->m - j0 < 8 ? u->m - j0 : 8;                                                     \
             long pb;                                                                                    \
-            const char *pf = pf_part(pfd, blk, j0 / 8, (u->m + 7) / 8, &pb);                            \
+            const char *pf = pf_part(pfn, blk, j0 / 8, (u->m + 7) / 8, &pb);                            \
             a2_dot_##SUF(wu, H, u->xs + j0, nt, &out[0][0], 8, pf, pb);                                 \
             unit_store_h(u, j0, nt, &out[0][0], 8);                                                     \
         }                                                                                               \
@@ -503,7 +503,7 @@ A2_DOT(f32, float) A2_DOT(bf16, uint16_t) A2_DOT(i8, int8_t)
             for (int j = 0; j < 2; j++)                                                                 \
                 for (int r = 0; r < NR; r++)                                                            \
                     hv[j][r] = _mm256_set1_ps(j < nt && r < nr ? u->hb[(long)(j0 + j) * u->D + r] : 0.0f); \
-            A2_DOWN_LOOP(SUF, SCALED)                                                             \
+            A2_DOWN_LOOP(SUF, SCALED)                                                                   \
             for (int j = 0; j < nt; j++)                                                                \
                 for (int r = 0; r < nr; r++) {                                                          \
                     float a = u->hb[(long)(j0 + j) * u->D + r];                                         \
@@ -791,7 +791,7 @@ ALWAYS __mmask32 a5_mask32(long left) { return left >= 32 ? (__mmask32)0xfffffff
             int nt = u->m - j0 < 4 ? u->m - j0 : 4;                                                     \
             const char *pf = j0 == 0 ? pfd : NULL;                                                      \
             UPCALL                                                                                      \
-            unit_store_h(u, j0, nt, &out[0][0], 4);                                                               \
+            unit_store_h(u, j0, nt, &out[0][0], 4);                                                     \
         }                                                                                               \
         for (int j0 = 0; j0 < u->m && (u->phase & 2); j0 += 4) {                                        \
             int nt = u->m - j0 < 4 ? u->m - j0 : 4;                                                     \
