@@ -8,9 +8,10 @@ engine"). The backend is read from VLLM_BLOCKFFN_BACKEND when the model is built
     scripts/dev python benchmarks/bench_e2e_compiled.py /tmp/xl bfloat16 auto [blockffn_int8]
 
 With ``--rows-from=E2E.json`` (a bench_e2e_cpu.py ``--json`` of the same model): its batch 1/4/8 rows
-instead (its prompts, 32 tokens, median of 3 after a warm-up), each with its memory-speed limit: the row's
+instead (its prompts, 32 tokens, 5 runs after a warm-up), each with its memory-speed limit: the row's
 weight bytes from that run's router probe (routing does not depend on the execution mode) over the read
-bandwidth measured here, beside each row.
+bandwidth measured right before each run; % of limit is the median of the runs' own ratios (this VM's
+bandwidth drifts by ±20% within minutes: a figure from another minute would mislead).
 """
 
 from __future__ import annotations
@@ -35,16 +36,18 @@ def batch_rows(llm, rows_json: str) -> None:
         prompts = (PROMPTS * 8)[:n]
         params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
         llm.generate(prompts, params, use_tqdm=False)
-        runs = []
-        for _ in range(3):
+        runs, bws, pcts = [], [], []
+        for _ in range(5):  # each run beside the bandwidth measured right before it (the VM drifts)
+            bws.append(read_bandwidth())
             t = time.perf_counter()
             llm.generate(prompts, params, use_tqdm=False)
             runs.append(time.perf_counter() - t)
-        gbs = read_bandwidth()
-        t = statistics.median(runs)
+            pcts.append(need[f"batch {n}"] / (bws[-1] * 1e9) / runs[-1])
+        t, gbs = statistics.median(runs), statistics.median(bws)
         limit = need[f"batch {n}"] / (gbs * 1e9)
         print("ROW " + json.dumps(dict(row=f"batch {n}", ms=t * 1e3, runs=[round(x * 1e3) for x in runs],
-                                       read_gbs=gbs, limit_ms=limit * 1e3, pct_of_limit=limit / t,
+                                       read_gbs=gbs, reads_gbs=[round(b, 1) for b in bws], limit_ms=limit * 1e3,
+                                       pct_of_limit=statistics.median(pcts), pcts=[round(p, 3) for p in pcts],
                                        tok_s=32 * n / t)), flush=True)
 
 

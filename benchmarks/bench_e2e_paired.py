@@ -13,6 +13,7 @@ and the table reports each setting's median and the median of the per-turn ratio
 A setting is `key=value` pairs for `vllm.LLM` (dtype, quantization) plus `env.NAME=value` for the
 environment of its process (e.g. `env.VLLM_BLOCKFFN_HUGEPAGES=off`), and `eagle=HEAD` for EAGLE
 speculative decoding with that draft head, 3 tokens per step (the verify chunks of 4 tokens).
+`--batch N` generates N distinct prompts together (continuous batching, N requests per decode step).
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ import statistics
 import time
 
 PROMPT = "The json module exposes an API familiar to users of the standard library"
+WORDS = ["parsing", "streams", "encoders", "floats", "unicode", "files", "errors", "schemas"]
+
+
+def prompts(batch: int) -> list[str]:
+    """batch distinct prompts of about the same length (request i asks about WORDS[i % 8], round i // 8)."""
+    return [PROMPT if i == 0 else f"{PROMPT} for {WORDS[i % len(WORDS)]} ({i // len(WORDS)})" for i in range(batch)]
 
 
 def parse(setting: str) -> tuple[dict, dict]:
@@ -37,7 +44,7 @@ def parse(setting: str) -> tuple[dict, dict]:
     return kw, env
 
 
-def worker(model: str, setting: str, tokens: int, conn) -> None:
+def worker(model: str, setting: str, tokens: int, batch: int, conn) -> None:
     kw, env = parse(setting)
     if "eagle" in kw:
         kw["speculative_config"] = {"method": "eagle", "model": kw.pop("eagle"), "num_speculative_tokens": 3}
@@ -45,15 +52,16 @@ def worker(model: str, setting: str, tokens: int, conn) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model, max_model_len=256, seed=0, max_num_seqs=1, kv_cache_memory_bytes=1 << 30,
+    llm = LLM(model, max_model_len=256, seed=0, max_num_seqs=batch, kv_cache_memory_bytes=1 << 30,
               enable_prefix_caching=False, **kw)
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    llm.generate([PROMPT], params, use_tqdm=False)
+    texts = prompts(batch)
+    llm.generate(texts, params, use_tqdm=False)
     conn.send("ready")
     while conn.recv() == "go":
         t = time.perf_counter()
-        out = llm.generate([PROMPT], params, use_tqdm=False)
-        conn.send((time.perf_counter() - t, list(out[0].outputs[0].token_ids)))
+        out = llm.generate(texts, params, use_tqdm=False)
+        conn.send((time.perf_counter() - t, [list(o.outputs[0].token_ids) for o in out]))
 
 
 def main() -> None:
@@ -62,14 +70,15 @@ def main() -> None:
     ap.add_argument("--a", required=True, help="setting A (key=value ...)")
     ap.add_argument("--b", required=True, help="setting B")
     ap.add_argument("--turns", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=32, help="new tokens per request")
+    ap.add_argument("--batch", type=int, default=1, help="requests generated together")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     procs, conns = [], []
     for setting in (args.a, args.b):  # loaded one after the other (loading both at once halves each)
         parent, child = ctx.Pipe()
-        p = ctx.Process(target=worker, args=(args.model, setting, args.tokens, child))
+        p = ctx.Process(target=worker, args=(args.model, setting, args.tokens, args.batch, child))
         p.start()
         if parent.recv() != "ready":
             raise SystemExit(f"engine for {setting!r} did not start")
@@ -89,9 +98,10 @@ def main() -> None:
         p.join(timeout=60)
     ratios = [a / b for a, b in zip(*secs)]
     res = {
-        "model": args.model, "a": args.a, "b": args.b, "tokens": args.tokens, "turns": args.turns,
+        "model": args.model, "a": args.a, "b": args.b, "tokens": args.tokens, "batch": args.batch, "turns": args.turns,
         "a_ms": [round(s * 1e3) for s in secs[0]], "b_ms": [round(s * 1e3) for s in secs[1]],
-        "a_tok_s": args.tokens / statistics.median(secs[0]), "b_tok_s": args.tokens / statistics.median(secs[1]),
+        "a_tok_s": args.batch * args.tokens / statistics.median(secs[0]),
+        "b_tok_s": args.batch * args.tokens / statistics.median(secs[1]),
         "b_over_a_speed": statistics.median(ratios), "ratio_min_max": [min(ratios), max(ratios)],
         "same_tokens": tokens[0] == tokens[1],
     }
