@@ -115,7 +115,8 @@ class DispatchThresholds:
     cpu_linear_max_tokens: int = 8
     """Up to this many rows, a linear runs the native streaming GEMV (each weight byte read once, at
     memory speed); above it, F.linear (oneDNN GEMM, compute-bound). At M = 8 the streaming kernel
-    still reads at memory speed (benchmarks/bench_memory_cpu.py, linear rows)."""
+    still reads at memory speed (benchmarks/bench_memory_cpu.py, linear rows). bf16 on the ``avx2`` path
+    runs the kernel at every M (cpu_ops.native_rows: no oneDNN bf16 GEMM there)."""
     cpu_linear_max_tokens_amx: int = 32
     """The same for bf16 on AMX CPUs (kernel path ``amx``): the native kernel's AMX linears beat F.linear (oneDNN,
     AMX) up to 32 rows and lose from 64 ([5376, 1792] bf16, warm: 636 vs 1084 µs at 16 rows, 1008 vs 1234

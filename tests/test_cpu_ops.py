@@ -181,3 +181,24 @@ def test_engine_with_the_python_ops_gives_the_same_tokens():
         cpp = greedy_in_fresh_process(MODEL, PROMPTS[:4], **kw)
         py = greedy_in_fresh_process(MODEL, PROMPTS[:4], env={cpu_ops.OPS_ENV: "python"}, **kw)
         assert [list(o.outputs[0].token_ids) for o in cpp] == [list(o.outputs[0].token_ids) for o in py], kw
+
+
+@pytest.mark.skipif("avx2" not in PATHS, reason="the avx2 path needs AVX2 + FMA")
+def test_bf16_linears_of_every_size_take_the_kernel_on_avx2(monkeypatch):
+    """On the avx2 path oneDNN has no bf16 GEMM and torch's fallback is ~4x slower than the kernel, so bf16
+    linears run the kernel at every M there (fp32 and wider paths keep F.linear past decode sizes): the op's
+    result is the kernel's, bit for bit, and the C++ op and its Python implementation agree."""
+    monkeypatch.setenv(cpu_native.ISA_ENV, "avx2")
+    g = torch.Generator().manual_seed(11)
+    w = (torch.randn(130, 200, generator=g) / 14).bfloat16()
+    top = THRESHOLDS.cpu_linear_max_tokens
+    for m in (top + 1, 70):
+        assert cpu_ops.native_rows(m, torch.bfloat16) and not cpu_ops.native_rows(m, torch.float32)
+        x = torch.randn(m, 200, generator=g).bfloat16()
+        y = cpu_ops.linear(x, w)
+        assert torch.equal(y, cpu_native.linear_native(x, w)), m
+        assert torch.equal(y, cpu_ops.linear_python(x, w)), m
+        assert _rel(y, x.float() @ w.float().t()) < 8e-3, m
+    for isa in [p for p in PATHS if p != "avx2"]:
+        monkeypatch.setenv(cpu_native.ISA_ENV, isa)
+        assert not cpu_ops.native_rows(70, torch.bfloat16), isa

@@ -36,7 +36,7 @@ using router_fn = int (*)(const void *x, long ldx, int xdt, const void *w_r, int
                           long min_dense_tokens, float max_pair_fraction, int64_t *stats, int isa,
                           const float *up_scale, const float *down_scale, const int32_t *up_rowsum);
 
-constexpr int ISA_AVX512_BF16 = 3, ISA_AMX = 4;  // cpu_native.c's codes
+constexpr int ISA_AVX2 = 1, ISA_AVX512_BF16 = 3, ISA_AMX = 4;  // cpu_native.c's codes
 
 struct Bound {
   linear_fn linear = nullptr;
@@ -92,8 +92,11 @@ at::Tensor run(const at::Tensor &x, const at::Tensor &weight, const std::optiona
   } else {
     TORCH_CHECK_VALUE(!weight_scale.has_value(), "linear: weight ", weight.scalar_type(),
                       " with a weight_scale; int8 weights take int8_linear");
+    // cpu_ops.native_rows: decode sizes; bf16 up to max_rows_amx on AMX; bf16 at every M on the avx2 path
+    // (no oneDNN bf16 GEMM there: torch's fallback is 3.6-4.1x slower than the kernel)
     const bool native = float_x && xdt == wdt &&
-                        (M <= g.max_rows || (xdt == 1 && M <= g.max_rows_amx && isa_now() >= ISA_AMX));
+                        (M <= g.max_rows || (xdt == 1 && ((M <= g.max_rows_amx && isa_now() >= ISA_AMX) ||
+                                                          isa_now() == ISA_AVX2)));
     if (!native) return at::linear(x, weight);
   }
   const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();

@@ -56,11 +56,13 @@ _keep: list = []  # the Python registration and the loaded library, kept alive
 
 def native_rows(m: int, dtype: torch.dtype) -> bool:
     """Whether an m-row linear of float ``dtype`` runs the native kernel: decode sizes (≤
-    ``cpu_linear_max_tokens``), and bf16 on AMX CPUs up to ``cpu_linear_max_tokens_amx`` rows, where its
-    AMX tiles beat oneDNN (fp32 has no tiles: oneDNN from 9 rows; the ISA is looked up only for those
-    sizes)."""
-    return m <= THRESHOLDS.cpu_linear_max_tokens or (
-        dtype == torch.bfloat16 and m <= THRESHOLDS.cpu_linear_max_tokens_amx and cpu_native.isa_at_least("amx"))
+    ``cpu_linear_max_tokens``), bf16 on AMX CPUs up to ``cpu_linear_max_tokens_amx`` rows, where its
+    AMX tiles beat oneDNN (fp32 has no tiles: oneDNN from 9 rows), and bf16 at every size on the ``avx2``
+    path: there oneDNN has no bf16 GEMM and torch's fallback is 3.6-4.1x slower than the kernel from 8 to
+    256 rows (AMD EPYC, benchmarks/RESULTS.md 2026-12-04). The ISA is looked up only past decode sizes."""
+    return m <= THRESHOLDS.cpu_linear_max_tokens or (dtype == torch.bfloat16 and (
+        (m <= THRESHOLDS.cpu_linear_max_tokens_amx and cpu_native.isa_at_least("amx"))
+        or cpu_native.cpu_isa() == "avx2"))
 
 
 def linear_python(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
