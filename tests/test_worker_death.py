@@ -8,8 +8,8 @@ What must happen:
 - the server does not linger with a dead engine: vLLM's API-server watchdog ends `vllm serve`,
   which exits by itself (code 0), and the surviving worker and the engine core go with it
   (with VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1 it would stay up, answering errors and /health 503);
-- the log names the dead worker: vLLM's `Worker proc VllmWorker-1 died unexpectedly (exit code:
-  -9), shutting down executor.` and the plugin's line with its rank, pid and signal.
+- the log names the dead worker: the plugin's line with its rank, pid and signal (vLLM's own `Worker
+  proc VllmWorker-1 died unexpectedly` line usually precedes it, but can be lost to a race: see the test).
 
 What vLLM 0.32 does by itself: its worker monitor sees the death at once, but its executor
 shutdown then waits 5 s (VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS) and 4 s more after a SIGTERM for
@@ -191,7 +191,11 @@ def test_tp2_worker_sigkilled_mid_stream_fails_requests_fast_and_server_exits(ti
             print("   log:", line[:200])
     assert exit_code is not None, f"vllm serve still running {EXIT_BOUND_S} s after the kill"
     assert 200 not in health, f"/health said 200 with a dead worker: {health}"
-    assert "Worker proc VllmWorker-1 died unexpectedly (exit code: -9)" in log, log[-4000:]
+    # The death is named in the log by our patch's line (logged from the executor's shutdown, which every
+    # path of a worker death runs). vLLM's own "Worker proc VllmWorker-1 died unexpectedly" line is not
+    # required: its monitor thread marks the executor failed before it logs, the engine's main thread can
+    # see the mark and shut down first, and the API server can end the engine core before the monitor
+    # thread logs (seen once in a full suite on the AMD EPYC VM, 2026-12-04).
     assert f"worker VllmWorker-1 (rank 1, pid {victim.pid}) died (killed by SIGKILL)" in log, log[-4000:]
     # Nothing of the server is left: not the engine core, not the surviving worker.
     deadline = time.time() + 30
