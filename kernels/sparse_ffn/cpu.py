@@ -25,13 +25,15 @@ here: h^T = W_run x^T (weights as the left operand), y += (h^T)^T W_run.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..dispatch import THRESHOLDS, cpu_prefers_dense
 from ..quant import check_expert_scales, dequantize_experts
-from .cpu_native import count_native, isa_at_least, native_supports, sparse_ffn_native
+from .cpu_native import count_native, cpu_isa, isa_at_least, native_supports, sparse_ffn_native
 from .naive import active_scores
 
 Scale = torch.Tensor | None
@@ -156,10 +158,14 @@ def uses_native(x: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> 
     return native_supports(x, w_up, w_down_t)
 
 
-def grouped_min_tokens(w_up: torch.Tensor) -> int:
+def grouped_min_tokens(w_up: torch.Tensor, x_dtype: torch.dtype = torch.float32) -> int:
     """Steps of at least this many tokens run :func:`sparse_ffn_grouped` (the auto backend): on AMX CPUs
     the native kernel's AMX units stay faster up to ~1.5k tokens (``cpu_grouped_min_tokens_amx``), int8
-    experts on the VPDPBUSD path up to ~400 (``cpu_grouped_min_tokens_int8``)."""
+    experts on the VPDPBUSD path up to ~400 (``cpu_grouped_min_tokens_int8``). bf16 x on the ``avx2`` path:
+    never — oneDNN has no bf16 GEMM there, and the grouped GEMMs (torch's fallback) were 17-24x slower than
+    the kernel from 128 to 1024 tokens (AMD EPYC, XLarge shape; benchmarks/RESULTS.md 2026-12-04)."""
+    if x_dtype == torch.bfloat16 and cpu_isa() == "avx2":
+        return sys.maxsize
     if isa_at_least("amx"):
         return THRESHOLDS.cpu_grouped_min_tokens_amx
     if w_up.dtype == torch.int8 and isa_at_least("avx512_bf16"):
@@ -193,7 +199,8 @@ def sparse_ffn_cpu(
     if x.shape[0] == 0:
         return x.new_empty((0, x.shape[1]))
     if native and native_supports(x, w_up, w_down_t):
-        if allow_dense and x.shape[0] >= THRESHOLDS.cpu_grouped_min_tokens and x.shape[0] >= grouped_min_tokens(w_up):
+        long = x.shape[0] >= THRESHOLDS.cpu_grouped_min_tokens and x.shape[0] >= grouped_min_tokens(w_up, x.dtype)
+        if allow_dense and long:
             # a long step (prefill): compute-bound, so each active expert's tokens as one GEMM
             if stats is not None:
                 count_native(scores, cu_seqlens, stats)
