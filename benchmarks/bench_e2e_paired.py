@@ -25,13 +25,7 @@ import os
 import statistics
 import time
 
-PROMPT = "The json module exposes an API familiar to users of the standard library"
-WORDS = ["parsing", "streams", "encoders", "floats", "unicode", "files", "errors", "schemas"]
-
-
-def prompts(batch: int) -> list[str]:
-    """batch distinct prompts of about the same length (request i asks about WORDS[i % 8], round i // 8)."""
-    return [PROMPT if i == 0 else f"{PROMPT} for {WORDS[i % len(WORDS)]} ({i // len(WORDS)})" for i in range(batch)]
+from step_breakdown_cpu import batch_prompts
 
 
 def parse(setting: str) -> tuple[dict, dict]:
@@ -55,7 +49,7 @@ def worker(model: str, setting: str, tokens: int, batch: int, conn) -> None:
     llm = LLM(model, max_model_len=256, seed=0, max_num_seqs=batch, kv_cache_memory_bytes=1 << 30,
               enable_prefix_caching=False, **kw)
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    texts = prompts(batch)
+    texts = batch_prompts(batch)
     llm.generate(texts, params, use_tqdm=False)
     conn.send("ready")
     while conn.recv() == "go":

@@ -33,6 +33,11 @@ PROMPT = "The json module exposes an API familiar to users of the standard libra
 WORDS = ["parsing", "streams", "encoders", "floats", "unicode", "files", "errors", "schemas"]
 
 
+def batch_prompts(batch: int) -> list[str]:
+    """batch distinct prompts of about the same length (the first is PROMPT)."""
+    return [PROMPT] + [f"{PROMPT}, example {i}: {WORDS[i % len(WORDS)]}" for i in range(1, batch)]
+
+
 class Probe:
     """Timestamps of probed calls: per tag the call durations, per (previous, next) the gaps."""
 
@@ -140,7 +145,7 @@ def main() -> None:
     LM_HEAD[0] = f"linear N={cfg.vocab_size}"
     probe_cpp_ops(probe)
     params = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
-    prompts = [PROMPT] + [f"{PROMPT}, example {i}: {WORDS[i % len(WORDS)]}" for i in range(1, args.batch)]
+    prompts = batch_prompts(args.batch)
     llm.generate(prompts, params, use_tqdm=False)
     RECORDER.reset()
     probe.reset()

@@ -94,9 +94,11 @@ at::Tensor run(const at::Tensor &x, const at::Tensor &weight, const std::optiona
                       " with a weight_scale; int8 weights take int8_linear");
     // cpu_ops.native_rows: decode sizes; bf16 up to max_rows_amx on AMX; bf16 at every M on the avx2 path
     // (no oneDNN bf16 GEMM there: torch's fallback is 3.6-4.1x slower than the kernel)
-    const bool native = float_x && xdt == wdt &&
-                        (M <= g.max_rows || (xdt == 1 && ((M <= g.max_rows_amx && isa_now() >= ISA_AMX) ||
-                                                          isa_now() == ISA_AVX2)));
+    bool native = float_x && xdt == wdt && M <= g.max_rows;
+    if (!native && xdt == 1 && wdt == 1) {  // the path is looked up only past decode sizes, once
+      const int isa = isa_now();
+      native = (M <= g.max_rows_amx && isa >= ISA_AMX) || isa == ISA_AVX2;
+    }
     if (!native) return at::linear(x, weight);
   }
   const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();

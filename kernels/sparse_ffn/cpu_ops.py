@@ -60,9 +60,12 @@ def native_rows(m: int, dtype: torch.dtype) -> bool:
     AMX tiles beat oneDNN (fp32 has no tiles: oneDNN from 9 rows), and bf16 at every size on the ``avx2``
     path: there oneDNN has no bf16 GEMM and torch's fallback is 3.6-4.1x slower than the kernel from 8 to
     256 rows (AMD EPYC, benchmarks/RESULTS.md 2026-12-04). The ISA is looked up only past decode sizes."""
-    return m <= THRESHOLDS.cpu_linear_max_tokens or (dtype == torch.bfloat16 and (
-        (m <= THRESHOLDS.cpu_linear_max_tokens_amx and cpu_native.isa_at_least("amx"))
-        or cpu_native.cpu_isa() == "avx2"))
+    if m <= THRESHOLDS.cpu_linear_max_tokens:
+        return True
+    if dtype != torch.bfloat16:
+        return False
+    isa = cpu_native.cpu_isa()
+    return isa == "avx2" or (m <= THRESHOLDS.cpu_linear_max_tokens_amx and cpu_native.isa_at_least("amx", isa))
 
 
 def linear_python(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
