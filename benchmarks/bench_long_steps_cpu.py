@@ -6,19 +6,23 @@ dispatch thresholds of `kernels/dispatch.py` (``cpu_grouped_min_tokens*``, ``cpu
 ``cpu_linear_max_tokens``); this script measures the candidates side by side, in one process:
 
 - experts, XLarge shape (H 1792, E 56, d_e 128), T tokens in 4 segments (chunk-sparse routing, ~10% of
-  the experts per token as in bench_memory_cpu.py), bf16 and int8 weights with bf16 x:
+  the experts per token as in bench_memory_cpu.py), float weights in x's dtype (``--x-dtype``: bf16, or fp32
+  as vLLM serves on CPUs without native bf16) and int8 weights with the same x:
   ``grouped`` (each active expert's tokens as one oneDNN GEMM pair, int8 dequantized first),
   the native kernel on each ISA path this CPU runs from ``avx512_bf16`` up (``amx``: AMX units from
   ``cpu_amx_min_tokens`` tokens), and ``auto`` (what ``sparse_ffn_cpu`` picks);
   GFLOP/s count the active (token, expert) pairs only (2 · 2 · d_e · H per pair);
 - linears [5376, 1792] (an XLarge qkv) at M rows: ``F.linear`` (oneDNN, AMX for bf16 where present)
-  against the native kernel per path, bf16 and int8;
-- the FLOP bound: a large bf16 GEMM through torch (oneDNN) in the same run.
+  against the native kernel per path, float and int8, torch's weight-only int8 GEMM
+  (``_weight_int8pack_mm``), and ``auto`` (the served layers' ops, ``torch.ops.blockffn_native``: what
+  ``cpu_ops.native_rows`` and the int8 rule pick);
+- the FLOP bound: a large GEMM in x's dtype through torch (oneDNN) in the same run.
 
 Weights stay in the cache between calls here (12-26 MB a layer): a compute-bound step does not care.
 Median of ``--repeats`` calls after two untimed ones, the routes interleaved per repeat.
 
-Run: ``scripts/dev python benchmarks/bench_long_steps_cpu.py [--tokens 128 256 512 1024 2048] [--out F.md]``.
+Run: ``scripts/dev python benchmarks/bench_long_steps_cpu.py [--x-dtype fp32] [--tokens 128 256 512 1024 2048]
+[--out F.md]``.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_memory_cpu import DTYPES, SHAPES, Pool, cpu_model, emit, md_table, routed_scores  # noqa: E402
 
 from kernels.quant import quantize_rows  # noqa: E402
-from kernels.sparse_ffn import cpu_native  # noqa: E402
+from kernels.sparse_ffn import cpu_native, cpu_ops  # noqa: E402
 from kernels.sparse_ffn.cpu import sparse_ffn_cpu, sparse_ffn_grouped  # noqa: E402
 
 
@@ -56,9 +60,9 @@ def timed(fns: dict, repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in ts.items()}
 
 
-def flop_bound() -> float:
-    """GFLOP/s of a 1024 x 1792 x 4096 bf16 GEMM (torch / oneDNN: AMX where present)."""
-    a, b = torch.randn(1024, 1792).bfloat16(), torch.randn(1792, 4096).bfloat16()
+def flop_bound(dt: torch.dtype) -> float:
+    """GFLOP/s of a 1024 x 1792 x 4096 GEMM in ``dt`` (torch / oneDNN: AMX for bf16 where present)."""
+    a, b = torch.randn(1024, 1792).to(dt), torch.randn(1792, 4096).to(dt)
     t = timed({"mm": lambda: a @ b}, 7)["mm"]
     return 2 * 1024 * 1792 * 4096 / t / 1e9
 
@@ -81,27 +85,32 @@ def expert_routes(x, s, wu, wd, cu, su, sd) -> dict:
     return fns
 
 
-def linear_routes(x, wb, q, sc) -> dict:
-    """The routes of one linear: F.linear on bf16, the native kernel per path on bf16 and int8."""
-    fns = {"F.linear bf16": lambda: torch.nn.functional.linear(x, wb)}
+def linear_routes(x, wf, q, sc, rs, dname: str) -> dict:
+    """The routes of one linear: F.linear, the native kernel per path and auto on the float weight; torch's
+    weight-only int8 GEMM, the native kernel per path and auto on the int8 one."""
+    ones = torch.ones(q.shape[0], dtype=x.dtype)
+    fns = {f"F.linear {dname}": lambda: torch.nn.functional.linear(x, wf)}
     for p in native_paths():
-        fns[f"native {p} bf16"] = lambda p=p: cpu_native.linear_native(x, wb, isa=p)
+        fns[f"native {p} {dname}"] = lambda p=p: cpu_native.linear_native(x, wf, isa=p)
+    fns[f"auto {dname}"] = lambda: cpu_ops.linear(x, wf)
+    fns["torch int8pack"] = lambda: (torch.ops.aten._weight_int8pack_mm(x, q, ones).float() * sc).to(x.dtype)
     for p in native_paths():
         fns[f"native {p} int8"] = lambda p=p: cpu_native.linear_native(x, q, isa=p, weight_scale=sc)
+    fns["auto int8"] = lambda: cpu_ops.int8_linear(x, q, sc, rs)
     return fns
 
 
-def expert_rows(tokens: list[int], repeats: int, bound: float) -> list[list[str]]:
+def expert_rows(tokens: list[int], repeats: int, bound: float, xname: str) -> list[list[str]]:
     H, E, D = SHAPES["XLarge"]
     rows = []
-    for dname in ("bf16", "int8"):
+    for dname in (xname, "int8"):
         pool = Pool(H, E, D, DTYPES[dname], 1)
         wu, wd, su, sd = pool.layers[0]
         for T in tokens:
             lengths = [T // 4] * 4
             cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
             s = routed_scores(lengths, E, 0, 1)
-            x = torch.randn(sum(lengths), H).bfloat16()
+            x = torch.randn(sum(lengths), H).to(DTYPES[xname])
             flop = int((s > 0).sum()) * 4 * D * H
             fns = expert_routes(x, s, wu, wd, cu, su, sd)
             t = timed(fns, repeats)
@@ -113,15 +122,16 @@ def expert_rows(tokens: list[int], repeats: int, bound: float) -> list[list[str]
     return rows
 
 
-def linear_rows(ms: list[int], repeats: int, bound: float) -> list[list[str]]:
+def linear_rows(ms: list[int], repeats: int, xname: str) -> list[list[str]]:
     N, K = 5376, 1792
     w = torch.randn(N, K) / K**0.5
-    wb = w.bfloat16()
+    wf = w.to(DTYPES[xname])
     q, sc = quantize_rows(w)
+    rs = cpu_native.int8_row_sums(q)
     rows = []
     for M in ms:
-        x = torch.randn(M, K).bfloat16()
-        fns = linear_routes(x, wb, q, sc)
+        x = torch.randn(M, K).to(DTYPES[xname])
+        fns = linear_routes(x, wf, q, sc, rs, xname)
         t = timed(fns, repeats)
         flop = 2 * M * N * K
         rows.append([str(M), *[f"{t[k] * 1e6:.0f} µs ({flop / t[k] / 1e9:.0f})" for k in fns]])
@@ -134,24 +144,28 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[16, 128, 256, 512, 1024, 2048])
     ap.add_argument("--rows", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128, 256, 512],
                     help="M of the linear rows")
+    ap.add_argument("--x-dtype", choices=["bf16", "fp32"], default="bf16",
+                    help="activations (and the float weights): fp32 is what vLLM serves on CPUs without native bf16")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", help="also write the markdown tables here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    bound = flop_bound()
+    bound = flop_bound(DTYPES[args.x_dtype])
     head = (f"CPU: {cpu_model()}, {os.cpu_count()} cores, {args.threads} threads, kernel paths "
             f"{', '.join(native_paths())} (best {cpu_native.best_isa()}), commit {commit}, torch {torch.__version__}; "
-            f"FLOP bound (1024 x 1792 x 4096 bf16 GEMM, same run): **{bound:.0f} GFLOP/s**")
+            f"FLOP bound (1024 x 1792 x 4096 {args.x_dtype} GEMM, same run): **{bound:.0f} GFLOP/s**")
     print(head, flush=True)
     paths = native_paths()
     ecols = ["weights", "T", "grouped", *[f"native {p}" for p in paths], "auto", "auto % of bound", "fastest"]
     print(" | ".join(ecols), flush=True)
-    erows = expert_rows(args.tokens, args.repeats, bound)
-    lcols = ["M", "F.linear bf16", *[f"native {p} bf16" for p in paths], *[f"native {p} int8" for p in paths]]
+    erows = expert_rows(args.tokens, args.repeats, bound, args.x_dtype)
+    d = args.x_dtype
+    lcols = ["M", f"F.linear {d}", *[f"native {p} {d}" for p in paths], f"auto {d}", "torch int8pack",
+             *[f"native {p} int8" for p in paths], "auto int8"]
     print(" | ".join(lcols), flush=True)
-    lrows = linear_rows(args.rows, args.repeats, bound)
+    lrows = linear_rows(args.rows, args.repeats, args.x_dtype)
     emit([head, "", "Experts (XLarge shape, 4 segments; ms per call, in brackets GFLOP/s on the active pairs):", "",
           *md_table(ecols, erows), "", "Linears [5376, 1792] (µs per call, in brackets GFLOP/s):", "",
           *md_table(lcols, lrows)], args.out)

@@ -89,6 +89,15 @@ class DispatchThresholds:
     the grouped path must dequantize each active expert first: the native kernel is faster up to
     ~400 tokens (XLarge shape, 4 segments, ~8 experts each; 128 tokens: 4.2 vs 12.8 ms, 256: 10.5 vs
     18.5, 384: 15.5 vs 16.9, 512: 20.5 vs 18.0, 1024: 47 vs 34; RESULTS.md, 2026-12-02 13:34 UTC)."""
+    cpu_grouped_min_tokens_avx2: int = 1024
+    """The same for fp32 experts on the ``avx2`` path (bf16 there never goes grouped: oneDNN has no bf16 GEMM):
+    the native kernel beats the grouped GEMMs up to 512 tokens and loses from 1024 (XLarge shape, 4 segments,
+    AMD EPYC, 2 threads: 128 tokens 8.2 vs 14.9 ms, 256 16.1 vs 22.1, 512 31.6 vs 33.4, 1024 56.7 vs 54.8,
+    2048 122 vs 98; benchmarks/bench_long_steps_cpu.py --x-dtype fp32, RESULTS.md 2026-12-04 07:01 UTC)."""
+    cpu_grouped_min_tokens_int8_avx2: int = 4096
+    """The same for int8 experts on the ``avx2`` path, whose VPMADDWD dots the grouped path's dequantize-then-GEMM
+    cannot match below ~3.5k tokens (same run, fp32 x: 128 tokens 5.2 vs 16.7 ms, 1024 42 vs 65, 2048 91 vs
+    106, 3072 150 vs 160, 4096 217 vs 189)."""
     cpu_grouped_min_tokens_amx: int = 1536
     """The same on AMX CPUs (kernel path ``amx``), bf16 and int8: the native kernel's AMX units beat the
     grouped GEMMs up to 1024 tokens and lose at 2048 (XLarge shape, 4 segments, warm; bf16 2.7 vs 8.5 ms at
@@ -116,7 +125,13 @@ class DispatchThresholds:
     """Up to this many rows, a linear runs the native streaming GEMV (each weight byte read once, at
     memory speed); above it, F.linear (oneDNN GEMM, compute-bound). At M = 8 the streaming kernel
     still reads at memory speed (benchmarks/bench_memory_cpu.py, linear rows). bf16 on the ``avx2`` path
-    runs the kernel at every M (cpu_ops.native_rows: no oneDNN bf16 GEMM there)."""
+    runs the kernel at every M (cpu_ops.native_rows: no oneDNN bf16 GEMM there); int8 weights run it at every
+    M on every path (torch's ``_weight_int8pack_mm`` was 25-32x slower with fp32 x and ~1.4x with bf16 x from 9
+    to 256 rows on the AMD EPYC, RESULTS.md 2026-12-04 07:01 UTC)."""
+    cpu_linear_max_tokens_avx2: int = 64
+    """The same for fp32 on the ``avx2`` path: the kernel beats F.linear (oneDNN) up to 64 rows and is even at 128
+    ([5376, 1792], AMD EPYC, 2 threads: 16 rows 3.6 vs 9.6 ms, 32 5.4 vs 9.6, 64 11.2 vs 16.8, 128 23.0 vs 24.1,
+    256 45.5 vs 39.4; bench_long_steps_cpu.py --x-dtype fp32, RESULTS.md 2026-12-04 07:01 UTC)."""
     cpu_linear_max_tokens_amx: int = 32
     """The same for bf16 on AMX CPUs (kernel path ``amx``): the native kernel's AMX linears beat F.linear (oneDNN,
     AMX) up to 32 rows and lose from 64 ([5376, 1792] bf16, warm: 636 vs 1084 µs at 16 rows, 1008 vs 1234

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import PROMPTS, greedy_in_fresh_process
 from vllm_blockffn.kernels.dispatch import THRESHOLDS
 from vllm_blockffn.kernels.quant import dequantize_rows, quantize_experts, quantize_rows
@@ -24,7 +25,8 @@ PATHS = [isa for isa in cpu_native.ISAS if cpu_native.ISAS.index(isa) <= cpu_nat
 HAS_CXX = bool(os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++"))
 MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "blockffn-tiny-trained")
 ROWS = sorted({1, 4, THRESHOLDS.cpu_linear_max_tokens, THRESHOLDS.cpu_linear_max_tokens + 1,
-               THRESHOLDS.cpu_linear_max_tokens_amx, THRESHOLDS.cpu_linear_max_tokens_amx + 1, 70})
+               THRESHOLDS.cpu_linear_max_tokens_amx, THRESHOLDS.cpu_linear_max_tokens_amx + 1,
+               THRESHOLDS.cpu_linear_max_tokens_avx2, THRESHOLDS.cpu_linear_max_tokens_avx2 + 1})
 
 
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -39,8 +41,8 @@ def test_the_cpp_ops_build_here():
 @pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_op_equals_its_python_implementation_and_torch(isa, dtype, monkeypatch):
-    """Every size rule (native kernel up to cpu_linear_max_tokens, bf16 on AMX up to ..._amx, oneDNN
-    above): the C++ op takes the same route as the Python one, so the same bits."""
+    """Every size rule (native kernel up to cpu_linear_max_tokens, bf16 on AMX up to ..._amx, fp32 on avx2 up
+    to ..._avx2, oneDNN above): the C++ op takes the same route as the Python one, so the same bits."""
     monkeypatch.setenv(cpu_native.ISA_ENV, isa)
     g = torch.Generator().manual_seed(7)
     w = (torch.randn(300, 192, generator=g) / 14).to(dtype)
@@ -184,21 +186,25 @@ def test_engine_with_the_python_ops_gives_the_same_tokens():
 
 
 @pytest.mark.skipif("avx2" not in PATHS, reason="the avx2 path needs AVX2 + FMA")
-def test_bf16_linears_of_every_size_take_the_kernel_on_avx2(monkeypatch):
+def test_linears_on_avx2_take_the_kernel_where_it_beats_torch(monkeypatch):
     """On the avx2 path oneDNN has no bf16 GEMM and torch's fallback is ~4x slower than the kernel, so bf16
-    linears run the kernel at every M there (fp32 and wider paths keep F.linear past decode sizes): the op's
-    result is the kernel's, bit for bit, and the C++ op and its Python implementation agree."""
+    linears run the kernel at every M there, and fp32 ones up to cpu_linear_max_tokens_avx2 rows (it beats
+    oneDNN there); wider paths keep F.linear past their thresholds. The op's result is the kernel's (or
+    F.linear's past the fp32 limit), bit for bit, and the C++ op and its Python implementation agree."""
     monkeypatch.setenv(cpu_native.ISA_ENV, "avx2")
     g = torch.Generator().manual_seed(11)
-    w = (torch.randn(130, 200, generator=g) / 14).bfloat16()
-    top = THRESHOLDS.cpu_linear_max_tokens
-    for m in (top + 1, 70):
-        assert cpu_ops.native_rows(m, torch.bfloat16) and not cpu_ops.native_rows(m, torch.float32)
-        x = torch.randn(m, 200, generator=g).bfloat16()
+    top, top32 = THRESHOLDS.cpu_linear_max_tokens, THRESHOLDS.cpu_linear_max_tokens_avx2
+    for dtype, m, kernel in ((torch.bfloat16, top + 1, True), (torch.bfloat16, top32 + 6, True),
+                             (torch.float32, top + 1, True), (torch.float32, top32, True),
+                             (torch.float32, top32 + 1, False)):
+        assert cpu_ops.native_rows(m, dtype) == kernel, (dtype, m)
+        w = (torch.randn(130, 200, generator=g) / 14).to(dtype)
+        x = torch.randn(m, 200, generator=g).to(dtype)
         y = cpu_ops.linear(x, w)
-        assert torch.equal(y, cpu_native.linear_native(x, w)), m
-        assert torch.equal(y, cpu_ops.linear_python(x, w)), m
-        assert _rel(y, x.float() @ w.float().t()) < 8e-3, m
+        assert torch.equal(y, cpu_native.linear_native(x, w) if kernel else F.linear(x, w)), (dtype, m)
+        assert torch.equal(y, cpu_ops.linear_python(x, w)), (dtype, m)
+        assert _rel(y, x.float() @ w.float().t()) < (1e-5 if dtype == torch.float32 else 8e-3), (dtype, m)
     for isa in [p for p in PATHS if p != "avx2"]:
         monkeypatch.setenv(cpu_native.ISA_ENV, isa)
-        assert not cpu_ops.native_rows(70, torch.bfloat16), isa
+        assert not cpu_ops.native_rows(top32 + 6, torch.bfloat16), isa
+        assert not cpu_ops.native_rows(top + 1, torch.float32), isa

@@ -128,27 +128,30 @@ def test_long_steps_run_grouped_gemms_per_expert(dtype):
 
 
 @pytest.mark.skipif("avx2" not in PATHS, reason="the avx2 path needs AVX2 + FMA")
-def test_long_bf16_steps_stay_on_the_kernel_on_avx2(monkeypatch):
+def test_long_steps_on_avx2_stay_on_the_kernel_where_it_is_faster(monkeypatch):
     """On the avx2 path oneDNN has no bf16 GEMM and the grouped GEMMs (torch's fallback) are ~20x slower than
-    the kernel, so a long bf16 step keeps the kernel there (bit for bit its result), while fp32 steps take the
-    grouped GEMMs from cpu_grouped_min_tokens; on every path both equal the reference."""
-    T, E, D, H = THRESHOLDS.cpu_grouped_min_tokens + 40, 16, 24, 64
+    the kernel, so a long bf16 step keeps the kernel there; fp32 steps keep it below
+    cpu_grouped_min_tokens_avx2 tokens and take the grouped GEMMs from there (bit for bit each route's
+    result); on every path both equal the reference."""
+    E, D, H = 16, 24, 64
     g = torch.Generator().manual_seed(12)
-    s = torch.relu(torch.randn(T, E, generator=g)) * (torch.rand(T, E, generator=g) < 0.2)
-    cu = torch.tensor([0, 60, T], dtype=torch.int32)
-    for isa in [p for p in PATHS if p != "portable"]:
-        monkeypatch.setenv(cpu_native.ISA_ENV, isa)
-        for dtype in ("fp32", "bf16"):
-            x = torch.randn(T, H, generator=g).to(DT[dtype])
-            w_up = (torch.randn(E, D, H, generator=g) / H**0.5).to(DT[dtype])
-            w_down_t = (torch.randn(E, D, H, generator=g) / D**0.5).to(DT[dtype])
-            y = sparse_ffn_cpu(x, s, w_up, w_down_t, cu, allow_dense=True)
-            ref = experts_reference(x.float(), s, w_up.float(), w_down_t.transpose(1, 2).float(), "block")
-            torch.testing.assert_close(y.float(), ref, **TOL[dtype])
-            if isa == "avx2":  # the route, bit for bit (the wider paths' rules: their own tests)
-                other = cpu_native.sparse_ffn_native(x, s, w_up, w_down_t, cu) if dtype == "bf16" else \
-                    sparse_ffn_grouped(x, s, w_up, w_down_t, cu)
-                assert torch.equal(y, other), (isa, dtype)
+    for T in (THRESHOLDS.cpu_grouped_min_tokens + 40, THRESHOLDS.cpu_grouped_min_tokens_avx2 + 40):
+        s = torch.relu(torch.randn(T, E, generator=g)) * (torch.rand(T, E, generator=g) < 0.2)
+        cu = torch.tensor([0, 60, T], dtype=torch.int32)
+        for isa in [p for p in PATHS if p != "portable"]:
+            monkeypatch.setenv(cpu_native.ISA_ENV, isa)
+            for dtype in ("fp32", "bf16"):
+                x = torch.randn(T, H, generator=g).to(DT[dtype])
+                w_up = (torch.randn(E, D, H, generator=g) / H**0.5).to(DT[dtype])
+                w_down_t = (torch.randn(E, D, H, generator=g) / D**0.5).to(DT[dtype])
+                y = sparse_ffn_cpu(x, s, w_up, w_down_t, cu, allow_dense=True)
+                ref = experts_reference(x.float(), s, w_up.float(), w_down_t.transpose(1, 2).float(), "block")
+                torch.testing.assert_close(y.float(), ref, **TOL[dtype])
+                if isa == "avx2":  # the route, bit for bit (the wider paths' rules: their own tests)
+                    kernel = dtype == "bf16" or T < THRESHOLDS.cpu_grouped_min_tokens_avx2
+                    other = cpu_native.sparse_ffn_native(x, s, w_up, w_down_t, cu) if kernel else \
+                        sparse_ffn_grouped(x, s, w_up, w_down_t, cu)
+                    assert torch.equal(y, other), (isa, dtype, T)
 
 
 @pytest.mark.slow

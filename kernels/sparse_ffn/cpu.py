@@ -161,14 +161,19 @@ def uses_native(x: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> 
 def grouped_min_tokens(w_up: torch.Tensor, x_dtype: torch.dtype = torch.float32) -> int:
     """Steps of at least this many tokens run :func:`sparse_ffn_grouped` (the auto backend): on AMX CPUs
     the native kernel's AMX units stay faster up to ~1.5k tokens (``cpu_grouped_min_tokens_amx``), int8
-    experts on the VPDPBUSD path up to ~400 (``cpu_grouped_min_tokens_int8``). bf16 x on the ``avx2`` path:
-    never — oneDNN has no bf16 GEMM there, and the grouped GEMMs (torch's fallback) were 17-24x slower than
-    the kernel from 128 to 1024 tokens (AMD EPYC, XLarge shape; benchmarks/RESULTS.md 2026-12-04)."""
-    if x_dtype == torch.bfloat16 and cpu_isa() == "avx2":
-        return sys.maxsize
-    if isa_at_least("amx"):
+    experts on the VPDPBUSD path up to ~400 (``cpu_grouped_min_tokens_int8``). On the ``avx2`` path (AMD
+    EPYC, XLarge shape; benchmarks/RESULTS.md 2026-12-04): bf16 x never — oneDNN has no bf16 GEMM there, and
+    the grouped GEMMs (torch's fallback) were 17-24x slower than the kernel from 128 to 1024 tokens; fp32
+    experts from ``cpu_grouped_min_tokens_avx2``, int8 from ``cpu_grouped_min_tokens_int8_avx2``."""
+    isa = cpu_isa()
+    if isa == "avx2":
+        if x_dtype == torch.bfloat16:
+            return sys.maxsize
+        return THRESHOLDS.cpu_grouped_min_tokens_int8_avx2 if w_up.dtype == torch.int8 else \
+            THRESHOLDS.cpu_grouped_min_tokens_avx2
+    if isa_at_least("amx", isa):
         return THRESHOLDS.cpu_grouped_min_tokens_amx
-    if w_up.dtype == torch.int8 and isa_at_least("avx512_bf16"):
+    if w_up.dtype == torch.int8 and isa_at_least("avx512_bf16", isa):
         return THRESHOLDS.cpu_grouped_min_tokens_int8
     return THRESHOLDS.cpu_grouped_min_tokens
 

@@ -48,6 +48,7 @@ struct Bound {
   int threads = 0;
   int64_t max_rows = 0;      // THRESHOLDS.cpu_linear_max_tokens
   int64_t max_rows_amx = 0;  // THRESHOLDS.cpu_linear_max_tokens_amx (bf16, AMX CPUs)
+  int64_t max_rows_avx2 = 0; // THRESHOLDS.cpu_linear_max_tokens_avx2 (fp32, the avx2 path)
 };
 Bound g;
 
@@ -79,7 +80,7 @@ at::Tensor run(const at::Tensor &x, const at::Tensor &weight, const std::optiona
                           weight_scale->dim() == 1 && weight_scale->size(0) == N && weight_scale->is_contiguous(),
                       "weight_scale: expected contiguous torch.float32 [", N, "] for an int8 weight [", N, ", ", K,
                       "]");
-    if (!(float_x && (M <= g.max_rows || isa_now() >= ISA_AVX512_BF16))) {
+    if (!float_x) {  // the kernel at every M for fp32/bf16 x (cpu_ops.int8_linear_python says why)
       // torch's weight-only int8 GEMM on unit scales, the fp32 row scales applied to its output
       at::Tensor y = at::_weight_int8pack_mm(x.contiguous(), weight, at::ones({N}, x.options()));
       return (y.to(at::kFloat) * *weight_scale).to(x.scalar_type());
@@ -92,12 +93,13 @@ at::Tensor run(const at::Tensor &x, const at::Tensor &weight, const std::optiona
   } else {
     TORCH_CHECK_VALUE(!weight_scale.has_value(), "linear: weight ", weight.scalar_type(),
                       " with a weight_scale; int8 weights take int8_linear");
-    // cpu_ops.native_rows: decode sizes; bf16 up to max_rows_amx on AMX; bf16 at every M on the avx2 path
-    // (no oneDNN bf16 GEMM there: torch's fallback is 3.6-4.1x slower than the kernel)
+    // cpu_ops.native_rows: decode sizes; bf16 up to max_rows_amx on AMX; on the avx2 path bf16 at every M (no
+    // oneDNN bf16 GEMM there: torch's fallback is 3.6-4.1x slower than the kernel) and fp32 up to max_rows_avx2
     bool native = float_x && xdt == wdt && M <= g.max_rows;
-    if (!native && xdt == 1 && wdt == 1) {  // the path is looked up only past decode sizes, once
+    if (!native && float_x && xdt == wdt) {  // the path is looked up only past decode sizes, once
       const int isa = isa_now();
-      native = (M <= g.max_rows_amx && isa >= ISA_AMX) || isa == ISA_AVX2;
+      native = xdt == 1 ? (M <= g.max_rows_amx && isa >= ISA_AMX) || isa == ISA_AVX2
+                        : isa == ISA_AVX2 && M <= g.max_rows_avx2;
     }
     if (!native) return at::linear(x, weight);
   }
@@ -382,12 +384,14 @@ extern "C" int blockffn_ops_bind_experts(void *router, float up_row_cost, long m
   return 0;
 }
 
-extern "C" int blockffn_ops_bind(void *linear, void *resolve, int threads, long max_rows, long max_rows_amx) {
+extern "C" int blockffn_ops_bind(void *linear, void *resolve, int threads, long max_rows, long max_rows_amx,
+                                 long max_rows_avx2) {
   g.linear = reinterpret_cast<linear_fn>(linear);
   g.resolve = reinterpret_cast<resolve_fn>(resolve);
   g.threads = threads;
   g.max_rows = max_rows;
   g.max_rows_amx = max_rows_amx;
+  g.max_rows_avx2 = max_rows_avx2;
   return 0;
 }
 

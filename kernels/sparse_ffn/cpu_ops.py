@@ -57,14 +57,15 @@ _keep: list = []  # the Python registration and the loaded library, kept alive
 def native_rows(m: int, dtype: torch.dtype) -> bool:
     """Whether an m-row linear of float ``dtype`` runs the native kernel: decode sizes (≤
     ``cpu_linear_max_tokens``), bf16 on AMX CPUs up to ``cpu_linear_max_tokens_amx`` rows, where its
-    AMX tiles beat oneDNN (fp32 has no tiles: oneDNN from 9 rows), and bf16 at every size on the ``avx2``
-    path: there oneDNN has no bf16 GEMM and torch's fallback is 3.6-4.1x slower than the kernel from 8 to
-    256 rows (AMD EPYC, benchmarks/RESULTS.md 2026-12-04). The ISA is looked up only past decode sizes."""
+    AMX tiles beat oneDNN (fp32 has no tiles: oneDNN from 9 rows there), and on the ``avx2`` path bf16 at
+    every size (oneDNN has no bf16 GEMM there and torch's fallback is 3.6-4.1x slower than the kernel from 8
+    to 256 rows) and fp32 up to ``cpu_linear_max_tokens_avx2`` (AMD EPYC, benchmarks/RESULTS.md 2026-12-04).
+    The ISA is looked up only past decode sizes."""
     if m <= THRESHOLDS.cpu_linear_max_tokens:
         return True
-    if dtype != torch.bfloat16:
-        return False
     isa = cpu_native.cpu_isa()
+    if dtype != torch.bfloat16:
+        return isa == "avx2" and m <= THRESHOLDS.cpu_linear_max_tokens_avx2
     return isa == "avx2" or (m <= THRESHOLDS.cpu_linear_max_tokens_amx and cpu_native.isa_at_least("amx", isa))
 
 
@@ -78,9 +79,10 @@ def linear_python(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def int8_linear_python(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                        row_sums: torch.Tensor) -> torch.Tensor:
-    """``int8_linear`` in Python (``row_sums`` unused: the bound linear makes its own)."""
-    if x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16) and cpu_native.native_available() \
-            and (x.shape[0] <= THRESHOLDS.cpu_linear_max_tokens or cpu_native.isa_at_least("avx512_bf16")):
+    """``int8_linear`` in Python (``row_sums`` unused: the bound linear makes its own): the kernel at every M
+    (torch's ``_weight_int8pack_mm``, the fallback for other x dtypes, was 25-32x slower with fp32 x and ~1.4x
+    with bf16 x from 9 to 256 rows on the AMD EPYC; ``THRESHOLDS.cpu_linear_max_tokens_avx2``'s run)."""
+    if x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16) and cpu_native.native_available():
         return cpu_native.linear_native(x, weight, weight_scale=weight_scale)
     y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, torch.ones(weight.shape[0], dtype=x.dtype))
     return (y.float() * weight_scale).to(x.dtype)
@@ -128,10 +130,12 @@ def _open_cpp(path: str) -> str | None:
     try:
         torch.ops.load_library(path)
         so = ctypes.CDLL(path)
-        so.blockffn_ops_bind.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        so.blockffn_ops_bind.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long,
+                                         ctypes.c_long]
         so.blockffn_ops_bind(ctypes.cast(kernel.blockffn_linear, ctypes.c_void_p),
                              ctypes.cast(kernel.blockffn_resolve_isa, ctypes.c_void_p), cpu_native.threads(),
-                             THRESHOLDS.cpu_linear_max_tokens, THRESHOLDS.cpu_linear_max_tokens_amx)
+                             THRESHOLDS.cpu_linear_max_tokens, THRESHOLDS.cpu_linear_max_tokens_amx,
+                             THRESHOLDS.cpu_linear_max_tokens_avx2)
         so.blockffn_ops_bind_experts.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_long, ctypes.c_float]
         so.blockffn_ops_bind_experts(ctypes.cast(kernel.blockffn_router_sparse_ffn, ctypes.c_void_p),
                                      cpu_native.UP_ROW_COST, THRESHOLDS.cpu_min_dense_tokens,

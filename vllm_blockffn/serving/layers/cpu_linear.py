@@ -8,8 +8,9 @@ memory's speed. For M ≤ `THRESHOLDS.cpu_linear_max_tokens` rows (bf16 on AMX C
 `cpu_linear_max_tokens_amx`, where its AMX tiles beat oneDNN's GEMM) the native kernel
 (`kernels/sparse_ffn/cpu_native.c`, `blockffn_linear`) streams the row-major [N, K] weight once
 at memory speed; larger M (prefill, big batches) is compute-bound and goes to `F.linear` (torch's
-oneDNN GEMM, AMX where present) on the same weight — except bf16 on AVX2-only CPUs, where oneDNN has no
-bf16 GEMM and torch's fallback is ~4x slower than the kernel at every M (`cpu_ops.native_rows`).
+oneDNN GEMM, AMX where present) on the same weight — except on AVX2-only CPUs bf16, where oneDNN has no
+bf16 GEMM and torch's fallback is ~4x slower than the kernel at every M, and fp32 up to
+`cpu_linear_max_tokens_avx2` rows, where the kernel still beats oneDNN (`cpu_ops.native_rows`).
 
 How: only our model's layers change. `install(model)` gives every unquantized linear and the
 lm_head of a BlockFFN model a method whose `process_weights_after_loading` keeps the weight as it

@@ -18,10 +18,10 @@ How (vLLM's own mechanism, `register_quantization_config`, as its online fp8 doe
 - A checkpoint written by ``vllm-blockffn quantize SRC OUT`` carries ``"quantization_config":
   {"quant_method": "blockffn_int8"}`` in config.json and loads the same int8 tensors directly
   (tensor names: README "int8 weights").
-- CPU: the native kernels read int8 (experts: ``cpu_native.c``; linears: the streaming GEMV for
-  M ≤ ``cpu_linear_max_tokens`` and, on ``avx512_bf16`` CPUs, every M; torch's ``_weight_int8pack_mm``
-  above that elsewhere: ``torch.ops.blockffn_native.int8_linear``, kernels/sparse_ffn/cpu_ops.py, with each
-  row's sum made once at load). On AVX512_BF16 (+VNNI)
+- CPU: the native kernels read int8 (experts: ``cpu_native.c``; linears: the streaming GEMV at every M —
+  torch's ``_weight_int8pack_mm`` was 25-32x slower with fp32 x past decode sizes on AVX2 —
+  ``torch.ops.blockffn_native.int8_linear``, kernels/sparse_ffn/cpu_ops.py, with each row's sum made once
+  at load). On AVX512_BF16 (+VNNI)
   CPUs their dot products with W_up rows and linear rows run VPDPBUSD on x rounded to int16 per
   token (a step of max|x| / 32767: finer than bf16's rounding for all but the smallest elements) and
   the W_down pass VPDPWSSD on h rounded to int16 likewise; on AVX2 (and plain AVX-512) CPUs VPMADDWD on the
