@@ -29,6 +29,12 @@ ROWS = sorted({1, 4, THRESHOLDS.cpu_linear_max_tokens, THRESHOLDS.cpu_linear_max
                THRESHOLDS.cpu_linear_max_tokens_avx2, THRESHOLDS.cpu_linear_max_tokens_avx2 + 1})
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _registered_ops() -> None:
+    """torch.ops.blockffn_native exists once registered: tests calling it directly work run alone too."""
+    cpu_ops.implementation()
+
+
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
 
