@@ -90,10 +90,11 @@ class DispatchThresholds:
     ~400 tokens (XLarge shape, 4 segments, ~8 experts each; 128 tokens: 4.2 vs 12.8 ms, 256: 10.5 vs
     18.5, 384: 15.5 vs 16.9, 512: 20.5 vs 18.0, 1024: 47 vs 34; RESULTS.md, 2026-12-02 13:34 UTC)."""
     cpu_grouped_min_tokens_avx2: int = 1024
-    """The same for fp32 experts on the ``avx2`` path (bf16 there never goes grouped: oneDNN has no bf16 GEMM):
-    the native kernel beats the grouped GEMMs up to 512 tokens and loses from 1024 (XLarge shape, 4 segments,
-    AMD EPYC, 2 threads: 128 tokens 8.2 vs 14.9 ms, 256 16.1 vs 22.1, 512 31.6 vs 33.4, 1024 56.7 vs 54.8,
-    2048 122 vs 98; benchmarks/bench_long_steps_cpu.py --x-dtype fp32, RESULTS.md 2026-12-04 07:01 UTC)."""
+    """The same for fp32 and bf16 experts on the ``avx2`` path, where the grouped GEMMs run in fp32 (oneDNN has
+    no bf16 GEMM there; sparse_ffn_grouped widens each active expert): the native kernel beats them up to 512
+    tokens and loses from 1024 (XLarge shape, 4 segments, AMD EPYC, 2 threads, kernel vs grouped: fp32 128
+    tokens 8.2 vs 14.9 ms, 512 31.6 vs 33.4, 1024 56.7 vs 54.8, 2048 122 vs 98; bf16 128 11.7 vs 34.3, 512
+    34.4 vs 43.6, 1024 78 vs 70, 2048 155 vs 126; bench_long_steps_cpu.py, RESULTS.md 2026-12-04 07:01 UTC)."""
     cpu_grouped_min_tokens_int8_avx2: int = 4096
     """The same for int8 experts on the ``avx2`` path, whose VPMADDWD dots the grouped path's dequantize-then-GEMM
     cannot match below ~3.5k tokens (same run, fp32 x: 128 tokens 5.2 vs 16.7 ms, 1024 42 vs 65, 2048 91 vs
@@ -128,6 +129,11 @@ class DispatchThresholds:
     runs the kernel at every M (cpu_ops.native_rows: no oneDNN bf16 GEMM there); int8 weights run it at every
     M on every path (torch's ``_weight_int8pack_mm`` was 25-32x slower with fp32 x and ~1.4x with bf16 x from 9
     to 256 rows on the AMD EPYC, RESULTS.md 2026-12-04 07:01 UTC)."""
+    cpu_linear_widen_min_tokens_avx2: int = 128
+    """bf16 linears on the ``avx2`` path from this many rows: blocks of the weight widened to fp32 and oneDNN's fp32
+    GEMM (``cpu_ops.widened_linear``): compute-bound sizes, where the kernel widens every weight vector once per
+    4 tokens and oneDNN's fp32 GEMM has no such cost ([5376, 1792], AMD EPYC, 2 threads, kernel vs widened: 64
+    rows 10.3 vs 10.7 ms, 128 23.6 vs 17.1, 256 50.6 vs 31.6, 1024 183 vs 122; RESULTS.md 2026-12-04 07:01 UTC)."""
     cpu_linear_max_tokens_avx2: int = 64
     """The same for fp32 on the ``avx2`` path: the kernel beats F.linear (oneDNN) up to 64 rows and is even at 128
     ([5376, 1792], AMD EPYC, 2 threads: 16 rows 3.6 vs 9.6 ms, 32 5.4 vs 9.6, 64 11.2 vs 16.8, 128 23.0 vs 24.1,

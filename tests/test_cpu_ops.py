@@ -26,7 +26,8 @@ HAS_CXX = bool(os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++
 MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "blockffn-tiny-trained")
 ROWS = sorted({1, 4, THRESHOLDS.cpu_linear_max_tokens, THRESHOLDS.cpu_linear_max_tokens + 1,
                THRESHOLDS.cpu_linear_max_tokens_amx, THRESHOLDS.cpu_linear_max_tokens_amx + 1,
-               THRESHOLDS.cpu_linear_max_tokens_avx2, THRESHOLDS.cpu_linear_max_tokens_avx2 + 1})
+               THRESHOLDS.cpu_linear_max_tokens_avx2, THRESHOLDS.cpu_linear_max_tokens_avx2 + 1,
+               THRESHOLDS.cpu_linear_widen_min_tokens_avx2})
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -194,23 +195,32 @@ def test_engine_with_the_python_ops_gives_the_same_tokens():
 @pytest.mark.skipif("avx2" not in PATHS, reason="the avx2 path needs AVX2 + FMA")
 def test_linears_on_avx2_take_the_kernel_where_it_beats_torch(monkeypatch):
     """On the avx2 path oneDNN has no bf16 GEMM and torch's fallback is ~4x slower than the kernel, so bf16
-    linears run the kernel at every M there, and fp32 ones up to cpu_linear_max_tokens_avx2 rows (it beats
-    oneDNN there); wider paths keep F.linear past their thresholds. The op's result is the kernel's (or
-    F.linear's past the fp32 limit), bit for bit, and the C++ op and its Python implementation agree."""
+    linears run the kernel there up to cpu_linear_widen_min_tokens_avx2 rows and fp32 GEMMs on widened weight
+    blocks from there; fp32 ones run the kernel up to cpu_linear_max_tokens_avx2 rows (it beats oneDNN
+    there); wider paths keep F.linear past their thresholds. The op's result is its route's, bit for bit,
+    and the C++ op and its Python implementation agree."""
     monkeypatch.setenv(cpu_native.ISA_ENV, "avx2")
     g = torch.Generator().manual_seed(11)
     top, top32 = THRESHOLDS.cpu_linear_max_tokens, THRESHOLDS.cpu_linear_max_tokens_avx2
-    for dtype, m, kernel in ((torch.bfloat16, top + 1, True), (torch.bfloat16, top32 + 6, True),
-                             (torch.float32, top + 1, True), (torch.float32, top32, True),
-                             (torch.float32, top32 + 1, False)):
-        assert cpu_ops.native_rows(m, dtype) == kernel, (dtype, m)
-        w = (torch.randn(130, 200, generator=g) / 14).to(dtype)
+    wide = THRESHOLDS.cpu_linear_widen_min_tokens_avx2
+    n = 2 * cpu_ops.WIDEN_ROWS + 77  # two whole blocks of widened rows and a part
+    for dtype, m, route in ((torch.bfloat16, top + 1, "kernel"), (torch.bfloat16, wide - 1, "kernel"),
+                            (torch.bfloat16, wide, "widened"), (torch.float32, top + 1, "kernel"),
+                            (torch.float32, top32, "kernel"), (torch.float32, top32 + 1, "torch")):
+        assert cpu_ops.native_rows(m, dtype) == (route == "kernel"), (dtype, m)
+        assert cpu_ops.widened_rows(m, dtype) == (route == "widened"), (dtype, m)
+        w = (torch.randn(n, 200, generator=g) / 14).to(dtype)
         x = torch.randn(m, 200, generator=g).to(dtype)
         y = cpu_ops.linear(x, w)
-        assert torch.equal(y, cpu_native.linear_native(x, w) if kernel else F.linear(x, w)), (dtype, m)
+        want = {"kernel": cpu_native.linear_native, "widened": cpu_ops.widened_linear, "torch": F.linear}[route]
+        assert torch.equal(y, want(x, w)), (dtype, m)
         assert torch.equal(y, cpu_ops.linear_python(x, w)), (dtype, m)
         assert _rel(y, x.float() @ w.float().t()) < (1e-5 if dtype == torch.float32 else 8e-3), (dtype, m)
+    xb, wb = torch.randn(wide, 200, generator=g).bfloat16(), w.bfloat16()  # fp32 sums, one bf16 rounding
+    torch.testing.assert_close(cpu_ops.widened_linear(xb, wb).float(), xb.float() @ wb.float().t(), rtol=2**-8,
+                               atol=1e-6)
     for isa in [p for p in PATHS if p != "avx2"]:
         monkeypatch.setenv(cpu_native.ISA_ENV, isa)
         assert not cpu_ops.native_rows(top32 + 6, torch.bfloat16), isa
+        assert not cpu_ops.widened_rows(wide, torch.bfloat16), isa
         assert not cpu_ops.native_rows(top + 1, torch.float32), isa

@@ -25,8 +25,6 @@ here: h^T = W_run x^T (weights as the left operand), y += (h^T)^T W_run.
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -158,17 +156,15 @@ def uses_native(x: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> 
     return native_supports(x, w_up, w_down_t)
 
 
-def grouped_min_tokens(w_up: torch.Tensor, x_dtype: torch.dtype = torch.float32) -> int:
+def grouped_min_tokens(w_up: torch.Tensor) -> int:
     """Steps of at least this many tokens run :func:`sparse_ffn_grouped` (the auto backend): on AMX CPUs
     the native kernel's AMX units stay faster up to ~1.5k tokens (``cpu_grouped_min_tokens_amx``), int8
     experts on the VPDPBUSD path up to ~400 (``cpu_grouped_min_tokens_int8``). On the ``avx2`` path (AMD
-    EPYC, XLarge shape; benchmarks/RESULTS.md 2026-12-04): bf16 x never — oneDNN has no bf16 GEMM there, and
-    the grouped GEMMs (torch's fallback) were 17-24x slower than the kernel from 128 to 1024 tokens; fp32
-    experts from ``cpu_grouped_min_tokens_avx2``, int8 from ``cpu_grouped_min_tokens_int8_avx2``."""
+    EPYC, XLarge shape; benchmarks/RESULTS.md 2026-12-04), where the grouped GEMMs run in fp32 for bf16 x too
+    (oneDNN has no bf16 GEMM there): float experts from ``cpu_grouped_min_tokens_avx2``, int8 from
+    ``cpu_grouped_min_tokens_int8_avx2``."""
     isa = cpu_isa()
     if isa == "avx2":
-        if x_dtype == torch.bfloat16:
-            return sys.maxsize
         return THRESHOLDS.cpu_grouped_min_tokens_int8_avx2 if w_up.dtype == torch.int8 else \
             THRESHOLDS.cpu_grouped_min_tokens_avx2
     if isa_at_least("amx", isa):
@@ -204,7 +200,7 @@ def sparse_ffn_cpu(
     if x.shape[0] == 0:
         return x.new_empty((0, x.shape[1]))
     if native and native_supports(x, w_up, w_down_t):
-        long = x.shape[0] >= THRESHOLDS.cpu_grouped_min_tokens and x.shape[0] >= grouped_min_tokens(w_up, x.dtype)
+        long = x.shape[0] >= THRESHOLDS.cpu_grouped_min_tokens and x.shape[0] >= grouped_min_tokens(w_up)
         if allow_dense and long:
             # a long step (prefill): compute-bound, so each active expert's tokens as one GEMM
             if stats is not None:
@@ -234,7 +230,8 @@ def sparse_ffn_grouped(
     compute-bound (prefill chunks). Tokens outside [cu[0], cu[-1]) get 0. Dense (all pairs) when
     :func:`~..dispatch.cpu_native_prefers_dense` says so. int8 experts: each active expert is
     dequantized to x's dtype before its GEMMs (compute-bound here: the dequantization is O(D·H)
-    against O(n·D·H) FLOPs)."""
+    against O(n·D·H) FLOPs). bf16 x on the ``avx2`` path (no oneDNN bf16 GEMM there): the GEMMs run in
+    fp32, each active expert widened once (bf16 products are exact in fp32), y rounded to bf16 at the end."""
     T, H = x.shape
     E, D, _ = w_up.shape
     q = check_expert_scales(w_up, up_scale, w_down_t, down_scale)
@@ -251,20 +248,21 @@ def sparse_ffn_grouped(
             y[t1:].zero_()
         return y
     y = torch.zeros((T, H), dtype=torch.float32)
+    cdt = torch.float32 if x.dtype == torch.bfloat16 and cpu_isa() == "avx2" else x.dtype  # the GEMMs' dtype
     counts = act.sum(0).tolist()
     order = torch.argsort(act.t().to(torch.int8), dim=1, descending=True, stable=True)  # tokens of e first
     for e, n in enumerate(counts):
         if n == 0:
             continue
         idx = order[e, :n] + t0
-        xe = x.index_select(0, idx)
-        wu, wd = w_up[e], w_down_t[e]
+        xe = x.index_select(0, idx).to(cdt)
+        wu, wd = w_up[e].to(cdt), w_down_t[e].to(cdt)
         if q:
             wu, wd = (w[0] for w in dequantize_experts(w_up[e : e + 1], up_scale[e : e + 1], w_down_t[e : e + 1],
-                                                        down_scale[e : e + 1], x.dtype))
+                                                        down_scale[e : e + 1], cdt))
         h = F.silu(torch.mm(xe, wu.t()).float())
         h.mul_(scores.index_select(0, idx)[:, e : e + 1])
-        y.index_add_(0, idx, torch.mm(h.to(x.dtype), wd).float())
+        y.index_add_(0, idx, torch.mm(h.to(cdt), wd).float())
     return y.to(x.dtype)
 
 

@@ -19,6 +19,7 @@
 #include <ATen/core/stack.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -49,6 +50,8 @@ struct Bound {
   int64_t max_rows = 0;      // THRESHOLDS.cpu_linear_max_tokens
   int64_t max_rows_amx = 0;  // THRESHOLDS.cpu_linear_max_tokens_amx (bf16, AMX CPUs)
   int64_t max_rows_avx2 = 0; // THRESHOLDS.cpu_linear_max_tokens_avx2 (fp32, the avx2 path)
+  int64_t widen_min_avx2 = 0; // THRESHOLDS.cpu_linear_widen_min_tokens_avx2 (bf16, the avx2 path)
+  int64_t widen_rows = 512;   // cpu_ops.WIDEN_ROWS
 };
 Bound g;
 
@@ -62,6 +65,18 @@ int isa_now() {
   TORCH_CHECK_VALUE(isa >= 0, "VLLM_BLOCKFFN_CPU_ISA names no kernel path; expected 'auto' or one of "
                     "['portable', 'avx2', 'avx512', 'avx512_bf16', 'amx']");
   return isa;
+}
+
+// cpu_ops.widened_linear: bf16 x Wᵀ through oneDNN's fp32 GEMM, widen_rows weight rows widened at a time
+at::Tensor widened_linear(const at::Tensor &x, const at::Tensor &weight) {
+  const int64_t N = weight.size(0);
+  const at::Tensor xf = x.to(at::kFloat);
+  at::Tensor y = at::empty({x.size(0), N}, x.options());
+  for (int64_t n0 = 0; n0 < N; n0 += g.widen_rows) {
+    const int64_t nb = std::min(g.widen_rows, N - n0);
+    y.narrow(1, n0, nb).copy_(at::linear(xf, weight.narrow(0, n0, nb).to(at::kFloat)));
+  }
+  return y;
 }
 
 at::Tensor run(const at::Tensor &x, const at::Tensor &weight, const std::optional<at::Tensor> &weight_scale,
@@ -93,11 +108,13 @@ at::Tensor run(const at::Tensor &x, const at::Tensor &weight, const std::optiona
   } else {
     TORCH_CHECK_VALUE(!weight_scale.has_value(), "linear: weight ", weight.scalar_type(),
                       " with a weight_scale; int8 weights take int8_linear");
-    // cpu_ops.native_rows: decode sizes; bf16 up to max_rows_amx on AMX; on the avx2 path bf16 at every M (no
-    // oneDNN bf16 GEMM there: torch's fallback is 3.6-4.1x slower than the kernel) and fp32 up to max_rows_avx2
+    // cpu_ops.native_rows / widened_rows: decode sizes; bf16 up to max_rows_amx on AMX; on the avx2 path bf16
+    // below widen_min_avx2 rows (no oneDNN bf16 GEMM there: torch's fallback is 3.6-4.1x slower than the
+    // kernel), widened to fp32 GEMMs from there, and fp32 up to max_rows_avx2
     bool native = float_x && xdt == wdt && M <= g.max_rows;
     if (!native && float_x && xdt == wdt) {  // the path is looked up only past decode sizes, once
       const int isa = isa_now();
+      if (xdt == 1 && isa == ISA_AVX2 && M >= g.widen_min_avx2) return widened_linear(x, weight);
       native = xdt == 1 ? (M <= g.max_rows_amx && isa >= ISA_AMX) || isa == ISA_AVX2
                         : isa == ISA_AVX2 && M <= g.max_rows_avx2;
     }
@@ -385,13 +402,15 @@ extern "C" int blockffn_ops_bind_experts(void *router, float up_row_cost, long m
 }
 
 extern "C" int blockffn_ops_bind(void *linear, void *resolve, int threads, long max_rows, long max_rows_amx,
-                                 long max_rows_avx2) {
+                                 long max_rows_avx2, long widen_min_avx2, long widen_rows) {
   g.linear = reinterpret_cast<linear_fn>(linear);
   g.resolve = reinterpret_cast<resolve_fn>(resolve);
   g.threads = threads;
   g.max_rows = max_rows;
   g.max_rows_amx = max_rows_amx;
   g.max_rows_avx2 = max_rows_avx2;
+  g.widen_min_avx2 = widen_min_avx2;
+  g.widen_rows = widen_rows;
   return 0;
 }
 

@@ -59,21 +59,50 @@ def native_rows(m: int, dtype: torch.dtype) -> bool:
     ``cpu_linear_max_tokens``), bf16 on AMX CPUs up to ``cpu_linear_max_tokens_amx`` rows, where its
     AMX tiles beat oneDNN (fp32 has no tiles: oneDNN from 9 rows there), and on the ``avx2`` path bf16 at
     every size (oneDNN has no bf16 GEMM there and torch's fallback is 3.6-4.1x slower than the kernel from 8
-    to 256 rows) and fp32 up to ``cpu_linear_max_tokens_avx2`` (AMD EPYC, benchmarks/RESULTS.md 2026-12-04).
-    The ISA is looked up only past decode sizes."""
+    to 256 rows; from ``cpu_linear_widen_min_tokens_avx2`` rows :func:`widened_rows` instead) and fp32 up to
+    ``cpu_linear_max_tokens_avx2`` (AMD EPYC, benchmarks/RESULTS.md 2026-12-04). The ISA is looked up only
+    past decode sizes."""
     if m <= THRESHOLDS.cpu_linear_max_tokens:
         return True
     isa = cpu_native.cpu_isa()
     if dtype != torch.bfloat16:
         return isa == "avx2" and m <= THRESHOLDS.cpu_linear_max_tokens_avx2
-    return isa == "avx2" or (m <= THRESHOLDS.cpu_linear_max_tokens_amx and cpu_native.isa_at_least("amx", isa))
+    if isa == "avx2":
+        return m < THRESHOLDS.cpu_linear_widen_min_tokens_avx2
+    return m <= THRESHOLDS.cpu_linear_max_tokens_amx and cpu_native.isa_at_least("amx", isa)
+
+
+def widened_rows(m: int, dtype: torch.dtype) -> bool:
+    """Whether an m-row bf16 linear runs :func:`widened_linear`: on the ``avx2`` path (no oneDNN bf16 GEMM) from
+    ``cpu_linear_widen_min_tokens_avx2`` rows, where the fp32 GEMM outruns the kernel's widening."""
+    return (dtype == torch.bfloat16 and m >= THRESHOLDS.cpu_linear_widen_min_tokens_avx2
+            and cpu_native.cpu_isa() == "avx2")
+
+
+WIDEN_ROWS = 512
+"""Weight rows widened per fp32 GEMM in :func:`widened_linear` (3.5 MB of fp32 at K = 1792: cache-sized, never a
+whole fp32 copy of the weight); the C++ op uses the same."""
+
+
+def widened_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y = x Wᵀ for bf16 x and W through oneDNN's fp32 GEMM, ``WIDEN_ROWS`` weight rows at a time widened to fp32:
+    bf16 products are exact in fp32 and accumulate in fp32, as in the kernel; y rounded to bf16 once."""
+    xf = x.float()
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    for n0 in range(0, weight.shape[0], WIDEN_ROWS):
+        y[:, n0 : n0 + WIDEN_ROWS] = F.linear(xf, weight[n0 : n0 + WIDEN_ROWS].float())
+    return y
 
 
 def linear_python(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``linear`` in Python: the native kernel for :func:`native_rows`, else ``F.linear``."""
+    """``linear`` in Python: the native kernel for :func:`native_rows`, :func:`widened_linear` for
+    :func:`widened_rows`, else ``F.linear``."""
     if x.dim() == 2 and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16) \
-            and cpu_native.native_available() and native_rows(x.shape[0], x.dtype):
-        return cpu_native.linear_native(x, weight)
+            and cpu_native.native_available():
+        if native_rows(x.shape[0], x.dtype):
+            return cpu_native.linear_native(x, weight)
+        if widened_rows(x.shape[0], x.dtype):
+            return widened_linear(x, weight)
     return F.linear(x, weight)
 
 
@@ -131,11 +160,12 @@ def _open_cpp(path: str) -> str | None:
         torch.ops.load_library(path)
         so = ctypes.CDLL(path)
         so.blockffn_ops_bind.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long,
-                                         ctypes.c_long]
+                                         ctypes.c_long, ctypes.c_long, ctypes.c_long]
         so.blockffn_ops_bind(ctypes.cast(kernel.blockffn_linear, ctypes.c_void_p),
                              ctypes.cast(kernel.blockffn_resolve_isa, ctypes.c_void_p), cpu_native.threads(),
                              THRESHOLDS.cpu_linear_max_tokens, THRESHOLDS.cpu_linear_max_tokens_amx,
-                             THRESHOLDS.cpu_linear_max_tokens_avx2)
+                             THRESHOLDS.cpu_linear_max_tokens_avx2, THRESHOLDS.cpu_linear_widen_min_tokens_avx2,
+                             WIDEN_ROWS)
         so.blockffn_ops_bind_experts.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_long, ctypes.c_float]
         so.blockffn_ops_bind_experts(ctypes.cast(kernel.blockffn_router_sparse_ffn, ctypes.c_void_p),
                                      cpu_native.UP_ROW_COST, THRESHOLDS.cpu_min_dense_tokens,
