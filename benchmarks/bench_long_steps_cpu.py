@@ -16,7 +16,8 @@ dispatch thresholds of `kernels/dispatch.py` (``cpu_grouped_min_tokens*``, ``cpu
   against the native kernel per path, float and int8, torch's weight-only int8 GEMM
   (``_weight_int8pack_mm``), and ``auto`` (the served layers' ops, ``torch.ops.blockffn_native``: what
   ``cpu_ops.native_rows`` and the int8 rule pick);
-- the FLOP bound: a large GEMM in x's dtype through torch (oneDNN) in the same run.
+- the FLOP bound: a large GEMM in x's dtype through torch (oneDNN) in the same run (fp32 for bf16 on AVX2 CPUs,
+  where oneDNN has no bf16 GEMM and the long bf16 routes run fp32 GEMMs).
 
 Weights stay in the cache between calls here (12-26 MB a layer): a compute-bound step does not care.
 Median of ``--repeats`` calls after two untimed ones, the routes interleaved per repeat.
@@ -152,10 +153,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    bound = flop_bound(DTYPES[args.x_dtype])
+    # bf16 on AVX2 CPUs: oneDNN builds no bf16 GEMM there (torch's fallback is no bound); the long bf16 routes
+    # run fp32 GEMMs on widened weights, so the fp32 GEMM's rate is the machine's bound for them too
+    bname = "fp32" if args.x_dtype == "bf16" and cpu_native.best_isa() == "avx2" else args.x_dtype
+    bound = flop_bound(DTYPES[bname])
     head = (f"CPU: {cpu_model()}, {os.cpu_count()} cores, {args.threads} threads, kernel paths "
             f"{', '.join(native_paths())} (best {cpu_native.best_isa()}), commit {commit}, torch {torch.__version__}; "
-            f"FLOP bound (1024 x 1792 x 4096 {args.x_dtype} GEMM, same run): **{bound:.0f} GFLOP/s**")
+            f"FLOP bound (1024 x 1792 x 4096 {bname} GEMM, same run): **{bound:.0f} GFLOP/s**")
     print(head, flush=True)
     paths = native_paths()
     ecols = ["weights", "T", "grouped", *[f"native {p}" for p in paths], "auto", "auto % of bound", "fastest"]
