@@ -126,7 +126,8 @@ class DispatchThresholds:
     """Up to this many rows, a linear runs the native streaming GEMV (each weight byte read once, at
     memory speed); above it, F.linear (oneDNN GEMM, compute-bound). At M = 8 the streaming kernel
     still reads at memory speed (benchmarks/bench_memory_cpu.py, linear rows). bf16 on the ``avx2`` path
-    runs the kernel at every M (cpu_ops.native_rows: no oneDNN bf16 GEMM there); int8 weights run it at every
+    runs the kernel below ``cpu_linear_widen_min_tokens_avx2`` rows (cpu_ops.native_rows: no oneDNN bf16 GEMM
+    there), widened fp32 GEMMs from there; int8 weights run it at every
     M on every path (torch's ``_weight_int8pack_mm`` was 25-32x slower with fp32 x and ~1.4x with bf16 x from 9
     to 256 rows on the AMD EPYC, RESULTS.md 2026-12-04 07:01 UTC)."""
     cpu_linear_widen_min_tokens_avx2: int = 128

@@ -7,11 +7,11 @@ with the caches the weight stream has just flushed; in C++ (``cpu_ops.cpp``) a c
 one allocation and the C call (benchmarks/RESULTS.md).
 
 What: ``linear(x [M, K], weight [N, K]) -> y [M, N]`` in x's dtype, fp32/bf16 weights (x of the same
-dtype): the native streaming kernel for :func:`native_rows`, else ``F.linear`` (oneDNN).
+dtype): the native streaming kernel for :func:`native_rows`, :func:`widened_linear` for :func:`widened_rows`
+(bf16 on AVX2-only CPUs), else ``F.linear`` (oneDNN).
 ``int8_linear(x, weight, weight_scale, row_sums)``: int8 weights with fp32 per-row scales [N] and their
-int32 row sums (:func:`cpu_native.int8_row_sums`, made once at load): the native kernel for M ≤
-``cpu_linear_max_tokens`` and for every M on CPUs with the VNNI int8 paths (``avx512_bf16``, ``amx``),
-else torch's weight-only int8 GEMM with the scales applied to its output.
+int32 row sums (:func:`cpu_native.int8_row_sums`, made once at load): the native kernel at every M for fp32
+and bf16 x, on every path; torch's weight-only int8 GEMM with the scales applied to its output for other x.
 ``router_experts(x, w_router, norm_w, eps, w_up, w_down_t, segments, stats, up_scale, down_scale,
 up_row_sums, backend, layer_id, expert_bytes, record)``: the layer's ReLU + RMS-norm router and sparse
 experts in one kernel call for decode-size steps, the step's request layout read from ``segments``
@@ -57,9 +57,9 @@ _keep: list = []  # the Python registration and the loaded library, kept alive
 def native_rows(m: int, dtype: torch.dtype) -> bool:
     """Whether an m-row linear of float ``dtype`` runs the native kernel: decode sizes (≤
     ``cpu_linear_max_tokens``), bf16 on AMX CPUs up to ``cpu_linear_max_tokens_amx`` rows, where its
-    AMX tiles beat oneDNN (fp32 has no tiles: oneDNN from 9 rows there), and on the ``avx2`` path bf16 at
-    every size (oneDNN has no bf16 GEMM there and torch's fallback is 3.6-4.1x slower than the kernel from 8
-    to 256 rows; from ``cpu_linear_widen_min_tokens_avx2`` rows :func:`widened_rows` instead) and fp32 up to
+    AMX tiles beat oneDNN (fp32 has no tiles: oneDNN from 9 rows there), and on the ``avx2`` path bf16 below
+    ``cpu_linear_widen_min_tokens_avx2`` rows (oneDNN has no bf16 GEMM there and torch's fallback is 3.6-4.1x
+    slower than the kernel from 8 to 256 rows; from that size :func:`widened_rows` instead) and fp32 up to
     ``cpu_linear_max_tokens_avx2`` (AMD EPYC, benchmarks/RESULTS.md 2026-12-04). The ISA is looked up only
     past decode sizes."""
     if m <= THRESHOLDS.cpu_linear_max_tokens:

@@ -8,9 +8,11 @@ memory's speed. For M ≤ `THRESHOLDS.cpu_linear_max_tokens` rows (bf16 on AMX C
 `cpu_linear_max_tokens_amx`, where its AMX tiles beat oneDNN's GEMM) the native kernel
 (`kernels/sparse_ffn/cpu_native.c`, `blockffn_linear`) streams the row-major [N, K] weight once
 at memory speed; larger M (prefill, big batches) is compute-bound and goes to `F.linear` (torch's
-oneDNN GEMM, AMX where present) on the same weight — except on AVX2-only CPUs bf16, where oneDNN has no
-bf16 GEMM and torch's fallback is ~4x slower than the kernel at every M, and fp32 up to
-`cpu_linear_max_tokens_avx2` rows, where the kernel still beats oneDNN (`cpu_ops.native_rows`).
+oneDNN GEMM, AMX where present) on the same weight — except on AVX2-only CPUs: bf16, where oneDNN has no
+bf16 GEMM and torch's fallback is ~4x slower than the kernel, runs the kernel below
+`cpu_linear_widen_min_tokens_avx2` rows and from there oneDNN's fp32 GEMM on weight blocks widened to fp32
+(`cpu_ops.widened_linear`); fp32 runs the kernel up to `cpu_linear_max_tokens_avx2` rows, where it still beats
+oneDNN (`cpu_ops.native_rows`).
 
 How: only our model's layers change. `install(model)` gives every unquantized linear and the
 lm_head of a BlockFFN model a method whose `process_weights_after_loading` keeps the weight as it
