@@ -256,10 +256,11 @@ def sparse_ffn_grouped(
             continue
         idx = order[e, :n] + t0
         xe = x.index_select(0, idx).to(cdt)
-        wu, wd = w_up[e].to(cdt), w_down_t[e].to(cdt)
         if q:
             wu, wd = (w[0] for w in dequantize_experts(w_up[e : e + 1], up_scale[e : e + 1], w_down_t[e : e + 1],
                                                         down_scale[e : e + 1], cdt))
+        else:
+            wu, wd = w_up[e].to(cdt), w_down_t[e].to(cdt)
         h = F.silu(torch.mm(xe, wu.t()).float())
         h.mul_(scores.index_select(0, idx)[:, e : e + 1])
         y.index_add_(0, idx, torch.mm(h.to(cdt), wd).float())
