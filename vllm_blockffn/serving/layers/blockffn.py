@@ -326,8 +326,9 @@ def _blockffn_router_experts(x: torch.Tensor, w_router: torch.Tensor, norm_w: to
     """CPUs: the ReLU + RMS-norm router and the experts as one op (BlockFFN._fuses_router). Decode-size
     steps run both in one native call (cpu_native.NativeExperts.with_router): no router linear, no
     scores tensor, one Python entry per layer instead of three. Longer steps (prefill) compute the
-    scores with the CPU linear op (its size rule: bf16 on AVX2 CPUs, where torch's fallback was 3.2-3.7x
-    slower for this [E, H] weight at 128-1024 tokens, stays on the kernel) and take the CPU expert route."""
+    scores with the CPU linear op (its size rules: bf16 on AVX2 CPUs, where torch's fallback was 3.2-3.7x
+    slower than the kernel for this [E, H] weight at 128-1024 tokens, runs the kernel or widened fp32 GEMMs)
+    and take the CPU expert route."""
     if x.shape[0] > THRESHOLDS.cpu_linear_max_tokens:
         z = cpu_ops.linear(x, w_router)
         scores = router_scores(z, "rms", eps, 1.0, norm_w)
