@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import PROMPTS
 from vllm_blockffn.kernels.dispatch import THRESHOLDS
+from vllm_blockffn.kernels.sparse_ffn import cpu as cpu_mod
 from vllm_blockffn.kernels.sparse_ffn import cpu_native
 from vllm_blockffn.kernels.sparse_ffn.cpu import dense_ffn, sparse_ffn_cpu, sparse_ffn_grouped
 from vllm_blockffn.kernels.sparse_ffn.naive import experts_reference
@@ -151,6 +152,33 @@ def test_long_steps_on_avx2_stay_on_the_kernel_where_it_is_faster(monkeypatch):
                     other = cpu_native.sparse_ffn_native(x, s, w_up, w_down_t, cu) if kernel else \
                         sparse_ffn_grouped(x, s, w_up, w_down_t, cu)
                     assert torch.equal(y, other), (isa, dtype, T)
+
+
+@pytest.mark.skipif("avx2" not in PATHS, reason="the avx2 path needs AVX2 + FMA")
+def test_dense_bf16_on_avx2_runs_fp32_gemms(monkeypatch):
+    """The dense layer (the `dense` backend, and `auto` on too-dense steps) of bf16 experts on the avx2 path runs
+    fp32 GEMMs over blocks of widened experts (no oneDNN bf16 GEMM there; torch's fallback was ~7x slower): h
+    stays fp32, so it is within fp32 accumulation order of the fp32 reference rounded to bf16 once, closer than
+    the bf16 GEMMs' result (h rounded to bf16); the blocks split the experts with a tail."""
+    monkeypatch.setenv(cpu_native.ISA_ENV, "avx2")
+    D, H = 48, 64
+    E = 2 * (cpu_mod.DENSE_WIDEN_ROWS // D) + 3  # two full blocks of experts and a tail
+    g = torch.Generator().manual_seed(21)
+    T = 40
+    x = torch.randn(T, H, generator=g).bfloat16()
+    s = (torch.relu(torch.randn(T, E, generator=g)) * (torch.rand(T, E, generator=g) < 0.3)).bfloat16()
+    s[3, 5] = float("nan")  # inactive, as everywhere
+    w_up = (torch.randn(E, D, H, generator=g) / H**0.5).bfloat16()
+    w_down_t = (torch.randn(E, D, H, generator=g) / D**0.5).bfloat16()
+    y = dense_ffn(x, s, w_up, w_down_t)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    ref = experts_reference(x.float(), s.float(), w_up.float(), w_down_t.transpose(1, 2).float(), "block")
+    torch.testing.assert_close(y.float(), ref.bfloat16().float(), rtol=2**-7, atol=1e-5)
+    err = (y.float() - ref).norm() / ref.norm()
+    h_t = torch.nn.functional.silu(w_up.reshape(E * D, H) @ x.t())  # the bf16 GEMMs' route
+    h_t.view(E, D, T).mul_(torch.nan_to_num(s, nan=0.0).t().unsqueeze(1))
+    y16 = h_t.t() @ w_down_t.reshape(E * D, H)
+    assert err < (y16.float() - ref).norm() / ref.norm()
 
 
 @pytest.mark.slow

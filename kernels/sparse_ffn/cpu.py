@@ -67,6 +67,8 @@ def dense_ffn_gemm(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_
     T, H = x.shape
     E, D, _ = w_up.shape
     scores = active_scores(scores)  # NaN / negative scores: inactive (naive.py)
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and cpu_isa() == "avx2":
+        return _dense_ffn_widened(x, scores, w_up, w_down_t)
     if x.device.type == "cpu":
         h_t = F.silu(w_up.reshape(E * D, H) @ x.t())
         h_t.view(E, D, T).mul_(scores.t().to(h_t.dtype).unsqueeze(1))
@@ -74,6 +76,31 @@ def dense_ffn_gemm(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_
     h = F.silu(x @ w_up.reshape(E * D, H).t())
     h.view(T, E, D).mul_(scores.to(h.dtype).unsqueeze(-1))
     return h @ w_down_t.reshape(E * D, H)
+
+
+DENSE_WIDEN_ROWS = 512
+"""Expert rows (E·D) widened to fp32 per GEMM pair in :func:`_dense_ffn_widened`: 3.5 MB a matrix at H = 1792,
+cache-sized, never an fp32 copy of a layer's experts."""
+
+
+def _dense_ffn_widened(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor
+                       ) -> torch.Tensor:
+    """:func:`dense_ffn_gemm` for bf16 on the ``avx2`` path: oneDNN has no bf16 GEMM there and torch's fallback
+    ran a 4 × 256-token dense step ~4× slower than fp32 (RESULTS.md 2026-12-04 13:44 UTC); so fp32 GEMMs over
+    blocks of whole experts widened to fp32 (bf16 products are exact in fp32), y accumulated in fp32 and rounded
+    to bf16 once. ``scores`` already passed through :func:`active_scores`."""
+    T, H = x.shape
+    E, D, _ = w_up.shape
+    xf_t = x.float().t()
+    s_t = scores.t().float()  # [E, T]
+    y = torch.zeros((T, H), dtype=torch.float32)
+    per = max(1, DENSE_WIDEN_ROWS // D)  # experts per block
+    for e0 in range(0, E, per):
+        e1 = min(E, e0 + per)
+        h_t = F.silu(w_up[e0:e1].reshape(-1, H).float() @ xf_t)  # [(e1 - e0)·D, T]
+        h_t.view(e1 - e0, D, T).mul_(s_t[e0:e1].unsqueeze(1))
+        y.addmm_(h_t.t(), w_down_t[e0:e1].reshape(-1, H).float())
+    return y.to(x.dtype)
 
 
 def dense_ffn_plain(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> torch.Tensor:
