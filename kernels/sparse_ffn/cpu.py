@@ -86,7 +86,7 @@ cache-sized, never an fp32 copy of a layer's experts."""
 def _dense_ffn_widened(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor
                        ) -> torch.Tensor:
     """:func:`dense_ffn_gemm` for bf16 on the ``avx2`` path: oneDNN has no bf16 GEMM there and torch's fallback
-    ran a 4 × 256-token dense step ~4× slower than fp32 (RESULTS.md 2026-12-04 13:44 UTC); so fp32 GEMMs over
+    was 6.4-7.3x slower than this from 256 to 1024 tokens (XLarge shape; RESULTS.md 2026-12-04); so fp32 GEMMs over
     blocks of whole experts widened to fp32 (bf16 products are exact in fp32), y accumulated in fp32 and rounded
     to bf16 once. ``scores`` already passed through :func:`active_scores`."""
     T, H = x.shape
