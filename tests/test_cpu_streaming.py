@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import PROMPTS
 from vllm_blockffn.kernels.dispatch import THRESHOLDS
-from vllm_blockffn.kernels.sparse_ffn import cpu as cpu_mod
 from vllm_blockffn.kernels.sparse_ffn import cpu_native
 from vllm_blockffn.kernels.sparse_ffn.cpu import dense_ffn, sparse_ffn_cpu, sparse_ffn_grouped
+from vllm_blockffn.kernels.sparse_ffn.cpu_ops import WIDEN_ROWS
 from vllm_blockffn.kernels.sparse_ffn.naive import experts_reference
 
 pytestmark = pytest.mark.skipif(not cpu_native.native_available(), reason="native CPU kernel did not build")
@@ -162,7 +162,7 @@ def test_dense_bf16_on_avx2_runs_fp32_gemms(monkeypatch):
     the bf16 GEMMs' result (h rounded to bf16); the blocks split the experts with a tail."""
     monkeypatch.setenv(cpu_native.ISA_ENV, "avx2")
     D, H = 48, 64
-    E = 2 * (cpu_mod.DENSE_WIDEN_ROWS // D) + 3  # two full blocks of experts and a tail
+    E = 2 * (WIDEN_ROWS // D) + 3  # two full blocks of experts and a tail
     g = torch.Generator().manual_seed(21)
     T = 40
     x = torch.randn(T, H, generator=g).bfloat16()

@@ -203,7 +203,7 @@ def test_int8_integer_paths_agree_bit_for_bit(monkeypatch):
                 s = _scores(T, E, seed=T)
                 got.append(cpu_native.sparse_ffn_native(x, s, qu, qd, torch.tensor(cu, dtype=torch.int32),
                                                         num_threads=2, up_scale=su, down_scale=sd))
-            q, sc = quantize_rows(torch.randn(3 * D, H))
+            q, sc = quantize_rows(torch.randn(3 * D, H, generator=torch.Generator().manual_seed(D)))
             for M in (1, 2, 5, 8):
                 got.append(cpu_native.linear_native(torch.randn(M, H, generator=torch.Generator().manual_seed(M)), q,
                                                     weight_scale=sc))

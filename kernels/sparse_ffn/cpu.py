@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ..dispatch import THRESHOLDS, cpu_prefers_dense
 from ..quant import check_expert_scales, dequantize_experts
 from .cpu_native import count_native, cpu_isa, isa_at_least, native_supports, sparse_ffn_native
+from .cpu_ops import WIDEN_ROWS
 from .naive import active_scores
 
 Scale = torch.Tensor | None
@@ -67,7 +68,7 @@ def dense_ffn_gemm(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_
     T, H = x.shape
     E, D, _ = w_up.shape
     scores = active_scores(scores)  # NaN / negative scores: inactive (naive.py)
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and cpu_isa() == "avx2":
+    if x.device.type == "cpu" and gemm_dtype(x.dtype) != x.dtype:
         return _dense_ffn_widened(x, scores, w_up, w_down_t)
     if x.device.type == "cpu":
         h_t = F.silu(w_up.reshape(E * D, H) @ x.t())
@@ -78,9 +79,10 @@ def dense_ffn_gemm(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_
     return h @ w_down_t.reshape(E * D, H)
 
 
-DENSE_WIDEN_ROWS = 512
-"""Expert rows (E·D) widened to fp32 per GEMM pair in :func:`_dense_ffn_widened`: 3.5 MB a matrix at H = 1792,
-cache-sized, never an fp32 copy of a layer's experts."""
+def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the CPU GEMMs of long steps run in: fp32 for bf16 on the ``avx2`` path (oneDNN has no bf16 GEMM
+    there, torch's fallback is 4-20x slower; bf16 products are exact in fp32), else ``dtype``."""
+    return torch.float32 if dtype == torch.bfloat16 and cpu_isa() == "avx2" else dtype
 
 
 def _dense_ffn_widened(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor
@@ -94,7 +96,7 @@ def _dense_ffn_widened(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor
     xf_t = x.float().t()
     s_t = scores.t().float()  # [E, T]
     y = torch.zeros((T, H), dtype=torch.float32)
-    per = max(1, DENSE_WIDEN_ROWS // D)  # experts per block
+    per = max(1, WIDEN_ROWS // D)  # experts per block: about the widened linear's block
     for e0 in range(0, E, per):
         e1 = min(E, e0 + per)
         h_t = F.silu(w_up[e0:e1].reshape(-1, H).float() @ xf_t)  # [(e1 - e0)·D, T]
@@ -275,7 +277,7 @@ def sparse_ffn_grouped(
             y[t1:].zero_()
         return y
     y = torch.zeros((T, H), dtype=torch.float32)
-    cdt = torch.float32 if x.dtype == torch.bfloat16 and cpu_isa() == "avx2" else x.dtype  # the GEMMs' dtype
+    cdt = gemm_dtype(x.dtype)
     counts = act.sum(0).tolist()
     order = torch.argsort(act.t().to(torch.int8), dim=1, descending=True, stable=True)  # tokens of e first
     for e, n in enumerate(counts):
