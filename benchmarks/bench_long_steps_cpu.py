@@ -2,8 +2,8 @@
 
 Why this benchmark: a step of hundreds of tokens reads each weight once and multiplies it by every
 token that uses it, so it is bounded by arithmetic, not memory. Which route is fastest decides the
-dispatch thresholds of `kernels/dispatch.py` (``cpu_grouped_min_tokens*``, ``cpu_amx_min_tokens``,
-``cpu_linear_max_tokens``); this script measures the candidates side by side, in one process:
+dispatch thresholds of `kernels/dispatch.py` (``cpu_grouped_min_tokens_by_path``, ``cpu_amx_min_tokens``,
+``cpu_linear_rows``); this script measures the candidates side by side, in one process:
 
 - experts, XLarge shape (H 1792, E 56, d_e 128), T tokens in 4 segments (chunk-sparse routing, ~10% of
   the experts per token as in bench_memory_cpu.py), float weights in x's dtype (``--x-dtype``: bf16, or fp32
@@ -16,14 +16,15 @@ dispatch thresholds of `kernels/dispatch.py` (``cpu_grouped_min_tokens*``, ``cpu
   against the native kernel per path, float and int8, torch's weight-only int8 GEMM
   (``_weight_int8pack_mm``), and ``auto`` (the served layers' ops, ``torch.ops.blockffn_native``: what
   ``cpu_ops.native_rows`` and the int8 rule pick);
-- the FLOP bound: a large GEMM in x's dtype through torch (oneDNN) in the same run (fp32 for bf16 on AVX2 CPUs,
-  where oneDNN has no bf16 GEMM and the long bf16 routes run fp32 GEMMs).
+- the FLOP bound: a large GEMM through torch (oneDNN) in the same run, in x's dtype and for bf16 x in fp32 too
+  (the faster of the two: without AMX the long bf16 routes run fp32 GEMMs on widened weights, since oneDNN has
+  no bf16 GEMM on AVX2 and runs it at about half its fp32 rate with AVX512_BF16).
 
 Weights stay in the cache between calls here (12-26 MB a layer): a compute-bound step does not care.
 Median of ``--repeats`` calls after two untimed ones, the routes interleaved per repeat.
 
 Run: ``scripts/dev python benchmarks/bench_long_steps_cpu.py [--x-dtype fp32] [--tokens 128 256 512 1024 2048]
-[--out F.md]``.
+[--narrower] [--out F.md]``.
 """
 
 from __future__ import annotations
@@ -68,11 +69,16 @@ def flop_bound(dt: torch.dtype) -> float:
     return 2 * 1024 * 1792 * 4096 / t / 1e9
 
 
+FLOOR = "avx512_bf16"
+"""The narrowest kernel path timed beside the best (``--narrower``: from ``avx2``, the narrower paths' kernel
+side on this CPU; their GEMM side is this CPU's oneDNN, so a crossover holds for CPUs of this kind only)."""
+
+
 def native_paths() -> list[str]:
     best = cpu_native.best_isa()
     if best is None:
         return []
-    return [p for p in cpu_native.ISAS if cpu_native.ISAS.index("avx512_bf16") <= cpu_native.ISAS.index(p)
+    return [p for p in cpu_native.ISAS if cpu_native.ISAS.index(FLOOR) <= cpu_native.ISAS.index(p)
             <= cpu_native.ISAS.index(best)] or [best]
 
 
@@ -150,16 +156,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", help="also write the markdown tables here")
+    ap.add_argument("--narrower", action="store_true", help="also time the kernel's paths from avx2 up")
     args = ap.parse_args()
+    global FLOOR
+    FLOOR = "avx2" if args.narrower else FLOOR
     torch.set_num_threads(args.threads)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    # bf16 on AVX2 CPUs: oneDNN builds no bf16 GEMM there (torch's fallback is no bound); the long bf16 routes
-    # run fp32 GEMMs on widened weights, so the fp32 GEMM's rate is the machine's bound for them too
-    bname = "fp32" if args.x_dtype == "bf16" and cpu_native.best_isa() == "avx2" else args.x_dtype
-    bound = flop_bound(DTYPES[bname])
+    # bf16 x: the faster of oneDNN's bf16 and fp32 GEMMs (the long bf16 routes run fp32 GEMMs without AMX)
+    rates = {n: flop_bound(DTYPES[n]) for n in dict.fromkeys((args.x_dtype, "fp32"))}
+    bname = max(rates, key=rates.get)
+    bound = rates[bname]
     head = (f"CPU: {cpu_model()}, {os.cpu_count()} cores, {args.threads} threads, kernel paths "
             f"{', '.join(native_paths())} (best {cpu_native.best_isa()}), commit {commit}, torch {torch.__version__}; "
-            f"FLOP bound (1024 x 1792 x 4096 {bname} GEMM, same run): **{bound:.0f} GFLOP/s**")
+            f"1024 x 1792 x 4096 GEMM, same run: {', '.join(f'{n} {r:.0f}' for n, r in rates.items())} GFLOP/s; "
+            f"FLOP bound ({bname}): **{bound:.0f} GFLOP/s**")
     print(head, flush=True)
     paths = native_paths()
     ecols = ["weights", "T", "grouped", *[f"native {p}" for p in paths], "auto", "auto % of bound", "fastest"]

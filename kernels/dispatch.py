@@ -19,7 +19,10 @@ The CPU path knows its counts for free and decides on the actual union sizes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+NEVER = 1 << 62
+"""A row or token count no step reaches (a route a path never takes)."""
 
 
 @dataclass(frozen=True)
@@ -80,31 +83,31 @@ class DispatchThresholds:
     """Dense when more than this fraction of all (token, expert) pairs is active (compute-bound
     and nearly dense; trained BlockFFN routers activate ~20% per token, so prefill stays sparse)."""
     cpu_grouped_min_tokens: int = 128
-    """From this many tokens in a step (prefill chunks, big batches), the CPU auto path runs each
-    active expert's tokens as one gathered GEMM pair (sparse_ffn_grouped: FLOPs ∝ active pairs at
-    oneDNN speed, AMX for bf16) instead of the streaming kernel, which is built for memory-bound
-    steps. Measured: benchmarks/RESULTS.md, "long steps"."""
-    cpu_grouped_min_tokens_int8: int = 384
-    """The same for int8 experts on CPUs whose kernel path has the VPDPBUSD dots (avx512_bf16), where
-    the grouped path must dequantize each active expert first: the native kernel is faster up to
-    ~400 tokens (XLarge shape, 4 segments, ~8 experts each; 128 tokens: 4.2 vs 12.8 ms, 256: 10.5 vs
-    18.5, 384: 15.5 vs 16.9, 512: 20.5 vs 18.0, 1024: 47 vs 34; RESULTS.md, 2026-12-02 13:34 UTC)."""
-    cpu_grouped_min_tokens_avx2: int = 1024
-    """The same for fp32 and bf16 experts on the ``avx2`` path, where the grouped GEMMs run in fp32 (oneDNN has
-    no bf16 GEMM there; sparse_ffn_grouped widens each active expert): the native kernel beats them up to 512
-    tokens and loses from 1024 (XLarge shape, 4 segments, AMD EPYC, 2 threads, kernel vs grouped: fp32 128
-    tokens 8.2 vs 14.9 ms, 512 31.6 vs 33.4, 1024 56.7 vs 54.8, 2048 122 vs 98; bf16 128 11.7 vs 34.3, 512
-    34.4 vs 43.6, 1024 78 vs 70, 2048 155 vs 126; bench_long_steps_cpu.py, RESULTS.md 2026-12-04 07:01 UTC)."""
-    cpu_grouped_min_tokens_int8_avx2: int = 4096
-    """The same for int8 experts on the ``avx2`` path, whose VPMADDWD dots the grouped path's dequantize-then-GEMM
-    cannot match below ~3.5k tokens (same run, fp32 x: 128 tokens 5.2 vs 16.7 ms, 1024 42 vs 65, 2048 91 vs
-    106, 3072 150 vs 160, 4096 217 vs 189)."""
-    cpu_grouped_min_tokens_amx: int = 1536
-    """The same on AMX CPUs (kernel path ``amx``), bf16 and int8: the native kernel's AMX units beat the
-    grouped GEMMs up to 1024 tokens and lose at 2048 (XLarge shape, 4 segments, warm; bf16 2.7 vs 8.5 ms at
-    128 tokens, 22.3 vs 31.0 at 1024, 77 vs 49 at 2048; int8 32.6 vs 44.3 at 1024, 112 vs 66 at 2048:
-    RESULTS.md, 2026-12-02 16:08 UTC); the crossover lies between, 1536 is taken without a measurement there.
-    Must stay at least ``cpu_grouped_min_tokens`` (the smallest of these thresholds is checked first)."""
+    """From this many tokens in a step (prefill chunks, big batches) the CPU auto path may run each active expert's
+    tokens as one gathered GEMM pair (sparse_ffn_grouped: FLOPs ∝ active pairs at the GEMM library's speed)
+    instead of the streaming kernel, which is built for memory-bound steps; where it does is
+    ``cpu_grouped_min_tokens_by_path``. This floor is checked first (no ISA lookup for shorter steps): it must
+    not exceed any entry there."""
+    cpu_grouped_min_tokens_by_path: dict[str, tuple[int, int, int]] = field(default_factory=lambda: {
+        "portable": (128, 128, 128),
+        "avx2": (1024, 1024, 4096),
+        "avx512": (384, 1536, 1024),
+        "avx512_bf16": (384, 1536, 2048),
+        "amx": (384, 1536, 1536),
+    })
+    """Per kernel path, the step size (fp32, bf16, int8 experts) from which the grouped GEMMs beat the native
+    kernel. bf16 GEMMs run in fp32 on widened weights except on ``amx`` (:func:`~.sparse_ffn.cpu.gemm_dtype`),
+    int8 experts are dequantized first. Measured with benchmarks/bench_long_steps_cpu.py (XLarge shape, 4
+    segments, 2 threads; kernel vs grouped ms):
+    ``avx2`` (AMD EPYC Zen 3; RESULTS.md 2026-12-04 07:01 UTC): fp32 512 tokens 31.6 vs 33.4, 1024 56.7 vs
+    54.8; bf16 512 34.4 vs 43.6, 1024 78 vs 70; int8 (fp32 x) 3072 150 vs 160, 4096 217 vs 189.
+    ``avx512_bf16`` (Intel Xeon with AVX512_BF16 and no AMX, oneDNN's bf16 GEMM 168 GFLOP/s against its fp32
+    GEMM's 312; RESULTS.md 2026-12-04 16:43 UTC): fp32 256 10.0 vs 10.8, 384 15.1 vs 14.7; the other two in
+    that section. ``avx512`` (the same Xeon, path forced: the kernel's side as on an AVX-512 CPU without BF16,
+    oneDNN's fp32 GEMM the same cores'): fp32 as ``avx512_bf16``; bf16 and int8 in that section.
+    ``amx`` (Intel Xeon with AMX; RESULTS.md 2026-12-02 16:08 UTC): bf16 1024 22.3 vs 31.0, 2048 77 vs 49;
+    int8 1024 32.6 vs 44.3, 2048 112 vs 66; fp32 has no tiles: as ``avx512_bf16`` (the same cores).
+    ``portable``: not measured (the default before any of these)."""
     cpu_amx_min_tokens: int = 1
     """On AMX CPUs (kernel path ``amx``), bf16 expert calls whose active experts have at least this many tokens
     each on average (active pairs / union size) run the AMX units (16 rows x up to 16 tokens per tile
@@ -123,26 +126,32 @@ class DispatchThresholds:
     75 / 74 / 81% at M = 1, 65 / 60 / 68% at M = 8 (RESULTS.md, 2026-12-03 08:54 UTC)."""
     # ---- CPU dense linears of BlockFFN models (vllm_blockffn/serving/layers/cpu_linear.py).
     cpu_linear_max_tokens: int = 8
-    """Up to this many rows, a linear runs the native streaming GEMV (each weight byte read once, at
-    memory speed); above it, F.linear (oneDNN GEMM, compute-bound). At M = 8 the streaming kernel
-    still reads at memory speed (benchmarks/bench_memory_cpu.py, linear rows). bf16 on the ``avx2`` path
-    runs the kernel below ``cpu_linear_widen_min_tokens_avx2`` rows (cpu_ops.native_rows: no oneDNN bf16 GEMM
-    there), widened fp32 GEMMs from there; int8 weights run it at every
-    M on every path (torch's ``_weight_int8pack_mm`` was 25-32x slower with fp32 x and ~1.4x with bf16 x from 9
-    to 256 rows on the AMD EPYC, RESULTS.md 2026-12-04 07:01 UTC)."""
-    cpu_linear_widen_min_tokens_avx2: int = 128
-    """bf16 linears on the ``avx2`` path from this many rows: blocks of the weight widened to fp32 and oneDNN's fp32
-    GEMM (``cpu_ops.widened_linear``): compute-bound sizes, where the kernel widens every weight vector once per
-    4 tokens and oneDNN's fp32 GEMM has no such cost ([5376, 1792], AMD EPYC, 2 threads, kernel vs widened: 64
-    rows 10.3 vs 10.7 ms, 128 23.6 vs 17.1, 256 50.6 vs 31.6, 1024 183 vs 122; RESULTS.md 2026-12-04 07:01 UTC)."""
-    cpu_linear_max_tokens_avx2: int = 64
-    """The same for fp32 on the ``avx2`` path: the kernel beats F.linear (oneDNN) up to 64 rows and is even at 128
-    ([5376, 1792], AMD EPYC, 2 threads: 16 rows 3.6 vs 9.6 ms, 32 5.4 vs 9.6, 64 11.2 vs 16.8, 128 23.0 vs 24.1,
-    256 45.5 vs 39.4; bench_long_steps_cpu.py --x-dtype fp32, RESULTS.md 2026-12-04 07:01 UTC)."""
-    cpu_linear_max_tokens_amx: int = 32
-    """The same for bf16 on AMX CPUs (kernel path ``amx``): the native kernel's AMX linears beat F.linear (oneDNN,
-    AMX) up to 32 rows and lose from 64 ([5376, 1792] bf16, warm: 636 vs 1084 µs at 16 rows, 1008 vs 1234
-    at 32, 1813 vs 1702 at 64; benchmarks/bench_long_steps_cpu.py, RESULTS.md 2026-12-02 16:08 UTC)."""
+    """Up to this many rows (decode sizes), a linear runs the native streaming GEMV on every path (each weight
+    byte read once, at memory speed; benchmarks/bench_memory_cpu.py, linear rows); past it the path's
+    ``cpu_linear_rows``. int8 weights run the kernel at every M on every path (torch's ``_weight_int8pack_mm``
+    was 25-32x slower with fp32 x and ~1.4x with bf16 x from 9 to 256 rows on the AMD EPYC, RESULTS.md
+    2026-12-04 07:01 UTC)."""
+    cpu_linear_rows: dict[str, tuple[int, int, int]] = field(default_factory=lambda: {
+        "portable": (8, 8, NEVER),
+        "avx2": (64, 127, 128),
+        "avx512": (32, 39, 40),
+        "avx512_bf16": (32, 16, 64),
+        "amx": (32, 32, NEVER),
+    })
+    """Past decode sizes, per kernel path: fp32 linears run the native kernel up to the first entry's rows, bf16 ones
+    up to the second, and bf16 ones from the third run oneDNN's fp32 GEMM on weight blocks widened to fp32
+    (``cpu_ops.widened_linear``); every other size ``F.linear`` (oneDNN). Measured with
+    benchmarks/bench_long_steps_cpu.py ([5376, 1792], 2 threads; ms):
+    ``avx2`` (AMD EPYC; RESULTS.md 2026-12-04 07:01 UTC): no oneDNN bf16 GEMM (torch's fallback 3.6-4.1x slower
+    than the kernel); fp32 kernel vs F.linear 64 rows 11.2 vs 16.8, 128 23.0 vs 24.1, 256 45.5 vs 39.4; bf16
+    kernel vs widened 64 10.3 vs 10.7, 128 23.6 vs 17.1, 1024 183 vs 122.
+    ``avx512_bf16`` (Intel Xeon, AVX512_BF16, no AMX; RESULTS.md 2026-12-04 16:43 UTC): fp32 kernel vs F.linear
+    32 rows 3.7 vs 4.3, 64 6.8 vs 6.1; bf16 kernel / F.linear / widened 16 2.4 / 2.5 / 3.5, 32 4.7 / 4.2 / 4.5,
+    64 9.4 / 7.9 / 7.0, 256 37.6 / 29.4 / 19.6 (oneDNN's bf16 GEMM without AMX runs at half its fp32 rate).
+    ``avx512`` (the same Xeon, path forced): bf16 kernel vs widened 32 4.2 vs 4.5, 48 6.3 vs 5.6.
+    ``amx`` (RESULTS.md 2026-12-02 16:08 UTC): the AMX linears beat F.linear (AMX) up to 32 rows (1008 vs 1234 µs),
+    lose from 64 (1813 vs 1702); fp32 as ``avx512_bf16`` (no tiles, the same cores). ``portable``: decode
+    sizes only."""
 
 
 THRESHOLDS = DispatchThresholds()

@@ -94,16 +94,16 @@ def test_amx_expert_units_match_the_reference(E, D, H, threads):
 
 
 def test_linears_of_up_to_32_rows_take_the_native_kernel_on_amx(monkeypatch):
-    """The CPU linear method's size rule: on AMX the native kernel up to cpu_linear_max_tokens_amx rows for
-    bf16 (its tiles beat oneDNN there), decode sizes only on a narrower path and for fp32; both equal
-    F.linear (the C++ op and its Python implementation alike)."""
+    """The CPU linear method's size rule: on AMX the native kernel up to its cpu_linear_rows entry for bf16 (its
+    tiles beat oneDNN there), a narrower path's entry there (no tiles); both equal F.linear (the C++ op and its
+    Python implementation alike)."""
     from vllm_blockffn.kernels.sparse_ffn import cpu_ops
 
     w = (torch.randn(96, 256) / 16).bfloat16()
-    for isa, top in (("amx", THRESHOLDS.cpu_linear_max_tokens_amx), ("avx512_bf16", THRESHOLDS.cpu_linear_max_tokens)):
+    for isa in ("amx", "avx512_bf16"):
         monkeypatch.setenv(cpu_native.ISA_ENV, isa)
+        top32, top, _ = THRESHOLDS.cpu_linear_rows[isa]
         assert cpu_ops.native_rows(top, torch.bfloat16) and not cpu_ops.native_rows(top + 1, torch.bfloat16)
-        top32 = THRESHOLDS.cpu_linear_max_tokens  # fp32: no tiles, oneDNN from 9 rows on every path
         assert cpu_ops.native_rows(top32, torch.float32) and not cpu_ops.native_rows(top32 + 1, torch.float32)
         for m in (top, top + 1):
             x = torch.randn(m, 256).bfloat16()

@@ -25,9 +25,7 @@ PATHS = [isa for isa in cpu_native.ISAS if cpu_native.ISAS.index(isa) <= cpu_nat
 HAS_CXX = bool(os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++"))
 MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "blockffn-tiny-trained")
 ROWS = sorted({1, 4, THRESHOLDS.cpu_linear_max_tokens, THRESHOLDS.cpu_linear_max_tokens + 1,
-               THRESHOLDS.cpu_linear_max_tokens_amx, THRESHOLDS.cpu_linear_max_tokens_amx + 1,
-               THRESHOLDS.cpu_linear_max_tokens_avx2, THRESHOLDS.cpu_linear_max_tokens_avx2 + 1,
-               THRESHOLDS.cpu_linear_widen_min_tokens_avx2})
+               *[m for rule in THRESHOLDS.cpu_linear_rows.values() for n in rule for m in (n, n + 1) if n < 200]})
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -48,8 +46,8 @@ def test_the_cpp_ops_build_here():
 @pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_op_equals_its_python_implementation_and_torch(isa, dtype, monkeypatch):
-    """Every size rule (native kernel up to cpu_linear_max_tokens, bf16 on AMX up to ..._amx, fp32 on avx2 up
-    to ..._avx2, oneDNN above): the C++ op takes the same route as the Python one, so the same bits."""
+    """Every size rule (native kernel up to cpu_linear_max_tokens, then each path's cpu_linear_rows: the kernel,
+    oneDNN or widened fp32 GEMMs): the C++ op takes the same route as the Python one, so the same bits."""
     monkeypatch.setenv(cpu_native.ISA_ENV, isa)
     g = torch.Generator().manual_seed(7)
     w = (torch.randn(300, 192, generator=g) / 14).to(dtype)
@@ -192,35 +190,35 @@ def test_engine_with_the_python_ops_gives_the_same_tokens():
         assert [list(o.outputs[0].token_ids) for o in cpp] == [list(o.outputs[0].token_ids) for o in py], kw
 
 
-@pytest.mark.skipif("avx2" not in PATHS, reason="the avx2 path needs AVX2 + FMA")
-def test_linears_on_avx2_take_the_kernel_where_it_beats_torch(monkeypatch):
-    """On the avx2 path oneDNN has no bf16 GEMM and torch's fallback is ~4x slower than the kernel, so bf16
-    linears run the kernel there up to cpu_linear_widen_min_tokens_avx2 rows and fp32 GEMMs on widened weight
-    blocks from there; fp32 ones run the kernel up to cpu_linear_max_tokens_avx2 rows (it beats oneDNN
-    there); wider paths keep F.linear past their thresholds. The op's result is its route's, bit for bit,
-    and the C++ op and its Python implementation agree."""
-    monkeypatch.setenv(cpu_native.ISA_ENV, "avx2")
+@pytest.mark.parametrize("isa", PATHS)
+def test_linears_take_each_paths_measured_route(isa, monkeypatch):
+    """Past decode sizes each path has its measured rule (THRESHOLDS.cpu_linear_rows): the kernel up to the dtype's
+    entry (it beats oneDNN there: fp32 on avx2 up to 64 rows, bf16 on AMX up to 32), bf16 on oneDNN's fp32 GEMM
+    over widened weight blocks from the third entry (CPUs without AMX: no oneDNN bf16 GEMM on AVX2, half its fp32
+    rate with AVX512_BF16), F.linear elsewhere. The op's result is its route's, bit for bit, and the C++ op and
+    its Python implementation agree."""
+    monkeypatch.setenv(cpu_native.ISA_ENV, isa)
     g = torch.Generator().manual_seed(11)
-    top, top32 = THRESHOLDS.cpu_linear_max_tokens, THRESHOLDS.cpu_linear_max_tokens_avx2
-    wide = THRESHOLDS.cpu_linear_widen_min_tokens_avx2
+    top = THRESHOLDS.cpu_linear_max_tokens
+    fp32, bf16, wide = THRESHOLDS.cpu_linear_rows[isa]
     n = 2 * cpu_ops.WIDEN_ROWS + 77  # two whole blocks of widened rows and a part
-    for dtype, m, route in ((torch.bfloat16, top + 1, "kernel"), (torch.bfloat16, wide - 1, "kernel"),
-                            (torch.bfloat16, wide, "widened"), (torch.float32, top + 1, "kernel"),
-                            (torch.float32, top32, "kernel"), (torch.float32, top32 + 1, "torch")):
-        assert cpu_ops.native_rows(m, dtype) == (route == "kernel"), (dtype, m)
-        assert cpu_ops.widened_rows(m, dtype) == (route == "widened"), (dtype, m)
-        w = (torch.randn(n, 200, generator=g) / 14).to(dtype)
-        x = torch.randn(m, 200, generator=g).to(dtype)
-        y = cpu_ops.linear(x, w)
-        want = {"kernel": cpu_native.linear_native, "widened": cpu_ops.widened_linear, "torch": F.linear}[route]
-        assert torch.equal(y, want(x, w)), (dtype, m)
-        assert torch.equal(y, cpu_ops.linear_python(x, w)), (dtype, m)
-        assert _rel(y, x.float() @ w.float().t()) < (1e-5 if dtype == torch.float32 else 8e-3), (dtype, m)
-    xb, wb = torch.randn(wide, 200, generator=g).bfloat16(), w.bfloat16()  # fp32 sums, one bf16 rounding
+    seen = set()
+    for dtype, lim in ((torch.float32, fp32), (torch.bfloat16, bf16)):
+        edges = {top, top + 1, lim, lim + 1, *((wide - 1, wide) if dtype == torch.bfloat16 else ())}
+        for m in sorted(e for e in edges if 0 < e <= 160):
+            route = "kernel" if m <= max(top, lim) else \
+                "widened" if dtype == torch.bfloat16 and m >= wide else "torch"
+            seen.add(route)
+            assert cpu_ops.native_rows(m, dtype) == (route == "kernel"), (dtype, m)
+            assert cpu_ops.widened_rows(m, dtype) == (route == "widened"), (dtype, m)
+            w = (torch.randn(n, 200, generator=g) / 14).to(dtype)
+            x = torch.randn(m, 200, generator=g).to(dtype)
+            y = cpu_ops.linear(x, w)
+            want = {"kernel": cpu_native.linear_native, "widened": cpu_ops.widened_linear, "torch": F.linear}[route]
+            assert torch.equal(y, want(x, w)), (dtype, m)
+            assert torch.equal(y, cpu_ops.linear_python(x, w)), (dtype, m)
+            assert _rel(y, x.float() @ w.float().t()) < (1e-5 if dtype == torch.float32 else 8e-3), (dtype, m)
+    assert seen >= {"kernel", "torch"} and ("widened" in seen) == (wide <= 160), seen
+    xb, wb = torch.randn(64, 200, generator=g).bfloat16(), w.bfloat16()  # fp32 sums, one bf16 rounding
     torch.testing.assert_close(cpu_ops.widened_linear(xb, wb).float(), xb.float() @ wb.float().t(), rtol=2**-8,
                                atol=1e-6)
-    for isa in [p for p in PATHS if p != "avx2"]:
-        monkeypatch.setenv(cpu_native.ISA_ENV, isa)
-        assert not cpu_ops.native_rows(top32 + 6, torch.bfloat16), isa
-        assert not cpu_ops.widened_rows(wide, torch.bfloat16), isa
-        assert not cpu_ops.native_rows(top + 1, torch.float32), isa

@@ -12,7 +12,7 @@ import torch
 from conftest import PROMPTS
 from vllm_blockffn.kernels.dispatch import THRESHOLDS
 from vllm_blockffn.kernels.sparse_ffn import cpu_native
-from vllm_blockffn.kernels.sparse_ffn.cpu import dense_ffn, sparse_ffn_cpu, sparse_ffn_grouped
+from vllm_blockffn.kernels.sparse_ffn.cpu import dense_ffn, grouped_min_tokens, sparse_ffn_cpu, sparse_ffn_grouped
 from vllm_blockffn.kernels.sparse_ffn.cpu_ops import WIDEN_ROWS
 from vllm_blockffn.kernels.sparse_ffn.naive import experts_reference
 
@@ -107,11 +107,11 @@ def test_bf16_down_pass_on_row_pairs(H, lengths, threads):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_long_steps_run_grouped_gemms_per_expert(dtype):
-    """From cpu_grouped_min_tokens tokens the auto CPU path gathers each expert's tokens into one GEMM
-    pair; padding tokens (past cu[-1]) get 0, and the counters are still added."""
+    """From the path's grouped_min_tokens the auto CPU path gathers each expert's tokens into one GEMM pair
+    (bit for bit sparse_ffn_grouped); padding tokens (past cu[-1]) get 0, and the counters are still added."""
     import numpy as np
 
-    T, E, D, H = THRESHOLDS.cpu_grouped_min_tokens + 40, 16, 24, 64
+    T, E, D, H = grouped_min_tokens(torch.empty(0, dtype=DT[dtype])) + 40, 16, 24, 64
     g = torch.Generator().manual_seed(9)
     x = torch.randn(T, H, generator=g).to(DT[dtype])
     s = torch.relu(torch.randn(T, E, generator=g)) * (torch.rand(T, E, generator=g) < 0.2)
@@ -124,43 +124,42 @@ def test_long_steps_run_grouped_gemms_per_expert(dtype):
     stats = np.zeros(5, dtype=np.int64)
     y = sparse_ffn_cpu(x, s, w_up, w_down_t, cu, allow_dense=True, stats=stats)
     torch.testing.assert_close(y.float(), ref, **TOL[dtype])
-    torch.testing.assert_close(sparse_ffn_grouped(x, s, w_up, w_down_t, cu).float(), ref, **TOL[dtype])
+    assert torch.equal(y, sparse_ffn_grouped(x, s, w_up, w_down_t, cu))
     assert stats[0] == T - 10 and stats[1] == int((s[: T - 10] > 0).sum())
 
 
-@pytest.mark.skipif("avx2" not in PATHS, reason="the avx2 path needs AVX2 + FMA")
-def test_long_steps_on_avx2_stay_on_the_kernel_where_it_is_faster(monkeypatch):
-    """On the avx2 path fp32 and bf16 steps keep the kernel below cpu_grouped_min_tokens_avx2 tokens and take
-    the grouped GEMMs from there (bit for bit each route's result; bf16 ones in fp32, as oneDNN has no bf16
-    GEMM there: within fp32 rounding of the fp32 reference); on every path both equal the reference."""
+@pytest.mark.parametrize("isa", [p for p in PATHS if p != "portable"])
+def test_long_steps_take_each_paths_measured_route(isa, monkeypatch):
+    """Each path keeps fp32 and bf16 steps on the kernel below its cpu_grouped_min_tokens_by_path entry and takes
+    the grouped GEMMs from there, bit for bit each route's result (bf16 ones in fp32 GEMMs on CPUs without AMX:
+    within fp32 rounding of the fp32 reference); both routes equal the reference."""
+    monkeypatch.setenv(cpu_native.ISA_ENV, isa)
     E, D, H = 16, 24, 64
     g = torch.Generator().manual_seed(12)
-    for T in (THRESHOLDS.cpu_grouped_min_tokens + 40, THRESHOLDS.cpu_grouped_min_tokens_avx2 + 40):
-        s = torch.relu(torch.randn(T, E, generator=g)) * (torch.rand(T, E, generator=g) < 0.2)
-        cu = torch.tensor([0, 60, T], dtype=torch.int32)
-        for isa in [p for p in PATHS if p != "portable"]:
-            monkeypatch.setenv(cpu_native.ISA_ENV, isa)
-            for dtype in ("fp32", "bf16"):
-                x = torch.randn(T, H, generator=g).to(DT[dtype])
-                w_up = (torch.randn(E, D, H, generator=g) / H**0.5).to(DT[dtype])
-                w_down_t = (torch.randn(E, D, H, generator=g) / D**0.5).to(DT[dtype])
-                y = sparse_ffn_cpu(x, s, w_up, w_down_t, cu, allow_dense=True)
-                ref = experts_reference(x.float(), s, w_up.float(), w_down_t.transpose(1, 2).float(), "block")
-                torch.testing.assert_close(y.float(), ref, **TOL[dtype])
-                if isa == "avx2":  # the route, bit for bit (the wider paths' rules: their own tests)
-                    kernel = T < THRESHOLDS.cpu_grouped_min_tokens_avx2
-                    other = cpu_native.sparse_ffn_native(x, s, w_up, w_down_t, cu) if kernel else \
-                        sparse_ffn_grouped(x, s, w_up, w_down_t, cu)
-                    assert torch.equal(y, other), (isa, dtype, T)
+    for dtype, lim in zip(("fp32", "bf16"), THRESHOLDS.cpu_grouped_min_tokens_by_path[isa]):
+        for T in (max(THRESHOLDS.cpu_grouped_min_tokens, lim - 40), lim + 40):
+            s = torch.relu(torch.randn(T, E, generator=g)) * (torch.rand(T, E, generator=g) < 0.2)
+            cu = torch.tensor([0, 60, T], dtype=torch.int32)
+            x = torch.randn(T, H, generator=g).to(DT[dtype])
+            w_up = (torch.randn(E, D, H, generator=g) / H**0.5).to(DT[dtype])
+            w_down_t = (torch.randn(E, D, H, generator=g) / D**0.5).to(DT[dtype])
+            y = sparse_ffn_cpu(x, s, w_up, w_down_t, cu, allow_dense=True)
+            ref = experts_reference(x.float(), s, w_up.float(), w_down_t.transpose(1, 2).float(), "block")
+            torch.testing.assert_close(y.float(), ref, **TOL[dtype])
+            kernel = T < lim
+            other = cpu_native.sparse_ffn_native(x, s, w_up, w_down_t, cu) if kernel else \
+                sparse_ffn_grouped(x, s, w_up, w_down_t, cu)
+            assert torch.equal(y, other), (dtype, T)
 
 
-@pytest.mark.skipif("avx2" not in PATHS, reason="the avx2 path needs AVX2 + FMA")
-def test_dense_bf16_on_avx2_runs_fp32_gemms(monkeypatch):
-    """The dense layer (the `dense` backend, and `auto` on too-dense steps) of bf16 experts on the avx2 path runs
-    fp32 GEMMs over blocks of widened experts (no oneDNN bf16 GEMM there; torch's fallback was ~7x slower): h
-    stays fp32, so it is within fp32 accumulation order of the fp32 reference rounded to bf16 once, closer than
-    the bf16 GEMMs' result (h rounded to bf16); the blocks split the experts with a tail."""
-    monkeypatch.setenv(cpu_native.ISA_ENV, "avx2")
+@pytest.mark.parametrize("isa", [p for p in PATHS if p in ("avx2", "avx512", "avx512_bf16")])
+def test_dense_bf16_without_amx_runs_fp32_gemms(isa, monkeypatch):
+    """The dense layer (the `dense` backend, and `auto` on too-dense steps) of bf16 experts on the paths of CPUs
+    without AMX runs fp32 GEMMs over blocks of widened experts (no oneDNN bf16 GEMM on AVX2, where torch's fallback
+    was ~7x slower; half the fp32 rate with AVX512_BF16): h stays fp32, so it is within fp32 accumulation order
+    of the fp32 reference rounded to bf16 once, closer than the bf16 GEMMs' result (h rounded to bf16); the
+    blocks split the experts with a tail."""
+    monkeypatch.setenv(cpu_native.ISA_ENV, isa)
     D, H = 48, 64
     E = 2 * (WIDEN_ROWS // D) + 3  # two full blocks of experts and a tail
     g = torch.Generator().manual_seed(21)

@@ -256,14 +256,13 @@ def test_int8_cpu_paths_equal_reference(native):
 
 @needs_native
 def test_long_int8_steps_stay_native_where_it_is_faster(monkeypatch):
-    """A 200-token step (prefill) with int8 experts: the native kernel on the avx512_bf16 path (below
-    cpu_grouped_min_tokens_int8) and the avx2 one (below cpu_grouped_min_tokens_int8_avx2), the grouped
-    dequantize-then-GEMM path on the others (from cpu_grouped_min_tokens); both equal the reference."""
+    """A 200-token step (prefill) with int8 experts: the native kernel on the paths whose int8 entry of
+    cpu_grouped_min_tokens_by_path is above it (every measured one), the grouped dequantize-then-GEMM path on the
+    others; both equal the reference."""
     from vllm_blockffn.kernels.dispatch import THRESHOLDS
 
     E, D, H, T = 12, 16, 64, 200
-    assert THRESHOLDS.cpu_grouped_min_tokens <= T < min(THRESHOLDS.cpu_grouped_min_tokens_int8,
-                                                        THRESHOLDS.cpu_grouped_min_tokens_int8_avx2)
+    assert THRESHOLDS.cpu_grouped_min_tokens <= T
     qu, su, qd, sd = _experts(E, D, H)
     up, down = dequantize_experts(qu, su, qd, sd)
     x = torch.randn(T, H)
@@ -275,7 +274,7 @@ def test_long_int8_steps_stay_native_where_it_is_faster(monkeypatch):
         y = sparse_ffn_cpu(x, s, qu, qd, cu, up_scale=su, down_scale=sd)
         assert _rel(y, ref) < _tol(x.dtype, isa), isa
         native = cpu_native.sparse_ffn_native(x, s, qu, qd, cu, up_scale=su, down_scale=sd)
-        stays = isa == "avx2" or cpu_native.isa_at_least("avx512_bf16", isa)
+        stays = T < THRESHOLDS.cpu_grouped_min_tokens_by_path[isa][2]
         assert torch.equal(y, native) == stays, isa
         if not stays:
             assert torch.equal(y, sparse_ffn_grouped(x, s, qu, qd, cu, su, sd)), isa

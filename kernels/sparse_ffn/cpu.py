@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..dispatch import THRESHOLDS, cpu_prefers_dense
 from ..quant import check_expert_scales, dequantize_experts
-from .cpu_native import count_native, cpu_isa, isa_at_least, native_supports, sparse_ffn_native
+from .cpu_native import count_native, cpu_isa, native_supports, sparse_ffn_native
 from .cpu_ops import WIDEN_ROWS
 from .naive import active_scores
 
@@ -80,15 +80,17 @@ def dense_ffn_gemm(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_
 
 
 def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the CPU GEMMs of long steps run in: fp32 for bf16 on the ``avx2`` path (oneDNN has no bf16 GEMM
-    there, torch's fallback is 4-20x slower; bf16 products are exact in fp32), else ``dtype``."""
-    return torch.float32 if dtype == torch.bfloat16 and cpu_isa() == "avx2" else dtype
+    """The dtype the CPU GEMMs of long steps run in: fp32 for bf16 on the ``avx2``, ``avx512`` and ``avx512_bf16``
+    paths, where oneDNN's bf16 GEMM is torch's fallback (no bf16 GEMM on AVX2: 4-20x slower) or runs at half its
+    fp32 rate (AVX512_BF16 without AMX: 168 vs 312 GFLOP/s on the Intel Xeon, RESULTS.md 2026-12-04 16:43 UTC);
+    bf16 products are exact in fp32. Else ``dtype`` (AMX tiles for bf16)."""
+    return torch.float32 if dtype == torch.bfloat16 and cpu_isa() in ("avx2", "avx512", "avx512_bf16") else dtype
 
 
 def _dense_ffn_widened(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor
                        ) -> torch.Tensor:
-    """:func:`dense_ffn_gemm` for bf16 on the ``avx2`` path: oneDNN has no bf16 GEMM there and torch's fallback
-    was 6.4-7.3x slower than this from 256 to 1024 tokens (XLarge shape; RESULTS.md 2026-12-04); so fp32 GEMMs over
+    """:func:`dense_ffn_gemm` for bf16 where :func:`gemm_dtype` says fp32 (torch's bf16 fallback on the ``avx2`` path
+    was 6.4-7.3x slower than this from 256 to 1024 tokens, XLarge shape; RESULTS.md 2026-12-04): fp32 GEMMs over
     blocks of whole experts widened to fp32 (bf16 products are exact in fp32), y accumulated in fp32 and rounded
     to bf16 once. ``scores`` already passed through :func:`active_scores`."""
     T, H = x.shape
@@ -186,21 +188,10 @@ def uses_native(x: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> 
 
 
 def grouped_min_tokens(w_up: torch.Tensor) -> int:
-    """Steps of at least this many tokens run :func:`sparse_ffn_grouped` (the auto backend): on AMX CPUs
-    the native kernel's AMX units stay faster up to ~1.5k tokens (``cpu_grouped_min_tokens_amx``), int8
-    experts on the VPDPBUSD path up to ~400 (``cpu_grouped_min_tokens_int8``). On the ``avx2`` path (AMD
-    EPYC, XLarge shape; benchmarks/RESULTS.md 2026-12-04), where the grouped GEMMs run in fp32 for bf16 x too
-    (oneDNN has no bf16 GEMM there): float experts from ``cpu_grouped_min_tokens_avx2``, int8 from
-    ``cpu_grouped_min_tokens_int8_avx2``."""
-    isa = cpu_isa()
-    if isa == "avx2":
-        return THRESHOLDS.cpu_grouped_min_tokens_int8_avx2 if w_up.dtype == torch.int8 else \
-            THRESHOLDS.cpu_grouped_min_tokens_avx2
-    if isa_at_least("amx", isa):
-        return THRESHOLDS.cpu_grouped_min_tokens_amx
-    if w_up.dtype == torch.int8 and isa_at_least("avx512_bf16", isa):
-        return THRESHOLDS.cpu_grouped_min_tokens_int8
-    return THRESHOLDS.cpu_grouped_min_tokens
+    """Steps of at least this many tokens run :func:`sparse_ffn_grouped` (the auto backend): the path's entry of
+    ``cpu_grouped_min_tokens_by_path`` for the experts' dtype (measured per path, dispatch.py)."""
+    fp32, bf16, int8 = THRESHOLDS.cpu_grouped_min_tokens_by_path[cpu_isa() or "portable"]
+    return int8 if w_up.dtype == torch.int8 else bf16 if w_up.dtype == torch.bfloat16 else fp32
 
 
 def sparse_ffn_cpu(
@@ -259,7 +250,7 @@ def sparse_ffn_grouped(
     compute-bound (prefill chunks). Tokens outside [cu[0], cu[-1]) get 0. Dense (all pairs) when
     :func:`~..dispatch.cpu_native_prefers_dense` says so. int8 experts: each active expert is
     dequantized to x's dtype before its GEMMs (compute-bound here: the dequantization is O(D·H)
-    against O(n·D·H) FLOPs). bf16 x on the ``avx2`` path (no oneDNN bf16 GEMM there): the GEMMs run in
+    against O(n·D·H) FLOPs). bf16 x where :func:`gemm_dtype` says fp32 (CPUs without AMX): the GEMMs run in
     fp32, each active expert widened once (bf16 products are exact in fp32), y rounded to bf16 at the end."""
     T, H = x.shape
     E, D, _ = w_up.shape

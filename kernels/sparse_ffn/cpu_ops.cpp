@@ -37,7 +37,7 @@ using router_fn = int (*)(const void *x, long ldx, int xdt, const void *w_r, int
                           long min_dense_tokens, float max_pair_fraction, int64_t *stats, int isa,
                           const float *up_scale, const float *down_scale, const int32_t *up_rowsum);
 
-constexpr int ISA_AVX2 = 1, ISA_AVX512_BF16 = 3, ISA_AMX = 4;  // cpu_native.c's codes
+constexpr int N_ISA = 5;  // cpu_native.c's ISA codes 0..4 (cpu_native.ISAS)
 
 struct Bound {
   linear_fn linear = nullptr;
@@ -47,11 +47,9 @@ struct Bound {
   int64_t min_dense_tokens = 0;   // THRESHOLDS.cpu_min_dense_tokens (passed; the fused route never goes dense)
   float max_pair_fraction = 1.0f; // THRESHOLDS.cpu_max_pair_fraction
   int threads = 0;
-  int64_t max_rows = 0;      // THRESHOLDS.cpu_linear_max_tokens
-  int64_t max_rows_amx = 0;  // THRESHOLDS.cpu_linear_max_tokens_amx (bf16, AMX CPUs)
-  int64_t max_rows_avx2 = 0; // THRESHOLDS.cpu_linear_max_tokens_avx2 (fp32, the avx2 path)
-  int64_t widen_min_avx2 = 0; // THRESHOLDS.cpu_linear_widen_min_tokens_avx2 (bf16, the avx2 path)
-  int64_t widen_rows = 512;   // cpu_ops.WIDEN_ROWS
+  int64_t max_rows = 0;       // THRESHOLDS.cpu_linear_max_tokens (decode sizes: the kernel on every path)
+  int64_t rows[N_ISA][3] = {}; // THRESHOLDS.cpu_linear_rows by ISA code: fp32 kernel max, bf16 kernel max, bf16 widened from
+  int64_t widen_rows = 512;    // cpu_ops.WIDEN_ROWS
 };
 Bound g;
 
@@ -108,15 +106,13 @@ at::Tensor run(const at::Tensor &x, const at::Tensor &weight, const std::optiona
   } else {
     TORCH_CHECK_VALUE(!weight_scale.has_value(), "linear: weight ", weight.scalar_type(),
                       " with a weight_scale; int8 weights take int8_linear");
-    // cpu_ops.native_rows / widened_rows: decode sizes; bf16 up to max_rows_amx on AMX; on the avx2 path bf16
-    // below widen_min_avx2 rows (no oneDNN bf16 GEMM there: torch's fallback is 3.6-4.1x slower than the
-    // kernel), widened to fp32 GEMMs from there, and fp32 up to max_rows_avx2
+    // cpu_ops.native_rows / widened_rows: decode sizes on every path; past them the path's rows: the kernel up
+    // to the dtype's max, bf16 widened to fp32 GEMMs from the third entry
     bool native = float_x && xdt == wdt && M <= g.max_rows;
     if (!native && float_x && xdt == wdt) {  // the path is looked up only past decode sizes, once
-      const int isa = isa_now();
-      if (xdt == 1 && isa == ISA_AVX2 && M >= g.widen_min_avx2) return widened_linear(x, weight);
-      native = xdt == 1 ? (M <= g.max_rows_amx && isa >= ISA_AMX) || isa == ISA_AVX2
-                        : isa == ISA_AVX2 && M <= g.max_rows_avx2;
+      const int64_t *r = g.rows[isa_now()];
+      if (xdt == 1 && M >= r[2]) return widened_linear(x, weight);
+      native = M <= r[xdt == 1 ? 1 : 0];
     }
     if (!native) return at::linear(x, weight);
   }
@@ -401,15 +397,14 @@ extern "C" int blockffn_ops_bind_experts(void *router, float up_row_cost, long m
   return 0;
 }
 
-extern "C" int blockffn_ops_bind(void *linear, void *resolve, int threads, long max_rows, long max_rows_amx,
-                                 long max_rows_avx2, long widen_min_avx2, long widen_rows) {
+extern "C" int blockffn_ops_bind(void *linear, void *resolve, int threads, long max_rows, const long *rows,
+                                 long widen_rows) {
   g.linear = reinterpret_cast<linear_fn>(linear);
   g.resolve = reinterpret_cast<resolve_fn>(resolve);
   g.threads = threads;
   g.max_rows = max_rows;
-  g.max_rows_amx = max_rows_amx;
-  g.max_rows_avx2 = max_rows_avx2;
-  g.widen_min_avx2 = widen_min_avx2;
+  for (int i = 0; i < N_ISA; i++)
+    for (int j = 0; j < 3; j++) g.rows[i][j] = rows[3 * i + j];
   g.widen_rows = widen_rows;
   return 0;
 }

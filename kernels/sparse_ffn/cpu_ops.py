@@ -8,7 +8,7 @@ one allocation and the C call (benchmarks/RESULTS.md).
 
 What: ``linear(x [M, K], weight [N, K]) -> y [M, N]`` in x's dtype, fp32/bf16 weights (x of the same
 dtype): the native streaming kernel for :func:`native_rows`, :func:`widened_linear` for :func:`widened_rows`
-(bf16 on AVX2-only CPUs), else ``F.linear`` (oneDNN).
+(bf16 on CPUs without AMX), else ``F.linear`` (oneDNN).
 ``int8_linear(x, weight, weight_scale, row_sums)``: int8 weights with fp32 per-row scales [N] and their
 int32 row sums (:func:`cpu_native.int8_row_sums`, made once at load): the native kernel at every M for fp32
 and bf16 x, on every path; torch's weight-only int8 GEMM with the scales applied to its output for other x.
@@ -55,28 +55,21 @@ _keep: list = []  # the Python registration and the loaded library, kept alive
 
 
 def native_rows(m: int, dtype: torch.dtype) -> bool:
-    """Whether an m-row linear of float ``dtype`` runs the native kernel: decode sizes (≤
-    ``cpu_linear_max_tokens``), bf16 on AMX CPUs up to ``cpu_linear_max_tokens_amx`` rows, where its
-    AMX tiles beat oneDNN (fp32 has no tiles: oneDNN from 9 rows there), and on the ``avx2`` path bf16 below
-    ``cpu_linear_widen_min_tokens_avx2`` rows (oneDNN has no bf16 GEMM there and torch's fallback is 3.6-4.1x
-    slower than the kernel from 8 to 256 rows; from that size :func:`widened_rows` instead) and fp32 up to
-    ``cpu_linear_max_tokens_avx2`` (AMD EPYC, benchmarks/RESULTS.md 2026-12-04). The ISA is looked up only
-    past decode sizes."""
+    """Whether an m-row linear of float ``dtype`` runs the native kernel: decode sizes (≤ ``cpu_linear_max_tokens``)
+    on every path, past them up to the path's ``cpu_linear_rows`` entry for the dtype (measured per path:
+    dispatch.py). The ISA is looked up only past decode sizes."""
     if m <= THRESHOLDS.cpu_linear_max_tokens:
         return True
-    isa = cpu_native.cpu_isa()
-    if dtype != torch.bfloat16:
-        return isa == "avx2" and m <= THRESHOLDS.cpu_linear_max_tokens_avx2
-    if isa == "avx2":
-        return m < THRESHOLDS.cpu_linear_widen_min_tokens_avx2
-    return m <= THRESHOLDS.cpu_linear_max_tokens_amx and cpu_native.isa_at_least("amx", isa)
+    fp32, bf16, _ = THRESHOLDS.cpu_linear_rows[cpu_native.cpu_isa() or "portable"]
+    return m <= (bf16 if dtype == torch.bfloat16 else fp32)
 
 
 def widened_rows(m: int, dtype: torch.dtype) -> bool:
-    """Whether an m-row bf16 linear runs :func:`widened_linear`: on the ``avx2`` path (no oneDNN bf16 GEMM) from
-    ``cpu_linear_widen_min_tokens_avx2`` rows, where the fp32 GEMM outruns the kernel's widening."""
-    return (dtype == torch.bfloat16 and m >= THRESHOLDS.cpu_linear_widen_min_tokens_avx2
-            and cpu_native.cpu_isa() == "avx2")
+    """Whether an m-row bf16 linear runs :func:`widened_linear`: from the path's ``cpu_linear_rows`` entry, where
+    oneDNN's fp32 GEMM on widened weights outruns both the kernel and oneDNN's bf16 GEMM (no bf16 GEMM on
+    AVX2; half the fp32 rate with AVX512_BF16 and no AMX)."""
+    return (dtype == torch.bfloat16 and m > THRESHOLDS.cpu_linear_max_tokens
+            and m >= THRESHOLDS.cpu_linear_rows[cpu_native.cpu_isa() or "portable"][2])
 
 
 WIDEN_ROWS = 512
@@ -110,7 +103,7 @@ def int8_linear_python(x: torch.Tensor, weight: torch.Tensor, weight_scale: torc
                        row_sums: torch.Tensor) -> torch.Tensor:
     """``int8_linear`` in Python (``row_sums`` unused: the bound linear makes its own): the kernel at every M
     (torch's ``_weight_int8pack_mm``, the fallback for other x dtypes, was 25-32x slower with fp32 x and ~1.4x
-    with bf16 x from 9 to 256 rows on the AMD EPYC; ``THRESHOLDS.cpu_linear_max_tokens_avx2``'s run)."""
+    with bf16 x from 9 to 256 rows on the AMD EPYC; RESULTS.md 2026-12-04 07:01 UTC)."""
     if x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16) and cpu_native.native_available():
         return cpu_native.linear_native(x, weight, weight_scale=weight_scale)
     y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, torch.ones(weight.shape[0], dtype=x.dtype))
@@ -159,13 +152,13 @@ def _open_cpp(path: str) -> str | None:
     try:
         torch.ops.load_library(path)
         so = ctypes.CDLL(path)
-        so.blockffn_ops_bind.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long,
-                                         ctypes.c_long, ctypes.c_long, ctypes.c_long]
+        rows = (ctypes.c_long * (3 * len(cpu_native.ISAS)))(
+            *[n for isa in cpu_native.ISAS for n in THRESHOLDS.cpu_linear_rows[isa]])  # by the kernel's ISA codes
+        so.blockffn_ops_bind.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_long,
+                                         ctypes.POINTER(ctypes.c_long), ctypes.c_long]
         so.blockffn_ops_bind(ctypes.cast(kernel.blockffn_linear, ctypes.c_void_p),
                              ctypes.cast(kernel.blockffn_resolve_isa, ctypes.c_void_p), cpu_native.threads(),
-                             THRESHOLDS.cpu_linear_max_tokens, THRESHOLDS.cpu_linear_max_tokens_amx,
-                             THRESHOLDS.cpu_linear_max_tokens_avx2, THRESHOLDS.cpu_linear_widen_min_tokens_avx2,
-                             WIDEN_ROWS)
+                             THRESHOLDS.cpu_linear_max_tokens, rows, WIDEN_ROWS)
         so.blockffn_ops_bind_experts.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_long, ctypes.c_float]
         so.blockffn_ops_bind_experts(ctypes.cast(kernel.blockffn_router_sparse_ffn, ctypes.c_void_p),
                                      cpu_native.UP_ROW_COST, THRESHOLDS.cpu_min_dense_tokens,

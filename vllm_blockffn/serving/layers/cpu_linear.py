@@ -4,15 +4,14 @@ Why: in a sparse decode step the experts read ~10% of their bytes, and the rest 
 (attention projections, lm_head) becomes most of the time. vLLM's CPU linear path
 (`dispatch_cpu_unquantized_gemm`: oneDNN `onednn_mm`, AMX for bf16) reads a weight at
 8.7 GB/s (bf16) / 12.5 GB/s (fp32) at batch 1 on the 2-core Xeon here (ENV.md), a third of the
-memory's speed. For M ≤ `THRESHOLDS.cpu_linear_max_tokens` rows (bf16 on AMX CPUs ≤
-`cpu_linear_max_tokens_amx`, where its AMX tiles beat oneDNN's GEMM) the native kernel
+memory's speed. For M ≤ `THRESHOLDS.cpu_linear_max_tokens` rows the native kernel
 (`kernels/sparse_ffn/cpu_native.c`, `blockffn_linear`) streams the row-major [N, K] weight once
-at memory speed; larger M (prefill, big batches) is compute-bound and goes to `F.linear` (torch's
-oneDNN GEMM, AMX where present) on the same weight — except on AVX2-only CPUs: bf16, where oneDNN has no
-bf16 GEMM and torch's fallback is ~4x slower than the kernel, runs the kernel below
-`cpu_linear_widen_min_tokens_avx2` rows and from there oneDNN's fp32 GEMM on weight blocks widened to fp32
-(`cpu_ops.widened_linear`); fp32 runs the kernel up to `cpu_linear_max_tokens_avx2` rows, where it still beats
-oneDNN (`cpu_ops.native_rows`).
+at memory speed; larger M (prefill, big batches) is compute-bound, and each kernel path has its measured
+rule (`THRESHOLDS.cpu_linear_rows`, `cpu_ops.native_rows` / `widened_rows`): the kernel a little further
+where it still beats oneDNN (bf16 on AMX up to 32 rows, fp32 on AVX2 up to 64), `F.linear` (torch's oneDNN GEMM,
+AMX where present) on the same weight, and for bf16 on CPUs without AMX — where oneDNN has no bf16 GEMM
+(AVX2: torch's fallback, ~4x slower than the kernel) or runs it at half its fp32 rate (AVX512_BF16) —
+oneDNN's fp32 GEMM on weight blocks widened to fp32 (`cpu_ops.widened_linear`).
 
 How: only our model's layers change. `install(model)` gives every unquantized linear and the
 lm_head of a BlockFFN model a method whose `process_weights_after_loading` keeps the weight as it
