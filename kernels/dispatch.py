@@ -91,8 +91,8 @@ class DispatchThresholds:
     cpu_grouped_min_tokens_by_path: dict[str, tuple[int, int, int]] = field(default_factory=lambda: {
         "portable": (128, 128, 128),
         "avx2": (1024, 1024, 4096),
-        "avx512": (384, 1536, 1024),
-        "avx512_bf16": (384, 1536, 2048),
+        "avx512": (384, 1024, 1024),
+        "avx512_bf16": (384, 1024, 1536),
         "amx": (384, 1536, 1536),
     })
     """Per kernel path, the step size (fp32, bf16, int8 experts) from which the grouped GEMMs beat the native
@@ -102,9 +102,11 @@ class DispatchThresholds:
     ``avx2`` (AMD EPYC Zen 3; RESULTS.md 2026-12-04 07:01 UTC): fp32 512 tokens 31.6 vs 33.4, 1024 56.7 vs
     54.8; bf16 512 34.4 vs 43.6, 1024 78 vs 70; int8 (fp32 x) 3072 150 vs 160, 4096 217 vs 189.
     ``avx512_bf16`` (Intel Xeon with AVX512_BF16 and no AMX, oneDNN's bf16 GEMM 168 GFLOP/s against its fp32
-    GEMM's 312; RESULTS.md 2026-12-04 16:43 UTC): fp32 256 10.0 vs 10.8, 384 15.1 vs 14.7; the other two in
-    that section. ``avx512`` (the same Xeon, path forced: the kernel's side as on an AVX-512 CPU without BF16,
-    oneDNN's fp32 GEMM the same cores'): fp32 as ``avx512_bf16``; bf16 and int8 in that section.
+    GEMM's 312; RESULTS.md 2026-12-04 16:43 UTC): fp32 256 10.0 vs 10.8, 384 15.1 vs 14.7; bf16 (fp32 GEMMs)
+    512 22.1 vs 23.2, 1024 47.5 vs 42.8; int8 (bf16 x) 1536 61.4 vs 59.2, 2048 95.7 vs 74.3. ``avx512`` (the
+    same Xeon, path forced: the kernel's side as on an AVX-512 CPU without BF16, oneDNN's fp32 GEMM the same
+    cores'): fp32 as ``avx512_bf16``; bf16 512 21.4 vs 23.2, 1024 47.0 vs 42.8; int8 512 21.1 vs 26.8, 1024
+    46.7 vs 46.0.
     ``amx`` (Intel Xeon with AMX; RESULTS.md 2026-12-02 16:08 UTC): bf16 1024 22.3 vs 31.0, 2048 77 vs 49;
     int8 1024 32.6 vs 44.3, 2048 112 vs 66; fp32 has no tiles: as ``avx512_bf16`` (the same cores).
     ``portable``: not measured (the default before any of these)."""
