@@ -715,24 +715,40 @@ ALWAYS __m512 a5_i8(const int8_t *p, __mmask16 k) { /* full steps: the load fold
 }
 ALWAYS __mmask16 a5_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
 ALWAYS __mmask32 a5_mask32(long left) { return left >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << left) - 1); }
+/* Unmasked loads for the bf16 up passes' full steps: the masked form every step cost ~18% of a compute-bound
+   8-row bf16 linear on an Intel Xeon without AMX (a loop probe, 123 vs 149 GFLOP/s; the kernel's linears, cold,
+   interleaved: +2-3% at 1-4 rows, +5-12% at 8; RESULTS.md 2026-12-04 16:43 UTC). The same values, so the same
+   sums. fp32 keeps one masked loop (unmasked full steps measured 1-3% slower there at 4-8 rows), as do the int8
+   fallback's float steps (not measured). */
+#define A5_UNMASKED_f32 0
+#define A5_UNMASKED_bf16 1
+#define A5_UNMASKED_bf16b 1
+#define A5_UNMASKED_i8v 0
+ALWAYS __m512 a5_f32f(const float *p) { return _mm512_loadu_ps(p); }
+ALWAYS __m512 a5_bf16f(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
 /* up: 4 rows x NT tokens (up to 16 zmm accumulators); down: 4 rows x NT tokens. Rows past the
-   unit's nr point at a zero row (their h is 0 and they add exactly 0); the column tail (H % 16)
-   is one masked step, so there is no scalar code. */
+   unit's nr point at a zero row (their h is 0 and they add exactly 0); the column tail (H % 16) is one
+   masked step (bf16's up pass: full steps unmasked, then the tail), so there is no scalar code. */
+#define A5_UP_STEP(SUF, NT, FULL, K)                                                                    \
+    {                                                                                                   \
+        pf_share(pf, pfl, i, pfs);                                                                    \
+        __m512 wv[NR], xv[NT];                                                                          \
+        for (int r = 0; r < NR; r++) wv[r] = FULL ? a5_##SUF##f(w[r] + h) : a5_##SUF(w[r] + h, K);      \
+        for (int j = 0; j < NT; j++) xv[j] = FULL ? _mm512_loadu_ps(xs[j] + h) : _mm512_maskz_loadu_ps(K, xs[j] + h); \
+        for (int r = 0; r < NR; r++)                                                                    \
+            for (int j = 0; j < NT; j++) acc[r][j] = _mm512_fmadd_ps(wv[r], xv[j], acc[r][j]);          \
+    }
 #define A5_UP(SUF, WT, NT)                                                                              \
     ALWAYS void a5_up_##SUF##_##NT(const WT *const *w, long H, const float *const *xs, float out[NR][4], \
                                     const char *pf, long blk) {                                        \
         __m512 acc[NR][NT];                                                                             \
-        long steps = (H + 15) / 16, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl);                       \
+        long steps = (H + 15) / 16, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl), h = 0;                \
         for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) acc[r][j] = _mm512_setzero_ps();      \
-        for (long h = 0; h < H; h += 16, i++) {                                                         \
-            __mmask16 k = a5_mask(H - h);                                                               \
-            pf_share(pf, pfl, i, pfs);                                                                \
-            __m512 wv[NR], xv[NT];                                                                      \
-            for (int r = 0; r < NR; r++) wv[r] = a5_##SUF(w[r] + h, k);                                 \
-            for (int j = 0; j < NT; j++) xv[j] = _mm512_maskz_loadu_ps(k, xs[j] + h);                   \
-            for (int r = 0; r < NR; r++)                                                                \
-                for (int j = 0; j < NT; j++) acc[r][j] = _mm512_fmadd_ps(wv[r], xv[j], acc[r][j]);      \
-        }                                                                                               \
+        if (A5_UNMASKED_##SUF)                                                                          \
+            for (; h + 16 <= H; h += 16, i++) A5_UP_STEP(SUF, NT, 1, (__mmask16)0xffff)                  \
+        for (; h < H; h += 16, i++) A5_UP_STEP(SUF, NT, 0, a5_mask(H - h))                              \
         for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]); \
     }
 #define A5_DOWN(SUF, WT, NT, SCALED)                                                                    \
@@ -820,24 +836,30 @@ LIN_ROWS(lin_avx512_bf16, uint16_t, 2, 4, A5_SWITCH(a5_up_bf16, nt, wu, H, l->xs
 ALWAYS __m512 a5_bf16b(const uint16_t *p, __mmask16 k) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
 }
+ALWAYS __m512 a5_bf16bf(const uint16_t *p) { return a5_bf16f(p); }
 /* up with VDPBF16PS: bf16 weights x bf16 x, 32 elements per instruction, fp32 accumulation
-   (a product of two bf16 is exact in fp32). Tail: one masked step (masked lanes read as 0). */
+   (a product of two bf16 is exact in fp32). Full steps unmasked (as A5_UP's), the tail one masked step
+   (masked lanes read as 0). */
+#define BF_UP_STEP(NT, FULL, K)                                                                         \
+    {                                                                                                   \
+        pf_share(pf, pfl, i, pfs);                                                                    \
+        __m512i wv[NR], xv[NT];                                                                         \
+        for (int r = 0; r < NR; r++)                                                                    \
+            wv[r] = FULL ? _mm512_loadu_si512(w[r] + h) : _mm512_maskz_loadu_epi16(K, w[r] + h);        \
+        for (int j = 0; j < NT; j++)                                                                    \
+            xv[j] = FULL ? _mm512_loadu_si512(xh[j] + h) : _mm512_maskz_loadu_epi16(K, xh[j] + h);      \
+        for (int r = 0; r < NR; r++)                                                                    \
+            for (int j = 0; j < NT; j++)                                                                \
+                acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)wv[r], (__m512bh)xv[j]);              \
+    }
 #define BF_UP(NT)                                                                                       \
     ALWAYS void bf_up_##NT(const uint16_t *const *w, long H, const uint16_t *const *xh, float out[NR][4], \
                            const char *pf, long blk) {                                                 \
         __m512 acc[NR][NT];                                                                             \
-        long steps = (H + 31) / 32, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl);                       \
+        long steps = (H + 31) / 32, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl), h = 0;                \
         for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) acc[r][j] = _mm512_setzero_ps();      \
-        for (long h = 0; h < H; h += 32, i++) {                                                         \
-            __mmask32 k = a5_mask32(H - h);                                                             \
-            pf_share(pf, pfl, i, pfs);                                                                \
-            __m512i wv[NR], xv[NT];                                                                     \
-            for (int r = 0; r < NR; r++) wv[r] = _mm512_maskz_loadu_epi16(k, w[r] + h);                 \
-            for (int j = 0; j < NT; j++) xv[j] = _mm512_maskz_loadu_epi16(k, xh[j] + h);                \
-            for (int r = 0; r < NR; r++)                                                                \
-                for (int j = 0; j < NT; j++)                                                            \
-                    acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)wv[r], (__m512bh)xv[j]);          \
-        }                                                                                               \
+        for (; h + 32 <= H; h += 32, i++) BF_UP_STEP(NT, 1, (__mmask32)0xffffffffu)                      \
+        if (h < H) BF_UP_STEP(NT, 0, a5_mask32(H - h))                                                  \
         for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]); \
     }
 BF_UP(1) BF_UP(2) BF_UP(3) BF_UP(4)
@@ -891,6 +913,7 @@ LIN_ROWS(lin_avx512bf16_bf16, uint16_t, 2, 4, A5_SWITCH(bf_up, nt, wu, H, l->xh 
    pairs (4 rows x 2 tokens x 2 planes: 16 accumulators); a third and fourth token re-read the rows
    from L1. Tokens whose x is not finite take the fp32 path (NaN/Inf propagate as there). */
 ALWAYS __m512 a5_i8v(const int8_t *p, __mmask16 k) { return a5_i8(p, k); }
+ALWAYS __m512 a5_i8vf(const int8_t *p) { return a5_i8(p, (__mmask16)0xffff); }
 A5_UP(i8v, int8_t, 1) A5_UP(i8v, int8_t, 2) A5_UP(i8v, int8_t, 3) A5_UP(i8v, int8_t, 4)
 ALWAYS __mmask64 a5_mask64(long left) { return left >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << left) - 1); }
 #define VB_STEP(NT, KM, LOADW, LOADX)                                                                 \
