@@ -155,6 +155,15 @@ class DispatchThresholds:
     lose from 64 (1813 vs 1702); fp32 as ``avx512_bf16`` (no tiles, the same cores). ``portable``: decode
     sizes only."""
 
+    cpu_linear_kmajor: tuple[str, ...] = ("avx512", "avx512_bf16")
+    """Kernel paths whose bf16 linears are packed K-major at load (``layout.pack_kmajor``) and run the kernel's
+    outer-product linear at every M (``cpu_ops.linear_kmajor``; ``cpu_linear_rows``' bf16 entries then apply only
+    to weights that cannot be packed). Measured ([5376, 1792], 2 threads; RESULTS.md 2026-12-04 19:28 UTC) on the
+    Xeon without AMX (``avx512_bf16``): cold against the row-dot kernel 1 row 671 vs 726 µs, 4 729 vs 847, 8 783
+    vs 1121, 16 1339 vs 2039; warm against oneDNN's fp32 GEMM on widened weights 64 rows 4.6 vs 6.8 ms, 256 17.7
+    vs 19.8, 1024 72.3 vs 69.7. Not ``amx`` (its tiles read the row-major weight) nor ``avx2`` (not measured on
+    an AVX2 CPU)."""
+
 
 THRESHOLDS = DispatchThresholds()
 

@@ -77,6 +77,39 @@ def from_internal_layout(w_up: torch.Tensor, w_down_t: torch.Tensor, layout: str
     raise ValueError(f"unknown BlockFFN weight layout {layout!r}; expected one of {LAYOUTS}")
 
 
+KMAJOR_ROWS = 16
+"""Output rows per line of the K-major linear layout (:func:`pack_kmajor`): one AVX-512 vector of fp32 sums."""
+
+
+def kmajor_packable(weight: torch.Tensor) -> bool:
+    """Whether a linear weight [N, K] can be packed K-major: bf16, N a multiple of 16, K even."""
+    return (weight.dim() == 2 and weight.dtype == torch.bfloat16 and weight.shape[0] % KMAJOR_ROWS == 0
+            and weight.shape[1] % 2 == 0 and weight.shape[0] > 0)
+
+
+def pack_kmajor(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 linear weight [N, K] → [N / 16, K / 2, 16, 2]: each 64-byte line holds one k pair of 16 output rows,
+    the layout of the native kernel's outer-product linears (``blockffn_linear_kmajor`` in
+    kernels/sparse_ffn/cpu_native.c): a line widened once serves every token, no horizontal sums. Run once at
+    load; the same bytes as the weight."""
+    if not kmajor_packable(weight):
+        raise ValueError(f"pack_kmajor: weight {weight.dtype} {list(weight.shape)}; expected a 2-D torch.bfloat16 "
+                         f"[N, K] with N a multiple of {KMAJOR_ROWS} and K even")
+    n, k = weight.shape
+    return weight.reshape(n // KMAJOR_ROWS, KMAJOR_ROWS, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_kmajor(packed: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    """The inverse of :func:`pack_kmajor`: the weight [N, K] (``rows``: a slice of whole 16-row blocks, in rows)."""
+    if packed.dim() != 4 or packed.shape[2] != KMAJOR_ROWS or packed.shape[3] != 2:
+        raise ValueError(f"unpack_kmajor: packed {list(packed.shape)}; expected [N / {KMAJOR_ROWS}, K / 2, "
+                         f"{KMAJOR_ROWS}, 2]")
+    if rows is not None:
+        packed = packed[rows.start // KMAJOR_ROWS: None if rows.stop is None else -(-rows.stop // KMAJOR_ROWS)]
+    b, k2 = packed.shape[:2]
+    return packed.permute(0, 2, 1, 3).reshape(b * KMAJOR_ROWS, k2 * 2)
+
+
 def check_ffn_shapes(x, scores, w_up, w_down_t) -> None:
     """x [T, H], scores [T, E], w_up and w_down_t [E, D, H], or a ValueError naming every shape."""
     T, H = x.shape

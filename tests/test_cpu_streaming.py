@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import PROMPTS
 from vllm_blockffn.kernels.dispatch import THRESHOLDS
+from vllm_blockffn.kernels.layout import pack_kmajor, unpack_kmajor
 from vllm_blockffn.kernels.sparse_ffn import cpu_native
 from vllm_blockffn.kernels.sparse_ffn.cpu import dense_ffn, grouped_min_tokens, sparse_ffn_cpu, sparse_ffn_grouped
 from vllm_blockffn.kernels.sparse_ffn.cpu_ops import WIDEN_ROWS
@@ -51,6 +53,60 @@ def test_streaming_linear_rejects_bad_shapes():
         cpu_native.sparse_ffn_native(torch.randn(1, 8), torch.ones(1, 2), w, w, cu)
     with pytest.raises(ValueError, match=r"w_down_t \[2, 3, 8\]; expected both \[E, D, H\]"):
         cpu_native.sparse_ffn_native(torch.randn(1, 16), torch.ones(1, 2), w, w[..., :8], cu)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("M,N,K", [(1, 16, 2), (3, 48, 130), (8, 64, 96), (9, 272, 256), (17, 32, 1792),
+                                   (64, 80, 64)])  # one 16-row block, panels + a block tail, token passes 8 + 1
+def test_kmajor_linear_paths_agree_bit_for_bit(dtype, M, N, K):
+    """The outer-product linear on K-major bf16 weights (layout.pack_kmajor): every path this CPU runs gives the
+    same bits, close to the fp64 product; with bf16 x each output is exactly the sequential fp32 chain over k
+    (bf16 x bf16 products are exact in fp32, so an FMA step is one fp32 addition), rounded to bf16 once."""
+    g = torch.Generator().manual_seed(M * N + K)
+    x = torch.randn(M, K, generator=g).to(DT[dtype])
+    w = (torch.randn(N, K, generator=g) / K**0.5).bfloat16()
+    packed = pack_kmajor(w)
+    assert packed.shape == (N // 16, K // 2, 16, 2) and torch.equal(unpack_kmajor(packed), w)
+    ys = {isa: cpu_native.linear_kmajor_native(x, packed, isa=isa, num_threads=2) for isa in PATHS}
+    for isa, y in ys.items():
+        assert y.dtype == x.dtype and y.shape == (M, N)
+        assert torch.equal(y, ys["portable"]), isa
+    torch.testing.assert_close(ys["portable"].double(), x.double() @ w.double().t(), **TOL[dtype])
+    if dtype == "bf16":
+        prods = (x.float()[:, None, :] * w.float()[None, :, :]).numpy()  # exact
+        acc = np.zeros((M, N), dtype=np.float32)
+        for k in range(K):
+            acc = (acc + prods[:, :, k]).astype(np.float32)
+        assert torch.equal(torch.from_numpy(acc).bfloat16(), ys["portable"])
+
+
+def test_kmajor_linear_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"pack_kmajor: weight torch.bfloat16 \[20, 4\]; expected .*multiple of 16"):
+        pack_kmajor(torch.zeros(20, 4, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"pack_kmajor: weight torch.float32 \[16, 4\]"):
+        pack_kmajor(torch.zeros(16, 4))
+    packed = pack_kmajor(torch.zeros(32, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"x torch.float32 \[2, 6\]; expected fp32/bf16 \[M, 8\] for the packed "
+                                         r"weight \[32, 8\]"):
+        cpu_native.linear_kmajor_native(torch.zeros(2, 6), packed)
+    with pytest.raises(ValueError, match=r"packed weight torch.float32 \[2, 4, 16, 2\]; expected a contiguous"):
+        cpu_native.linear_kmajor_native(torch.zeros(2, 8), packed.float())
+    with pytest.raises(ValueError, match=r"unpack_kmajor: packed \[32, 8\]"):
+        unpack_kmajor(torch.zeros(32, 8))
+
+
+def test_kmajor_op_equals_the_kernel():
+    """torch.ops.blockffn_native.linear_kmajor (C++ where it builds) is the kernel call: the same bits, any M."""
+    from vllm_blockffn.kernels.sparse_ffn import cpu_ops
+
+    g = torch.Generator().manual_seed(7)
+    packed = pack_kmajor((torch.randn(96, 64, generator=g) / 8).bfloat16())
+    for M in (1, 8, 9, 300):
+        for dt in (torch.float32, torch.bfloat16):
+            x = torch.randn(M, 64, generator=g).to(dt)
+            assert torch.equal(cpu_ops.linear_kmajor(x, packed), cpu_native.linear_kmajor_native(x, packed))
+    with pytest.raises(ValueError, match="linear_kmajor"):
+        cpu_ops.linear_kmajor(torch.zeros(2, 63), packed)
 
 
 @pytest.mark.parametrize("isa", PATHS)
@@ -186,24 +242,31 @@ def test_dense_bf16_without_amx_runs_fp32_gemms(isa, monkeypatch):
 @pytest.mark.slow
 def test_engine_serves_with_streaming_linears(engine_factory, monkeypatch):
     """bf16 engine on the bundled model: every attention projection, router and the lm_head use the
-    streaming method (weights kept, no oneDNN copy), and greedy tokens equal vLLM's own CPU GEMMs."""
+    streaming method (weights kept, no oneDNN copy; on the paths of THRESHOLDS.cpu_linear_kmajor the projections
+    and lm_head packed K-major, the routers never: the expert kernel reads them [E, H]), and greedy tokens equal
+    vLLM's own CPU GEMMs."""
     engine = engine_factory(MODEL, dtype="bfloat16")
 
     def methods(model):
         from vllm_blockffn.serving.layers.cpu_linear import StreamingLinearMethod, StreamingLMHeadMethod
 
-        out = {"streaming": 0, "other": 0}
-        for m in model.modules():
+        out = {"streaming": 0, "other": 0, "kmajor": 0}
+        for name, m in model.named_modules():
             qm = getattr(m, "quant_method", None)
             if isinstance(qm, (StreamingLinearMethod, StreamingLMHeadMethod)):
-                assert m.weight.numel() > 0 and getattr(m, "cpu_linear", None).__name__ == "_cpu_linear"
+                packed = getattr(m, "blockffn_kmajor", False)
+                assert m.weight.numel() > 0 and m.weight.dim() == (4 if packed else 2)
+                assert getattr(m, "cpu_linear", None).__name__ == ("_cpu_linear_kmajor" if packed else "_cpu_linear")
+                assert not (packed and "router" in name), name
                 out["streaming"] += 1
+                out["kmajor"] += packed
             elif qm is not None and type(qm).__name__.startswith("Unquantized"):
                 out["other"] += 1
         return out
 
     counts = engine.llm.apply_model(methods)[0]
     assert counts["streaming"] >= 13, counts  # 4 layers × (qkv, o, router) + lm_head
+    assert counts["kmajor"] == (9 if cpu_native.cpu_isa() in THRESHOLDS.cpu_linear_kmajor else 0), counts
     got = [list(o.outputs[0].token_ids) for o in engine.greedy(PROMPTS, max_tokens=24)]
     engine.close()
     monkeypatch.setenv("VLLM_BLOCKFFN_CPU_LINEAR", "vllm")

@@ -1599,6 +1599,165 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
     return 0;
 }
 
+/* ---------------------------------------------------------------------- K-major bf16 linears */
+/* bf16 weights packed K-major at load (kernels/layout.py pack_kmajor; serving/layers/cpu_linear.py packs them
+   on the AVX-512 paths): [N / 16][K / 2][16][2], each 64-byte line the k pair (2q, 2q + 1) of 16 output rows.
+   The outer-product form: a line is widened once (even k: a shift, odd k: a mask) and serves every token of
+   the pass by broadcast x, 16 outputs per vector: no horizontal sums, no widening per token block. Why: the
+   row-dot loops of blockffn_linear are compute-bound at 4-8 rows in bf16 on AVX-512 cores without AMX (8-row
+   [5376, 1792] linears at ~123 GFLOP/s where memory speed needs ~263; RESULTS.md 2026-12-04). Every output is
+   the sequential fp32 FMA chain over k = 0, 1, ..., K - 1 on every path: the paths agree bit for bit.
+   Threads take contiguous runs of 32-row panels (two streams of K / 2 lines); tokens in passes of KM_TG (AVX2:
+   4), each pass over a panel that the first left in L2; the first pass prefetches KM_PF bytes ahead. */
+#define KM_PF 4096 /* bytes ahead in each of a panel's two weight streams (a scratch probe: 512 B 24%, 8 KB 9% slower) */
+#define KM_TG 8    /* tokens per pass (AVX-512: 2 x 8 accumulators) */
+
+static void km_portable(const uint16_t *w, long K2, int nb, const float *x, long ldx, int nt, float *y, long ldy) {
+    for (int b = 0; b < nb; b++)
+        for (int t = 0; t < nt; t++)
+            for (int r = 0; r < 16; r++) {
+                const uint16_t *p = w + (long)b * K2 * 32 + 2 * r;
+                const float *xt = x + t * ldx;
+                float acc = 0.0f;
+                for (long q = 0; q < K2; q++) {
+                    acc = fmaf(cv_bf16(p[q * 32]), xt[2 * q], acc);
+                    acc = fmaf(cv_bf16(p[q * 32 + 1]), xt[2 * q + 1], acc);
+                }
+                y[t * ldy + b * 16 + r] = acc;
+            }
+}
+
+#if BLOCKFFN_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+#define KM5(NT, NB)                                                                                     \
+    static void km5_##NT##_##NB(const uint16_t *w, long K2, const float *x, long ldx, float *y, long ldy, \
+                                int pf) {                                                               \
+        const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);                                         \
+        __m512 acc[NB][NT];                                                                             \
+        for (int b = 0; b < NB; b++) for (int t = 0; t < NT; t++) acc[b][t] = _mm512_setzero_ps();      \
+        for (long q = 0; q < K2; q++) {                                                                 \
+            __m512 we[NB], wo[NB];                                                                      \
+            for (int b = 0; b < NB; b++) {                                                              \
+                const uint16_t *p = w + (long)b * K2 * 32 + q * 32;                                     \
+                __m512i v = _mm512_loadu_si512(p);                                                      \
+                if (pf) _mm_prefetch((const char *)p + KM_PF, _MM_HINT_T0);                             \
+                we[b] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));                                  \
+                wo[b] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));                                   \
+            }                                                                                           \
+            for (int t = 0; t < NT; t++) {                                                              \
+                __m512 xe = _mm512_set1_ps(x[t * ldx + 2 * q]), xo = _mm512_set1_ps(x[t * ldx + 2 * q + 1]); \
+                for (int b = 0; b < NB; b++) {                                                          \
+                    acc[b][t] = _mm512_fmadd_ps(we[b], xe, acc[b][t]);                                  \
+                    acc[b][t] = _mm512_fmadd_ps(wo[b], xo, acc[b][t]);                                  \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+        for (int b = 0; b < NB; b++) for (int t = 0; t < NT; t++) _mm512_storeu_ps(y + t * ldy + 16 * b, acc[b][t]); \
+    }
+#define KM5_NB(NT) KM5(NT, 1) KM5(NT, 2)
+KM5_NB(1) KM5_NB(2) KM5_NB(3) KM5_NB(4) KM5_NB(5) KM5_NB(6) KM5_NB(7) KM5_NB(8)
+static void km_avx512(const uint16_t *w, long K2, int nb, const float *x, long ldx, int nt, float *y, long ldy,
+                      int pf) {
+#define KM5_CASE(NT) case NT: (nb == 2 ? km5_##NT##_2 : km5_##NT##_1)(w, K2, x, ldx, y, ldy, pf); break;
+    switch (nt) { KM5_CASE(1) KM5_CASE(2) KM5_CASE(3) KM5_CASE(4) KM5_CASE(5) KM5_CASE(6) KM5_CASE(7) KM5_CASE(8) }
+#undef KM5_CASE
+}
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+/* AVX2: a line as two 8-row halves, up to 4 tokens a pass (8 of the 16 ymm registers accumulate). */
+#define KM2(NT)                                                                                         \
+    static void km2_##NT(const uint16_t *w, long K2, const float *x, long ldx, float *y, long ldy, int pf) { \
+        const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);                                         \
+        __m256 acc[2][NT];                                                                              \
+        for (int h = 0; h < 2; h++) for (int t = 0; t < NT; t++) acc[h][t] = _mm256_setzero_ps();       \
+        for (long q = 0; q < K2; q++) {                                                                 \
+            __m256 we[2], wo[2];                                                                        \
+            if (pf) _mm_prefetch((const char *)(w + q * 32) + KM_PF, _MM_HINT_T0);                      \
+            for (int h = 0; h < 2; h++) {                                                               \
+                __m256i v = _mm256_loadu_si256((const __m256i *)(w + q * 32 + 16 * h));                 \
+                we[h] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));                                  \
+                wo[h] = _mm256_castsi256_ps(_mm256_and_si256(v, hi));                                  \
+            }                                                                                           \
+            for (int t = 0; t < NT; t++) {                                                              \
+                __m256 xe = _mm256_set1_ps(x[t * ldx + 2 * q]), xo = _mm256_set1_ps(x[t * ldx + 2 * q + 1]); \
+                for (int h = 0; h < 2; h++) {                                                           \
+                    acc[h][t] = _mm256_fmadd_ps(we[h], xe, acc[h][t]);                                  \
+                    acc[h][t] = _mm256_fmadd_ps(wo[h], xo, acc[h][t]);                                  \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+        for (int h = 0; h < 2; h++) for (int t = 0; t < NT; t++) _mm256_storeu_ps(y + t * ldy + 8 * h, acc[h][t]); \
+    }
+KM2(1) KM2(2) KM2(3) KM2(4)
+static void km_avx2(const uint16_t *w, long K2, int nb, const float *x, long ldx, int nt, float *y, long ldy, int pf) {
+    for (int b = 0; b < nb; b++) {
+        const uint16_t *wb = w + (long)b * K2 * 32;
+        switch (nt) {
+        case 1: km2_1(wb, K2, x, ldx, y + 16 * b, ldy, pf); break;
+        case 2: km2_2(wb, K2, x, ldx, y + 16 * b, ldy, pf); break;
+        case 3: km2_3(wb, K2, x, ldx, y + 16 * b, ldy, pf); break;
+        default: km2_4(wb, K2, x, ldx, y + 16 * b, ldy, pf); break;
+        }
+    }
+}
+#pragma GCC pop_options
+#endif
+
+/* y [M, N] (row stride ldy, dtype of x: 0 fp32, 1 bf16) = x [M, K] W^T for bf16 W packed K-major (above; N a
+   multiple of 16, K even). isa, nthreads: as blockffn_linear. Returns 0, -1 (no memory), -2 (bad arguments),
+   -3 ($VLLM_BLOCKFFN_CPU_ISA names no path). */
+int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp, long M, long N, long K, void *y,
+                           long ldy, int nthreads, int isa) {
+    if (M < 0 || N < 0 || K <= 0 || N % 16 || K % 2 || ldx < K || ldy < N || xdt < 0 || xdt > 1) return -2;
+    if (M == 0 || N == 0) return 0;
+    isa = blockffn_resolve_isa(isa);
+    if (isa < 0) return -3;
+    float *xf = NULL, *out = NULL;
+    const float *xs = (const float *)x;
+    long ldxf = ldx, ldo = ldy;
+    if (xdt) {
+        xf = malloc((size_t)M * K * sizeof(float));
+        out = malloc((size_t)M * N * sizeof(float));
+        if (!xf || !out) { free(xf); free(out); return -1; }
+        for (long t = 0; t < M; t++)
+            for (long k = 0; k < K; k++) xf[t * K + k] = cv_bf16(((const uint16_t *)x)[t * ldx + k]);
+        xs = xf; ldxf = K; ldo = N;
+    }
+    float *o = xdt ? out : (float *)y;
+    long K2 = K / 2, panels = (N + 31) / 32;
+    int tg = isa >= ISA_AVX512 ? KM_TG : isa >= ISA_AVX2 ? 4 : KM_TG;
+    int nth = call_threads(nthreads);
+    if ((double)N * K < 32768.0) nth = 1; /* as blockffn_linear */
+    if (nth > panels) nth = (int)panels;
+    #pragma omp parallel num_threads(nth)
+    {
+        int tid = omp_get_thread_num(), T = omp_get_num_threads();
+        for (long pi = panels * tid / T; pi < panels * (tid + 1) / T; pi++) {
+            long n0 = pi * 32;
+            int nb = n0 + 32 <= N ? 2 : 1;
+            const uint16_t *w = wp + n0 * K; /* block n0 / 16 starts at (n0 / 16) * K2 * 32 = n0 * K elements */
+            for (long t0 = 0; t0 < M; t0 += tg) {
+                int nt = M - t0 < tg ? (int)(M - t0) : tg, pf = g_prefetch && t0 == 0;
+                const float *xt = xs + t0 * ldxf;
+                float *yt = o + t0 * ldo + n0;
+#if BLOCKFFN_X86
+                if (isa >= ISA_AVX512) { km_avx512(w, K2, nb, xt, ldxf, nt, yt, ldo, pf); continue; }
+                if (isa >= ISA_AVX2) { km_avx2(w, K2, nb, xt, ldxf, nt, yt, ldo, pf); continue; }
+#endif
+                km_portable(w, K2, nb, xt, ldxf, nt, yt, ldo);
+            }
+        }
+    }
+    if (xdt)
+        for (long t = 0; t < M; t++)
+            for (long n = 0; n < N; n++) ((uint16_t *)y)[t * ldy + n] = to_bf16(out[t * N + n]);
+    free(xf); free(out);
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------ counters */
 /* The live sparsity counters of one layer and step (vllm_blockffn/observe/stats.py columns:
    tokens, active (token, expert) pairs, non-empty segments, sum of segment union sizes, segment

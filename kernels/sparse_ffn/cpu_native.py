@@ -136,6 +136,8 @@ def _open(path: str) -> ctypes.CDLL | None:
     lib_path = path
     lib.blockffn_linear.argtypes = [p, i64, i32, p, i32, i64, i64, i64, p, i64, i32, i32, p, p]
     lib.blockffn_linear.restype = i32
+    lib.blockffn_linear_kmajor.argtypes = [p, i64, i32, p, i64, i64, i64, p, i64, i32, i32]
+    lib.blockffn_linear_kmajor.restype = i32
     lib.blockffn_router_sparse_ffn.argtypes = [p, i64, i32, p, i32, p, f32, p, p, i32, p, i64, i64, i64, i64, i64, p,
                                                i32, f32, i32, i64, f32, p, i32, p, p, p]
     lib.blockffn_router_sparse_ffn.restype = i32
@@ -381,6 +383,32 @@ def linear_native(x: torch.Tensor, weight: torch.Tensor, num_threads: int | None
     kernels have flushed the caches, so a call is a handful of checks and one ctypes call (the kernel
     resolves the ISA and thread count)."""
     return bound_linear(weight, weight_scale)(x, num_threads, isa)
+
+
+def linear_kmajor_native(x: torch.Tensor, packed: torch.Tensor, num_threads: int | None = None,
+                         isa: str | None = None) -> torch.Tensor:
+    """y = x Wᵀ for x [M, K] (fp32/bf16) and a bf16 W packed K-major (``packed`` [N / 16, K / 2, 16, 2],
+    kernels/layout.py ``pack_kmajor``), in x's dtype: the outer-product form (``blockffn_linear_kmajor``), for
+    the 1-64-row bf16 linears of AVX-512 CPUs without AMX, where the row-dot GEMV is compute-bound from ~4 rows.
+    Each output is the sequential fp32 FMA chain over k on every path."""
+    lib = _load()
+    assert lib is not None, "native kernel unavailable"
+    if packed.dim() != 4 or packed.dtype != torch.bfloat16 or packed.shape[2:] != (16, 2) \
+            or not packed.is_contiguous():
+        raise ValueError(f"linear_kmajor: packed weight {packed.dtype} {list(packed.shape)}; expected a contiguous "
+                         f"torch.bfloat16 [N / 16, K / 2, 16, 2] (layout.pack_kmajor)")
+    N, K = packed.shape[0] * 16, packed.shape[1] * 2
+    if x.dim() != 2 or x.shape[1] != K or x.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"linear_kmajor: x {x.dtype} {list(x.shape)}; expected fp32/bf16 [M, {K}] for the packed "
+                         f"weight [{N}, {K}]")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    y = torch.empty((x.shape[0], N), dtype=x.dtype)
+    rc = lib.blockffn_linear_kmajor(x.data_ptr(), x.stride(0), _DTYPE_CODES[x.dtype], packed.data_ptr(), x.shape[0],
+                                    N, K, y.data_ptr(), N, num_threads or _THREADS, _isa_code(isa))
+    if rc:
+        _check_rc(rc, "linear_kmajor", x, packed)
+    return y
 
 
 def stream_read(buf: torch.Tensor, num_threads: int | None = None, isa: str | None = None) -> float:

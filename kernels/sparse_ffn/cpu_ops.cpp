@@ -30,6 +30,8 @@ namespace {
 
 using linear_fn = int (*)(const void *x, long ldx, int xdt, const void *w, int wdt, long M, long N, long K,
                           void *y, long ldy, int nthreads, int isa, const float *scale, const int32_t *rowsum);
+using kmajor_fn = int (*)(const void *x, long ldx, int xdt, const void *wp, long M, long N, long K, void *y, long ldy,
+                         int nthreads, int isa);
 using resolve_fn = int (*)(int isa);
 using router_fn = int (*)(const void *x, long ldx, int xdt, const void *w_r, int wdt_r, const float *norm_w, float eps,
                           const void *w_up, const void *w_down, int wdt, const int32_t *cu, long S, long T, long E,
@@ -41,6 +43,7 @@ constexpr int N_ISA = 5;  // cpu_native.c's ISA codes 0..4 (cpu_native.ISAS)
 
 struct Bound {
   linear_fn linear = nullptr;
+  kmajor_fn kmajor = nullptr;
   resolve_fn resolve = nullptr;
   router_fn router = nullptr;
   float up_row_cost = 3.0f;       // cpu_native.UP_ROW_COST
@@ -129,6 +132,29 @@ at::Tensor run(const at::Tensor &x, const at::Tensor &weight, const std::optiona
 }
 
 at::Tensor linear(const at::Tensor &x, const at::Tensor &weight) { return run(x, weight, std::nullopt, std::nullopt); }
+
+// bf16 weights packed K-major at load (layout.pack_kmajor, [N / 16, K / 2, 16, 2]): the kernel's outer-product
+// linear at every M (cpu_ops.linear_kmajor_python says why)
+at::Tensor linear_kmajor(const at::Tensor &x, const at::Tensor &packed) {
+  TORCH_CHECK(g.kmajor != nullptr, "blockffn_native::linear_kmajor: the native CPU kernel is not bound");
+  TORCH_CHECK_VALUE(packed.dim() == 4 && packed.scalar_type() == at::kBFloat16 && packed.size(2) == 16 &&
+                        packed.size(3) == 2 && packed.is_contiguous(),
+                    "linear_kmajor: packed weight ", packed.scalar_type(), " ", packed.sizes(),
+                    "; expected a contiguous torch.bfloat16 [N / 16, K / 2, 16, 2] (layout.pack_kmajor)");
+  const int64_t N = packed.size(0) * 16, K = packed.size(1) * 2;
+  const int xdt = dtype_code(x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == K && (xdt == 0 || xdt == 1), "linear_kmajor: x ", x.scalar_type(),
+                    " ", x.sizes(), "; expected fp32/bf16 [M, ", K, "] for the packed weight [", N, ", ", K, "]");
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  at::Tensor y = at::empty({x.size(0), N}, x.options());
+  const int rc = g.kmajor(xc.data_ptr(), xc.stride(0), xdt, packed.data_ptr(), x.size(0), N, K, y.data_ptr(), N,
+                          g.threads, -1);
+  if (rc == -3) isa_now();  // raises, naming the variable
+  TORCH_CHECK_VALUE(rc != -2, "blockffn linear_kmajor CPU kernel: bad arguments (x ", x.sizes(), ", packed ",
+                    packed.sizes(), ")");
+  TORCH_CHECK(rc == 0, "blockffn linear_kmajor CPU kernel: out of memory");
+  return y;
+}
 
 at::Tensor int8_linear(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &weight_scale,
                        const at::Tensor &row_sums) {
@@ -409,9 +435,15 @@ extern "C" int blockffn_ops_bind(void *linear, void *resolve, int threads, long 
   return 0;
 }
 
+extern "C" int blockffn_ops_bind_kmajor(void *kmajor) {
+  g.kmajor = reinterpret_cast<kmajor_fn>(kmajor);
+  return 0;
+}
+
 TORCH_LIBRARY(blockffn_native, m) {
   m.def("linear(Tensor x, Tensor weight) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor row_sums) -> Tensor");
+  m.def("linear_kmajor(Tensor x, Tensor packed) -> Tensor");
   m.def("router_experts(Tensor x, Tensor w_router, Tensor norm_w, float eps, Tensor w_up, Tensor w_down_t, "
         "Tensor segments, Tensor? stats, Tensor? up_scale, Tensor? down_scale, Tensor? up_row_sums, str backend, "
         "int layer_id, int expert_bytes, bool record) -> Tensor");
@@ -424,6 +456,7 @@ TORCH_LIBRARY(blockffn_native, m) {
 TORCH_LIBRARY_IMPL(blockffn_native, CPU, m) {
   m.impl("linear", linear);
   m.impl("int8_linear", int8_linear);
+  m.impl("linear_kmajor", linear_kmajor);
   m.impl("router_experts", router_experts);
   m.impl("attention", attention);
   m.impl("attention_layers", attention_layers);

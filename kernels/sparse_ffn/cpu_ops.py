@@ -99,6 +99,14 @@ def linear_python(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
+def linear_kmajor_python(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``linear_kmajor`` in Python: the kernel's outer-product linear at every M. Why every M: on the Xeon without
+    AMX it ran [5376, 1792] bf16 at 197 GFLOP/s (8 rows, cold) to 271-288 (64-128 rows, warm), beating the row-dot
+    kernel (1.4x at 8 rows) and oneDNN's fp32 GEMM on widened weights up to 512 rows (0.96x at 1024;
+    RESULTS.md 2026-12-04 19:28 UTC)."""
+    return cpu_native.linear_kmajor_native(x, packed)
+
+
 def int8_linear_python(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                        row_sums: torch.Tensor) -> torch.Tensor:
     """``int8_linear`` in Python (``row_sums`` unused: the bound linear makes its own): the kernel at every M
@@ -124,6 +132,10 @@ def router_experts_python(x: torch.Tensor, w_router: torch.Tensor, norm_w: torch
 
 def _linear_fake(x: torch.Tensor, weight: torch.Tensor, *scales: torch.Tensor) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _kmajor_fake(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], packed.shape[0] * packed.shape[2]))
 
 
 def _router_experts_fake(x: torch.Tensor, *args) -> torch.Tensor:
@@ -159,6 +171,8 @@ def _open_cpp(path: str) -> str | None:
         so.blockffn_ops_bind(ctypes.cast(kernel.blockffn_linear, ctypes.c_void_p),
                              ctypes.cast(kernel.blockffn_resolve_isa, ctypes.c_void_p), cpu_native.threads(),
                              THRESHOLDS.cpu_linear_max_tokens, rows, WIDEN_ROWS)
+        so.blockffn_ops_bind_kmajor.argtypes = [ctypes.c_void_p]
+        so.blockffn_ops_bind_kmajor(ctypes.cast(kernel.blockffn_linear_kmajor, ctypes.c_void_p))
         so.blockffn_ops_bind_experts.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_long, ctypes.c_float]
         so.blockffn_ops_bind_experts(ctypes.cast(kernel.blockffn_router_sparse_ffn, ctypes.c_void_p),
                                      cpu_native.UP_ROW_COST, THRESHOLDS.cpu_min_dense_tokens,
@@ -179,6 +193,8 @@ def _register_python() -> None:
     lib.define("linear(Tensor x, Tensor weight) -> Tensor")
     lib.define("int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor row_sums) -> Tensor")
     lib.impl("linear", linear_python, "CPU")
+    lib.define("linear_kmajor(Tensor x, Tensor packed) -> Tensor")
+    lib.impl("linear_kmajor", linear_kmajor_python, "CPU")
     lib.define("router_experts(Tensor x, Tensor w_router, Tensor norm_w, float eps, Tensor w_up, Tensor w_down_t, "
                "Tensor segments, Tensor? stats, Tensor? up_scale, Tensor? down_scale, Tensor? up_row_sums, "
                "str backend, int layer_id, int expert_bytes, bool record) -> Tensor")
@@ -207,6 +223,7 @@ def implementation() -> str:
                     _register_python()
                 torch.library.register_fake("blockffn_native::linear")(_linear_fake)
                 torch.library.register_fake("blockffn_native::int8_linear")(_linear_fake)
+                torch.library.register_fake("blockffn_native::linear_kmajor")(_kmajor_fake)
                 torch.library.register_fake("blockffn_native::router_experts")(_router_experts_fake)
                 if impl == "cpp":
                     torch.library.register_fake("blockffn_native::attention")(_attention_fake)
@@ -218,6 +235,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``torch.ops.blockffn_native.linear``: y = x Wᵀ, fp32/bf16 (module docstring); registered on first use."""
     implementation()
     return torch.ops.blockffn_native.linear(x, weight)
+
+
+def linear_kmajor(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``torch.ops.blockffn_native.linear_kmajor``: y = x Wᵀ for a bf16 W packed K-major (``layout.pack_kmajor``
+    [N / 16, K / 2, 16, 2]), fp32/bf16 x, y in x's dtype; registered on first use."""
+    implementation()
+    return torch.ops.blockffn_native.linear_kmajor(x, packed)
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

@@ -116,6 +116,7 @@ from vllm.model_executor.models.llama import LlamaAttention, LlamaMLP
 from vllm.model_executor.models.utils import maybe_prefix, process_eagle_weight
 
 from vllm_blockffn.serving.checkpoint import file_tensor_shapes
+from vllm_blockffn.serving.layers import cpu_linear
 from vllm_blockffn.serving.model import load_checked
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": shown with vLLM's own log lines
@@ -646,7 +647,8 @@ class EagleBlockFFNForCausalLM(nn.Module, SupportsEagle):
         key = (id(weight), weight.data_ptr(), weight._version, self.token_id_remap.data_ptr())
         if self._reduced_head is None or self._reduced_head[0] != key:
             # The target's lm_head rows at the draft ids (the official `remap_copy`), gathered once.
-            self._reduced_head = (key, weight.index_select(0, self.token_id_remap).contiguous())
+            rows = cpu_linear.row_major_weight(self.lm_head)  # [V, H] also when packed K-major (cpu_linear.py)
+            self._reduced_head = (key, rows.index_select(0, self.token_id_remap).contiguous())
         return torch.nn.functional.linear(hidden_states, self._reduced_head[1])
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

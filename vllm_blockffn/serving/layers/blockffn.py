@@ -95,6 +95,7 @@ class BlockFFN(nn.Module):
             self.expert_bytes = 2 * D * H * torch.tensor([], dtype=torch.get_default_dtype()).element_size()
 
         self.router_proj = ReplicatedLinear(H, E, bias=False, prefix=f"{prefix}.router_proj")
+        self.router_proj.blockffn_row_major = True  # the fused router + experts kernel reads it [E, H] (cpu_linear.py)
         if spec.norm_after_router == "rms":
             self.router_norm = nn.Module()
             self.router_norm.weight = nn.Parameter(torch.ones(E), requires_grad=False)

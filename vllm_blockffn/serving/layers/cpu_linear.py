@@ -11,7 +11,11 @@ rule (`THRESHOLDS.cpu_linear_rows`, `cpu_ops.native_rows` / `widened_rows`): the
 where it still beats oneDNN (bf16 on AMX up to 32 rows, fp32 on AVX2 up to 64), `F.linear` (torch's oneDNN GEMM,
 AMX where present) on the same weight, and for bf16 on CPUs without AMX — where oneDNN has no bf16 GEMM
 (AVX2: torch's fallback, ~4x slower than the kernel) or runs it at half its fp32 rate (AVX512_BF16) —
-oneDNN's fp32 GEMM on weight blocks widened to fp32 (`cpu_ops.widened_linear`).
+oneDNN's fp32 GEMM on weight blocks widened to fp32 (`cpu_ops.widened_linear`). On the AVX-512 paths without
+AMX (`THRESHOLDS.cpu_linear_kmajor`) bf16 weights are packed K-major at load instead (`layout.pack_kmajor`, the
+same bytes) and run the kernel's outer-product linear at every M (`cpu_ops.linear_kmajor`): the row-dot GEMV is
+compute-bound there from ~4 rows (8-row [5376, 1792] 1.43x faster cold, 64 rows 1.5x faster than widened fp32
+GEMMs; RESULTS.md 2026-12-04 19:28 UTC). Code that needs the [N, K] weight itself calls `row_major_weight`.
 
 How: only our model's layers change. `install(model)` gives every unquantized linear and the
 lm_head of a BlockFFN model a method whose `process_weights_after_loading` keeps the weight as it
@@ -19,7 +23,8 @@ was loaded (no oneDNN reorder, so no second copy) and sets `layer.cpu_linear`, w
 `cpu_unquantized_gemm` calls, to one opaque torch op (`torch.ops.blockffn_native.linear`,
 kernels/sparse_ffn/cpu_ops.py: C++, so a call adds no Python; the M test happens inside it, never in
 a compiled graph). `VLLM_BLOCKFFN_CPU_LINEAR=vllm` keeps vLLM's
-own path; so do fp16, layers vLLM marks `_cpu_skip_gemm_dispatch`, and machines without the
+own path, `=rowmajor` the streaming kernel on the weight as loaded (no K-major packing: the A/B switch);
+vLLM's path is kept for fp16, layers vLLM marks `_cpu_skip_gemm_dispatch`, and machines without the
 native kernel.
 """
 
@@ -30,21 +35,24 @@ from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
 from vllm.platforms import current_platform
 
+from vllm_blockffn.kernels.dispatch import THRESHOLDS
+from vllm_blockffn.kernels.layout import kmajor_packable, pack_kmajor, unpack_kmajor
 from vllm_blockffn.kernels.sparse_ffn import cpu_native, cpu_ops
 from vllm_blockffn.serving.config import env_choice
 
 LINEAR_ENV = "VLLM_BLOCKFFN_CPU_LINEAR"
-MODES = ("auto", "vllm")
+MODES = ("auto", "rowmajor", "vllm")
 
 
 def linear_mode() -> str:
-    """`VLLM_BLOCKFFN_CPU_LINEAR`: auto (default: streaming kernel for decode-size M) | vllm."""
+    """`VLLM_BLOCKFFN_CPU_LINEAR`: auto (default: the streaming kernel for decode-size M, bf16 weights packed
+    K-major on the paths of `THRESHOLDS.cpu_linear_kmajor`) | rowmajor (the same without packing) | vllm."""
     return env_choice(LINEAR_ENV, MODES, "auto")
 
 
 def _eligible(layer: torch.nn.Module) -> bool:
     w = getattr(layer, "weight", None)
-    return (current_platform.is_cpu() and linear_mode() == "auto" and isinstance(w, torch.Tensor)
+    return (current_platform.is_cpu() and linear_mode() != "vllm" and isinstance(w, torch.Tensor)
             and w.dim() == 2 and not w.is_meta and w.dtype in (torch.float32, torch.bfloat16)
             and not getattr(layer, "_cpu_skip_gemm_dispatch", False) and cpu_native.native_available())
 
@@ -54,6 +62,40 @@ def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     y = cpu_ops.linear(x.reshape(-1, shape[-1]), weight)
     y = y.reshape(*shape[:-1], weight.shape[0])
     return y if bias is None else y + bias
+
+
+def _cpu_linear_kmajor(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    shape = x.shape
+    y = cpu_ops.linear_kmajor(x.reshape(-1, shape[-1]), weight)
+    y = y.reshape(*shape[:-1], y.shape[-1])
+    return y if bias is None else y + bias
+
+
+def packs_kmajor(weight: torch.Tensor) -> bool:
+    """Whether a loaded linear weight is packed K-major: bf16 and packable, on a path of
+    `THRESHOLDS.cpu_linear_kmajor`, `VLLM_BLOCKFFN_CPU_LINEAR` auto (layers marked `blockffn_row_major`, whose
+    weight other kernels read as [N, K], never are)."""
+    return (linear_mode() == "auto" and kmajor_packable(weight)
+            and cpu_native.cpu_isa() in THRESHOLDS.cpu_linear_kmajor)
+
+
+def row_major_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """A linear's weight [N, K] whatever its layout (a copy when it is packed K-major): for code that reads
+    rows of it (the EAGLE head's reduced vocabulary), not for the forward pass."""
+    w = layer.weight
+    return unpack_kmajor(w) if getattr(layer, "blockffn_kmajor", False) else w
+
+
+def _streaming(layer: torch.nn.Module) -> None:
+    """The weight as a plain Parameter (K-major when :func:`packs_kmajor`) and `layer.cpu_linear` the op."""
+    cpu_ops.implementation()  # the op registered (built on first use) before any graph refers to it
+    if packs_kmajor(layer.weight) and not getattr(layer, "blockffn_row_major", False):
+        layer.weight = torch.nn.Parameter(pack_kmajor(layer.weight.data), requires_grad=False)
+        layer.blockffn_kmajor = True
+        layer.cpu_linear = _cpu_linear_kmajor
+        return
+    _plain_weight(layer)
+    layer.cpu_linear = _cpu_linear
 
 
 def _plain_weight(layer: torch.nn.Module) -> None:
@@ -70,9 +112,7 @@ class StreamingLinearMethod(UnquantizedLinearMethod):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if not _eligible(layer):
             return super().process_weights_after_loading(layer)
-        _plain_weight(layer)
-        cpu_ops.implementation()  # the op registered (built on first use) before any graph refers to it
-        layer.cpu_linear = _cpu_linear
+        _streaming(layer)
 
 
 class StreamingLMHeadMethod(UnquantizedEmbeddingMethod):
@@ -81,15 +121,13 @@ class StreamingLMHeadMethod(UnquantizedEmbeddingMethod):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if not _eligible(layer):
             return super().process_weights_after_loading(layer)
-        _plain_weight(layer)
-        cpu_ops.implementation()  # the op registered (built on first use) before any graph refers to it
-        layer.cpu_linear = _cpu_linear
+        _streaming(layer)
 
 
 def install(model: torch.nn.Module) -> int:
     """Give the model's unquantized linears and lm_head the streaming method; returns how many.
     A no-op off CPUs or with VLLM_BLOCKFFN_CPU_LINEAR=vllm (checked again after loading)."""
-    if not current_platform.is_cpu() or linear_mode() != "auto":
+    if not current_platform.is_cpu() or linear_mode() == "vllm":
         return 0
     n = 0
     for module in model.modules():
