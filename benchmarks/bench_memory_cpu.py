@@ -36,6 +36,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kernels.dispatch import THRESHOLDS  # noqa: E402
+from kernels.layout import kmajor_packable, pack_kmajor  # noqa: E402
 from kernels.quant import dequantize_experts, quantize_experts, quantize_rows  # noqa: E402
 from kernels.sparse_ffn import cpu_native  # noqa: E402
 from kernels.sparse_ffn.cpu import dense_ffn_gemm  # noqa: E402
@@ -352,6 +354,9 @@ def linear_rows(args, threads: int, bw: float) -> list[list[str]]:
             else:
                 w0 = w0.to(dt)
                 ws, scales, w_ref = [placed(w0.clone()) for _ in range(n)], [None] * n, w0.float()
+            # bf16 weights the served model packs K-major (serving/layers/cpu_linear.py): the same pool packed
+            packed = ([pack_kmajor(w) for w in ws] if dt == torch.bfloat16 and kmajor_packable(w0)
+                      and cpu_native.cpu_isa() in THRESHOLDS.cpu_linear_kmajor else None)
             handlers = None
             if ops is not None and getattr(ops, "_supports_onednn", False):
                 try:
@@ -383,12 +388,20 @@ def linear_rows(args, threads: int, bw: float) -> list[list[str]]:
 
                 t_s = _cycle(ws, lambda w, i, x=x, sc=scales: cpu_native.linear_native(
                     x, w, num_threads=threads, weight_scale=sc[i]))
+                t_r = float("nan")
+                if packed:  # what the served model runs here: the K-major kernel; the row-dot one beside it
+                    got = cpu_native.linear_kmajor_native(x, packed[0], num_threads=threads).float()
+                    assert ((got - ref).norm() / ref.norm()).item() < 2e-2
+                    t_r = t_s
+                    t_s = _cycle(packed, lambda p, i, x=x: cpu_native.linear_kmajor_native(x, p, num_threads=threads))
                 t_t = (_cycle(ws, lambda w, i, x=x: torch.nn.functional.linear(x, w)) if dt != torch.int8
                        else float("nan"))
                 t_o = _cycle(ws, lambda w, i, x=x: vllm_mm(w, i, x)) if handlers else float("nan")
                 g = lambda t, b=b: b / t / 1e9  # noqa: E731
-                rows.append([name, dname, str(M), f"{b / 1e6:.1f}", f"{t_s * 1e6:.0f}", f"{g(t_s):.1f}",
-                             f"{g(t_s) / bw:.0%}", f"{t_o * 1e6:.0f}", f"{g(t_o):.1f}", f"{g(t_o) / bw:.0%}",
+                rows.append([name, dname, str(M), f"{b / 1e6:.1f}", "K-major" if packed else "row-major",
+                             f"{t_s * 1e6:.0f}", f"{g(t_s):.1f}", f"{g(t_s) / bw:.0%}",
+                             f"{t_r * 1e6:.0f} ({g(t_r) / bw:.0%})" if packed else "—",
+                             f"{t_o * 1e6:.0f}", f"{g(t_o):.1f}", f"{g(t_o) / bw:.0%}",
                              f"{t_t * 1e6:.0f}", f"{g(t_t):.1f}", cpu_native.cpu_isa()])
                 print(" | ".join(rows[-1]), flush=True)
     return rows
@@ -420,8 +433,6 @@ def emit(md: list[str], out: str | None) -> None:
 
 def amx_rules(args) -> str:
     """Where the amx path used the tiles in this run."""
-    from kernels.dispatch import THRESHOLDS
-
     rows = THRESHOLDS.cpu_amx_min_rows if args.amx_min_rows is None else args.amx_min_rows
     toks = THRESHOLDS.cpu_amx_min_tokens if args.amx_min_tokens is None else args.amx_min_tokens
     return (f"; AMX tiles for linears from {rows} rows, experts from {toks} tokens per active expert, "
@@ -468,7 +479,8 @@ def main() -> None:
             "vLLM oneDNN µs", "% of BW", "kernel, all experts µs", "% of BW", "ISA"]
     print(" | ".join(cols), flush=True)
     rows = kernel_rows(args, args.threads, bw) if not args.linears_only else []
-    lcols = ["linear", "dtype", "M", "MB", "streaming µs", "GB/s", "% of BW", "vLLM oneDNN µs", "GB/s", "% of BW",
+    lcols = ["linear", "dtype", "M", "MB", "served layout", "streaming µs", "GB/s", "% of BW",
+             "row-major kernel µs (% of BW)", "vLLM oneDNN µs", "GB/s", "% of BW",
              "F.linear µs", "GB/s", "ISA"]
     print(" | ".join(lcols), flush=True)
     lrows = linear_rows(args, args.threads, bw)
