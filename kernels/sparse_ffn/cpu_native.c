@@ -1611,6 +1611,9 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
    4), each pass over a panel that the first left in L2; the first pass prefetches KM_PF bytes ahead. */
 #define KM_PF 4096 /* bytes ahead in each of a panel's two weight streams (a scratch probe: 512 B 24%, 8 KB 9% slower) */
 #define KM_TG 8    /* tokens per pass (AVX-512: 2 x 8 accumulators) */
+#ifndef KM_PB4
+#define KM_PB4 1
+#endif
 
 static void km_portable(const uint16_t *w, long K2, int nb, const float *x, long ldx, int nt, float *y, long ldy) {
     for (int b = 0; b < nb; b++)
@@ -1655,13 +1658,18 @@ static void km_portable(const uint16_t *w, long K2, int nb, const float *x, long
         }                                                                                               \
         for (int b = 0; b < NB; b++) for (int t = 0; t < NT; t++) _mm512_storeu_ps(y + t * ldy + 16 * b, acc[b][t]); \
     }
-#define KM5_NB(NT) KM5(NT, 1) KM5(NT, 2)
-KM5_NB(1) KM5_NB(2) KM5_NB(3) KM5_NB(4) KM5_NB(5) KM5_NB(6) KM5_NB(7) KM5_NB(8)
+#define KM5_NB2(NT) KM5(NT, 1) KM5(NT, 2)
+#define KM5_NB4(NT) KM5(NT, 1) KM5(NT, 2) KM5(NT, 3) KM5(NT, 4)
+KM5_NB4(1) KM5_NB4(2) KM5_NB4(3) KM5_NB4(4) KM5_NB2(5) KM5_NB2(6) KM5_NB2(7) KM5_NB2(8)
+/* nb blocks (up to 4 for nt <= 4, else 2) of nt tokens */
 static void km_avx512(const uint16_t *w, long K2, int nb, const float *x, long ldx, int nt, float *y, long ldy,
                       int pf) {
-#define KM5_CASE(NT) case NT: (nb == 2 ? km5_##NT##_2 : km5_##NT##_1)(w, K2, x, ldx, y, ldy, pf); break;
-    switch (nt) { KM5_CASE(1) KM5_CASE(2) KM5_CASE(3) KM5_CASE(4) KM5_CASE(5) KM5_CASE(6) KM5_CASE(7) KM5_CASE(8) }
-#undef KM5_CASE
+#define KM5_C4(NT) case NT: (nb == 4 ? km5_##NT##_4 : nb == 3 ? km5_##NT##_3 : nb == 2 ? km5_##NT##_2 : km5_##NT##_1) \
+    (w, K2, x, ldx, y, ldy, pf); break;
+#define KM5_C2(NT) case NT: (nb == 2 ? km5_##NT##_2 : km5_##NT##_1)(w, K2, x, ldx, y, ldy, pf); break;
+    switch (nt) { KM5_C4(1) KM5_C4(2) KM5_C4(3) KM5_C4(4) KM5_C2(5) KM5_C2(6) KM5_C2(7) KM5_C2(8) }
+#undef KM5_C4
+#undef KM5_C2
 }
 #pragma GCC pop_options
 
@@ -1727,8 +1735,10 @@ int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp,
         xs = xf; ldxf = K; ldo = N;
     }
     float *o = xdt ? out : (float *)y;
-    long K2 = K / 2, panels = (N + 31) / 32;
     int tg = isa >= ISA_AVX512 ? KM_TG : isa >= ISA_AVX2 ? 4 : KM_TG;
+    /* blocks per panel: 4 streams at once where the tokens leave the registers for them (AVX-512, <= 4 tokens) */
+    int pb = isa >= ISA_AVX512 && M <= 4 && KM_PB4 ? 4 : 2;
+    long K2 = K / 2, blocks = N / 16, panels = (blocks + pb - 1) / pb;
     int nth = call_threads(nthreads);
     if ((double)N * K < 32768.0) nth = 1; /* as blockffn_linear */
     if (nth > panels) nth = (int)panels;
@@ -1736,8 +1746,8 @@ int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp,
     {
         int tid = omp_get_thread_num(), T = omp_get_num_threads();
         for (long pi = panels * tid / T; pi < panels * (tid + 1) / T; pi++) {
-            long n0 = pi * 32;
-            int nb = n0 + 32 <= N ? 2 : 1;
+            long n0 = pi * pb * 16;
+            int nb = blocks - pi * pb < pb ? (int)(blocks - pi * pb) : pb;
             const uint16_t *w = wp + n0 * K; /* block n0 / 16 starts at (n0 / 16) * K2 * 32 = n0 * K elements */
             for (long t0 = 0; t0 < M; t0 += tg) {
                 int nt = M - t0 < tg ? (int)(M - t0) : tg, pf = g_prefetch && t0 == 0;
