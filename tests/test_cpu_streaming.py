@@ -57,7 +57,8 @@ def test_streaming_linear_rejects_bad_shapes():
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("M,N,K", [(1, 16, 2), (3, 48, 130), (8, 64, 96), (9, 272, 256), (17, 32, 1792),
-                                   (64, 80, 64)])  # one 16-row block, panels + a block tail, token passes 8 + 1
+                                   (64, 80, 64), (300, 48, 40)])
+# one 16-row block, panels of 2 and 4 blocks with tails, token passes 8 + 1, sweeps of 128 tokens
 def test_kmajor_linear_paths_agree_bit_for_bit(dtype, M, N, K):
     """The outer-product linear on K-major bf16 weights (layout.pack_kmajor): every path this CPU runs gives the
     same bits, close to the fp64 product; with bf16 x each output is exactly the sequential fp32 chain over k

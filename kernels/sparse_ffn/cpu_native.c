@@ -1611,6 +1611,11 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
    4), each pass over a panel that the first left in L2; the first pass prefetches KM_PF bytes ahead. */
 #define KM_PF 4096 /* bytes ahead in each of a panel's two weight streams (a scratch probe: 512 B 24%, 8 KB 9% slower) */
 #define KM_TG 8    /* tokens per pass (AVX-512: 2 x 8 accumulators) */
+#ifndef KM_SB
+#define KM_SB 128 /* tokens per sweep over the weights: their fp32 x (0.9 MB at K = 1792) stays in L2 while every
+                     panel passes over it (with all of a 1024-token prefill's x per panel, read from the LLC, the
+                     kernel was 0.94x oneDNN's fp32 GEMM; the weight is read again per sweep, from the LLC) */
+#endif
 #ifndef KM_PB4
 #define KM_PB4 1
 #endif
@@ -1723,18 +1728,10 @@ int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp,
     if (M == 0 || N == 0) return 0;
     isa = blockffn_resolve_isa(isa);
     if (isa < 0) return -3;
-    float *xf = NULL, *out = NULL;
-    const float *xs = (const float *)x;
-    long ldxf = ldx, ldo = ldy;
-    if (xdt) {
-        xf = malloc((size_t)M * K * sizeof(float));
-        out = malloc((size_t)M * N * sizeof(float));
-        if (!xf || !out) { free(xf); free(out); return -1; }
-        for (long t = 0; t < M; t++)
-            for (long k = 0; k < K; k++) xf[t * K + k] = cv_bf16(((const uint16_t *)x)[t * ldx + k]);
-        xs = xf; ldxf = K; ldo = N;
-    }
-    float *o = xdt ? out : (float *)y;
+    float *xf = xdt ? malloc((size_t)M * K * sizeof(float)) : NULL;
+    if (xdt && !xf) return -1;
+    const float *xs = xdt ? xf : (const float *)x;
+    long ldxf = xdt ? K : ldx;
     int tg = isa >= ISA_AVX512 ? KM_TG : isa >= ISA_AVX2 ? 4 : KM_TG;
     /* blocks per panel: 4 streams at once where the tokens leave the registers for them (AVX-512, <= 4 tokens) */
     int pb = isa >= ISA_AVX512 && M <= 4 && KM_PB4 ? 4 : 2;
@@ -1742,29 +1739,41 @@ int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp,
     int nth = call_threads(nthreads);
     if ((double)N * K < 32768.0) nth = 1; /* as blockffn_linear */
     if (nth > panels) nth = (int)panels;
+    /* bf16 x widened and bf16 y rounded by every thread (a prefill's 1024 x 5376 outputs rounded by one thread
+       took ~5 ms of a 70 ms call): x rows split before a barrier, y a token pass at a time from a small buffer */
     #pragma omp parallel num_threads(nth)
     {
         int tid = omp_get_thread_num(), T = omp_get_num_threads();
+        float yb[KM_TG * 64];
+        if (xdt) {
+            for (long t = M * tid / T; t < M * (tid + 1) / T; t++)
+                for (long k = 0; k < K; k++) xf[t * K + k] = cv_bf16(((const uint16_t *)x)[t * ldx + k]);
+            #pragma omp barrier
+        }
+        for (long s0 = 0; s0 < M; s0 += KM_SB)
         for (long pi = panels * tid / T; pi < panels * (tid + 1) / T; pi++) {
-            long n0 = pi * pb * 16;
+            long n0 = pi * pb * 16, s1 = s0 + KM_SB < M ? s0 + KM_SB : M;
             int nb = blocks - pi * pb < pb ? (int)(blocks - pi * pb) : pb;
             const uint16_t *w = wp + n0 * K; /* block n0 / 16 starts at (n0 / 16) * K2 * 32 = n0 * K elements */
-            for (long t0 = 0; t0 < M; t0 += tg) {
-                int nt = M - t0 < tg ? (int)(M - t0) : tg, pf = g_prefetch && t0 == 0;
+            for (long t0 = s0; t0 < s1; t0 += tg) {
+                int nt = s1 - t0 < tg ? (int)(s1 - t0) : tg, pf = g_prefetch && t0 == 0;
                 const float *xt = xs + t0 * ldxf;
-                float *yt = o + t0 * ldo + n0;
+                float *yt = xdt ? yb : (float *)y + t0 * ldy + n0;
+                long ldo = xdt ? 64 : ldy;
 #if BLOCKFFN_X86
-                if (isa >= ISA_AVX512) { km_avx512(w, K2, nb, xt, ldxf, nt, yt, ldo, pf); continue; }
-                if (isa >= ISA_AVX2) { km_avx2(w, K2, nb, xt, ldxf, nt, yt, ldo, pf); continue; }
+                if (isa >= ISA_AVX512) km_avx512(w, K2, nb, xt, ldxf, nt, yt, ldo, pf);
+                else if (isa >= ISA_AVX2) km_avx2(w, K2, nb, xt, ldxf, nt, yt, ldo, pf);
+                else
 #endif
-                km_portable(w, K2, nb, xt, ldxf, nt, yt, ldo);
+                    km_portable(w, K2, nb, xt, ldxf, nt, yt, ldo);
+                if (xdt)
+                    for (int t = 0; t < nt; t++)
+                        for (int c = 0; c < 16 * nb; c++)
+                            ((uint16_t *)y)[(t0 + t) * ldy + n0 + c] = to_bf16(yb[t * 64 + c]);
             }
         }
     }
-    if (xdt)
-        for (long t = 0; t < M; t++)
-            for (long n = 0; n < N; n++) ((uint16_t *)y)[t * ldy + n] = to_bf16(out[t * N + n]);
-    free(xf); free(out);
+    free(xf);
     return 0;
 }
 
