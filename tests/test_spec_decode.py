@@ -143,6 +143,32 @@ def test_oracle_eagle_head_is_always_accepted(style, oracle_target, oracle_basel
     assert drafted > 0 and accepted >= 0.95 * drafted, f"oracle head: only {accepted}/{drafted} accepted"
 
 
+@pytest.mark.slow
+def test_oracle_head_in_bf16_reads_the_target_lm_head(oracle_target, tmp_path, engine_factory, record_figure):
+    """bf16, where the target's lm_head may be packed K-major (serving/layers/cpu_linear.py, on the paths of
+    THRESHOLDS.cpu_linear_kmajor): the head's FR-Spec logits gather rows of that shared lm_head
+    (cpu_linear.row_major_weight); a wrongly unpacked weight would draft wrong tokens and be rejected."""
+    from vllm_blockffn.kernels.dispatch import THRESHOLDS
+    from vllm_blockffn.kernels.sparse_ffn import cpu_native
+    from vllm_blockffn.serving.layers.cpu_linear import linear_mode
+
+    with open(os.path.join(oracle_target, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    head = make_oracle_head(oracle_target, tmp_path / "head", TinyEagleOptions(
+        draft_vocab_size=vocab, **ORACLE_HEADS["blockffn"]))
+    engine = engine_factory(oracle_target, dtype="bfloat16", disable_log_stats=False, speculative_config={
+        "method": "eagle", "model": head, "num_speculative_tokens": SPEC_TOKENS})
+    packed = engine.llm.apply_model(lambda m: bool(getattr(m.lm_head, "blockffn_kmajor", False)))[0]
+    assert packed == (cpu_native.native_available() and linear_mode() == "auto"
+                      and cpu_native.cpu_isa() in THRESHOLDS.cpu_linear_kmajor)
+    _generate(engine)
+    drafted, accepted = _spec_counts(engine)
+    record_figure("spec eagle oracle, bf16: accepted/drafted", f"{accepted}/{drafted}")
+    # bf16 rounding flips some of the rig's margins: 176/192 with the lm_head packed and as loaded alike
+    # (VLLM_BLOCKFFN_CPU_LINEAR=rowmajor); rows gathered from a wrongly unpacked weight draft noise (~0 accepted)
+    assert drafted > 0 and accepted >= 0.85 * drafted, f"oracle head in bf16: only {accepted}/{drafted} accepted"
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading head folders (no engine)
 # ---------------------------------------------------------------------------------------------
