@@ -150,6 +150,7 @@ def test_oracle_head_in_bf16_reads_the_target_lm_head(oracle_target, tmp_path, e
     (cpu_linear.row_major_weight); a wrongly unpacked weight would draft wrong tokens and be rejected."""
     from vllm_blockffn.kernels.dispatch import THRESHOLDS
     from vllm_blockffn.kernels.sparse_ffn import cpu_native
+
     from vllm_blockffn.serving.layers.cpu_linear import linear_mode
 
     with open(os.path.join(oracle_target, "config.json")) as f:
