@@ -9,6 +9,9 @@ one allocation and the C call (benchmarks/RESULTS.md).
 What: ``linear(x [M, K], weight [N, K]) -> y [M, N]`` in x's dtype, fp32/bf16 weights (x of the same
 dtype): the native streaming kernel for :func:`native_rows`, :func:`widened_linear` for :func:`widened_rows`
 (bf16 on CPUs without AMX), else ``F.linear`` (oneDNN).
+``linear_kmajor(x [M, K], packed) -> y [M, N]``: bf16 weights packed K-major at load (``layout.pack_kmajor``
+[N / 16, K / 2, 16, 2]; serving/layers/cpu_linear.py packs them on the paths of ``THRESHOLDS.cpu_linear_kmajor``),
+fp32/bf16 x: the kernel's outer-product linear at every M (:func:`linear_kmajor_python` says why).
 ``int8_linear(x, weight, weight_scale, row_sums)``: int8 weights with fp32 per-row scales [N] and their
 int32 row sums (:func:`cpu_native.int8_row_sums`, made once at load): the native kernel at every M for fp32
 and bf16 x, on every path; torch's weight-only int8 GEMM with the scales applied to its output for other x.
