@@ -76,6 +76,24 @@ def test_check_env_names_the_path(isa):
         assert f"ISA path {want} " in line and f"widest this CPU runs: {best}" in line, line
 
 
+@pytest.mark.parametrize("isa,mode", [("avx2", "auto"), ("avx512_bf16", "auto"), ("avx512_bf16", "rowmajor")])
+def test_check_env_names_the_linear_layout(isa, mode):
+    """Whether the bf16 projections are packed K-major: on the paths of THRESHOLDS.cpu_linear_kmajor, unless
+    VLLM_BLOCKFFN_CPU_LINEAR=rowmajor."""
+    from vllm_blockffn.kernels.dispatch import THRESHOLDS
+    from vllm_blockffn.kernels.sparse_ffn import cpu_native
+
+    if not cpu_native.native_available():
+        pytest.skip("no native kernel")
+    r = subprocess.run([sys.executable, "-m", "vllm_blockffn.tools.cli", "check", "--env"], capture_output=True,
+                       text=True, timeout=300,
+                       env={**os.environ, "VLLM_BLOCKFFN_CPU_ISA": isa, "VLLM_BLOCKFFN_CPU_LINEAR": mode})
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("bf16 attention projections"))
+    packed = mode == "auto" and cpu_native.cpu_isa(isa) in THRESHOLDS.cpu_linear_kmajor
+    assert ("packed K-major at load" in line) == packed and ("as loaded (" in line) == (not packed), line
+
+
 @pytest.mark.parametrize("ops", ["auto", "python"])
 def test_check_env_names_the_ops_implementation(ops):
     """`check --env` says whether the per-layer calls run as C++ torch ops (cpu_ops.py) or in Python."""

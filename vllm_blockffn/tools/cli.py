@@ -75,6 +75,14 @@ def _check_env() -> int:
         lines.append(f"int8 weights (--quantization blockffn_int8): native kernel, {int8}")
         if pairs:
             lines.append("bf16 experts: VDPBF16PS dots, down pass on row pairs")
+        from vllm_blockffn.kernels.dispatch import THRESHOLDS
+        from vllm_blockffn.serving.layers.cpu_linear import LINEAR_ENV, linear_mode
+
+        kmajor = linear_mode() == "auto" and cpu_native.cpu_isa() in THRESHOLDS.cpu_linear_kmajor
+        lines.append("bf16 attention projections and lm_head: " + (
+            f"packed K-major at load, the outer-product kernel at every M ({LINEAR_ENV}=rowmajor keeps them as "
+            "loaded)" if kmajor else f"as loaded (K-major packing: paths {list(THRESHOLDS.cpu_linear_kmajor)}, "
+            f"{LINEAR_ENV}=auto)"))
         if cpu_native.isa_at_least("amx"):
             from vllm_blockffn.kernels.dispatch import THRESHOLDS as T
 
