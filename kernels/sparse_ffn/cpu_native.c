@@ -1607,10 +1607,15 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
    row-dot loops of blockffn_linear are compute-bound at 4-8 rows in bf16 on AVX-512 cores without AMX (8-row
    [5376, 1792] linears at ~123 GFLOP/s where memory speed needs ~263; RESULTS.md 2026-12-04). Every output is
    the sequential fp32 FMA chain over k = 0, 1, ..., K - 1 on every path: the paths agree bit for bit.
-   Threads take contiguous runs of 32-row panels (two streams of K / 2 lines); tokens in passes of KM_TG (AVX2:
-   4), each pass over a panel that the first left in L2; the first pass prefetches KM_PF bytes ahead. */
-#define KM_PF 4096 /* bytes ahead in each weight stream of a panel (a scratch probe, cold, 8 rows: 1 KB ahead 6%,
-                      16 KB 10%, none 35% slower) */
+   Threads take contiguous runs of panels of 2 blocks (4 at <= 4 tokens on AVX-512: four streams of K / 2 lines);
+   tokens in passes of KM_TG (AVX2: 4), each pass over a panel that the first left in L2, in sweeps of KM_SB
+   tokens; the first pass prefetches KM_PF bytes ahead. */
+#ifndef KM_PF
+#define KM_PF 2048
+#endif
+/* KM_PF: bytes ahead in each weight stream of a panel. Cold, [5376, 1792] and [1792, 1792], 1 / 4 / 8 rows, the
+   builds interleaved (two runs): 2 KB 1-3% faster than 4 KB at 1-4 rows and level at 8; 1 KB 5-7% slower at 8
+   rows; 8-12 KB 1-11% slower; none 35% slower (the scratch probe). */
 #define KM_TG 8    /* tokens per pass (AVX-512: 2 x 8 accumulators) */
 #ifndef KM_SB
 #define KM_SB 128 /* tokens per sweep over the weights: their fp32 x (0.9 MB at K = 1792) stays in L2 while every
