@@ -72,9 +72,9 @@ def _cpu_linear_kmajor(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 def packs_kmajor(weight: torch.Tensor) -> bool:
-    """Whether a loaded linear weight is packed K-major: bf16 and packable, on a path of
-    `THRESHOLDS.cpu_linear_kmajor`, `VLLM_BLOCKFFN_CPU_LINEAR` auto (layers marked `blockffn_row_major`, whose
-    weight other kernels read as [N, K], never are)."""
+    """Whether a loaded linear weight is to be packed K-major: bf16 and packable, on a path of
+    `THRESHOLDS.cpu_linear_kmajor`, `VLLM_BLOCKFFN_CPU_LINEAR` auto. (:func:`_streaming` also keeps the layers
+    marked `blockffn_row_major` as loaded: other kernels read their weight as [N, K].)"""
     return (linear_mode() == "auto" and kmajor_packable(weight)
             and cpu_native.cpu_isa() in THRESHOLDS.cpu_linear_kmajor)
 
