@@ -99,13 +99,11 @@ def pack_kmajor(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(n // KMAJOR_ROWS, KMAJOR_ROWS, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
-def unpack_kmajor(packed: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
-    """The inverse of :func:`pack_kmajor`: the weight [N, K] (``rows``: a slice of whole 16-row blocks, in rows)."""
+def unpack_kmajor(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`pack_kmajor`: the weight [N, K] (a copy)."""
     if packed.dim() != 4 or packed.shape[2] != KMAJOR_ROWS or packed.shape[3] != 2:
         raise ValueError(f"unpack_kmajor: packed {list(packed.shape)}; expected [N / {KMAJOR_ROWS}, K / 2, "
                          f"{KMAJOR_ROWS}, 2]")
-    if rows is not None:
-        packed = packed[rows.start // KMAJOR_ROWS: None if rows.stop is None else -(-rows.stop // KMAJOR_ROWS)]
     b, k2 = packed.shape[:2]
     return packed.permute(0, 2, 1, 3).reshape(b * KMAJOR_ROWS, k2 * 2)
 

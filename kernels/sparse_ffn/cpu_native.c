@@ -1623,7 +1623,7 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
                      kernel was 0.94x oneDNN's fp32 GEMM; the weight is read again per sweep, from the LLC) */
 #endif
 #ifndef KM_PB4
-#define KM_PB4 1
+#define KM_PB4 1 /* 4-block panels at <= 4 tokens (0: always 2; KM_PF, KM_SB, KM_PB4 are build knobs for A/B builds) */
 #endif
 
 static void km_portable(const uint16_t *w, long K2, int nb, const float *x, long ldx, int nt, float *y, long ldy) {

@@ -57,18 +57,20 @@ def _eligible(layer: torch.nn.Module) -> bool:
             and not getattr(layer, "_cpu_skip_gemm_dispatch", False) and cpu_native.native_available())
 
 
-def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _apply(op, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """op on x's rows flattened to 2-D, the output reshaped back, plus the bias."""
     shape = x.shape
-    y = cpu_ops.linear(x.reshape(-1, shape[-1]), weight)
-    y = y.reshape(*shape[:-1], weight.shape[0])
+    y = op(x.reshape(-1, shape[-1]), weight)
+    y = y.reshape(*shape[:-1], y.shape[-1])
     return y if bias is None else y + bias
+
+
+def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _apply(cpu_ops.linear, x, weight, bias)
 
 
 def _cpu_linear_kmajor(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    shape = x.shape
-    y = cpu_ops.linear_kmajor(x.reshape(-1, shape[-1]), weight)
-    y = y.reshape(*shape[:-1], y.shape[-1])
-    return y if bias is None else y + bias
+    return _apply(cpu_ops.linear_kmajor, x, weight, bias)
 
 
 def packs_kmajor(weight: torch.Tensor) -> bool:
