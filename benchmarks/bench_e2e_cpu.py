@@ -119,9 +119,9 @@ def rows_wanted(args: argparse.Namespace) -> list[dict]:
              for b in (4, 8)]
     rows.append({"row": "prefill-heavy", "spec": "none", "batch": args.prefill_batch, "prompt_len": args.prefill_len,
                  "tokens": args.prefill_tokens})
-    if args.rows:
-        keep = {r.strip() for r in args.rows.split(",")}
-        rows = [r for r in rows if r["row"] in keep]
+    if args.rows:  # comma-separated names; a name may hold a comma itself ("batch 1, EAGLE k=3")
+        listed = "," + ",".join(s.strip() for s in args.rows.split(",")) + ","
+        rows = [r for r in rows if "," + ",".join(s.strip() for s in r["row"].split(",")) + "," in listed]
     return rows
 
 
