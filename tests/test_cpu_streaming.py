@@ -162,6 +162,29 @@ def test_bf16_down_pass_on_row_pairs(H, lengths, threads):
     assert torch.equal(ys[True][ok], ys[False][ok]) == (H % 32 != 0)
 
 
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("H,T", [(1792, 3), (1800, 5), (96, 1)])
+def test_threads_reduce_their_shares_of_the_output(isa, dtype, H, T):
+    """The threads' partial outputs are summed by every thread over its share of 32-element blocks (fp32: into
+    thread 0's output, bf16: rounded and, on the paired bf16 down pass, put back in column order): with 2 and 3
+    threads every element equals the reference, on T x H not a multiple of 32 (1800 x 5) and padding rows (0)."""
+    E, D = 12, 24
+    g = torch.Generator().manual_seed(H * T)
+    x = torch.randn(T + 2, H, generator=g).to(DT[dtype])
+    s = torch.relu(torch.randn(T + 2, E, generator=g))
+    w_up = (torch.randn(E, D, H, generator=g) / H**0.5).to(DT[dtype])
+    w_down_t = (torch.randn(E, D, H, generator=g) / D**0.5).to(DT[dtype])
+    cu = torch.tensor([0, T], dtype=torch.int32)  # two padding rows past the last sequence
+    ref = experts_reference(x[:T].float(), s[:T], w_up.float(), w_down_t.transpose(1, 2).float(), "block")
+    for threads in (2, 3):
+        runs = [cpu_native.sparse_ffn_native(x, s, w_up, w_down_t, cu, num_threads=threads, isa=isa)
+                for _ in range(2)]
+        assert torch.equal(runs[0], runs[1])
+        torch.testing.assert_close(runs[0][:T].float(), ref, **TOL[dtype])
+        assert (runs[0][T:] == 0).all()
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_long_steps_run_grouped_gemms_per_expert(dtype):
     """From the path's grouped_min_tokens the auto CPU path gathers each expert's tokens into one GEMM pair

@@ -1811,6 +1811,70 @@ static int count_segments(const float *scores, const int32_t *cu, long S, long T
     return 0;
 }
 
+/* ------------------------------------------------------------------------ output reduction */
+/* The threads' partial outputs summed into y, elements [a, b) of the T x H output: fp32 y (thread 0's own buffer,
+   direct) += each other used buffer, or (bf16 x) the used buffers' sum rounded to bf16 and put back in column
+   order (perm 1: the paired down pass's perm_col order, 2: the AMX down pass's amx_col order, both within 32-column
+   blocks, so a and b are multiples of 32 there). Buffers are summed in the order b = 0, 1, ... (the same sums as
+   one thread made them a row at a time before). Every thread reduces its own share after the units (the serial
+   loop took ~1.4 ns per element with the permuted gathers: 20 us of a 45 us 8-token layer call, RESULTS.md
+   2026-12-04 22:32 UTC). */
+#define RED_CH 256 /* elements summed at a time (a multiple of 32) */
+#if BLOCKFFN_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw")
+/* to_bf16 on 16 lanes: the same integer steps (round to nearest even, NaN -> its quiet NaN), so the same bits */
+ALWAYS __m256i bf16x16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v), s = _mm512_srli_epi32(u, 16);
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                                                   _mm512_and_si512(s, _mm512_set1_epi32(1))), 16);
+    __m512i q = _mm512_or_si512(s, _mm512_set1_epi32(0x40));
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, r, q));
+}
+/* dst[c] = to_bf16(ra[tab[c % 32] + c - c % 32]) for n (a multiple of 32) elements */
+static void unperm_avx512(const float *ra, uint16_t *dst, long n, const int *tab) {
+    __m512i i0 = _mm512_loadu_si512(tab), i1 = _mm512_loadu_si512(tab + 16);
+    for (long o = 0; o < n; o += 32) {
+        __m512 lo = _mm512_loadu_ps(ra + o), hi = _mm512_loadu_ps(ra + o + 16);
+        _mm256_storeu_si256((__m256i *)(dst + o), bf16x16(_mm512_permutex2var_ps(lo, i0, hi)));
+        _mm256_storeu_si256((__m256i *)(dst + o + 16), bf16x16(_mm512_permutex2var_ps(lo, i1, hi)));
+    }
+}
+#pragma GCC pop_options
+#endif
+static void reduce_out(void *y, int direct, const float *yb, long nbuf, const int *used, long nn, int perm, long a,
+                       long b) {
+    if (direct) {
+        float *yo = (float *)y;
+        for (long k = 0; k < nbuf; k++) {
+            if (!used[k + 1]) continue;
+            const float *src = yb + k * nn;
+            for (long i = a; i < b; i++) yo[i] += src[i];
+        }
+        return;
+    }
+    int tab[32];
+    for (int q = 0; q < 32; q++) tab[q] = (int)(perm == 2 ? amx_col(q) : perm_col(q));
+    float ra[RED_CH];
+    for (long o = a; o < b; o += RED_CH) {
+        long n = b - o < RED_CH ? b - o : RED_CH;
+        for (long i = 0; i < n; i++) ra[i] = 0.0f;
+        for (long k = 0; k < nbuf; k++) {
+            if (!used[k]) continue;
+            const float *src = yb + k * nn + o;
+            for (long i = 0; i < n; i++) ra[i] += src[i];
+        }
+        uint16_t *dst = (uint16_t *)y + o;
+#if BLOCKFFN_X86
+        if (perm) { unperm_avx512(ra, dst, n, tab); continue; } /* perm: AVX-512 paths only */
+#endif
+        if (perm) for (long i = 0; i < n; i++) dst[i] = to_bf16(ra[tab[i & 31] + (i & ~31L)]);
+        else for (long i = 0; i < n; i++) dst[i] = to_bf16(ra[i]);
+    }
+}
+
 /* --------------------------------------------------------------------------------- entry */
 /* dtype codes: 0 = fp32, 1 = bf16, 2 = int8 (weights only: then up_scale fp32 [E, D] and down_scale
    fp32 [E, H], the per-output-row scales of kernels/quant.py, and up_rowsum int32 [E, D], the sums of
@@ -1890,7 +1954,6 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     long nbuf = direct ? nth - 1 : nth;
     float *yb = nbuf > 0 ? malloc(((size_t)nbuf * T * H + 1) * sizeof(float)) : NULL;
     int *used = calloc((size_t)nth + 1, sizeof(int));
-    float *ra = direct ? NULL : malloc(((size_t)H + 1) * sizeof(float)); /* one output row's sums */
     int vnni = wdt == 2 && isa >= ISA_AVX2; /* int8: the integer paths (x rounded to int16) */
     /* the paired bf16 down pass: thread-private y only (bf16 x: never direct), whole 32-column blocks */
     int perm = 0;
@@ -1918,7 +1981,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     const float **xrow = vnni ? malloc(((size_t)n + 1) * sizeof(float *)) : NULL;
     const uint8_t **xqp = vnni ? malloc(((size_t)P + 1) * sizeof(uint8_t *)) : NULL;
     float *xqsp = vnni ? malloc(((size_t)P + 1) * sizeof(float)) : NULL;
-    int ok = tok && sc && hb && xs && xh && zrow && used && (direct || ra) && (!need_xf || xf) && (nbuf == 0 || yb) &&
+    int ok = tok && sc && hb && xs && xh && zrow && used && (!need_xf || xf) && (nbuf == 0 || yb) &&
              (!vnni || (xq8 && xqs && xrow && xqp && xqsp)) && (!vq || (accb && hqb)) && (!nc || (xb && xr && faccb));
     if (ok) {
         for (long t = t0; t < t1; t++) { /* fill: the same mask, so exactly cnt[e] entries each */
@@ -2032,34 +2095,15 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
 #if BLOCKFFN_X86
             if (nc) amx_release();
 #endif
-        }
-        /* sum the threads' partial outputs (and round to bf16) */
-        long nn = T * H;
-        if (direct) {
-            float *yo = (float *)y;
-            for (long b = 0; b < nbuf; b++) {
-                if (!used[b + 1]) continue;
-                const float *src = yb + b * nn;
-                for (long i = 0; i < nn; i++) yo[i] += src[i];
-            }
-        } else {
-            uint16_t *yo = (uint16_t *)y;
-            for (long t = 0; t < T; t++) { /* a row at a time: the sums vectorize, then round */
-                for (long c = 0; c < H; c++) ra[c] = 0.0f;
-                for (long b = 0; b < nbuf; b++) {
-                    if (!used[b]) continue;
-                    const float *src = yb + b * nn + t * H;
-                    for (long c = 0; c < H; c++) ra[c] += src[c];
-                }
-                uint16_t *dst = yo + t * H;
-                if (perm == 2) for (long c = 0; c < H; c++) dst[c] = to_bf16(ra[amx_col(c)]);
-                else if (perm) for (long c = 0; c < H; c++) dst[c] = to_bf16(ra[perm_col(c)]);
-                else for (long c = 0; c < H; c++) dst[c] = to_bf16(ra[c]);
-            }
+            /* sum the threads' partial outputs (and round to bf16): each thread a share of 32-element blocks */
+            #pragma omp barrier
+            long nn = T * H, nbk = (nn + 31) / 32, nt_ = omp_get_num_threads();
+            long ra0 = nbk * tid / nt_ * 32, ra1 = nbk * (tid + 1) / nt_ * 32;
+            reduce_out(y, direct, yb, nbuf, used, nn, perm, ra0, ra1 < nn ? ra1 : nn);
         }
     }
     free(mask); free(used); free(cnt); free(off); free(uni); free(tok); free(sc); free(hb); free(xs);
-    free(xh); free(zrow); free(xf); free(yb); free(accb); free(hqb); free(xq8); free(xqs); free(xrow); free(xqp); free(xqsp); free(ra);
+    free(xh); free(zrow); free(xf); free(yb); free(accb); free(hqb); free(xq8); free(xqs); free(xrow); free(xqp); free(xqsp);
     free(xb); free(xr); free(faccb);
     return ok ? 0 : -1;
 }
