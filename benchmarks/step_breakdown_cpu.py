@@ -96,6 +96,8 @@ class ProbedLib:
         self.blockffn_linear = probe.wrap_c(lib.blockffn_linear, lambda a: f"linear N={a[6]}")
         if hasattr(lib, "blockffn_linear_kmajor"):  # bf16 weights packed K-major (absent before 6f29c9b)
             self.blockffn_linear_kmajor = probe.wrap_c(lib.blockffn_linear_kmajor, lambda a: f"linear N={a[5]}")
+        if hasattr(lib, "blockffn_linear_kmajor_i8"):  # int8 weights packed K-major
+            self.blockffn_linear_kmajor_i8 = probe.wrap_c(lib.blockffn_linear_kmajor_i8, lambda a: f"linear N={a[5]}")
         self.blockffn_sparse_ffn = probe.wrap_c(lib.blockffn_sparse_ffn, lambda a: "experts")
         if hasattr(lib, "blockffn_router_sparse_ffn"):  # (absent before 46128dc: A/Bs against older code)
             self.blockffn_router_sparse_ffn = probe.wrap_c(lib.blockffn_router_sparse_ffn, lambda a: "router+experts")
@@ -252,6 +254,7 @@ def probe_cpp_ops(probe: Probe) -> None:
     for name, tag_of in (("linear", lambda a: f"linear N={a[1].shape[0]}"),
                          ("int8_linear", lambda a: f"linear N={a[1].shape[0]}"),
                          ("linear_kmajor", lambda a: f"linear N={a[1].shape[0] * a[1].shape[2]}"),
+                         ("int8_linear_kmajor", lambda a: f"linear N={a[1].shape[0] * a[1].shape[2]}"),
                          ("router_experts", lambda a: ROUTER_EXPERTS),
                          ("attention", lambda a: "attention (C++: KV update + kernel)")):
         if hasattr(ns, name):

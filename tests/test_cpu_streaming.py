@@ -92,7 +92,7 @@ def test_kmajor_linear_rejects_bad_input():
         cpu_native.linear_kmajor_native(torch.zeros(2, 6), packed)
     with pytest.raises(ValueError, match=r"packed weight torch.float32 \[2, 4, 16, 2\]; expected a contiguous"):
         cpu_native.linear_kmajor_native(torch.zeros(2, 8), packed.float())
-    with pytest.raises(ValueError, match=r"unpack_kmajor: packed \[32, 8\]"):
+    with pytest.raises(ValueError, match=r"unpack_kmajor: packed torch.float32 \[32, 8\]"):
         unpack_kmajor(torch.zeros(32, 8))
 
 

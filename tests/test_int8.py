@@ -163,6 +163,57 @@ def test_native_int8_linear_equals_dequantized_reference(isa):
         cpu_native.linear_native(torch.randn(1, q.shape[1]), q)
 
 
+@needs_native
+@pytest.mark.parametrize("isa", _isas())
+def test_int8_kmajor_linear_equals_the_row_major_kernel(isa):
+    """int8 weights packed K-major ([N / 16, K / 4, 16, 4], layout.pack_kmajor): on the VNNI path (avx512_bf16) the
+    outer-product kernel makes the row-major VNNI linear's integers, scaled in the same order: the same bits, for
+    1-130 tokens (passes of 8, panels of 1-4 blocks, sweeps of 128 tokens) and K up to 16384; elsewhere fp32 FMAs
+    within the tolerance. A token whose x is not finite takes fp32 and stays the only non-finite row. The C++ op is
+    the kernel call."""
+    from vllm_blockffn.kernels.layout import pack_kmajor, unpack_kmajor
+    from vllm_blockffn.kernels.sparse_ffn import cpu_ops
+
+    vnni = cpu_native.isa_at_least("avx512_bf16", isa)
+    for N, K in [(16, 4), (48, 132), (160, 1792), (32, 16384)]:
+        q, s = quantize_rows(torch.randn(N, K))
+        rs = cpu_native.int8_row_sums(q)
+        packed = pack_kmajor(q)
+        assert packed.shape == (N // 16, K // 4, 16, 4) and torch.equal(unpack_kmajor(packed), q)
+        for M in (1, 2, 3, 5, 8, 9, 130):
+            for xdt in (torch.float32, torch.bfloat16):
+                x = torch.randn(M, K).to(xdt)
+                y = cpu_native.linear_kmajor_native(x, packed, isa=isa, weight_scale=s, row_sums=rs)
+                assert y.dtype == xdt and y.shape == (M, N)
+                if vnni:
+                    assert torch.equal(y, cpu_native.linear_native(x, q, isa=isa, weight_scale=s)), (N, K, M, xdt)
+                assert _rel(y, x.float() @ dequantize_rows(q, s).t()) < _tol(xdt, isa), (N, K, M, xdt)
+    x = torch.randn(5, K)
+    x[2, 7] = float("nan")
+    y = cpu_native.linear_kmajor_native(x, packed, isa=isa, weight_scale=s, row_sums=rs)
+    assert not torch.isfinite(y[2]).any() and torch.isfinite(y[[0, 1, 3, 4]]).all()
+    if isa == cpu_native.best_isa():
+        op = cpu_ops.int8_linear_kmajor(x, packed, s, rs)
+        assert torch.equal(op.isnan(), y.isnan()) and torch.equal(op[~y.isnan()], y[~y.isnan()])
+
+
+def test_int8_kmajor_bad_input_is_named():
+    from vllm_blockffn.kernels.layout import pack_kmajor
+
+    with pytest.raises(ValueError, match=r"pack_kmajor: weight torch.int8 \[16, 16388\]; expected .*up to 16384"):
+        pack_kmajor(torch.zeros(16, 16388, dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"pack_kmajor: weight torch.int8 \[16, 6\]"):
+        pack_kmajor(torch.zeros(16, 6, dtype=torch.int8))
+    if cpu_native.native_available():
+        packed = pack_kmajor(torch.zeros(32, 8, dtype=torch.int8))
+        with pytest.raises(ValueError, match=r"weight_scale None, row_sums None for a torch.int8 weight; expected "
+                                             r"contiguous float32 \[32\] and int32 \[32\]"):
+            cpu_native.linear_kmajor_native(torch.zeros(2, 8), packed)
+        with pytest.raises(ValueError, match=r"x torch.float32 \[2, 6\]; expected fp32/bf16 \[M, 8\]"):
+            cpu_native.linear_kmajor_native(torch.zeros(2, 6), packed, weight_scale=torch.ones(32),
+                                            row_sums=torch.zeros(32, dtype=torch.int32))
+
+
 @pytest.mark.parametrize("isa", _integer_isas())
 def test_int8_dot_products_are_exact_integers(isa):
     """The integer dots (x rounded to int16 per token; VPDPBUSD on two byte planes corrected by the row
@@ -302,6 +353,17 @@ def _expert_dtypes(engine) -> list[tuple]:
     return engine.llm.apply_model(get)
 
 
+def _kmajor_int8_linears(model) -> int:
+    """The model's int8 linears packed K-major (4-D int8 weights marked blockffn_kmajor)."""
+    n = 0
+    for _, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if getattr(m, "blockffn_kmajor", False) and isinstance(w, torch.Tensor) and w.dtype == torch.int8:
+            assert w.dim() == 4 and m.blockffn_out_features == w.shape[0] * 16
+            n += 1
+    return n
+
+
 @pytest.mark.slow
 def test_int8_engine_matches_reference_and_checkpoint(engine_factory, int8_checkpoint, record_figure):
     """--quantization blockffn_int8 (quantize at load) = the saved int8 checkpoint (same int8 weights and
@@ -318,7 +380,26 @@ def test_int8_engine_matches_reference_and_checkpoint(engine_factory, int8_check
     worst, same = compare_to_reference(first, load_reference(int8_checkpoint), max_tokens=32)
     record_figure("int8 engine vs dequantized reference: max |d logprob|", f"{worst:.2e}")
     assert worst <= 1e-3 and all(same), (worst, same)
+    packed = online.llm.apply_model(_kmajor_int8_linears)[0]
     online.close()
+    # int8 linears packed K-major where the rule says (THRESHOLDS.cpu_linear_kmajor_int8): the VNNI path's integers,
+    # so the same logprobs as the row-major kernel (VLLM_BLOCKFFN_CPU_LINEAR=rowmajor)
+    from vllm_blockffn.kernels.dispatch import THRESHOLDS
+
+    assert packed == (9 if cpu_native.cpu_isa() in THRESHOLDS.cpu_linear_kmajor_int8 else 0), packed
+    if packed:
+        os.environ["VLLM_BLOCKFFN_CPU_LINEAR"] = "rowmajor"
+        try:
+            rowmajor = engine_factory(MODEL, dtype="float32", quantization="blockffn_int8")
+            assert rowmajor.llm.apply_model(_kmajor_int8_linears)[0] == 0
+            plain = rowmajor.greedy(PROMPTS, max_tokens=32, prompt_logprobs=True)
+            rowmajor.close()
+        finally:
+            del os.environ["VLLM_BLOCKFFN_CPU_LINEAR"]
+        for a, b in zip(first, plain):
+            assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
+            assert [next(iter(d.values())).logprob for d in a.prompt_logprobs[1:]] == \
+                [next(iter(d.values())).logprob for d in b.prompt_logprobs[1:]]
 
     saved = engine_factory(int8_checkpoint, dtype="float32")
     assert _expert_dtypes(saved)[0] == dtypes

@@ -1783,6 +1783,170 @@ int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp,
     return 0;
 }
 
+/* ------------------------------------------------------------------------ K-major int8 linears */
+/* int8 weights packed K-major at load (kernels/layout.py pack_kmajor on an int8 weight; serving/layers/quantization.py
+   packs them on the VNNI path): [N / 16][K / 4][16][4], each 64-byte line the k quad (4q .. 4q + 3) of 16 output rows,
+   as VPDPBUSD takes it. The outer-product form of the bf16 K-major linears: a line serves every token of the pass by
+   broadcast x (the token's 4 bytes of each VPDPBUSD plane, vb_quantize), 16 int32 sums per vector, no horizontal
+   sums. The integers are the row-major VNNI path's (vn_dots: 256 A + B - 32768 rowsum, exact for K <= 16384), scaled
+   in the same order ((float)dot * x step * row scale): the two layouts agree bit for bit. Why: the row-dot VNNI
+   linears read [3584, 1792] int8 at 82% of the read bandwidth at 1 row and 48% at 8 (the bf16 K-major: 91 / 74%;
+   RESULTS.md 2026-12-04 22:32 UTC). Tokens whose x is not finite, and paths without VNNI, take fp32 FMAs over the
+   same lines (as the row-major int8 paths' fallback). */
+#define KQ_MAXK 16384 /* K at most: every int32 lane of a plane's sums stays exact */
+static void kq_float(const int8_t *w, long K4, int nb, const float *const *xr, int nt, float *y, long ldy) {
+    for (int b = 0; b < nb; b++)
+        for (int t = 0; t < nt; t++)
+            for (int r = 0; r < 16; r++) {
+                const int8_t *p = w + (long)b * K4 * 64 + 4 * r;
+                float acc = 0.0f;
+                for (long q = 0; q < K4; q++)
+                    for (int j = 0; j < 4; j++) acc = fmaf((float)p[q * 64 + j], xr[t][4 * q + j], acc);
+                y[t * ldy + b * 16 + r] = acc;
+            }
+}
+#if BLOCKFFN_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")
+/* NB blocks x NT tokens: the two planes' int32 sums into hi / lo [NT][64] */
+#define KQ5(NT, NB)                                                                                     \
+    static void kq5_##NT##_##NB(const int8_t *w, long K4, const uint8_t *const *xq, long K, int32_t *hi,  \
+                                int32_t *lo, int pf) {                                                  \
+        __m512i ah[NB][NT], al[NB][NT];                                                                 \
+        const uint8_t *xp[NT];                                                                          \
+        for (int t = 0; t < NT; t++) xp[t] = xq[t];                                                     \
+        for (int b = 0; b < NB; b++) for (int t = 0; t < NT; t++) ah[b][t] = al[b][t] = _mm512_setzero_si512(); \
+        for (long q = 0; q < K4; q++) {                                                                 \
+            __m512i wv[NB];                                                                             \
+            for (int b = 0; b < NB; b++) {                                                              \
+                const int8_t *p = w + (long)b * K4 * 64 + q * 64;                                       \
+                wv[b] = _mm512_loadu_si512(p);                                                          \
+                if (pf) _mm_prefetch((const char *)p + KM_PF, _MM_HINT_T0);                             \
+            }                                                                                           \
+            for (int t = 0; t < NT; t++) {                                                              \
+                int32_t bh, bl;                                                                         \
+                memcpy(&bh, xp[t] + 4 * q, 4);                                                          \
+                memcpy(&bl, xp[t] + K + 4 * q, 4);                                                      \
+                __m512i vh = _mm512_set1_epi32(bh), vl = _mm512_set1_epi32(bl);                         \
+                for (int b = 0; b < NB; b++) {                                                          \
+                    ah[b][t] = _mm512_dpbusd_epi32(ah[b][t], vh, wv[b]);                                \
+                    al[b][t] = _mm512_dpbusd_epi32(al[b][t], vl, wv[b]);                                \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+        for (int b = 0; b < NB; b++)                                                                    \
+            for (int t = 0; t < NT; t++) {                                                              \
+                _mm512_storeu_si512(hi + t * 64 + 16 * b, ah[b][t]);                                    \
+                _mm512_storeu_si512(lo + t * 64 + 16 * b, al[b][t]);                                    \
+            }                                                                                           \
+    }
+KQ5(1, 1) KQ5(1, 2) KQ5(1, 3) KQ5(1, 4) KQ5(2, 1) KQ5(2, 2) KQ5(2, 3) KQ5(2, 4)
+KQ5(3, 1) KQ5(3, 2) KQ5(4, 1) KQ5(4, 2) KQ5(5, 1) KQ5(6, 1) KQ5(7, 1) KQ5(8, 1)
+/* nb blocks (up to 4 at <= 2 tokens, 2 at <= 4, else 1) of nt tokens */
+static void kq_avx512(const int8_t *w, long K4, int nb, const uint8_t *const *xq, long K, int nt, int32_t *hi,
+                      int32_t *lo, int pf) {
+#define KQ_C4(NT) case NT: (nb == 4 ? kq5_##NT##_4 : nb == 3 ? kq5_##NT##_3 : nb == 2 ? kq5_##NT##_2 : kq5_##NT##_1) \
+    (w, K4, xq, K, hi, lo, pf); break;
+#define KQ_C2(NT) case NT: (nb == 2 ? kq5_##NT##_2 : kq5_##NT##_1)(w, K4, xq, K, hi, lo, pf); break;
+#define KQ_C1(NT) case NT: kq5_##NT##_1(w, K4, xq, K, hi, lo, pf); break;
+    switch (nt) { KQ_C4(1) KQ_C4(2) KQ_C2(3) KQ_C2(4) KQ_C1(5) KQ_C1(6) KQ_C1(7) KQ_C1(8) }
+#undef KQ_C4
+#undef KQ_C2
+#undef KQ_C1
+}
+/* y[t][0..16) = ((float)(256 hi + lo - 32768 rowsum) * xqs[t]) * scale, as vn_dots and LIN_ROWS make them */
+static void kq_finish(const int32_t *hi, const int32_t *lo, const int32_t *rs, const float *scale, float xqs,
+                      float *y) {
+    for (int h = 0; h < 2; h++) {
+        __m512i a = _mm512_cvtepi32_epi64(_mm256_loadu_si256((const __m256i *)(hi + 8 * h)));
+        __m512i b = _mm512_cvtepi32_epi64(_mm256_loadu_si256((const __m256i *)(lo + 8 * h)));
+        __m512i c = _mm512_cvtepi32_epi64(_mm256_loadu_si256((const __m256i *)(rs + 8 * h)));
+        __m512i tot = _mm512_sub_epi64(_mm512_add_epi64(_mm512_slli_epi64(a, 8), b), _mm512_slli_epi64(c, 15));
+        __m256 f = _mm256_mul_ps(_mm512_cvtepi64_ps(tot), _mm256_set1_ps(xqs));
+        _mm256_storeu_ps(y + 8 * h, _mm256_mul_ps(f, _mm256_loadu_ps(scale + 8 * h)));
+    }
+}
+#pragma GCC pop_options
+#endif
+
+/* y [M, N] (row stride ldy, dtype of x: 0 fp32, 1 bf16) = x [M, K] W^T for int8 W packed K-major (above; N a multiple
+   of 16, K a multiple of 4 up to KQ_MAXK) with fp32 row scales [N] and W's row sums [N] (int8_row_sums). isa,
+   nthreads: as blockffn_linear. Returns 0, -1 (no memory), -2 (bad arguments), -3 ($VLLM_BLOCKFFN_CPU_ISA names no
+   path). */
+int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp, long M, long N, long K, void *y,
+                              long ldy, int nthreads, int isa, const float *scale, const int32_t *rowsum) {
+    if (M < 0 || N < 0 || K <= 0 || N % 16 || K % 4 || K > KQ_MAXK || ldx < K || ldy < N || xdt < 0 || xdt > 1 ||
+        !scale || !rowsum)
+        return -2;
+    if (M == 0 || N == 0) return 0;
+    isa = blockffn_resolve_isa(isa);
+    if (isa < 0) return -3;
+    int vnni = BLOCKFFN_X86 && isa >= ISA_AVX512_BF16;
+    float *xf = xdt ? malloc((size_t)M * K * sizeof(float)) : NULL;
+    const float **xs = malloc((size_t)M * sizeof(float *));
+    uint8_t *xq8 = vnni ? malloc((size_t)M * 2 * K) : NULL;
+    float *xqs = vnni ? malloc((size_t)M * sizeof(float)) : NULL;
+    if (!xs || (xdt && !xf) || (vnni && (!xq8 || !xqs))) {
+        free(xf); free(xs); free(xq8); free(xqs);
+        return -1;
+    }
+    for (long t = 0; t < M; t++) {
+        if (xdt)
+            for (long k = 0; k < K; k++) xf[t * K + k] = cv_bf16(((const uint16_t *)x)[t * ldx + k]);
+        xs[t] = xdt ? xf + t * K : (const float *)x + t * ldx;
+    }
+    if (vnni) quantize_planes(isa, xs, M, K, xq8, xqs);
+    int pb = M <= 2 ? 4 : M <= 4 ? 2 : 1; /* blocks per panel: 16 accumulators */
+    if (!vnni) pb = 1;
+    long K4 = K / 4, blocks = N / 16, panels = (blocks + pb - 1) / pb;
+    int nth = call_threads(nthreads);
+    if ((double)N * K < 32768.0) nth = 1;
+    if (nth > panels) nth = (int)panels;
+    #pragma omp parallel num_threads(nth)
+    {
+        int tid = omp_get_thread_num(), T = omp_get_num_threads();
+        float yb[KM_TG * 64];
+        int32_t hi[KM_TG * 64], lo[KM_TG * 64];
+        const float *xr[KM_TG];
+        const uint8_t *qr[KM_TG];
+        for (long s0 = 0; s0 < M; s0 += KM_SB)
+        for (long pi = panels * tid / T; pi < panels * (tid + 1) / T; pi++) {
+            long n0 = pi * pb * 16, s1 = s0 + KM_SB < M ? s0 + KM_SB : M;
+            int nb = blocks - pi * pb < pb ? (int)(blocks - pi * pb) : pb;
+            const int8_t *w = wp + n0 * K; /* block n0 / 16 starts at (n0 / 16) * K4 * 64 = n0 * K bytes */
+            for (long t0 = s0; t0 < s1; t0 += KM_TG) {
+                int nt = s1 - t0 < KM_TG ? (int)(s1 - t0) : KM_TG, finite = 1;
+                for (int t = 0; t < nt; t++) {
+                    xr[t] = xs[t0 + t];
+                    if (vnni) { qr[t] = xq8 + (t0 + t) * 2 * K; finite &= xqs[t0 + t] == xqs[t0 + t]; }
+                }
+#if BLOCKFFN_X86
+                if (vnni && finite) {
+                    kq_avx512(w, K4, nb, qr, K, nt, hi, lo, g_prefetch && t0 == 0);
+                    for (int t = 0; t < nt; t++)
+                        for (int b = 0; b < nb; b++)
+                            kq_finish(hi + t * 64 + 16 * b, lo + t * 64 + 16 * b, rowsum + n0 + 16 * b,
+                                      scale + n0 + 16 * b, xqs[t0 + t], yb + t * 64 + 16 * b);
+                } else
+#endif
+                {
+                    kq_float(w, K4, nb, xr, nt, yb, 64);
+                    for (int t = 0; t < nt; t++)
+                        for (int c = 0; c < 16 * nb; c++) yb[t * 64 + c] *= scale[n0 + c];
+                }
+                for (int t = 0; t < nt; t++)
+                    for (int c = 0; c < 16 * nb; c++) {
+                        long at = (t0 + t) * ldy + n0 + c;
+                        if (xdt) ((uint16_t *)y)[at] = to_bf16(yb[t * 64 + c]);
+                        else ((float *)y)[at] = yb[t * 64 + c];
+                    }
+            }
+        }
+    }
+    free(xf); free(xs); free(xq8); free(xqs);
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------ counters */
 /* The live sparsity counters of one layer and step (vllm_blockffn/observe/stats.py columns:
    tokens, active (token, expert) pairs, non-empty segments, sum of segment union sizes, segment

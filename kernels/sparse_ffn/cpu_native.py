@@ -138,6 +138,8 @@ def _open(path: str) -> ctypes.CDLL | None:
     lib.blockffn_linear.restype = i32
     lib.blockffn_linear_kmajor.argtypes = [p, i64, i32, p, i64, i64, i64, p, i64, i32, i32]
     lib.blockffn_linear_kmajor.restype = i32
+    lib.blockffn_linear_kmajor_i8.argtypes = [p, i64, i32, p, i64, i64, i64, p, i64, i32, i32, p, p]
+    lib.blockffn_linear_kmajor_i8.restype = i32
     lib.blockffn_router_sparse_ffn.argtypes = [p, i64, i32, p, i32, p, f32, p, p, i32, p, i64, i64, i64, i64, i64, p,
                                                i32, f32, i32, i64, f32, p, i32, p, p, p]
     lib.blockffn_router_sparse_ffn.restype = i32
@@ -386,26 +388,43 @@ def linear_native(x: torch.Tensor, weight: torch.Tensor, num_threads: int | None
 
 
 def linear_kmajor_native(x: torch.Tensor, packed: torch.Tensor, num_threads: int | None = None,
-                         isa: str | None = None) -> torch.Tensor:
-    """y = x Wᵀ for x [M, K] (fp32/bf16) and a bf16 W packed K-major (``packed`` [N / 16, K / 2, 16, 2],
-    kernels/layout.py ``pack_kmajor``), in x's dtype: the outer-product form (``blockffn_linear_kmajor``), for
-    the 1-64-row bf16 linears of AVX-512 CPUs without AMX, where the row-dot GEMV is compute-bound from ~4 rows.
-    Each output is the sequential fp32 FMA chain over k on every path."""
+                         isa: str | None = None, weight_scale: torch.Tensor | None = None,
+                         row_sums: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x Wᵀ for x [M, K] (fp32/bf16) and W packed K-major (kernels/layout.py ``pack_kmajor``), in x's dtype: the
+    outer-product form. bf16 W (``packed`` [N / 16, K / 2, 16, 2], ``blockffn_linear_kmajor``): for the 1-64-row
+    bf16 linears of AVX-512 CPUs without AMX, where the row-dot GEMV is compute-bound from ~4 rows; each output is
+    the sequential fp32 FMA chain over k on every path. int8 W ([N / 16, K / 4, 16, 4] with its fp32
+    ``weight_scale`` [N] and ``row_sums`` [N] of the row-major weight, :func:`int8_row_sums`;
+    ``blockffn_linear_kmajor_i8``): the VNNI path's integers, so the same bits as the row-major int8 linear there;
+    fp32 FMAs on paths without VNNI."""
     lib = _load()
     assert lib is not None, "native kernel unavailable"
-    if packed.dim() != 4 or packed.dtype != torch.bfloat16 or packed.shape[2:] != (16, 2) \
-            or not packed.is_contiguous():
+    g = {torch.bfloat16: 2, torch.int8: 4}.get(packed.dtype)
+    if g is None or packed.dim() != 4 or packed.shape[2:] != (16, g) or not packed.is_contiguous():
         raise ValueError(f"linear_kmajor: packed weight {packed.dtype} {list(packed.shape)}; expected a contiguous "
-                         f"torch.bfloat16 [N / 16, K / 2, 16, 2] (layout.pack_kmajor)")
-    N, K = packed.shape[0] * 16, packed.shape[1] * 2
+                         f"torch.bfloat16 [N / 16, K / 2, 16, 2] or torch.int8 [N / 16, K / 4, 16, 4] "
+                         f"(layout.pack_kmajor)")
+    N, K = packed.shape[0] * 16, packed.shape[1] * g
     if x.dim() != 2 or x.shape[1] != K or x.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"linear_kmajor: x {x.dtype} {list(x.shape)}; expected fp32/bf16 [M, {K}] for the packed "
                          f"weight [{N}, {K}]")
+    int8 = packed.dtype == torch.int8
+    if int8 != (weight_scale is not None and row_sums is not None) or int8 and (
+            weight_scale.dtype != torch.float32 or tuple(weight_scale.shape) != (N,) or not weight_scale.is_contiguous()
+            or row_sums.dtype != torch.int32 or tuple(row_sums.shape) != (N,) or not row_sums.is_contiguous()):
+        raise ValueError(f"linear_kmajor: weight_scale {None if weight_scale is None else list(weight_scale.shape)}, "
+                         f"row_sums {None if row_sums is None else list(row_sums.shape)} for a {packed.dtype} weight; "
+                         f"expected contiguous float32 [{N}] and int32 [{N}] (int8_row_sums) with int8 weights only")
     if x.stride(1) != 1:
         x = x.contiguous()
     y = torch.empty((x.shape[0], N), dtype=x.dtype)
-    rc = lib.blockffn_linear_kmajor(x.data_ptr(), x.stride(0), _DTYPE_CODES[x.dtype], packed.data_ptr(), x.shape[0],
-                                    N, K, y.data_ptr(), N, num_threads or _THREADS, _isa_code(isa))
+    if int8:
+        rc = lib.blockffn_linear_kmajor_i8(x.data_ptr(), x.stride(0), _DTYPE_CODES[x.dtype], packed.data_ptr(),
+                                           x.shape[0], N, K, y.data_ptr(), N, num_threads or _THREADS, _isa_code(isa),
+                                           weight_scale.data_ptr(), row_sums.data_ptr())
+    else:
+        rc = lib.blockffn_linear_kmajor(x.data_ptr(), x.stride(0), _DTYPE_CODES[x.dtype], packed.data_ptr(),
+                                        x.shape[0], N, K, y.data_ptr(), N, num_threads or _THREADS, _isa_code(isa))
     if rc:
         _check_rc(rc, "linear_kmajor", x, packed)
     return y

@@ -32,6 +32,8 @@ using linear_fn = int (*)(const void *x, long ldx, int xdt, const void *w, int w
                           void *y, long ldy, int nthreads, int isa, const float *scale, const int32_t *rowsum);
 using kmajor_fn = int (*)(const void *x, long ldx, int xdt, const void *wp, long M, long N, long K, void *y, long ldy,
                          int nthreads, int isa);
+using kmajor_i8_fn = int (*)(const void *x, long ldx, int xdt, const void *wp, long M, long N, long K, void *y,
+                            long ldy, int nthreads, int isa, const float *scale, const int32_t *rowsum);
 using resolve_fn = int (*)(int isa);
 using router_fn = int (*)(const void *x, long ldx, int xdt, const void *w_r, int wdt_r, const float *norm_w, float eps,
                           const void *w_up, const void *w_down, int wdt, const int32_t *cu, long S, long T, long E,
@@ -44,6 +46,7 @@ constexpr int N_ISA = 5;  // cpu_native.c's ISA codes 0..4 (cpu_native.ISAS)
 struct Bound {
   linear_fn linear = nullptr;
   kmajor_fn kmajor = nullptr;
+  kmajor_i8_fn kmajor_i8 = nullptr;
   resolve_fn resolve = nullptr;
   router_fn router = nullptr;
   float up_row_cost = 3.0f;       // cpu_native.UP_ROW_COST
@@ -153,6 +156,37 @@ at::Tensor linear_kmajor(const at::Tensor &x, const at::Tensor &packed) {
   TORCH_CHECK_VALUE(rc != -2, "blockffn linear_kmajor CPU kernel: bad arguments (x ", x.sizes(), ", packed ",
                     packed.sizes(), ")");
   TORCH_CHECK(rc == 0, "blockffn linear_kmajor CPU kernel: out of memory");
+  return y;
+}
+
+// int8 weights packed K-major at load ([N / 16, K / 4, 16, 4], quantization.py on the VNNI path) with their fp32 row
+// scales and the row-major weight's row sums: the kernel's outer-product int8 linear at every M (as int8_linear's
+// row-major kernel), fp32/bf16 x.
+at::Tensor int8_linear_kmajor(const at::Tensor &x, const at::Tensor &packed, const at::Tensor &weight_scale,
+                              const at::Tensor &row_sums) {
+  TORCH_CHECK(g.kmajor_i8 != nullptr, "blockffn_native::int8_linear_kmajor: the native CPU kernel is not bound");
+  TORCH_CHECK_VALUE(packed.dim() == 4 && packed.scalar_type() == at::kChar && packed.size(2) == 16 &&
+                        packed.size(3) == 4 && packed.is_contiguous(),
+                    "int8_linear_kmajor: packed weight ", packed.scalar_type(), " ", packed.sizes(),
+                    "; expected a contiguous torch.int8 [N / 16, K / 4, 16, 4] (layout.pack_kmajor)");
+  const int64_t N = packed.size(0) * 16, K = packed.size(1) * 4;
+  const int xdt = dtype_code(x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == K && (xdt == 0 || xdt == 1), "int8_linear_kmajor: x ",
+                    x.scalar_type(), " ", x.sizes(), "; expected fp32/bf16 [M, ", K, "] for the packed weight [", N,
+                    ", ", K, "]");
+  TORCH_CHECK_VALUE(weight_scale.scalar_type() == at::kFloat && weight_scale.dim() == 1 && weight_scale.size(0) == N &&
+                        weight_scale.is_contiguous() && row_sums.scalar_type() == at::kInt && row_sums.dim() == 1 &&
+                        row_sums.size(0) == N && row_sums.is_contiguous(),
+                    "int8_linear_kmajor: weight_scale ", weight_scale.sizes(), ", row_sums ", row_sums.sizes(),
+                    "; expected contiguous float32 [", N, "] and int32 [", N, "] (cpu_native.int8_row_sums)");
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  at::Tensor y = at::empty({x.size(0), N}, x.options());
+  const int rc = g.kmajor_i8(xc.data_ptr(), xc.stride(0), xdt, packed.data_ptr(), x.size(0), N, K, y.data_ptr(), N,
+                             g.threads, -1, weight_scale.data_ptr<float>(), row_sums.data_ptr<int32_t>());
+  if (rc == -3) isa_now();  // raises, naming the variable
+  TORCH_CHECK_VALUE(rc != -2, "blockffn int8_linear_kmajor CPU kernel: bad arguments (x ", x.sizes(), ", packed ",
+                    packed.sizes(), ")");
+  TORCH_CHECK(rc == 0, "blockffn int8_linear_kmajor CPU kernel: out of memory");
   return y;
 }
 
@@ -435,8 +469,9 @@ extern "C" int blockffn_ops_bind(void *linear, void *resolve, int threads, long 
   return 0;
 }
 
-extern "C" int blockffn_ops_bind_kmajor(void *kmajor) {
+extern "C" int blockffn_ops_bind_kmajor(void *kmajor, void *kmajor_i8) {
   g.kmajor = reinterpret_cast<kmajor_fn>(kmajor);
+  g.kmajor_i8 = reinterpret_cast<kmajor_i8_fn>(kmajor_i8);
   return 0;
 }
 
@@ -444,6 +479,7 @@ TORCH_LIBRARY(blockffn_native, m) {
   m.def("linear(Tensor x, Tensor weight) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor row_sums) -> Tensor");
   m.def("linear_kmajor(Tensor x, Tensor packed) -> Tensor");
+  m.def("int8_linear_kmajor(Tensor x, Tensor packed, Tensor weight_scale, Tensor row_sums) -> Tensor");
   m.def("router_experts(Tensor x, Tensor w_router, Tensor norm_w, float eps, Tensor w_up, Tensor w_down_t, "
         "Tensor segments, Tensor? stats, Tensor? up_scale, Tensor? down_scale, Tensor? up_row_sums, str backend, "
         "int layer_id, int expert_bytes, bool record) -> Tensor");
@@ -457,6 +493,7 @@ TORCH_LIBRARY_IMPL(blockffn_native, CPU, m) {
   m.impl("linear", linear);
   m.impl("int8_linear", int8_linear);
   m.impl("linear_kmajor", linear_kmajor);
+  m.impl("int8_linear_kmajor", int8_linear_kmajor);
   m.impl("router_experts", router_experts);
   m.impl("attention", attention);
   m.impl("attention_layers", attention_layers);

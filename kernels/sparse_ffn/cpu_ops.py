@@ -15,6 +15,9 @@ fp32/bf16 x: the kernel's outer-product linear at every M (:func:`linear_kmajor_
 ``int8_linear(x, weight, weight_scale, row_sums)``: int8 weights with fp32 per-row scales [N] and their
 int32 row sums (:func:`cpu_native.int8_row_sums`, made once at load): the native kernel at every M for fp32
 and bf16 x, on every path; torch's weight-only int8 GEMM with the scales applied to its output for other x.
+``int8_linear_kmajor(x, packed, weight_scale, row_sums)``: the same for int8 weights packed K-major at load
+([N / 16, K / 4, 16, 4]; serving/layers/quantization.py packs them on the paths of
+``THRESHOLDS.cpu_linear_kmajor_int8``), fp32/bf16 x: the kernel's outer-product int8 linear at every M.
 ``router_experts(x, w_router, norm_w, eps, w_up, w_down_t, segments, stats, up_scale, down_scale,
 up_row_sums, backend, layer_id, expert_bytes, record)``: the layer's ReLU + RMS-norm router and sparse
 experts in one kernel call for decode-size steps, the step's request layout read from ``segments``
@@ -110,6 +113,14 @@ def linear_kmajor_python(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return cpu_native.linear_kmajor_native(x, packed)
 
 
+def int8_linear_kmajor_python(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor,
+                              row_sums: torch.Tensor) -> torch.Tensor:
+    """``int8_linear_kmajor`` in Python: the kernel's outer-product int8 linear at every M (int8 weights packed
+    K-major at load on the VNNI path: the row-major VNNI linear's integers, 1.06-1.13x faster at 1 row, 1.2-1.4x at
+    4-8, cold; RESULTS.md 2026-12-04 22:32 UTC)."""
+    return cpu_native.linear_kmajor_native(x, packed, weight_scale=weight_scale, row_sums=row_sums)
+
+
 def int8_linear_python(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                        row_sums: torch.Tensor) -> torch.Tensor:
     """``int8_linear`` in Python (``row_sums`` unused: the bound linear makes its own): the kernel at every M
@@ -137,7 +148,7 @@ def _linear_fake(x: torch.Tensor, weight: torch.Tensor, *scales: torch.Tensor) -
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _kmajor_fake(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+def _kmajor_fake(x: torch.Tensor, packed: torch.Tensor, *scales: torch.Tensor) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], packed.shape[0] * packed.shape[2]))
 
 
@@ -174,8 +185,9 @@ def _open_cpp(path: str) -> str | None:
         so.blockffn_ops_bind(ctypes.cast(kernel.blockffn_linear, ctypes.c_void_p),
                              ctypes.cast(kernel.blockffn_resolve_isa, ctypes.c_void_p), cpu_native.threads(),
                              THRESHOLDS.cpu_linear_max_tokens, rows, WIDEN_ROWS)
-        so.blockffn_ops_bind_kmajor.argtypes = [ctypes.c_void_p]
-        so.blockffn_ops_bind_kmajor(ctypes.cast(kernel.blockffn_linear_kmajor, ctypes.c_void_p))
+        so.blockffn_ops_bind_kmajor.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        so.blockffn_ops_bind_kmajor(ctypes.cast(kernel.blockffn_linear_kmajor, ctypes.c_void_p),
+                                    ctypes.cast(kernel.blockffn_linear_kmajor_i8, ctypes.c_void_p))
         so.blockffn_ops_bind_experts.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_long, ctypes.c_float]
         so.blockffn_ops_bind_experts(ctypes.cast(kernel.blockffn_router_sparse_ffn, ctypes.c_void_p),
                                      cpu_native.UP_ROW_COST, THRESHOLDS.cpu_min_dense_tokens,
@@ -198,6 +210,8 @@ def _register_python() -> None:
     lib.impl("linear", linear_python, "CPU")
     lib.define("linear_kmajor(Tensor x, Tensor packed) -> Tensor")
     lib.impl("linear_kmajor", linear_kmajor_python, "CPU")
+    lib.define("int8_linear_kmajor(Tensor x, Tensor packed, Tensor weight_scale, Tensor row_sums) -> Tensor")
+    lib.impl("int8_linear_kmajor", int8_linear_kmajor_python, "CPU")
     lib.define("router_experts(Tensor x, Tensor w_router, Tensor norm_w, float eps, Tensor w_up, Tensor w_down_t, "
                "Tensor segments, Tensor? stats, Tensor? up_scale, Tensor? down_scale, Tensor? up_row_sums, "
                "str backend, int layer_id, int expert_bytes, bool record) -> Tensor")
@@ -227,6 +241,7 @@ def implementation() -> str:
                 torch.library.register_fake("blockffn_native::linear")(_linear_fake)
                 torch.library.register_fake("blockffn_native::int8_linear")(_linear_fake)
                 torch.library.register_fake("blockffn_native::linear_kmajor")(_kmajor_fake)
+                torch.library.register_fake("blockffn_native::int8_linear_kmajor")(_kmajor_fake)
                 torch.library.register_fake("blockffn_native::router_experts")(_router_experts_fake)
                 if impl == "cpp":
                     torch.library.register_fake("blockffn_native::attention")(_attention_fake)
@@ -245,6 +260,15 @@ def linear_kmajor(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     [N / 16, K / 2, 16, 2]), fp32/bf16 x, y in x's dtype; registered on first use."""
     implementation()
     return torch.ops.blockffn_native.linear_kmajor(x, packed)
+
+
+def int8_linear_kmajor(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor,
+                       row_sums: torch.Tensor) -> torch.Tensor:
+    """``torch.ops.blockffn_native.int8_linear_kmajor``: y = x Wᵀ for an int8 W packed K-major (``layout.pack_kmajor``
+    [N / 16, K / 4, 16, 4]) with fp32 row scales [N] and the row-major weight's row sums [N]; registered on first
+    use."""
+    implementation()
+    return torch.ops.blockffn_native.int8_linear_kmajor(x, packed, weight_scale, row_sums)
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

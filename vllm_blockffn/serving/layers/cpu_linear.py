@@ -74,11 +74,12 @@ def _cpu_linear_kmajor(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 def packs_kmajor(weight: torch.Tensor) -> bool:
-    """Whether a loaded linear weight is to be packed K-major: bf16 and packable, on a path of
-    `THRESHOLDS.cpu_linear_kmajor`, `VLLM_BLOCKFFN_CPU_LINEAR` auto. (:func:`_streaming` also keeps the layers
-    marked `blockffn_row_major` as loaded: other kernels read their weight as [N, K].)"""
-    return (linear_mode() == "auto" and kmajor_packable(weight)
-            and cpu_native.cpu_isa() in THRESHOLDS.cpu_linear_kmajor)
+    """Whether a loaded linear weight is to be packed K-major: packable (bf16, or int8 from
+    `--quantization blockffn_int8`), on a path of `THRESHOLDS.cpu_linear_kmajor` (bf16) or
+    `THRESHOLDS.cpu_linear_kmajor_int8` (int8), `VLLM_BLOCKFFN_CPU_LINEAR` auto. (:func:`_streaming` also keeps the
+    layers marked `blockffn_row_major` as loaded: other kernels read their weight as [N, K].)"""
+    paths = THRESHOLDS.cpu_linear_kmajor_int8 if weight.dtype == torch.int8 else THRESHOLDS.cpu_linear_kmajor
+    return linear_mode() == "auto" and kmajor_packable(weight) and cpu_native.cpu_isa() in paths
 
 
 def row_major_weight(layer: torch.nn.Module) -> torch.Tensor:

@@ -45,8 +45,10 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
+from vllm_blockffn.kernels.layout import pack_kmajor
 from vllm_blockffn.kernels.quant import QMAX, dequantize_rows, quantize_rows
 from vllm_blockffn.kernels.sparse_ffn import cpu_native, cpu_ops
+from vllm_blockffn.serving.layers import cpu_linear
 
 NAME = "blockffn_int8"
 SKIPPED_LINEARS = ("router_proj", "kv_b_proj")
@@ -156,13 +158,18 @@ class Int8LinearMethod(LinearMethodBase):
         # each row's sum, which the VNNI dot products need (cpu_native.int8_row_sums), made once here
         layer.weight_row_sums = Parameter(cpu_native.int8_row_sums(layer.weight.data), requires_grad=False)
         cpu_ops.implementation()  # the op registered (built on first use) before any graph refers to it
+        layer.blockffn_out_features = layer.weight.shape[0]
+        if cpu_linear.packs_kmajor(layer.weight.data):  # the VNNI path: the outer-product kernel (cpu_ops.py)
+            layer.weight = Parameter(pack_kmajor(layer.weight.data), requires_grad=False)
+            layer.blockffn_kmajor = True
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not hasattr(layer, "weight_scale"):  # GPU: dequantized at load
             return F.linear(x, layer.weight, bias)
         shape = x.shape
-        y = cpu_ops.int8_linear(x.reshape(-1, shape[-1]), layer.weight, layer.weight_scale, layer.weight_row_sums)
-        y = y.reshape(*shape[:-1], layer.weight.shape[0])
+        op = cpu_ops.int8_linear_kmajor if getattr(layer, "blockffn_kmajor", False) else cpu_ops.int8_linear
+        y = op(x.reshape(-1, shape[-1]), layer.weight, layer.weight_scale, layer.weight_row_sums)
+        y = y.reshape(*shape[:-1], layer.blockffn_out_features)
         return y if bias is None else y + bias
 
 
