@@ -354,9 +354,12 @@ def linear_rows(args, threads: int, bw: float) -> list[list[str]]:
             else:
                 w0 = w0.to(dt)
                 ws, scales, w_ref = [placed(w0.clone()) for _ in range(n)], [None] * n, w0.float()
-            # bf16 weights the served model packs K-major (serving/layers/cpu_linear.py): the same pool packed
-            packed = ([pack_kmajor(w) for w in ws] if dt == torch.bfloat16 and kmajor_packable(w0)
-                      and cpu_native.cpu_isa() in THRESHOLDS.cpu_linear_kmajor else None)
+            # weights the served model packs K-major (bf16: serving/layers/cpu_linear.py, int8: quantization.py):
+            # the same pool packed, int8 with the row-major weight's row sums
+            kpaths = THRESHOLDS.cpu_linear_kmajor_int8 if dt == torch.int8 else THRESHOLDS.cpu_linear_kmajor
+            packed = ([pack_kmajor(w) for w in ws] if kmajor_packable(ws[0]) and cpu_native.cpu_isa() in kpaths
+                      else None)
+            sums = cpu_native.int8_row_sums(ws[0]) if dt == torch.int8 else None
             handlers = None
             if ops is not None and getattr(ops, "_supports_onednn", False):
                 try:
@@ -390,10 +393,12 @@ def linear_rows(args, threads: int, bw: float) -> list[list[str]]:
                     x, w, num_threads=threads, weight_scale=sc[i]))
                 t_r = float("nan")
                 if packed:  # what the served model runs here: the K-major kernel; the row-dot one beside it
-                    got = cpu_native.linear_kmajor_native(x, packed[0], num_threads=threads).float()
+                    got = cpu_native.linear_kmajor_native(x, packed[0], num_threads=threads, weight_scale=scales[0],
+                                                          row_sums=sums).float()
                     assert ((got - ref).norm() / ref.norm()).item() < 2e-2
                     t_r = t_s
-                    t_s = _cycle(packed, lambda p, i, x=x: cpu_native.linear_kmajor_native(x, p, num_threads=threads))
+                    t_s = _cycle(packed, lambda p, i, x=x, sc=scales, rs=sums: cpu_native.linear_kmajor_native(
+                        x, p, num_threads=threads, weight_scale=sc[i], row_sums=rs))
                 t_t = (_cycle(ws, lambda w, i, x=x: torch.nn.functional.linear(x, w)) if dt != torch.int8
                        else float("nan"))
                 t_o = _cycle(ws, lambda w, i, x=x: vllm_mm(w, i, x)) if handlers else float("nan")

@@ -167,9 +167,10 @@ class DispatchThresholds:
     cpu_linear_kmajor_int8: tuple[str, ...] = ("avx512_bf16",)
     """Kernel paths whose int8 linears (``--quantization blockffn_int8``) are packed K-major at load
     (``layout.pack_kmajor``, [N / 16, K / 4, 16, 4]) and run the kernel's outer-product VNNI linear at every M
-    (``cpu_ops.int8_linear_kmajor``: the row-major VNNI linear's integers, the same bits). Measured cold on the Xeon without AMX (``avx512_bf16``,
-    2 threads; RESULTS.md 2026-12-04 22:32 UTC) against the row-dot VNNI kernel: [3584, 1792] 1 / 4 / 8 rows 312 vs
-    349, 366 vs 456, 468 vs 631 µs; lm_head [32000, 1792] 1873 vs 1992, 2072 vs 2558, 2646 vs 3668 µs. Not ``amx``
+    (``cpu_ops.int8_linear_kmajor``: the row-major VNNI linear's integers, the same bits). Measured cold on the Xeon
+    without AMX (``avx512_bf16``, 2 threads; RESULTS.md 2026-12-04 22:32 UTC) against the row-dot VNNI kernel:
+    [3584, 1792] 1 / 4 / 8 rows 312 vs 349, 366 vs 456, 468 vs 631 µs; lm_head [32000, 1792] 1873 vs 1992, 2072
+    vs 2558, 2646 vs 3668 µs; warm, bf16 x, 64 / 256 / 1024 rows 1.5 vs 2.2, 5.8 vs 8.9, 24.4 vs 60.9 ms. Not ``amx``
     (its int8 tiles read the row-major weight), nor the paths without VNNI (their int8 linears are VPMADDWD on the
     row-major weight; the K-major kernel has only fp32 FMAs there)."""
 

@@ -83,6 +83,11 @@ def _check_env() -> int:
             f"packed K-major at load, the outer-product kernel at every M ({LINEAR_ENV}=rowmajor keeps them as "
             "loaded)" if kmajor else f"as loaded (K-major packing: paths {list(THRESHOLDS.cpu_linear_kmajor)}, "
             f"{LINEAR_ENV}=auto)"))
+        kmajor8 = linear_mode() == "auto" and cpu_native.cpu_isa() in THRESHOLDS.cpu_linear_kmajor_int8
+        lines.append("int8 attention projections and lm_head: " + (
+            f"packed K-major at load, the outer-product VNNI kernel at every M ({LINEAR_ENV}=rowmajor keeps them as "
+            "loaded)" if kmajor8 else f"as loaded (K-major packing: paths {list(THRESHOLDS.cpu_linear_kmajor_int8)}, "
+            f"{LINEAR_ENV}=auto)"))
         if cpu_native.isa_at_least("amx"):
             from vllm_blockffn.kernels.dispatch import THRESHOLDS as T
 
