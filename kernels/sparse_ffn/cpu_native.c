@@ -1725,6 +1725,13 @@ static void km_avx2(const uint16_t *w, long K2, int nb, const float *x, long ldx
 #pragma GCC pop_options
 #endif
 
+/* Panel pi of a K-major weight (panels of pb blocks of 16 rows; blocks in all): its first output row *n0 and its
+   blocks. Block b starts at element b * 16 * K (bf16: K / 2 lines of 32 elements; int8: K / 4 lines of 64). */
+ALWAYS int km_panel(long pi, int pb, long blocks, long *n0) {
+    *n0 = pi * pb * 16;
+    return blocks - pi * pb < pb ? (int)(blocks - pi * pb) : pb;
+}
+
 /* y [M, N] (row stride ldy, dtype of x: 0 fp32, 1 bf16) = x [M, K] W^T for bf16 W packed K-major (above; N a
    multiple of 16, K even). isa, nthreads: as blockffn_linear. Returns 0, -1 (no memory), -2 (bad arguments),
    -3 ($VLLM_BLOCKFFN_CPU_ISA names no path). */
@@ -1758,9 +1765,9 @@ int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp,
         }
         for (long s0 = 0; s0 < M; s0 += KM_SB)
         for (long pi = panels * tid / T; pi < panels * (tid + 1) / T; pi++) {
-            long n0 = pi * pb * 16, s1 = s0 + KM_SB < M ? s0 + KM_SB : M;
-            int nb = blocks - pi * pb < pb ? (int)(blocks - pi * pb) : pb;
-            const uint16_t *w = wp + n0 * K; /* block n0 / 16 starts at (n0 / 16) * K2 * 32 = n0 * K elements */
+            long n0, s1 = s0 + KM_SB < M ? s0 + KM_SB : M;
+            int nb = km_panel(pi, pb, blocks, &n0);
+            const uint16_t *w = wp + n0 * K;
             for (long t0 = s0; t0 < s1; t0 += tg) {
                 int nt = s1 - t0 < tg ? (int)(s1 - t0) : tg, pf = g_prefetch && t0 == 0;
                 const float *xt = xs + t0 * ldxf;
@@ -1911,9 +1918,9 @@ int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp
         const uint8_t *qr[KM_TG];
         for (long s0 = 0; s0 < M; s0 += KM_SB)
         for (long pi = panels * tid / T; pi < panels * (tid + 1) / T; pi++) {
-            long n0 = pi * pb * 16, s1 = s0 + KM_SB < M ? s0 + KM_SB : M;
-            int nb = blocks - pi * pb < pb ? (int)(blocks - pi * pb) : pb;
-            const int8_t *w = wp + n0 * K; /* block n0 / 16 starts at (n0 / 16) * K4 * 64 = n0 * K bytes */
+            long n0, s1 = s0 + KM_SB < M ? s0 + KM_SB : M;
+            int nb = km_panel(pi, pb, blocks, &n0);
+            const int8_t *w = wp + n0 * K;
             for (long t0 = s0; t0 < s1; t0 += KM_TG) {
                 int nt = s1 - t0 < KM_TG ? (int)(s1 - t0) : KM_TG, finite = 1;
                 for (int t = 0; t < nt; t++) {
