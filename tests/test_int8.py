@@ -365,7 +365,7 @@ def _kmajor_int8_linears(model) -> int:
 
 
 @pytest.mark.slow
-def test_int8_engine_matches_reference_and_checkpoint(engine_factory, int8_checkpoint, record_figure):
+def test_int8_engine_matches_reference_and_checkpoint(engine_factory, int8_checkpoint, record_figure, monkeypatch):
     """--quantization blockffn_int8 (quantize at load) = the saved int8 checkpoint (same int8 weights and
     scales, so identical logprobs) = the PyTorch reference on the dequantized weights; greedy stable."""
     from vllm_blockffn.reference import load_reference
@@ -388,14 +388,12 @@ def test_int8_engine_matches_reference_and_checkpoint(engine_factory, int8_check
 
     assert packed == (9 if cpu_native.cpu_isa() in THRESHOLDS.cpu_linear_kmajor_int8 else 0), packed
     if packed:
-        os.environ["VLLM_BLOCKFFN_CPU_LINEAR"] = "rowmajor"
-        try:
+        with monkeypatch.context() as m:
+            m.setenv("VLLM_BLOCKFFN_CPU_LINEAR", "rowmajor")
             rowmajor = engine_factory(MODEL, dtype="float32", quantization="blockffn_int8")
             assert rowmajor.llm.apply_model(_kmajor_int8_linears)[0] == 0
             plain = rowmajor.greedy(PROMPTS, max_tokens=32, prompt_logprobs=True)
             rowmajor.close()
-        finally:
-            del os.environ["VLLM_BLOCKFFN_CPU_LINEAR"]
         for a, b in zip(first, plain):
             assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
             assert [next(iter(d.values())).logprob for d in a.prompt_logprobs[1:]] == \
