@@ -111,6 +111,25 @@ ALWAYS uint16_t to_bf16(float f) { /* round to nearest even; NaN stays a (quiet)
 }
 ALWAYS float silu(float v) { return v / (1.0f + expf(-v)); }
 
+/* The elementwise loops of a call's serial set-up and of its output reduction (x from bf16 to fp32, partial
+   outputs summed, fp32 rounded to bf16), compiled by GCC once per ISA and picked at load (target_clones):
+   integer steps and fp32 adds in the same order on every clone, so the same bits whatever the CPU. With the
+   baseline's 128-bit vectors they were ~half of a decode-size call's fixed cost (RESULTS.md, 2026-12-05 UTC). */
+#if BLOCKFFN_X86 && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define ELEMENTWISE __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
+#else
+#define ELEMENTWISE __attribute__((noinline))
+#endif
+ELEMENTWISE static void widen_bf16(const uint16_t *src, float *dst, long n) {
+    for (long i = 0; i < n; i++) dst[i] = cv_bf16(src[i]);
+}
+ELEMENTWISE static void add_into(float *acc, const float *src, long n) {
+    for (long i = 0; i < n; i++) acc[i] += src[i];
+}
+ELEMENTWISE static void round_bf16(const float *src, uint16_t *dst, long n) {
+    for (long i = 0; i < n; i++) dst[i] = to_bf16(src[i]);
+}
+
 static int g_prefetch = 2; /* software prefetch: 0 off, n: the next n blocks ahead (blockffn_set_prefetch) */
 void blockffn_set_prefetch(int on) { g_prefetch = on; }
 /* The down passes on row pairs (AVX512_BF16 + VNNI CPUs: bf_down for bf16, vq_down for int8 weights):
@@ -1537,7 +1556,7 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
     for (long t = 0; t < M; t++) {
         if (xdt) {
             const uint16_t *src = (const uint16_t *)x + t * ldx;
-            for (long k = 0; k < K; k++) xf[t * K + k] = cv_bf16(src[k]);
+            widen_bf16(src, xf + t * K, K);
             xs[t] = xf + t * K;
             xh[t] = src;
         } else {
@@ -1594,7 +1613,7 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
     }
     if (xdt)
         for (long t = 0; t < M; t++)
-            for (long n = 0; n < N; n++) ((uint16_t *)y)[t * ldy + n] = to_bf16(out[t * N + n]);
+            round_bf16(out + t * N, (uint16_t *)y + t * ldy, N);
     free(xs); free(xh); free(xf); free(out); free(zrow); free(xq8); free(xqs); free(xqp); free(xb);
     return 0;
 }
@@ -2021,8 +2040,7 @@ static void reduce_out(void *y, int direct, const float *yb, long nbuf, const in
         float *yo = (float *)y;
         for (long k = 0; k < nbuf; k++) {
             if (!used[k + 1]) continue;
-            const float *src = yb + k * nn;
-            for (long i = a; i < b; i++) yo[i] += src[i];
+            add_into(yo + a, yb + k * nn + a, b - a);
         }
         return;
     }
@@ -2032,17 +2050,14 @@ static void reduce_out(void *y, int direct, const float *yb, long nbuf, const in
     for (long o = a; o < b; o += RED_CH) {
         long n = b - o < RED_CH ? b - o : RED_CH;
         for (long i = 0; i < n; i++) ra[i] = 0.0f;
-        for (long k = 0; k < nbuf; k++) {
-            if (!used[k]) continue;
-            const float *src = yb + k * nn + o;
-            for (long i = 0; i < n; i++) ra[i] += src[i];
-        }
+        for (long k = 0; k < nbuf; k++)
+            if (used[k]) add_into(ra, yb + k * nn + o, n);
         uint16_t *dst = (uint16_t *)y + o;
 #if BLOCKFFN_X86
         if (perm) { unperm_avx512(ra, dst, n, tab); continue; } /* perm: AVX-512 paths only */
 #endif
         if (perm) for (long i = 0; i < n; i++) dst[i] = to_bf16(ra[tab[i & 31] + (i & ~31L)]);
-        else for (long i = 0; i < n; i++) dst[i] = to_bf16(ra[i]);
+        else round_bf16(ra, dst, n);
     }
 }
 
@@ -2166,7 +2181,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
             for (long t = t0; t < t1; t++) {
                 const uint16_t *src = (const uint16_t *)x + t * ldx;
                 float *dst = xf + (t - t0) * H;
-                for (long k = 0; k < H; k++) dst[k] = cv_bf16(src[k]);
+                widen_bf16(src, dst, H);
             }
         for (long p = 0; p < P; p++) {
             xs[p] = need_xf ? xf + (tok[p] - t0) * H : (const float *)x + tok[p] * ldx;
