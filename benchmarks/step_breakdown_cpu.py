@@ -8,7 +8,9 @@ timestamps the entry and exit of the ctypes calls into ``cpu_native`` (linears b
 width, experts per layer) and of vLLM's two CPU attention ops, and the entry of our Python
 wrappers, so the step splits into kernel time (with bytes, GB/s) and gaps, at ~1 µs per probe. The C++ ops
 (``torch.ops.blockffn_native``, kernels/sparse_ffn/cpu_ops.py) are timed at their entry from the
-compiled graph: their calls include the dispatcher's few µs.
+compiled graph: their calls include the dispatcher's few µs. It runs inductor's Python wrapper
+(``VLLM_BLOCKFFN_CPP_WRAPPER=off``, unless set): the C++ wrapper served by default calls the ops past the probes
+and takes the gaps' Python share away (serving/cpu_compile.py).
 
     scripts/dev python benchmarks/step_breakdown_cpu.py /tmp/xl [--quantization blockffn_int8]
         [--tokens 64] [--batch N] [--json FILE]
@@ -117,6 +119,9 @@ def main() -> None:
                     help="requests decoded together (distinct prompts; expert bytes = each step's union)")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # the probes wrap the ops as the graph's Python wrapper calls them: inductor's C++ wrapper (the default for
+    # BlockFFN on CPU, serving/cpu_compile.py) would call them past the probes, so this tool uses Python's
+    os.environ.setdefault("VLLM_BLOCKFFN_CPP_WRAPPER", "off")
 
     import torch
     import vllm._custom_ops as vops

@@ -6,8 +6,7 @@ What: adds `MODELS_CONFIG_MAP["BlockFFNForCausalLM"] = BlockFFNParallelCheck`, w
   `expert_size` (every expert's d_e columns are split across the TP ranks),
   `num_attention_heads`, `num_key_value_heads` (vanilla attention: KV heads are
   split across ranks, or replicated when TP exceeds them) and `num_hidden_layers`
-  (at least one layer per pipeline stage); and, on CPU, turns on inductor's C++
-  wrapper for the model's compiled graphs (serving/cpu_compile.py says why).
+  (at least one layer per pipeline stage).
 Why: without it a bad TP size is found inside every worker after the workers have
   started: a bare `AssertionError` from vLLM's QKV projection for KV heads, our
   layer's `ValueError` for expert_size, each buried in N worker tracebacks (and,
@@ -31,7 +30,6 @@ class BlockFFNParallelCheck:
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        from vllm_blockffn.serving import cpu_compile
         from vllm_blockffn.serving.config import BlockFFNSpec
         from vllm_blockffn.serving.parallel import check_parallel_sizes
 
@@ -40,7 +38,6 @@ class BlockFFNParallelCheck:
         spec = BlockFFNSpec.from_config(model_config.hf_config)
         check_parallel_sizes(spec, parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
                              source=f"{model_config.model}/config.json")
-        cpu_compile.apply(vllm_config)
 
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:

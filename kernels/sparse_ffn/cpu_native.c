@@ -112,24 +112,38 @@ ALWAYS uint16_t to_bf16(float f) { /* round to nearest even; NaN stays a (quiet)
 ALWAYS float silu(float v) { return v / (1.0f + expf(-v)); }
 
 /* The elementwise loops of a call's serial set-up and of its output reduction (x from bf16 to fp32, partial
-   outputs summed, fp32 rounded to bf16), compiled by GCC once per ISA and picked at load (target_clones):
-   integer steps and fp32 adds in the same order on every clone, so the same bits whatever the CPU. With the
-   baseline's 128-bit vectors they were ~half of a decode-size call's fixed cost (RESULTS.md, 2026-12-05 UTC). */
-#if BLOCKFFN_X86 && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-#define ELEMENTWISE __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
+   outputs summed, fp32 rounded to bf16), compiled once per path (the compiler vectorizes each for its target)
+   and picked by the call's ISA: integer steps and fp32 adds in the same order on every path, so the same
+   bits. Compiled for the baseline's 128-bit vectors only, they were about half of a decode-size call's fixed
+   cost (RESULTS.md, 2026-12-05 UTC). */
+#define ELEMENTWISE(SUF)                                                                                \
+    static void widen_bf16_##SUF(const uint16_t *src, float *dst, long n) {                             \
+        for (long i = 0; i < n; i++) dst[i] = cv_bf16(src[i]);                                          \
+    }                                                                                                   \
+    static void add_into_##SUF(float *acc, const float *src, long n) {                                  \
+        for (long i = 0; i < n; i++) acc[i] += src[i];                                                  \
+    }                                                                                                   \
+    static void round_bf16_##SUF(const float *src, uint16_t *dst, long n) {                             \
+        for (long i = 0; i < n; i++) dst[i] = to_bf16(src[i]);                                          \
+    }
+ELEMENTWISE(portable)
+#if BLOCKFFN_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+ELEMENTWISE(avx2)
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,prefer-vector-width=512")
+ELEMENTWISE(avx512)
+#pragma GCC pop_options
+#define EW_PICK(NAME, ISA, ...) \
+    ((ISA) >= ISA_AVX512 ? NAME##_avx512(__VA_ARGS__) : (ISA) >= ISA_AVX2 ? NAME##_avx2(__VA_ARGS__) : NAME##_portable(__VA_ARGS__))
 #else
-#define ELEMENTWISE __attribute__((noinline))
+#define EW_PICK(NAME, ISA, ...) NAME##_portable(__VA_ARGS__)
 #endif
-ELEMENTWISE static void widen_bf16(const uint16_t *src, float *dst, long n) {
-    for (long i = 0; i < n; i++) dst[i] = cv_bf16(src[i]);
-}
-ELEMENTWISE static void add_into(float *acc, const float *src, long n) {
-    for (long i = 0; i < n; i++) acc[i] += src[i];
-}
-ELEMENTWISE static void round_bf16(const float *src, uint16_t *dst, long n) {
-    for (long i = 0; i < n; i++) dst[i] = to_bf16(src[i]);
-}
-
+#define widen_bf16(isa, ...) EW_PICK(widen_bf16, isa, __VA_ARGS__)
+#define add_into(isa, ...) EW_PICK(add_into, isa, __VA_ARGS__)
+#define round_bf16(isa, ...) EW_PICK(round_bf16, isa, __VA_ARGS__)
 static int g_prefetch = 2; /* software prefetch: 0 off, n: the next n blocks ahead (blockffn_set_prefetch) */
 void blockffn_set_prefetch(int on) { g_prefetch = on; }
 /* The down passes on row pairs (AVX512_BF16 + VNNI CPUs: bf_down for bf16, vq_down for int8 weights):
@@ -1556,7 +1570,7 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
     for (long t = 0; t < M; t++) {
         if (xdt) {
             const uint16_t *src = (const uint16_t *)x + t * ldx;
-            widen_bf16(src, xf + t * K, K);
+            widen_bf16(isa, src, xf + t * K, K);
             xs[t] = xf + t * K;
             xh[t] = src;
         } else {
@@ -1613,7 +1627,7 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
     }
     if (xdt)
         for (long t = 0; t < M; t++)
-            round_bf16(out + t * N, (uint16_t *)y + t * ldy, N);
+            round_bf16(isa, out + t * N, (uint16_t *)y + t * ldy, N);
     free(xs); free(xh); free(xf); free(out); free(zrow); free(xq8); free(xqs); free(xqp); free(xb);
     return 0;
 }
@@ -2034,13 +2048,13 @@ static void unperm_avx512(const float *ra, uint16_t *dst, long n, const int *tab
 }
 #pragma GCC pop_options
 #endif
-static void reduce_out(void *y, int direct, const float *yb, long nbuf, const int *used, long nn, int perm, long a,
-                       long b) {
+static void reduce_out(int isa, void *y, int direct, const float *yb, long nbuf, const int *used, long nn, int perm,
+                       long a, long b) {
     if (direct) {
         float *yo = (float *)y;
         for (long k = 0; k < nbuf; k++) {
             if (!used[k + 1]) continue;
-            add_into(yo + a, yb + k * nn + a, b - a);
+            add_into(isa, yo + a, yb + k * nn + a, b - a);
         }
         return;
     }
@@ -2051,13 +2065,13 @@ static void reduce_out(void *y, int direct, const float *yb, long nbuf, const in
         long n = b - o < RED_CH ? b - o : RED_CH;
         for (long i = 0; i < n; i++) ra[i] = 0.0f;
         for (long k = 0; k < nbuf; k++)
-            if (used[k]) add_into(ra, yb + k * nn + o, n);
+            if (used[k]) add_into(isa, ra, yb + k * nn + o, n);
         uint16_t *dst = (uint16_t *)y + o;
 #if BLOCKFFN_X86
         if (perm) { unperm_avx512(ra, dst, n, tab); continue; } /* perm: AVX-512 paths only */
 #endif
         if (perm) for (long i = 0; i < n; i++) dst[i] = to_bf16(ra[tab[i & 31] + (i & ~31L)]);
-        else round_bf16(ra, dst, n);
+        else round_bf16(isa, ra, dst, n);
     }
 }
 
@@ -2181,7 +2195,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
             for (long t = t0; t < t1; t++) {
                 const uint16_t *src = (const uint16_t *)x + t * ldx;
                 float *dst = xf + (t - t0) * H;
-                widen_bf16(src, dst, H);
+                widen_bf16(isa, src, dst, H);
             }
         for (long p = 0; p < P; p++) {
             xs[p] = need_xf ? xf + (tok[p] - t0) * H : (const float *)x + tok[p] * ldx;
@@ -2285,7 +2299,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
             #pragma omp barrier
             long nn = T * H, nbk = (nn + 31) / 32, nt_ = omp_get_num_threads();
             long ra0 = nbk * tid / nt_ * 32, ra1 = nbk * (tid + 1) / nt_ * 32;
-            reduce_out(y, direct, yb, nbuf, used, nn, perm, ra0, ra1 < nn ? ra1 : nn);
+            reduce_out(isa, y, direct, yb, nbuf, used, nn, perm, ra0, ra1 < nn ? ra1 : nn);
         }
     }
     free(mask); free(used); free(cnt); free(off); free(uni); free(tok); free(sc); free(hb); free(xs);

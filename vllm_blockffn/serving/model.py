@@ -25,7 +25,7 @@ from vllm.sequence import IntermediateTensors
 from vllm_blockffn.kernels.sparse_ffn import cpu_native, cpu_ops
 from vllm_blockffn.observe.stats import RECORDER
 from vllm_blockffn.patches import worker_step_end
-from vllm_blockffn.serving import hugepages
+from vllm_blockffn.serving import cpu_compile, hugepages
 from vllm_blockffn.serving.checkpoint import IGNORED_SUFFIXES, BlockFFNWeightError
 from vllm_blockffn.serving.config import BlockFFNSpec
 from vllm_blockffn.serving.layers import cpu_attention, cpu_linear
@@ -88,6 +88,8 @@ class BlockFFNModel(MiniCPMModel):
                 m.step_segments = layout
             # the attention layers: one C++ call each, the step's metadata published with the layout
             cpu_attention.install(self, layout, vllm_config)
+        if current_platform.is_cpu():  # compiled graphs' wrapper in C++ where every op of theirs can take it
+            cpu_compile.apply(self, vllm_config)
         self.register_buffer("step_segments", layout, persistent=False)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
