@@ -8,16 +8,18 @@ arguments against its schema (~3-5 µs), each kernel call is a Python call too. 
 in the same order, called from compiled code (+4-9% tokens/s end to end, the same tokens; benchmarks/RESULTS.md,
 2026-12-05 UTC).
 
-When: :func:`apply`, called once the model's layers are built (BlockFFNModel.__init__, in each worker, before
-anything is compiled; vLLM hashes the compilation config for its compile cache at compile time), turns it on
-for a BlockFFN model on CPU when every graph the engine compiles can take it: every attention layer runs our
-C++ call (vLLM's own attention ops take an opaque ``layer_name`` argument, which inductor's C++ wrapper cannot
-pass: "arg type PyObject is not yet supported by custom_op_wrapper"), so not with
-``VLLM_BLOCKFFN_CPU_ATTENTION=vllm``, ``VLLM_BLOCKFFN_CPU_OPS=python``, MLA layers or a speculative draft model
-(its layers keep vLLM's attention). A ``cpp_wrapper`` the user set (``--compilation-config
-'{"inductor_compile_config": {"cpp_wrapper": false}}'``) is left as set, and ``VLLM_BLOCKFFN_CPP_WRAPPER=off``
-keeps Python's wrapper. Eager engines compile nothing: the key then changes nothing. The first compile of a
-model takes ~25 s longer (the wrapper is compiled with the kernels); vLLM's compile cache keeps it.
+When: :func:`apply` runs in each worker before the model's layers are built (BlockFFNModel.__init__, before
+vLLM's compile wrapper copies the inductor config for its backend) and turns it on for a BlockFFN model on CPU
+when every graph the engine compiles can take it: every attention layer will run our C++ call (vLLM's own
+attention ops take an opaque ``layer_name`` argument, which inductor's C++ wrapper cannot pass: "arg type PyObject
+is not yet supported by custom_op_wrapper"), so not with ``VLLM_BLOCKFFN_CPU_ATTENTION=vllm``,
+``VLLM_BLOCKFFN_CPU_OPS=python`` or no C++ ops, MLA layers, a KV cache dtype other than ``auto``, KV transfer, or
+a speculative draft model (its layers keep vLLM's attention). :func:`check` then confirms it on the built model
+(a layer left on vLLM's ops with the C++ wrapper on is named, with the switch, instead of inductor's error at
+compile time). A ``cpp_wrapper`` the user set (``--compilation-config '{"inductor_compile_config": {"cpp_wrapper":
+false}}'``) is left as set; ``VLLM_BLOCKFFN_CPP_WRAPPER=off`` keeps Python's wrapper. Eager engines compile
+nothing: the key then changes nothing. The first compile of a model takes ~25 s longer (the wrapper is compiled
+with the kernels); vLLM's compile cache keeps it.
 """
 
 from __future__ import annotations
@@ -39,30 +41,52 @@ def mode() -> str:
     return env_choice(CPP_WRAPPER_ENV, ("auto", "off"), "auto")
 
 
-def why_not(model: torch.nn.Module, vllm_config) -> str | None:
-    """Why this engine's graphs keep inductor's Python wrapper, or None when the C++ wrapper can serve them."""
+def why_not(vllm_config) -> str | None:
+    """Why this engine's graphs keep inductor's Python wrapper, or None when the C++ wrapper can serve them
+    (from the config, before the model is built)."""
     from vllm.platforms import current_platform
 
-    from vllm_blockffn.serving.layers.cpu_attention import StepAttention
+    from vllm_blockffn.kernels.sparse_ffn import cpu_native, cpu_ops
+    from vllm_blockffn.serving.layers import cpu_attention
 
+    if not current_platform.is_cpu():
+        return "not a CPU"
     spec = vllm_config.speculative_config
-    vllm_attention = [m for m in model.modules() if hasattr(m, "impl") and type(m) is not StepAttention]
     checks = (
-        (current_platform.is_cpu(), "not a CPU"),
         (mode() == "auto", f"{CPP_WRAPPER_ENV}={mode()}"),
-        (not vllm_attention, f"{len(vllm_attention)} attention layers on vLLM's ops"),
+        (cpu_attention.mode() == "auto", f"{cpu_attention.ATTENTION_ENV}={cpu_attention.mode()}"),
+        (getattr(vllm_config.model_config.hf_config, "attention_type", "vanilla") != "mla", "MLA attention"),
         (spec is None or getattr(spec, "draft_model_config", None) is None, "a speculative draft model"),
+        (vllm_config.cache_config.cache_dtype == "auto", f"KV cache dtype {vllm_config.cache_config.cache_dtype}"),
+        (vllm_config.kv_transfer_config is None, "KV transfer"),
+        (cpu_native.native_available() and cpu_ops.implementation() == "cpp", "no C++ ops"),
     )
     return next((why for ok, why in checks if not ok), None)
 
 
-def apply(model: torch.nn.Module, vllm_config) -> bool:
+def apply(vllm_config) -> bool:
     """Set ``cpp_wrapper`` for this engine's compiled graphs (module docstring); True when it is on."""
     cfg = vllm_config.compilation_config.inductor_compile_config
     if "cpp_wrapper" not in cfg:
-        why = why_not(model, vllm_config)
+        why = why_not(vllm_config)
         if why is None:
             cfg["cpp_wrapper"] = True
         else:
             logger.debug("blockffn: inductor's Python wrapper (%s)", why)
     return bool(cfg.get("cpp_wrapper", False))
+
+
+def check(model: torch.nn.Module, vllm_config) -> None:
+    """With the C++ wrapper on, every attention layer of the built model must run our C++ call."""
+    from vllm_blockffn.serving.layers.cpu_attention import StepAttention
+
+    if not vllm_config.compilation_config.inductor_compile_config.get("cpp_wrapper", False):
+        return
+    if vllm_config.compilation_config.mode == 0:  # CompilationMode.NONE: nothing is compiled
+        return
+    left = [getattr(m, "layer_name", type(m).__name__) for m in model.modules()
+            if hasattr(m, "impl") and type(m) is not StepAttention]
+    if left:
+        raise RuntimeError(f"inductor's C++ wrapper is on, but attention layer {left[0]} (and {len(left) - 1} more) "
+                           f"runs vLLM's attention ops, whose layer-name argument it cannot pass; set "
+                           f"{CPP_WRAPPER_ENV}=off or inductor_compile_config cpp_wrapper false")

@@ -73,6 +73,8 @@ class BlockFFNModel(MiniCPMModel):
     """
 
     def __init__(self, *, vllm_config, prefix: str = ""):
+        if current_platform.is_cpu():  # before vLLM's compile wrapper (in super().__init__) copies the config
+            cpu_compile.apply(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states"], self.config.hidden_size)
@@ -88,8 +90,8 @@ class BlockFFNModel(MiniCPMModel):
                 m.step_segments = layout
             # the attention layers: one C++ call each, the step's metadata published with the layout
             cpu_attention.install(self, layout, vllm_config)
-        if current_platform.is_cpu():  # compiled graphs' wrapper in C++ where every op of theirs can take it
-            cpu_compile.apply(self, vllm_config)
+        if current_platform.is_cpu():
+            cpu_compile.check(self, vllm_config)
         self.register_buffer("step_segments", layout, persistent=False)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
