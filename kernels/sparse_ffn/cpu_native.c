@@ -1793,7 +1793,7 @@ int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp,
         float yb[KM_TG * 64];
         if (xdt) {
             for (long t = M * tid / T; t < M * (tid + 1) / T; t++)
-                for (long k = 0; k < K; k++) xf[t * K + k] = cv_bf16(((const uint16_t *)x)[t * ldx + k]);
+                widen_bf16(isa, (const uint16_t *)x + t * ldx, xf + t * K, K);
             #pragma omp barrier
         }
         for (long s0 = 0; s0 < M; s0 += KM_SB)
@@ -1932,7 +1932,7 @@ int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp
     }
     for (long t = 0; t < M; t++) {
         if (xdt)
-            for (long k = 0; k < K; k++) xf[t * K + k] = cv_bf16(((const uint16_t *)x)[t * ldx + k]);
+            widen_bf16(isa, (const uint16_t *)x + t * ldx, xf + t * K, K);
         xs[t] = xdt ? xf + t * K : (const float *)x + t * ldx;
     }
     if (vnni) quantize_planes(isa, xs, M, K, xq8, xqs);

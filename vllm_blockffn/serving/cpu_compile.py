@@ -51,9 +51,9 @@ def why_not(vllm_config) -> str | None:
 
     if not current_platform.is_cpu():
         return "not a CPU"
-    spec = vllm_config.speculative_config
+    spec, switch = vllm_config.speculative_config, mode()
     checks = (
-        (mode() == "auto", f"{CPP_WRAPPER_ENV}={mode()}"),
+        (switch == "auto", f"{CPP_WRAPPER_ENV}={switch}"),
         (cpu_attention.mode() == "auto", f"{cpu_attention.ATTENTION_ENV}={cpu_attention.mode()}"),
         (getattr(vllm_config.model_config.hf_config, "attention_type", "vanilla") != "mla", "MLA attention"),
         (spec is None or getattr(spec, "draft_model_config", None) is None, "a speculative draft model"),
@@ -78,12 +78,13 @@ def apply(vllm_config) -> bool:
 
 def check(model: torch.nn.Module, vllm_config) -> None:
     """With the C++ wrapper on, every attention layer of the built model must run our C++ call."""
+    from vllm.config.compilation import CompilationMode
+
     from vllm_blockffn.serving.layers.cpu_attention import StepAttention
 
-    if not vllm_config.compilation_config.inductor_compile_config.get("cpp_wrapper", False):
-        return
-    if vllm_config.compilation_config.mode == 0:  # CompilationMode.NONE: nothing is compiled
-        return
+    cc = vllm_config.compilation_config
+    if not cc.inductor_compile_config.get("cpp_wrapper", False) or cc.mode == CompilationMode.NONE:
+        return  # Python's wrapper, or nothing compiled
     left = [getattr(m, "layer_name", type(m).__name__) for m in model.modules()
             if hasattr(m, "impl") and type(m) is not StepAttention]
     if left:
