@@ -130,12 +130,15 @@ def test_dense_layer_streams_every_expert(isa, dtype, monkeypatch):
 
 
 @pytest.mark.skipif("avx512_bf16" not in PATHS, reason="the CPU has no AVX512_BF16")
-@pytest.mark.parametrize("H,lengths", [(128, [1, 2]), (1792, [4]), (96, [1, 1, 1, 1, 1, 3]), (80, [2, 1]), (32, [9])])
+@pytest.mark.parametrize("H,lengths", [(128, [1, 2]), (1792, [4]), (96, [1, 1, 1, 1, 1, 3]), (80, [2, 1]), (32, [9]),
+                                       (1792, [8]), (96, [6, 6]), (80, [7])])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_bf16_down_pass_on_row_pairs(H, lengths, threads):
     """The bf16 down pass on AVX512_BF16 CPUs (VDPBF16PS on row pairs, y kept in a 32-column block order,
     h rounded to bf16 as a bf16 model carries it) equals the widening pass and the reference, NaN x rows
-    included; H % 32 != 0 (80) takes the widening pass."""
+    included; H % 32 != 0 (80) takes the widening pass. With ~half the experts on for each token, 8 or more
+    tokens give the experts >= 3 tokens each on average and groups of 3-4: the split FMA forms (bs_up, and
+    bs_down with y in the even/odd column order), a masked tail on H = 80, several 32-column blocks on 1792."""
     T, E, D = sum(lengths), 9, 13  # D % 4 != 0: the last unit has one row (its pair partner reads zeros)
     g = torch.Generator().manual_seed(H + T)
     x = torch.randn(T, H, generator=g).bfloat16()
@@ -151,15 +154,21 @@ def test_bf16_down_pass_on_row_pairs(H, lengths, threads):
             cpu_native.set_pairdown(on)
             ys[on] = cpu_native.sparse_ffn_native(x, s, w_up, w_down_t, cu, num_threads=threads,
                                                   isa="avx512_bf16").float()  # (AMX CPUs: tiles otherwise)
+        cpu_native.set_split_tokens(0)  # VDPBF16PS at every size
+        ys["no split"] = cpu_native.sparse_ffn_native(x, s, w_up, w_down_t, cu, num_threads=threads,
+                                                      isa="avx512_bf16").float()
     finally:
         cpu_native.set_pairdown(True)
+        cpu_native.set_split_tokens(3)
     for y in ys.values():
         assert torch.equal(y.isnan(), ref.isnan()) and y[T - 1].isnan().any() == bool((s[T - 1] > 0).any())
         ok = ~ref.isnan()
         torch.testing.assert_close(y[ok], ref[ok], **TOL["bf16"])
     torch.testing.assert_close(ys[True][ok], ys[False][ok], **TOL["bf16"])
+    torch.testing.assert_close(ys[True][ok], ys["no split"][ok], **TOL["bf16"])  # (its sums, in another order)
     # the switch does change the path where it applies (h rounded to bf16 moves some outputs), not elsewhere
     assert torch.equal(ys[True][ok], ys[False][ok]) == (H % 32 != 0)
+
 
 
 @pytest.mark.parametrize("isa", PATHS)

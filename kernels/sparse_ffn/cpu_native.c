@@ -150,6 +150,10 @@ void blockffn_set_prefetch(int on) { g_prefetch = on; }
    1 on, 0 the widening ones (benchmarks compare). */
 static int g_pairdown = 1;
 void blockffn_set_pairdown(int on) { g_pairdown = on; }
+/* bf16 units on AVX512_BF16: the split FMA forms (bs_up, bs_down) from this many tokens sharing an expert; 0: never
+   (benchmarks compare) */
+static int g_split_tokens = 3;
+void blockffn_set_split_tokens(int n) { g_split_tokens = n > 0 ? n : 0; }
 /* AMX only where it is faster (kernels/dispatch.py sets both at load, blockffn_set_amx_rules): linears
    from this many rows, expert calls whose active experts have this many tokens each on average (below,
    the AVX512_BF16 code: when few tokens share each weight byte the weight stream decides, and its 4-row
@@ -186,7 +190,7 @@ typedef struct {
     const int32_t *rs;              /* int8 weights: the unit's W_up row sums (vb_up), else NULL */
     int phase;                      /* 1: up (h of the rows), 2: down (y += rows * h) */
     int perm;                       /* y is kept in perm_col order (1: the paired bf16 down pass, bf_down) or
-                                       amx_col order (2: the AMX bf16 down pass) */
+                                       amx_col order (2: the split bf16 down pass, bs_down, or the AMX one) */
     /* int8 weights, VNNI down pass (vq_down), else acc NULL: the span's W_down rows (a thread's run of
        units of one expert) add into int32 sums, one [Hp] row per token of the expert, flushed into y once */
     int32_t *acc;                   /* the thread's int32 sums [m][Hp] (Hp = H rounded up to 32), perm_col order */
@@ -929,8 +933,82 @@ BF_UP(1) BF_UP(2) BF_UP(3) BF_UP(4)
         }                                                                                               \
     }
 BF_DOWN(1) BF_DOWN(2) BF_DOWN(3) BF_DOWN(4)
-A5_UNIT(unit_avx512bf16_bf16, bf16b, uint16_t, 2, 0, A5_SWITCH(bf_up, nt, wu, H, u->xh + j0, out, pf, blk),
-        if (u->perm) { A5_SWITCH(bf_down, nt, wd, H, ys, hs, pf, blk) } else { A5_DOWNCALL(bf16b) })
+/* The split forms, for tokens sharing an expert (g_split_tokens or more): VDPBF16PS runs at a quarter of the FMA
+   rate on some of these CPUs (RESULTS.md 2026-12-04 22:32 UTC), and from 3-4 tokens an expert the units are as much
+   compute as memory, which then add up instead of overlapping. A 64-byte line of 32 bf16 widens in two
+   instructions to two fp32 vectors, its even elements (VPSLLD 16) and its odd ones (VPANDD), and FMAs take them:
+   per 32 weights and token two FMAs at the FMA rate instead of one VDPBF16PS. fp32 sums, products exact (bf16 x
+   bf16 fits fp32), a different order than VDPBF16PS's, so the rounding may differ in the last bit.
+   Up (bs_up): x split the same way, the row dot summed over even and odd lanes. */
+#define BS_UP_STEP(NT, FULL, K)                                                                         \
+    {                                                                                                   \
+        pf_share(pf, pfl, i, pfs);                                                                      \
+        __m512 xe[NT], xo[NT];                                                                          \
+        for (int j = 0; j < NT; j++) {                                                                  \
+            __m512i v = FULL ? _mm512_loadu_si512(xh[j] + h) : _mm512_maskz_loadu_epi16(K, xh[j] + h);  \
+            xe[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));                                      \
+            xo[j] = _mm512_castsi512_ps(_mm512_and_si512(v, odd));                                      \
+        }                                                                                               \
+        for (int r = 0; r < NR; r++) {                                                                  \
+            __m512i v = FULL ? _mm512_loadu_si512(w[r] + h) : _mm512_maskz_loadu_epi16(K, w[r] + h);    \
+            __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));                                  \
+            __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(v, odd));                                  \
+            for (int j = 0; j < NT; j++)                                                                \
+                acc[r][j] = _mm512_fmadd_ps(wo, xo[j], _mm512_fmadd_ps(we, xe[j], acc[r][j]));          \
+        }                                                                                               \
+    }
+#define BS_UP(NT)                                                                                       \
+    ALWAYS void bs_up_##NT(const uint16_t *const *w, long H, const uint16_t *const *xh, float out[NR][4], \
+                           const char *pf, long blk) {                                                 \
+        const __m512i odd = _mm512_set1_epi32((int)0xFFFF0000u);                                       \
+        __m512 acc[NR][NT];                                                                             \
+        long steps = (H + 31) / 32, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl), h = 0;                \
+        for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) acc[r][j] = _mm512_setzero_ps();      \
+        for (; h + 32 <= H; h += 32, i++) BS_UP_STEP(NT, 1, (__mmask32)0xffffffffu)                      \
+        if (h < H) BS_UP_STEP(NT, 0, a5_mask32(H - h))                                                  \
+        for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]); \
+    }
+BS_UP(3) BS_UP(4)
+/* Down (bs_down): 4 rows x 32 columns widened once (8 vectors) and FMA'd per token with the rows' h (rounded to
+   bf16, as bf_down), the sums of the even columns, then the odd ones, of each 32-column block: y in amx_col
+   order (perm 2; the final reduction puts it back). Needs H % 32 == 0. */
+#define BS_DOWN(NT)                                                                                     \
+    ALWAYS void bs_down_##NT(const uint16_t *const *w, long H, float *const *ys, float hs[4][NR],       \
+                             const char *pf, long blk) {                                               \
+        const __m512i odd = _mm512_set1_epi32((int)0xFFFF0000u);                                       \
+        __m512 hb[NT][NR];                                                                              \
+        for (int j = 0; j < NT; j++)                                                                    \
+            for (int r = 0; r < NR; r++) hb[j][r] = _mm512_set1_ps(cv_bf16(to_bf16(hs[j][r])));        \
+        long steps = H / 32 > 0 ? H / 32 : 1, pfl, pfs = pf_stride(blk, steps, &pfl);                   \
+        for (long c = 0, i = 0; c < H; c += 32, i++) {                                                  \
+            pf_share(pf, pfl, i, pfs);                                                                  \
+            __m512 we[NR], wo[NR];                                                                      \
+            for (int r = 0; r < NR; r++) {                                                              \
+                __m512i v = _mm512_loadu_si512(w[r] + c);                                               \
+                we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));                                  \
+                wo[r] = _mm512_castsi512_ps(_mm512_and_si512(v, odd));                                  \
+            }                                                                                           \
+            for (int j = 0; j < NT; j++) {                                                              \
+                float *y = ys[j] + c;                                                                   \
+                __m512 e = _mm512_loadu_ps(y), o = _mm512_loadu_ps(y + 16);                             \
+                for (int r = 0; r < NR; r++) {                                                          \
+                    e = _mm512_fmadd_ps(we[r], hb[j][r], e);                                            \
+                    o = _mm512_fmadd_ps(wo[r], hb[j][r], o);                                            \
+                }                                                                                       \
+                _mm512_storeu_ps(y, e);                                                                 \
+                _mm512_storeu_ps(y + 16, o);                                                            \
+            }                                                                                           \
+        }                                                                                               \
+    }
+BS_DOWN(1) BS_DOWN(2) BS_DOWN(3) BS_DOWN(4)
+/* Up: the split form for groups of g_split_tokens or more tokens, VDPBF16PS below (fewer instructions a line at 1-2
+   tokens, where the units are memory-bound). */
+#define BF_UPCALL                                                                                       \
+    if (g_split_tokens && nt >= g_split_tokens) { if (nt == 3) bs_up_3(wu, H, u->xh + j0, out, pf, blk); else bs_up_4(wu, H, u->xh + j0, out, pf, blk); } \
+    else { A5_SWITCH(bf_up, nt, wu, H, u->xh + j0, out, pf, blk) }
+A5_UNIT(unit_avx512bf16_bf16, bf16b, uint16_t, 2, 0, BF_UPCALL,
+        if (u->perm == 2) { A5_SWITCH(bs_down, nt, wd, H, ys, hs, pf, blk) }
+        else if (u->perm) { A5_SWITCH(bf_down, nt, wd, H, ys, hs, pf, blk) } else { A5_DOWNCALL(bf16b) })
 LIN_ROWS(lin_avx512bf16_bf16, uint16_t, 2, 4, A5_SWITCH(bf_up, nt, wu, H, l->xh + j0, out, pf, blk))
 
 /* int8 weights, up pass (and linears) with VPDPBUSD (unsigned x signed bytes, 4 products per int32 lane:
@@ -2018,7 +2096,7 @@ static int count_segments(const float *scores, const int32_t *cu, long S, long T
 /* ------------------------------------------------------------------------ output reduction */
 /* The threads' partial outputs summed into y, elements [a, b) of the T x H output: fp32 y (thread 0's own buffer,
    direct) += each other used buffer, or (bf16 x) the used buffers' sum rounded to bf16 and put back in column
-   order (perm 1: the paired down pass's perm_col order, 2: the AMX down pass's amx_col order, both within 32-column
+   order (perm 1: the paired down pass's perm_col order, 2: the split or AMX down pass's amx_col order, both within 32-column
    blocks, so a and b are multiples of 32 there). Buffers are summed in the order b = 0, 1, ... (the same sums as
    one thread made them a row at a time before). Every thread reduces its own share after the units (the serial
    loop took ~1.4 ns per element with the permuted gathers: 20 us of a 45 us 8-token layer call, RESULTS.md
@@ -2162,7 +2240,10 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     const void **xr = NULL;
     int nc = 0;
 #if BLOCKFFN_X86
-    perm = g_pairdown && unit == unit_avx512bf16_bf16 && H % 32 == 0 && !direct;
+    /* the bf16 down pass on thread-private y: row pairs (perm 1) while the experts have few tokens each, the
+       split form (perm 2) from g_split_tokens tokens an active expert on average (P / U) */
+    if (g_pairdown && unit == unit_avx512bf16_bf16 && H % 32 == 0 && !direct)
+        perm = g_split_tokens && P >= (long)g_split_tokens * U ? 2 : 1;
     if (unit == unit_amx_bf16) {
         perm = 2; /* bf16 x: never direct */
         nc = n < 16 ? (int)n : 16;

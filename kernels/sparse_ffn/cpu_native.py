@@ -122,6 +122,7 @@ def _open(path: str) -> ctypes.CDLL | None:
         isa = lib.blockffn_cpu_isa
         lib.blockffn_set_prefetch.argtypes = [ctypes.c_int]
         lib.blockffn_set_pairdown.argtypes = [ctypes.c_int]
+        lib.blockffn_set_split_tokens.argtypes = [ctypes.c_int]
         lib.blockffn_set_amx_rules.argtypes = [ctypes.c_long, ctypes.c_long]
         lib.blockffn_set_amx_rules(THRESHOLDS.cpu_amx_min_rows, THRESHOLDS.cpu_amx_min_tokens)
         lib.blockffn_amx_calls.restype = ctypes.c_long
@@ -301,11 +302,19 @@ def set_prefetch(on: bool) -> None:
 
 def set_pairdown(on: bool) -> None:
     """The down passes on AVX512_BF16 + VNNI CPUs (benchmarks compare): on (default) = row pairs
-    (VDPBF16PS for bf16 weights, VPDPWSSD for int8), off = the widening ones (to fp32, then FMAs)
-    (``cpu_native.c``, ``bf_down`` / ``vn_down``)."""
+    (VDPBF16PS for bf16 weights, VPDPWSSD for int8; bf16 from 3 tokens an active expert: the split FMA form
+    ``bs_down``), off = the widening ones (to fp32, then FMAs) (``cpu_native.c``, ``bf_down`` / ``vn_down``)."""
     lib = _load()
     if lib is not None:
         lib.blockffn_set_pairdown(int(bool(on)))
+
+
+def set_split_tokens(n: int) -> None:
+    """bf16 expert units on AVX512_BF16 CPUs: the split FMA forms from ``n`` tokens sharing an expert (default 3;
+    0 = never: VDPBF16PS at every size) (``cpu_native.c``, ``bs_up`` / ``bs_down``; benchmarks compare)."""
+    lib = _load()
+    if lib is not None:
+        lib.blockffn_set_split_tokens(int(n))
 
 
 def int8_row_sums(weight: torch.Tensor) -> torch.Tensor:
