@@ -326,8 +326,9 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
 
 def split_ab_rows(args) -> list[list[str]]:
     """bf16 engine calls (cold, as kernel_rows) with the split FMA forms on (from 3 tokens an expert, the default)
-    and off (VDPBF16PS at every size), in alternate rounds of all the calls: ``off / on`` is the median of the
-    rounds' ratios, each pair a few seconds apart (this VM's bandwidth and compute drift within minutes)."""
+    and off (VDPBF16PS at every size), in alternate rounds of all the calls, either one first as often: ``off / on``
+    is the median of the pairs' ratios, each pair seconds apart (this VM's bandwidth and compute drift within
+    minutes)."""
     rows = []
     shapes = {k: v for k, v in SHAPES.items() if not args.shapes or k in args.shapes}
     for sname, (H, E, D) in shapes.items():
@@ -349,8 +350,8 @@ def split_ab_rows(args) -> list[list[str]]:
             step_bytes = union_bytes / ncalls + engine.router_bytes
             res = {True: [], False: []}
             try:
-                for _ in range(3):
-                    for on in (True, False):
+                for r in range(4):
+                    for on in ((True, False) if r % 2 == 0 else (False, True)):  # either order first, as often
                         cpu_native.set_split_tokens(3 if on else 0)
                         res[on].append(engine.time(pool, calls, seg, step_bytes, args.threads))
             finally:
