@@ -13,12 +13,16 @@ vLLM's compile wrapper copies the inductor config for its backend) and turns it 
 when every graph the engine compiles can take it: every attention layer will run our C++ call (vLLM's own
 attention ops take an opaque ``layer_name`` argument, which inductor's C++ wrapper cannot pass: "arg type PyObject
 is not yet supported by custom_op_wrapper"), so not with ``VLLM_BLOCKFFN_CPU_ATTENTION=vllm``,
-``VLLM_BLOCKFFN_CPU_OPS=python`` or no C++ ops, MLA layers, a KV cache dtype other than ``auto``, KV transfer, or
-a speculative draft model (its layers keep vLLM's attention). :func:`check` then confirms it on the built model
-(a layer left on vLLM's ops with the C++ wrapper on is named, with the switch, instead of inductor's error at
-compile time). A ``cpp_wrapper`` the user set (``--compilation-config '{"inductor_compile_config": {"cpp_wrapper":
-false}}'``) is left as set; ``VLLM_BLOCKFFN_CPP_WRAPPER=off`` keeps Python's wrapper. Eager engines compile
-nothing: the key then changes nothing. The first compile of a model takes ~25 s longer (the wrapper is compiled
+``VLLM_BLOCKFFN_CPU_OPS=python`` or no C++ ops, MLA layers, a KV cache dtype other than ``auto``, or KV transfer.
+:func:`check` then confirms it on the built model (a layer left on vLLM's ops with the C++ wrapper on is named, with
+the switch, instead of inductor's error at compile time). A speculative draft model (an EAGLE head: vLLM's Llama
+layers and attention ops) is built after the target in the same config: :func:`release` takes the key out again once
+the target's compile wrapper has copied it, so the head compiles with Python's wrapper and the target, whose graph
+is most of a speculative step's time, with C++'s; ``additional_config["blockffn_cpp_wrapper"] = "target"`` marks
+such engines in vLLM's config hash (the key itself is then gone from it), so their compile cache is their own.
+A ``cpp_wrapper`` the user set (``--compilation-config '{"inductor_compile_config": {"cpp_wrapper": false}}'``) is
+left as set; ``VLLM_BLOCKFFN_CPP_WRAPPER=off`` keeps Python's wrapper. Eager engines compile nothing: the key then
+changes nothing. The first compile of a model takes ~25 s longer (the wrapper is compiled
 with the kernels); vLLM's compile cache keeps it.
 """
 
@@ -33,6 +37,8 @@ from vllm_blockffn.serving.config import env_choice
 logger = logging.getLogger(__name__)
 
 CPP_WRAPPER_ENV = "VLLM_BLOCKFFN_CPP_WRAPPER"
+TARGET_MARK = "blockffn_cpp_wrapper"
+"""``additional_config`` key set to "target" when only the target model's graphs take the C++ wrapper."""
 """auto (default: inductor's C++ wrapper where every compiled graph can take it) | off (Python's wrapper)."""
 
 
@@ -51,17 +57,23 @@ def why_not(vllm_config) -> str | None:
 
     if not current_platform.is_cpu():
         return "not a CPU"
-    spec, switch = vllm_config.speculative_config, mode()
+    switch = mode()
     checks = (
         (switch == "auto", f"{CPP_WRAPPER_ENV}={switch}"),
         (cpu_attention.mode() == "auto", f"{cpu_attention.ATTENTION_ENV}={cpu_attention.mode()}"),
         (getattr(vllm_config.model_config.hf_config, "attention_type", "vanilla") != "mla", "MLA attention"),
-        (spec is None or getattr(spec, "draft_model_config", None) is None, "a speculative draft model"),
+        (not _draft(vllm_config) or isinstance(vllm_config.additional_config, dict),
+         "a speculative draft model with a non-dict additional_config (the cache mark)"),
         (vllm_config.cache_config.cache_dtype == "auto", f"KV cache dtype {vllm_config.cache_config.cache_dtype}"),
         (vllm_config.kv_transfer_config is None, "KV transfer"),
         (cpu_native.native_available() and cpu_ops.implementation() == "cpp", "no C++ ops"),
     )
     return next((why for ok, why in checks if not ok), None)
+
+
+def _draft(vllm_config) -> bool:
+    spec = vllm_config.speculative_config
+    return spec is not None and getattr(spec, "draft_model_config", None) is not None
 
 
 def apply(vllm_config) -> bool:
@@ -71,9 +83,19 @@ def apply(vllm_config) -> bool:
         why = why_not(vllm_config)
         if why is None:
             cfg["cpp_wrapper"] = True
+            if _draft(vllm_config):
+                vllm_config.additional_config[TARGET_MARK] = "target"
         else:
             logger.debug("blockffn: inductor's Python wrapper (%s)", why)
     return bool(cfg.get("cpp_wrapper", False))
+
+
+def release(vllm_config) -> None:
+    """After the target model is built (its compile wrapper holds its own copy of the inductor config): with a draft
+    model to build next, take out the key :func:`apply` set, so the draft model compiles with Python's wrapper."""
+    add = vllm_config.additional_config
+    if isinstance(add, dict) and add.get(TARGET_MARK) == "target":
+        vllm_config.compilation_config.inductor_compile_config.pop("cpp_wrapper", None)
 
 
 def check(model: torch.nn.Module, vllm_config) -> None:

@@ -92,6 +92,7 @@ class BlockFFNModel(MiniCPMModel):
             cpu_attention.install(self, layout, vllm_config)
         if current_platform.is_cpu():
             cpu_compile.check(self, vllm_config)
+            cpu_compile.release(vllm_config)  # a draft model built next compiles with Python's wrapper
         self.register_buffer("step_segments", layout, persistent=False)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
