@@ -15,7 +15,8 @@ What: vLLM's worker monitor (`start_worker_monitor`) sees a worker process die, 
 Why here: the plugin serves BlockFFN with TP/PP on CPUs through this executor, and issue 20 asks
   for an error within 10 s, reliably.
 How: on a failed executor only (`is_failed`, set by the monitor before it calls `shutdown`), the
-  wrapper first logs one line naming the dead worker (name, rank, pid, exit code or signal) and
+  wrapper first logs one line naming the dead worker (its ready sentinel, as the monitor saw it, reaped
+  for at most REAP_S; name, rank, pid, exit code or signal) and
   the survivors it is ending, closes their death pipes (a worker that is idle exits on that),
   gives them DEATH_GRACE_S = 0.5 s, then SIGKILLs the rest and reaps them; vLLM's own shutdown
   then runs as before (it finds no live workers and shuts the queues down). An orderly shutdown
@@ -30,10 +31,13 @@ import functools
 import logging
 import signal
 import time
+from multiprocessing import connection
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under "vllm": shown with vLLM's own log lines
 
 DEATH_GRACE_S = 0.5
+REAP_S = 1.0
+"""At most this long for a dead worker's exit to complete (its sentinel is ready first), so its exit code is known."""
 _MARK = "__vllm_blockffn_patched__"
 
 
@@ -51,8 +55,13 @@ def _describe(exitcode: int | None) -> str:
 def end_survivors(executor) -> None:
     """After a worker death: log who died, end the other workers now."""
     workers = getattr(executor, "workers", None) or []
-    dead = [w for w in workers if not w.proc.is_alive()]
-    alive = [w for w in workers if w.proc.is_alive()]
+    # the dead: a ready sentinel (what vLLM's monitor waited on) — the process may not be reapable yet for a
+    # moment (is_alive() still true, exit code unknown: the log once named "worker ?"), so reap it briefly
+    ready = set(connection.wait([w.proc.sentinel for w in workers], timeout=0)) if workers else set()
+    dead = [w for w in workers if w.proc.sentinel in ready or not w.proc.is_alive()]
+    for w in dead:
+        w.proc.join(REAP_S)
+    alive = [w for w in workers if w not in dead]
     logger.error(
         "vllm-blockffn: worker %s died (%s); ending the other workers now, which cannot finish a "
         "step without it: %s",

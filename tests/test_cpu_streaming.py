@@ -154,9 +154,10 @@ def test_bf16_down_pass_on_row_pairs(H, lengths, threads):
             cpu_native.set_pairdown(on)
             ys[on] = cpu_native.sparse_ffn_native(x, s, w_up, w_down_t, cu, num_threads=threads,
                                                   isa="avx512_bf16").float()  # (AMX CPUs: tiles otherwise)
-        cpu_native.set_split_tokens(0)  # VDPBF16PS at every size
-        ys["no split"] = cpu_native.sparse_ffn_native(x, s, w_up, w_down_t, cu, num_threads=threads,
-                                                      isa="avx512_bf16").float()
+        for n, name in ((0, "no split"), (1, "split at every size")):  # VDPBF16PS at every size / never
+            cpu_native.set_split_tokens(n)
+            ys[name] = cpu_native.sparse_ffn_native(x, s, w_up, w_down_t, cu, num_threads=threads,
+                                                    isa="avx512_bf16").float()
     finally:
         cpu_native.set_pairdown(True)
         cpu_native.set_split_tokens(3)
@@ -165,7 +166,8 @@ def test_bf16_down_pass_on_row_pairs(H, lengths, threads):
         ok = ~ref.isnan()
         torch.testing.assert_close(y[ok], ref[ok], **TOL["bf16"])
     torch.testing.assert_close(ys[True][ok], ys[False][ok], **TOL["bf16"])
-    torch.testing.assert_close(ys[True][ok], ys["no split"][ok], **TOL["bf16"])  # (its sums, in another order)
+    for name in ("no split", "split at every size"):  # (their sums, in another order)
+        torch.testing.assert_close(ys[True][ok], ys[name][ok], **TOL["bf16"])
     # the switch does change the path where it applies (h rounded to bf16 moves some outputs), not elsewhere
     assert torch.equal(ys[True][ok], ys[False][ok]) == (H % 32 != 0)
 

@@ -889,16 +889,21 @@ ALWAYS __m512 a5_bf16bf(const uint16_t *p) { return a5_bf16f(p); }
             for (int j = 0; j < NT; j++)                                                                \
                 acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)wv[r], (__m512bh)xv[j]);              \
     }
-#define BF_UP(NT)                                                                                       \
-    ALWAYS void bf_up_##NT(const uint16_t *const *w, long H, const uint16_t *const *xh, float out[NR][4], \
-                           const char *pf, long blk) {                                                 \
+/* An up pass over the rows in steps of 32 elements (STEP: one step's loads and products into acc[r][j]; the
+   odd-lane mask for the split form's), full steps unmasked, the tail one masked. */
+#define BF_UP_FN(NAME, STEP, NT)                                                                        \
+    ALWAYS void NAME##_##NT(const uint16_t *const *w, long H, const uint16_t *const *xh, float out[NR][4], \
+                            const char *pf, long blk) {                                                \
+        const __m512i odd = _mm512_set1_epi32((int)0xFFFF0000u);                                       \
         __m512 acc[NR][NT];                                                                             \
         long steps = (H + 31) / 32, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl), h = 0;                \
+        (void)odd;                                                                                      \
         for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) acc[r][j] = _mm512_setzero_ps();      \
-        for (; h + 32 <= H; h += 32, i++) BF_UP_STEP(NT, 1, (__mmask32)0xffffffffu)                      \
-        if (h < H) BF_UP_STEP(NT, 0, a5_mask32(H - h))                                                  \
+        for (; h + 32 <= H; h += 32, i++) STEP(NT, 1, (__mmask32)0xffffffffu)                           \
+        if (h < H) STEP(NT, 0, a5_mask32(H - h))                                                        \
         for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]); \
     }
+#define BF_UP(NT) BF_UP_FN(bf_up, BF_UP_STEP, NT)
 BF_UP(1) BF_UP(2) BF_UP(3) BF_UP(4)
 /* down with VDPBF16PS on row pairs: rows r and r+1 interleaved in registers (VPUNPCKLWD / VPUNPCKHWD: one
    instruction per 32 columns, no bf16 -> fp32 widening), times the pair (h_r, h_r+1) rounded to bf16 (the
@@ -957,18 +962,8 @@ BF_DOWN(1) BF_DOWN(2) BF_DOWN(3) BF_DOWN(4)
                 acc[r][j] = _mm512_fmadd_ps(wo, xo[j], _mm512_fmadd_ps(we, xe[j], acc[r][j]));          \
         }                                                                                               \
     }
-#define BS_UP(NT)                                                                                       \
-    ALWAYS void bs_up_##NT(const uint16_t *const *w, long H, const uint16_t *const *xh, float out[NR][4], \
-                           const char *pf, long blk) {                                                 \
-        const __m512i odd = _mm512_set1_epi32((int)0xFFFF0000u);                                       \
-        __m512 acc[NR][NT];                                                                             \
-        long steps = (H + 31) / 32, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl), h = 0;                \
-        for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) acc[r][j] = _mm512_setzero_ps();      \
-        for (; h + 32 <= H; h += 32, i++) BS_UP_STEP(NT, 1, (__mmask32)0xffffffffu)                      \
-        if (h < H) BS_UP_STEP(NT, 0, a5_mask32(H - h))                                                  \
-        for (int r = 0; r < NR; r++) for (int j = 0; j < NT; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]); \
-    }
-BS_UP(3) BS_UP(4)
+#define BS_UP(NT) BF_UP_FN(bs_up, BS_UP_STEP, NT)
+BS_UP(1) BS_UP(2) BS_UP(3) BS_UP(4)
 /* Down (bs_down): 4 rows x 32 columns widened once (8 vectors) and FMA'd per token with the rows' h (rounded to
    bf16, as bf_down), the sums of the even columns, then the odd ones, of each 32-column block: y in amx_col
    order (perm 2; the final reduction puts it back). Needs H % 32 == 0. */
@@ -1004,7 +999,7 @@ BS_DOWN(1) BS_DOWN(2) BS_DOWN(3) BS_DOWN(4)
 /* Up: the split form for groups of g_split_tokens or more tokens, VDPBF16PS below (fewer instructions a line at 1-2
    tokens, where the units are memory-bound). */
 #define BF_UPCALL                                                                                       \
-    if (g_split_tokens && nt >= g_split_tokens) { if (nt == 3) bs_up_3(wu, H, u->xh + j0, out, pf, blk); else bs_up_4(wu, H, u->xh + j0, out, pf, blk); } \
+    if (g_split_tokens && nt >= g_split_tokens) { A5_SWITCH(bs_up, nt, wu, H, u->xh + j0, out, pf, blk) }       \
     else { A5_SWITCH(bf_up, nt, wu, H, u->xh + j0, out, pf, blk) }
 A5_UNIT(unit_avx512bf16_bf16, bf16b, uint16_t, 2, 0, BF_UPCALL,
         if (u->perm == 2) { A5_SWITCH(bs_down, nt, wd, H, ys, hs, pf, blk) }
