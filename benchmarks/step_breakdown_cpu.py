@@ -13,13 +13,19 @@ compiled graph: their calls include the dispatcher's few µs. It runs inductor's
 and takes the gaps' Python share away (serving/cpu_compile.py).
 
     scripts/dev python benchmarks/step_breakdown_cpu.py /tmp/xl [--quantization blockffn_int8]
-        [--tokens 64] [--batch N] [--json FILE]
+        [--tokens 64] [--batch N] [--json FILE] [--dump-calls DIR]
 
 One engine, in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), compiled as ``vllm serve`` runs it,
 batch 1 (or N distinct prompts), greedy; the first (prefill) step is left out. The expert bytes per
 layer are the layer's mean step union (the router's active experts over the step's tokens, recomputed
-by the probe outside the timed calls) × one expert's bytes. Figures drift with the machine's
-bandwidth: compare runs taken minutes apart, or within one run.
+by the probe outside the timed calls) × one expert's bytes; each layer's line gives its tokens an expert too
+(the step's active (token, expert) pairs over its union: from ~4 a call is as much arithmetic as memory on
+CPUs without AMX). Beside the memory-speed limit the step's multiply-adds (linears: batch × N × H; experts:
+pairs × 2 × d_e × H, plus the router) at the FMA peak measured in the same run (``cpu_native.fma_peak``: fp32
+FMAs on the path's widest vectors), and the two in sequence: a step on a CPU that does not overlap its
+arithmetic with its reads cannot beat that sum. ``--dump-calls DIR`` saves one step's expert calls for
+benchmarks/replay_experts_cpu.py. Figures drift with the machine's bandwidth: compare runs taken minutes
+apart, or within one run.
 """
 
 from __future__ import annotations
@@ -49,12 +55,15 @@ class Probe:
         self.last: tuple[str, float] | None = None
         self.steps = 0  # lm_head calls seen: decode steps start after the first
         self.unions: dict[int, list[int]] = collections.defaultdict(list)  # layer -> the step's expert union
+        self.pairs: dict[int, list[int]] = collections.defaultdict(list)  # layer -> its active (token, expert) pairs
+        self.dump: str | None = None  # --dump-calls DIR
 
     def reset(self) -> None:
         self.calls.clear()
         self.gaps.clear()
         self.last, self.steps = None, 0
         self.unions.clear()
+        self.pairs.clear()
 
     def enter(self, tag: str) -> float:
         t = time.perf_counter()
@@ -117,6 +126,9 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--batch", type=int, default=1,
                     help="requests decoded together (distinct prompts; expert bytes = each step's union)")
+    ap.add_argument("--dump-calls", default=None, metavar="DIR",
+                    help="save one decode step's router_experts call a layer (its arguments) into DIR, for "
+                         "benchmarks/replay_experts_cpu.py (C++ ops only)")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # the probes wrap the ops as the graph's Python wrapper calls them: inductor's C++ wrapper (the default for
@@ -133,6 +145,9 @@ def main() -> None:
     from vllm_blockffn.observe.stats import RECORDER, SEGMENTS, UNION
 
     probe = Probe()
+    if args.dump_calls:
+        os.makedirs(args.dump_calls, exist_ok=True)
+        probe.dump = args.dump_calls
     assert cpu_native.native_available(), "the native CPU kernel is needed"
     from vllm_blockffn.kernels.sparse_ffn import cpu_ops
 
@@ -164,6 +179,7 @@ def main() -> None:
     steps = probe.steps - 1  # decode steps measured (the prefill step is left out)
     buf = torch.ones(1 << 28)
     bw = max(buf.numel() * 4 / _secs(cpu_native.stream_read, buf) for _ in range(3)) / 1e9
+    peak = max(cpu_native.fma_peak() for _ in range(3)) / 1e9  # multiply-adds a ns, fp32 FMAs
 
     D, H = cfg.expert_size, cfg.hidden_size
     elt = 1 if args.quantization == "blockffn_int8" else getattr(torch, args.dtype).itemsize
@@ -180,6 +196,7 @@ def main() -> None:
     print(f"{args.model} {args.dtype} {args.quantization or ''} batch {args.batch}: {steps} decode steps, "
           f"{wall / (steps + 1) * 1e3:.2f} ms per step (all steps), read bandwidth {bw:.1f} GB/s (2 threads)")
     kernel_ms = step_mb = 0.0
+    macs = {"linears": 0.0, "router + experts": 0.0}  # multiply-adds a step (G)
     for tag, v in sorted(probe.calls.items()):
         ms = sum(v) / steps * 1e3
         kernel_ms += ms
@@ -189,6 +206,7 @@ def main() -> None:
             # the router (N = E) stays in the model's dtype under int8 (quantization.py SKIPPED_LINEARS)
             lin_elt = getattr(torch, args.dtype).itemsize if n == cfg.num_experts else elt
             mb = n * H * lin_elt / 1e6 * len(v) / steps  # [N, H] weights per step
+            macs["linears"] += n * H * args.batch * len(v) / steps / 1e9  # a decode step: batch rows
         elif tag == "experts":
             mb = sum(expert_mb)  # every layer's union, per step
         elif tag == ROUTER_EXPERTS:  # the router read inside the expert kernel (VLLM_BLOCKFFN_CPU_ROUTER=fused)
@@ -210,14 +228,27 @@ def main() -> None:
     print(f"  in probed calls {kernel_ms:.2f} ms/step, between them {gap_ms:.2f} ms/step: a decode step "
           f"{step_ms:.2f} ms; its weights {step_mb:.0f} MB at {bw:.1f} GB/s = {limit_ms:.2f} ms, so "
           f"{100 * limit_ms / step_ms:.0f}% of the memory-speed limit")
+    # the step's arithmetic: every weight times its tokens (pairs for the experts), at the FMA peak
+    if probe.pairs:
+        macs["router + experts"] = sum(statistics.fmean(probe.pairs[i]) * 2 * D * H + cfg.num_experts * H * args.batch
+                                       for i, _ in layers) / 1e9
+    compute_ms = sum(macs.values()) / peak
+    print(f"  its multiply-adds {sum(macs.values()):.2f} G (" + ", ".join(f"{k} {v:.2f}" for k, v in macs.items())
+          + f"; attention's not counted) at the FMA peak {peak:.0f} G/s (fp32 FMAs, measured now) = "
+          f"{compute_ms:.2f} ms: memory and arithmetic in sequence {limit_ms + compute_ms:.2f} ms "
+          f"({100 * limit_ms / (limit_ms + compute_ms):.0f}% of the limit), overlapped {max(limit_ms, compute_ms):.2f}")
     for (i, u), mb, us in zip(layers, expert_mb, per_layer):
-        print(f"  layer {i:2d}: union {u:5.1f} experts, {mb:5.2f} MB, {us * 1e6:6.1f} µs, {mb / us / 1e3:5.1f} GB/s")
+        tpe = f", {statistics.fmean(probe.pairs[i]) / u:4.1f} tokens an expert" if probe.pairs.get(i) and u else ""
+        print(f"  layer {i:2d}: union {u:5.1f} experts{tpe}, {mb:5.2f} MB, {us * 1e6:6.1f} µs, "
+              f"{mb / us / 1e3:5.1f} GB/s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "dtype": args.dtype, "quantization": args.quantization, "batch": args.batch,
                        "steps": steps,
-                       "bandwidth_gbs": bw, "step_ms": step_ms, "step_mb": step_mb, "limit_ms": limit_ms, "rows": rows,
-                       "layers": [{"layer": i, "union": u, "mb": mb, "median_us": us * 1e6}
+                       "bandwidth_gbs": bw, "fma_peak_gmacs": peak, "gmacs": macs, "compute_ms": compute_ms,
+                       "step_ms": step_ms, "step_mb": step_mb, "limit_ms": limit_ms, "rows": rows,
+                       "layers": [{"layer": i, "union": u, "mb": mb, "median_us": us * 1e6,
+                                   "pairs": statistics.fmean(probe.pairs[i]) if probe.pairs.get(i) else None}
                                   for (i, u), mb, us in zip(layers, expert_mb, per_layer)]}, f, indent=1)
 
 
@@ -241,6 +272,12 @@ class _ProbedOp:
             x, w_r = args[0], args[1]
             active = (x.float() @ w_r.float().t()) > 0
             self._probe.unions[int(args[12])].append(int(active.any(0).sum()))
+            self._probe.pairs[int(args[12])].append(int(active.sum()))
+            if self._probe.dump and self._probe.steps == 8:  # one call a layer, for replay_experts_cpu.py
+                import torch
+
+                torch.save([a.clone() if isinstance(a, torch.Tensor) else a for a in args],
+                           os.path.join(self._probe.dump, f"layer{int(args[12])}.pt"))
             self._probe.last = (tag, time.perf_counter())
         return r
 

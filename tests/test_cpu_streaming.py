@@ -6,6 +6,7 @@ and the served engine with the streaming linears installed."""
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -25,6 +26,22 @@ PATHS = [isa for isa in cpu_native.ISAS if cpu_native.ISAS.index(isa) <= cpu_nat
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOL = {"fp32": dict(rtol=2e-5, atol=2e-5), "bf16": dict(rtol=2e-2, atol=2e-2)}
 MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "blockffn-tiny-trained")
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_benchmark_probes_measure_each_path(isa):
+    """The benchmarks' two ceilings: the read probe returns the tensor's sum (it really reads every element),
+    the FMA probe a positive rate that grows with the rounds' work (it is not optimized away: 4x the rounds
+    take longer)."""
+    buf = torch.arange(1 << 16, dtype=torch.float32) % 7
+    assert cpu_native.stream_read(buf, isa=isa) == pytest.approx(float(buf.sum()), rel=1e-6)
+    rounds = 20_000 if isa == "portable" else 400_000
+    t = time.perf_counter()
+    rate = cpu_native.fma_peak(isa=isa, rounds=rounds)
+    short = time.perf_counter() - t
+    t = time.perf_counter()
+    cpu_native.fma_peak(isa=isa, rounds=4 * rounds)
+    assert 0 < rate < float("inf") and time.perf_counter() - t > 1.5 * short
 
 
 @pytest.mark.parametrize("isa", PATHS)

@@ -2440,6 +2440,77 @@ double blockffn_stream_read(const float *p, long n, int nthreads, int isa) {
     return total;
 }
 
+/* ------------------------------------------------------------------------ arithmetic peak */
+/* Multiply-adds per second the cores can issue: nthreads threads, each `rounds` rounds of FMAs on 12 independent
+   accumulator chains in the widest vector the path has (fp32; VDPBF16PS, where present, issues fewer multiply-adds
+   per cycle on some of these CPUs: RESULTS.md 2026-12-04). Returns multiply-adds per second over all threads (the
+   slowest thread's time). Benchmarks: the compute ceiling of a step beside its bytes at the read bandwidth. */
+#define FP_CHAINS 12
+#if BLOCKFFN_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,fma")
+static float fma_rounds_avx512(long rounds) {
+    __m512 a[FP_CHAINS], b = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-6f);
+    for (int i = 0; i < FP_CHAINS; i++) a[i] = _mm512_set1_ps((float)i);
+    for (long n = 0; n < rounds; n++)
+        for (int i = 0; i < FP_CHAINS; i++) a[i] = _mm512_fmadd_ps(a[i], b, c);
+    float s = 0.0f;
+    for (int i = 0; i < FP_CHAINS; i++) s += _mm512_reduce_add_ps(a[i]);
+    return s;
+}
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+static float fma_rounds_avx2(long rounds) {
+    __m256 a[FP_CHAINS], b = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-6f);
+    for (int i = 0; i < FP_CHAINS; i++) a[i] = _mm256_set1_ps((float)i);
+    for (long n = 0; n < rounds; n++)
+        for (int i = 0; i < FP_CHAINS; i++) a[i] = _mm256_fmadd_ps(a[i], b, c);
+    float v[8], s = 0.0f;
+    for (int i = 0; i < FP_CHAINS; i++) {
+        _mm256_storeu_ps(v, a[i]);
+        for (int k = 0; k < 8; k++) s += v[k];
+    }
+    return s;
+}
+#pragma GCC pop_options
+#endif
+
+double blockffn_fma_peak(long rounds, int nthreads, int isa) {
+    isa = blockffn_resolve_isa(isa);
+    if (isa < 0) isa = ISA_PORTABLE;
+    if (rounds < 1) rounds = 1;
+    int lanes = 1;
+#if BLOCKFFN_X86
+    lanes = isa >= ISA_AVX512 ? 16 : isa >= ISA_AVX2 ? 8 : 1;
+#endif
+    double slowest = 0.0, sink = 0.0;
+    int nt = 1;
+    #pragma omp parallel num_threads(call_threads(nthreads)) reduction(max : slowest) reduction(+ : sink)
+    {
+        #pragma omp single
+        nt = omp_get_num_threads();
+        double t = omp_get_wtime();
+        float s = 0.0f;
+#if BLOCKFFN_X86
+        if (isa >= ISA_AVX512) s = fma_rounds_avx512(rounds);
+        else if (isa >= ISA_AVX2) s = fma_rounds_avx2(rounds);
+        else
+#endif
+        {
+            float a[FP_CHAINS], b = 1.0f - 1.0f / (float)(rounds + 1000000);
+            for (int i = 0; i < FP_CHAINS; i++) a[i] = (float)i;
+            for (long n = 0; n < rounds; n++)
+                for (int i = 0; i < FP_CHAINS; i++) a[i] = fmaf(a[i], b, 1e-6f);
+            for (int i = 0; i < FP_CHAINS; i++) s += a[i];
+        }
+        slowest = omp_get_wtime() - t;
+        sink += s;
+    }
+    if (sink != sink) return 0.0; /* keeps the chains live */
+    return (double)rounds * FP_CHAINS * lanes * nt / (slowest > 0.0 ? slowest : 1e-9);
+}
+
 /* ------------------------------------------------------------------- router + experts */
 /* The layer's router and experts in one call, for decode-size steps on CPUs: z = x W_r^T through
    blockffn_linear (W_r [E, H], fp32 or bf16; z rounded to x's dtype, as the model's linear returns

@@ -148,6 +148,8 @@ def _open(path: str) -> ctypes.CDLL | None:
     lib.blockffn_resolve_isa.restype = i32
     lib.blockffn_stream_read.argtypes = [p, i64, i32, i32]
     lib.blockffn_stream_read.restype = ctypes.c_double
+    lib.blockffn_fma_peak.argtypes = [i64, i32, i32]
+    lib.blockffn_fma_peak.restype = ctypes.c_double
     return lib
 
 
@@ -444,6 +446,14 @@ def stream_read(buf: torch.Tensor, num_threads: int | None = None, isa: str | No
     lib = _load()
     assert lib is not None and buf.dtype == torch.float32 and buf.is_contiguous()
     return lib.blockffn_stream_read(buf.data_ptr(), buf.numel(), num_threads or _THREADS, _isa_code(isa))
+
+
+def fma_peak(num_threads: int | None = None, isa: str | None = None, rounds: int = 4_000_000) -> float:
+    """Multiply-adds per second the kernel's threads can issue in fp32 FMAs on the path's widest vectors
+    (arithmetic-ceiling probe, beside :func:`stream_read`'s bandwidth)."""
+    lib = _load()
+    assert lib is not None
+    return lib.blockffn_fma_peak(rounds, num_threads or _THREADS, _isa_code(isa))
 
 
 def native_available() -> bool:
