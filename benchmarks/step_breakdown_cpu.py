@@ -232,7 +232,7 @@ def main() -> None:
     if probe.pairs:
         macs["router + experts"] = sum(statistics.fmean(probe.pairs[i]) * 2 * D * H + cfg.num_experts * H * args.batch
                                        for i, _ in layers) / 1e9
-    compute_ms = sum(macs.values()) / peak
+    compute_ms = sum(macs.values()) / peak * 1e3  # G multiply-adds over G a second
     print(f"  its multiply-adds {sum(macs.values()):.2f} G (" + ", ".join(f"{k} {v:.2f}" for k, v in macs.items())
           + f"; attention's not counted) at the FMA peak {peak:.0f} G/s (fp32 FMAs, measured now) = "
           f"{compute_ms:.2f} ms: memory and arithmetic in sequence {limit_ms + compute_ms:.2f} ms "
