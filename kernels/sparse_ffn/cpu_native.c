@@ -2446,33 +2446,30 @@ double blockffn_stream_read(const float *p, long n, int nthreads, int isa) {
    per cycle on some of these CPUs: RESULTS.md 2026-12-04). Returns multiply-adds per second over all threads (the
    slowest thread's time). Benchmarks: the compute ceiling of a step beside its bytes at the read bandwidth. */
 #define FP_CHAINS 12
+/* fma_rounds_<path>(rounds): the chains' rounds in one vector type (VT, its SET1 and FMA), summed by HSUM */
+#define FMA_ROUNDS(SUF, VT, SET1, FMA, HSUM)                                                            \
+    static float fma_rounds_##SUF(long rounds) {                                                        \
+        VT a[FP_CHAINS], b = SET1(0.999999f), c = SET1(1e-6f);                                          \
+        for (int i = 0; i < FP_CHAINS; i++) a[i] = SET1((float)i);                                      \
+        for (long n = 0; n < rounds; n++)                                                               \
+            for (int i = 0; i < FP_CHAINS; i++) a[i] = FMA(a[i], b, c);                                 \
+        float s = 0.0f;                                                                                 \
+        for (int i = 0; i < FP_CHAINS; i++) s += HSUM(a[i]);                                            \
+        return s;                                                                                       \
+    }
 #if BLOCKFFN_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f,fma")
-static float fma_rounds_avx512(long rounds) {
-    __m512 a[FP_CHAINS], b = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-6f);
-    for (int i = 0; i < FP_CHAINS; i++) a[i] = _mm512_set1_ps((float)i);
-    for (long n = 0; n < rounds; n++)
-        for (int i = 0; i < FP_CHAINS; i++) a[i] = _mm512_fmadd_ps(a[i], b, c);
-    float s = 0.0f;
-    for (int i = 0; i < FP_CHAINS; i++) s += _mm512_reduce_add_ps(a[i]);
-    return s;
-}
+FMA_ROUNDS(avx512, __m512, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_reduce_add_ps)
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
-static float fma_rounds_avx2(long rounds) {
-    __m256 a[FP_CHAINS], b = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-6f);
-    for (int i = 0; i < FP_CHAINS; i++) a[i] = _mm256_set1_ps((float)i);
-    for (long n = 0; n < rounds; n++)
-        for (int i = 0; i < FP_CHAINS; i++) a[i] = _mm256_fmadd_ps(a[i], b, c);
-    float v[8], s = 0.0f;
-    for (int i = 0; i < FP_CHAINS; i++) {
-        _mm256_storeu_ps(v, a[i]);
-        for (int k = 0; k < 8; k++) s += v[k];
-    }
-    return s;
+static float hsum_avx2(__m256 v) {
+    float t[8];
+    _mm256_storeu_ps(t, v);
+    return ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
 }
+FMA_ROUNDS(avx2, __m256, _mm256_set1_ps, _mm256_fmadd_ps, hsum_avx2)
 #pragma GCC pop_options
 #endif
 
