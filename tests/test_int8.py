@@ -99,6 +99,27 @@ def test_expert_scale_checks_name_the_tensor():
 
 
 @needs_native
+@pytest.mark.parametrize("isa", [i for i in _isas() if i in ("avx512", "avx512_bf16")])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_int8_down_pass_group_major_over_spans(isa, threads):
+    """Experts with more than 4 tokens take the down pass a group of 4 tokens at a time over a thread's units,
+    inside each span of the int32 sums (VNNI: set up by the span's first unit for every token, flushed by its
+    last): 13 tokens on the same 3 experts (groups 4 + 4 + 4 + 1), D = 530 (spans cut at 128 units), one to
+    three threads. A group skipped, a span's sums set up again or flushed early would be off by whole terms."""
+    E, D, H, T = 5, 530, 96, 13
+    qu, su, qd, sd = _experts(E, D, H, seed=threads)
+    up, down = dequantize_experts(qu, su, qd, sd)
+    g = torch.Generator().manual_seed(threads)
+    x = torch.randn(T, H, generator=g).bfloat16()
+    s = torch.zeros(T, E)
+    s[:, [0, 2, 3]] = torch.rand(T, 3, generator=g) + 0.1
+    ref = experts_naive(x.float(), s, up, down)
+    y = cpu_native.sparse_ffn_native(x, s, qu, qd, torch.tensor([0, 5, T], dtype=torch.int32), isa=isa,
+                                     num_threads=threads, up_scale=su, down_scale=sd)
+    assert _rel(y, ref) < _tol(torch.bfloat16, isa)
+
+
+@needs_native
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
 def test_native_int8_experts_equal_dequantized_reference(isa, xdt):

@@ -189,8 +189,9 @@ typedef struct {
     const float *xqs;               /* ...and their scales (x ~ xq * xqs; NaN: x not finite, use the fp32 x) */
     const int32_t *rs;              /* int8 weights: the unit's W_up row sums (vb_up), else NULL */
     int phase;                      /* 1: up (h of the rows), 2: down (y += rows * h) */
-    int grp;                        /* A5 units' down pass: token group grp only (tokens 4 grp .. 4 grp + 3), or
-                                       -1: every group (blockffn_sparse_ffn's group-major spans) */
+    int grp;                        /* the down pass for token group grp only (tokens 4 grp .. 4 grp + 3; the
+                                       AVX-512 float and VNNI units), or -1: every group (blockffn_sparse_ffn's
+                                       group-major spans) */
     int perm;                       /* y is kept in perm_col order (1: the paired bf16 down pass, bf_down) or
                                        amx_col order (2: the split bf16 down pass, bs_down, or the AMX one) */
     /* int8 weights, VNNI down pass (vq_down), else acc NULL: the span's W_down rows (a thread's run of
@@ -1202,10 +1203,13 @@ static void unit_avx512vnni_i8(const unit_t *u) {
         unit_store_h(u, j0, nt, &out[0][0], 4);
     }
     if (!(u->phase & 2)) return;
-    if (u->acc && u->first) vq_begin(u);
+    /* grp >= 0 (group-major spans): tokens 4 grp .. 4 grp + 3 only; the span's sums set up by group 0's first
+       unit, flushed by the last group's last unit */
+    int g0 = u->grp >= 0 ? 4 * u->grp : 0, g1 = u->grp >= 0 && 4 * u->grp + 4 < u->m ? 4 * u->grp + 4 : u->m;
+    if (u->acc && u->first && g0 == 0) vq_begin(u);
     int sums = u->acc && u->hq[u->m] != 0.0f;
-    for (int j0 = 0; j0 < u->m; j0 += 4) {
-        int nt = u->m - j0 < 4 ? u->m - j0 : 4;
+    for (int j0 = g0; j0 < g1; j0 += 4) {
+        int nt = g1 - j0 < 4 ? g1 - j0 : 4;
         const char *pf = j0 == 0 ? pfd : NULL;
         if (sums) {
             int32_t *acc[4];
@@ -1220,7 +1224,7 @@ static void unit_avx512vnni_i8(const unit_t *u) {
         }
         A5_DOWNCALL(i8v)
     }
-    if (sums && u->last) vq_flush(u);
+    if (sums && u->last && g1 == u->m) vq_flush(u);
 }
 LIN_ROWS(lin_avx512vnni_i8, int8_t, 1, 4,
        vn_dots(wu, H, l->xs + j0, l->xq + j0, l->xqs + j0, l->rs + n, nr, nt, out, pf, blk);)
@@ -2215,9 +2219,10 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     }
 #endif
     long units = (D + ur - 1) / ur;
-    int a5 = 0; /* units on the A5_UNIT frame: their down pass takes one token group at a time (unit_t.grp) */
+    int grouped = 0; /* units whose down pass takes one group of 4 tokens at a time (unit_t.grp) */
 #if BLOCKFFN_X86
-    a5 = unit == unit_avx512_f32 || unit == unit_avx512_bf16 || unit == unit_avx512bf16_bf16;
+    grouped = unit == unit_avx512_f32 || unit == unit_avx512_bf16 || unit == unit_avx512bf16_bf16 ||
+              unit == unit_avx512vnni_i8;
 #endif
     int nth = call_threads(nthreads);
     if ((double)P * D * H < 65536.0) nth = 1; /* too little work to fork */
@@ -2330,16 +2335,21 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                         k1 = k1 < 0 ? 0 : k1 > units ? units : k1;
                         /* the span's W_up rows as one stream (phase 1), then its W_down rows (phase 2);
                            each call prefetches the rows of the call after it */
-                        /* the down pass group-major where the units take groups (A5 units, more than 4
-                           tokens): the span's units for tokens 0-3, then again for 4-7, ...: a group's y rows
-                           (4 x H fp32) stay in L1 through the span, the rows come again from L2, instead of
-                           every token's y (57 KB at 8 tokens and H = 1792) passing through L1 per unit. The
-                           same sums in the same order per output (each token's units in order). Warm, served
-                           routing (RESULTS.md 2026-12-05 09:04): 8 tokens an expert -16%, 5.6 -11% */
-                        int ngrp = a5 && m > 4 ? (m + 3) / 4 : 1;
+                        /* the down pass group-major where the units take groups (AVX-512 float and VNNI
+                           units, more than 4 tokens): the span's units for tokens 0-3, then again for 4-7, ...:
+                           a group's y rows (4 x H fp32; int8: its int32 sums) stay in L1 through the span, the
+                           rows come again from L2, instead of every token's (57 KB at 8 tokens and H = 1792)
+                           passing through L1 per unit. The same sums in the same order per output (each token's
+                           units in order). Served routing at batch 8, bf16: 5.6-8 tokens an expert -7 to -18%
+                           cold; int8 8-12 tokens -9 to -14% (RESULTS.md 2026-12-05 09:04). */
+                        int ngrp = grouped && m > 4 ? (m + 3) / 4 : 1;
+                        /* ... within each span of the int8 down pass's sums (set up by its first unit,
+                           flushed by its last: VQ_ROWS rows), over the whole range otherwise */
+                        long sblk = vq ? VQ_ROWS / ur : k1 - k0;
                         for (int phase = 1; phase <= 2; phase++)
+                            for (long ks = k0; ks < k1; ks += phase == 2 ? sblk : k1 - k0)
                             for (int g = 0; g < (phase == 2 ? ngrp : 1); g++)
-                            for (long k = k0; k < k1; k++) {
+                            for (long k = ks; k < (phase == 2 && ks + sblk < k1 ? ks + sblk : k1); k++) {
                                 long d0 = k * ur;
                                 size_t o = (size_t)(e * D + d0) * H * wsz;
                                 nxt.wu = (const char *)w_up + o;
