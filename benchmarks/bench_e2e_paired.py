@@ -11,7 +11,9 @@ and the table reports each setting's median and the median of the per-turn ratio
         --b "dtype=bfloat16 quantization=blockffn_int8" [--turns 8] [--tokens 32] [--json FILE]
 
 A setting is `key=value` pairs for `vllm.LLM` (dtype, quantization) plus `env.NAME=value` for the
-environment of its process (e.g. `env.VLLM_BLOCKFFN_HUGEPAGES=off`), and `eagle=HEAD` for EAGLE
+environment of its process (e.g. `env.VLLM_BLOCKFFN_HUGEPAGES=off`), `native.NAME=N` for a benchmark switch of
+the CPU kernel called in its process before the engine is built (`cpu_native.NAME(N)`, e.g.
+`native.set_group_major=0`; the engine runs in that process), and `eagle=HEAD` for EAGLE
 speculative decoding with that draft head, 3 tokens per step (the verify chunks of 4 tokens).
 `--batch N` generates N distinct prompts together (continuous batching, N requests per decode step).
 """
@@ -38,12 +40,24 @@ def parse(setting: str) -> tuple[dict, dict]:
     return kw, env
 
 
+def apply_native(kw: dict) -> None:
+    """Call the setting's ``native.NAME=N`` kernel switches (cpu_native.set_*), taking them out of ``kw``."""
+    from vllm_blockffn.kernels.sparse_ffn import cpu_native
+
+    for key in [k for k in kw if k.startswith("native.")]:
+        name = key.removeprefix("native.")
+        if not name.startswith("set_") or not callable(getattr(cpu_native, name, None)):
+            raise SystemExit(f"setting {key}: expected native.set_<switch> of kernels/sparse_ffn/cpu_native.py")
+        getattr(cpu_native, name)(int(kw.pop(key)))
+
+
 def worker(model: str, setting: str, tokens: int, batch: int, conn) -> None:
     kw, env = parse(setting)
     if "eagle" in kw:
         kw["speculative_config"] = {"method": "eagle", "model": kw.pop("eagle"), "num_speculative_tokens": 3}
     os.environ.update(env)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    apply_native(kw)
     from vllm import LLM, SamplingParams
 
     llm = LLM(model, max_model_len=256, seed=0, max_num_seqs=batch, kv_cache_memory_bytes=1 << 30,

@@ -197,7 +197,8 @@ def test_bf16_down_pass_on_row_pairs(H, lengths, threads):
 def test_down_pass_group_major_over_a_span(isa, dtype, H, lengths, threads):
     """Experts with more than 4 tokens on the AVX-512 units take the down pass a token group at a time over a
     thread's span of units (tokens 0-3 through every unit, then 4-7, ...): every token's output equals the
-    reference — a group skipped or added twice would be off by whole expert terms. Every token on the same 3 of
+    reference — a group skipped or added twice would be off by whole expert terms — and, bit for bit, the same call
+    with each unit taking all its groups at once (``set_group_major(False)``). Every token on the same 3 of
     7 experts (13 tokens: groups 4 + 4 + 4 + 1), D % 4 != 0 (the last unit has one row), one to three threads
     (spans cut inside an expert), H = 80 (masked tails, the widening down pass) and 1792."""
     T, E, D = sum(lengths), 7, 13
@@ -211,6 +212,12 @@ def test_down_pass_group_major_over_a_span(isa, dtype, H, lengths, threads):
     ref = experts_reference(x.float(), s, w_up.float(), w_down_t.transpose(1, 2).float(), "block")
     y = cpu_native.sparse_ffn_native(x, s, w_up, w_down_t, cu, num_threads=threads, isa=isa).float()
     torch.testing.assert_close(y, ref, **TOL[dtype])
+    try:  # the same sums in the same order as every unit taking all its groups at once
+        cpu_native.set_group_major(False)
+        y_units = cpu_native.sparse_ffn_native(x, s, w_up, w_down_t, cu, num_threads=threads, isa=isa).float()
+    finally:
+        cpu_native.set_group_major(True)
+    assert torch.equal(y, y_units)
 
 
 @pytest.mark.parametrize("isa", PATHS)

@@ -114,9 +114,16 @@ def test_int8_down_pass_group_major_over_spans(isa, threads):
     s = torch.zeros(T, E)
     s[:, [0, 2, 3]] = torch.rand(T, 3, generator=g) + 0.1
     ref = experts_naive(x.float(), s, up, down)
-    y = cpu_native.sparse_ffn_native(x, s, qu, qd, torch.tensor([0, 5, T], dtype=torch.int32), isa=isa,
-                                     num_threads=threads, up_scale=su, down_scale=sd)
+    cu = torch.tensor([0, 5, T], dtype=torch.int32)
+    y = cpu_native.sparse_ffn_native(x, s, qu, qd, cu, isa=isa, num_threads=threads, up_scale=su, down_scale=sd)
     assert _rel(y, ref) < _tol(torch.bfloat16, isa)
+    try:  # bit for bit the order of every unit taking all its groups at once
+        cpu_native.set_group_major(False)
+        y_units = cpu_native.sparse_ffn_native(x, s, qu, qd, cu, isa=isa, num_threads=threads, up_scale=su,
+                                               down_scale=sd)
+    finally:
+        cpu_native.set_group_major(True)
+    assert torch.equal(y, y_units)
 
 
 @needs_native

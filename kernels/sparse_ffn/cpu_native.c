@@ -154,6 +154,10 @@ void blockffn_set_pairdown(int on) { g_pairdown = on; }
    (benchmarks compare) */
 static int g_split_tokens = 3;
 void blockffn_set_split_tokens(int n) { g_split_tokens = n > 0 ? n : 0; }
+/* The down pass group-major for experts with more than 4 tokens (blockffn_sparse_ffn; 0: every unit takes all its
+   tokens' groups at once, for benchmarks' side-by-side runs). */
+static int g_group_major = 1;
+void blockffn_set_group_major(int on) { g_group_major = on != 0; }
 /* AMX only where it is faster (kernels/dispatch.py sets both at load, blockffn_set_amx_rules): linears
    from this many rows, expert calls whose active experts have this many tokens each on average (below,
    the AVX512_BF16 code: when few tokens share each weight byte the weight stream decides, and its 4-row
@@ -2221,8 +2225,8 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     long units = (D + ur - 1) / ur;
     int grouped = 0; /* units whose down pass takes one group of 4 tokens at a time (unit_t.grp) */
 #if BLOCKFFN_X86
-    grouped = unit == unit_avx512_f32 || unit == unit_avx512_bf16 || unit == unit_avx512bf16_bf16 ||
-              unit == unit_avx512vnni_i8;
+    grouped = g_group_major && (unit == unit_avx512_f32 || unit == unit_avx512_bf16 ||
+                                unit == unit_avx512bf16_bf16 || unit == unit_avx512vnni_i8);
 #endif
     int nth = call_threads(nthreads);
     if ((double)P * D * H < 65536.0) nth = 1; /* too little work to fork */

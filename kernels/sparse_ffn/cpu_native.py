@@ -123,6 +123,7 @@ def _open(path: str) -> ctypes.CDLL | None:
         lib.blockffn_set_prefetch.argtypes = [ctypes.c_int]
         lib.blockffn_set_pairdown.argtypes = [ctypes.c_int]
         lib.blockffn_set_split_tokens.argtypes = [ctypes.c_int]
+        lib.blockffn_set_group_major.argtypes = [ctypes.c_int]
         lib.blockffn_set_amx_rules.argtypes = [ctypes.c_long, ctypes.c_long]
         lib.blockffn_set_amx_rules(THRESHOLDS.cpu_amx_min_rows, THRESHOLDS.cpu_amx_min_tokens)
         lib.blockffn_amx_calls.restype = ctypes.c_long
@@ -317,6 +318,15 @@ def set_split_tokens(n: int) -> None:
     lib = _load()
     if lib is not None:
         lib.blockffn_set_split_tokens(int(n))
+
+
+def set_group_major(on: bool) -> None:
+    """Experts with more than 4 tokens on the AVX-512 float and VNNI units: the down pass a group of 4 tokens at
+    a time over a thread's units (default on; off: each unit takes all its tokens' groups at once). The same
+    results bit for bit; benchmarks compare (``cpu_native.c``, ``blockffn_sparse_ffn``)."""
+    lib = _load()
+    if lib is not None:
+        lib.blockffn_set_group_major(1 if on else 0)
 
 
 def int8_row_sums(weight: torch.Tensor) -> torch.Tensor:
