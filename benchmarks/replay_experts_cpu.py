@@ -28,7 +28,6 @@ import os
 import re
 import statistics
 import sys
-import time
 
 import torch
 
@@ -36,14 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_memory_cpu import cpu_model, llc_bytes, placed  # noqa: E402
+from step_breakdown_cpu import _secs  # noqa: E402
 
 from kernels.sparse_ffn import cpu_native, cpu_ops  # noqa: E402
-
-
-def _secs(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def replay(path: str, bw: float, peak: float, rounds: int = 5) -> dict:
@@ -98,7 +92,7 @@ def main() -> None:
     print("| layer | tokens | union | tokens an expert | MB | cold µs | % of BW | warm µs | memory µs | FMA-peak µs |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for path in files:
-        bw = max(buf.numel() * 4 / _secs(lambda: cpu_native.stream_read(buf)) for _ in range(3)) / 1e9
+        bw = max(buf.numel() * 4 / _secs(cpu_native.stream_read, buf) for _ in range(3)) / 1e9
         peak = max(cpu_native.fma_peak() for _ in range(3))
         r = replay(path, bw, peak)
         print(f"| {r['layer']} | {r['tokens']} | {r['union']} | {r['pairs'] / max(r['union'], 1):.1f} | {r['mb']:.2f} "

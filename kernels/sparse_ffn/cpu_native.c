@@ -359,6 +359,12 @@ ALWAYS float p_i8(const int8_t *p, long i) { return (float)p[i]; }
    W_down column's (sd points at zeros for float weights, and is then not read: SCALED = 0). */
 ALWAYS float row_scale(const float *su, int r) { return su ? su[r] : 1.0f; }
 /* h of the unit's rows for tokens j0..j0+nt-1 from their up dots: SiLU(dot x row scale) x score. */
+/* The tokens [*g0, *g1) a unit's down pass takes: group grp (4 grp .. 4 grp + 3) in a group-major span, else all. */
+ALWAYS void unit_groups(const unit_t *u, int *g0, int *g1) {
+    *g0 = u->grp >= 0 ? 4 * u->grp : 0;
+    *g1 = u->grp >= 0 && 4 * u->grp + 4 < u->m ? 4 * u->grp + 4 : u->m;
+}
+
 ALWAYS void unit_store_h(const unit_t *u, int j0, int nt, const float *out, int ldo) {
     for (int j = 0; j < nt; j++)
         for (int r = 0; r < u->nr; r++)
@@ -853,7 +859,8 @@ ALWAYS __m512 a5_bf16f(const uint16_t *p) {
             UPCALL                                                                                      \
             unit_store_h(u, j0, nt, &out[0][0], 4);                                                     \
         }                                                                                               \
-        int g0 = u->grp >= 0 ? 4 * u->grp : 0, g1 = u->grp >= 0 && 4 * u->grp + 4 < u->m ? 4 * u->grp + 4 : u->m; \
+        int g0, g1;                                                                                     \
+        unit_groups(u, &g0, &g1);                                                                       \
         for (int j0 = g0; j0 < g1 && (u->phase & 2); j0 += 4) {                                         \
             int nt = g1 - j0 < 4 ? g1 - j0 : 4;                                                         \
             const char *pf = j0 == 0 ? pfn : NULL;                                                      \
@@ -1209,7 +1216,8 @@ static void unit_avx512vnni_i8(const unit_t *u) {
     if (!(u->phase & 2)) return;
     /* grp >= 0 (group-major spans): tokens 4 grp .. 4 grp + 3 only; the span's sums set up by group 0's first
        unit, flushed by the last group's last unit */
-    int g0 = u->grp >= 0 ? 4 * u->grp : 0, g1 = u->grp >= 0 && 4 * u->grp + 4 < u->m ? 4 * u->grp + 4 : u->m;
+    int g0, g1;
+    unit_groups(u, &g0, &g1);
     if (u->acc && u->first && g0 == 0) vq_begin(u);
     int sums = u->acc && u->hq[u->m] != 0.0f;
     for (int j0 = g0; j0 < g1; j0 += 4) {
@@ -2349,11 +2357,11 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                         int ngrp = grouped && m > 4 ? (m + 3) / 4 : 1;
                         /* ... within each span of the int8 down pass's sums (set up by its first unit,
                            flushed by its last: VQ_ROWS rows), over the whole range otherwise */
-                        long sblk = vq ? VQ_ROWS / ur : k1 - k0;
+                        long sblk = vq ? VQ_ROWS / ur : k1 - k0; /* (the up pass: the same order in blocks) */
                         for (int phase = 1; phase <= 2; phase++)
-                            for (long ks = k0; ks < k1; ks += phase == 2 ? sblk : k1 - k0)
+                            for (long ks = k0; ks < k1; ks += sblk)
                             for (int g = 0; g < (phase == 2 ? ngrp : 1); g++)
-                            for (long k = ks; k < (phase == 2 && ks + sblk < k1 ? ks + sblk : k1); k++) {
+                            for (long k = ks; k < k1 && k < ks + sblk; k++) {
                                 long d0 = k * ur;
                                 size_t o = (size_t)(e * D + d0) * H * wsz;
                                 nxt.wu = (const char *)w_up + o;
@@ -2502,6 +2510,8 @@ static float hsum_avx2(__m256 v) {
 FMA_ROUNDS(avx2, __m256, _mm256_set1_ps, _mm256_fmadd_ps, hsum_avx2)
 #pragma GCC pop_options
 #endif
+#define FP_SCALAR(v) (v)
+FMA_ROUNDS(portable, float, FP_SCALAR, fmaf, FP_SCALAR)
 
 double blockffn_fma_peak(long rounds, int nthreads, int isa) {
     isa = blockffn_resolve_isa(isa);
@@ -2524,13 +2534,7 @@ double blockffn_fma_peak(long rounds, int nthreads, int isa) {
         else if (isa >= ISA_AVX2) s = fma_rounds_avx2(rounds);
         else
 #endif
-        {
-            float a[FP_CHAINS], b = 1.0f - 1.0f / (float)(rounds + 1000000);
-            for (int i = 0; i < FP_CHAINS; i++) a[i] = (float)i;
-            for (long n = 0; n < rounds; n++)
-                for (int i = 0; i < FP_CHAINS; i++) a[i] = fmaf(a[i], b, 1e-6f);
-            for (int i = 0; i < FP_CHAINS; i++) s += a[i];
-        }
+            s = fma_rounds_portable(rounds);
         slowest = omp_get_wtime() - t;
         sink += s;
     }

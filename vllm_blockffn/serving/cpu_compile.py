@@ -37,9 +37,9 @@ from vllm_blockffn.serving.config import env_choice
 logger = logging.getLogger(__name__)
 
 CPP_WRAPPER_ENV = "VLLM_BLOCKFFN_CPP_WRAPPER"
+"""auto (default: inductor's C++ wrapper where every compiled graph can take it) | off (Python's wrapper)."""
 TARGET_MARK = "blockffn_cpp_wrapper"
 """``additional_config`` key set to "target" when only the target model's graphs take the C++ wrapper."""
-"""auto (default: inductor's C++ wrapper where every compiled graph can take it) | off (Python's wrapper)."""
 
 
 def mode() -> str:
