@@ -324,47 +324,58 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
     return rows
 
 
-def split_ab_rows(args) -> list[list[str]]:
-    """bf16 engine calls (cold, as kernel_rows) with the split FMA forms on (from 3 tokens an expert, the default)
-    and off (VDPBF16PS at every size), in alternate rounds of all the calls, either one first as often: ``off / on``
-    is the median of the pairs' ratios, each pair seconds apart (this VM's bandwidth and compute drift within
-    minutes)."""
+AB_SWITCHES = ("split_tokens", "prefetch", "group_major", "pairdown")
+"""The kernel's switches ``--ab`` compares (``cpu_native.set_<name>``)."""
+
+
+def ab_rows(args) -> list[list[str]]:
+    """Engine calls (cold, as kernel_rows) with one of the kernel's switches at two values, ``--ab NAME=A,B``, in
+    alternate rounds of all the calls, either one first as often: ``A / B`` (> 1: B faster) is the median of the
+    pairs' ratios, each pair seconds apart (this VM's bandwidth and compute drift within minutes). The switch is left
+    at A (give the default as A)."""
+    name, vals = args.ab.split("=")
+    a, b = (int(v) for v in vals.split(","))
+    if name not in AB_SWITCHES:
+        raise SystemExit(f"--ab {args.ab}: the switch must be one of {', '.join(AB_SWITCHES)}")
+    setter = getattr(cpu_native, f"set_{name}")
     rows = []
     shapes = {k: v for k, v in SHAPES.items() if not args.shapes or k in args.shapes}
     for sname, (H, E, D) in shapes.items():
-        pool = Pool(H, E, D, torch.bfloat16, 3 * llc_bytes())
-        engine = EngineCall(pool, torch.bfloat16)
-        if not engine.ok:
-            return rows
-        for scen, lengths in SCENARIOS.items():
-            T = sum(lengths)
-            cu = [0, *torch.tensor(lengths).cumsum(0).tolist()]
-            seg = torch.tensor([T, len(lengths), *cu], dtype=torch.int32)
-            calls, union_bytes = [], 0
-            ncalls = max(3 * pool.n, 60)
-            for i in range(ncalls):
-                sc = routed_scores(lengths, E, rotate=(i // pool.n) * max(1, round(0.1 * E)), seed=i % 97)
-                x = torch.randn(T, H, generator=torch.Generator().manual_seed(i)).bfloat16()
-                calls.append((i % pool.n, EngineCall.encode(x, sc), sc, None))
-                union_bytes += int((sc > 0).any(0).sum()) * expert_bytes(D, H, torch.bfloat16)
-            step_bytes = union_bytes / ncalls + engine.router_bytes
-            res = {True: [], False: []}
-            try:
-                for r in range(4):
-                    for on in ((True, False) if r % 2 == 0 else (False, True)):  # either order first, as often
-                        cpu_native.set_split_tokens(3 if on else 0)
-                        res[on].append(engine.time(pool, calls, seg, step_bytes, args.threads))
-            finally:
-                cpu_native.set_split_tokens(3)
-            ratio = statistics.median(b[0] / a[0] for a, b in zip(res[True], res[False]))
-            on, off = (statistics.median(r[0] for r in res[k]) for k in (True, False))
-            pon, poff = (statistics.median(r[2] for r in res[k]) for k in (True, False))
-            bw = statistics.median(r[1] for k in res for r in res[k])
-            rows.append([sname, scen, f"{union_bytes / ncalls / (E * expert_bytes(D, H, torch.bfloat16)):.0%}",
-                         f"{step_bytes / 1e6:.2f}", f"{bw:.1f}", f"{on * 1e6:.0f}", f"{pon:.0%}", f"{off * 1e6:.0f}",
-                         f"{poff:.0%}", f"**{ratio:.3f}×**", cpu_native.cpu_isa()])
-            print(" | ".join(rows[-1]), flush=True)
-        del pool, engine
+        for dname in args.dtypes:
+            dt = DTYPES[dname]
+            pool = Pool(H, E, D, dt, 3 * llc_bytes())
+            engine = EngineCall(pool, dt)
+            if not engine.ok:
+                return rows
+            for scen, lengths in SCENARIOS.items():
+                T = sum(lengths)
+                cu = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+                seg = torch.tensor([T, len(lengths), *cu], dtype=torch.int32)
+                calls, union_bytes = [], 0
+                ncalls = max(3 * pool.n, 60)
+                for i in range(ncalls):
+                    sc = routed_scores(lengths, E, rotate=(i // pool.n) * max(1, round(0.1 * E)), seed=i % 97)
+                    x = torch.randn(T, H, generator=torch.Generator().manual_seed(i)).to(x_dtype(dt))
+                    calls.append((i % pool.n, EngineCall.encode(x, sc), sc, None))
+                    union_bytes += int((sc > 0).any(0).sum()) * expert_bytes(D, H, dt)
+                step_bytes = union_bytes / ncalls + engine.router_bytes
+                res = {a: [], b: []}
+                try:
+                    for r in range(4):
+                        for v in ((a, b) if r % 2 == 0 else (b, a)):  # either order first, as often
+                            setter(v)
+                            res[v].append(engine.time(pool, calls, seg, step_bytes, args.threads))
+                finally:
+                    setter(a)
+                ratio = statistics.median(y[0] / x[0] for x, y in zip(res[b], res[a]))
+                ta, tb = (statistics.median(r[0] for r in res[k]) for k in (a, b))
+                pa, pb = (statistics.median(r[2] for r in res[k]) for k in (a, b))
+                bw = statistics.median(r[1] for k in res for r in res[k])
+                rows.append([sname, dname, scen, f"{union_bytes / ncalls / (E * expert_bytes(D, H, dt)):.0%}",
+                             f"{step_bytes / 1e6:.2f}", f"{bw:.1f}", f"{ta * 1e6:.0f}", f"{pa:.0%}", f"{tb * 1e6:.0f}",
+                             f"{pb:.0%}", f"**{ratio:.3f}×**", cpu_native.cpu_isa()])
+                print(" | ".join(rows[-1]), flush=True)
+            del pool, engine
     return rows
 
 
@@ -501,9 +512,9 @@ def main() -> None:
     ap.add_argument("--no-pairdown", action="store_true",
                     help="bf16 down pass by widening to fp32 in column order instead of VDPBF16PS row pairs or the "
                          "split FMA form (cpu_native.set_pairdown)")
-    ap.add_argument("--split-ab", action="store_true",
-                    help="only the bf16 engine calls, with the split FMA forms on and off in alternate rounds "
-                         "(cpu_native.set_split_tokens; AVX512_BF16 CPUs)")
+    ap.add_argument("--ab", metavar="SWITCH=A,B", default=None,
+                    help="only the engine calls, with a kernel switch (cpu_native.set_SWITCH: "
+                         f"{', '.join(AB_SWITCHES)}) at A and B in alternate rounds, e.g. split_tokens=3,0")
     ap.add_argument("--amx-min-tokens", type=int, default=None,
                     help="on the amx path, run the AMX expert units from this many tokens per active expert "
                          "(default: dispatch.py's)")
@@ -531,12 +542,13 @@ def main() -> None:
             "% of BW", "ideal µs", "experts via ctypes µs", "% of BW", "torch GEMMs µs", "% of BW",
             "vLLM oneDNN µs", "% of BW", "kernel, all experts µs", "% of BW", "ISA"]
     print(" | ".join(cols), flush=True)
-    if args.split_ab:
-        acols = ["shape", "step", "union", "MB read", "BW GB/s (adjacent)", "split on µs", "% of BW", "split off µs",
-                 "% of BW", "off / on", "ISA"]
+    if args.ab:
+        a, b = args.ab.split("=")[1].split(",")
+        acols = ["shape", "dtype", "step", "union", "MB read", "BW GB/s (adjacent)", f"{a} µs", "% of BW",
+                 f"{b} µs", "% of BW", f"{a} / {b}", "ISA"]
         print(" | ".join(acols), flush=True)
-        emit([head, "", "read bandwidth (1 GiB fp32, same run): " + ", ".join(
-            f"{k} **{v:.1f} GB/s**" for k, v in bws.items()), "", *md_table(acols, split_ab_rows(args))], args.out)
+        emit([head + f", A/B {args.ab}", "", "read bandwidth (1 GiB fp32, same run): " + ", ".join(
+            f"{k} **{v:.1f} GB/s**" for k, v in bws.items()), "", *md_table(acols, ab_rows(args))], args.out)
         return
     rows = kernel_rows(args, args.threads, bw) if not args.linears_only else []
     lcols = ["linear", "dtype", "M", "MB", "served layout", "streaming µs", "GB/s", "% of BW",

@@ -218,6 +218,13 @@ def test_down_pass_group_major_over_a_span(isa, dtype, H, lengths, threads):
     finally:
         cpu_native.set_group_major(True)
     assert torch.equal(y, y_units)
+    try:  # the prefetch (off, or 1-3 blocks ahead, split over a unit's token groups) never changes a result
+        for blocks in (0, 2, 3):
+            cpu_native.set_prefetch(blocks)
+            y_pf = cpu_native.sparse_ffn_native(x, s, w_up, w_down_t, cu, num_threads=threads, isa=isa).float()
+            assert torch.equal(y, y_pf), blocks
+    finally:
+        cpu_native.set_prefetch(cpu_native.DEFAULT_PREFETCH)
 
 
 @pytest.mark.parametrize("isa", PATHS)

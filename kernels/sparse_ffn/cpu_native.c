@@ -144,8 +144,14 @@ ELEMENTWISE(avx512)
 #define widen_bf16(isa, ...) EW_PICK(widen_bf16, isa, __VA_ARGS__)
 #define add_into(isa, ...) EW_PICK(add_into, isa, __VA_ARGS__)
 #define round_bf16(isa, ...) EW_PICK(round_bf16, isa, __VA_ARGS__)
-static int g_prefetch = 2; /* software prefetch: 0 off, n: the next n blocks ahead (blockffn_set_prefetch) */
-void blockffn_set_prefetch(int on) { g_prefetch = on; }
+/* Software prefetch: 0 off, n: the block n calls ahead (blockffn_set_prefetch; cpu_native.DEFAULT_PREFETCH). 1, the
+   next call's block: on a Xeon without AMX the engine's expert calls, cold, ran 1.003-1.067x faster than with 2 on
+   every path, shape, dtype and step measured (avx512_bf16 and the forced avx2 path), decode end to end 1.020x at
+   batch 1 and 1.005x at batch 8 (RESULTS.md 2026-12-05 12:27 UTC): a unit lasts ~0.5-3 us, far longer than a line's
+   latency, and 2 ahead prefetched past a span's last block (rows no call reads) while no call prefetched the first
+   block after a phase change. */
+static int g_prefetch = 1;
+void blockffn_set_prefetch(int blocks) { g_prefetch = blocks; }
 /* The down passes on row pairs (AVX512_BF16 + VNNI CPUs: bf_down for bf16, vq_down for int8 weights):
    1 on, 0 the widening ones (benchmarks compare). */
 static int g_pairdown = 1;
@@ -243,7 +249,7 @@ ALWAYS const char *lin_next(const lin_t *l, long n, long esz, long *blk) {
 }
 
 /* Software prefetch, g_prefetch blocks ahead: p is the block the next call reads (a stream's blocks
-   are contiguous), and a call prefetches only the block g_prefetch - 1 after it, so every byte is
+   are contiguous), and a call prefetches only the block g_prefetch - 1 after it (1: p itself), so every byte is
    prefetched once (prefetching all the blocks up to it spent a fifth of the loop's instructions on
    repeats). pf_stride (once, before the loop) gives the bytes per iteration and sets *lim to the
    block's bytes; pf_share (each iteration i) issues the iteration's share. No division in the loop. */
@@ -845,7 +851,7 @@ ALWAYS __m512 a5_bf16f(const uint16_t *p) {
     static void NAME(const unit_t *u) {                                                                 \
         long H = u->H;                                                                                  \
         int nr = u->nr;                                                                                 \
-        long blk = (long)nr * H * ESZ;                                                                  \
+        long ublk = (long)nr * H * ESZ;                                                                 \
         const WT *wu[NR], *wd[NR];                                                                      \
         for (int r = 0; r < NR; r++) {                                                                  \
             wu[r] = r < nr ? (const WT *)u->wu + r * H : (const WT *)u->zrow;                           \
@@ -855,7 +861,8 @@ ALWAYS __m512 a5_bf16f(const uint16_t *p) {
         float out[NR][4], hs[4][NR];                                                                    \
         for (int j0 = 0; j0 < u->m && (u->phase & 1); j0 += 4) {                                        \
             int nt = u->m - j0 < 4 ? u->m - j0 : 4;                                                     \
-            const char *pf = j0 == 0 ? pfd : NULL;                                                      \
+            long blk; /* each group's pass its part of the next block: the stream runs through every pass */ \
+            const char *pf = pf_part(pfd, ublk, j0 / 4, (u->m + 3) / 4, &blk);                          \
             UPCALL                                                                                      \
             unit_store_h(u, j0, nt, &out[0][0], 4);                                                     \
         }                                                                                               \
@@ -863,7 +870,8 @@ ALWAYS __m512 a5_bf16f(const uint16_t *p) {
         unit_groups(u, &g0, &g1);                                                                       \
         for (int j0 = g0; j0 < g1 && (u->phase & 2); j0 += 4) {                                         \
             int nt = g1 - j0 < 4 ? g1 - j0 : 4;                                                         \
-            const char *pf = j0 == 0 ? pfn : NULL;                                                      \
+            long blk = ublk; /* (group-major: groups after the first re-read the span's rows from L2) */ \
+            const char *pf = u->grp > 0 ? NULL : pf_part(pfn, ublk, (j0 - g0) / 4, (g1 - g0 + 3) / 4, &blk); \
             float *ys[4];                                                                               \
             for (int j = 0; j < 4; j++) {                                                               \
                 ys[j] = u->y + (long)u->tok[j0 + (j < nt ? j : 0)] * H;                                 \
@@ -1206,11 +1214,12 @@ static void unit_avx512vnni_i8(const unit_t *u) {
     int nr = u->nr;
     const int8_t *wu[NR], *wd[NR];
     const char *pfd;
-    long blk = i8_unit_rows(u, wu, wd, &pfd);
+    long ublk = i8_unit_rows(u, wu, wd, &pfd), blk;
     float out[NR][4], hs[4][NR];
     for (int j0 = 0; j0 < u->m && (u->phase & 1); j0 += 4) {
         int nt = u->m - j0 < 4 ? u->m - j0 : 4;
-        vn_dots(wu, H, u->xs + j0, u->xq + j0, u->xqs + j0, u->rs, nr, nt, out, j0 == 0 ? pfd : NULL, blk);
+        const char *pf = pf_part(pfd, ublk, j0 / 4, (u->m + 3) / 4, &blk);
+        vn_dots(wu, H, u->xs + j0, u->xq + j0, u->xqs + j0, u->rs, nr, nt, out, pf, blk);
         unit_store_h(u, j0, nt, &out[0][0], 4);
     }
     if (!(u->phase & 2)) return;
@@ -1222,7 +1231,8 @@ static void unit_avx512vnni_i8(const unit_t *u) {
     int sums = u->acc && u->hq[u->m] != 0.0f;
     for (int j0 = g0; j0 < g1; j0 += 4) {
         int nt = g1 - j0 < 4 ? g1 - j0 : 4;
-        const char *pf = j0 == 0 ? pfd : NULL;
+        blk = ublk;
+        const char *pf = u->grp > 0 ? NULL : pf_part(pfd, ublk, (j0 - g0) / 4, (g1 - g0 + 3) / 4, &blk);
         if (sums) {
             int32_t *acc[4];
             for (int j = 0; j < 4; j++) acc[j] = u->acc + (long)(j0 + (j < nt ? j : 0)) * u->Hp;

@@ -296,11 +296,15 @@ def amx_calls() -> int:
     return 0 if lib is None else int(lib.blockffn_amx_calls())
 
 
-def set_prefetch(on: bool) -> None:
-    """Software prefetch of the weight stream on/off (benchmarks: what the prefetch buys)."""
+DEFAULT_PREFETCH = 1
+"""The prefetch distance the kernel starts with (``cpu_native.c``, ``g_prefetch``): the next call's block."""
+
+
+def set_prefetch(blocks: int) -> None:
+    """Software prefetch of the weight stream: 0 off, ``n`` the block ``n`` calls ahead (benchmarks compare)."""
     lib = _load()
     if lib is not None:
-        lib.blockffn_set_prefetch(int(on))
+        lib.blockffn_set_prefetch(max(0, int(blocks)))
 
 
 def set_pairdown(on: bool) -> None:
