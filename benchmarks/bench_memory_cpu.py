@@ -324,7 +324,7 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
     return rows
 
 
-AB_SWITCHES = ("split_tokens", "prefetch", "group_major", "pairdown")
+AB_SWITCHES = ("split_tokens", "prefetch", "group_major", "pairdown", "unit_floor")
 """The kernel's switches ``--ab`` compares (``cpu_native.set_<name>``)."""
 
 

@@ -248,6 +248,13 @@ def test_threads_reduce_their_shares_of_the_output(isa, dtype, H, T):
         assert torch.equal(runs[0], runs[1])
         torch.testing.assert_close(runs[0][:T].float(), ref, **TOL[dtype])
         assert (runs[0][T:] == 0).all()
+        try:  # the work split without its floor (set_unit_floor(0)): other shares, the same outputs
+            cpu_native.set_unit_floor(0)
+            y0 = cpu_native.sparse_ffn_native(x, s, w_up, w_down_t, cu, num_threads=threads, isa=isa)
+        finally:
+            cpu_native.set_unit_floor(cpu_native.DEFAULT_UNIT_FLOOR)
+        torch.testing.assert_close(y0[:T].float(), ref, **TOL[dtype])
+        assert (y0[T:] == 0).all()
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -164,6 +164,17 @@ void blockffn_set_split_tokens(int n) { g_split_tokens = n > 0 ? n : 0; }
    tokens' groups at once, for benchmarks' side-by-side runs). */
 static int g_group_major = 1;
 void blockffn_set_group_major(int on) { g_group_major = on != 0; }
+/* The work split's floor for a unit, in its tokens' dot products per weight byte (blockffn_set_unit_floor; 0: none,
+   the split of before): a unit costs its tokens plus up_row_cost, but no less than its rows' read. XLarge bf16
+   units, cold, one thread: 2.0-2.1 us from 1 to 3 tokens, then ~0.33 us a token, i.e. max(6.2, m + 3.1) tokens;
+   without the floor a thread given the experts of few tokens ran 14% longer than the other (a served batch-8
+   layer of 3.1 tokens an expert; RESULTS.md 2026-12-05 12:27 UTC). */
+static int g_unit_floor = 3;
+void blockffn_set_unit_floor(int per_byte) { g_unit_floor = per_byte > 0 ? per_byte : 0; }
+ALWAYS double unit_cost(double up_row_cost, int m, size_t wsz) {
+    double c = up_row_cost + m, f = (double)g_unit_floor * (double)wsz;
+    return c > f ? c : f;
+}
 /* AMX only where it is faster (kernels/dispatch.py sets both at load, blockffn_set_amx_rules): linears
    from this many rows, expert calls whose active experts have this many tokens each on average (below,
    the AVX512_BF16 code: when few tokens share each weight byte the weight stream decides, and its 4-row
@@ -2322,9 +2333,9 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
             amx_pack_bf16((const uint16_t *const *)xr, n, H, nc, xb);
         }
 #endif
-        /* cost of one unit of expert e: its row reads plus its tokens' dots */
+        /* cost of one unit of expert e: its row reads plus its tokens' dots, no less than its rows' read (unit_cost) */
         double total = 0.0;
-        for (long u = 0; u < U; u++) total += units * (up_row_cost + cnt[uni[u]]);
+        for (long u = 0; u < U; u++) total += units * unit_cost(up_row_cost, cnt[uni[u]], wsz);
         /* one chunk of equal cost per thread, assigned statically: the summation order, hence
            the rounding, depends only on the thread count */
         long nchunks = nth;
@@ -2350,7 +2361,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                 for (long u = 0; u < U && cum < hi; u++) {
                     long e = uni[u];
                     int m = cnt[e];
-                    double c = up_row_cost + m, ce = c * units;
+                    double c = unit_cost(up_row_cost, m, wsz), ce = c * units;
                     if (cum + ce > lo) {
                         long k0 = (long)ceil((lo - cum) / c), k1 = (long)ceil((hi - cum) / c);
                         k0 = k0 < 0 ? 0 : k0 > units ? units : k0;

@@ -124,6 +124,7 @@ def _open(path: str) -> ctypes.CDLL | None:
         lib.blockffn_set_pairdown.argtypes = [ctypes.c_int]
         lib.blockffn_set_split_tokens.argtypes = [ctypes.c_int]
         lib.blockffn_set_group_major.argtypes = [ctypes.c_int]
+        lib.blockffn_set_unit_floor.argtypes = [ctypes.c_int]
         lib.blockffn_set_amx_rules.argtypes = [ctypes.c_long, ctypes.c_long]
         lib.blockffn_set_amx_rules(THRESHOLDS.cpu_amx_min_rows, THRESHOLDS.cpu_amx_min_tokens)
         lib.blockffn_amx_calls.restype = ctypes.c_long
@@ -331,6 +332,20 @@ def set_group_major(on: bool) -> None:
     lib = _load()
     if lib is not None:
         lib.blockffn_set_group_major(1 if on else 0)
+
+
+DEFAULT_UNIT_FLOOR = 3
+"""The work split's floor for an expert unit (``cpu_native.c``, ``g_unit_floor``): token dot products a byte."""
+
+
+def set_unit_floor(per_byte: int) -> None:
+    """How the expert kernel splits its units between threads: a unit costs its tokens plus ``UP_ROW_COST``, but no
+    less than ``per_byte`` token dot products a weight byte of its rows (default 3: a bf16 unit of up to ~3 tokens
+    costs its read); 0 = no floor, the split of before (benchmarks compare; results do not depend on it except
+    through the threads' summation order)."""
+    lib = _load()
+    if lib is not None:
+        lib.blockffn_set_unit_floor(max(0, int(per_byte)))
 
 
 def int8_row_sums(weight: torch.Tensor) -> torch.Tensor:
