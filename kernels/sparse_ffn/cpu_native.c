@@ -145,11 +145,11 @@ ELEMENTWISE(avx512)
 #define add_into(isa, ...) EW_PICK(add_into, isa, __VA_ARGS__)
 #define round_bf16(isa, ...) EW_PICK(round_bf16, isa, __VA_ARGS__)
 /* Software prefetch: 0 off, n: the block n calls ahead (blockffn_set_prefetch; cpu_native.DEFAULT_PREFETCH). 1, the
-   next call's block: on a Xeon without AMX the engine's expert calls, cold, ran 1.003-1.067x faster than with 2 on
-   every path, shape, dtype and step measured (avx512_bf16 and the forced avx2 path), decode end to end 1.020x at
-   batch 1 and 1.005x at batch 8 (RESULTS.md 2026-12-05 12:27 UTC): a unit lasts ~0.5-3 us, far longer than a line's
-   latency, and 2 ahead prefetched past a span's last block (rows no call reads) while no call prefetched the first
-   block after a phase change. */
+   next call's block: on a Xeon without AMX the engine's expert calls, cold, ran a median 1.026x faster than with 2
+   (0.984-1.073x, 46 of 50 rows >= 1: Small and XLarge, fp32 / bf16 / int8, 1-8 tokens, avx512_bf16 and the forced
+   avx2 path), decode end to end 1.020x at batch 1 and 1.005x at batch 8 (RESULTS.md 2026-12-05 12:27 UTC): a unit
+   lasts ~0.5-3 us, far longer than a line's latency, and 2 ahead prefetched past a span's last block (rows no call
+   reads) while no call prefetched the first block after a phase change. */
 static int g_prefetch = 1;
 void blockffn_set_prefetch(int blocks) { g_prefetch = blocks; }
 /* The down passes on row pairs (AVX512_BF16 + VNNI CPUs: bf_down for bf16, vq_down for int8 weights):
