@@ -135,6 +135,7 @@ class Pool:
     """Layers of expert weights, ≥ 3× the LLC in total: each call takes the next layer."""
 
     def __init__(self, H: int, E: int, D: int, dtype: torch.dtype, min_bytes: int):
+        self.H, self.E, self.D, self.dtype = H, E, D, dtype
         layer_bytes = E * expert_bytes(D, H, dtype)
         self.n = max(4, math.ceil(min_bytes / layer_bytes))
         g = torch.Generator().manual_seed(0)
@@ -258,6 +259,22 @@ class EngineCall:
             "auto", 0, 0, False)
 
 
+def scenario_calls(pool: Pool, lengths: list[int], cu) -> tuple[list, float]:
+    """One scenario's calls over the pool (each call's layer, encoded x and scores, its scores, ``cu``) and their
+    mean union bytes: the active experts rotate by ~10% of E each pass over the pool, so a weight byte comes from
+    DRAM."""
+    H, E, D, dt = pool.H, pool.E, pool.D, pool.dtype
+    T = sum(lengths)
+    calls, union_bytes = [], 0
+    ncalls = max(3 * pool.n, 60)
+    for i in range(ncalls):
+        s = routed_scores(lengths, E, rotate=(i // pool.n) * max(1, round(0.1 * E)), seed=i % 97)
+        x = torch.randn(T, H, generator=torch.Generator().manual_seed(i)).to(x_dtype(dt))
+        calls.append((i % pool.n, EngineCall.encode(x, s), s, cu))
+        union_bytes += int((s > 0).any(0).sum()) * expert_bytes(D, H, dt)
+    return calls, union_bytes / ncalls
+
+
 def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
     rows = []
     isa = cpu_native.cpu_isa()
@@ -273,14 +290,7 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
             for scen, lengths in SCENARIOS.items():
                 T = sum(lengths)
                 cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-                calls, union_bytes = [], 0
-                ncalls = max(3 * pool.n, 60)
-                for i in range(ncalls):
-                    s = routed_scores(lengths, E, rotate=(i // pool.n) * max(1, round(0.1 * E)), seed=i % 97)
-                    x = torch.randn(T, H, generator=torch.Generator().manual_seed(i)).to(x_dtype(dt))
-                    calls.append((i % pool.n, EngineCall.encode(x, s), s, cu))
-                    union_bytes += int((s > 0).any(0).sum()) * expert_bytes(D, H, dt)
-                union_bytes /= ncalls
+                calls, union_bytes = scenario_calls(pool, lengths, cu)
                 # correctness on one call before timing
                 w_up, w_down, su, sd = pool.layers[0]
                 _, x, s, _ = calls[0]
@@ -351,14 +361,8 @@ def ab_rows(args) -> list[list[str]]:
                 T = sum(lengths)
                 cu = [0, *torch.tensor(lengths).cumsum(0).tolist()]
                 seg = torch.tensor([T, len(lengths), *cu], dtype=torch.int32)
-                calls, union_bytes = [], 0
-                ncalls = max(3 * pool.n, 60)
-                for i in range(ncalls):
-                    sc = routed_scores(lengths, E, rotate=(i // pool.n) * max(1, round(0.1 * E)), seed=i % 97)
-                    x = torch.randn(T, H, generator=torch.Generator().manual_seed(i)).to(x_dtype(dt))
-                    calls.append((i % pool.n, EngineCall.encode(x, sc), sc, None))
-                    union_bytes += int((sc > 0).any(0).sum()) * expert_bytes(D, H, dt)
-                step_bytes = union_bytes / ncalls + engine.router_bytes
+                calls, union_bytes = scenario_calls(pool, lengths, None)
+                step_bytes = union_bytes + engine.router_bytes
                 res = {a: [], b: []}
                 try:
                     for r in range(4):
@@ -371,7 +375,7 @@ def ab_rows(args) -> list[list[str]]:
                 ta, tb = (statistics.median(r[0] for r in res[k]) for k in (a, b))
                 pa, pb = (statistics.median(r[2] for r in res[k]) for k in (a, b))
                 bw = statistics.median(r[1] for k in res for r in res[k])
-                rows.append([sname, dname, scen, f"{union_bytes / ncalls / (E * expert_bytes(D, H, dt)):.0%}",
+                rows.append([sname, dname, scen, f"{union_bytes / (E * expert_bytes(D, H, dt)):.0%}",
                              f"{step_bytes / 1e6:.2f}", f"{bw:.1f}", f"{ta * 1e6:.0f}", f"{pa:.0%}", f"{tb * 1e6:.0f}",
                              f"{pb:.0%}", f"**{ratio:.3f}×**", cpu_native.cpu_isa()])
                 print(" | ".join(rows[-1]), flush=True)
