@@ -338,15 +338,24 @@ AB_SWITCHES = ("split_tokens", "prefetch", "group_major", "pairdown", "unit_floo
 """The kernel's switches ``--ab`` compares (``cpu_native.set_<name>``)."""
 
 
+def ab_switch(text: str) -> tuple[str, int, int]:
+    """``--ab SWITCH=A,B`` → (switch, A, B)."""
+    name, _, vals = text.partition("=")
+    try:
+        a, b = (int(v) for v in vals.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SWITCH=A,B with integers A and B") from None
+    if name not in AB_SWITCHES:
+        raise argparse.ArgumentTypeError(f"{text!r}: the switch must be one of {', '.join(AB_SWITCHES)}")
+    return name, a, b
+
+
 def ab_rows(args) -> list[list[str]]:
     """Engine calls (cold, as kernel_rows) with one of the kernel's switches at two values, ``--ab NAME=A,B``, in
     alternate rounds of all the calls, either one first as often: ``A / B`` (> 1: B faster) is the median of the
     pairs' ratios, each pair seconds apart (this VM's bandwidth and compute drift within minutes). The switch is left
     at A (give the default as A)."""
-    name, vals = args.ab.split("=")
-    a, b = (int(v) for v in vals.split(","))
-    if name not in AB_SWITCHES:
-        raise SystemExit(f"--ab {args.ab}: the switch must be one of {', '.join(AB_SWITCHES)}")
+    name, a, b = args.ab
     setter = getattr(cpu_native, f"set_{name}")
     rows = []
     shapes = {k: v for k, v in SHAPES.items() if not args.shapes or k in args.shapes}
@@ -516,7 +525,7 @@ def main() -> None:
     ap.add_argument("--no-pairdown", action="store_true",
                     help="bf16 down pass by widening to fp32 in column order instead of VDPBF16PS row pairs or the "
                          "split FMA form (cpu_native.set_pairdown)")
-    ap.add_argument("--ab", metavar="SWITCH=A,B", default=None,
+    ap.add_argument("--ab", metavar="SWITCH=A,B", default=None, type=ab_switch,
                     help="only the engine calls, with a kernel switch (cpu_native.set_SWITCH: "
                          f"{', '.join(AB_SWITCHES)}) at A and B in alternate rounds, e.g. split_tokens=3,0")
     ap.add_argument("--amx-min-tokens", type=int, default=None,
@@ -547,11 +556,11 @@ def main() -> None:
             "vLLM oneDNN µs", "% of BW", "kernel, all experts µs", "% of BW", "ISA"]
     print(" | ".join(cols), flush=True)
     if args.ab:
-        a, b = args.ab.split("=")[1].split(",")
+        name, a, b = args.ab
         acols = ["shape", "dtype", "step", "union", "MB read", "BW GB/s (adjacent)", f"{a} µs", "% of BW",
                  f"{b} µs", "% of BW", f"{a} / {b}", "ISA"]
         print(" | ".join(acols), flush=True)
-        emit([head + f", A/B {args.ab}", "", "read bandwidth (1 GiB fp32, same run): " + ", ".join(
+        emit([head + f", A/B {name}={a},{b}", "", "read bandwidth (1 GiB fp32, same run): " + ", ".join(
             f"{k} **{v:.1f} GB/s**" for k, v in bws.items()), "", *md_table(acols, ab_rows(args))], args.out)
         return
     rows = kernel_rows(args, args.threads, bw) if not args.linears_only else []

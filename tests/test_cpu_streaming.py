@@ -218,13 +218,14 @@ def test_down_pass_group_major_over_a_span(isa, dtype, H, lengths, threads):
     finally:
         cpu_native.set_group_major(True)
     assert torch.equal(y, y_units)
+    was = cpu_native.set_prefetch(0)
     try:  # the prefetch (off, or 1-3 blocks ahead, split over a unit's token groups) never changes a result
         for blocks in (0, 2, 3):
             cpu_native.set_prefetch(blocks)
             y_pf = cpu_native.sparse_ffn_native(x, s, w_up, w_down_t, cu, num_threads=threads, isa=isa).float()
             assert torch.equal(y, y_pf), blocks
     finally:
-        cpu_native.set_prefetch(cpu_native.DEFAULT_PREFETCH)
+        cpu_native.set_prefetch(was)
 
 
 @pytest.mark.parametrize("isa", PATHS)
@@ -248,11 +249,11 @@ def test_threads_reduce_their_shares_of_the_output(isa, dtype, H, T):
         assert torch.equal(runs[0], runs[1])
         torch.testing.assert_close(runs[0][:T].float(), ref, **TOL[dtype])
         assert (runs[0][T:] == 0).all()
+        was = cpu_native.set_unit_floor(0)
         try:  # the work split without its floor (set_unit_floor(0)): other shares, the same outputs
-            cpu_native.set_unit_floor(0)
             y0 = cpu_native.sparse_ffn_native(x, s, w_up, w_down_t, cu, num_threads=threads, isa=isa)
         finally:
-            cpu_native.set_unit_floor(cpu_native.DEFAULT_UNIT_FLOOR)
+            cpu_native.set_unit_floor(was)
         torch.testing.assert_close(y0[:T].float(), ref, **TOL[dtype])
         assert (y0[T:] == 0).all()
 

@@ -124,6 +124,7 @@ def test_int8_down_pass_group_major_over_spans(isa, threads):
     finally:
         cpu_native.set_group_major(True)
     assert torch.equal(y, y_units)
+    was = cpu_native.set_prefetch(0)
     try:  # the prefetch (off, or 1-3 blocks ahead, split over a unit's token groups) never changes a result
         for blocks in (0, 2, 3):
             cpu_native.set_prefetch(blocks)
@@ -131,7 +132,7 @@ def test_int8_down_pass_group_major_over_spans(isa, threads):
                                                 down_scale=sd)
             assert torch.equal(y, y_pf), blocks
     finally:
-        cpu_native.set_prefetch(cpu_native.DEFAULT_PREFETCH)
+        cpu_native.set_prefetch(was)
 
 
 @needs_native

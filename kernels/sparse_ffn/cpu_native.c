@@ -144,14 +144,14 @@ ELEMENTWISE(avx512)
 #define widen_bf16(isa, ...) EW_PICK(widen_bf16, isa, __VA_ARGS__)
 #define add_into(isa, ...) EW_PICK(add_into, isa, __VA_ARGS__)
 #define round_bf16(isa, ...) EW_PICK(round_bf16, isa, __VA_ARGS__)
-/* Software prefetch: 0 off, n: the block n calls ahead (blockffn_set_prefetch; cpu_native.DEFAULT_PREFETCH). 1, the
+/* Software prefetch: 0 off, n: the block n calls ahead (blockffn_set_prefetch returns the one it replaces). 1, the
    next call's block: on a Xeon without AMX the engine's expert calls, cold, ran a median 1.026x faster than with 2
    (0.984-1.073x, 46 of 50 rows >= 1: Small and XLarge, fp32 / bf16 / int8, 1-8 tokens, avx512_bf16 and the forced
    avx2 path), decode end to end 1.020x at batch 1 and 1.005x at batch 8 (RESULTS.md 2026-12-05 12:27 UTC): a unit
    lasts ~0.5-3 us, far longer than a line's latency, and 2 ahead prefetched past a span's last block (rows no call
    reads) while no call prefetched the first block after a phase change. */
 static int g_prefetch = 1;
-void blockffn_set_prefetch(int blocks) { g_prefetch = blocks; }
+int blockffn_set_prefetch(int blocks) { int was = g_prefetch; g_prefetch = blocks; return was; }
 /* The down passes on row pairs (AVX512_BF16 + VNNI CPUs: bf_down for bf16, vq_down for int8 weights):
    1 on, 0 the widening ones (benchmarks compare). */
 static int g_pairdown = 1;
@@ -170,7 +170,11 @@ void blockffn_set_group_major(int on) { g_group_major = on != 0; }
    without the floor a thread given the experts of few tokens ran 14% longer than the other (a served batch-8
    layer of 3.1 tokens an expert; RESULTS.md 2026-12-05 12:27 UTC). */
 static int g_unit_floor = 3;
-void blockffn_set_unit_floor(int per_byte) { g_unit_floor = per_byte > 0 ? per_byte : 0; }
+int blockffn_set_unit_floor(int per_byte) {
+    int was = g_unit_floor;
+    g_unit_floor = per_byte > 0 ? per_byte : 0;
+    return was;
+}
 ALWAYS double unit_cost(double up_row_cost, int m, size_t wsz) {
     double c = up_row_cost + m, f = (double)g_unit_floor * (double)wsz;
     return c > f ? c : f;

@@ -297,15 +297,11 @@ def amx_calls() -> int:
     return 0 if lib is None else int(lib.blockffn_amx_calls())
 
 
-DEFAULT_PREFETCH = 1
-"""The prefetch distance the kernel starts with (``cpu_native.c``, ``g_prefetch``): the next call's block."""
-
-
-def set_prefetch(blocks: int) -> None:
-    """Software prefetch of the weight stream: 0 off, ``n`` the block ``n`` calls ahead (benchmarks compare)."""
+def set_prefetch(blocks: int) -> int | None:
+    """Software prefetch of the weight stream: 0 off, ``n`` the block ``n`` calls ahead (default 1, the next call's;
+    benchmarks compare). Returns the distance it replaced (None without the native kernel)."""
     lib = _load()
-    if lib is not None:
-        lib.blockffn_set_prefetch(max(0, int(blocks)))
+    return None if lib is None else int(lib.blockffn_set_prefetch(max(0, int(blocks))))
 
 
 def set_pairdown(on: bool) -> None:
@@ -334,18 +330,13 @@ def set_group_major(on: bool) -> None:
         lib.blockffn_set_group_major(1 if on else 0)
 
 
-DEFAULT_UNIT_FLOOR = 3
-"""The work split's floor for an expert unit (``cpu_native.c``, ``g_unit_floor``): token dot products a byte."""
-
-
-def set_unit_floor(per_byte: int) -> None:
+def set_unit_floor(per_byte: int) -> int | None:
     """How the expert kernel splits its units between threads: a unit costs its tokens plus ``UP_ROW_COST``, but no
     less than ``per_byte`` token dot products a weight byte of its rows (default 3: a bf16 unit of up to ~3 tokens
     costs its read); 0 = no floor, the split of before (benchmarks compare; results do not depend on it except
-    through the threads' summation order)."""
+    through the threads' summation order). Returns the floor it replaced (None without the native kernel)."""
     lib = _load()
-    if lib is not None:
-        lib.blockffn_set_unit_floor(max(0, int(per_byte)))
+    return None if lib is None else int(lib.blockffn_set_unit_floor(max(0, int(per_byte))))
 
 
 def int8_row_sums(weight: torch.Tensor) -> torch.Tensor:
