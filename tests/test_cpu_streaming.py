@@ -78,24 +78,60 @@ def test_streaming_linear_rejects_bad_shapes():
 # one 16-row block, panels of 2 and 4 blocks with tails, token passes 8 + 1, sweeps of 128 tokens
 def test_kmajor_linear_paths_agree_bit_for_bit(dtype, M, N, K):
     """The outer-product linear on K-major bf16 weights (layout.pack_kmajor): every path this CPU runs gives the
-    same bits, close to the fp64 product; with bf16 x each output is exactly the sequential fp32 chain over k
-    (bf16 x bf16 products are exact in fp32, so an FMA step is one fp32 addition), rounded to bf16 once."""
+    same bits, the dot form (one VDPBF16PS a line, AVX512_BF16) as the split FMA form, close to the fp64 product;
+    with bf16 x each output is exactly the sequential fp32 chain over k = 1, 0, 3, 2, ... (bf16 x bf16 products
+    are exact in fp32, so an FMA step is one fp32 addition), rounded to bf16 once."""
     g = torch.Generator().manual_seed(M * N + K)
     x = torch.randn(M, K, generator=g).to(DT[dtype])
     w = (torch.randn(N, K, generator=g) / K**0.5).bfloat16()
     packed = pack_kmajor(w)
     assert packed.shape == (N // 16, K // 2, 16, 2) and torch.equal(unpack_kmajor(packed), w)
-    ys = {isa: cpu_native.linear_kmajor_native(x, packed, isa=isa, num_threads=2) for isa in PATHS}
-    for isa, y in ys.items():
+    ys = {}
+    was = cpu_native.set_kmajor_dot(0)
+    try:
+        for mode in (0, 1):  # the dot form only runs for bf16 x on AVX512_BF16 paths; elsewhere both are the split
+            cpu_native.set_kmajor_dot(mode)
+            for isa in PATHS:
+                ys[isa, mode] = cpu_native.linear_kmajor_native(x, packed, isa=isa, num_threads=2)
+    finally:
+        cpu_native.set_kmajor_dot(was)
+    for key, y in ys.items():
         assert y.dtype == x.dtype and y.shape == (M, N)
-        assert torch.equal(y, ys["portable"]), isa
-    torch.testing.assert_close(ys["portable"].double(), x.double() @ w.double().t(), **TOL[dtype])
+        assert torch.equal(y, ys["portable", 0]), key
+    torch.testing.assert_close(ys["portable", 0].double(), x.double() @ w.double().t(), **TOL[dtype])
     if dtype == "bf16":
         prods = (x.float()[:, None, :] * w.float()[None, :, :]).numpy()  # exact
         acc = np.zeros((M, N), dtype=np.float32)
-        for k in range(K):
+        for k in range(0, K, 2):
+            acc = (acc + prods[:, :, k + 1]).astype(np.float32)
             acc = (acc + prods[:, :, k]).astype(np.float32)
-        assert torch.equal(torch.from_numpy(acc).bfloat16(), ys["portable"])
+        assert torch.equal(torch.from_numpy(acc).bfloat16(), ys["portable", 0])
+
+
+@pytest.mark.skipif(not cpu_native.isa_at_least("avx512_bf16", BEST), reason="the dot form needs AVX512_BF16")
+def test_kmajor_dot_form_is_chosen_and_forced():
+    """The dot form's switch: -1 asks the CPU (a probe, once: the same answer every call), 1 / 0 force it; the
+    setter returns the mode it replaced; forcing changes the path taken (the dot form never widens x: with a
+    subnormal product it flushes to zero where the split form keeps it, which shows which form ran) but not the
+    bits of normal inputs (the test above)."""
+    was = cpu_native.set_kmajor_dot(1)
+    try:
+        assert was == -1
+        assert cpu_native.kmajor_dot() and not cpu_native.kmajor_dot("avx512")
+        x = torch.zeros(1, 2, dtype=torch.bfloat16)
+        x[0, 0] = 2.0**-65
+        w = torch.zeros(16, 2, dtype=torch.bfloat16)
+        w[:, 0] = 2.0**-65  # the product 2^-130: subnormal in fp32 and bf16, exact in both
+        packed = pack_kmajor(w)
+        assert torch.count_nonzero(cpu_native.linear_kmajor_native(x.float(), packed)) == 16  # fp32 x: split
+        assert torch.count_nonzero(cpu_native.linear_kmajor_native(x, packed)) == 0  # flushed: the dot form ran
+        assert cpu_native.set_kmajor_dot(0) == 1 and not cpu_native.kmajor_dot()
+        y = cpu_native.linear_kmajor_native(x, packed)
+        assert torch.count_nonzero(y) == 16 and float(y[0, 0]) > 0  # the split form keeps it
+        cpu_native.set_kmajor_dot(-1)
+        assert cpu_native.kmajor_dot() == cpu_native.kmajor_dot()
+    finally:
+        cpu_native.set_kmajor_dot(was)
 
 
 def test_kmajor_linear_rejects_bad_input():

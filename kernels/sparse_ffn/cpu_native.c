@@ -1756,7 +1756,11 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
    the pass by broadcast x, 16 outputs per vector: no horizontal sums, no widening per token block. Why: the
    row-dot loops of blockffn_linear are compute-bound at 4-8 rows in bf16 on AVX-512 cores without AMX (8-row
    [5376, 1792] linears at ~123 GFLOP/s where memory speed needs ~263; RESULTS.md 2026-12-04). Every output is
-   the sequential fp32 FMA chain over k = 0, 1, ..., K - 1 on every path: the paths agree bit for bit.
+   the sequential fp32 chain over k = 1, 0, 3, 2, ..., K - 1, K - 2 (each pair's odd k first, VDPBF16PS's order)
+   on every path: the paths agree bit for bit. bf16 x on AVX512_BF16 CPUs whose VDPBF16PS issues as fast as an
+   FMA (AMD Zen 4) take the dot form instead (km_dot below): one VDPBF16PS a line and token where the split form
+   spends two FMAs (and the widening); the same chain, so the same bits, except that VDPBF16PS flushes
+   subnormal inputs and results to zero (products and partial sums below 1.2e-38).
    Threads take contiguous runs of panels of 2 blocks (4 at <= 4 tokens on AVX-512: four streams of K / 2 lines);
    tokens in passes of KM_TG (AVX2: 4), each pass over a panel that the first left in L2, in sweeps of KM_SB
    tokens; the first pass prefetches KM_PF bytes ahead. */
@@ -1784,8 +1788,8 @@ static void km_portable(const uint16_t *w, long K2, int nb, const float *x, long
                 const float *xt = x + t * ldx;
                 float acc = 0.0f;
                 for (long q = 0; q < K2; q++) {
-                    acc = fmaf(cv_bf16(p[q * 32]), xt[2 * q], acc);
                     acc = fmaf(cv_bf16(p[q * 32 + 1]), xt[2 * q + 1], acc);
+                    acc = fmaf(cv_bf16(p[q * 32]), xt[2 * q], acc);
                 }
                 y[t * ldy + b * 16 + r] = acc;
             }
@@ -1812,8 +1816,8 @@ static void km_portable(const uint16_t *w, long K2, int nb, const float *x, long
             for (int t = 0; t < NT; t++) {                                                              \
                 __m512 xe = _mm512_set1_ps(x[t * ldx + 2 * q]), xo = _mm512_set1_ps(x[t * ldx + 2 * q + 1]); \
                 for (int b = 0; b < NB; b++) {                                                          \
-                    acc[b][t] = _mm512_fmadd_ps(we[b], xe, acc[b][t]);                                  \
                     acc[b][t] = _mm512_fmadd_ps(wo[b], xo, acc[b][t]);                                  \
+                    acc[b][t] = _mm512_fmadd_ps(we[b], xe, acc[b][t]);                                  \
                 }                                                                                       \
             }                                                                                           \
         }                                                                                               \
@@ -1831,6 +1835,57 @@ static void km_avx512(const uint16_t *w, long K2, int nb, const float *x, long l
     switch (nt) { KM5_C4(1) KM5_C4(2) KM5_C4(3) KM5_C4(4) KM5_C2(5) KM5_C2(6) KM5_C2(7) KM5_C2(8) }
 #undef KM5_C4
 #undef KM5_C2
+}
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+/* The dot form (bf16 x): a line's 16 rows x the token's k pair broadcast as one 32-bit bf16 pair, one VDPBF16PS
+   (acc += w[2q + 1] x[2q + 1], then += w[2q] x[2q], each rounded: the split form's chain). No widening of the line
+   or of x (x is read as stored, ldx in elements). */
+#define KMD(NT, NB)                                                                                     \
+    static void kmd_##NT##_##NB(const uint16_t *w, long K2, const uint16_t *x, long ldx, float *y, long ldy, \
+                                int pf) {                                                               \
+        __m512 acc[NB][NT];                                                                             \
+        for (int b = 0; b < NB; b++) for (int t = 0; t < NT; t++) acc[b][t] = _mm512_setzero_ps();      \
+        for (long q = 0; q < K2; q++) {                                                                 \
+            __m512bh wl[NB];                                                                            \
+            for (int b = 0; b < NB; b++) {                                                              \
+                const uint16_t *p = w + (long)b * K2 * 32 + q * 32;                                     \
+                wl[b] = (__m512bh)_mm512_loadu_si512(p);                                                \
+                if (pf) _mm_prefetch((const char *)p + KM_PF, _MM_HINT_T0);                             \
+            }                                                                                           \
+            for (int t = 0; t < NT; t++) {                                                              \
+                int32_t pair;                                                                           \
+                memcpy(&pair, x + t * ldx + 2 * q, sizeof pair);                                        \
+                __m512bh xp = (__m512bh)_mm512_set1_epi32(pair);                                        \
+                for (int b = 0; b < NB; b++) acc[b][t] = _mm512_dpbf16_ps(acc[b][t], wl[b], xp);        \
+            }                                                                                           \
+        }                                                                                               \
+        for (int b = 0; b < NB; b++) for (int t = 0; t < NT; t++) _mm512_storeu_ps(y + t * ldy + 16 * b, acc[b][t]); \
+    }
+#define KMD_NB2(NT) KMD(NT, 1) KMD(NT, 2)
+#define KMD_NB4(NT) KMD(NT, 1) KMD(NT, 2) KMD(NT, 3) KMD(NT, 4)
+KMD_NB4(1) KMD_NB4(2) KMD_NB4(3) KMD_NB4(4) KMD_NB2(5) KMD_NB2(6) KMD_NB2(7) KMD_NB2(8)
+static void km_dot(const uint16_t *w, long K2, int nb, const uint16_t *x, long ldx, int nt, float *y, long ldy,
+                   int pf) {
+#define KMD_C4(NT) case NT: (nb == 4 ? kmd_##NT##_4 : nb == 3 ? kmd_##NT##_3 : nb == 2 ? kmd_##NT##_2 : kmd_##NT##_1) \
+    (w, K2, x, ldx, y, ldy, pf); break;
+#define KMD_C2(NT) case NT: (nb == 2 ? kmd_##NT##_2 : kmd_##NT##_1)(w, K2, x, ldx, y, ldy, pf); break;
+    switch (nt) { KMD_C4(1) KMD_C4(2) KMD_C4(3) KMD_C4(4) KMD_C2(5) KMD_C2(6) KMD_C2(7) KMD_C2(8) }
+#undef KMD_C4
+#undef KMD_C2
+}
+/* rounds of VDPBF16PS on FP_CHAINS chains (the dot form's probe, beside fma_rounds_avx512) */
+static float dp_rounds_avx512bf16(long rounds) {
+    __m512 a[12];
+    __m512bh b = (__m512bh)_mm512_set1_epi32(0x3F803F80), c = (__m512bh)_mm512_set1_epi32(0x33803380);
+    for (int i = 0; i < 12; i++) a[i] = _mm512_set1_ps((float)i);
+    for (long n = 0; n < rounds; n++)
+        for (int i = 0; i < 12; i++) a[i] = _mm512_dpbf16_ps(a[i], b, c);
+    float s = 0.0f;
+    for (int i = 0; i < 12; i++) s += _mm512_reduce_add_ps(a[i]);
+    return s;
 }
 #pragma GCC pop_options
 
@@ -1853,8 +1908,8 @@ static void km_avx512(const uint16_t *w, long K2, int nb, const float *x, long l
             for (int t = 0; t < NT; t++) {                                                              \
                 __m256 xe = _mm256_set1_ps(x[t * ldx + 2 * q]), xo = _mm256_set1_ps(x[t * ldx + 2 * q + 1]); \
                 for (int h = 0; h < 2; h++) {                                                           \
-                    acc[h][t] = _mm256_fmadd_ps(we[h], xe, acc[h][t]);                                  \
                     acc[h][t] = _mm256_fmadd_ps(wo[h], xo, acc[h][t]);                                  \
+                    acc[h][t] = _mm256_fmadd_ps(we[h], xe, acc[h][t]);                                  \
                 }                                                                                       \
             }                                                                                           \
         }                                                                                               \
@@ -1875,6 +1930,7 @@ static void km_avx2(const uint16_t *w, long K2, int nb, const float *x, long ldx
 #pragma GCC pop_options
 #endif
 
+static int km_dot_on(void);
 /* Panel pi of a K-major weight (panels of pb blocks of 16 rows; blocks in all): its first output row *n0 and its
    blocks. Block b starts at element b * 16 * K (bf16: K / 2 lines of 32 elements; int8: K / 4 lines of 64). */
 ALWAYS int km_panel(long pi, int pb, long blocks, long *n0) {
@@ -1891,8 +1947,9 @@ int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp,
     if (M == 0 || N == 0) return 0;
     isa = blockffn_resolve_isa(isa);
     if (isa < 0) return -3;
-    float *xf = xdt ? malloc((size_t)M * K * sizeof(float)) : NULL;
-    if (xdt && !xf) return -1;
+    int dot = BLOCKFFN_X86 && xdt == 1 && isa >= ISA_AVX512_BF16 && km_dot_on();
+    float *xf = xdt && !dot ? malloc((size_t)M * K * sizeof(float)) : NULL;
+    if (xdt && !dot && !xf) return -1;
     const float *xs = xdt ? xf : (const float *)x;
     long ldxf = xdt ? K : ldx;
     int tg = isa >= ISA_AVX512 ? KM_TG : isa >= ISA_AVX2 ? 4 : KM_TG;
@@ -1908,7 +1965,7 @@ int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp,
     {
         int tid = omp_get_thread_num(), T = omp_get_num_threads();
         float yb[KM_TG * 64];
-        if (xdt) {
+        if (xf) {
             for (long t = M * tid / T; t < M * (tid + 1) / T; t++)
                 widen_bf16(isa, (const uint16_t *)x + t * ldx, xf + t * K, K);
             #pragma omp barrier
@@ -1924,7 +1981,8 @@ int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp,
                 float *yt = xdt ? yb : (float *)y + t0 * ldy + n0;
                 long ldo = xdt ? 64 : ldy;
 #if BLOCKFFN_X86
-                if (isa >= ISA_AVX512) km_avx512(w, K2, nb, xt, ldxf, nt, yt, ldo, pf);
+                if (dot) km_dot(w, K2, nb, (const uint16_t *)x + t0 * ldx, ldx, nt, yt, ldo, pf);
+                else if (isa >= ISA_AVX512) km_avx512(w, K2, nb, xt, ldxf, nt, yt, ldo, pf);
                 else if (isa >= ISA_AVX2) km_avx2(w, K2, nb, xt, ldxf, nt, yt, ldo, pf);
                 else
 #endif
@@ -2537,6 +2595,48 @@ FMA_ROUNDS(avx2, __m256, _mm256_set1_ps, _mm256_fmadd_ps, hsum_avx2)
 #endif
 #define FP_SCALAR(v) (v)
 FMA_ROUNDS(portable, float, FP_SCALAR, fmaf, FP_SCALAR)
+
+/* Whether the K-major linears take the dot form for bf16 x (blockffn_linear_kmajor; callers check the path has
+   AVX512_BF16): g_km_dot 1 / 0 forces it (blockffn_set_kmajor_dot, for tests and benchmarks' side-by-side runs),
+   -1 (default) asks the CPU once: the dot form spends one VDPBF16PS a line and token where the split form spends
+   two FMAs, so it is taken where VDPBF16PS issues faster than 1.5 FMAs' time (AMD Zen 4: as fast as an FMA, i.e.
+   twice the multiply-adds; the Xeon without AMX of RESULTS.md: a quarter as fast). ~0.3 ms, once a process. */
+#define KM_PROBE_ROUNDS 20000
+static int g_km_dot = -1, g_km_dot_probe = -1;
+int blockffn_set_kmajor_dot(int mode) {
+    int was = g_km_dot;
+    g_km_dot = mode < 0 ? -1 : mode > 0;
+    return was;
+}
+static int km_dot_on(void) {
+    if (g_km_dot >= 0) return g_km_dot;
+    int v = __atomic_load_n(&g_km_dot_probe, __ATOMIC_ACQUIRE);
+    if (v >= 0) return v;
+#if BLOCKFFN_X86
+    double tf = 1e30, td = 1e30;
+    float sink = 0.0f;
+    for (int r = 0; r < 3; r++) { /* alternating, the fastest of each: the clock ramps, VMs share cores */
+        double t = omp_get_wtime();
+        sink += fma_rounds_avx512(KM_PROBE_ROUNDS);
+        t = omp_get_wtime() - t;
+        tf = t < tf ? t : tf;
+        t = omp_get_wtime();
+        sink += dp_rounds_avx512bf16(KM_PROBE_ROUNDS);
+        t = omp_get_wtime() - t;
+        td = t < td ? t : td;
+    }
+    v = sink == sink && td < 1.5 * tf;
+#else
+    v = 0;
+#endif
+    __atomic_store_n(&g_km_dot_probe, v, __ATOMIC_RELEASE);
+    return v;
+}
+/* 1 when bf16 x on path isa takes the dot form now (resolving the probe), else 0. */
+int blockffn_kmajor_dot(int isa) {
+    isa = blockffn_resolve_isa(isa);
+    return BLOCKFFN_X86 && isa >= ISA_AVX512_BF16 && km_dot_on();
+}
 
 double blockffn_fma_peak(long rounds, int nthreads, int isa) {
     isa = blockffn_resolve_isa(isa);

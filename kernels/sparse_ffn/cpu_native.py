@@ -125,6 +125,8 @@ def _open(path: str) -> ctypes.CDLL | None:
         lib.blockffn_set_split_tokens.argtypes = [ctypes.c_int]
         lib.blockffn_set_group_major.argtypes = [ctypes.c_int]
         lib.blockffn_set_unit_floor.argtypes = [ctypes.c_int]
+        lib.blockffn_set_kmajor_dot.argtypes = [ctypes.c_int]
+        lib.blockffn_kmajor_dot.argtypes = [ctypes.c_int]
         lib.blockffn_set_amx_rules.argtypes = [ctypes.c_long, ctypes.c_long]
         lib.blockffn_set_amx_rules(THRESHOLDS.cpu_amx_min_rows, THRESHOLDS.cpu_amx_min_tokens)
         lib.blockffn_amx_calls.restype = ctypes.c_long
@@ -337,6 +339,21 @@ def set_unit_floor(per_byte: int) -> int | None:
     through the threads' summation order). Returns the floor it replaced (None without the native kernel)."""
     lib = _load()
     return None if lib is None else int(lib.blockffn_set_unit_floor(max(0, int(per_byte))))
+
+
+def set_kmajor_dot(mode: int) -> int | None:
+    """The K-major bf16 linears with bf16 x on AVX512_BF16 CPUs: 1 the dot form (one VDPBF16PS a line and token),
+    0 the split FMA form, -1 (default) whichever this CPU issues faster (a probe, once; :func:`kmajor_dot`). The
+    same bits either way (subnormals aside); benchmarks and tests compare. Returns the mode it replaced (None
+    without the native kernel)."""
+    lib = _load()
+    return None if lib is None else int(lib.blockffn_set_kmajor_dot(max(-1, min(1, int(mode)))))
+
+
+def kmajor_dot(isa: str | None = None) -> bool:
+    """Whether bf16 x through the K-major linears takes the dot form on path ``isa`` (default: the one calls use)."""
+    lib = _load()
+    return lib is not None and bool(lib.blockffn_kmajor_dot(_isa_code(isa)))
 
 
 def int8_row_sums(weight: torch.Tensor) -> torch.Tensor:
