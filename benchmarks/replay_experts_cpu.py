@@ -17,7 +17,8 @@ again through the served C++ op:
     scripts/dev python benchmarks/step_breakdown_cpu.py /tmp/xl --batch 8 --dump-calls /tmp/calls8
     scripts/dev python benchmarks/replay_experts_cpu.py /tmp/calls8 [--layers 5 22 30] [--split N]
 
-``--split N``: cpu_native.set_split_tokens(N) first (the split FMA forms from N tokens an expert; 0 never).
+``--split N``: cpu_native.set_split_tokens(N) first (the split FMA forms from N tokens an expert; 0 never; -1 by
+the CPU, the default).
 """
 
 from __future__ import annotations

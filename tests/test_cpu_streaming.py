@@ -202,6 +202,7 @@ def test_bf16_down_pass_on_row_pairs(H, lengths, threads):
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     ref = experts_reference(x.float(), s, w_up.float(), w_down_t.transpose(1, 2).float(), "block")
     ys = {}
+    was = cpu_native.set_split_tokens(-1)  # the default: by the CPU (3 tokens, or never where VDPBF16PS is fast)
     try:
         for on in (False, True):
             cpu_native.set_pairdown(on)
@@ -213,7 +214,8 @@ def test_bf16_down_pass_on_row_pairs(H, lengths, threads):
                                                     isa="avx512_bf16").float()
     finally:
         cpu_native.set_pairdown(True)
-        cpu_native.set_split_tokens(3)
+        assert cpu_native.set_split_tokens(was) == 1
+    assert was == -1
     for y in ys.values():
         assert torch.equal(y.isnan(), ref.isnan()) and y[T - 1].isnan().any() == bool((s[T - 1] > 0).any())
         ok = ~ref.isnan()

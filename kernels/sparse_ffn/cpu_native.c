@@ -156,10 +156,18 @@ int blockffn_set_prefetch(int blocks) { int was = g_prefetch; g_prefetch = block
    1 on, 0 the widening ones (benchmarks compare). */
 static int g_pairdown = 1;
 void blockffn_set_pairdown(int on) { g_pairdown = on; }
-/* bf16 units on AVX512_BF16: the split FMA forms (bs_up, bs_down) from this many tokens sharing an expert; 0: never
-   (benchmarks compare) */
-static int g_split_tokens = 3;
-void blockffn_set_split_tokens(int n) { g_split_tokens = n > 0 ? n : 0; }
+/* bf16 units on AVX512_BF16: the split FMA forms (bs_up, bs_down) from this many tokens sharing an expert; 0: never;
+   -1 (default): by the CPU, 3 where VDPBF16PS issues slower than 1.5 FMAs (the Xeon without AMX: from 3 tokens an
+   expert the split forms were 2-7% faster, RESULTS.md 2026-12-05 05:43 UTC), else never (AMD Zen 4: served batch-8
+   layers of 5.6-8 tokens an expert 23-25% faster with VDPBF16PS, RESULTS.md 2026-12-05 21:23 UTC). g_split_now is
+   the count in effect, set at each call's entry (dp_fast probes outside the threads' region), read by the units. */
+static int g_split_tokens = -1, g_split_now = 3;
+int blockffn_set_split_tokens(int n) {
+    int was = g_split_tokens;
+    g_split_tokens = n < 0 ? -1 : n;
+    return was;
+}
+static int dp_fast(void);
 /* The down pass group-major for experts with more than 4 tokens (blockffn_sparse_ffn; 0: every unit takes all its
    tokens' groups at once, for benchmarks' side-by-side runs). */
 static int g_group_major = 1;
@@ -1037,7 +1045,7 @@ BS_DOWN(1) BS_DOWN(2) BS_DOWN(3) BS_DOWN(4)
 /* Up: the split form for groups of g_split_tokens or more tokens, VDPBF16PS below (fewer instructions a line at 1-2
    tokens, where the units are memory-bound). */
 #define BF_UPCALL                                                                                       \
-    if (g_split_tokens && nt >= g_split_tokens) { A5_SWITCH(bs_up, nt, wu, H, u->xh + j0, out, pf, blk) }       \
+    if (g_split_now && nt >= g_split_now) { A5_SWITCH(bs_up, nt, wu, H, u->xh + j0, out, pf, blk) }             \
     else { A5_SWITCH(bf_up, nt, wu, H, u->xh + j0, out, pf, blk) }
 A5_UNIT(unit_avx512bf16_bf16, bf16b, uint16_t, 2, 0, BF_UPCALL,
         if (u->perm == 2) { A5_SWITCH(bs_down, nt, wd, H, ys, hs, pf, blk) }
@@ -2343,9 +2351,10 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     int nc = 0;
 #if BLOCKFFN_X86
     /* the bf16 down pass on thread-private y: row pairs (perm 1) while the experts have few tokens each, the
-       split form (perm 2) from g_split_tokens tokens an active expert on average (P / U) */
+       split form (perm 2) from g_split_now tokens an active expert on average (P / U) */
+    if (unit == unit_avx512bf16_bf16) g_split_now = g_split_tokens >= 0 ? g_split_tokens : dp_fast() ? 0 : 3;
     if (g_pairdown && unit == unit_avx512bf16_bf16 && H % 32 == 0 && !direct)
-        perm = g_split_tokens && P >= (long)g_split_tokens * U ? 2 : 1;
+        perm = g_split_now && P >= (long)g_split_now * U ? 2 : 1;
     if (unit == unit_amx_bf16) {
         perm = 2; /* bf16 x: never direct */
         nc = n < 16 ? (int)n : 16;
@@ -2596,32 +2605,25 @@ FMA_ROUNDS(avx2, __m256, _mm256_set1_ps, _mm256_fmadd_ps, hsum_avx2)
 #define FP_SCALAR(v) (v)
 FMA_ROUNDS(portable, float, FP_SCALAR, fmaf, FP_SCALAR)
 
-/* Whether the K-major linears take the dot form for bf16 x (blockffn_linear_kmajor; callers check the path has
-   AVX512_BF16): g_km_dot 1 / 0 forces it (blockffn_set_kmajor_dot, for tests and benchmarks' side-by-side runs),
-   -1 (default) asks the CPU once: the dot form spends one VDPBF16PS a line and token where the split form spends
-   two FMAs, so it is taken where VDPBF16PS issues faster than 1.5 FMAs' time (AMD Zen 4: as fast as an FMA, i.e.
-   twice the multiply-adds; the Xeon without AMX of RESULTS.md: a quarter as fast). ~0.3 ms, once a process. */
-#define KM_PROBE_ROUNDS 20000
-static int g_km_dot = -1, g_km_dot_probe = -1;
-int blockffn_set_kmajor_dot(int mode) {
-    int was = g_km_dot;
-    g_km_dot = mode < 0 ? -1 : mode > 0;
-    return was;
-}
-static int km_dot_on(void) {
-    if (g_km_dot >= 0) return g_km_dot;
-    int v = __atomic_load_n(&g_km_dot_probe, __ATOMIC_ACQUIRE);
+/* Whether this CPU issues VDPBF16PS faster than 1.5 FMAs (callers check the CPU has AVX512_BF16): one VDPBF16PS
+   does a line's 32 multiply-adds where the split forms spend two FMAs and the widening. AMD Zen 4: as fast as an
+   FMA, i.e. twice the multiply-adds; the Xeon without AMX of RESULTS.md: a quarter as fast. Asked once a process
+   (~0.3 ms), outside any parallel region. Decides the K-major linears' dot form and the experts' split forms. */
+#define DP_PROBE_ROUNDS 20000
+static int g_dp_fast = -1;
+static int dp_fast(void) {
+    int v = __atomic_load_n(&g_dp_fast, __ATOMIC_ACQUIRE);
     if (v >= 0) return v;
 #if BLOCKFFN_X86
     double tf = 1e30, td = 1e30;
     float sink = 0.0f;
     for (int r = 0; r < 3; r++) { /* alternating, the fastest of each: the clock ramps, VMs share cores */
         double t = omp_get_wtime();
-        sink += fma_rounds_avx512(KM_PROBE_ROUNDS);
+        sink += fma_rounds_avx512(DP_PROBE_ROUNDS);
         t = omp_get_wtime() - t;
         tf = t < tf ? t : tf;
         t = omp_get_wtime();
-        sink += dp_rounds_avx512bf16(KM_PROBE_ROUNDS);
+        sink += dp_rounds_avx512bf16(DP_PROBE_ROUNDS);
         t = omp_get_wtime() - t;
         td = t < td ? t : td;
     }
@@ -2629,9 +2631,19 @@ static int km_dot_on(void) {
 #else
     v = 0;
 #endif
-    __atomic_store_n(&g_km_dot_probe, v, __ATOMIC_RELEASE);
+    __atomic_store_n(&g_dp_fast, v, __ATOMIC_RELEASE);
     return v;
 }
+/* Whether the K-major linears take the dot form for bf16 x (blockffn_linear_kmajor, on AVX512_BF16 paths):
+   g_km_dot 1 / 0 forces it (blockffn_set_kmajor_dot, for tests and benchmarks' side-by-side runs), -1 (default)
+   where dp_fast. */
+static int g_km_dot = -1;
+int blockffn_set_kmajor_dot(int mode) {
+    int was = g_km_dot;
+    g_km_dot = mode < 0 ? -1 : mode > 0;
+    return was;
+}
+static int km_dot_on(void) { return g_km_dot >= 0 ? g_km_dot : dp_fast(); }
 /* 1 when bf16 x on path isa takes the dot form now (resolving the probe), else 0. */
 int blockffn_kmajor_dot(int isa) {
     isa = blockffn_resolve_isa(isa);

@@ -123,6 +123,7 @@ def _open(path: str) -> ctypes.CDLL | None:
         lib.blockffn_set_prefetch.argtypes = [ctypes.c_int]
         lib.blockffn_set_pairdown.argtypes = [ctypes.c_int]
         lib.blockffn_set_split_tokens.argtypes = [ctypes.c_int]
+        lib.blockffn_set_split_tokens.restype = ctypes.c_int
         lib.blockffn_set_group_major.argtypes = [ctypes.c_int]
         lib.blockffn_set_unit_floor.argtypes = [ctypes.c_int]
         lib.blockffn_set_kmajor_dot.argtypes = [ctypes.c_int]
@@ -315,12 +316,13 @@ def set_pairdown(on: bool) -> None:
         lib.blockffn_set_pairdown(int(bool(on)))
 
 
-def set_split_tokens(n: int) -> None:
-    """bf16 expert units on AVX512_BF16 CPUs: the split FMA forms from ``n`` tokens sharing an expert (default 3;
-    0 = never: VDPBF16PS at every size) (``cpu_native.c``, ``bs_up`` / ``bs_down``; benchmarks compare)."""
+def set_split_tokens(n: int) -> int | None:
+    """bf16 expert units on AVX512_BF16 CPUs: the split FMA forms from ``n`` tokens sharing an expert (0 = never:
+    VDPBF16PS at every size; -1, the default: 3 where this CPU issues VDPBF16PS slower than 1.5 FMAs, else never,
+    the probe of :func:`kmajor_dot`) (``cpu_native.c``, ``bs_up`` / ``bs_down``; benchmarks compare). Returns the
+    setting it replaced (None without the native kernel)."""
     lib = _load()
-    if lib is not None:
-        lib.blockffn_set_split_tokens(int(n))
+    return None if lib is None else int(lib.blockffn_set_split_tokens(max(-1, int(n))))
 
 
 def set_group_major(on: bool) -> None:
