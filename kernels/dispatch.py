@@ -161,8 +161,10 @@ class DispatchThresholds:
     to weights that cannot be packed). Measured ([5376, 1792], 2 threads; RESULTS.md 2026-12-04 19:28 UTC) on the
     Xeon without AMX (``avx512_bf16``): cold against the row-dot kernel 1 row 671 vs 726 µs, 4 729 vs 847, 8 783
     vs 1121, 16 1339 vs 2039; warm against oneDNN's fp32 GEMM on widened weights 64 rows 4.6 vs 6.8 ms, 256 17.7
-    vs 19.8, 1024 72.3 vs 69.7. Not ``amx`` (its tiles read the row-major weight) nor ``avx2`` (not measured on
-    an AVX2 CPU)."""
+    vs 19.8, 1024 72.3 vs 69.7. On AMD Zen 4 (``avx512_bf16``, VDPBF16PS as fast as an FMA: the kernel's dot form,
+    ``cpu_native.kmajor_dot``; RESULTS.md 2026-12-05 21:23 UTC) [3584, 1792] cold 8 rows 422 µs (the split form
+    545), 16 rows 628 (1024). Not ``amx`` (its tiles read the row-major weight) nor ``avx2`` (not measured on an
+    AVX2 CPU)."""
 
     cpu_linear_kmajor_int8: tuple[str, ...] = ("avx512_bf16",)
     """Kernel paths whose int8 linears (``--quantization blockffn_int8``) are packed K-major at load
