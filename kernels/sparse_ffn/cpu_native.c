@@ -1831,19 +1831,21 @@ static void km_portable(const uint16_t *w, long K2, int nb, const float *x, long
         }                                                                                               \
         for (int b = 0; b < NB; b++) for (int t = 0; t < NT; t++) _mm512_storeu_ps(y + t * ldy + 16 * b, acc[b][t]); \
     }
-#define KM5_NB2(NT) KM5(NT, 1) KM5(NT, 2)
-#define KM5_NB4(NT) KM5(NT, 1) KM5(NT, 2) KM5(NT, 3) KM5(NT, 4)
-KM5_NB4(1) KM5_NB4(2) KM5_NB4(3) KM5_NB4(4) KM5_NB2(5) KM5_NB2(6) KM5_NB2(7) KM5_NB2(8)
-/* nb blocks (up to 4 for nt <= 4, else 2) of nt tokens */
-static void km_avx512(const uint16_t *w, long K2, int nb, const float *x, long ldx, int nt, float *y, long ldy,
-                      int pf) {
-#define KM5_C4(NT) case NT: (nb == 4 ? km5_##NT##_4 : nb == 3 ? km5_##NT##_3 : nb == 2 ? km5_##NT##_2 : km5_##NT##_1) \
+/* A K-major form's instances (GEN(NT, NB): up to 4 blocks at <= 4 tokens, else 2) and NAME, its dispatcher on nb
+   blocks of nt tokens (x of type XT) */
+#define KM_FORM(GEN, P, NAME, XT)                                                                       \
+    GEN(1, 1) GEN(1, 2) GEN(1, 3) GEN(1, 4) GEN(2, 1) GEN(2, 2) GEN(2, 3) GEN(2, 4) GEN(3, 1) GEN(3, 2) \
+    GEN(3, 3) GEN(3, 4) GEN(4, 1) GEN(4, 2) GEN(4, 3) GEN(4, 4) GEN(5, 1) GEN(5, 2) GEN(6, 1) GEN(6, 2) \
+    GEN(7, 1) GEN(7, 2) GEN(8, 1) GEN(8, 2)                                                             \
+    static void NAME(const uint16_t *w, long K2, int nb, const XT *x, long ldx, int nt, float *y, long ldy, int pf) { \
+        switch (nt) {                                                                                   \
+        KM_C4(P, 1) KM_C4(P, 2) KM_C4(P, 3) KM_C4(P, 4) KM_C2(P, 5) KM_C2(P, 6) KM_C2(P, 7) KM_C2(P, 8) \
+        }                                                                                               \
+    }
+#define KM_C4(P, NT) case NT: (nb == 4 ? P##_##NT##_4 : nb == 3 ? P##_##NT##_3 : nb == 2 ? P##_##NT##_2 : P##_##NT##_1) \
     (w, K2, x, ldx, y, ldy, pf); break;
-#define KM5_C2(NT) case NT: (nb == 2 ? km5_##NT##_2 : km5_##NT##_1)(w, K2, x, ldx, y, ldy, pf); break;
-    switch (nt) { KM5_C4(1) KM5_C4(2) KM5_C4(3) KM5_C4(4) KM5_C2(5) KM5_C2(6) KM5_C2(7) KM5_C2(8) }
-#undef KM5_C4
-#undef KM5_C2
-}
+#define KM_C2(P, NT) case NT: (nb == 2 ? P##_##NT##_2 : P##_##NT##_1)(w, K2, x, ldx, y, ldy, pf); break;
+KM_FORM(KM5, km5, km_avx512, float)
 #pragma GCC pop_options
 
 #pragma GCC push_options
@@ -1872,18 +1874,7 @@ static void km_avx512(const uint16_t *w, long K2, int nb, const float *x, long l
         }                                                                                               \
         for (int b = 0; b < NB; b++) for (int t = 0; t < NT; t++) _mm512_storeu_ps(y + t * ldy + 16 * b, acc[b][t]); \
     }
-#define KMD_NB2(NT) KMD(NT, 1) KMD(NT, 2)
-#define KMD_NB4(NT) KMD(NT, 1) KMD(NT, 2) KMD(NT, 3) KMD(NT, 4)
-KMD_NB4(1) KMD_NB4(2) KMD_NB4(3) KMD_NB4(4) KMD_NB2(5) KMD_NB2(6) KMD_NB2(7) KMD_NB2(8)
-static void km_dot(const uint16_t *w, long K2, int nb, const uint16_t *x, long ldx, int nt, float *y, long ldy,
-                   int pf) {
-#define KMD_C4(NT) case NT: (nb == 4 ? kmd_##NT##_4 : nb == 3 ? kmd_##NT##_3 : nb == 2 ? kmd_##NT##_2 : kmd_##NT##_1) \
-    (w, K2, x, ldx, y, ldy, pf); break;
-#define KMD_C2(NT) case NT: (nb == 2 ? kmd_##NT##_2 : kmd_##NT##_1)(w, K2, x, ldx, y, ldy, pf); break;
-    switch (nt) { KMD_C4(1) KMD_C4(2) KMD_C4(3) KMD_C4(4) KMD_C2(5) KMD_C2(6) KMD_C2(7) KMD_C2(8) }
-#undef KMD_C4
-#undef KMD_C2
-}
+KM_FORM(KMD, kmd, km_dot, uint16_t)
 /* rounds of VDPBF16PS on FP_CHAINS chains (the dot form's probe, beside fma_rounds_avx512) */
 static float dp_rounds_avx512bf16(long rounds) {
     __m512 a[12];
