@@ -93,6 +93,13 @@ def test_check_env_names_the_linear_layout(isa, mode):
         line = next(x for x in r.stdout.splitlines() if x.startswith(f"{dtype} attention projections"))
         packed = mode == "auto" and cpu_native.cpu_isa(isa) in paths
         assert ("packed K-major at load" in line) == packed and ("as loaded (" in line) == (not packed), line
+        if dtype == "bf16" and packed:  # which form: the dot form only on AVX512_BF16 paths of CPUs that probe fast
+            dot = cpu_native.isa_at_least("avx512_bf16", cpu_native.cpu_isa(isa)) and cpu_native.vdpbf16ps_fast()
+            assert ("one VDPBF16PS a line and token" in line) == dot, line
+    experts = [x for x in r.stdout.splitlines() if x.startswith("bf16 experts:")]
+    assert len(experts) == cpu_native.isa_at_least("avx512_bf16", cpu_native.cpu_isa(isa))
+    for line in experts:
+        assert ("at every size" in line) == cpu_native.vdpbf16ps_fast() != ("split FMA forms" in line), line
 
 
 @pytest.mark.parametrize("ops", ["auto", "python"])

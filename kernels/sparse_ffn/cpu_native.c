@@ -2635,6 +2635,8 @@ int blockffn_set_kmajor_dot(int mode) {
     return was;
 }
 static int km_dot_on(void) { return g_km_dot >= 0 ? g_km_dot : dp_fast(); }
+/* dp_fast for callers outside (0 on CPUs without AVX512_BF16): which forms the bf16 code takes by default. */
+int blockffn_dp_fast(void) { return blockffn_resolve_isa(ISA_AMX) >= ISA_AVX512_BF16 && dp_fast(); }
 /* 1 when bf16 x on path isa takes the dot form now (resolving the probe), else 0. */
 int blockffn_kmajor_dot(int isa) {
     isa = blockffn_resolve_isa(isa);

@@ -352,6 +352,14 @@ def set_kmajor_dot(mode: int) -> int | None:
     return None if lib is None else int(lib.blockffn_set_kmajor_dot(max(-1, min(1, int(mode)))))
 
 
+def vdpbf16ps_fast() -> bool:
+    """Whether this CPU issues VDPBF16PS faster than 1.5 FMAs (the kernel's probe, once a process; False without
+    AVX512_BF16): the bf16 code's defaults follow it — the K-major linears' dot form, no split FMA forms in the
+    experts (AMD Zen 4) — or the split forms (the Xeons measured in RESULTS.md)."""
+    lib = _load()
+    return lib is not None and bool(lib.blockffn_dp_fast())
+
+
 def kmajor_dot(isa: str | None = None) -> bool:
     """Whether bf16 x through the K-major linears takes the dot form on path ``isa`` (default: the one calls use)."""
     lib = _load()

@@ -73,16 +73,20 @@ def _check_env() -> int:
                 else "VPMADDWD dots on x rounded to int16, down pass on row pairs (the same integers as VNNI)"
                 if cpu_native.isa_at_least("avx2") else "int8 widened to fp32")
         lines.append(f"int8 weights (--quantization blockffn_int8): native kernel, {int8}")
+        fast = pairs and cpu_native.vdpbf16ps_fast()
         if pairs:
-            lines.append("bf16 experts: VDPBF16PS dots, down pass on row pairs")
+            lines.append("bf16 experts: VDPBF16PS dots, down pass on row pairs" + (
+                " at every size (this CPU issues VDPBF16PS as fast as an FMA)" if fast else
+                "; from 3 tokens an expert the split FMA forms (VDPBF16PS issues slower than 1.5 FMAs here)"))
         from vllm_blockffn.kernels.dispatch import THRESHOLDS
         from vllm_blockffn.serving.layers.cpu_linear import LINEAR_ENV, linear_mode
 
         kmajor = linear_mode() == "auto" and cpu_native.cpu_isa() in THRESHOLDS.cpu_linear_kmajor
+        form = "one VDPBF16PS a line and token" if cpu_native.kmajor_dot() else "lines widened, two FMAs a token"
         lines.append("bf16 attention projections and lm_head: " + (
-            f"packed K-major at load, the outer-product kernel at every M ({LINEAR_ENV}=rowmajor keeps them as "
-            "loaded)" if kmajor else f"as loaded (K-major packing: paths {list(THRESHOLDS.cpu_linear_kmajor)}, "
-            f"{LINEAR_ENV}=auto)"))
+            f"packed K-major at load, the outer-product kernel at every M, {form} for bf16 activations "
+            f"({LINEAR_ENV}=rowmajor keeps them as loaded)" if kmajor
+            else f"as loaded (K-major packing: paths {list(THRESHOLDS.cpu_linear_kmajor)}, {LINEAR_ENV}=auto)"))
         kmajor8 = linear_mode() == "auto" and cpu_native.cpu_isa() in THRESHOLDS.cpu_linear_kmajor_int8
         lines.append("int8 attention projections and lm_head: " + (
             f"packed K-major at load, the outer-product VNNI kernel at every M ({LINEAR_ENV}=rowmajor keeps them as "
