@@ -14,8 +14,9 @@ dispatch thresholds of `kernels/dispatch.py` (``cpu_grouped_min_tokens_by_path``
   GFLOP/s count the active (token, expert) pairs only (2 · 2 · d_e · H per pair);
 - linears [5376, 1792] (an XLarge qkv) at M rows: ``F.linear`` (oneDNN, AMX for bf16 where present)
   against the native kernel per path, float and int8, torch's weight-only int8 GEMM
-  (``_weight_int8pack_mm``), and ``auto`` (the served layers' ops, ``torch.ops.blockffn_native``: what
-  ``cpu_ops.native_rows`` and the int8 rule pick);
+  (``_weight_int8pack_mm``), and ``auto`` (the served layers' ops, ``torch.ops.blockffn_native``: the K-major
+  linears on the paths that pack weights at load, ``THRESHOLDS.cpu_linear_kmajor`` / ``cpu_linear_kmajor_int8``,
+  else what ``cpu_ops.native_rows`` and the int8 rule pick);
 - the FLOP bound: a large GEMM through torch (oneDNN) in the same run, in x's dtype and for bf16 x in fp32 too
   (the faster of the two: without AMX the long bf16 routes run fp32 GEMMs on widened weights, since oneDNN has
   no bf16 GEMM on AVX2 and runs it at about half its fp32 rate with AVX512_BF16).
@@ -43,6 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_memory_cpu import DTYPES, SHAPES, Pool, cpu_model, emit, md_table, routed_scores  # noqa: E402
 
+from kernels.dispatch import THRESHOLDS  # noqa: E402
+from kernels.layout import kmajor_packable, pack_kmajor  # noqa: E402
 from kernels.quant import quantize_rows  # noqa: E402
 from kernels.sparse_ffn import cpu_native, cpu_ops  # noqa: E402
 from kernels.sparse_ffn.cpu import sparse_ffn_cpu, sparse_ffn_grouped  # noqa: E402
@@ -99,11 +102,20 @@ def linear_routes(x, wf, q, sc, rs, dname: str) -> dict:
     fns = {f"F.linear {dname}": lambda: torch.nn.functional.linear(x, wf)}
     for p in native_paths():
         fns[f"native {p} {dname}"] = lambda p=p: cpu_native.linear_native(x, wf, isa=p)
-    fns[f"auto {dname}"] = lambda: cpu_ops.linear(x, wf)
+    isa = cpu_native.cpu_isa()
+    if wf.dtype == torch.bfloat16 and isa in THRESHOLDS.cpu_linear_kmajor and kmajor_packable(wf):
+        wk = pack_kmajor(wf)  # what the served layer holds on this path (cpu_linear.py)
+        fns[f"auto {dname}"] = lambda: cpu_ops.linear_kmajor(x, wk)
+    else:
+        fns[f"auto {dname}"] = lambda: cpu_ops.linear(x, wf)
     fns["torch int8pack"] = lambda: (torch.ops.aten._weight_int8pack_mm(x, q, ones).float() * sc).to(x.dtype)
     for p in native_paths():
         fns[f"native {p} int8"] = lambda p=p: cpu_native.linear_native(x, q, isa=p, weight_scale=sc)
-    fns["auto int8"] = lambda: cpu_ops.int8_linear(x, q, sc, rs)
+    if isa in THRESHOLDS.cpu_linear_kmajor_int8 and kmajor_packable(q):
+        qk = pack_kmajor(q)
+        fns["auto int8"] = lambda: cpu_ops.int8_linear_kmajor(x, qk, sc, rs)
+    else:
+        fns["auto int8"] = lambda: cpu_ops.int8_linear(x, q, sc, rs)
     return fns
 
 

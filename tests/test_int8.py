@@ -362,7 +362,7 @@ def test_long_int8_steps_stay_native_where_it_is_faster(monkeypatch):
         y = sparse_ffn_cpu(x, s, qu, qd, cu, up_scale=su, down_scale=sd)
         assert _rel(y, ref) < _tol(x.dtype, isa), isa
         native = cpu_native.sparse_ffn_native(x, s, qu, qd, cu, up_scale=su, down_scale=sd)
-        stays = T < THRESHOLDS.cpu_grouped_min_tokens_by_path[isa][2]
+        stays = T < THRESHOLDS.cpu_grouped_min_tokens_by_path[cpu_native.route_path()][2]
         assert torch.equal(y, native) == stays, isa
         if not stays:
             assert torch.equal(y, sparse_ffn_grouped(x, s, qu, qd, cu, su, sd)), isa

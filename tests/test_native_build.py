@@ -96,6 +96,9 @@ def test_check_env_names_the_linear_layout(isa, mode):
         if dtype == "bf16" and packed:  # which form: the dot form only on AVX512_BF16 paths of CPUs that probe fast
             dot = cpu_native.isa_at_least("avx512_bf16", cpu_native.cpu_isa(isa)) and cpu_native.vdpbf16ps_fast()
             assert ("one VDPBF16PS a line and token" in line) == dot, line
+    route = cpu_native.route_path(isa)  # the long-step routes' table entry, and whether bf16 GEMMs run widened
+    line = next(x for x in r.stdout.splitlines() if x.startswith("CPU experts:"))
+    assert f"entry {route})" in line and ("bf16 experts: bf16 GEMMs" in line) == (route in ("avx512_bf16_dp", "amx"))
     experts = [x for x in r.stdout.splitlines() if x.startswith("bf16 experts:")]
     assert len(experts) == cpu_native.isa_at_least("avx512_bf16", cpu_native.cpu_isa(isa))
     for line in experts:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..dispatch import THRESHOLDS, cpu_prefers_dense
 from ..quant import check_expert_scales, dequantize_experts
-from .cpu_native import count_native, cpu_isa, native_supports, sparse_ffn_native
+from .cpu_native import count_native, native_supports, route_path, sparse_ffn_native
 from .cpu_ops import WIDEN_ROWS
 from .naive import active_scores
 
@@ -82,9 +82,11 @@ def dense_ffn_gemm(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_
 def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the CPU GEMMs of long steps run in: fp32 for bf16 on the ``avx2``, ``avx512`` and ``avx512_bf16``
     paths, where oneDNN's bf16 GEMM is torch's fallback (no bf16 GEMM on AVX2: 4-20x slower) or runs at half its
-    fp32 rate (AVX512_BF16 without AMX: 168 vs 312 GFLOP/s on the Intel Xeon, RESULTS.md 2026-12-04 16:43 UTC);
-    bf16 products are exact in fp32. Else ``dtype`` (AMX tiles for bf16)."""
-    return torch.float32 if dtype == torch.bfloat16 and cpu_isa() in ("avx2", "avx512", "avx512_bf16") else dtype
+    fp32 rate (AVX512_BF16 on the Intel Xeon without AMX: 168 vs 312 GFLOP/s, RESULTS.md 2026-12-04 16:43 UTC);
+    bf16 products are exact in fp32. Else ``dtype``: AMX tiles for bf16, and on ``avx512_bf16_dp``
+    (:func:`~.cpu_native.route_path`: VDPBF16PS as fast as an FMA) oneDNN's bf16 GEMM at twice its fp32 rate
+    (AMD Zen 4: 412 vs 186 GFLOP/s, RESULTS.md 2026-12-06 00:43 UTC)."""
+    return torch.float32 if dtype == torch.bfloat16 and route_path() in ("avx2", "avx512", "avx512_bf16") else dtype
 
 
 def _dense_ffn_widened(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor
@@ -189,8 +191,9 @@ def uses_native(x: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> 
 
 def grouped_min_tokens(w_up: torch.Tensor) -> int:
     """Steps of at least this many tokens run :func:`sparse_ffn_grouped` (the auto backend): the path's entry of
-    ``cpu_grouped_min_tokens_by_path`` for the experts' dtype (measured per path, dispatch.py)."""
-    fp32, bf16, int8 = THRESHOLDS.cpu_grouped_min_tokens_by_path[cpu_isa() or "portable"]
+    ``cpu_grouped_min_tokens_by_path`` for the experts' dtype (measured per path, dispatch.py;
+    :func:`~.cpu_native.route_path` names the entry)."""
+    fp32, bf16, int8 = THRESHOLDS.cpu_grouped_min_tokens_by_path[route_path()]
     return int8 if w_up.dtype == torch.int8 else bf16 if w_up.dtype == torch.bfloat16 else fp32
 
 
@@ -250,8 +253,9 @@ def sparse_ffn_grouped(
     compute-bound (prefill chunks). Tokens outside [cu[0], cu[-1]) get 0. Dense (all pairs) when
     :func:`~..dispatch.cpu_native_prefers_dense` says so. int8 experts: each active expert is
     dequantized to x's dtype before its GEMMs (compute-bound here: the dequantization is O(D·H)
-    against O(n·D·H) FLOPs). bf16 x where :func:`gemm_dtype` says fp32 (CPUs without AMX): the GEMMs run in
-    fp32, each active expert widened once (bf16 products are exact in fp32), y rounded to bf16 at the end."""
+    against O(n·D·H) FLOPs). bf16 x where :func:`gemm_dtype` says fp32 (no AMX, VDPBF16PS slow or absent): the
+    GEMMs run in fp32, each active expert widened once (bf16 products are exact in fp32), y rounded to bf16 at the
+    end."""
     T, H = x.shape
     E, D, _ = w_up.shape
     q = check_expert_scales(w_up, up_scale, w_down_t, down_scale)

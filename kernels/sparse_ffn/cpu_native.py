@@ -360,6 +360,16 @@ def vdpbf16ps_fast() -> bool:
     return lib is not None and bool(lib.blockffn_dp_fast())
 
 
+def route_path(isa: str | None = None) -> str:
+    """The key of ``kernels/dispatch.py``'s per-path route tables for the path calls run with (``isa``, else
+    :func:`cpu_isa`; "portable" without the kernel): the path's name, except ``avx512_bf16_dp`` on AVX512_BF16
+    CPUs that issue VDPBF16PS at least as fast as an FMA (:func:`vdpbf16ps_fast`: AMD Zen 4), where the kernel's
+    bf16 units and oneDNN's bf16 GEMM both run twice the FMA's multiply-adds, so the long-step routes cross over
+    elsewhere than on the Xeons whose figures the ``avx512_bf16`` entries hold."""
+    path = cpu_isa(isa) or "portable"
+    return "avx512_bf16_dp" if path == "avx512_bf16" and vdpbf16ps_fast() else path
+
+
 def kmajor_dot(isa: str | None = None) -> bool:
     """Whether bf16 x through the K-major linears takes the dot form on path ``isa`` (default: the one calls use)."""
     lib = _load()

@@ -66,7 +66,14 @@ def _check_env() -> int:
     if cpu_native.native_available():
         lines.append(f"native CPU kernel: {cpu_native.lib_path}; ISA path {cpu_native.cpu_isa()} "
                      f"(widest this CPU runs: {cpu_native.best_isa()}; {cpu_native.ISA_ENV} forces a narrower one)")
-        lines.append("CPU experts: native expert-major kernel (fp32/bf16), grouped GEMMs for long steps; "
+        from vllm_blockffn.kernels.dispatch import THRESHOLDS
+        from vllm_blockffn.kernels.sparse_ffn.cpu import gemm_dtype
+
+        route = cpu_native.route_path()
+        steps = "/".join(map(str, THRESHOLDS.cpu_grouped_min_tokens_by_path[route]))
+        gemm = "bf16 GEMMs" if gemm_dtype(torch.bfloat16) == torch.bfloat16 else "fp32 GEMMs on widened weights"
+        lines.append(f"CPU experts: native expert-major kernel; grouped GEMMs (bf16 experts: {gemm}) from "
+                     f"{steps} tokens a step for fp32/bf16/int8 experts (kernels/dispatch.py, entry {route}); "
                      "decode-size linears: streaming kernel")
         pairs = cpu_native.isa_at_least("avx512_bf16")
         int8 = ("VPDPBUSD dots on x rounded to int16, VPDPWSSD down pass on row pairs" if pairs
@@ -78,7 +85,6 @@ def _check_env() -> int:
             lines.append("bf16 experts: VDPBF16PS dots, down pass on row pairs" + (
                 " at every size (this CPU issues VDPBF16PS as fast as an FMA)" if fast else
                 "; from 3 tokens an expert the split FMA forms (VDPBF16PS issues slower than 1.5 FMAs here)"))
-        from vllm_blockffn.kernels.dispatch import THRESHOLDS
         from vllm_blockffn.serving.layers.cpu_linear import LINEAR_ENV, linear_mode
 
         kmajor = linear_mode() == "auto" and cpu_native.cpu_isa() in THRESHOLDS.cpu_linear_kmajor
