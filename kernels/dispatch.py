@@ -145,6 +145,7 @@ class DispatchThresholds:
         "avx2": (64, 127, 128),
         "avx512": (32, 39, 40),
         "avx512_bf16": (32, 16, 64),
+        "avx512_bf16_dp": (256, 64, NEVER),
         "amx": (32, 32, NEVER),
     })
     """Past decode sizes, per kernel path: fp32 linears run the native kernel up to the first entry's rows, bf16 ones
@@ -160,7 +161,11 @@ class DispatchThresholds:
     ``avx512`` (the same Xeon, path forced): bf16 kernel vs widened 32 4.2 vs 4.5, 48 6.3 vs 5.6.
     ``amx`` (RESULTS.md 2026-12-02 16:08 UTC): the AMX linears beat F.linear (AMX) up to 32 rows (1008 vs 1234 µs),
     lose from 64 (1813 vs 1702); fp32 as ``avx512_bf16`` (no tiles, the same cores). ``portable``: decode
-    sizes only."""
+    sizes only.
+    ``avx512_bf16_dp`` (``cpu_native.route_path``: AMD Zen 4, VDPBF16PS as fast as an FMA, oneDNN's bf16 GEMM at
+    twice its fp32 rate; RESULTS.md 2026-12-06 00:43 UTC): fp32 kernel vs F.linear 64 rows 6.8 vs 12.0, 128 14.3
+    vs 17.7, 256 29.5 vs 31.5; bf16 row-dot kernel vs F.linear 32 1.76 vs 2.32, 64 3.3 vs 3.7, 128 6.5 vs 6.4;
+    widened never (5x slower than F.linear at 256-1024 rows: a [56, 1792] router at 1024 rows 3.6 vs 0.68 ms)."""
 
     cpu_linear_kmajor: tuple[str, ...] = ("avx512", "avx512_bf16")
     """Kernel paths whose bf16 linears are packed K-major at load (``layout.pack_kmajor``) and run the kernel's

@@ -102,7 +102,7 @@ def test_linears_of_up_to_32_rows_take_the_native_kernel_on_amx(monkeypatch):
     w = (torch.randn(96, 256) / 16).bfloat16()
     for isa in ("amx", "avx512_bf16"):
         monkeypatch.setenv(cpu_native.ISA_ENV, isa)
-        top32, top, _ = THRESHOLDS.cpu_linear_rows[isa]
+        top32, top, _ = THRESHOLDS.cpu_linear_rows[cpu_native.route_path()]
         assert cpu_ops.native_rows(top, torch.bfloat16) and not cpu_ops.native_rows(top + 1, torch.bfloat16)
         assert cpu_ops.native_rows(top32, torch.float32) and not cpu_ops.native_rows(top32 + 1, torch.float32)
         for m in (top, top + 1):

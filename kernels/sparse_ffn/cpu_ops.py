@@ -66,16 +66,16 @@ def native_rows(m: int, dtype: torch.dtype) -> bool:
     dispatch.py). The ISA is looked up only past decode sizes."""
     if m <= THRESHOLDS.cpu_linear_max_tokens:
         return True
-    fp32, bf16, _ = THRESHOLDS.cpu_linear_rows[cpu_native.cpu_isa() or "portable"]
+    fp32, bf16, _ = THRESHOLDS.cpu_linear_rows[cpu_native.route_path()]
     return m <= (bf16 if dtype == torch.bfloat16 else fp32)
 
 
 def widened_rows(m: int, dtype: torch.dtype) -> bool:
     """Whether an m-row bf16 linear runs :func:`widened_linear`: from the path's ``cpu_linear_rows`` entry, where
     oneDNN's fp32 GEMM on widened weights outruns both the kernel and oneDNN's bf16 GEMM (no bf16 GEMM on
-    AVX2; half the fp32 rate with AVX512_BF16 and no AMX)."""
+    AVX2; half the fp32 rate with AVX512_BF16 and no AMX on the Xeon; never where route_path is avx512_bf16_dp)."""
     return (dtype == torch.bfloat16 and m > THRESHOLDS.cpu_linear_max_tokens
-            and m >= THRESHOLDS.cpu_linear_rows[cpu_native.cpu_isa() or "portable"][2])
+            and m >= THRESHOLDS.cpu_linear_rows[cpu_native.route_path()][2])
 
 
 WIDEN_ROWS = 512
@@ -178,8 +178,10 @@ def _open_cpp(path: str) -> str | None:
     try:
         torch.ops.load_library(path)
         so = ctypes.CDLL(path)
-        rows = (ctypes.c_long * (3 * len(cpu_native.ISAS)))(
-            *[n for isa in cpu_native.ISAS for n in THRESHOLDS.cpu_linear_rows[isa]])  # by the kernel's ISA codes
+        dp = cpu_native.vdpbf16ps_fast()  # (the CPU's probe: the avx512_bf16 slot takes route_path's entry)
+        rows = (ctypes.c_long * (3 * len(cpu_native.ISAS)))(  # by the kernel's ISA codes
+            *[n for isa in cpu_native.ISAS
+              for n in THRESHOLDS.cpu_linear_rows["avx512_bf16_dp" if isa == "avx512_bf16" and dp else isa]])
         so.blockffn_ops_bind.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_long,
                                          ctypes.POINTER(ctypes.c_long), ctypes.c_long]
         so.blockffn_ops_bind(ctypes.cast(kernel.blockffn_linear, ctypes.c_void_p),
