@@ -93,7 +93,7 @@ class DispatchThresholds:
         "avx2": (1024, 1024, 4096),
         "avx512": (384, 1024, 1024),
         "avx512_bf16": (384, 1024, 1536),
-        "avx512_bf16_dp": (4096, 3072, 3072),
+        "avx512_bf16_dp": (5120, 4096, 3072),
         "amx": (384, 1536, 1536),
     })
     """Per kernel path, the step size (fp32, bf16, int8 experts) from which the grouped GEMMs beat the native
@@ -112,10 +112,11 @@ class DispatchThresholds:
     int8 1024 32.6 vs 44.3, 2048 112 vs 66; fp32 has no tiles: as ``avx512_bf16`` (the same cores).
     ``avx512_bf16_dp`` (``cpu_native.route_path``: an AVX512_BF16 CPU whose VDPBF16PS is as fast as an FMA, AMD
     Zen 4, where oneDNN's bf16 GEMM runs 412 GFLOP/s against its fp32 GEMM's 186, so ``gemm_dtype`` keeps bf16;
-    RESULTS.md 2026-12-06 00:43 UTC; this VM's figures move by up to 1.5x between runs, three runs each): bf16
-    2048 41-60 vs 47-75, 3072 88-92 vs 90-104, 4096 113-120 vs 93-116, 6144 207 vs 212; int8 (bf16 x) 2048 51-87
-    vs 55-96, 3072 74-113 vs 75-83, 4096 118-155 vs 100-118; fp32 2048 68 vs 79, 3072 119 vs 143, 4096 165 vs 182,
-    6144 310 vs 241. The kernel wins below ~3000 bf16 and ~4000-6000 fp32 tokens, 2-4x the Xeon's crossover.
+    RESULTS.md 2026-12-06 00:43 UTC; this VM's figures move by up to 1.5x between runs, 3-4 runs each): bf16
+    2048 41-60 vs 47-75, 3072 86-92 vs 90-104, 4096 113-120 vs 93-124, 6144 202-207 vs 200-212; int8 (bf16 x) 2048
+    51-87 vs 55-96, 3072 74-113 vs 75-83, 4096 118-155 vs 100-118; fp32 2048 68-70 vs 79-106, 4096 156-165 vs
+    182-197, 6144 309-310 vs 241-257 (int8 with fp32 x: 4096 146-153 vs 180-209). The kernel wins to ~3000 (int8),
+    ~4000 (bf16) and ~5000 (fp32) tokens a step, 3-13x the Xeon's crossovers.
     ``portable``: not measured (the default before any of these)."""
     cpu_amx_min_tokens: int = 1
     """On AMX CPUs (kernel path ``amx``), bf16 expert calls whose active experts have at least this many tokens
