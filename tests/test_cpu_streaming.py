@@ -263,8 +263,9 @@ def test_down_pass_group_major_over_a_span(isa, dtype, H, lengths, threads):
         cpu_native.set_group_major(True)
     assert torch.equal(y, y_units)
     was = cpu_native.set_prefetch(0)
+    assert was == -1  # the default: by the units' size (2 blocks ahead for these small ones, else 1)
     try:  # the prefetch (off, or 1-3 blocks ahead, split over a unit's token groups) never changes a result
-        for blocks in (0, 2, 3):
+        for blocks in (0, 1, 2, 3):
             cpu_native.set_prefetch(blocks)
             y_pf = cpu_native.sparse_ffn_native(x, s, w_up, w_down_t, cu, num_threads=threads, isa=isa).float()
             assert torch.equal(y, y_pf), blocks

@@ -149,9 +149,16 @@ ELEMENTWISE(avx512)
    (0.984-1.073x, 46 of 50 rows >= 1: Small and XLarge, fp32 / bf16 / int8, 1-8 tokens, avx512_bf16 and the forced
    avx2 path), decode end to end 1.020x at batch 1 and 1.005x at batch 8 (RESULTS.md 2026-12-05 12:27 UTC): a unit
    lasts ~0.5-3 us, far longer than a line's latency, and 2 ahead prefetched past a span's last block (rows no call
-   reads) while no call prefetched the first block after a phase change. */
-static int g_prefetch = 1;
-int blockffn_set_prefetch(int blocks) { int was = g_prefetch; g_prefetch = blocks; return was; }
+   reads) while no call prefetched the first block after a phase change. -1 (default): 1, except expert units
+   of fewer than PF_SMALL_UNIT bytes (4 rows of int8 at H = 768, Small), which take 2: on the AMD Zen 4 their 3 KB
+   blocks last too little for the next one to arrive in time (one thread, cold: 14-16 GB/s with the next unit
+   prefetched, 23 GB/s two ahead; the kernel's engine calls 1.03-1.20x at Small int8, 0.91-1.16x at Medium int8's 5
+   KB, 0.94-1.05x at Large / XLarge and bf16; RESULTS.md 2026-12-06 00:43 UTC). g_pf_now: the distance the running
+   call uses (set at each entry from g_prefetch and the call's unit size). */
+#define PF_SMALL_UNIT 4096
+static int g_prefetch = -1, g_pf_now = 1;
+int blockffn_set_prefetch(int blocks) { int was = g_prefetch; g_prefetch = blocks < 0 ? -1 : blocks; return was; }
+ALWAYS void pf_set_call(long unit_bytes) { g_pf_now = g_prefetch >= 0 ? g_prefetch : unit_bytes < PF_SMALL_UNIT ? 2 : 1; }
 /* The down passes on row pairs (AVX512_BF16 + VNNI CPUs: bf_down for bf16, vq_down for int8 weights):
    1 on, 0 the widening ones (benchmarks compare). */
 static int g_pairdown = 1;
@@ -268,7 +275,7 @@ typedef void (*lin_fn)(const lin_t *l);
 ALWAYS const char *lin_next(const lin_t *l, long n, long esz, long *blk) {
     long nx = n + 4, end = nx + 4 < l->n1 ? nx + 4 : l->n1;
     *blk = end > nx ? (end - nx) * l->K * esz : 0;
-    return g_prefetch && *blk > 0 ? (const char *)l->w + nx * l->K * esz : NULL;
+    return g_pf_now && *blk > 0 ? (const char *)l->w + nx * l->K * esz : NULL;
 }
 
 /* Software prefetch, g_prefetch blocks ahead: p is the block the next call reads (a stream's blocks
@@ -301,13 +308,13 @@ ALWAYS const char *pf_part(const char *p, long blk, int q, int P, long *part) {
     if (!p || P <= 1) return p;
     long s = ((blk + P - 1) / P + 63) & ~63L, a = q * s, b = a + s < blk ? a + s : blk;
     *part = b > a ? b - a : 0;
-    return *part ? p + (g_prefetch - 1) * (blk - *part) + a : NULL;
+    return *part ? p + (g_pf_now - 1) * (blk - *part) + a : NULL;
 }
 ALWAYS void pf_share(const char *p, long lim, long i, long stride) {
     if (!p) return;
     long a = i * stride, b = a + stride;
     if (b > lim) b = lim;
-    p += (g_prefetch - 1) * lim;
+    p += (g_pf_now - 1) * lim;
     for (long o = a; o < b; o += 64) __builtin_prefetch(p + o, 0, 1);
 }
 
@@ -337,7 +344,7 @@ ALWAYS long i8_unit_rows(const unit_t *u, const int8_t *wu[NR], const int8_t *wd
         wu[r] = r < u->nr ? (const int8_t *)u->wu + r * u->H : (const int8_t *)u->zrow;
         wd[r] = r < u->nr ? (const int8_t *)u->wd + r * u->H : (const int8_t *)u->zrow;
     }
-    *pfd = g_prefetch ? u->pf_next : NULL;
+    *pfd = g_pf_now ? u->pf_next : NULL;
     return (long)u->nr * u->H;
 }
 
@@ -557,7 +564,7 @@ A2_DOT(f32, float) A2_DOT(bf16, uint16_t) A2_DOT(i8, int8_t)
         const WT *wd = (const WT *)u->wd;                                                               \
         long H = u->H, H8 = H & ~7L, steps = H8 / 8 > 0 ? H8 / 8 : 1;                                   \
         int nr = u->nr;                                                                                 \
-        const char *pfn = g_prefetch ? u->pf_next : NULL; /* the next call's rows, in both passes */    \
+        const char *pfn = g_pf_now ? u->pf_next : NULL; /* the next call's rows, in both passes */      \
         long blk = (long)nr * H * ESZ;                                                                  \
         const WT *wu[NR], *wdr[NR];                                                                     \
         for (int r = 0; r < NR; r++) {                                                                  \
@@ -880,7 +887,7 @@ ALWAYS __m512 a5_bf16f(const uint16_t *p) {
             wu[r] = r < nr ? (const WT *)u->wu + r * H : (const WT *)u->zrow;                           \
             wd[r] = r < nr ? (const WT *)u->wd + r * H : (const WT *)u->zrow;                           \
         }                                                                                               \
-        const char *pfd = g_prefetch ? u->pf_next : NULL, *pfn = pfd;                                   \
+        const char *pfd = g_pf_now ? u->pf_next : NULL, *pfn = pfd;                                     \
         float out[NR][4], hs[4][NR];                                                                    \
         for (int j0 = 0; j0 < u->m && (u->phase & 1); j0 += 4) {                                        \
             int nt = u->m - j0 < 4 ? u->m - j0 : 4;                                                     \
@@ -1086,7 +1093,7 @@ ALWAYS __mmask64 a5_mask64(long left) { return left >= 64 ? ~(__mmask64)0 : (((_
     ALWAYS void vb_up_##NT(const int8_t *const *w, long H, const uint8_t *const *xq, int64_t tot[NR][4], \
                            int j0, const char *pf, long blk) {                                         \
         long steps = (H + 63) / 64, i = 0, pfl, pfs = pf_stride(blk, steps, &pfl);                       \
-        const char *pt = pf ? pf + (long)(g_prefetch - 1) * pfl : NULL;                                 \
+        const char *pt = pf ? pf + (long)(g_pf_now - 1) * pfl : NULL;                                   \
         for (long h0 = 0; h0 < H; h0 += 16384) {                                                        \
             long h1 = h0 + 16384 < H ? h0 + 16384 : H, h = h0;                                          \
             __m512i ah[NR][NT], al[NR][NT];                                                             \
@@ -1200,7 +1207,7 @@ ALWAYS void vq_step(const int8_t *const *w, long c, __mmask32 k, int full, int n
         int32_t *ar[4] = {acc[0], acc[1], acc[2], acc[3]};                                              \
         long steps = (H + 31) / 32, pfl, pfs = pf_stride(blk, steps, &pfl);                              \
         /* the prefetch target resolved here: the loop stores int32, which may alias the global */      \
-        const char *pt = pf ? pf + (long)(g_prefetch - 1) * pfl : NULL;                                 \
+        const char *pt = pf ? pf + (long)(g_pf_now - 1) * pfl : NULL;                                   \
         long c = 0, i = 0;                                                                              \
         for (; c + 32 <= H; c += 32, i++) {                                                             \
             if (pt) pf_lines4(pt, pfl, i * pfs, pfs);                                                   \
@@ -1672,6 +1679,7 @@ static lin_fn pick_lin(int isa, int wdt, int xdt) {
    ($VLLM_BLOCKFFN_CPU_ISA names no path). */
 int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, long M, long N, long K, void *y,
                     long ldy, int nthreads, int isa, const float *scale, const int32_t *rowsum) {
+    pf_set_call(1L << 30); /* a linear: g_prefetch, or 1 block ahead */
     if (M < 0 || N < 0 || K <= 0 || ldx < K || ldy < N || xdt < 0 || xdt > 1 || wdt < 0 || wdt > 2 ||
         (wdt == 2) != (scale != NULL) || (wdt == 2) != (rowsum != NULL))
         return -2;
@@ -1931,6 +1939,7 @@ ALWAYS int km_panel(long pi, int pb, long blocks, long *n0) {
    -3 ($VLLM_BLOCKFFN_CPU_ISA names no path). */
 int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp, long M, long N, long K, void *y,
                            long ldy, int nthreads, int isa) {
+    pf_set_call(1L << 30); /* a linear: g_prefetch, or 1 block ahead */
     if (M < 0 || N < 0 || K <= 0 || N % 16 || K % 2 || ldx < K || ldy < N || xdt < 0 || xdt > 1) return -2;
     if (M == 0 || N == 0) return 0;
     isa = blockffn_resolve_isa(isa);
@@ -1964,7 +1973,7 @@ int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp,
             int nb = km_panel(pi, pb, blocks, &n0);
             const uint16_t *w = wp + n0 * K;
             for (long t0 = s0; t0 < s1; t0 += tg) {
-                int nt = s1 - t0 < tg ? (int)(s1 - t0) : tg, pf = g_prefetch && t0 == 0;
+                int nt = s1 - t0 < tg ? (int)(s1 - t0) : tg, pf = g_pf_now && t0 == 0;
                 const float *xt = xs + t0 * ldxf;
                 float *yt = xdt ? yb : (float *)y + t0 * ldy + n0;
                 long ldo = xdt ? 64 : ldy;
@@ -2078,6 +2087,7 @@ static void kq_finish(const int32_t *hi, const int32_t *lo, const int32_t *rs, c
    path). */
 int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp, long M, long N, long K, void *y,
                               long ldy, int nthreads, int isa, const float *scale, const int32_t *rowsum) {
+    pf_set_call(1L << 30); /* a linear: g_prefetch, or 1 block ahead */
     if (M < 0 || N < 0 || K <= 0 || N % 16 || K % 4 || K > KQ_MAXK || ldx < K || ldy < N || xdt < 0 || xdt > 1 ||
         !scale || !rowsum)
         return -2;
@@ -2125,7 +2135,7 @@ int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp
                 }
 #if BLOCKFFN_X86
                 if (vnni && finite) {
-                    kq_avx512(w, K4, nb, qr, K, nt, hi, lo, g_prefetch && t0 == 0);
+                    kq_avx512(w, K4, nb, qr, K, nt, hi, lo, g_pf_now && t0 == 0);
                     for (int t = 0; t < nt; t++)
                         for (int b = 0; b < nb; b++)
                             kq_finish(hi + t * 64 + 16 * b, lo + t * 64 + 16 * b, rowsum + n0 + 16 * b,
@@ -2311,6 +2321,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     if ((double)P * D * H < 65536.0) nth = 1; /* too little work to fork */
     if (nth > U * units) nth = U * units > 0 ? (int)(U * units) : 1;
     size_t wsz = wdt == 2 ? 1 : wdt ? 2 : 4;
+    pf_set_call((long)ur * H * (long)wsz); /* the prefetch distance for this call's units (g_prefetch) */
     int *tok = malloc(((size_t)P + 1) * sizeof(int));
     float *sc = malloc(((size_t)P + 1) * sizeof(float));
     float *hb = malloc(((size_t)P * D + 1) * sizeof(float));

@@ -301,10 +301,11 @@ def amx_calls() -> int:
 
 
 def set_prefetch(blocks: int) -> int | None:
-    """Software prefetch of the weight stream: 0 off, ``n`` the block ``n`` calls ahead (default 1, the next call's;
-    benchmarks compare). Returns the distance it replaced (None without the native kernel)."""
+    """Software prefetch of the weight stream: 0 off, ``n`` the block ``n`` calls ahead, -1 (default) the next call's
+    block, or the one after it for expert units under 4 KB (int8 at H = 768; cpu_native.c says why); benchmarks
+    compare. Returns the setting it replaced (None without the native kernel)."""
     lib = _load()
-    return None if lib is None else int(lib.blockffn_set_prefetch(max(0, int(blocks))))
+    return None if lib is None else int(lib.blockffn_set_prefetch(max(-1, int(blocks))))
 
 
 def set_pairdown(on: bool) -> None:
