@@ -367,7 +367,11 @@ def route_path(isa: str | None = None) -> str:
     CPUs that issue VDPBF16PS at least as fast as an FMA (:func:`vdpbf16ps_fast`: AMD Zen 4), where the kernel's
     bf16 units and oneDNN's bf16 GEMM both run twice the FMA's multiply-adds, so the long-step routes cross over
     elsewhere than on the Xeons whose figures the ``avx512_bf16`` entries hold."""
-    path = cpu_isa(isa) or "portable"
+    return route_key(cpu_isa(isa) or "portable")
+
+
+def route_key(path: str) -> str:
+    """:func:`route_path` for a path named as is (not clamped to this CPU's): the C++ ops' per-ISA table."""
     return "avx512_bf16_dp" if path == "avx512_bf16" and vdpbf16ps_fast() else path
 
 

@@ -178,10 +178,8 @@ def _open_cpp(path: str) -> str | None:
     try:
         torch.ops.load_library(path)
         so = ctypes.CDLL(path)
-        dp = cpu_native.vdpbf16ps_fast()  # (the CPU's probe: the avx512_bf16 slot takes route_path's entry)
-        rows = (ctypes.c_long * (3 * len(cpu_native.ISAS)))(  # by the kernel's ISA codes
-            *[n for isa in cpu_native.ISAS
-              for n in THRESHOLDS.cpu_linear_rows["avx512_bf16_dp" if isa == "avx512_bf16" and dp else isa]])
+        rows = (ctypes.c_long * (3 * len(cpu_native.ISAS)))(  # by the kernel's ISA codes, each slot its route entry
+            *[n for isa in cpu_native.ISAS for n in THRESHOLDS.cpu_linear_rows[cpu_native.route_key(isa)]])
         so.blockffn_ops_bind.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_long,
                                          ctypes.POINTER(ctypes.c_long), ctypes.c_long]
         so.blockffn_ops_bind(ctypes.cast(kernel.blockffn_linear, ctypes.c_void_p),
