@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels.dispatch import THRESHOLDS  # noqa: E402
-from kernels.layout import kmajor_packable, pack_kmajor  # noqa: E402
+from kernels.layout import expert_dims, experts_packable, kmajor_packable, pack_experts_kmajor, pack_kmajor  # noqa: E402
 from kernels.quant import dequantize_experts, quantize_experts, quantize_rows  # noqa: E402
 from kernels.sparse_ffn import cpu_native  # noqa: E402
 from kernels.sparse_ffn.cpu import dense_ffn_gemm  # noqa: E402
@@ -141,9 +141,16 @@ class Pool:
         g = torch.Generator().manual_seed(0)
         w_up = torch.randn(E, D, H, generator=g) / H**0.5
         w_down = torch.randn(E, D, H, generator=g) / D**0.5
+        self.rowmajor = self.kmajor = None
         if dtype == torch.int8:  # (q_up, q_down, up_scale, down_scale)
             qu, su, qd, sd = quantize_experts(w_up, w_down)
-            self.layers = [(placed(qu.clone()), placed(qd.clone()), su.clone(), sd.clone()) for _ in range(self.n)]
+            self.rowmajor = [(placed(qu.clone()), placed(qd.clone()), su.clone(), sd.clone()) for _ in range(self.n)]
+            self.layers = self.rowmajor
+            if experts_packable(qu, qd):  # the served layout where the rule packs them (--ab kmajor_experts=1,0)
+                pu, pd = pack_experts_kmajor(qu, qd)
+                self.kmajor = [(placed(pu.clone()), placed(pd.clone()), su.clone(), sd.clone()) for _ in range(self.n)]
+                if cpu_native.cpu_isa() in THRESHOLDS.cpu_experts_kmajor_int8:
+                    self.layers = self.kmajor
         else:
             w_up, w_down = w_up.to(dtype), w_down.to(dtype)
             self.layers = [(placed(w_up.clone()), placed(w_down.clone()), None, None) for _ in range(self.n)]
@@ -225,16 +232,18 @@ class EngineCall:
         from kernels.sparse_ffn import cpu_ops
 
         self.ok = cpu_ops.implementation() == "cpp"
-        E, _, H = pool.layers[0][0].shape
+        E, _, H = expert_dims(pool.layers[0][0])
         xdt = x_dtype(dt)
         self.router_bytes = E * H * torch.tensor([], dtype=xdt).element_size()
         self.norm = torch.ones(E)
-        self.routers, self.row_sums = [], []
-        for w_up, _, _, _ in pool.layers:
+        self.routers, self.row_sums = [], {}
+        for _ in pool.layers:
             r = torch.zeros(E, H, dtype=xdt)
             r[:, :E] = torch.eye(E, dtype=xdt)
             self.routers.append(placed(r))
-            self.row_sums.append(cpu_native.int8_row_sums(w_up) if dt == torch.int8 else None)
+        for layers in (pool.rowmajor or [], pool.kmajor or []):  # either layout's row sums, by its W_up
+            for w_up, w_down, _, _ in layers:
+                self.row_sums[w_up.data_ptr()] = cpu_native.expert_row_sums(w_up, w_down)
 
     @staticmethod
     def encode(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -255,8 +264,8 @@ class EngineCall:
     def __call__(self, layer: int, pool: Pool, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         w_up, w_down, su, sd = pool.layers[layer]
         return torch.ops.blockffn_native.router_experts(
-            x, self.routers[layer], self.norm, 1e-6, w_up, w_down, seg, None, su, sd, self.row_sums[layer],
-            "auto", 0, 0, False)
+            x, self.routers[layer], self.norm, 1e-6, w_up, w_down, seg, None, su, sd,
+            self.row_sums.get(w_up.data_ptr()), "auto", 0, 0, False)
 
 
 def scenario_calls(pool: Pool, lengths: list[int], cu) -> tuple[list, float]:
@@ -334,8 +343,9 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
     return rows
 
 
-AB_SWITCHES = ("split_tokens", "prefetch", "group_major", "pairdown", "unit_floor")
-"""The kernel's switches ``--ab`` compares (``cpu_native.set_<name>``)."""
+AB_SWITCHES = ("split_tokens", "prefetch", "group_major", "pairdown", "unit_floor", "kmajor_experts")
+"""The kernel's switches ``--ab`` compares (``cpu_native.set_<name>``; ``kmajor_experts``: int8 experts packed
+K-major, 1, or as loaded, 0 — the pool's two copies)."""
 
 
 def ab_switch(text: str) -> tuple[str, int, int]:
@@ -356,7 +366,6 @@ def ab_rows(args) -> list[list[str]]:
     pairs' ratios, each pair seconds apart (this VM's bandwidth and compute drift within minutes). The switch is left
     at A (give the default as A)."""
     name, a, b = args.ab
-    setter = getattr(cpu_native, f"set_{name}")
     rows = []
     shapes = {k: v for k, v in SHAPES.items() if not args.shapes or k in args.shapes}
     for sname, (H, E, D) in shapes.items():
@@ -366,6 +375,14 @@ def ab_rows(args) -> list[list[str]]:
             engine = EngineCall(pool, dt)
             if not engine.ok:
                 return rows
+            if name == "kmajor_experts":
+                if pool.kmajor is None:
+                    continue
+
+                def setter(v, pool=pool):
+                    pool.layers = pool.kmajor if v else pool.rowmajor
+            else:
+                setter = getattr(cpu_native, f"set_{name}")
             for scen, lengths in SCENARIOS.items():
                 T = sum(lengths)
                 cu = [0, *torch.tensor(lengths).cumsum(0).tolist()]

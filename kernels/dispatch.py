@@ -190,6 +190,12 @@ class DispatchThresholds:
     row-major weight; the K-major kernel has only fp32 FMAs there)."""
 
 
+    cpu_experts_kmajor_int8: tuple[str, ...] = ("avx512_bf16",)
+    """Kernel paths whose int8 experts are packed K-major at load (``layout.pack_experts_kmajor``) and run as two
+    K-major VNNI linears an expert (cpu_native.c ``kx_run``) instead of 4-row row-major units. Measured on the Zen 4
+    EPYC (``avx512_bf16``, RESULTS.md 2026-12-06 03:53 UTC). Not ``amx`` (not measured there), nor the paths without
+    VNNI (the packed layout has only fp32 FMAs there)."""
+
 THRESHOLDS = DispatchThresholds()
 
 

@@ -128,3 +128,52 @@ def check_ffn_shapes(x, scores, w_up, w_down_t) -> None:
             f"shape mismatch: x {tuple(x.shape)}, scores {tuple(scores.shape)}, "
             f"w_up {tuple(w_up.shape)}, w_down_t {tuple(w_down_t.shape)}"
         )
+
+
+def experts_packable(w_up: torch.Tensor, w_down_t: torch.Tensor) -> bool:
+    """Whether int8 experts [E, D, H] can be packed K-major (:func:`pack_experts_kmajor`): D and H multiples of 16, both
+    up to 16384 (the kernel's exact int32 sums)."""
+    if w_up.dtype != torch.int8 or w_down_t.dtype != torch.int8 or w_up.dim() != 3 or w_down_t.shape != w_up.shape:
+        return False
+    _, d, h = w_up.shape
+    return d > 0 and h > 0 and d % KMAJOR_ROWS == 0 and h % KMAJOR_ROWS == 0 and max(d, h) <= KMAJOR_MAX_K_INT8
+
+
+def experts_kmajor(w_up: torch.Tensor) -> bool:
+    """True for experts packed by :func:`pack_experts_kmajor` (5-D), False for the internal [E, D, H] layout."""
+    return w_up.dim() == 5
+
+
+def expert_dims(w_up: torch.Tensor) -> tuple[int, int, int]:
+    """(E, D, H) of ``w_up`` in either layout."""
+    if experts_kmajor(w_up):
+        e, db, h4, _, g = w_up.shape
+        return e, db * KMAJOR_ROWS, h4 * g
+    e, d, h = w_up.shape
+    return e, d, h
+
+
+def pack_experts_kmajor(w_up: torch.Tensor, w_down_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 experts [E, D, H] → each expert's W_up [D, H] and W_down [H, D] packed as :func:`pack_kmajor` packs a
+    linear: ``w_up`` [E, D / 16, H / 4, 16, 4], ``w_down`` [E, H / 16, D / 4, 16, 4]. The native kernel then runs an
+    expert as two K-major linears (cpu_native.c ``kx_run``): one sequential stream a panel instead of 4-row units.
+    Run once at load; the same bytes as the weights."""
+    if not experts_packable(w_up, w_down_t):
+        raise ValueError(f"pack_experts_kmajor: experts {w_up.dtype} {list(w_up.shape)} / {w_down_t.dtype} "
+                         f"{list(w_down_t.shape)}; expected int8 [E, D, H] with D and H multiples of {KMAJOR_ROWS} "
+                         f"up to {KMAJOR_MAX_K_INT8}")
+    e, d, h = w_up.shape
+    g = KMAJOR_GROUP[torch.int8]
+    up = w_up.reshape(e, d // KMAJOR_ROWS, KMAJOR_ROWS, h // g, g).permute(0, 1, 3, 2, 4).contiguous()
+    down = w_down_t.reshape(e, d // g, g, h // KMAJOR_ROWS, KMAJOR_ROWS).permute(0, 3, 1, 4, 2).contiguous()
+    return up, down
+
+
+def unpack_experts(w_up: torch.Tensor, w_down_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`pack_experts_kmajor` ([E, D, H] copies); experts in the internal layout as they are."""
+    if not experts_kmajor(w_up):
+        return w_up, w_down_t
+    e, d, h = expert_dims(w_up)
+    up = w_up.permute(0, 1, 3, 2, 4).reshape(e, d, h)
+    down = w_down_t.permute(0, 2, 4, 1, 3).reshape(e, d, h)
+    return up, down

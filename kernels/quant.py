@@ -12,12 +12,15 @@ q = round(W / scale) in [-127, 127] (-128 unused: symmetric). An all-zero row ha
 Layouts (internal, see ``layout.py``): experts ``w_up`` int8 [E, D, H] with ``up_scale`` [E, D]
 (per output row of W_up,e); ``w_down_t`` int8 [E, D, H] with ``down_scale`` [E, H] (per output row
 of W_down,e = the checkpoint's [E, H, D] rows, i.e. per *column* of ``w_down_t``); a dense linear's
-weight int8 [N, K] with ``weight_scale`` [N].
+weight int8 [N, K] with ``weight_scale`` [N]. On CPUs with VNNI the experts are packed K-major at load
+(``layout.pack_experts_kmajor``: the same bytes and scales, 5-D tensors).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .layout import expert_dims, unpack_experts
 
 QMAX = 127
 
@@ -52,7 +55,9 @@ def quantize_experts(w_up: torch.Tensor, w_down_t: torch.Tensor) -> tuple[torch.
 
 def dequantize_experts(w_up: torch.Tensor, up_scale: torch.Tensor, w_down_t: torch.Tensor, down_scale: torch.Tensor,
                        dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 experts + scales → (w_up, w_down_t) in ``dtype``: the references' dequantize step."""
+    """int8 experts + scales → (w_up, w_down_t) in ``dtype``: the references' dequantize step (experts packed
+    K-major at load, ``layout.pack_experts_kmajor``, come back to [E, D, H] here)."""
+    w_up, w_down_t = unpack_experts(w_up, w_down_t)
     up = dequantize_rows(w_up, up_scale, dtype)
     down = (w_down_t.float() * down_scale.float().unsqueeze(1)).to(dtype)
     return up, down
@@ -66,7 +71,7 @@ def check_expert_scales(w_up: torch.Tensor, up_scale: torch.Tensor | None, w_dow
         if up_scale is not None or down_scale is not None:
             raise ValueError(f"expert scales given for {w_up.dtype} experts; scales go with int8 weights only")
         return False
-    E, D, H = w_up.shape
+    E, D, H = expert_dims(w_up)
     for name, w, s, shape in (("up_proj", w_up, up_scale, (E, D)), ("down_proj", w_down_t, down_scale, (E, H))):
         if w.dtype != torch.int8:
             raise ValueError(f"{name}: {w.dtype}; expected int8 like the other expert weight")

@@ -607,3 +607,134 @@ def test_quantized_checkpoint_holds_kernels_quant_weights(tiny_factory, tmp_path
         up, down = dequantize_experts(*quantize_experts(w_up, w_down_t))
         assert torch.equal(params[f"layers.{i}.mlp.up"], up)
         assert torch.equal(params[f"layers.{i}.mlp.down"], down.transpose(1, 2))
+
+
+# ------------------------------------------------------------------ experts packed K-major (kx_run)
+def _kmajor(qu: torch.Tensor, qd: torch.Tensor):
+    from vllm_blockffn.kernels.layout import pack_experts_kmajor
+
+    return pack_experts_kmajor(qu, qd)
+
+
+def test_pack_experts_kmajor_round_trip_and_errors():
+    """The packed layout is each expert's W_up and W_down (the checkpoint's [H, D]) as pack_kmajor packs a linear;
+    unpack_experts inverts it; shapes that do not pack are named."""
+    from vllm_blockffn.kernels.layout import expert_dims, pack_kmajor, unpack_experts
+
+    qu, _, qd, _ = _experts(3, 32, 48)
+    pu, pd = _kmajor(qu, qd)
+    assert tuple(pu.shape) == (3, 2, 12, 16, 4) and tuple(pd.shape) == (3, 3, 8, 16, 4)
+    assert expert_dims(pu) == (3, 32, 48) == expert_dims(qu)
+    for e in range(3):
+        assert torch.equal(pu[e], pack_kmajor(qu[e])) and torch.equal(pd[e], pack_kmajor(qd[e].t().contiguous()))
+    uu, dd = unpack_experts(pu, pd)
+    assert torch.equal(uu, qu) and torch.equal(dd, qd)
+    with pytest.raises(ValueError, match=r"pack_experts_kmajor: experts torch.int8 \[5, 21, 256\].*multiples of 16"):
+        _kmajor(*_experts(5, 21, 256)[0::2])
+
+
+@needs_native
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
+def test_kmajor_int8_experts_equal_dequantized_reference(isa, xdt):
+    """Packed experts (two K-major linears an expert: VPDPBUSD on x and h rounded to int16 where the path has VNNI,
+    fp32 FMAs over the same lines elsewhere) = the dequantized reference within the row-major kernel's tolerance;
+    the same bits whatever the thread count (each output column summed by one thread, in expert order); the dense
+    layer (all experts) on them too."""
+    for E, D, H in [(8, 64, 96), (6, 16, 256), (5, 32, 16)]:
+        qu, su, qd, sd = _experts(E, D, H)
+        pu, pd = _kmajor(qu, qd)
+        up, down = dequantize_experts(qu, su, qd, sd)
+        for T in (1, 3, 4, 8, 9, 17):
+            x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(xdt)
+            s = _scores(T, E, seed=T)
+            ref = experts_naive(x.float(), s, up, down)
+            cu = torch.tensor([0, T], dtype=torch.int32)
+            ys = [cpu_native.sparse_ffn_native(x, s, pu, pd, cu, isa=isa, num_threads=n, up_scale=su, down_scale=sd)
+                  for n in (1, 2)]
+            assert ys[0].dtype == xdt and not ys[0].isnan().any()
+            assert torch.equal(ys[0], ys[1]), (E, D, H, T)
+            assert _rel(ys[0], ref) < _tol(xdt, isa), (E, D, H, T, _rel(ys[0], ref))
+            dense = cpu_native.sparse_ffn_native(x, s, pu, pd, cu, isa=isa, all_experts=True, up_scale=su,
+                                                 down_scale=sd)
+            assert _rel(dense, ref) < _tol(xdt, isa)
+
+
+@needs_native
+def test_kmajor_int8_experts_segments_padding_and_routes():
+    """Packed experts through the CPU routes: segments with padding past cu[-1] (y = 0 there), the dense layer's
+    GEMMs and the grouped GEMMs of long steps (both dequantize from the packed layout), the PyTorch fallback, and
+    the counters (the same as the row-major kernel's)."""
+    import numpy as np
+
+    E, D, H, T = 8, 32, 64, 12
+    qu, su, qd, sd = _experts(E, D, H)
+    pu, pd = _kmajor(qu, qd)
+    up, down = dequantize_experts(qu, su, qd, sd)
+    x = torch.randn(T, H)
+    s = _scores(T, E)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    ref = sparse_ffn_naive(x, s, up, down, cu)
+    st_p, st_r = np.zeros(5, np.int64), np.zeros(5, np.int64)
+    y = sparse_ffn_cpu(x, s, pu, pd, cu, allow_dense=False, stats=st_p, up_scale=su, down_scale=sd)
+    sparse_ffn_cpu(x, s, qu, qd, cu, allow_dense=False, stats=st_r, up_scale=su, down_scale=sd)
+    assert torch.equal(y[10:], torch.zeros(2, H)) and _rel(y, ref) < _tol(torch.float32)
+    assert st_p.tolist() == st_r.tolist() and st_p[0] == 10
+    whole = torch.tensor([0, T], dtype=torch.int32)
+    full = experts_naive(x, s, up, down)
+    for got in (sparse_ffn_grouped(x, s, pu, pd, whole, su, sd), dense_ffn(x, s, pu, pd, su, sd),
+                sparse_ffn_cpu(x, s, pu, pd, whole, native=False, up_scale=su, down_scale=sd)):
+        assert _rel(got, full) < 1e-5
+
+
+@needs_native
+def test_kmajor_int8_nonfinite_x_and_h_propagate_only_to_their_token():
+    """Packed experts: a token with NaN/Inf in x, or whose h overflows to Inf (a huge x), takes fp32 FMAs over the
+    packed lines; its row is not finite, the other tokens' rows are as without it."""
+    E, D, H, T = 8, 32, 64, 4
+    qu, su, qd, sd = _experts(E, D, H)
+    pu, pd = _kmajor(qu, qd)
+    up, down = dequantize_experts(qu, su, qd, sd)
+    s = torch.zeros(T, E)
+    s[:, :3] = 0.5
+    cu = torch.tensor([0, T], dtype=torch.int32)
+    for bad in (float("nan"), float("inf"), 3e38):
+        x = torch.randn(T, H)
+        x[1, 7] = bad
+        y = cpu_native.sparse_ffn_native(x, s, pu, pd, cu, up_scale=su, down_scale=sd)
+        assert not torch.isfinite(y[1]).all(), bad
+        clean = [0, 2, 3]
+        assert _rel(y[clean], experts_naive(x[clean], s[clean], up, down)) < _tol(torch.float32)
+
+
+def _packed_experts(model) -> int:
+    """The model's BlockFFN layers whose int8 experts are packed K-major (5-D)."""
+    from vllm_blockffn.serving.layers.blockffn import BlockFFN
+
+    return sum(1 for m in model.modules() if isinstance(m, BlockFFN) and m.up_proj.dim() == 5)
+
+
+@pytest.mark.slow
+def test_int8_engine_packs_experts_where_the_rule_says(engine_factory, tiny_factory, monkeypatch):
+    """--quantization blockffn_int8 on a model whose experts pack (D, H multiples of 16): every layer's experts
+    packed K-major on the paths of THRESHOLDS.cpu_experts_kmajor_int8 (none elsewhere, none with
+    VLLM_BLOCKFFN_CPU_EXPERTS=rowmajor); greedy tokens and prompt logprobs as the row-major units give them (the
+    same up integers; the down pass rounds once per expert instead of per span: within 1e-3)."""
+    from vllm_blockffn.kernels.dispatch import THRESHOLDS
+
+    path = tiny_factory()
+    runs = {}
+    for mode in ("auto", "rowmajor"):
+        with monkeypatch.context() as m:
+            m.setenv("VLLM_BLOCKFFN_CPU_EXPERTS", mode)
+            engine = engine_factory(path, dtype="float32", quantization="blockffn_int8")
+            packed = engine.llm.apply_model(_packed_experts)[0]
+            runs[mode] = (packed, engine.greedy(PROMPTS, max_tokens=24, prompt_logprobs=True))
+            engine.close()
+    want = 2 if cpu_native.cpu_isa() in THRESHOLDS.cpu_experts_kmajor_int8 else 0
+    assert runs["auto"][0] == want and runs["rowmajor"][0] == 0, runs
+    for a, b in zip(runs["auto"][1], runs["rowmajor"][1]):
+        assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
+        la = [next(iter(d.values())).logprob for d in a.prompt_logprobs[1:]]
+        lb = [next(iter(d.values())).logprob for d in b.prompt_logprobs[1:]]
+        assert max(abs(p - q) for p, q in zip(la, lb)) <= 1e-3

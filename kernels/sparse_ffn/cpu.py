@@ -257,7 +257,7 @@ def sparse_ffn_grouped(
     GEMMs run in fp32, each active expert widened once (bf16 products are exact in fp32), y rounded to bf16 at the
     end."""
     T, H = x.shape
-    E, D, _ = w_up.shape
+    E = w_up.shape[0]
     q = check_expert_scales(w_up, up_scale, w_down_t, down_scale)
     t0, t1 = int(cu_seqlens[0]), int(cu_seqlens[-1])
     t0, t1 = max(0, t0), min(T, max(t1, t0))

@@ -2160,6 +2160,143 @@ int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp
     return 0;
 }
 
+/* ------------------------------------------------------------------ int8 experts packed K-major */
+/* wdt 3: int8 experts packed at load like the K-major int8 linears (kernels/layout.py pack_experts_kmajor): expert e's
+   W_up [D, H] as [D / 16][H / 4][16][4] and its W_down [H, D] (the checkpoint's rows: the outputs) as
+   [H / 16][D / 4][16][4]. An expert is then two K-major linears over its tokens, read as the linears are: one
+   sequential stream a panel, a line serving every token, 16 sums a vector, no horizontal sums. Why: the 4-row
+   row-major units (wdt 2) stream at half the linears' speed per byte in a served int8 step (RESULTS.md 2026-12-06
+   00:43 UTC: 23.2% of the samples for ~128 MB against 33.5% for ~345 MB; a scratch probe, one thread, cold, the
+   down pass 14-23 GB/s as 4-row units, 25-33 packed K-major).
+   Two phases with one barrier between: (1) the up panels of every active expert, split across threads by cost
+   (bytes plus tokens), h = SiLU(up) * score into hb; h rounded to int16 per (token, expert) (x's two byte planes,
+   vb_quantize); (2) the down pass split by output columns: a thread owns whole 16-column blocks of y and adds every
+   active expert's contribution to them in expert order, so no thread-private y and no reduction, and every output
+   is summed in the same order whatever the thread count. The up sums are vn_dots' integers, scaled in its order
+   (bit for bit the row-major VNNI units' h); the down pass's integers are exact (256 A + B - 32768 rowsum over D
+   <= KQ_MAXK) and meet the step and the column scale once per expert, rounding differently from vq_down's per-span
+   sums (both within fp32 rounding of the dequantized weights). rs: W_up's row sums [E, D] then W_down's [E, H].
+   Tokens with a non-finite x, (token, expert) pairs with a non-finite h, and paths without VNNI take kq_float over
+   the same lines. */
+typedef struct {
+    long U, D, H, T, P;
+    int xdt, kqv;
+    const int *uni, *cnt, *tok;
+    const long *off;
+    const float *sc, *const *xs, *xqs, *su, *sd;
+    const uint8_t *const *xq;
+    const int8_t *wu, *wd;
+    const int32_t *rsu, *rsd;
+    float *hb, *hqs, *yf;
+    uint8_t *hq8;
+    const float **hrow;
+    void *y;
+    double up_row_cost;
+} kx_t;
+
+/* panels of pb 16-row blocks by the tokens of an expert (16 accumulators, as the linears) */
+ALWAYS int kx_pb(int m) { return m <= 2 ? 4 : m <= 4 ? 2 : 1; }
+
+/* out[t * 64 + 16 b + r] for the nt tokens (pointers q: VPDPBUSD planes, xr: fp32 rows, steps s) and nb blocks at w
+   (K4 quads a row), times the rows' scales; rs / scale: the blocks' first row's entries */
+static void kx_panel(const kx_t *k, const int8_t *w, long K4, int nb, const uint8_t *const *q, const float *const *xr,
+                     const float *s, int nt, const int32_t *rs, const float *scale, float *out, int pf) {
+    int finite = k->kqv;
+    for (int t = 0; t < nt && finite; t++) finite = s[t] == s[t];
+#if BLOCKFFN_X86
+    if (finite) {
+        int32_t hi[KM_TG * 64], lo[KM_TG * 64];
+        kq_avx512(w, K4, nb, q, 4 * K4, nt, hi, lo, pf);
+        for (int t = 0; t < nt; t++)
+            for (int b = 0; b < nb; b++)
+                kq_finish(hi + t * 64 + 16 * b, lo + t * 64 + 16 * b, rs + 16 * b, scale + 16 * b, s[t],
+                          out + t * 64 + 16 * b);
+        return;
+    }
+#else
+    (void)q; (void)s; (void)rs; (void)pf;
+#endif
+    kq_float(w, K4, nb, xr, nt, out, 64);
+    for (int t = 0; t < nt; t++)
+        for (int c = 0; c < 16 * nb; c++) out[t * 64 + c] *= scale[c];
+}
+
+static void kx_run(const kx_t *k, int nth) {
+    const long D = k->D, H = k->H, U = k->U;
+    double total = 0.0;
+    for (long u = 0; u < U; u++) total += D * unit_cost(k->up_row_cost, k->cnt[k->uni[u]], 1);
+    const long nbk = H / 16;
+    #pragma omp parallel num_threads(nth)
+    {
+        int tid = omp_get_thread_num(), T_ = omp_get_num_threads();
+        float out[KM_TG * 64];
+        const uint8_t *q[KM_TG];
+        const float *xr[KM_TG];
+        float st[KM_TG];
+        /* phase 1: the up panels whose cost position starts in this thread's share (expert order; the ends open, so
+           every panel is taken once whatever the rounding) */
+        double lo = tid ? total * tid / T_ : -1.0, hi = tid < T_ - 1 ? total * (tid + 1) / T_ : INFINITY, cum = 0.0;
+        for (long u = 0; u < U && cum < hi; u++) {
+            long e = k->uni[u], o = k->off[e];
+            int m = k->cnt[e], pb = kx_pb(m);
+            double c = unit_cost(k->up_row_cost, m, 1) * 16;
+            for (long d0 = 0; d0 < D; d0 += 16L * pb, cum += c * pb) {
+                if (cum < lo || cum >= hi) continue;
+                int nb = (D - d0) / 16 < pb ? (int)((D - d0) / 16) : pb;
+                const int8_t *w = k->wu + (e * D + d0) * H;
+                for (int j0 = 0; j0 < m; j0 += KM_TG) {
+                    int nt = m - j0 < KM_TG ? m - j0 : KM_TG;
+                    for (int t = 0; t < nt; t++) {
+                        q[t] = k->kqv ? k->xq[o + j0 + t] : NULL;
+                        xr[t] = k->xs[o + j0 + t];
+                        st[t] = k->kqv ? k->xqs[o + j0 + t] : NAN;
+                    }
+                    kx_panel(k, w, H / 4, nb, q, xr, st, nt, k->rsu + e * D + d0, k->su + e * D + d0, out, j0 == 0);
+                    for (int t = 0; t < nt; t++) {
+                        float *h = k->hb + (o + j0 + t) * D + d0, sct = k->sc[o + j0 + t];
+                        for (int r = 0; r < 16 * nb; r++) h[r] = silu(out[t * 64 + r]) * sct;
+                    }
+                }
+            }
+        }
+        #pragma omp barrier
+        /* h of each (token, expert) rounded to int16 as x is (a share of the pairs each) */
+        if (k->kqv) {
+            long p0 = k->P * tid / T_, p1 = k->P * (tid + 1) / T_;
+            if (p1 > p0) quantize_planes(ISA_AVX512_BF16, k->hrow + p0, p1 - p0, D, k->hq8 + p0 * 2 * D, k->hqs + p0);
+        }
+        #pragma omp barrier
+        /* phase 2: this thread's 16-column blocks of y, every active expert in order */
+        long b0 = nbk * tid / T_, b1 = nbk * (tid + 1) / T_, c0 = b0 * 16, c1 = b1 * 16;
+        for (long t = 0; t < k->T && c1 > c0; t++) memset(k->yf + t * H + c0, 0, (size_t)(c1 - c0) * sizeof(float));
+        for (long u = 0; u < U && c1 > c0; u++) {
+            long e = k->uni[u], o = k->off[e];
+            int m = k->cnt[e], pb = kx_pb(m);
+            for (long cb = b0; cb < b1; cb += pb) {
+                int nb = b1 - cb < pb ? (int)(b1 - cb) : pb;
+                const int8_t *w = k->wd + e * H * D + cb * 16 * D;
+                for (int j0 = 0; j0 < m; j0 += KM_TG) {
+                    int nt = m - j0 < KM_TG ? m - j0 : KM_TG;
+                    for (int t = 0; t < nt; t++) {
+                        q[t] = k->kqv ? k->hq8 + (o + j0 + t) * 2 * D : NULL;
+                        xr[t] = k->hb + (o + j0 + t) * D;
+                        st[t] = k->kqv ? k->hqs[o + j0 + t] : NAN;
+                    }
+                    kx_panel(k, w, D / 4, nb, q, xr, st, nt, k->rsd + e * H + cb * 16, k->sd + e * H + cb * 16, out,
+                             j0 == 0);
+                    for (int t = 0; t < nt; t++) {
+                        float *yr = k->yf + (long)k->tok[o + j0 + t] * H + cb * 16;
+                        for (int c = 0; c < 16 * nb; c++) yr[c] += out[t * 64 + c];
+                    }
+                }
+            }
+        }
+        if (k->xdt && c1 > c0) /* bf16 out: this thread's columns rounded once */
+            for (long t = 0; t < k->T; t++)
+                for (long c = c0; c < c1; c++) ((uint16_t *)k->y)[t * H + c] = to_bf16(k->yf[t * H + c]);
+    }
+}
+
 /* ------------------------------------------------------------------------------ counters */
 /* The live sparsity counters of one layer and step (vllm_blockffn/observe/stats.py columns:
    tokens, active (token, expert) pairs, non-empty segments, sum of segment union sizes, segment
@@ -2268,8 +2405,9 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                         int all_experts, const float *up_scale, const float *down_scale,
                         const int32_t *up_rowsum) {
     if (S < 0 || T < 0 || E < 0 || (w_up && (D <= 0 || H <= 0 || ldx < H)) || xdt < 0 || xdt > 1 ||
-        wdt < 0 || wdt > 2 ||
-        (w_up && (wdt == 2) != (up_scale != NULL && down_scale != NULL && up_rowsum != NULL)))
+        wdt < 0 || wdt > 3 ||
+        (w_up && (wdt >= 2) != (up_scale != NULL && down_scale != NULL && up_rowsum != NULL)) ||
+        (w_up && wdt == 3 && (D % 16 || H % 16 || D > KQ_MAXK || H > KQ_MAXK)))
         return -2;
     long t0 = S > 0 ? cu[0] : 0, t1 = S > 0 ? cu[S] : 0;
     if (t0 < 0) t0 = 0;
@@ -2300,7 +2438,8 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     if (rc == 0 && (isa = blockffn_resolve_isa(isa)) < 0) rc = -3;
     if (rc != 0) { free(mask); free(cnt); free(off); free(uni); return rc; }
 
-    unit_fn unit = pick_unit(isa, wdt, xdt);
+    int kx = wdt == 3; /* int8 experts packed K-major (kx_run) */
+    unit_fn unit = kx ? NULL : pick_unit(isa, wdt, xdt);
     int ur = NR; /* rows per unit */
 #if BLOCKFFN_X86
     /* AMX units (bf16) from g_amx_min_tokens tokens per active expert (P / U), with whole tile slabs
@@ -2320,7 +2459,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     int nth = call_threads(nthreads);
     if ((double)P * D * H < 65536.0) nth = 1; /* too little work to fork */
     if (nth > U * units) nth = U * units > 0 ? (int)(U * units) : 1;
-    size_t wsz = wdt == 2 ? 1 : wdt ? 2 : 4;
+    size_t wsz = wdt >= 2 ? 1 : wdt ? 2 : 4;
     pf_set_call((long)ur * H * (long)wsz); /* the prefetch distance for this call's units (g_prefetch) */
     int *tok = malloc(((size_t)P + 1) * sizeof(int));
     float *sc = malloc(((size_t)P + 1) * sizeof(float));
@@ -2330,10 +2469,11 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     void *zrow = calloc((size_t)H + 16, 4);
     int need_xf = xdt != 0, direct = xdt == 0; /* fp32 output: thread 0 accumulates into y */
     float *xf = need_xf ? malloc(((size_t)n * H + 1) * sizeof(float)) : NULL;
-    long nbuf = direct ? nth - 1 : nth;
+    long nbuf = kx ? 0 : direct ? nth - 1 : nth; /* thread-private y (kx_run: none) */
     float *yb = nbuf > 0 ? malloc(((size_t)nbuf * T * H + 1) * sizeof(float)) : NULL;
     int *used = calloc((size_t)nth + 1, sizeof(int));
-    int vnni = wdt == 2 && isa >= ISA_AVX2; /* int8: the integer paths (x rounded to int16) */
+    /* int8: the integer paths (x rounded to int16); packed K-major: VPDPBUSD only */
+    int vnni = kx ? BLOCKFFN_X86 && isa >= ISA_AVX512_BF16 : wdt == 2 && isa >= ISA_AVX2;
     /* the paired bf16 down pass: thread-private y only (bf16 x: never direct), whole 32-column blocks */
     int perm = 0;
     uint32_t *xb = NULL; /* AMX: the call's tokens packed for the B tiles */
@@ -2355,7 +2495,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     }
 #endif
     /* the int8 down pass in int32 sums per span (vq_down): per thread [T][Hp] sums and T + 1 steps */
-    int vq = vnni && g_pairdown;
+    int vq = vnni && g_pairdown && !kx;
     long Hp = (H + 31) & ~31L;
     int32_t *accb = vq ? malloc(((size_t)nth * T * Hp + 1) * sizeof(int32_t)) : NULL;
     float *hqb = vq ? malloc(((size_t)nth * (T + 1) + 1) * sizeof(float)) : NULL;
@@ -2364,7 +2504,12 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     const float **xrow = vnni ? malloc(((size_t)n + 1) * sizeof(float *)) : NULL;
     const uint8_t **xqp = vnni ? malloc(((size_t)P + 1) * sizeof(uint8_t *)) : NULL;
     float *xqsp = vnni ? malloc(((size_t)P + 1) * sizeof(float)) : NULL;
+    float *kyf = kx && !direct ? malloc(((size_t)T * H + 1) * sizeof(float)) : NULL; /* kx_run's fp32 y (bf16 out) */
+    uint8_t *khq = kx && vnni ? malloc((size_t)P * 2 * D + 1) : NULL;
+    float *khs = kx && vnni ? malloc(((size_t)P + 1) * sizeof(float)) : NULL;
+    const float **khr = kx ? malloc(((size_t)P + 1) * sizeof(float *)) : NULL;
     int ok = tok && sc && hb && xs && xh && zrow && used && (!need_xf || xf) && (nbuf == 0 || yb) &&
+             (!kx || ((direct || kyf) && khr && (!vnni || (khq && khs)))) &&
              (!vnni || (xq8 && xqs && xrow && xqp && xqsp)) && (!vq || (accb && hqb)) && (!nc || (xb && xr && faccb));
     if (ok) {
         for (long t = t0; t < t1; t++) { /* fill: the same mask, so exactly cnt[e] entries each */
@@ -2388,6 +2533,16 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
             for (long t = t0; t < t1; t++) xrow[t - t0] = need_xf ? xf + (t - t0) * H : (const float *)x + t * ldx;
             quantize_planes(isa, xrow, n, H, xq8, xqs);
             for (long p = 0; p < P; p++) { xqp[p] = xq8 + (tok[p] - t0) * 2 * H; xqsp[p] = xqs[tok[p] - t0]; }
+        }
+        if (kx) {
+            for (long p = 0; p < P; p++) khr[p] = hb + p * D;
+            kx_t k = {.U = U, .D = D, .H = H, .T = T, .P = P, .xdt = xdt, .kqv = vnni, .uni = uni, .cnt = cnt,
+                      .tok = tok, .off = off, .sc = sc, .xs = xs, .xqs = xqsp, .su = up_scale, .sd = down_scale,
+                      .xq = xqp, .wu = (const int8_t *)w_up, .wd = (const int8_t *)w_down, .rsu = up_rowsum,
+                      .rsd = up_rowsum + E * D, .hb = hb, .hqs = khs, .yf = direct ? (float *)y : kyf, .hq8 = khq,
+                      .hrow = khr, .y = y, .up_row_cost = up_row_cost};
+            kx_run(&k, nth);
+            goto done;
         }
 #if BLOCKFFN_X86
         if (unit == unit_amx_bf16) {
@@ -2499,6 +2654,8 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
             reduce_out(isa, y, direct, yb, nbuf, used, nn, perm, ra0, ra1 < nn ? ra1 : nn);
         }
     }
+done:
+    free(kyf); free(khq); free(khs); free(khr);
     free(mask); free(used); free(cnt); free(off); free(uni); free(tok); free(sc); free(hb); free(xs);
     free(xh); free(zrow); free(xf); free(yb); free(accb); free(hqb); free(xq8); free(xqs); free(xrow); free(xqp); free(xqsp);
     free(xb); free(xr); free(faccb);

@@ -75,6 +75,7 @@ import numpy as np
 import torch
 
 from ..dispatch import THRESHOLDS
+from ..layout import expert_dims, experts_kmajor
 from ..quant import check_expert_scales
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ SANITIZE_ENV = "VLLM_BLOCKFFN_CPU_SANITIZE"
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _WEIGHT_CODES = {**_DTYPE_CODES, torch.int8: 2}
 """Weight dtypes: int8 comes with per-output-row fp32 scales (kernels/quant.py)."""
+_KMAJOR_EXPERTS = 3  # the kernel's weight code for int8 experts packed K-major (layout.pack_experts_kmajor)
 ISAS = ("portable", "avx2", "avx512", "avx512_bf16", "amx")
 """The kernel's ISA paths, narrowest first (codes 0..4 in cpu_native.c)."""
 ISA_ENV = "VLLM_BLOCKFFN_CPU_ISA"
@@ -387,6 +389,16 @@ def int8_row_sums(weight: torch.Tensor) -> torch.Tensor:
     return weight.sum(-1, dtype=torch.int32).contiguous()
 
 
+def expert_row_sums(w_up: torch.Tensor, w_down_t: torch.Tensor) -> torch.Tensor:
+    """The int32 row sums the kernel subtracts for int8 experts: W_up's [E, D]; for experts packed K-major
+    (``layout.pack_experts_kmajor``) W_up's then W_down's [E, H] (its rows: the outputs), flattened into one tensor."""
+    if not experts_kmajor(w_up):
+        return int8_row_sums(w_up)
+    up = w_up.sum((2, 4), dtype=torch.int32).reshape(w_up.shape[0], -1)
+    down = w_down_t.sum((2, 4), dtype=torch.int32).reshape(w_down_t.shape[0], -1)
+    return torch.cat([up.reshape(-1), down.reshape(-1)]).contiguous()
+
+
 class NativeLinear:
     """A linear's weight bound to the streaming GEMV (``blockffn_linear``): the weight checks and the
     arguments that do not change between calls resolved once, as :class:`NativeExperts` does for the
@@ -549,22 +561,26 @@ class NativeExperts:
                  down_scale: torch.Tensor | None = None) -> None:
         lib = _load()
         assert lib is not None, "native kernel unavailable"
-        if w_up.dim() != 3 or w_down_t.shape != w_up.shape:
+        packed = experts_kmajor(w_up)
+        E, D, H = expert_dims(w_up)
+        if (w_up.dim() != 3 and not packed) or (packed and (w_up.dtype != torch.int8 or w_down_t.dtype != torch.int8 or
+                                                            tuple(w_down_t.shape) != (E, H // 16, D // 4, 16, 4))) \
+                or (not packed and w_down_t.shape != w_up.shape):
             raise ValueError(f"sparse_ffn: w_up {list(w_up.shape)}, w_down_t {list(w_down_t.shape)}; expected both "
-                             f"[E, D, H]")
+                             f"[E, D, H], or int8 packed by layout.pack_experts_kmajor")
         su = sd = rs = up_sums = None
         w_up, w_down_t = w_up.contiguous(), w_down_t.contiguous()
         if check_expert_scales(w_up, up_scale, w_down_t, down_scale):
             up_scale, down_scale = up_scale.contiguous(), down_scale.contiguous()
-            up_sums = int8_row_sums(w_up)
+            up_sums = expert_row_sums(w_up, w_down_t)
             su, sd, rs = up_scale.data_ptr(), down_scale.data_ptr(), up_sums.data_ptr()
         self.tensors = (w_up, w_down_t, up_scale, down_scale, up_sums)  # kept alive with the pointers below
-        self.E, self.D, self.H = w_up.shape
+        self.E, self.D, self.H = E, D, H
         self.w_up_ptr = w_up.data_ptr()
         self._lib = lib
         self._fn = lib.blockffn_sparse_ffn
         self._norm: tuple = (None, 0, None)  # the router's norm weight, its address, its fp32 copy
-        self._weights = (w_up.data_ptr(), w_down_t.data_ptr(), _WEIGHT_CODES[w_up.dtype])
+        self._weights = (w_up.data_ptr(), w_down_t.data_ptr(), _KMAJOR_EXPERTS if packed else _WEIGHT_CODES[w_up.dtype])
         self._scales = (su, sd, rs)
         self._stats: tuple[np.ndarray | None, int | None] = (None, None)  # the layer's counter row, its address
 
