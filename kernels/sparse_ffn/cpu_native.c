@@ -2168,11 +2168,12 @@ int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp
    row-major units (wdt 2) stream at half the linears' speed per byte in a served int8 step (RESULTS.md 2026-12-06
    00:43 UTC: 23.2% of the samples for ~128 MB against 33.5% for ~345 MB; a scratch probe, one thread, cold, the
    down pass 14-23 GB/s as 4-row units, 25-33 packed K-major).
-   Two phases with one barrier between: (1) the up panels of every active expert, split across threads by cost
-   (bytes plus tokens), h = SiLU(up) * score into hb; h rounded to int16 per (token, expert) (x's two byte planes,
-   vb_quantize); (2) the down pass split by output columns: a thread owns whole 16-column blocks of y and adds every
-   active expert's contribution to them in expert order, so no thread-private y and no reduction, and every output
-   is summed in the same order whatever the thread count. The up sums are vn_dots' integers, scaled in its order
+   Two phases with one barrier between: (1) the 16-row up blocks of every active expert, split across threads by cost
+   (bytes plus tokens) and read in panels, h = SiLU(up) * score into hb; (2) every thread rounds each (token,
+   expert)'s h to int16 (x's two byte planes, vb_quantize) and runs the down pass on its own output columns: whole
+   16-column blocks of y, every active expert's contribution in expert order, one sequential stream an expert
+   (kx_down), so no thread-private y and no reduction, and every output is summed in the same order whatever the
+   thread count. The up sums are vn_dots' integers, scaled in its order
    (bit for bit the row-major VNNI units' h); the down pass's integers are exact (256 A + B - 32768 rowsum over D
    <= KQ_MAXK) and meet the step and the column scale once per expert, rounding differently from vq_down's per-span
    sums (both within fp32 rounding of the dequantized weights). rs: W_up's row sums [E, D] then W_down's [E, H].
@@ -2193,6 +2194,60 @@ typedef struct {
     void *y;
     double up_row_cost;
 } kx_t;
+
+#define KX_MAXD 512 /* D at most for packed experts (kx_down's int32 sums) */
+#if BLOCKFFN_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")
+/* The down pass of one expert over nblk consecutive 16-column blocks: block after block, one sequential stream (the
+   blocks of a panel read side by side were four 2 KB streams, which the hardware prefetchers hardly follow: the down
+   pass took 1.5x the up pass's time for the same bytes, measured). Per block: the tokens' two planes (hq: hi at +0,
+   lo at +D) by VPDPBUSD, then y += ((float)(256 hi + lo - 32768 rowsum) * step) * column scale, kq_finish's order
+   and value: the sums in int32 are exact for D <= KX_MAXD (|sum w xq| < 2^31; intermediate wraps cancel). */
+#define KXD(NT)                                                                                         \
+    ALWAYS void kxd_##NT(const int8_t *w, long K4, const uint8_t *const *hq, __m512i c, __m512 s,        \
+                         const float *st, float *const *yr) {                                          \
+        __m512i ah[NT], al[NT];                                                                         \
+        long D = 4 * K4;                                                                                \
+        for (int t = 0; t < NT; t++) ah[t] = al[t] = _mm512_setzero_si512();                            \
+        for (long q = 0; q < K4; q++) {                                                                 \
+            __m512i wv = _mm512_loadu_si512(w + q * 64);                                                \
+            _mm_prefetch((const char *)w + q * 64 + KM_PF, _MM_HINT_T0);                                \
+            for (int t = 0; t < NT; t++) {                                                              \
+                int32_t bh, bl;                                                                         \
+                memcpy(&bh, hq[t] + 4 * q, 4);                                                          \
+                memcpy(&bl, hq[t] + D + 4 * q, 4);                                                      \
+                ah[t] = _mm512_dpbusd_epi32(ah[t], _mm512_set1_epi32(bh), wv);                          \
+                al[t] = _mm512_dpbusd_epi32(al[t], _mm512_set1_epi32(bl), wv);                          \
+            }                                                                                           \
+        }                                                                                               \
+        for (int t = 0; t < NT; t++) {                                                                  \
+            __m512i tot = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(ah[t], 8), al[t]), c);    \
+            __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(tot), _mm512_set1_ps(st[t])), s); \
+            _mm512_storeu_ps(yr[t], _mm512_add_ps(_mm512_loadu_ps(yr[t]), f));                          \
+        }                                                                                               \
+    }
+KXD(1) KXD(2) KXD(3) KXD(4)
+/* blocks [0, nblk) at w (K4 quads a row; rs, sd, y rows at the first block's column) for m tokens, 4 at a time */
+static void kx_down(const int8_t *w, long K4, long nblk, int m, const uint8_t *const *hq, const int32_t *rs,
+                    const float *sd, const float *st, float *const *yr) {
+    for (long b = 0; b < nblk; b++, w += K4 * 64) {
+        __m512i c = _mm512_slli_epi32(_mm512_loadu_si512(rs + 16 * b), 15);
+        __m512 s = _mm512_loadu_ps(sd + 16 * b);
+        for (int j0 = 0; j0 < m; j0 += 4) {
+            float *y[4] = {NULL, NULL, NULL, NULL};
+            for (int t = 0; t < 4 && j0 + t < m; t++) y[t] = yr[j0 + t] + 16 * b;
+            switch (m - j0 < 4 ? m - j0 : 4) {
+            case 1: kxd_1(w, K4, hq + j0, c, s, st + j0, y); break;
+            case 2: kxd_2(w, K4, hq + j0, c, s, st + j0, y); break;
+            case 3: kxd_3(w, K4, hq + j0, c, s, st + j0, y); break;
+            default: kxd_4(w, K4, hq + j0, c, s, st + j0, y); break;
+            }
+        }
+    }
+}
+#pragma GCC pop_options
+#endif
 
 /* panels of pb 16-row blocks by the tokens of an expert (16 accumulators, as the linears) */
 ALWAYS int kx_pb(int m) { return m <= 2 ? 4 : m <= 4 ? 2 : 1; }
@@ -2233,16 +2288,20 @@ static void kx_run(const kx_t *k, int nth) {
         const uint8_t *q[KM_TG];
         const float *xr[KM_TG];
         float st[KM_TG];
-        /* phase 1: the up panels whose cost position starts in this thread's share (expert order; the ends open, so
-           every panel is taken once whatever the rounding) */
-        double lo = tid ? total * tid / T_ : -1.0, hi = tid < T_ - 1 ? total * (tid + 1) / T_ : INFINITY, cum = 0.0;
-        for (long u = 0; u < U && cum < hi; u++) {
-            long e = k->uni[u], o = k->off[e];
+        /* phase 1: the 16-row up blocks whose cost position falls in this thread's share, in expert order (block r of
+           expert e at cum_e + r c_e: the same expressions for neighbours, so an exact cover), in panels of pb */
+        int last = tid == T_ - 1;
+        double lo = tid ? total * tid / T_ : -1.0, hi = last ? 2.0 * total + 1.0 : total * (tid + 1) / T_, cum = 0.0;
+        for (long u = 0; u < U && cum < hi; cum += unit_cost(k->up_row_cost, k->cnt[k->uni[u]], 1) * D, u++) {
+            long e = k->uni[u], o = k->off[e], nblk = D / 16;
             int m = k->cnt[e], pb = kx_pb(m);
             double c = unit_cost(k->up_row_cost, m, 1) * 16;
-            for (long d0 = 0; d0 < D; d0 += 16L * pb, cum += c * pb) {
-                if (cum < lo || cum >= hi) continue;
-                int nb = (D - d0) / 16 < pb ? (int)((D - d0) / 16) : pb;
+            long r0 = (long)ceil((lo - cum) / c), r1 = last ? nblk : (long)ceil((hi - cum) / c);
+            r0 = r0 < 0 ? 0 : r0 > nblk ? nblk : r0;
+            r1 = r1 < 0 ? 0 : r1 > nblk ? nblk : r1;
+            for (long rb = r0; rb < r1; rb += pb) {
+                long d0 = rb * 16;
+                int nb = r1 - rb < pb ? (int)(r1 - rb) : pb;
                 const int8_t *w = k->wu + (e * D + d0) * H;
                 for (int j0 = 0; j0 < m; j0 += KM_TG) {
                     int nt = m - j0 < KM_TG ? m - j0 : KM_TG;
@@ -2260,27 +2319,44 @@ static void kx_run(const kx_t *k, int nth) {
             }
         }
         #pragma omp barrier
-        /* h of each (token, expert) rounded to int16 as x is (a share of the pairs each) */
-        if (k->kqv) {
-            long p0 = k->P * tid / T_, p1 = k->P * (tid + 1) / T_;
-            if (p1 > p0) quantize_planes(ISA_AVX512_BF16, k->hrow + p0, p1 - p0, D, k->hq8 + p0 * 2 * D, k->hqs + p0);
-        }
-        #pragma omp barrier
-        /* phase 2: this thread's 16-column blocks of y, every active expert in order */
+        /* phase 2: this thread's 16-column blocks of y, every active expert in order. Each thread rounds every
+           (token, expert) h to int16 itself, as x is (P x D elements, a few us at most: cheaper than a second
+           barrier) */
         long b0 = nbk * tid / T_, b1 = nbk * (tid + 1) / T_, c0 = b0 * 16, c1 = b1 * 16;
+        uint8_t *hq8 = k->kqv ? k->hq8 + tid * k->P * 2 * D : NULL;
+        float *hqs = k->kqv ? k->hqs + tid * k->P : NULL;
+        if (k->kqv && c1 > c0 && k->P > 0) quantize_planes(ISA_AVX512_BF16, k->hrow, k->P, D, hq8, hqs);
         for (long t = 0; t < k->T && c1 > c0; t++) memset(k->yf + t * H + c0, 0, (size_t)(c1 - c0) * sizeof(float));
         for (long u = 0; u < U && c1 > c0; u++) {
             long e = k->uni[u], o = k->off[e];
-            int m = k->cnt[e], pb = kx_pb(m);
+            int m = k->cnt[e], pb = kx_pb(m), finite = k->kqv;
+            for (int t = 0; t < m && finite; t++) finite = hqs[o + t] == hqs[o + t];
+#if BLOCKFFN_X86
+            if (finite) { /* VNNI, every h finite: one stream over the thread's blocks */
+                const uint8_t *hq[64];
+                float *yr[64], sv[64];
+                for (int j0 = 0; j0 < m; j0 += 64) {
+                    int nt = m - j0 < 64 ? m - j0 : 64;
+                    for (int t = 0; t < nt; t++) {
+                        hq[t] = hq8 + (o + j0 + t) * 2 * D;
+                        yr[t] = k->yf + (long)k->tok[o + j0 + t] * H + c0;
+                        sv[t] = hqs[o + j0 + t];
+                    }
+                    kx_down(k->wd + e * H * D + c0 * D, D / 4, b1 - b0, nt, hq, k->rsd + e * H + c0, k->sd + e * H + c0,
+                            sv, yr);
+                }
+                continue;
+            }
+#endif
             for (long cb = b0; cb < b1; cb += pb) {
                 int nb = b1 - cb < pb ? (int)(b1 - cb) : pb;
                 const int8_t *w = k->wd + e * H * D + cb * 16 * D;
                 for (int j0 = 0; j0 < m; j0 += KM_TG) {
                     int nt = m - j0 < KM_TG ? m - j0 : KM_TG;
                     for (int t = 0; t < nt; t++) {
-                        q[t] = k->kqv ? k->hq8 + (o + j0 + t) * 2 * D : NULL;
+                        q[t] = k->kqv ? hq8 + (o + j0 + t) * 2 * D : NULL;
                         xr[t] = k->hb + (o + j0 + t) * D;
-                        st[t] = k->kqv ? k->hqs[o + j0 + t] : NAN;
+                        st[t] = k->kqv ? hqs[o + j0 + t] : NAN;
                     }
                     kx_panel(k, w, D / 4, nb, q, xr, st, nt, k->rsd + e * H + cb * 16, k->sd + e * H + cb * 16, out,
                              j0 == 0);
@@ -2407,7 +2483,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     if (S < 0 || T < 0 || E < 0 || (w_up && (D <= 0 || H <= 0 || ldx < H)) || xdt < 0 || xdt > 1 ||
         wdt < 0 || wdt > 3 ||
         (w_up && (wdt >= 2) != (up_scale != NULL && down_scale != NULL && up_rowsum != NULL)) ||
-        (w_up && wdt == 3 && (D % 16 || H % 16 || D > KQ_MAXK || H > KQ_MAXK)))
+        (w_up && wdt == 3 && (D % 16 || H % 16 || D > KX_MAXD || H > KQ_MAXK)))
         return -2;
     long t0 = S > 0 ? cu[0] : 0, t1 = S > 0 ? cu[S] : 0;
     if (t0 < 0) t0 = 0;
@@ -2505,8 +2581,8 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     const uint8_t **xqp = vnni ? malloc(((size_t)P + 1) * sizeof(uint8_t *)) : NULL;
     float *xqsp = vnni ? malloc(((size_t)P + 1) * sizeof(float)) : NULL;
     float *kyf = kx && !direct ? malloc(((size_t)T * H + 1) * sizeof(float)) : NULL; /* kx_run's fp32 y (bf16 out) */
-    uint8_t *khq = kx && vnni ? malloc((size_t)P * 2 * D + 1) : NULL;
-    float *khs = kx && vnni ? malloc(((size_t)P + 1) * sizeof(float)) : NULL;
+    uint8_t *khq = kx && vnni ? malloc((size_t)nth * P * 2 * D + 1) : NULL; /* h's planes, per thread */
+    float *khs = kx && vnni ? malloc(((size_t)nth * P + 1) * sizeof(float)) : NULL;
     const float **khr = kx ? malloc(((size_t)P + 1) * sizeof(float *)) : NULL;
     int ok = tok && sc && hb && xs && xh && zrow && used && (!need_xf || xf) && (nbuf == 0 || yb) &&
              (!kx || ((direct || kyf) && khr && (!vnni || (khq && khs)))) &&
