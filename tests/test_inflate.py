@@ -127,3 +127,16 @@ def test_vllm_greedy_tokens_and_eagle_acceptance_unchanged(small, engine_factory
                   f"({want_counts[1]}/{want_counts[0]})")
     assert got == want
     assert got_counts == want_counts and want_counts[1] > 0
+
+
+@pytest.mark.parametrize("like", list(LIKE))
+def test_expert_align_gives_kernel_friendly_expert_sizes(like):
+    """--expert-align 16: d_e' a multiple of 16 (as the official releases', the grain int8 experts are packed in on
+    CPUs), the expert bytes still within 0.5% of the official ones, heads filling H'; without it H' = H_o."""
+    spec = BlockFFNSpec.from_pretrained(MODEL)
+    plan, off = make_plan(spec, like, expert_align=16), LIKE[like]
+    assert plan.expert_size % 16 == 0 and plan.num_layers == off.num_layers
+    assert abs(2 * spec.num_experts * plan.expert_size * plan.hidden_size / off.expert_params - 1) < 0.005
+    assert plan.num_attention_heads * spec.head_dim == plan.hidden_size
+    with pytest.raises(ValueError, match="--expert-align 0; expected a positive integer"):
+        make_plan(spec, like, expert_align=0)

@@ -180,7 +180,7 @@ def _inflate(args: argparse.Namespace) -> int:
     from vllm_blockffn.serving.config import BlockFFNSpec
     from vllm_blockffn.tools.inflate import inflate, inflate_eagle_head, share_table
 
-    plan = inflate(args.src, args.out, args.like, dtype=args.dtype)
+    plan = inflate(args.src, args.out, args.like, dtype=args.dtype, expert_align=args.expert_align)
     target = plan.target
     print(f"{args.out}: {args.like} ({target['name']}): H {plan.hidden_size}, {plan.num_layers} layers "
           f"({plan.real.count(True)} source + {plan.real.count(False)} zero-output copies), "
@@ -274,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also pad SRC's EAGLE head (official BlockFFN/FR-Spec format) to match")
     inflate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                          help="weights' dtype (default: %(default)s: the padding's rescaled norms stay exact)")
+    inflate.add_argument("--expert-align", type=int, default=1, metavar="N",
+                         help="make d_e' a multiple of N, as the official releases' are (16: the grain the CPU kernel "
+                              "packs int8 experts in); the hidden size then moves as little as that allows")
     inflate.set_defaults(func=_inflate)
 
     quantize = sub.add_parser(

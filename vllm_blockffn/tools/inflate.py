@@ -137,8 +137,13 @@ def resolve_like(like: str | Official) -> Official:
     return LIKE[like]
 
 
-def make_plan(spec: BlockFFNSpec, like: str | Official) -> Plan:
-    """Choose H', d_e', heads and the layer map for `spec` inflated to `like` (see module docstring)."""
+def make_plan(spec: BlockFFNSpec, like: str | Official, expert_align: int = 1) -> Plan:
+    """Choose H', d_e', heads and the layer map for `spec` inflated to `like` (see module docstring).
+    ``expert_align``: d_e' a multiple of it (H' then as close to H_o as that allows): the official releases' d_e are
+    multiples of 16, the grain the CPU kernel packs int8 experts in (layout.pack_experts_kmajor), which a source
+    with another E would otherwise miss (E = 48 like XLarge: d_e' 149 at H' 1792, 144 at 1856 with 16)."""
+    if expert_align < 1:
+        raise ValueError(f"--expert-align {expert_align}; expected a positive integer")
     off = resolve_like(like)
     E, H, L = spec.num_experts, spec.hidden_size, spec.num_hidden_layers
     if off.num_layers < L:
@@ -151,7 +156,7 @@ def make_plan(spec: BlockFFNSpec, like: str | Official) -> Plan:
         step = spec.v_head_dim
     candidates = []
     for h in range(math.ceil(H / step) * step, 2 * max(off.hidden_size, H) + step, step):
-        d = max(spec.expert_size, round(target / (E * h)))
+        d = max(-(-spec.expert_size // expert_align), round(target / (E * h) / expert_align)) * expert_align
         err = (E * d * h - target) / target
         candidates.append((abs(err) > BYTE_TOLERANCE, abs(h - off.hidden_size) if abs(err) <= BYTE_TOLERANCE
                            else abs(err), abs(err), h, d, err))
@@ -311,13 +316,15 @@ def share_table(spec: BlockFFNSpec) -> str:
     return "\n".join(lines)
 
 
-def inflate(src: str | os.PathLike, out: str | os.PathLike, like: str | Official, dtype: str = "float32") -> Plan:
-    """Write the inflated checkpoint of `src` to `out` (a BlockFFN checkpoint folder); return its plan."""
+def inflate(src: str | os.PathLike, out: str | os.PathLike, like: str | Official, dtype: str = "float32",
+            expert_align: int = 1) -> Plan:
+    """Write the inflated checkpoint of `src` to `out` (a BlockFFN checkpoint folder); return its plan
+    (``expert_align``: :func:`make_plan`)."""
     src, out = os.fspath(src), os.fspath(out)
     spec = _check_source(src)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}; expected one of {list(DTYPES)}")
-    plan = make_plan(spec, like)
+    plan = make_plan(spec, like, expert_align)
     os.makedirs(out, exist_ok=True)
     cfg = inflated_config(_raw_config(src), spec, plan, dtype)
     write_weights(out, inflated_tensors(src, spec, plan, DTYPES[dtype]))
