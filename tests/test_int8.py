@@ -738,3 +738,21 @@ def test_int8_engine_packs_experts_where_the_rule_says(engine_factory, tiny_fact
         la = [next(iter(d.values())).logprob for d in a.prompt_logprobs[1:]]
         lb = [next(iter(d.values())).logprob for d in b.prompt_logprobs[1:]]
         assert max(abs(p - q) for p, q in zip(la, lb)) <= 1e-3
+
+
+def test_experts_layout_switch_is_checked(monkeypatch):
+    """VLLM_BLOCKFFN_CPU_EXPERTS: auto packs int8 experts whose shapes pack on the paths of the rule, rowmajor never;
+    another value is named with the ones expected."""
+    from vllm_blockffn.kernels.dispatch import THRESHOLDS
+    from vllm_blockffn.serving.layers.quantization import packs_experts
+
+    qu, _, qd, _ = _experts(4, 32, 64)
+    odd, _, odd_d, _ = _experts(4, 21, 64)
+    monkeypatch.setenv("VLLM_BLOCKFFN_CPU_EXPERTS", "auto")
+    assert packs_experts(qu, qd) == (cpu_native.cpu_isa() in THRESHOLDS.cpu_experts_kmajor_int8)
+    assert not packs_experts(odd, odd_d) and not packs_experts(qu.float(), qd.float())
+    monkeypatch.setenv("VLLM_BLOCKFFN_CPU_EXPERTS", "rowmajor")
+    assert not packs_experts(qu, qd)
+    monkeypatch.setenv("VLLM_BLOCKFFN_CPU_EXPERTS", "kmajor")
+    with pytest.raises(ValueError, match="VLLM_BLOCKFFN_CPU_EXPERTS.*kmajor"):
+        packs_experts(qu, qd)

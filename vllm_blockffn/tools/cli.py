@@ -98,6 +98,15 @@ def _check_env() -> int:
             f"packed K-major at load, the outer-product VNNI kernel at every M ({LINEAR_ENV}=rowmajor keeps them as "
             "loaded)" if kmajor8 else f"as loaded (K-major packing: paths {list(THRESHOLDS.cpu_linear_kmajor_int8)}, "
             f"{LINEAR_ENV}=auto)"))
+        from vllm_blockffn.serving.layers.quantization import EXPERTS_ENV, experts_mode
+
+        kx = experts_mode() == "auto"
+        lines.append("int8 experts: " + (
+            "packed K-major at load where d_e and H are multiples of 16 (each expert two K-major VNNI linears, one "
+            f"stream a panel; {EXPERTS_ENV}=rowmajor keeps the 4-row units)"
+            if kx and cpu_native.cpu_isa() in THRESHOLDS.cpu_experts_kmajor_int8
+            else f"as loaded, 4-row units (K-major packing: paths {list(THRESHOLDS.cpu_experts_kmajor_int8)}, "
+                 f"{EXPERTS_ENV}=auto)"))
         if cpu_native.isa_at_least("amx"):
             from vllm_blockffn.kernels.dispatch import THRESHOLDS as T
 

@@ -62,11 +62,17 @@ SKIPPED_LINEARS = ("router_proj", "kv_b_proj")
 EXPERTS_ENV = "VLLM_BLOCKFFN_CPU_EXPERTS"
 
 
+def experts_mode() -> str:
+    """`VLLM_BLOCKFFN_CPU_EXPERTS`: auto (default: int8 experts packed K-major where :func:`packs_experts` says) |
+    rowmajor (as loaded: the kernel's 4-row units)."""
+    return env_choice(EXPERTS_ENV, ("auto", "rowmajor"), "auto")
+
+
 def packs_experts(w_up: torch.Tensor, w_down_t: torch.Tensor) -> bool:
     """Whether int8 experts on a CPU are packed K-major at load (``layout.pack_experts_kmajor``): on a path of
     ``THRESHOLDS.cpu_experts_kmajor_int8``, shapes that pack, and `VLLM_BLOCKFFN_CPU_EXPERTS` auto (the default;
     ``rowmajor`` keeps them as loaded: the 4-row units)."""
-    return (env_choice(EXPERTS_ENV, ("auto", "rowmajor"), "auto") == "auto" and w_up.device.type == "cpu"
+    return (experts_mode() == "auto" and w_up.device.type == "cpu"
             and experts_packable(w_up, w_down_t) and cpu_native.cpu_isa() in THRESHOLDS.cpu_experts_kmajor_int8)
 
 
