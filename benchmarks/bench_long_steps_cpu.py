@@ -85,12 +85,15 @@ def native_paths() -> list[str]:
             <= cpu_native.ISAS.index(best)] or [best]
 
 
-def expert_routes(x, s, wu, wd, cu, su, sd) -> dict:
-    """The routes of one expert step: grouped GEMMs, the native kernel per path, and auto."""
+def expert_routes(x, s, wu, wd, cu, su, sd, rows=None) -> dict:
+    """The routes of one expert step: grouped GEMMs, the native kernel per path, and auto. ``rows``: int8 experts
+    as loaded (w_up, w_down) when (wu, wd) are packed K-major as the served layer packs them on this path; the
+    narrower paths, which a CPU of their own would not pack, run on these."""
     fns = {"grouped": lambda: sparse_ffn_grouped(x, s, wu, wd, cu, su, sd)}
     for p in native_paths():
-        fns[f"native {p}"] = lambda p=p: cpu_native.sparse_ffn_native(
-            x, s, wu, wd, cu, up_scale=su, down_scale=sd, isa=p, allow_dense=False)
+        pu, pd = rows if rows is not None and p != cpu_native.cpu_isa() else (wu, wd)
+        fns[f"native {p}"] = lambda p=p, pu=pu, pd=pd: cpu_native.sparse_ffn_native(
+            x, s, pu, pd, cu, up_scale=su, down_scale=sd, isa=p, allow_dense=False)
     fns["auto"] = lambda: sparse_ffn_cpu(x, s, wu, wd, cu, up_scale=su, down_scale=sd)
     return fns
 
@@ -124,14 +127,15 @@ def expert_rows(tokens: list[int], repeats: int, bound: float, xname: str) -> li
     rows = []
     for dname in (xname, "int8"):
         pool = Pool(H, E, D, DTYPES[dname], 1)
-        wu, wd, su, sd = pool.layers[0]
+        wu, wd, su, sd = pool.layers[0]  # the served layout (int8: packed K-major where the rule says)
+        rows = pool.rowmajor[0][:2] if pool.rowmajor and pool.layers is not pool.rowmajor else None
         for T in tokens:
             lengths = [T // 4] * 4
             cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
             s = routed_scores(lengths, E, 0, 1)
             x = torch.randn(sum(lengths), H).to(DTYPES[xname])
             flop = int((s > 0).sum()) * 4 * D * H
-            fns = expert_routes(x, s, wu, wd, cu, su, sd)
+            fns = expert_routes(x, s, wu, wd, cu, su, sd, rows)
             t = timed(fns, repeats)
             cells = [f"{t[k] * 1e3:.2f} ms ({flop / t[k] / 1e9:.0f})" for k in fns]
             best = min(t.values())

@@ -744,6 +744,7 @@ def test_experts_layout_switch_is_checked(monkeypatch):
     """VLLM_BLOCKFFN_CPU_EXPERTS: auto packs int8 experts whose shapes pack on the paths of the rule, rowmajor never;
     another value is named with the ones expected."""
     from vllm_blockffn.kernels.dispatch import THRESHOLDS
+
     from vllm_blockffn.serving.layers.quantization import packs_experts
 
     qu, _, qd, _ = _experts(4, 32, 64)
