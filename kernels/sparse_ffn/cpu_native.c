@@ -2173,9 +2173,9 @@ int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp
    expert)'s h to int16 (x's two byte planes, vb_quantize) and runs the down pass on its own output columns: whole
    16-column blocks of y, every active expert's contribution in expert order, one sequential stream an expert
    (kx_down), so no thread-private y and no reduction, and every output is summed in the same order whatever the
-   thread count. The up sums are vn_dots' integers, scaled in its order
-   (bit for bit the row-major VNNI units' h); the down pass's integers are exact (256 A + B - 32768 rowsum over D
-   <= KQ_MAXK) and meet the step and the column scale once per expert, rounding differently from vq_down's per-span
+   thread count. The up sums are vn_dots' integers, scaled in its order (bit for bit the row-major VNNI units' h);
+   the down pass's integers are exact (256 A + B - 32768 rowsum in int32 for D <= KX_MAXD) and meet the step and
+   the column scale once per expert, rounding differently from vq_down's per-span
    sums (both within fp32 rounding of the dequantized weights). rs: W_up's row sums [E, D] then W_down's [E, H].
    Tokens with a non-finite x, (token, expert) pairs with a non-finite h, and paths without VNNI take kq_float over
    the same lines. */
@@ -2188,9 +2188,9 @@ typedef struct {
     const uint8_t *const *xq;
     const int8_t *wu, *wd;
     const int32_t *rsu, *rsd;
-    float *hb, *hqs, *yf;
-    uint8_t *hq8;
-    const float **hrow;
+    float *hb, *hqs, *yf;           /* h [P, D]; h's steps [nth][P]; fp32 y [T, H] */
+    uint8_t *hq8;                   /* h's int16 planes [nth][P][2 D] (each thread its own) */
+    const float **hrow;             /* the P rows of hb */
     void *y;
     double up_row_cost;
 } kx_t;
@@ -2464,8 +2464,10 @@ static void reduce_out(int isa, void *y, int direct, const float *yb, long nbuf,
 /* --------------------------------------------------------------------------------- entry */
 /* dtype codes: 0 = fp32, 1 = bf16, 2 = int8 (weights only: then up_scale fp32 [E, D] and down_scale
    fp32 [E, H], the per-output-row scales of kernels/quant.py, and up_rowsum int32 [E, D], the sums of
-   W_up's int8 rows (vb_up); all NULL for float weights). x [T, H] (row stride ldx), scores fp32 [T, E] contiguous,
-   w_up / w_down_t [E, D, H] contiguous, cu int32 [S+1], y [T, H] contiguous (dtype of x).
+   W_up's int8 rows (vb_up); all NULL for float weights), 3 = int8 experts packed K-major (kx_run: w_up, w_down as
+   layout.pack_experts_kmajor packs them, D and H multiples of 16, D <= KX_MAXD; the same scales, and up_rowsum
+   then holds W_up's [E, D] row sums followed by W_down's [E, H]). x [T, H] (row stride ldx), scores fp32 [T, E]
+   contiguous, w_up / w_down_t [E, D, H] contiguous, cu int32 [S+1], y [T, H] contiguous (dtype of x).
    Returns 0 (done), 1 (declined: the dense rule says dense wins; y untouched), -1 (no memory),
    2 (w_up NULL: only the counters were added), -2 (bad arguments), -3 ($VLLM_BLOCKFFN_CPU_ISA names
    no path; isa, nthreads: blockffn_resolve_isa, call_threads). stats: NULL, or int64 [5]

@@ -55,7 +55,10 @@ corrected by each row's sum (:func:`int8_row_sums`, computed once when the weigh
 pass runs VPDPWSSD on row pairs into int32 sums per thread's run of rows of an expert); on AVX2 and plain
 AVX-512 CPUs the same int16 roundings of x and h go through VPMADDWD (int8 rows widened to int16, exact
 int32 sums): the same integers, so the same results bit for bit as the VNNI path (tests/test_int8.py);
-only the portable path widens int8 to fp32. fp16 goes to the PyTorch path.
+only the portable path widens int8 to fp32. int8 experts packed K-major at load (``layout.pack_experts_kmajor``,
+5-D tensors, on the paths of ``THRESHOLDS.cpu_experts_kmajor_int8``) run as two K-major VNNI linears an expert
+(``kx_run``: the up blocks split by cost, the down pass by output columns, one stream an expert and thread; their
+row sums from :func:`expert_row_sums`). fp16 goes to the PyTorch path.
 """
 
 from __future__ import annotations
