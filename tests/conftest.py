@@ -195,6 +195,25 @@ def compare_to_reference(outputs, reference, max_tokens: int = 16) -> tuple[floa
     return worst, same
 
 
+def greedy_up_to_ties(reference, prompt_ids: list[int], got: list[int], margin: float = 1e-3) -> int:
+    """Walk a served greedy continuation through the reference, fed the served tokens: every token must be the
+    reference's argmax or within ``margin`` (in logits) of it — a near-tie that a path rounding differently from the
+    fp32 reference (int8's int16 activations) may break the other way. Returns how many tokens were such ties."""
+    import torch
+
+    ids, ties = list(prompt_ids), 0
+    for tok in got:
+        logits = reference(torch.tensor(ids))[-1]
+        best = int(logits.argmax())
+        if tok != best:
+            gap = float(logits[best] - logits[tok])
+            step = len(ids) - len(prompt_ids)
+            assert gap <= margin, f"token {step}: served {tok}, the reference's greedy {best} ({gap:.2e} apart)"
+            ties += 1
+        ids.append(tok)
+    return ties
+
+
 @pytest.fixture
 def record_figure(request):
     """record_figure(name, value): printed in the terminal summary (figures for the issue notes)."""
