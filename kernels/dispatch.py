@@ -190,6 +190,13 @@ class DispatchThresholds:
     row-major weight; the K-major kernel has only fp32 FMAs there)."""
 
 
+    cpu_grouped_min_tokens_kmajor_int8: dict[str, int] = field(default_factory=lambda: {"avx512_bf16_dp": NEVER})
+    """Per route entry, the step size from which int8 experts packed K-major (``cpu_experts_kmajor_int8``) take the
+    grouped GEMMs; entries not here keep ``cpu_grouped_min_tokens_by_path``'s int8 one (not measured with packed
+    experts). ``avx512_bf16_dp``, the Zen 4 EPYC (RESULTS.md 2026-12-06 03:53 UTC; XLarge shape, 4 segments, bf16 x,
+    chunks of 2048 tokens): the packed kernel 61-178 ms against the grouped GEMMs' 73-281 at 2048-8192 tokens
+    (1.2-2.0x), 302-328 GFLOP/s when the VM streams well: never grouped."""
+
     cpu_experts_kmajor_int8: tuple[str, ...] = ("avx512_bf16",)
     """Kernel paths whose int8 experts are packed K-major at load (``layout.pack_experts_kmajor``) and run as two
     K-major VNNI linears an expert (cpu_native.c ``kx_run``) instead of 4-row row-major units. Measured on the Zen 4

@@ -784,3 +784,29 @@ def test_kmajor_int8_long_step_runs_in_chunks(xdt):
                                                                                           torch.zeros(10, H))
     assert _rel(y, ref) < _tol(xdt), _rel(y, ref)
     assert st_p.tolist() == st_r.tolist() and st_p[0] == 4185
+
+
+@needs_native
+def test_long_packed_int8_steps_take_the_route_of_their_entry():
+    """Packed int8 experts: a step past the path's int8 grouped-GEMM size stays on the kernel where the packed entry
+    says never (cpu_grouped_min_tokens_kmajor_int8: the kernel's long steps are faster there), else takes the grouped
+    GEMMs from the packed entry's size; both equal the reference."""
+    from vllm_blockffn.kernels.dispatch import NEVER, THRESHOLDS
+    from vllm_blockffn.kernels.sparse_ffn.cpu import grouped_min_tokens
+
+    E, D, H = 8, 16, 32
+    qu, su, qd, sd = _experts(E, D, H)
+    pu, pd = _kmajor(qu, qd)
+    up, down = dequantize_experts(qu, su, qd, sd)
+    lim = grouped_min_tokens(pu)
+    rows_lim = THRESHOLDS.cpu_grouped_min_tokens_by_path[cpu_native.route_path()][2]
+    assert grouped_min_tokens(qu) == rows_lim
+    T = (rows_lim if lim == NEVER else lim) + 40
+    x = torch.randn(T, H)
+    s = _scores(T, E, seed=5)
+    cu = torch.tensor([0, T // 2, T], dtype=torch.int32)
+    y = sparse_ffn_cpu(x, s, pu, pd, cu, up_scale=su, down_scale=sd)
+    assert _rel(y, sparse_ffn_naive(x, s, up, down, cu)) < _tol(x.dtype)
+    other = (cpu_native.sparse_ffn_native(x, s, pu, pd, cu, up_scale=su, down_scale=sd) if lim == NEVER
+             else sparse_ffn_grouped(x, s, pu, pd, cu, su, sd))
+    assert torch.equal(y, other)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dispatch import THRESHOLDS, cpu_prefers_dense
+from ..layout import experts_kmajor
 from ..quant import check_expert_scales, dequantize_experts
 from .cpu_native import count_native, native_supports, route_path, sparse_ffn_native
 from .cpu_ops import WIDEN_ROWS
@@ -192,8 +193,12 @@ def uses_native(x: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> 
 def grouped_min_tokens(w_up: torch.Tensor) -> int:
     """Steps of at least this many tokens run :func:`sparse_ffn_grouped` (the auto backend): the path's entry of
     ``cpu_grouped_min_tokens_by_path`` for the experts' dtype (measured per path, dispatch.py;
-    :func:`~.cpu_native.route_path` names the entry)."""
-    fp32, bf16, int8 = THRESHOLDS.cpu_grouped_min_tokens_by_path[route_path()]
+    :func:`~.cpu_native.route_path` names the entry; int8 experts packed K-major:
+    ``cpu_grouped_min_tokens_kmajor_int8``)."""
+    path = route_path()
+    fp32, bf16, int8 = THRESHOLDS.cpu_grouped_min_tokens_by_path[path]
+    if experts_kmajor(w_up):  # int8 packed K-major: the kernel's long steps run at GEMM speed (dispatch.py)
+        return THRESHOLDS.cpu_grouped_min_tokens_kmajor_int8.get(path, int8)
     return int8 if w_up.dtype == torch.int8 else bf16 if w_up.dtype == torch.bfloat16 else fp32
 
 
