@@ -86,6 +86,8 @@ KMAJOR_GROUP = {torch.bfloat16: 2, torch.int8: 4}
 a mask), int8 quads (what one VPDPBUSD lane takes)."""
 KMAJOR_MAX_K_INT8 = 16384
 """int8: K at most, so that every int32 lane of the kernel's sums stays exact (cpu_native.c KQ_MAXK)."""
+KMAJOR_MAX_D_EXPERTS = 512
+"""Packed int8 experts: d_e at most (cpu_native.c KX_MAXD: the down pass's int32 sums stay exact)."""
 
 
 def kmajor_packable(weight: torch.Tensor) -> bool:
@@ -131,12 +133,13 @@ def check_ffn_shapes(x, scores, w_up, w_down_t) -> None:
 
 
 def experts_packable(w_up: torch.Tensor, w_down_t: torch.Tensor) -> bool:
-    """Whether int8 experts [E, D, H] can be packed K-major (:func:`pack_experts_kmajor`): D and H multiples of 16, both
-    up to 16384 (the kernel's exact int32 sums)."""
+    """Whether int8 experts [E, D, H] can be packed K-major (:func:`pack_experts_kmajor`): D and H multiples of 16, D up
+    to 512 and H up to 16384 (the kernel's exact int32 sums)."""
     if w_up.dtype != torch.int8 or w_down_t.dtype != torch.int8 or w_up.dim() != 3 or w_down_t.shape != w_up.shape:
         return False
     _, d, h = w_up.shape
-    return d > 0 and h > 0 and d % KMAJOR_ROWS == 0 and h % KMAJOR_ROWS == 0 and max(d, h) <= KMAJOR_MAX_K_INT8
+    return (d > 0 and h > 0 and d % KMAJOR_ROWS == 0 and h % KMAJOR_ROWS == 0 and d <= KMAJOR_MAX_D_EXPERTS
+            and h <= KMAJOR_MAX_K_INT8)
 
 
 def experts_kmajor(w_up: torch.Tensor) -> bool:
@@ -160,8 +163,8 @@ def pack_experts_kmajor(w_up: torch.Tensor, w_down_t: torch.Tensor) -> tuple[tor
     Run once at load; the same bytes as the weights."""
     if not experts_packable(w_up, w_down_t):
         raise ValueError(f"pack_experts_kmajor: experts {w_up.dtype} {list(w_up.shape)} / {w_down_t.dtype} "
-                         f"{list(w_down_t.shape)}; expected int8 [E, D, H] with D and H multiples of {KMAJOR_ROWS} "
-                         f"up to {KMAJOR_MAX_K_INT8}")
+                         f"{list(w_down_t.shape)}; expected int8 [E, D, H] with D and H multiples of {KMAJOR_ROWS}, "
+                         f"D up to {KMAJOR_MAX_D_EXPERTS} and H up to {KMAJOR_MAX_K_INT8}")
     e, d, h = w_up.shape
     g = KMAJOR_GROUP[torch.int8]
     up = w_up.reshape(e, d // KMAJOR_ROWS, KMAJOR_ROWS, h // g, g).permute(0, 1, 3, 2, 4).contiguous()

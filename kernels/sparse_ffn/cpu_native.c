@@ -2522,13 +2522,14 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
            that the step's h, its int16 planes and y stay in the last-level cache (XLarge shape: 302-318 GFLOP/s
            up to 2048 tokens, 149 at 4096 in one piece; RESULTS.md 2026-12-06 03:53 UTC) */
         free(mask); free(cnt); free(off); free(uni);
+        size_t xe = xdt ? 2 : 4; /* bytes of an x / y element */
         for (long t = 0; t < T; t++)
-            if (t < t0 || t >= t1) memset((char *)y + t * H * (xdt ? 2 : 4), 0, (size_t)H * (xdt ? 2 : 4));
+            if (t < t0 || t >= t1) memset((char *)y + t * H * xe, 0, (size_t)H * xe);
         for (long a = t0; a < t1 && rc == 0; a += KX_CHUNK) {
             long b = a + KX_CHUNK < t1 ? a + KX_CHUNK : t1;
             int32_t one[2] = {0, (int32_t)(b - a)};
-            rc = blockffn_sparse_ffn((const char *)x + a * ldx * (xdt ? 2 : 4), ldx, xdt, scores + a * E, w_up,
-                                     w_down, wdt, one, 1, b - a, E, D, H, (char *)y + a * H * (xdt ? 2 : 4),
+            rc = blockffn_sparse_ffn((const char *)x + a * ldx * xe, ldx, xdt, scores + a * E, w_up, w_down, wdt,
+                                     one, 1, b - a, E, D, H, (char *)y + a * H * xe,
                                      nthreads, up_row_cost, 0, min_dense_tokens, max_pair_fraction, NULL, isa,
                                      all_experts, up_scale, down_scale, up_rowsum);
         }

@@ -397,9 +397,7 @@ def expert_row_sums(w_up: torch.Tensor, w_down_t: torch.Tensor) -> torch.Tensor:
     (``layout.pack_experts_kmajor``) W_up's then W_down's [E, H] (its rows: the outputs), flattened into one tensor."""
     if not experts_kmajor(w_up):
         return int8_row_sums(w_up)
-    up = w_up.sum((2, 4), dtype=torch.int32).reshape(w_up.shape[0], -1)
-    down = w_down_t.sum((2, 4), dtype=torch.int32).reshape(w_down_t.shape[0], -1)
-    return torch.cat([up.reshape(-1), down.reshape(-1)]).contiguous()
+    return torch.cat([w.sum((2, 4), dtype=torch.int32).flatten() for w in (w_up, w_down_t)])
 
 
 class NativeLinear:
@@ -565,10 +563,10 @@ class NativeExperts:
         lib = _load()
         assert lib is not None, "native kernel unavailable"
         packed = experts_kmajor(w_up)
-        E, D, H = expert_dims(w_up)
-        if (w_up.dim() != 3 and not packed) or (packed and (w_up.dtype != torch.int8 or w_down_t.dtype != torch.int8 or
-                                                            tuple(w_down_t.shape) != (E, H // 16, D // 4, 16, 4))) \
-                or (not packed and w_down_t.shape != w_up.shape):
+        E, D, H = expert_dims(w_up) if packed or w_up.dim() == 3 else (0, 0, 0)
+        down_shape = (E, H // 16, D // 4, 16, 4) if packed else tuple(w_up.shape)
+        if w_up.dim() not in (3, 5) or tuple(w_down_t.shape) != down_shape or \
+                (packed and (w_up.dtype, w_down_t.dtype) != (torch.int8, torch.int8)):
             raise ValueError(f"sparse_ffn: w_up {list(w_up.shape)}, w_down_t {list(w_down_t.shape)}; expected both "
                              f"[E, D, H], or int8 packed by layout.pack_experts_kmajor")
         su = sd = rs = up_sums = None

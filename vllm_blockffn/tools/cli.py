@@ -66,14 +66,14 @@ def _check_env() -> int:
     if cpu_native.native_available():
         lines.append(f"native CPU kernel: {cpu_native.lib_path}; ISA path {cpu_native.cpu_isa()} "
                      f"(widest this CPU runs: {cpu_native.best_isa()}; {cpu_native.ISA_ENV} forces a narrower one)")
-        from vllm_blockffn.kernels.dispatch import THRESHOLDS
+        from vllm_blockffn.kernels.dispatch import NEVER, THRESHOLDS
         from vllm_blockffn.kernels.sparse_ffn.cpu import gemm_dtype
 
         route = cpu_native.route_path()
         steps = "/".join(map(str, THRESHOLDS.cpu_grouped_min_tokens_by_path[route]))
         packed = THRESHOLDS.cpu_grouped_min_tokens_kmajor_int8.get(route)
         if packed is not None:
-            steps += f" (int8 packed K-major: {'never' if packed >= 1 << 40 else packed})"
+            steps += f" (int8 packed K-major: {'never' if packed == NEVER else packed})"
         gemm = "bf16 GEMMs" if gemm_dtype(torch.bfloat16) == torch.bfloat16 else "fp32 GEMMs on widened weights"
         lines.append(f"CPU experts: native expert-major kernel; grouped GEMMs (bf16 experts: {gemm}) from "
                      f"{steps} tokens a step for fp32/bf16/int8 experts (kernels/dispatch.py, entry {route}); "
