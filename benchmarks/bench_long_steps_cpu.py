@@ -128,14 +128,14 @@ def expert_rows(tokens: list[int], repeats: int, bound: float, xname: str) -> li
     for dname in (xname, "int8"):
         pool = Pool(H, E, D, DTYPES[dname], 1)
         wu, wd, su, sd = pool.layers[0]  # the served layout (int8: packed K-major where the rule says)
-        rows = pool.rowmajor[0][:2] if pool.rowmajor and pool.layers is not pool.rowmajor else None
+        loaded = pool.rowmajor[0][:2] if pool.rowmajor and pool.layers is not pool.rowmajor else None
         for T in tokens:
             lengths = [T // 4] * 4
             cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
             s = routed_scores(lengths, E, 0, 1)
             x = torch.randn(sum(lengths), H).to(DTYPES[xname])
             flop = int((s > 0).sum()) * 4 * D * H
-            fns = expert_routes(x, s, wu, wd, cu, su, sd, rows)
+            fns = expert_routes(x, s, wu, wd, cu, su, sd, loaded)
             t = timed(fns, repeats)
             cells = [f"{t[k] * 1e3:.2f} ms ({flop / t[k] / 1e9:.0f})" for k in fns]
             best = min(t.values())
