@@ -86,10 +86,13 @@ def native_paths() -> list[str]:
 
 
 def expert_routes(x, s, wu, wd, cu, su, sd, rows=None) -> dict:
-    """The routes of one expert step: grouped GEMMs, the native kernel per path, and auto. ``rows``: int8 experts
+    """The routes of one expert step: grouped GEMMs (on the served layout, and on the experts as loaded: what
+    ``VLLM_BLOCKFFN_CPU_EXPERTS=rowmajor`` would give), the native kernel per path, and auto. ``rows``: the experts
     as loaded (w_up, w_down) when (wu, wd) are packed K-major as the served layer packs them on this path; the
     narrower paths, which a CPU of their own would not pack, run on these."""
-    fns = {"grouped": lambda: sparse_ffn_grouped(x, s, wu, wd, cu, su, sd)}
+    ru, rd = rows if rows is not None else (wu, wd)
+    fns = {"grouped": lambda: sparse_ffn_grouped(x, s, wu, wd, cu, su, sd),
+           "grouped, as loaded": lambda: sparse_ffn_grouped(x, s, ru, rd, cu, su, sd)}
     for p in native_paths():
         pu, pd = rows if rows is not None and p != cpu_native.cpu_isa() else (wu, wd)
         fns[f"native {p}"] = lambda p=p, pu=pu, pd=pd: cpu_native.sparse_ffn_native(
@@ -127,7 +130,7 @@ def expert_rows(tokens: list[int], repeats: int, bound: float, xname: str) -> li
     rows = []
     for dname in (xname, "int8"):
         pool = Pool(H, E, D, DTYPES[dname], 1)
-        wu, wd, su, sd = pool.layers[0]  # the served layout (int8: packed K-major where the rule says)
+        wu, wd, su, sd = pool.layers[0]  # the served layout (packed K-major where the rule says)
         loaded = pool.rowmajor[0][:2] if pool.rowmajor and pool.layers is not pool.rowmajor else None
         for T in tokens:
             lengths = [T // 4] * 4
@@ -188,7 +191,8 @@ def main() -> None:
             f"FLOP bound ({bname}): **{bound:.0f} GFLOP/s**")
     print(head, flush=True)
     paths = native_paths()
-    ecols = ["weights", "T", "grouped", *[f"native {p}" for p in paths], "auto", "auto % of bound", "fastest"]
+    ecols = ["weights", "T", "grouped", "grouped, as loaded", *[f"native {p}" for p in paths], "auto",
+             "auto % of bound", "fastest"]
     print(" | ".join(ecols), flush=True)
     erows = expert_rows(args.tokens, args.repeats, bound, args.x_dtype)
     d = args.x_dtype

@@ -38,11 +38,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels.dispatch import THRESHOLDS  # noqa: E402
 from kernels.layout import expert_dims, experts_packable, kmajor_packable, pack_experts_kmajor, pack_kmajor  # noqa: E402
-from kernels.quant import dequantize_experts, quantize_experts, quantize_rows  # noqa: E402
+from kernels.quant import float_experts, quantize_experts, quantize_rows  # noqa: E402
 from kernels.sparse_ffn import cpu_native  # noqa: E402
 from kernels.sparse_ffn.cpu import dense_ffn_gemm  # noqa: E402
 from kernels.sparse_ffn.naive import experts_reference  # noqa: E402
 from vllm_blockffn.serving import hugepages  # noqa: E402
+from vllm_blockffn.serving.layers.cpu_experts import kmajor_paths  # noqa: E402
 
 HUGE_PAGES = True
 """Weights and the bandwidth probe's buffers in 2 MiB pages, as the engine places weights after loading
@@ -142,18 +143,19 @@ class Pool:
         w_up = torch.randn(E, D, H, generator=g) / H**0.5
         w_down = torch.randn(E, D, H, generator=g) / D**0.5
         self.rowmajor = self.kmajor = None
+        su = sd = None
         if dtype == torch.int8:  # (q_up, q_down, up_scale, down_scale)
-            qu, su, qd, sd = quantize_experts(w_up, w_down)
-            self.rowmajor = [(placed(qu.clone()), placed(qd.clone()), su.clone(), sd.clone()) for _ in range(self.n)]
-            self.layers = self.rowmajor
-            if experts_packable(qu, qd):  # the served layout where the rule packs them (--ab kmajor_experts=1,0)
-                pu, pd = pack_experts_kmajor(qu, qd)
-                self.kmajor = [(placed(pu.clone()), placed(pd.clone()), su.clone(), sd.clone()) for _ in range(self.n)]
-                if cpu_native.cpu_isa() in THRESHOLDS.cpu_experts_kmajor_int8:
-                    self.layers = self.kmajor
+            w_up, su, w_down, sd = quantize_experts(w_up, w_down)
         else:
             w_up, w_down = w_up.to(dtype), w_down.to(dtype)
-            self.layers = [(placed(w_up.clone()), placed(w_down.clone()), None, None) for _ in range(self.n)]
+        copy = (lambda s: s.clone()) if su is not None else (lambda s: None)
+        self.rowmajor = [(placed(w_up.clone()), placed(w_down.clone()), copy(su), copy(sd)) for _ in range(self.n)]
+        self.layers = self.rowmajor
+        if experts_packable(w_up, w_down):  # the served layout where the rule packs them (--ab kmajor_experts=1,0)
+            pu, pd = pack_experts_kmajor(w_up, w_down)
+            self.kmajor = [(placed(pu.clone()), placed(pd.clone()), copy(su), copy(sd)) for _ in range(self.n)]
+            if cpu_native.cpu_isa() in kmajor_paths(dtype):
+                self.layers = self.kmajor
         self.bytes = self.n * layer_bytes
 
 
@@ -183,12 +185,14 @@ def adjacent(run, calls: int, nbytes: float, threads: int, rounds: int) -> tuple
     return statistics.median(secs), statistics.median(bws), statistics.median(ratios)
 
 
-def time_calls(pool: Pool, calls: list, fn, nbytes: float, threads: int, rounds: int = 5):
-    """:func:`adjacent` over ``calls`` = [(layer, x, scores, cu)], each on its layer's weights."""
+def time_calls(pool: Pool, calls: list, fn, nbytes: float, threads: int, rounds: int = 5, layers: list | None = None):
+    """:func:`adjacent` over ``calls`` = [(layer, x, scores, cu)], each on its layer's weights (``layers``: the
+    pool's served layout, or the row-major copies for the GEMM baselines)."""
+    layers = pool.layers if layers is None else layers
 
     def run():
         for layer, x, s, cu in calls:
-            fn(*pool.layers[layer], x, s, cu)
+            fn(*layers[layer], x, s, cu)
 
     return adjacent(run, len(calls), nbytes, threads, rounds)
 
@@ -203,7 +207,7 @@ def onednn_dense(pool: Pool):
         return None
     handlers = {}
     try:
-        for w_up, w_down, _, _ in pool.layers:
+        for w_up, w_down, _, _ in pool.rowmajor:
             E, D, H = w_up.shape
             handlers[id(w_up)] = (ops.create_onednn_mm(w_up.reshape(E * D, H).t(), 32),
                                   ops.create_onednn_mm(w_down.reshape(E * D, H), 32))
@@ -241,7 +245,7 @@ class EngineCall:
             r = torch.zeros(E, H, dtype=xdt)
             r[:, :E] = torch.eye(E, dtype=xdt)
             self.routers.append(placed(r))
-        for layers in (pool.rowmajor or [], pool.kmajor or []):  # either layout's row sums, by its W_up
+        for layers in (pool.rowmajor, pool.kmajor or []) if dt == torch.int8 else ():  # row sums by their W_up
             for w_up, w_down, _, _ in layers:
                 self.row_sums[w_up.data_ptr()] = cpu_native.expert_row_sums(w_up, w_down)
 
@@ -305,8 +309,7 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
                 _, x, s, _ = calls[0]
                 y = cpu_native.sparse_ffn_native(x, s, w_up, w_down, cu, num_threads=threads, up_scale=su,
                                                  down_scale=sd)
-                ref_up, ref_down = (dequantize_experts(w_up, su, w_down, sd) if su is not None
-                                    else (w_up.float(), w_down.float()))
+                ref_up, ref_down = (w.float() for w in float_experts(w_up, su, w_down, sd, torch.float32))
                 ref = experts_reference(x.float(), s, ref_up, ref_down.transpose(1, 2), "block")
                 err = ((y.float() - ref).norm() / ref.norm()).item()
                 assert err < (3e-2 if x.dtype == torch.bfloat16 else 1e-4), (sname, dname, scen, err)
@@ -324,11 +327,12 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
                 dense_bytes = E * expert_bytes(D, H, dt)
                 few = calls[: pool.n]
                 dense, _, r_d = (time_calls(pool, few, lambda wu, wd, su, sd, x, s, cu: dense_ffn_gemm(x, s, wu, wd),
-                                            dense_bytes, threads, 3) if dt != torch.int8 else (float("nan"),) * 3)
+                                            dense_bytes, threads, 3, pool.rowmajor) if dt != torch.int8
+                                 else (float("nan"),) * 3)
                 allk, _, r_a = time_calls(pool, few, lambda wu, wd, su, sd, x, s, cu: cpu_native.sparse_ffn_native(
                     x, s, wu, wd, cu, num_threads=threads, all_experts=True, up_scale=su, down_scale=sd),
                     dense_bytes, threads, 3)
-                odn, _, r_o = (time_calls(pool, few, onednn, dense_bytes, threads, 3) if onednn
+                odn, _, r_o = (time_calls(pool, few, onednn, dense_bytes, threads, 3, pool.rowmajor) if onednn
                                else (float("nan"),) * 3)
                 rows.append([
                     sname, dname, scen, f"{union_bytes / dense_bytes:.0%}", f"{step_bytes / 1e6:.2f}",
@@ -345,7 +349,7 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
 
 AB_SWITCHES = ("split_tokens", "prefetch", "group_major", "pairdown", "unit_floor", "kmajor_experts")
 """The kernel's switches ``--ab`` compares (``cpu_native.set_<name>``; ``kmajor_experts``: int8 experts packed
-K-major, 1, or as loaded, 0 — the pool's two copies)."""
+K-major, 1, or as loaded, 0 — the pool's two copies; bf16 and int8)."""
 
 
 def ab_switch(text: str) -> tuple[str, int, int]:

@@ -197,6 +197,16 @@ class DispatchThresholds:
     chunks of 2048 tokens): the packed kernel 61-178 ms against the grouped GEMMs' 73-281 at 2048-8192 tokens
     (1.2-2.0x), 302-328 GFLOP/s when the VM streams well: never grouped."""
 
+    cpu_grouped_min_tokens_kmajor_bf16: dict[str, int] = field(default_factory=lambda: {"avx512_bf16_dp": NEVER})
+    """Per route entry, the step size from which bf16 experts packed K-major (``cpu_experts_kmajor_bf16``) take the
+    grouped GEMMs; entries not here keep ``cpu_grouped_min_tokens_by_path``'s bf16 one. ``avx512_bf16_dp``: to be
+    measured (bench_long_steps_cpu.py)."""
+
+    cpu_experts_kmajor_bf16: tuple[str, ...] = ("avx512_bf16",)
+    """Kernel paths whose bf16 experts are packed K-major at load (``layout.pack_experts_kmajor``) and run as two
+    K-major bf16 linears an expert (cpu_native.c ``kx_run`` with the linears' forms) instead of 4-row units. To be
+    measured."""
+
     cpu_experts_kmajor_int8: tuple[str, ...] = ("avx512_bf16",)
     """Kernel paths whose int8 experts are packed K-major at load (``layout.pack_experts_kmajor``) and run as two
     K-major VNNI linears an expert (cpu_native.c ``kx_run``) instead of 4-row row-major units. Measured on the Zen 4

@@ -63,6 +63,17 @@ def dequantize_experts(w_up: torch.Tensor, up_scale: torch.Tensor, w_down_t: tor
     return up, down
 
 
+def float_experts(w_up: torch.Tensor, up_scale: torch.Tensor | None, w_down_t: torch.Tensor,
+                  down_scale: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Experts as [E, D, H] tensors of ``dtype`` (x's) for the GEMM and PyTorch routes, whatever their storage: int8
+    dequantized (:func:`dequantize_experts`), bf16 packed K-major at load unpacked (copies), float experts cast where
+    their dtype differs (else as they are)."""
+    if check_expert_scales(w_up, up_scale, w_down_t, down_scale):
+        return dequantize_experts(w_up, up_scale, w_down_t, down_scale, dtype)
+    w_up, w_down_t = unpack_experts(w_up, w_down_t)
+    return w_up.to(dtype), w_down_t.to(dtype)
+
+
 def check_expert_scales(w_up: torch.Tensor, up_scale: torch.Tensor | None, w_down_t: torch.Tensor,
                         down_scale: torch.Tensor | None) -> bool:
     """True for int8 experts with scales of the right shapes, False for float experts without;

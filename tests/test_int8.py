@@ -748,7 +748,7 @@ def test_experts_layout_switch_is_checked(monkeypatch):
     another value is named with the ones expected."""
     from vllm_blockffn.kernels.dispatch import THRESHOLDS
 
-    from vllm_blockffn.serving.layers.quantization import packs_experts
+    from vllm_blockffn.serving.layers.cpu_experts import packs_experts
 
     qu, _, qd, _ = _experts(4, 32, 64)
     odd, _, odd_d, _ = _experts(4, 21, 64)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 PROBE = ("import torch, logging; from vllm_blockffn.kernels.sparse_ffn import cpu_native as c; "
          "from vllm_blockffn.kernels.sparse_ffn.cpu import sparse_ffn_cpu; "
@@ -99,10 +100,15 @@ def test_check_env_names_the_linear_layout(isa, mode):
     route = cpu_native.route_path(isa)  # the long-step routes' table entry, and whether bf16 GEMMs run widened
     line = next(x for x in r.stdout.splitlines() if x.startswith("CPU experts:"))
     assert f"entry {route})" in line and ("bf16 experts: bf16 GEMMs" in line) == (route in ("avx512_bf16_dp", "amx"))
-    experts = [x for x in r.stdout.splitlines() if x.startswith("bf16 experts:")]
+    experts = [x for x in r.stdout.splitlines() if x.startswith("bf16 experts as loaded")]
     assert len(experts) == cpu_native.isa_at_least("avx512_bf16", cpu_native.cpu_isa(isa))
     for line in experts:
         assert ("at every size" in line) == cpu_native.vdpbf16ps_fast() != ("split FMA forms" in line), line
+    from vllm_blockffn.serving.layers.cpu_experts import kmajor_paths
+
+    for dtype, dt in (("bf16", torch.bfloat16), ("int8", torch.int8)):  # the experts' layout (cpu_experts.py)
+        line = next(x for x in r.stdout.splitlines() if x.startswith(f"{dtype} experts:"))
+        assert ("packed K-major at load" in line) == (cpu_native.cpu_isa(isa) in kmajor_paths(dt)), line
 
 
 @pytest.mark.parametrize("ops", ["auto", "python"])

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..dispatch import THRESHOLDS, cpu_prefers_dense
 from ..layout import experts_kmajor
-from ..quant import check_expert_scales, dequantize_experts
+from ..quant import check_expert_scales, float_experts
 from .cpu_native import count_native, native_supports, route_path, sparse_ffn_native
 from .cpu_ops import WIDEN_ROWS
 from .naive import active_scores
@@ -54,9 +54,7 @@ def dense_ffn(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_
     if 0 < T <= THRESHOLDS.cpu_linear_max_tokens and native_supports(x, w_up, w_down_t):
         return sparse_ffn_native(x, scores, w_up, w_down_t, torch.tensor([0, T], dtype=torch.int32),
                                  all_experts=True, up_scale=up_scale, down_scale=down_scale)
-    if check_expert_scales(w_up, up_scale, w_down_t, down_scale):
-        w_up, w_down_t = dequantize_experts(w_up, up_scale, w_down_t, down_scale, x.dtype)
-    return dense_ffn_gemm(x, scores, w_up, w_down_t)
+    return dense_ffn_gemm(x, scores, *float_experts(w_up, up_scale, w_down_t, down_scale, x.dtype))
 
 
 def dense_ffn_gemm(x: torch.Tensor, scores: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> torch.Tensor:
@@ -193,12 +191,14 @@ def uses_native(x: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> 
 def grouped_min_tokens(w_up: torch.Tensor) -> int:
     """Steps of at least this many tokens run :func:`sparse_ffn_grouped` (the auto backend): the path's entry of
     ``cpu_grouped_min_tokens_by_path`` for the experts' dtype (measured per path, dispatch.py;
-    :func:`~.cpu_native.route_path` names the entry; int8 experts packed K-major:
-    ``cpu_grouped_min_tokens_kmajor_int8``)."""
+    :func:`~.cpu_native.route_path` names the entry; experts packed K-major:
+    ``cpu_grouped_min_tokens_kmajor_int8`` / ``_bf16``)."""
     path = route_path()
     fp32, bf16, int8 = THRESHOLDS.cpu_grouped_min_tokens_by_path[path]
-    if experts_kmajor(w_up):  # int8 packed K-major: the kernel's long steps run at GEMM speed (dispatch.py)
-        return THRESHOLDS.cpu_grouped_min_tokens_kmajor_int8.get(path, int8)
+    if experts_kmajor(w_up):  # packed K-major: the kernel's long steps run at GEMM speed (dispatch.py)
+        if w_up.dtype == torch.int8:
+            return THRESHOLDS.cpu_grouped_min_tokens_kmajor_int8.get(path, int8)
+        return THRESHOLDS.cpu_grouped_min_tokens_kmajor_bf16.get(path, bf16)
     return int8 if w_up.dtype == torch.int8 else bf16 if w_up.dtype == torch.bfloat16 else fp32
 
 
@@ -237,8 +237,7 @@ def sparse_ffn_cpu(
         y = sparse_ffn_native(x, scores, w_up, w_down_t, cu_seqlens, allow_dense=allow_dense, stats=stats,
                               up_scale=up_scale, down_scale=down_scale)
         return dense_ffn(x, scores, w_up, w_down_t, up_scale, down_scale) if y is None else y
-    if check_expert_scales(w_up, up_scale, w_down_t, down_scale):  # (the native kernel checks its own)
-        w_up, w_down_t = dequantize_experts(w_up, up_scale, w_down_t, down_scale, x.dtype)
+    w_up, w_down_t = float_experts(w_up, up_scale, w_down_t, down_scale, x.dtype)  # (the kernel checks its own)
     return sparse_ffn_cpu_torch(x, scores, w_up, w_down_t, cu_seqlens, allow_dense=allow_dense)
 
 
@@ -285,11 +284,8 @@ def sparse_ffn_grouped(
             continue
         idx = order[e, :n] + t0
         xe = x.index_select(0, idx).to(cdt)
-        if q:
-            wu, wd = (w[0] for w in dequantize_experts(w_up[e : e + 1], up_scale[e : e + 1], w_down_t[e : e + 1],
-                                                        down_scale[e : e + 1], cdt))
-        else:
-            wu, wd = w_up[e].to(cdt), w_down_t[e].to(cdt)
+        wu, wd = (w[0].to(cdt) for w in float_experts(w_up[e : e + 1], up_scale[e : e + 1] if q else None,
+                                                       w_down_t[e : e + 1], down_scale[e : e + 1] if q else None, cdt))
         h = F.silu(torch.mm(xe, wu.t()).float())
         h.mul_(scores.index_select(0, idx)[:, e : e + 1])
         y.index_add_(0, idx, torch.mm(h.to(cdt), wd).float())

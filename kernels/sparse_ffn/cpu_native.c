@@ -1796,12 +1796,12 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
 #define KM_PB4 1 /* 4-block panels at <= 4 tokens (0: always 2; KM_PF, KM_SB, KM_PB4 are build knobs for A/B builds) */
 #endif
 
-static void km_portable(const uint16_t *w, long K2, int nb, const float *x, long ldx, int nt, float *y, long ldy) {
+static void km_portable(const uint16_t *w, long K2, int nb, const float *const *x, int nt, float *y, long ldy) {
     for (int b = 0; b < nb; b++)
         for (int t = 0; t < nt; t++)
             for (int r = 0; r < 16; r++) {
                 const uint16_t *p = w + (long)b * K2 * 32 + 2 * r;
-                const float *xt = x + t * ldx;
+                const float *xt = x[t];
                 float acc = 0.0f;
                 for (long q = 0; q < K2; q++) {
                     acc = fmaf(cv_bf16(p[q * 32 + 1]), xt[2 * q + 1], acc);
@@ -1815,7 +1815,7 @@ static void km_portable(const uint16_t *w, long K2, int nb, const float *x, long
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 #define KM5(NT, NB)                                                                                     \
-    static void km5_##NT##_##NB(const uint16_t *w, long K2, const float *x, long ldx, float *y, long ldy, \
+    static void km5_##NT##_##NB(const uint16_t *w, long K2, const float *const *x, float *y, long ldy,  \
                                 int pf) {                                                               \
         const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);                                         \
         __m512 acc[NB][NT];                                                                             \
@@ -1830,7 +1830,7 @@ static void km_portable(const uint16_t *w, long K2, int nb, const float *x, long
                 wo[b] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));                                   \
             }                                                                                           \
             for (int t = 0; t < NT; t++) {                                                              \
-                __m512 xe = _mm512_set1_ps(x[t * ldx + 2 * q]), xo = _mm512_set1_ps(x[t * ldx + 2 * q + 1]); \
+                __m512 xe = _mm512_set1_ps(x[t][2 * q]), xo = _mm512_set1_ps(x[t][2 * q + 1]);         \
                 for (int b = 0; b < NB; b++) {                                                          \
                     acc[b][t] = _mm512_fmadd_ps(wo[b], xo, acc[b][t]);                                  \
                     acc[b][t] = _mm512_fmadd_ps(we[b], xe, acc[b][t]);                                  \
@@ -1845,14 +1845,14 @@ static void km_portable(const uint16_t *w, long K2, int nb, const float *x, long
     GEN(1, 1) GEN(1, 2) GEN(1, 3) GEN(1, 4) GEN(2, 1) GEN(2, 2) GEN(2, 3) GEN(2, 4) GEN(3, 1) GEN(3, 2) \
     GEN(3, 3) GEN(3, 4) GEN(4, 1) GEN(4, 2) GEN(4, 3) GEN(4, 4) GEN(5, 1) GEN(5, 2) GEN(6, 1) GEN(6, 2) \
     GEN(7, 1) GEN(7, 2) GEN(8, 1) GEN(8, 2)                                                             \
-    static void NAME(const uint16_t *w, long K2, int nb, const XT *x, long ldx, int nt, float *y, long ldy, int pf) { \
+    static void NAME(const uint16_t *w, long K2, int nb, const XT *const *x, int nt, float *y, long ldy, int pf) { \
         switch (nt) {                                                                                   \
         KM_C4(P, 1) KM_C4(P, 2) KM_C4(P, 3) KM_C4(P, 4) KM_C2(P, 5) KM_C2(P, 6) KM_C2(P, 7) KM_C2(P, 8) \
         }                                                                                               \
     }
 #define KM_C4(P, NT) case NT: (nb == 4 ? P##_##NT##_4 : nb == 3 ? P##_##NT##_3 : nb == 2 ? P##_##NT##_2 : P##_##NT##_1) \
-    (w, K2, x, ldx, y, ldy, pf); break;
-#define KM_C2(P, NT) case NT: (nb == 2 ? P##_##NT##_2 : P##_##NT##_1)(w, K2, x, ldx, y, ldy, pf); break;
+    (w, K2, x, y, ldy, pf); break;
+#define KM_C2(P, NT) case NT: (nb == 2 ? P##_##NT##_2 : P##_##NT##_1)(w, K2, x, y, ldy, pf); break;
 KM_FORM(KM5, km5, km_avx512, float)
 #pragma GCC pop_options
 
@@ -1860,9 +1860,9 @@ KM_FORM(KM5, km5, km_avx512, float)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 /* The dot form (bf16 x): a line's 16 rows x the token's k pair broadcast as one 32-bit bf16 pair, one VDPBF16PS
    (acc += w[2q + 1] x[2q + 1], then += w[2q] x[2q], each rounded: the split form's chain). No widening of the line
-   or of x (x is read as stored, ldx in elements). */
+   or of x (x is read as stored, a pointer a token). */
 #define KMD(NT, NB)                                                                                     \
-    static void kmd_##NT##_##NB(const uint16_t *w, long K2, const uint16_t *x, long ldx, float *y, long ldy, \
+    static void kmd_##NT##_##NB(const uint16_t *w, long K2, const uint16_t *const *x, float *y, long ldy, \
                                 int pf) {                                                               \
         __m512 acc[NB][NT];                                                                             \
         for (int b = 0; b < NB; b++) for (int t = 0; t < NT; t++) acc[b][t] = _mm512_setzero_ps();      \
@@ -1875,7 +1875,7 @@ KM_FORM(KM5, km5, km_avx512, float)
             }                                                                                           \
             for (int t = 0; t < NT; t++) {                                                              \
                 int32_t pair;                                                                           \
-                memcpy(&pair, x + t * ldx + 2 * q, sizeof pair);                                        \
+                memcpy(&pair, x[t] + 2 * q, sizeof pair);                                               \
                 __m512bh xp = (__m512bh)_mm512_set1_epi32(pair);                                        \
                 for (int b = 0; b < NB; b++) acc[b][t] = _mm512_dpbf16_ps(acc[b][t], wl[b], xp);        \
             }                                                                                           \
@@ -1889,7 +1889,7 @@ KM_FORM(KMD, kmd, km_dot, uint16_t)
 #pragma GCC target("avx2,fma")
 /* AVX2: a line as two 8-row halves, up to 4 tokens a pass (8 of the 16 ymm registers accumulate). */
 #define KM2(NT)                                                                                         \
-    static void km2_##NT(const uint16_t *w, long K2, const float *x, long ldx, float *y, long ldy, int pf) { \
+    static void km2_##NT(const uint16_t *w, long K2, const float *const *x, float *y, long ldy, int pf) { \
         const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);                                         \
         __m256 acc[2][NT];                                                                              \
         for (int h = 0; h < 2; h++) for (int t = 0; t < NT; t++) acc[h][t] = _mm256_setzero_ps();       \
@@ -1902,7 +1902,7 @@ KM_FORM(KMD, kmd, km_dot, uint16_t)
                 wo[h] = _mm256_castsi256_ps(_mm256_and_si256(v, hi));                                  \
             }                                                                                           \
             for (int t = 0; t < NT; t++) {                                                              \
-                __m256 xe = _mm256_set1_ps(x[t * ldx + 2 * q]), xo = _mm256_set1_ps(x[t * ldx + 2 * q + 1]); \
+                __m256 xe = _mm256_set1_ps(x[t][2 * q]), xo = _mm256_set1_ps(x[t][2 * q + 1]);         \
                 for (int h = 0; h < 2; h++) {                                                           \
                     acc[h][t] = _mm256_fmadd_ps(wo[h], xo, acc[h][t]);                                  \
                     acc[h][t] = _mm256_fmadd_ps(we[h], xe, acc[h][t]);                                  \
@@ -1912,14 +1912,18 @@ KM_FORM(KMD, kmd, km_dot, uint16_t)
         for (int h = 0; h < 2; h++) for (int t = 0; t < NT; t++) _mm256_storeu_ps(y + t * ldy + 8 * h, acc[h][t]); \
     }
 KM2(1) KM2(2) KM2(3) KM2(4)
-static void km_avx2(const uint16_t *w, long K2, int nb, const float *x, long ldx, int nt, float *y, long ldy, int pf) {
+static void km_avx2(const uint16_t *w, long K2, int nb, const float *const *x, int nt, float *y, long ldy, int pf) {
     for (int b = 0; b < nb; b++) {
         const uint16_t *wb = w + (long)b * K2 * 32;
-        switch (nt) {
-        case 1: km2_1(wb, K2, x, ldx, y + 16 * b, ldy, pf); break;
-        case 2: km2_2(wb, K2, x, ldx, y + 16 * b, ldy, pf); break;
-        case 3: km2_3(wb, K2, x, ldx, y + 16 * b, ldy, pf); break;
-        default: km2_4(wb, K2, x, ldx, y + 16 * b, ldy, pf); break;
+        for (int t0 = 0; t0 < nt; t0 += 4) {
+            const float *const *xt = x + t0;
+            float *yt = y + t0 * ldy + 16 * b;
+            switch (nt - t0 < 4 ? nt - t0 : 4) {
+            case 1: km2_1(wb, K2, xt, yt, ldy, pf); break;
+            case 2: km2_2(wb, K2, xt, yt, ldy, pf); break;
+            case 3: km2_3(wb, K2, xt, yt, ldy, pf); break;
+            default: km2_4(wb, K2, xt, yt, ldy, pf); break;
+            }
         }
     }
 }
@@ -1927,6 +1931,21 @@ static void km_avx2(const uint16_t *w, long K2, int nb, const float *x, long ldx
 #endif
 
 static int km_dot_on(void);
+/* out = nb blocks of a K-major bf16 weight at w (K2 k pairs a row) times nt <= KM_TG tokens (rows x[t]: fp32, or
+   xh[t]: bf16 for the dot form), in the form of isa and dot: every form sums each output in the same order (the
+   odd product of a pair first), so the same bits on every path (but the dot form's flush of subnormals) */
+ALWAYS void km_any(int isa, int dot, const uint16_t *w, long K2, int nb, const float *const *x,
+                   const uint16_t *const *xh, int nt, float *y, long ldy, int pf) {
+#if BLOCKFFN_X86
+    if (dot) km_dot(w, K2, nb, xh, nt, y, ldy, pf);
+    else if (isa >= ISA_AVX512) km_avx512(w, K2, nb, x, nt, y, ldy, pf);
+    else if (isa >= ISA_AVX2) km_avx2(w, K2, nb, x, nt, y, ldy, pf);
+    else
+#else
+    (void)isa; (void)dot; (void)xh; (void)pf;
+#endif
+        km_portable(w, K2, nb, x, nt, y, ldy);
+}
 /* Panel pi of a K-major weight (panels of pb blocks of 16 rows; blocks in all): its first output row *n0 and its
    blocks. Block b starts at element b * 16 * K (bf16: K / 2 lines of 32 elements; int8: K / 4 lines of 64). */
 ALWAYS int km_panel(long pi, int pb, long blocks, long *n0) {
@@ -1974,16 +1993,15 @@ int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp,
             const uint16_t *w = wp + n0 * K;
             for (long t0 = s0; t0 < s1; t0 += tg) {
                 int nt = s1 - t0 < tg ? (int)(s1 - t0) : tg, pf = g_pf_now && t0 == 0;
-                const float *xt = xs + t0 * ldxf;
+                const float *xt[KM_TG];
+                const uint16_t *xh[KM_TG];
+                for (int t = 0; t < nt; t++) {
+                    xt[t] = xs + (t0 + t) * ldxf;
+                    xh[t] = (const uint16_t *)x + (t0 + t) * ldx;
+                }
                 float *yt = xdt ? yb : (float *)y + t0 * ldy + n0;
                 long ldo = xdt ? 64 : ldy;
-#if BLOCKFFN_X86
-                if (dot) km_dot(w, K2, nb, (const uint16_t *)x + t0 * ldx, ldx, nt, yt, ldo, pf);
-                else if (isa >= ISA_AVX512) km_avx512(w, K2, nb, xt, ldxf, nt, yt, ldo, pf);
-                else if (isa >= ISA_AVX2) km_avx2(w, K2, nb, xt, ldxf, nt, yt, ldo, pf);
-                else
-#endif
-                    km_portable(w, K2, nb, xt, ldxf, nt, yt, ldo);
+                km_any(isa, dot, w, K2, nb, xt, xh, nt, yt, ldo, pf);
                 if (xdt)
                     for (int t = 0; t < nt; t++)
                         for (int c = 0; c < 16 * nb; c++)
@@ -2182,21 +2200,29 @@ int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp
 typedef struct {
     long U, D, H, T, P;
     int xdt, kqv;
+    int bf, isa, dot;               /* bf16 experts (weight code 4): the K-major bf16 forms of isa, dot: VDPBF16PS */
     const int *uni, *cnt, *tok;
     const long *off;
     const float *sc, *const *xs, *xqs, *su, *sd;
     const uint8_t *const *xq;
-    const int8_t *wu, *wd;
+    const uint16_t *const *xh;      /* bf16: the pairs' x rows as stored (bf16 x) */
+    const void *wu, *wd;
     const int32_t *rsu, *rsd;
     float *hb, *hqs, *yf;           /* h [P, D]; h's steps [nth][P]; fp32 y [T, H] */
     uint8_t *hq8;                   /* h's int16 planes [nth][P][2 D] (each thread its own) */
+    uint16_t *hh;                   /* bf16 experts, bf16 x: h rounded to bf16 [P, D] (hb holds the same values) */
     const float **hrow;             /* the P rows of hb */
+    const uint16_t **hhrow;         /* the P rows of hh */
     void *y;
     double up_row_cost;
 } kx_t;
 
 #define KX_MAXD 512 /* D at most for packed experts (kx_down's int32 sums) */
 #define KX_CHUNK 2048 /* tokens a packed-experts call runs at a time (blockffn_sparse_ffn) */
+#ifndef KX_DPB
+#define KX_DPB 1 /* bf16 experts' down pass: 16-column blocks side by side (a build knob; 2 was 1.3x slower at 1024
+                    tokens, XLarge shape, measured) */
+#endif
 #if BLOCKFFN_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")
@@ -2250,8 +2276,9 @@ static void kx_down(const int8_t *w, long K4, long nblk, int m, const uint8_t *c
 #pragma GCC pop_options
 #endif
 
-/* panels of pb 16-row blocks by the tokens of an expert (16 accumulators, as the linears) */
-ALWAYS int kx_pb(int m) { return m <= 2 ? 4 : m <= 4 ? 2 : 1; }
+/* panels of pb 16-row blocks by the tokens of an expert (16 accumulators, as the linears: int8 two planes a
+   token, bf16 one) */
+ALWAYS int kx_pb(int m, int bf) { return bf ? (m <= 4 ? 4 : 2) : m <= 2 ? 4 : m <= 4 ? 2 : 1; }
 
 /* out[t * 64 + 16 b + r] for the nt tokens (pointers q: VPDPBUSD planes, xr: fp32 rows, steps s) and nb blocks at w
    (K4 quads a row), times the rows' scales; rs / scale: the blocks' first row's entries */
@@ -2280,7 +2307,8 @@ static void kx_panel(const kx_t *k, const int8_t *w, long K4, int nb, const uint
 static void kx_run(const kx_t *k, int nth) {
     const long D = k->D, H = k->H, U = k->U;
     double total = 0.0;
-    for (long u = 0; u < U; u++) total += D * unit_cost(k->up_row_cost, k->cnt[k->uni[u]], 1);
+    const size_t wsz = k->bf ? 2 : 1;
+    for (long u = 0; u < U; u++) total += D * unit_cost(k->up_row_cost, k->cnt[k->uni[u]], wsz);
     const long nbk = H / 16;
     #pragma omp parallel num_threads(nth)
     {
@@ -2288,33 +2316,42 @@ static void kx_run(const kx_t *k, int nth) {
         float out[KM_TG * 64];
         const uint8_t *q[KM_TG];
         const float *xr[KM_TG];
+        const uint16_t *xb[KM_TG];
         float st[KM_TG];
         /* phase 1: the 16-row up blocks whose cost position falls in this thread's share, in expert order (block r of
            expert e at cum_e + r c_e: the same expressions for neighbours, so an exact cover), in panels of pb */
         int last = tid == T_ - 1;
         double lo = tid ? total * tid / T_ : -1.0, hi = last ? 2.0 * total + 1.0 : total * (tid + 1) / T_, cum = 0.0;
-        for (long u = 0; u < U && cum < hi; cum += unit_cost(k->up_row_cost, k->cnt[k->uni[u]], 1) * D, u++) {
+        for (long u = 0; u < U && cum < hi; cum += unit_cost(k->up_row_cost, k->cnt[k->uni[u]], wsz) * D, u++) {
             long e = k->uni[u], o = k->off[e], nblk = D / 16;
-            int m = k->cnt[e], pb = kx_pb(m);
-            double c = unit_cost(k->up_row_cost, m, 1) * 16;
+            int m = k->cnt[e], pb = kx_pb(m, k->bf);
+            double c = unit_cost(k->up_row_cost, m, wsz) * 16;
             long r0 = (long)ceil((lo - cum) / c), r1 = last ? nblk : (long)ceil((hi - cum) / c);
             r0 = r0 < 0 ? 0 : r0 > nblk ? nblk : r0;
             r1 = r1 < 0 ? 0 : r1 > nblk ? nblk : r1;
             for (long rb = r0; rb < r1; rb += pb) {
                 long d0 = rb * 16;
                 int nb = r1 - rb < pb ? (int)(r1 - rb) : pb;
-                const int8_t *w = k->wu + (e * D + d0) * H;
                 for (int j0 = 0; j0 < m; j0 += KM_TG) {
                     int nt = m - j0 < KM_TG ? m - j0 : KM_TG;
                     for (int t = 0; t < nt; t++) {
                         q[t] = k->kqv ? k->xq[o + j0 + t] : NULL;
                         xr[t] = k->xs[o + j0 + t];
+                        xb[t] = k->xh ? k->xh[o + j0 + t] : NULL;
                         st[t] = k->kqv ? k->xqs[o + j0 + t] : NAN;
                     }
-                    kx_panel(k, w, H / 4, nb, q, xr, st, nt, k->rsu + e * D + d0, k->su + e * D + d0, out, j0 == 0);
+                    if (k->bf)
+                        km_any(k->isa, k->dot, (const uint16_t *)k->wu + (e * D + d0) * H, H / 2, nb, xr, xb, nt, out,
+                               64, j0 == 0);
+                    else
+                        kx_panel(k, (const int8_t *)k->wu + (e * D + d0) * H, H / 4, nb, q, xr, st, nt,
+                                 k->rsu + e * D + d0, k->su + e * D + d0, out, j0 == 0);
                     for (int t = 0; t < nt; t++) {
-                        float *h = k->hb + (o + j0 + t) * D + d0, sct = k->sc[o + j0 + t];
+                        long p = o + j0 + t;
+                        float *h = k->hb + p * D + d0, sct = k->sc[p];
                         for (int r = 0; r < 16 * nb; r++) h[r] = silu(out[t * 64 + r]) * sct;
+                        if (k->hh) /* bf16 x: h in the model's dtype, as the reference computes it */
+                            for (int r = 0; r < 16 * nb; r++) h[r] = cv_bf16(k->hh[p * D + d0 + r] = to_bf16(h[r]));
                     }
                 }
             }
@@ -2328,9 +2365,29 @@ static void kx_run(const kx_t *k, int nth) {
         float *hqs = k->kqv ? k->hqs + tid * k->P : NULL;
         if (k->kqv && c1 > c0 && k->P > 0) quantize_planes(ISA_AVX512_BF16, k->hrow, k->P, D, hq8, hqs);
         for (long t = 0; t < k->T && c1 > c0; t++) memset(k->yf + t * H + c0, 0, (size_t)(c1 - c0) * sizeof(float));
-        for (long u = 0; u < U && c1 > c0; u++) {
+        for (long u = 0; u < U && c1 > c0 && k->bf; u++) {
+            /* bf16 experts: this thread's 16-column blocks of the expert in panels of KX_DPB side by side (one
+               region of KX_DPB x 64 D bytes), one panel after another */
             long e = k->uni[u], o = k->off[e];
-            int m = k->cnt[e], pb = kx_pb(m), finite = k->kqv;
+            int m = k->cnt[e];
+            const uint16_t *w = (const uint16_t *)k->wd + e * H * D + c0 * D;
+            for (long cb = b0; cb < b1; cb += KX_DPB, w += KX_DPB * 16 * D) {
+                int nb = b1 - cb < KX_DPB ? (int)(b1 - cb) : KX_DPB;
+                for (int j0 = 0; j0 < m; j0 += KM_TG) {
+                    int nt = m - j0 < KM_TG ? m - j0 : KM_TG;
+                    if (cb + nb < b1) /* the pass's y pieces of the next panel: scattered rows, no stream to follow */
+                        for (int t = 0; t < nt; t++)
+                            __builtin_prefetch(k->yf + (long)k->tok[o + j0 + t] * H + (cb + nb) * 16, 1);
+                    km_any(k->isa, k->dot, w, D / 2, nb, k->hrow + o + j0, k->hhrow ? k->hhrow + o + j0 : NULL, nt,
+                           out, 64, j0 == 0);
+                    for (int t = 0; t < nt; t++) /* (vectorized: the plain loop compiled to scalar adds) */
+                        add_into(k->isa, k->yf + (long)k->tok[o + j0 + t] * H + cb * 16, out + t * 64, 16 * nb);
+                }
+            }
+        }
+        for (long u = 0; u < U && c1 > c0 && !k->bf; u++) {
+            long e = k->uni[u], o = k->off[e];
+            int m = k->cnt[e], pb = kx_pb(m, 0), finite = k->kqv;
             for (int t = 0; t < m && finite; t++) finite = hqs[o + t] == hqs[o + t];
 #if BLOCKFFN_X86
             if (finite) { /* VNNI, every h finite: one stream over the thread's blocks */
@@ -2343,15 +2400,15 @@ static void kx_run(const kx_t *k, int nth) {
                         yr[t] = k->yf + (long)k->tok[o + j0 + t] * H + c0;
                         sv[t] = hqs[o + j0 + t];
                     }
-                    kx_down(k->wd + e * H * D + c0 * D, D / 4, b1 - b0, nt, hq, k->rsd + e * H + c0, k->sd + e * H + c0,
-                            sv, yr);
+                    kx_down((const int8_t *)k->wd + e * H * D + c0 * D, D / 4, b1 - b0, nt, hq, k->rsd + e * H + c0,
+                            k->sd + e * H + c0, sv, yr);
                 }
                 continue;
             }
 #endif
             for (long cb = b0; cb < b1; cb += pb) {
                 int nb = b1 - cb < pb ? (int)(b1 - cb) : pb;
-                const int8_t *w = k->wd + e * H * D + cb * 16 * D;
+                const int8_t *w = (const int8_t *)k->wd + e * H * D + cb * 16 * D;
                 for (int j0 = 0; j0 < m; j0 += KM_TG) {
                     int nt = m - j0 < KM_TG ? m - j0 : KM_TG;
                     for (int t = 0; t < nt; t++) {
@@ -2361,10 +2418,8 @@ static void kx_run(const kx_t *k, int nth) {
                     }
                     kx_panel(k, w, D / 4, nb, q, xr, st, nt, k->rsd + e * H + cb * 16, k->sd + e * H + cb * 16, out,
                              j0 == 0);
-                    for (int t = 0; t < nt; t++) {
-                        float *yr = k->yf + (long)k->tok[o + j0 + t] * H + cb * 16;
-                        for (int c = 0; c < 16 * nb; c++) yr[c] += out[t * 64 + c];
-                    }
+                    for (int t = 0; t < nt; t++) /* (vectorized: the plain loop compiled to scalar adds) */
+                        add_into(k->isa, k->yf + (long)k->tok[o + j0 + t] * H + cb * 16, out + t * 64, 16 * nb);
                 }
             }
         }
@@ -2484,9 +2539,9 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                         int all_experts, const float *up_scale, const float *down_scale,
                         const int32_t *up_rowsum) {
     if (S < 0 || T < 0 || E < 0 || (w_up && (D <= 0 || H <= 0 || ldx < H)) || xdt < 0 || xdt > 1 ||
-        wdt < 0 || wdt > 3 ||
-        (w_up && (wdt >= 2) != (up_scale != NULL && down_scale != NULL && up_rowsum != NULL)) ||
-        (w_up && wdt == 3 && (D % 16 || H % 16 || D > KX_MAXD || H > KQ_MAXK)))
+        wdt < 0 || wdt > 4 ||
+        (w_up && (wdt == 2 || wdt == 3) != (up_scale != NULL && down_scale != NULL && up_rowsum != NULL)) ||
+        (w_up && wdt >= 3 && (D % 16 || H % 16)) || (w_up && wdt == 3 && (D > KX_MAXD || H > KQ_MAXK)))
         return -2;
     long t0 = S > 0 ? cu[0] : 0, t1 = S > 0 ? cu[S] : 0;
     if (t0 < 0) t0 = 0;
@@ -2516,8 +2571,8 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     else if (allow_dense && n >= min_dense_tokens && P > (double)max_pair_fraction * n * E) rc = 1;
     if (rc == 0 && (isa = blockffn_resolve_isa(isa)) < 0) rc = -3;
     if (rc != 0) { free(mask); free(cnt); free(off); free(uni); return rc; }
-    if (wdt == 3 && n > KX_CHUNK) {
-        /* packed int8 experts, a long step: in chunks of KX_CHUNK tokens (one segment each: a token's output does
+    if (wdt >= 3 && n > KX_CHUNK) {
+        /* packed experts, a long step: in chunks of KX_CHUNK tokens (one segment each: a token's output does
            not depend on its segment; the counters and the dense rule were taken over the whole range above), so
            that the step's h, its int16 planes and y stay in the last-level cache (XLarge shape: 302-318 GFLOP/s
            up to 2048 tokens, 149 at 4096 in one piece; RESULTS.md 2026-12-06 03:53 UTC) */
@@ -2536,7 +2591,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
         return rc;
     }
 
-    int kx = wdt == 3; /* int8 experts packed K-major (kx_run) */
+    int kx = wdt >= 3; /* experts packed K-major (kx_run): int8 (3), bf16 (4) */
     unit_fn unit = kx ? NULL : pick_unit(isa, wdt, xdt);
     int ur = NR; /* rows per unit */
 #if BLOCKFFN_X86
@@ -2557,7 +2612,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     int nth = call_threads(nthreads);
     if ((double)P * D * H < 65536.0) nth = 1; /* too little work to fork */
     if (nth > U * units) nth = U * units > 0 ? (int)(U * units) : 1;
-    size_t wsz = wdt >= 2 ? 1 : wdt ? 2 : 4;
+    size_t wsz = wdt == 2 || wdt == 3 ? 1 : wdt ? 2 : 4;
     pf_set_call((long)ur * H * (long)wsz); /* the prefetch distance for this call's units (g_prefetch) */
     int *tok = malloc(((size_t)P + 1) * sizeof(int));
     float *sc = malloc(((size_t)P + 1) * sizeof(float));
@@ -2565,13 +2620,15 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     const float **xs = malloc(((size_t)P + 1) * sizeof(float *));
     const uint16_t **xh = malloc(((size_t)P + 1) * sizeof(uint16_t *));
     void *zrow = calloc((size_t)H + 16, 4);
-    int need_xf = xdt != 0, direct = xdt == 0; /* fp32 output: thread 0 accumulates into y */
+    /* bf16 experts, bf16 x, the dot form: x read as stored */
+    int kdot = wdt == 4 && BLOCKFFN_X86 && xdt == 1 && isa >= ISA_AVX512_BF16 && km_dot_on();
+    int need_xf = xdt != 0 && !kdot, direct = xdt == 0; /* fp32 output: thread 0 accumulates into y */
     float *xf = need_xf ? malloc(((size_t)n * H + 1) * sizeof(float)) : NULL;
     long nbuf = kx ? 0 : direct ? nth - 1 : nth; /* thread-private y (kx_run: none) */
     float *yb = nbuf > 0 ? malloc(((size_t)nbuf * T * H + 1) * sizeof(float)) : NULL;
     int *used = calloc((size_t)nth + 1, sizeof(int));
     /* int8: the integer paths (x rounded to int16); packed K-major: VPDPBUSD only */
-    int vnni = kx ? BLOCKFFN_X86 && isa >= ISA_AVX512_BF16 : wdt == 2 && isa >= ISA_AVX2;
+    int vnni = kx ? wdt == 3 && BLOCKFFN_X86 && isa >= ISA_AVX512_BF16 : wdt == 2 && isa >= ISA_AVX2;
     /* the paired bf16 down pass: thread-private y only (bf16 x: never direct), whole 32-column blocks */
     int perm = 0;
     uint32_t *xb = NULL; /* AMX: the call's tokens packed for the B tiles */
@@ -2606,8 +2663,10 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     uint8_t *khq = kx && vnni ? malloc((size_t)nth * P * 2 * D + 1) : NULL; /* h's planes, per thread */
     float *khs = kx && vnni ? malloc(((size_t)nth * P + 1) * sizeof(float)) : NULL;
     const float **khr = kx ? malloc(((size_t)P + 1) * sizeof(float *)) : NULL;
+    uint16_t *khh = wdt == 4 && xdt ? malloc(((size_t)P * D + 1) * sizeof(uint16_t)) : NULL; /* bf16 h (bf16 x) */
+    const uint16_t **khhr = khh ? malloc(((size_t)P + 1) * sizeof(uint16_t *)) : NULL;
     int ok = tok && sc && hb && xs && xh && zrow && used && (!need_xf || xf) && (nbuf == 0 || yb) &&
-             (!kx || ((direct || kyf) && khr && (!vnni || (khq && khs)))) &&
+             (!kx || ((direct || kyf) && khr && (!vnni || (khq && khs)) && (wdt != 4 || !xdt || (khh && khhr)))) &&
              (!vnni || (xq8 && xqs && xrow && xqp && xqsp)) && (!vq || (accb && hqb)) && (!nc || (xb && xr && faccb));
     if (ok) {
         for (long t = t0; t < t1; t++) { /* fill: the same mask, so exactly cnt[e] entries each */
@@ -2624,8 +2683,8 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                 widen_bf16(isa, src, dst, H);
             }
         for (long p = 0; p < P; p++) {
-            xs[p] = need_xf ? xf + (tok[p] - t0) * H : (const float *)x + tok[p] * ldx;
-            xh[p] = need_xf ? (const uint16_t *)x + tok[p] * ldx : NULL;
+            xs[p] = need_xf ? xf + (tok[p] - t0) * H : xdt ? NULL : (const float *)x + tok[p] * ldx;
+            xh[p] = xdt ? (const uint16_t *)x + tok[p] * ldx : NULL;
         }
         if (vnni) { /* int8 weights, integer paths: each token's x rounded to int16 once (quantize_planes) */
             for (long t = t0; t < t1; t++) xrow[t - t0] = need_xf ? xf + (t - t0) * H : (const float *)x + t * ldx;
@@ -2634,11 +2693,13 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
         }
         if (kx) {
             for (long p = 0; p < P; p++) khr[p] = hb + p * D;
-            kx_t k = {.U = U, .D = D, .H = H, .T = T, .P = P, .xdt = xdt, .kqv = vnni, .uni = uni, .cnt = cnt,
-                      .tok = tok, .off = off, .sc = sc, .xs = xs, .xqs = xqsp, .su = up_scale, .sd = down_scale,
-                      .xq = xqp, .wu = (const int8_t *)w_up, .wd = (const int8_t *)w_down, .rsu = up_rowsum,
-                      .rsd = up_rowsum + E * D, .hb = hb, .hqs = khs, .yf = direct ? (float *)y : kyf, .hq8 = khq,
-                      .hrow = khr, .y = y, .up_row_cost = up_row_cost};
+            for (long p = 0; p < P && khhr; p++) khhr[p] = khh + p * D;
+            kx_t k = {.U = U, .D = D, .H = H, .T = T, .P = P, .xdt = xdt, .kqv = vnni, .bf = wdt == 4, .isa = isa,
+                      .dot = kdot, .uni = uni, .cnt = cnt, .tok = tok, .off = off, .sc = sc, .xs = xs, .xqs = xqsp,
+                      .su = up_scale, .sd = down_scale, .xq = xqp, .xh = wdt == 4 && xdt ? xh : NULL, .wu = w_up,
+                      .wd = w_down, .rsu = up_rowsum, .rsd = up_rowsum ? up_rowsum + E * D : NULL, .hb = hb,
+                      .hqs = khs, .yf = direct ? (float *)y : kyf, .hq8 = khq, .hh = khh, .hrow = khr,
+                      .hhrow = khhr, .y = y, .up_row_cost = up_row_cost};
             kx_run(&k, nth);
             goto done;
         }
@@ -2753,7 +2814,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
         }
     }
 done:
-    free(kyf); free(khq); free(khs); free(khr);
+    free(kyf); free(khq); free(khs); free(khr); free(khh); free(khhr);
     free(mask); free(used); free(cnt); free(off); free(uni); free(tok); free(sc); free(hb); free(xs);
     free(xh); free(zrow); free(xf); free(yb); free(accb); free(hqb); free(xq8); free(xqs); free(xrow); free(xqp); free(xqsp);
     free(xb); free(xr); free(faccb);

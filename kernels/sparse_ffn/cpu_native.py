@@ -58,7 +58,10 @@ int32 sums): the same integers, so the same results bit for bit as the VNNI path
 only the portable path widens int8 to fp32. int8 experts packed K-major at load (``layout.pack_experts_kmajor``,
 5-D tensors, on the paths of ``THRESHOLDS.cpu_experts_kmajor_int8``) run as two K-major VNNI linears an expert
 (``kx_run``: the up blocks split by cost, the down pass by output columns, one stream an expert and thread; their
-row sums from :func:`expert_row_sums`). fp16 goes to the PyTorch path.
+row sums from :func:`expert_row_sums`). bf16 experts packed K-major at load (the paths of
+``THRESHOLDS.cpu_experts_kmajor_bf16``) run the same way with the K-major bf16 linears' forms (VDPBF16PS on x as
+stored where it is fast, ``kmajor_dot``; the FMA split forms otherwise, the same sums in the same order), h rounded to
+bf16 for bf16 x. fp16 goes to the PyTorch path.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ import numpy as np
 import torch
 
 from ..dispatch import THRESHOLDS
-from ..layout import expert_dims, experts_kmajor
+from ..layout import KMAJOR_GROUP, expert_dims, experts_kmajor
 from ..quant import check_expert_scales
 
 logger = logging.getLogger(__name__)
@@ -91,7 +94,8 @@ SANITIZE_ENV = "VLLM_BLOCKFFN_CPU_SANITIZE"
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _WEIGHT_CODES = {**_DTYPE_CODES, torch.int8: 2}
 """Weight dtypes: int8 comes with per-output-row fp32 scales (kernels/quant.py)."""
-_KMAJOR_EXPERTS = 3  # the kernel's weight code for int8 experts packed K-major (layout.pack_experts_kmajor)
+_KMAJOR_EXPERTS = {torch.int8: 3, torch.bfloat16: 4}
+"""The kernel's weight codes for experts packed K-major (layout.pack_experts_kmajor)."""
 ISAS = ("portable", "avx2", "avx512", "avx512_bf16", "amx")
 """The kernel's ISA paths, narrowest first (codes 0..4 in cpu_native.c)."""
 ISA_ENV = "VLLM_BLOCKFFN_CPU_ISA"
@@ -564,11 +568,12 @@ class NativeExperts:
         assert lib is not None, "native kernel unavailable"
         packed = experts_kmajor(w_up)
         E, D, H = expert_dims(w_up) if packed or w_up.dim() == 3 else (0, 0, 0)
-        down_shape = (E, H // 16, D // 4, 16, 4) if packed else tuple(w_up.shape)
+        g = KMAJOR_GROUP.get(w_up.dtype, 0)
+        down_shape = (E, H // 16, D // g, 16, g) if packed and g else tuple(w_up.shape)
         if w_up.dim() not in (3, 5) or tuple(w_down_t.shape) != down_shape or \
-                (packed and (w_up.dtype, w_down_t.dtype) != (torch.int8, torch.int8)):
+                (packed and (not g or w_down_t.dtype != w_up.dtype)):
             raise ValueError(f"sparse_ffn: w_up {list(w_up.shape)}, w_down_t {list(w_down_t.shape)}; expected both "
-                             f"[E, D, H], or int8 packed by layout.pack_experts_kmajor")
+                             f"[E, D, H], or bf16 / int8 packed by layout.pack_experts_kmajor")
         su = sd = rs = up_sums = None
         w_up, w_down_t = w_up.contiguous(), w_down_t.contiguous()
         if check_expert_scales(w_up, up_scale, w_down_t, down_scale):
@@ -581,7 +586,8 @@ class NativeExperts:
         self._lib = lib
         self._fn = lib.blockffn_sparse_ffn
         self._norm: tuple = (None, 0, None)  # the router's norm weight, its address, its fp32 copy
-        self._weights = (w_up.data_ptr(), w_down_t.data_ptr(), _KMAJOR_EXPERTS if packed else _WEIGHT_CODES[w_up.dtype])
+        code = _KMAJOR_EXPERTS[w_up.dtype] if packed else _WEIGHT_CODES[w_up.dtype]
+        self._weights = (w_up.data_ptr(), w_down_t.data_ptr(), code)
         self._scales = (su, sd, rs)
         self._stats: tuple[np.ndarray | None, int | None] = (None, None)  # the layer's counter row, its address
 

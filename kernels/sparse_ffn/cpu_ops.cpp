@@ -219,20 +219,21 @@ at::Tensor router_experts(const at::Tensor &x, const at::Tensor &w_router, const
     op.callBoxed(&st);
     return st[0].toTensor();
   }
-  // int8 experts packed K-major at load (layout.pack_experts_kmajor): w_up [E, D/16, H/4, 16, 4], w_down_t
-  // [E, H/16, D/4, 16, 4], the kernel's weight code 3
+  // experts packed K-major at load (layout.pack_experts_kmajor): w_up [E, D/16, H/g, 16, g], w_down_t
+  // [E, H/16, D/g, 16, g], g = 4 int8 (the kernel's weight code 3), 2 bf16 (code 4)
   const bool packed = w_up.dim() == 5;
+  const int64_t grp = w_up.scalar_type() == at::kChar ? 4 : w_up.scalar_type() == at::kBFloat16 ? 2 : 0;
   const int64_t E = w_up.size(0), D = packed ? w_up.size(1) * 16 : w_up.dim() == 3 ? w_up.size(1) : -1,
-                H = packed ? w_up.size(2) * 4 : w_up.dim() == 3 ? w_up.size(2) : -1;
-  TORCH_CHECK_VALUE(packed ? w_up.scalar_type() == at::kChar && w_down_t.scalar_type() == at::kChar &&
-                                 w_down_t.dim() == 5 && w_down_t.size(0) == E && w_down_t.size(1) * 16 == H &&
-                                 w_down_t.size(2) * 4 == D
+                H = packed ? w_up.size(2) * grp : w_up.dim() == 3 ? w_up.size(2) : -1;
+  TORCH_CHECK_VALUE(packed ? grp > 0 && w_up.size(3) == 16 && w_up.size(4) == grp &&
+                                 w_down_t.scalar_type() == w_up.scalar_type() && w_down_t.dim() == 5 &&
+                                 w_down_t.size(0) == E && w_down_t.size(1) * 16 == H && w_down_t.size(2) * grp == D
                            : w_up.dim() == 3 && w_down_t.sizes() == w_up.sizes(),
                     "sparse_ffn: w_up ", w_up.sizes(), ", w_down_t ", w_down_t.sizes(),
-                    "; expected both [E, D, H], or int8 packed by layout.pack_experts_kmajor");
+                    "; expected both [E, D, H], or bf16 / int8 packed by layout.pack_experts_kmajor");
   TORCH_CHECK_VALUE(T >= 0 && x.size(1) == H, "sparse_ffn: x ", x.sizes(), " for experts [E, D, H] = ", w_up.sizes(),
                     "; expected x [T, ", H, "]");
-  const int xdt = dtype_code(x.scalar_type()), wdt = packed ? 3 : dtype_code(w_up.scalar_type());
+  const int xdt = dtype_code(x.scalar_type()), wdt = packed ? (grp == 4 ? 3 : 4) : dtype_code(w_up.scalar_type());
   TORCH_CHECK_VALUE((xdt == 0 || xdt == 1) && wdt >= 0 && w_down_t.scalar_type() == w_up.scalar_type(),
                     "sparse_ffn: x ", x.scalar_type(), ", experts ", w_up.scalar_type(), "/", w_down_t.scalar_type(),
                     "; expected fp32/bf16 x and fp32, bf16 or int8 experts of one dtype");
@@ -243,7 +244,7 @@ at::Tensor router_experts(const at::Tensor &x, const at::Tensor &w_router, const
                     "; expected ", x.scalar_type(), " [", E, ", ", H, "] and [", E, "]");
   const float *su = nullptr, *sd = nullptr;
   const int32_t *rs = nullptr;
-  if (wdt >= 2) {
+  if (wdt == 2 || wdt == 3) {
     TORCH_CHECK_VALUE(up_scale.has_value() && down_scale.has_value() && up_row_sums.has_value() &&
                           up_scale->scalar_type() == at::kFloat && down_scale->scalar_type() == at::kFloat &&
                           up_row_sums->scalar_type() == at::kInt && up_scale->numel() == E * D &&

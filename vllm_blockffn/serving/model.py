@@ -28,7 +28,7 @@ from vllm_blockffn.patches import worker_step_end
 from vllm_blockffn.serving import cpu_compile, hugepages
 from vllm_blockffn.serving.checkpoint import IGNORED_SUFFIXES, BlockFFNWeightError
 from vllm_blockffn.serving.config import BlockFFNSpec
-from vllm_blockffn.serving.layers import cpu_attention, cpu_linear
+from vllm_blockffn.serving.layers import cpu_attention, cpu_experts, cpu_linear
 from vllm_blockffn.serving.layers.blockffn import BlockFFN
 
 
@@ -155,6 +155,10 @@ class BlockFFNForCausalLM(MiniCPMForCausalLM):
         return BlockFFNModel(vllm_config=vllm_config, prefix=prefix)
 
     def process_weights_after_loading(self) -> None:
-        """vLLM's model-level hook, after every layer's own: on CPUs the weights go to 2 MiB pages
+        """vLLM's model-level hook, after every layer's own: on CPUs the float experts packed K-major where it is
+        faster (cpu_experts.py; int8 experts were packed by their method), then the weights go to 2 MiB pages
         (hugepages.py: each decode step streams them all)."""
+        for module in self.modules():
+            if isinstance(module, BlockFFN) and module.quant_method is None:
+                cpu_experts.pack(module)
         hugepages.place_weights(self)

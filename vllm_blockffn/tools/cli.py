@@ -85,7 +85,7 @@ def _check_env() -> int:
         lines.append(f"int8 weights (--quantization blockffn_int8): native kernel, {int8}")
         fast = pairs and cpu_native.vdpbf16ps_fast()
         if pairs:
-            lines.append("bf16 experts: VDPBF16PS dots, down pass on row pairs" + (
+            lines.append("bf16 experts as loaded (4-row units): VDPBF16PS dots, down pass on row pairs" + (
                 " at every size (this CPU issues VDPBF16PS as fast as an FMA)" if fast else
                 "; from 3 tokens an expert the split FMA forms (VDPBF16PS issues slower than 1.5 FMAs here)"))
         from vllm_blockffn.serving.layers.cpu_linear import LINEAR_ENV, linear_mode
@@ -101,15 +101,14 @@ def _check_env() -> int:
             f"packed K-major at load, the outer-product VNNI kernel at every M ({LINEAR_ENV}=rowmajor keeps them as "
             "loaded)" if kmajor8 else f"as loaded (K-major packing: paths {list(THRESHOLDS.cpu_linear_kmajor_int8)}, "
             f"{LINEAR_ENV}=auto)"))
-        from vllm_blockffn.serving.layers.quantization import EXPERTS_ENV, experts_mode
+        from vllm_blockffn.serving.layers.cpu_experts import EXPERTS_ENV, experts_mode, kmajor_paths
 
-        kx = experts_mode() == "auto"
-        lines.append("int8 experts: " + (
-            "packed K-major at load where d_e and H are multiples of 16 (each expert two K-major VNNI linears, one "
-            f"stream a panel; {EXPERTS_ENV}=rowmajor keeps the 4-row units)"
-            if kx and cpu_native.cpu_isa() in THRESHOLDS.cpu_experts_kmajor_int8
-            else f"as loaded, 4-row units (K-major packing: paths {list(THRESHOLDS.cpu_experts_kmajor_int8)}, "
-                 f"{EXPERTS_ENV}=auto)"))
+        for dt, name, how in ((torch.bfloat16, "bf16", "K-major bf16"), (torch.int8, "int8", "K-major VNNI")):
+            kx = experts_mode() == "auto" and cpu_native.cpu_isa() in kmajor_paths(dt)
+            lines.append(f"{name} experts: " + (
+                f"packed K-major at load where d_e and H are multiples of 16 (each expert two {how} linears, one "
+                f"stream a panel; {EXPERTS_ENV}=rowmajor keeps the 4-row units)" if kx
+                else f"as loaded, 4-row units (K-major packing: paths {list(kmajor_paths(dt))}, {EXPERTS_ENV}=auto)"))
         if cpu_native.isa_at_least("amx"):
             from vllm_blockffn.kernels.dispatch import THRESHOLDS as T
 

@@ -27,8 +27,8 @@ How (vLLM's own mechanism, `register_quantization_config`, as its online fp8 doe
   the W_down pass VPDPWSSD on h rounded to int16 likewise; on AVX2 (and plain AVX-512) CPUs VPMADDWD on the
   same int16 roundings gives the same integers, hence the same results bit for bit; only the portable
   path widens int8 to fp32. On the paths of ``THRESHOLDS.cpu_experts_kmajor_int8`` the experts are packed
-  K-major at load like the linears (``layout.pack_experts_kmajor``: each expert two K-major int8 linears,
-  read as one stream a panel; ``VLLM_BLOCKFFN_CPU_EXPERTS=rowmajor`` keeps them as loaded). GPU: the experts run the
+  K-major at load like the linears (cpu_experts.py: each expert two K-major int8 linears, read as one stream
+  a panel; ``VLLM_BLOCKFFN_CPU_EXPERTS=rowmajor`` keeps them as loaded). GPU: the experts run the
   Triton kernels on int8; the dense linears are dequantized once at load (int8 GEMMs on GPUs are
   vLLM's own schemes' job).
 """
@@ -47,33 +47,14 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
-from vllm_blockffn.kernels.dispatch import THRESHOLDS
-from vllm_blockffn.kernels.layout import experts_packable, pack_experts_kmajor, pack_kmajor
+from vllm_blockffn.kernels.layout import pack_kmajor
 from vllm_blockffn.kernels.quant import QMAX, dequantize_rows, quantize_rows
 from vllm_blockffn.kernels.sparse_ffn import cpu_native, cpu_ops
-from vllm_blockffn.serving.config import env_choice
-from vllm_blockffn.serving.layers import cpu_linear
+from vllm_blockffn.serving.layers import cpu_experts, cpu_linear
 
 NAME = "blockffn_int8"
 SKIPPED_LINEARS = ("router_proj", "kv_b_proj")
 """Linears that stay in the model's dtype (the router decides sparsity; MLA reads kv_b_proj's weight)."""
-
-
-EXPERTS_ENV = "VLLM_BLOCKFFN_CPU_EXPERTS"
-
-
-def experts_mode() -> str:
-    """`VLLM_BLOCKFFN_CPU_EXPERTS`: auto (default: int8 experts packed K-major where :func:`packs_experts` says) |
-    rowmajor (as loaded: the kernel's 4-row units)."""
-    return env_choice(EXPERTS_ENV, ("auto", "rowmajor"), "auto")
-
-
-def packs_experts(w_up: torch.Tensor, w_down_t: torch.Tensor) -> bool:
-    """Whether int8 experts on a CPU are packed K-major at load (``layout.pack_experts_kmajor``): on a path of
-    ``THRESHOLDS.cpu_experts_kmajor_int8``, shapes that pack, and `VLLM_BLOCKFFN_CPU_EXPERTS` auto (the default;
-    ``rowmajor`` keeps them as loaded: the 4-row units)."""
-    return (experts_mode() == "auto" and w_up.device.type == "cpu"
-            and experts_packable(w_up, w_down_t) and cpu_native.cpu_isa() in THRESHOLDS.cpu_experts_kmajor_int8)
 
 
 class BlockFFNWeightQuantError(ValueError):
@@ -240,10 +221,7 @@ class Int8ExpertsMethod(QuantizeMethodBase):
                                                f"scales; expected max|row| / {QMAX} ≥ 0")
         if layer.up_proj.device.type != "cpu":
             return
-        if packs_experts(layer.up_proj.data, layer.down_proj.data):
-            up, down = pack_experts_kmajor(layer.up_proj.data, layer.down_proj.data)
-            layer.up_proj = Parameter(up, requires_grad=False)
-            layer.down_proj = Parameter(down, requires_grad=False)
+        cpu_experts.pack(layer)
         # the row sums the VNNI dot products subtract, made once here
         sums = cpu_native.expert_row_sums(layer.up_proj.data, layer.down_proj.data)
         layer.up_proj_row_sums = Parameter(sums, requires_grad=False)

@@ -1,0 +1,229 @@
+"""bf16 experts packed K-major at load (cpu_experts.py, layout.pack_experts_kmajor; the kernel's weight code 4, kx_run
+with the K-major bf16 linears' forms): against the plain-PyTorch reference (naive.py) on every ISA path this CPU
+runs, the same bits across thread counts and paths, the CPU routes on packed tensors, long steps in chunks, and an
+engine that packs them. (int8 packed experts: tests/test_int8.py.)
+
+Tolerances (relative max error, of the output's scale): fp32 x 1e-5 (fp32 FMAs, another summation order than the
+reference); bf16 x 1e-2 (bf16 x, h and y roundings; fp32 accumulation).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import PROMPTS
+from vllm_blockffn.kernels.dispatch import NEVER, THRESHOLDS
+from vllm_blockffn.kernels.layout import expert_dims, pack_experts_kmajor, pack_kmajor, unpack_experts
+from vllm_blockffn.kernels.sparse_ffn import cpu_native
+from vllm_blockffn.kernels.sparse_ffn.cpu import dense_ffn, grouped_min_tokens, sparse_ffn_cpu, sparse_ffn_grouped
+from vllm_blockffn.kernels.sparse_ffn.naive import experts_naive, sparse_ffn_naive
+
+needs_native = pytest.mark.skipif(not cpu_native.native_available(), reason="no native CPU kernel")
+
+
+def _isas() -> list[str]:
+    best = cpu_native.best_isa()
+    return list(cpu_native.ISAS[: cpu_native.ISAS.index(best) + 1]) if best else []
+
+
+def _experts(E: int, D: int, H: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return ((torch.randn(E, D, H, generator=g) / H**0.5).bfloat16(),
+            (torch.randn(E, D, H, generator=g) / D**0.5).bfloat16())
+
+
+def _scores(T: int, E: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    s = torch.relu(torch.randn(T, E, generator=g) - 1.0)
+    s[0, 0] = float("nan")  # inactive, whatever the weights
+    s[-1, -1] = 0.7
+    return s
+
+
+def _tol(xdt: torch.dtype) -> float:
+    return 1e-2 if xdt == torch.bfloat16 else 1e-5
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6))
+
+
+def test_pack_bf16_experts_round_trip_and_errors():
+    """bf16 experts pack as each expert's W_up and W_down (the checkpoint's [H, D]) packed like a bf16 linear (k
+    pairs); unpack_experts inverts it; shapes that do not pack are named."""
+    wu, wd = _experts(3, 32, 48)
+    pu, pd = pack_experts_kmajor(wu, wd)
+    assert tuple(pu.shape) == (3, 2, 24, 16, 2) and tuple(pd.shape) == (3, 3, 16, 16, 2)
+    assert expert_dims(pu) == (3, 32, 48) == expert_dims(wu)
+    for e in range(3):
+        assert torch.equal(pu[e], pack_kmajor(wu[e])) and torch.equal(pd[e], pack_kmajor(wd[e].t().contiguous()))
+    uu, dd = unpack_experts(pu, pd)
+    assert torch.equal(uu, wu) and torch.equal(dd, wd)
+    with pytest.raises(ValueError, match=r"pack_experts_kmajor: experts torch.bfloat16 \[2, 24, 40\].*multiples of 16"):
+        pack_experts_kmajor(*_experts(2, 24, 40))
+    with pytest.raises(ValueError, match=r"experts torch.float32"):
+        pack_experts_kmajor(wu.float(), wd.float())
+
+
+@needs_native
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
+def test_kmajor_bf16_experts_equal_the_reference_on_every_path(xdt):
+    """Packed bf16 experts = the reference on every path (portable, avx2, avx512: FMAs over the widened lines;
+    avx512_bf16: VDPBF16PS on x as stored where this CPU runs it fast), the same bits whatever the thread count
+    (each h element and each output column summed by one thread) and on every path (each form adds a pair's odd
+    product, then its even one); the dense layer (all experts) on them too."""
+    for E, D, H in [(8, 64, 96), (6, 16, 256), (5, 32, 16)]:
+        wu, wd = _experts(E, D, H)
+        pu, pd = pack_experts_kmajor(wu, wd)
+        for T in (1, 3, 4, 5, 8, 9, 17):
+            x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(xdt)
+            s = _scores(T, E, seed=T)
+            ref = experts_naive(x.float(), s, wu.float(), wd.float())
+            cu = torch.tensor([0, T], dtype=torch.int32)
+            first = None
+            for isa in _isas():
+                ys = [cpu_native.sparse_ffn_native(x, s, pu, pd, cu, isa=isa, num_threads=n) for n in (1, 2)]
+                assert ys[0].dtype == xdt and not ys[0].isnan().any()
+                assert torch.equal(ys[0], ys[1]), (E, D, H, T, isa)
+                assert _rel(ys[0], ref) < _tol(xdt), (E, D, H, T, isa, _rel(ys[0], ref))
+                if first is None:
+                    first = ys[0]
+                assert torch.equal(ys[0], first), (E, D, H, T, isa)  # random normal data: no subnormal products
+                dense = cpu_native.sparse_ffn_native(x, s, pu, pd, cu, isa=isa, all_experts=True)
+                assert _rel(dense, ref) < _tol(xdt)
+
+
+@needs_native
+def test_kmajor_bf16_dot_form_equals_the_split_form():
+    """On CPUs with AVX512_BF16 the dot form (VDPBF16PS) and the split FMA form are forced in turn: the same bits
+    (bf16 x; h rounded to bf16 in both)."""
+    if not cpu_native.isa_at_least("avx512_bf16"):
+        pytest.skip("no AVX512_BF16")
+    E, D, H, T = 8, 32, 64, 6
+    wu, wd = _experts(E, D, H)
+    pu, pd = pack_experts_kmajor(wu, wd)
+    x = torch.randn(T, H).bfloat16()
+    s = _scores(T, E)
+    cu = torch.tensor([0, T], dtype=torch.int32)
+    was = cpu_native.set_kmajor_dot(1)
+    try:
+        dot = cpu_native.sparse_ffn_native(x, s, pu, pd, cu, isa="avx512_bf16")
+        cpu_native.set_kmajor_dot(0)
+        split = cpu_native.sparse_ffn_native(x, s, pu, pd, cu, isa="avx512_bf16")
+    finally:
+        cpu_native.set_kmajor_dot(was)
+    assert torch.equal(dot, split)
+
+
+@needs_native
+def test_kmajor_bf16_experts_segments_padding_and_routes():
+    """Packed bf16 experts through the CPU routes: segments with padding past cu[-1] (y = 0 there), the counters (the
+    row-major kernel's), the dense layer's GEMMs, the grouped GEMMs and the PyTorch fallback (all unpacking the
+    packed tensors: quant.float_experts)."""
+    E, D, H, T = 8, 32, 64, 12
+    wu, wd = _experts(E, D, H)
+    pu, pd = pack_experts_kmajor(wu, wd)
+    x = torch.randn(T, H)
+    s = _scores(T, E)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    ref = sparse_ffn_naive(x, s, wu.float(), wd.float(), cu)
+    st_p, st_r = np.zeros(5, np.int64), np.zeros(5, np.int64)
+    y = sparse_ffn_cpu(x, s, pu, pd, cu, allow_dense=False, stats=st_p)
+    sparse_ffn_cpu(x, s, wu, wd, cu, allow_dense=False, stats=st_r)
+    assert torch.equal(y[10:], torch.zeros(2, H)) and _rel(y, ref) < _tol(torch.float32)
+    assert st_p.tolist() == st_r.tolist() and st_p[0] == 10
+    whole = torch.tensor([0, T], dtype=torch.int32)
+    full = experts_naive(x, s, wu.float(), wd.float())
+    for got in (sparse_ffn_grouped(x, s, pu, pd, whole), dense_ffn(x, s, pu, pd),
+                sparse_ffn_cpu(x, s, pu, pd, whole, native=False)):
+        assert _rel(got, full) < 1e-5
+
+
+@needs_native
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
+def test_kmajor_bf16_long_step_runs_in_chunks(xdt):
+    """A packed step longer than the kernel's chunk (2048 tokens, cpu_native.c KX_CHUNK) runs chunk by chunk: the
+    reference's outputs, zeros outside the segments, the counters once."""
+    E, D, H, T = 8, 16, 32, 4200
+    wu, wd = _experts(E, D, H)
+    pu, pd = pack_experts_kmajor(wu, wd)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(3)).to(xdt)
+    s = _scores(T, E)
+    cu = torch.tensor([5, 1000, 4190], dtype=torch.int32)
+    st_p, st_r = np.zeros(5, np.int64), np.zeros(5, np.int64)
+    y = cpu_native.sparse_ffn_native(x, s, pu, pd, cu, stats=st_p)
+    cpu_native.sparse_ffn_native(x, s, wu, wd, cu, stats=st_r)
+    ref = sparse_ffn_naive(x.float(), s, wu.float(), wd.float(), cu)
+    assert y.dtype == xdt and not y[:5].float().any() and not y[4190:].float().any()
+    assert _rel(y, ref) < _tol(xdt), _rel(y, ref)
+    assert st_p.tolist() == st_r.tolist() and st_p[0] == 4185
+
+
+@needs_native
+def test_long_packed_bf16_steps_take_the_route_of_their_entry():
+    """Packed bf16 experts: a step past the path's bf16 grouped-GEMM size stays on the kernel where the packed entry
+    says never (cpu_grouped_min_tokens_kmajor_bf16), else takes the grouped GEMMs from the packed entry's size; both
+    equal the reference."""
+    E, D, H = 8, 16, 32
+    wu, wd = _experts(E, D, H)
+    pu, pd = pack_experts_kmajor(wu, wd)
+    lim = grouped_min_tokens(pu)
+    rows_lim = THRESHOLDS.cpu_grouped_min_tokens_by_path[cpu_native.route_path()][1]
+    assert grouped_min_tokens(wu) == rows_lim
+    assert lim == THRESHOLDS.cpu_grouped_min_tokens_kmajor_bf16.get(cpu_native.route_path(), rows_lim)
+    T = (rows_lim if lim == NEVER else lim) + 40
+    x = torch.randn(T, H)
+    s = _scores(T, E, seed=5)
+    cu = torch.tensor([0, T // 2, T], dtype=torch.int32)
+    y = sparse_ffn_cpu(x, s, pu, pd, cu)
+    assert _rel(y, sparse_ffn_naive(x, s, wu.float(), wd.float(), cu)) < _tol(x.dtype)
+    other = (cpu_native.sparse_ffn_native(x, s, pu, pd, cu) if lim == NEVER
+             else sparse_ffn_grouped(x, s, pu, pd, cu))
+    assert torch.equal(y, other)
+
+
+def test_packing_rule_by_dtype(monkeypatch):
+    """cpu_experts.packs_experts: bf16 on the paths of THRESHOLDS.cpu_experts_kmajor_bf16, int8 on
+    cpu_experts_kmajor_int8, never fp32 or shapes that do not pack, never with VLLM_BLOCKFFN_CPU_EXPERTS=rowmajor."""
+    from vllm_blockffn.serving.layers.cpu_experts import packs_experts
+
+    wu, wd = _experts(4, 32, 64)
+    odd = _experts(4, 24, 40)
+    monkeypatch.setenv("VLLM_BLOCKFFN_CPU_EXPERTS", "auto")
+    on = cpu_native.native_available() and cpu_native.cpu_isa() in THRESHOLDS.cpu_experts_kmajor_bf16
+    assert packs_experts(wu, wd) == on
+    assert not packs_experts(*odd) and not packs_experts(wu.float(), wd.float())
+    monkeypatch.setenv("VLLM_BLOCKFFN_CPU_EXPERTS", "rowmajor")
+    assert not packs_experts(wu, wd)
+
+
+def _packed_layers(model) -> int:
+    from vllm_blockffn.serving.layers.blockffn import BlockFFN
+
+    return sum(1 for m in model.modules() if isinstance(m, BlockFFN) and m.up_proj.dim() == 5)
+
+
+@pytest.mark.slow
+def test_bf16_engine_packs_experts_where_the_rule_says(engine_factory, tiny_factory, monkeypatch):
+    """A bf16 engine on a model whose experts pack (D, H multiples of 16): every layer's experts packed K-major on
+    the paths of THRESHOLDS.cpu_experts_kmajor_bf16 (none with VLLM_BLOCKFFN_CPU_EXPERTS=rowmajor); prompt logprobs
+    within bf16 rounding of the row-major units' and greedy tokens the same (one prompt may flip a near-tie)."""
+    path = tiny_factory()
+    runs = {}
+    for mode in ("auto", "rowmajor"):
+        with monkeypatch.context() as m:
+            m.setenv("VLLM_BLOCKFFN_CPU_EXPERTS", mode)
+            engine = engine_factory(path, dtype="bfloat16")
+            packed = engine.llm.apply_model(_packed_layers)[0]
+            runs[mode] = (packed, engine.greedy(PROMPTS, max_tokens=24, prompt_logprobs=True))
+            engine.close()
+    on = cpu_native.native_available() and cpu_native.cpu_isa() in THRESHOLDS.cpu_experts_kmajor_bf16
+    assert runs["auto"][0] == (2 if on else 0) and runs["rowmajor"][0] == 0, runs
+    same = 0
+    for a, b in zip(runs["auto"][1], runs["rowmajor"][1]):
+        same += list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
+        la = [next(iter(d.values())).logprob for d in a.prompt_logprobs[1:]]
+        lb = [next(iter(d.values())).logprob for d in b.prompt_logprobs[1:]]
+        assert max(abs(p - q) for p, q in zip(la, lb)) <= 0.1
+    assert same >= len(PROMPTS) - 1
