@@ -199,13 +199,20 @@ class DispatchThresholds:
 
     cpu_grouped_min_tokens_kmajor_bf16: dict[str, int] = field(default_factory=lambda: {"avx512_bf16_dp": NEVER})
     """Per route entry, the step size from which bf16 experts packed K-major (``cpu_experts_kmajor_bf16``) take the
-    grouped GEMMs; entries not here keep ``cpu_grouped_min_tokens_by_path``'s bf16 one. ``avx512_bf16_dp``: to be
-    measured (bench_long_steps_cpu.py)."""
+    grouped GEMMs; entries not here keep ``cpu_grouped_min_tokens_by_path``'s bf16 one (not measured with packed
+    experts). ``avx512_bf16_dp``, the Zen 4 EPYC (bench_long_steps_cpu.py at 252203d; XLarge shape, 4 segments, bf16
+    x): the packed kernel 4.3 / 14.9 / 30.3 / 59.7 / 135 ms at 256 / 1024 / 2048 / 4096 / 8192 tokens (291-337
+    GFLOP/s on the active pairs, 79-82% of oneDNN's bf16 GEMM from 1024), the grouped GEMMs on the experts as loaded
+    12.9 / 28.5 / 47.4 / 94.7 / 210 ms: never grouped (RESULTS.md 2026-12-06 07:00 UTC)."""
 
     cpu_experts_kmajor_bf16: tuple[str, ...] = ("avx512_bf16",)
     """Kernel paths whose bf16 experts are packed K-major at load (``layout.pack_experts_kmajor``) and run as two
-    K-major bf16 linears an expert (cpu_native.c ``kx_run`` with the linears' forms) instead of 4-row units. To be
-    measured."""
+    K-major bf16 linears an expert (cpu_native.c ``kx_run`` with the linears' forms: VDPBF16PS on x as stored where
+    it is fast, the split FMA forms otherwise) instead of 4-row units. Measured on the Zen 4 EPYC (RESULTS.md
+    2026-12-06 07:00 UTC): long steps 1.55-1.8x the 4-row units and 1.6-3.0x the grouped GEMMs, cold decode
+    calls 0.88-1.09x the units' time (on par at Medium-XLarge, faster at Small), end to end batch 1 / 8 1.04 / 1.06x
+    and the prefill-heavy row 1.14x. Not ``amx`` (its tiles read the row-major experts), nor ``avx512`` / ``avx2``
+    (not measured: the split forms there)."""
 
     cpu_experts_kmajor_int8: tuple[str, ...] = ("avx512_bf16",)
     """Kernel paths whose int8 experts are packed K-major at load (``layout.pack_experts_kmajor``) and run as two
