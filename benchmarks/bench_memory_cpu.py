@@ -10,6 +10,8 @@ comes from DRAM, as in decoding.
 Rows (official BlockFFN shapes, SPEC.md; fp32 and bf16; 2 threads = what vLLM pins here):
 - read bandwidth, measured in the same run: torch.sum over 1 GiB fp32, and the native kernel's
   own streaming loop (blockffn_stream_read) with the same threads; the larger is "read BW";
+- the engine's per-layer call (router + experts, the C++ op) issued from Python, and issued from a TorchScript loop
+  (no Python between calls: as a served step issues it from the compiled graph's C++ wrapper, cpu_compile.py);
 - the native sparse kernel (ISA path named) for 1 token, decode batches of 4 and 8 requests,
   one 4-token verify chunk, two 4-token verify chunks; ~10% of experts active per token, tokens
   of a chunk sharing most of theirs (BlockFFN's chunk sparsity); bytes = the step's union of
@@ -265,11 +267,45 @@ class EngineCall:
 
         return adjacent(run, len(calls), nbytes, threads, 5)
 
+    def time_cpp(self, pool: Pool, calls: list, seg: torch.Tensor, nbytes: float, threads: int):
+        """:meth:`time` with the calls issued by a TorchScript loop: no Python between them, as a served step issues
+        the op from the compiled graph's C++ wrapper (a TorchScript call of an op costs no less than that)."""
+        layers = [pool.layers[layer] for layer, _, _, _ in calls]
+        args = ([x for _, x, _, _ in calls], [self.routers[layer] for layer, _, _, _ in calls],
+                [w[0] for w in layers], [w[1] for w in layers], [w[2] for w in layers], [w[3] for w in layers],
+                [self.row_sums.get(w[0].data_ptr()) for w in layers], self.norm, seg)
+        loop = scripted_calls()
+        return adjacent(lambda: loop(*args), len(calls), nbytes, threads, 5)
+
     def __call__(self, layer: int, pool: Pool, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         w_up, w_down, su, sd = pool.layers[layer]
         return torch.ops.blockffn_native.router_experts(
             x, self.routers[layer], self.norm, 1e-6, w_up, w_down, seg, None, su, sd,
             self.row_sums.get(w_up.data_ptr()), "auto", 0, 0, False)
+
+
+_SCRIPTED = None
+
+
+def scripted_calls():
+    """A TorchScript loop over the engine's op (compiled once; the op must be registered first)."""
+    global _SCRIPTED
+    if _SCRIPTED is None:
+        from typing import List, Optional  # noqa: UP035  (TorchScript reads these annotations)
+
+        def calls(xs: List[torch.Tensor], routers: List[torch.Tensor], ups: List[torch.Tensor],  # noqa: UP006
+                  downs: List[torch.Tensor], su: List[Optional[torch.Tensor]],  # noqa: UP006, UP045
+                  sd: List[Optional[torch.Tensor]], rs: List[Optional[torch.Tensor]],  # noqa: UP006, UP045
+                  norm: torch.Tensor, seg: torch.Tensor) -> List[torch.Tensor]:  # noqa: UP006
+            out: List[torch.Tensor] = []  # noqa: UP006  (kept: a result TorchScript cannot drop)
+            for i in range(len(xs)):
+                out.append(torch.ops.blockffn_native.router_experts(xs[i], routers[i], norm, 1e-6, ups[i], downs[i],
+                                                                    seg, None, su[i], sd[i], rs[i], "auto", 0, 0,
+                                                                    False))
+            return out
+
+        _SCRIPTED = torch.jit.script(calls)
+    return _SCRIPTED
 
 
 def scenario_calls(pool: Pool, lengths: list[int], cu) -> tuple[list, float]:
@@ -322,8 +358,10 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
                     assert ye.shape == y.shape and bool(torch.isfinite(ye.float()).all()), (sname, dname, scen)
                     step_bytes = union_bytes + engine.router_bytes
                     sparse, bw_s, r_s = engine.time(pool, calls, seg, step_bytes, threads)
+                    cpp, _, r_c = engine.time_cpp(pool, calls, seg, step_bytes, threads)
                 else:
                     sparse, bw_s, r_s, step_bytes = wrapped, bw_w, r_w, union_bytes
+                    cpp = r_c = float("nan")
                 dense_bytes = E * expert_bytes(D, H, dt)
                 few = calls[: pool.n]
                 dense, _, r_d = (time_calls(pool, few, lambda wu, wd, su, sd, x, s, cu: dense_ffn_gemm(x, s, wu, wd),
@@ -337,7 +375,8 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
                 rows.append([
                     sname, dname, scen, f"{union_bytes / dense_bytes:.0%}", f"{step_bytes / 1e6:.2f}",
                     f"{bw_s:.1f}", f"{sparse * 1e6:.0f}", f"{step_bytes / sparse / 1e9:.1f}", f"**{r_s:.0%}**",
-                    f"{step_bytes / (bw_s * 1e9) * 1e6:.0f}", f"{wrapped * 1e6:.0f}", f"{r_w:.0%}",
+                    f"{cpp * 1e6:.0f}", f"**{r_c:.0%}**", f"{step_bytes / (bw_s * 1e9) * 1e6:.0f}",
+                    f"{wrapped * 1e6:.0f}", f"{r_w:.0%}",
                     *((f"{dense * 1e6:.0f}", f"{r_d:.0%}") if dt != torch.int8 else ("-", "-")),
                     f"{odn * 1e6:.0f}" if onednn else "-", f"{r_o:.0%}" if onednn else "-",
                     f"{allk * 1e6:.0f}", f"**{r_a:.0%}**", isa,
@@ -573,8 +612,8 @@ def main() -> None:
     bw = max(bws.values())
     print("read bandwidth (1 GiB fp32): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bws.items()), flush=True)
     cols = ["shape", "dtype", "step", "union", "MB read", "BW GB/s (adjacent)", "engine call µs", "GB/s",
-            "% of BW", "ideal µs", "experts via ctypes µs", "% of BW", "torch GEMMs µs", "% of BW",
-            "vLLM oneDNN µs", "% of BW", "kernel, all experts µs", "% of BW", "ISA"]
+            "% of BW", "from C++ µs", "% of BW", "ideal µs", "experts via ctypes µs", "% of BW", "torch GEMMs µs",
+            "% of BW", "vLLM oneDNN µs", "% of BW", "kernel, all experts µs", "% of BW", "ISA"]
     print(" | ".join(cols), flush=True)
     if args.ab:
         name, a, b = args.ab
