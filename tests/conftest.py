@@ -195,6 +195,18 @@ def compare_to_reference(outputs, reference, max_tokens: int = 16) -> tuple[floa
     return worst, same
 
 
+def expert_scores(T: int, E: int, seed: int = 1):
+    """Router scores [T, E] for kernel tests: ~16% of the pairs active (relu of a shifted normal), one NaN (inactive,
+    whatever the weights) and the last token's last expert on."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    s = torch.relu(torch.randn(T, E, generator=g) - 1.0)
+    s[0, 0] = float("nan")
+    s[-1, -1] = 0.7
+    return s
+
+
 def greedy_up_to_ties(reference, prompt_ids: list[int], got: list[int], margin: float = 1e-3) -> int:
     """Walk a served greedy continuation through the reference, fed the served tokens: every token must be the
     reference's argmax or within ``margin`` (in logits) of it — a near-tie that a path rounding differently from the

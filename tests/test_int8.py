@@ -19,7 +19,7 @@ import sys
 
 import pytest
 import torch
-from conftest import PROMPTS, compare_to_reference, greedy_up_to_ties
+from conftest import PROMPTS, compare_to_reference, expert_scores, greedy_up_to_ties
 from vllm_blockffn.kernels.quant import (
     check_expert_scales,
     dequantize_experts,
@@ -51,14 +51,6 @@ def _experts(E: int, D: int, H: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     up, down = torch.randn(E, D, H, generator=g) / H**0.5, torch.randn(E, D, H, generator=g) / D**0.5
     return quantize_experts(up, down)
-
-
-def _scores(T: int, E: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    s = torch.relu(torch.randn(T, E, generator=g) - 1.0)
-    s[0, 0] = float("nan")  # inactive, whatever the weights
-    s[-1, -1] = 0.7
-    return s
 
 
 def _tol(xdt: torch.dtype, isa: str | None = None) -> float:
@@ -145,7 +137,7 @@ def test_native_int8_experts_equal_dequantized_reference(isa, xdt):
         up, down = dequantize_experts(qu, su, qd, sd)
         for T in (1, 3, 4, 8, 17):
             x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(xdt)
-            s = _scores(T, E, seed=T)
+            s = expert_scores(T, E, seed=T)
             ref = experts_naive(x.float(), s, up, down)
             for threads in (1, 2):
                 y = cpu_native.sparse_ffn_native(x, s, qu, qd, torch.tensor([0, T], dtype=torch.int32), isa=isa,
@@ -170,7 +162,7 @@ def test_int8_down_pass_on_row_pairs(isa, xdt, monkeypatch):
         up, down = dequantize_experts(qu, su, qd, sd)
         for T in (1, 4, 6):
             x = torch.randn(T, H, generator=torch.Generator().manual_seed(T + H)).to(xdt)
-            s = _scores(T, E, seed=T)
+            s = expert_scores(T, E, seed=T)
             ref = experts_naive(x.float(), s, up, down)
             ys = {}
             try:
@@ -289,7 +281,7 @@ def test_int8_integer_paths_agree_bit_for_bit(monkeypatch):
             qu, su, qd, sd = _experts(E, D, H, seed=H)
             for T, cu in [(1, [0, 1]), (8, [0, 4, 8]), (6, [0, 6])]:
                 x = torch.randn(T, H, generator=torch.Generator().manual_seed(T + H))
-                s = _scores(T, E, seed=T)
+                s = expert_scores(T, E, seed=T)
                 got.append(cpu_native.sparse_ffn_native(x, s, qu, qd, torch.tensor(cu, dtype=torch.int32),
                                                         num_threads=2, up_scale=su, down_scale=sd))
             q, sc = quantize_rows(torch.randn(3 * D, H, generator=torch.Generator().manual_seed(D)))
@@ -333,7 +325,7 @@ def test_int8_cpu_paths_equal_reference(native):
         T = sum(lengths)
         cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
         x = torch.randn(T, H)
-        s = _scores(T, E, seed=T)
+        s = expert_scores(T, E, seed=T)
         ref = sparse_ffn_naive(x, s, up, down, cu)
         y = sparse_ffn_cpu(x, s, qu, qd, cu, native=native, up_scale=su, down_scale=sd)
         tol = _tol(x.dtype) if native else 1e-5
@@ -355,7 +347,7 @@ def test_long_int8_steps_stay_native_where_it_is_faster(monkeypatch):
     qu, su, qd, sd = _experts(E, D, H)
     up, down = dequantize_experts(qu, su, qd, sd)
     x = torch.randn(T, H)
-    s = _scores(T, E, seed=3)
+    s = expert_scores(T, E, seed=3)
     cu = torch.tensor([0, 120, T], dtype=torch.int32)
     ref = sparse_ffn_naive(x, s, up, down, cu)
     for isa in _isas():
@@ -619,23 +611,6 @@ def _kmajor(qu: torch.Tensor, qd: torch.Tensor):
     return pack_experts_kmajor(qu, qd)
 
 
-def test_pack_experts_kmajor_round_trip_and_errors():
-    """The packed layout is each expert's W_up and W_down (the checkpoint's [H, D]) as pack_kmajor packs a linear;
-    unpack_experts inverts it; shapes that do not pack are named."""
-    from vllm_blockffn.kernels.layout import expert_dims, pack_kmajor, unpack_experts
-
-    qu, _, qd, _ = _experts(3, 32, 48)
-    pu, pd = _kmajor(qu, qd)
-    assert tuple(pu.shape) == (3, 2, 12, 16, 4) and tuple(pd.shape) == (3, 3, 8, 16, 4)
-    assert expert_dims(pu) == (3, 32, 48) == expert_dims(qu)
-    for e in range(3):
-        assert torch.equal(pu[e], pack_kmajor(qu[e])) and torch.equal(pd[e], pack_kmajor(qd[e].t().contiguous()))
-    uu, dd = unpack_experts(pu, pd)
-    assert torch.equal(uu, qu) and torch.equal(dd, qd)
-    with pytest.raises(ValueError, match=r"pack_experts_kmajor: experts torch.int8 \[5, 21, 256\].*multiples of 16"):
-        _kmajor(*_experts(5, 21, 256)[0::2])
-
-
 @needs_native
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
@@ -650,7 +625,7 @@ def test_kmajor_int8_experts_equal_dequantized_reference(isa, xdt):
         up, down = dequantize_experts(qu, su, qd, sd)
         for T in (1, 3, 4, 8, 9, 17):
             x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(xdt)
-            s = _scores(T, E, seed=T)
+            s = expert_scores(T, E, seed=T)
             ref = experts_naive(x.float(), s, up, down)
             cu = torch.tensor([0, T], dtype=torch.int32)
             ys = [cpu_native.sparse_ffn_native(x, s, pu, pd, cu, isa=isa, num_threads=n, up_scale=su, down_scale=sd)
@@ -675,7 +650,7 @@ def test_kmajor_int8_experts_segments_padding_and_routes():
     pu, pd = _kmajor(qu, qd)
     up, down = dequantize_experts(qu, su, qd, sd)
     x = torch.randn(T, H)
-    s = _scores(T, E)
+    s = expert_scores(T, E)
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
     ref = sparse_ffn_naive(x, s, up, down, cu)
     st_p, st_r = np.zeros(5, np.int64), np.zeros(5, np.int64)
@@ -774,7 +749,7 @@ def test_kmajor_int8_long_step_runs_in_chunks(xdt):
     pu, pd = _kmajor(qu, qd)
     up, down = dequantize_experts(qu, su, qd, sd)
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(3)).to(xdt)
-    s = _scores(T, E)
+    s = expert_scores(T, E)
     cu = torch.tensor([5, 1000, 4190], dtype=torch.int32)
     st_p, st_r = np.zeros(5, np.int64), np.zeros(5, np.int64)
     y = cpu_native.sparse_ffn_native(x, s, pu, pd, cu, stats=st_p, up_scale=su, down_scale=sd)
@@ -803,7 +778,7 @@ def test_long_packed_int8_steps_take_the_route_of_their_entry():
     assert grouped_min_tokens(qu) == rows_lim
     T = (rows_lim if lim == NEVER else lim) + 40
     x = torch.randn(T, H)
-    s = _scores(T, E, seed=5)
+    s = expert_scores(T, E, seed=5)
     cu = torch.tensor([0, T // 2, T], dtype=torch.int32)
     y = sparse_ffn_cpu(x, s, pu, pd, cu, up_scale=su, down_scale=sd)
     assert _rel(y, sparse_ffn_naive(x, s, up, down, cu)) < _tol(x.dtype)

@@ -1,7 +1,8 @@
-"""bf16 experts packed K-major at load (cpu_experts.py, layout.pack_experts_kmajor; the kernel's weight code 4, kx_run
-with the K-major bf16 linears' forms): against the plain-PyTorch reference (naive.py) on every ISA path this CPU
-runs, the same bits across thread counts and paths, the CPU routes on packed tensors, long steps in chunks, and an
-engine that packs them. (int8 packed experts: tests/test_int8.py.)
+"""Experts packed K-major at load (cpu_experts.py, layout.pack_experts_kmajor): the layout for both dtypes, and bf16
+experts on the kernel (weight code 4, kx_run with the K-major bf16 linears' forms) against the plain-PyTorch
+reference (naive.py) on every ISA path this CPU runs, the same bits across thread counts and paths, the CPU routes
+on packed tensors, long steps in chunks, and an engine that packs them. (int8 packed experts on the kernel:
+tests/test_int8.py.)
 
 Tolerances (relative max error, of the output's scale): fp32 x 1e-5 (fp32 FMAs, another summation order than the
 reference); bf16 x 1e-2 (bf16 x, h and y roundings; fp32 accumulation).
@@ -12,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import PROMPTS
+from conftest import PROMPTS, expert_scores
 from vllm_blockffn.kernels.dispatch import NEVER, THRESHOLDS
 from vllm_blockffn.kernels.layout import expert_dims, pack_experts_kmajor, pack_kmajor, unpack_experts
 from vllm_blockffn.kernels.sparse_ffn import cpu_native
@@ -33,14 +34,6 @@ def _experts(E: int, D: int, H: int, seed: int = 0) -> tuple[torch.Tensor, torch
             (torch.randn(E, D, H, generator=g) / D**0.5).bfloat16())
 
 
-def _scores(T: int, E: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    s = torch.relu(torch.randn(T, E, generator=g) - 1.0)
-    s[0, 0] = float("nan")  # inactive, whatever the weights
-    s[-1, -1] = 0.7
-    return s
-
-
 def _tol(xdt: torch.dtype) -> float:
     return 1e-2 if xdt == torch.bfloat16 else 1e-5
 
@@ -49,19 +42,25 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6))
 
 
-def test_pack_bf16_experts_round_trip_and_errors():
-    """bf16 experts pack as each expert's W_up and W_down (the checkpoint's [H, D]) packed like a bf16 linear (k
-    pairs); unpack_experts inverts it; shapes that do not pack are named."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+def test_pack_experts_kmajor_round_trip_and_errors(dtype):
+    """Packed experts are each expert's W_up and W_down (the checkpoint's [H, D]) packed as pack_kmajor packs a
+    linear of their dtype (bf16: k pairs, int8: k quads); unpack_experts inverts it; shapes and dtypes that do not
+    pack are named."""
+    g = 2 if dtype == torch.bfloat16 else 4
     wu, wd = _experts(3, 32, 48)
+    if dtype == torch.int8:
+        wu, wd = (torch.randint(-127, 128, w.shape, dtype=torch.int8) for w in (wu, wd))
     pu, pd = pack_experts_kmajor(wu, wd)
-    assert tuple(pu.shape) == (3, 2, 24, 16, 2) and tuple(pd.shape) == (3, 3, 16, 16, 2)
+    assert tuple(pu.shape) == (3, 2, 48 // g, 16, g) and tuple(pd.shape) == (3, 3, 32 // g, 16, g)
     assert expert_dims(pu) == (3, 32, 48) == expert_dims(wu)
     for e in range(3):
         assert torch.equal(pu[e], pack_kmajor(wu[e])) and torch.equal(pd[e], pack_kmajor(wd[e].t().contiguous()))
     uu, dd = unpack_experts(pu, pd)
     assert torch.equal(uu, wu) and torch.equal(dd, wd)
-    with pytest.raises(ValueError, match=r"pack_experts_kmajor: experts torch.bfloat16 \[2, 24, 40\].*multiples of 16"):
-        pack_experts_kmajor(*_experts(2, 24, 40))
+    odd = torch.zeros(2, 24, 40, dtype=dtype)
+    with pytest.raises(ValueError, match=rf"pack_experts_kmajor: experts {dtype} \[2, 24, 40\].*multiples of 16"):
+        pack_experts_kmajor(odd, odd)
     with pytest.raises(ValueError, match=r"experts torch.float32"):
         pack_experts_kmajor(wu.float(), wd.float())
 
@@ -78,7 +77,7 @@ def test_kmajor_bf16_experts_equal_the_reference_on_every_path(xdt):
         pu, pd = pack_experts_kmajor(wu, wd)
         for T in (1, 3, 4, 5, 8, 9, 17):
             x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(xdt)
-            s = _scores(T, E, seed=T)
+            s = expert_scores(T, E, seed=T)
             ref = experts_naive(x.float(), s, wu.float(), wd.float())
             cu = torch.tensor([0, T], dtype=torch.int32)
             first = None
@@ -104,7 +103,7 @@ def test_kmajor_bf16_dot_form_equals_the_split_form():
     wu, wd = _experts(E, D, H)
     pu, pd = pack_experts_kmajor(wu, wd)
     x = torch.randn(T, H).bfloat16()
-    s = _scores(T, E)
+    s = expert_scores(T, E)
     cu = torch.tensor([0, T], dtype=torch.int32)
     was = cpu_native.set_kmajor_dot(1)
     try:
@@ -125,7 +124,7 @@ def test_kmajor_bf16_experts_segments_padding_and_routes():
     wu, wd = _experts(E, D, H)
     pu, pd = pack_experts_kmajor(wu, wd)
     x = torch.randn(T, H)
-    s = _scores(T, E)
+    s = expert_scores(T, E)
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
     ref = sparse_ffn_naive(x, s, wu.float(), wd.float(), cu)
     st_p, st_r = np.zeros(5, np.int64), np.zeros(5, np.int64)
@@ -149,7 +148,7 @@ def test_kmajor_bf16_long_step_runs_in_chunks(xdt):
     wu, wd = _experts(E, D, H)
     pu, pd = pack_experts_kmajor(wu, wd)
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(3)).to(xdt)
-    s = _scores(T, E)
+    s = expert_scores(T, E)
     cu = torch.tensor([5, 1000, 4190], dtype=torch.int32)
     st_p, st_r = np.zeros(5, np.int64), np.zeros(5, np.int64)
     y = cpu_native.sparse_ffn_native(x, s, pu, pd, cu, stats=st_p)
@@ -174,7 +173,7 @@ def test_long_packed_bf16_steps_take_the_route_of_their_entry():
     assert lim == THRESHOLDS.cpu_grouped_min_tokens_kmajor_bf16.get(cpu_native.route_path(), rows_lim)
     T = (rows_lim if lim == NEVER else lim) + 40
     x = torch.randn(T, H)
-    s = _scores(T, E, seed=5)
+    s = expert_scores(T, E, seed=5)
     cu = torch.tensor([0, T // 2, T], dtype=torch.int32)
     y = sparse_ffn_cpu(x, s, pu, pd, cu)
     assert _rel(y, sparse_ffn_naive(x, s, wu.float(), wd.float(), cu)) < _tol(x.dtype)
