@@ -71,9 +71,11 @@ def _check_env() -> int:
 
         route = cpu_native.route_path()
         steps = "/".join(map(str, THRESHOLDS.cpu_grouped_min_tokens_by_path[route]))
-        packed = THRESHOLDS.cpu_grouped_min_tokens_kmajor_int8.get(route)
-        if packed is not None:
-            steps += f" (int8 packed K-major: {'never' if packed == NEVER else packed})"
+        for name, table in (("bf16", THRESHOLDS.cpu_grouped_min_tokens_kmajor_bf16),
+                            ("int8", THRESHOLDS.cpu_grouped_min_tokens_kmajor_int8)):
+            packed = table.get(route)
+            if packed is not None:
+                steps += f" ({name} packed K-major: {'never' if packed == NEVER else packed})"
         gemm = "bf16 GEMMs" if gemm_dtype(torch.bfloat16) == torch.bfloat16 else "fp32 GEMMs on widened weights"
         lines.append(f"CPU experts: native expert-major kernel; grouped GEMMs (bf16 experts: {gemm}) from "
                      f"{steps} tokens a step for fp32/bf16/int8 experts (kernels/dispatch.py, entry {route}); "
