@@ -209,7 +209,7 @@ class DispatchThresholds:
     """Kernel paths whose bf16 experts are packed K-major at load (``layout.pack_experts_kmajor``) and run as two
     K-major bf16 linears an expert (cpu_native.c ``kx_run`` with the linears' forms: VDPBF16PS on x as stored where
     it is fast, the split FMA forms otherwise) instead of 4-row units. Measured on the Zen 4 EPYC (RESULTS.md
-    2026-12-06 07:00 UTC): long steps 1.55-1.8x the 4-row units and 1.6-3.0x the grouped GEMMs, cold decode
+    2026-12-06 07:00 UTC): long steps 1.35-1.8x the 4-row units and 1.6-3.0x the grouped GEMMs, cold decode
     calls 0.88-1.09x the units' time (on par at Medium-XLarge, faster at Small), end to end batch 1 / 8 1.04 / 1.06x
     and the prefill-heavy row 1.14x. Not ``amx`` (its tiles read the row-major experts), nor ``avx512`` / ``avx2``
     (not measured: the split forms there)."""
