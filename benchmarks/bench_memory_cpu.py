@@ -291,13 +291,11 @@ def scripted_calls():
     """A TorchScript loop over the engine's op (compiled once; the op must be registered first)."""
     global _SCRIPTED
     if _SCRIPTED is None:
-        from typing import List, Optional  # noqa: UP035  (TorchScript reads these annotations)
 
-        def calls(xs: List[torch.Tensor], routers: List[torch.Tensor], ups: List[torch.Tensor],  # noqa: UP006
-                  downs: List[torch.Tensor], su: List[Optional[torch.Tensor]],  # noqa: UP006, UP045
-                  sd: List[Optional[torch.Tensor]], rs: List[Optional[torch.Tensor]],  # noqa: UP006, UP045
-                  norm: torch.Tensor, seg: torch.Tensor) -> List[torch.Tensor]:  # noqa: UP006
-            out: List[torch.Tensor] = []  # noqa: UP006  (kept: a result TorchScript cannot drop)
+        def calls(xs: list[torch.Tensor], routers: list[torch.Tensor], ups: list[torch.Tensor],
+                  downs: list[torch.Tensor], su: list[torch.Tensor | None], sd: list[torch.Tensor | None],
+                  rs: list[torch.Tensor | None], norm: torch.Tensor, seg: torch.Tensor) -> list[torch.Tensor]:
+            out: list[torch.Tensor] = []  # (kept: a result TorchScript cannot drop)
             for i in range(len(xs)):
                 out.append(torch.ops.blockffn_native.router_experts(xs[i], routers[i], norm, 1e-6, ups[i], downs[i],
                                                                     seg, None, su[i], sd[i], rs[i], "auto", 0, 0,

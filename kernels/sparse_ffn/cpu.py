@@ -284,8 +284,8 @@ def sparse_ffn_grouped(
             continue
         idx = order[e, :n] + t0
         xe = x.index_select(0, idx).to(cdt)
-        wu, wd = (w[0].to(cdt) for w in float_experts(w_up[e : e + 1], up_scale[e : e + 1] if q else None,
-                                                       w_down_t[e : e + 1], down_scale[e : e + 1] if q else None, cdt))
+        wu, wd = (w[0] for w in float_experts(w_up[e : e + 1], up_scale[e : e + 1] if q else None,
+                                               w_down_t[e : e + 1], down_scale[e : e + 1] if q else None, cdt))
         h = F.silu(torch.mm(xe, wu.t()).float())
         h.mul_(scores.index_select(0, idx)[:, e : e + 1])
         y.index_add_(0, idx, torch.mm(h.to(cdt), wd).float())

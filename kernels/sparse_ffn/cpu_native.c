@@ -2196,7 +2196,8 @@ int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp
    the column scale once per expert, rounding differently from vq_down's per-span
    sums (both within fp32 rounding of the dequantized weights). rs: W_up's row sums [E, D] then W_down's [E, H].
    Tokens with a non-finite x, (token, expert) pairs with a non-finite h, and paths without VNNI take kq_float over
-   the same lines. */
+   the same lines. bf16 experts (weight code 4) take the same two phases with the K-major bf16 linears' forms
+   (km_any): h = SiLU(up) * score rounded to bf16 for bf16 x, the down pass block after block into fp32 y. */
 typedef struct {
     long U, D, H, T, P;
     int xdt, kqv;
@@ -2219,10 +2220,6 @@ typedef struct {
 
 #define KX_MAXD 512 /* D at most for packed experts (kx_down's int32 sums) */
 #define KX_CHUNK 2048 /* tokens a packed-experts call runs at a time (blockffn_sparse_ffn) */
-#ifndef KX_DPB
-#define KX_DPB 1 /* bf16 experts' down pass: 16-column blocks side by side (a build knob; 2 was 1.3x slower at 1024
-                    tokens, XLarge shape, measured) */
-#endif
 #if BLOCKFFN_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")
@@ -2366,22 +2363,21 @@ static void kx_run(const kx_t *k, int nth) {
         if (k->kqv && c1 > c0 && k->P > 0) quantize_planes(ISA_AVX512_BF16, k->hrow, k->P, D, hq8, hqs);
         for (long t = 0; t < k->T && c1 > c0; t++) memset(k->yf + t * H + c0, 0, (size_t)(c1 - c0) * sizeof(float));
         for (long u = 0; u < U && c1 > c0 && k->bf; u++) {
-            /* bf16 experts: this thread's 16-column blocks of the expert in panels of KX_DPB side by side (one
-               region of KX_DPB x 64 D bytes), one panel after another */
+            /* bf16 experts: this thread's 16-column blocks of the expert one after another, one stream (two blocks
+               side by side were 1.3x slower at 1024 tokens, XLarge shape, measured) */
             long e = k->uni[u], o = k->off[e];
             int m = k->cnt[e];
             const uint16_t *w = (const uint16_t *)k->wd + e * H * D + c0 * D;
-            for (long cb = b0; cb < b1; cb += KX_DPB, w += KX_DPB * 16 * D) {
-                int nb = b1 - cb < KX_DPB ? (int)(b1 - cb) : KX_DPB;
+            for (long cb = b0; cb < b1; cb++, w += 16 * D) {
                 for (int j0 = 0; j0 < m; j0 += KM_TG) {
                     int nt = m - j0 < KM_TG ? m - j0 : KM_TG;
-                    if (cb + nb < b1) /* the pass's y pieces of the next panel: scattered rows, no stream to follow */
+                    if (cb + 1 < b1) /* the pass's y pieces of the next block: scattered rows, no stream to follow */
                         for (int t = 0; t < nt; t++)
-                            __builtin_prefetch(k->yf + (long)k->tok[o + j0 + t] * H + (cb + nb) * 16, 1);
-                    km_any(k->isa, k->dot, w, D / 2, nb, k->hrow + o + j0, k->hhrow ? k->hhrow + o + j0 : NULL, nt,
+                            __builtin_prefetch(k->yf + (long)k->tok[o + j0 + t] * H + (cb + 1) * 16, 1);
+                    km_any(k->isa, k->dot, w, D / 2, 1, k->hrow + o + j0, k->hhrow ? k->hhrow + o + j0 : NULL, nt,
                            out, 64, j0 == 0);
                     for (int t = 0; t < nt; t++) /* (vectorized: the plain loop compiled to scalar adds) */
-                        add_into(k->isa, k->yf + (long)k->tok[o + j0 + t] * H + cb * 16, out + t * 64, 16 * nb);
+                        add_into(k->isa, k->yf + (long)k->tok[o + j0 + t] * H + cb * 16, out + t * 64, 16);
                 }
             }
         }
@@ -2522,7 +2518,8 @@ static void reduce_out(int isa, void *y, int direct, const float *yb, long nbuf,
    fp32 [E, H], the per-output-row scales of kernels/quant.py, and up_rowsum int32 [E, D], the sums of
    W_up's int8 rows (vb_up); all NULL for float weights), 3 = int8 experts packed K-major (kx_run: w_up, w_down as
    layout.pack_experts_kmajor packs them, D and H multiples of 16, D <= KX_MAXD; the same scales, and up_rowsum
-   then holds W_up's [E, D] row sums followed by W_down's [E, H]). x [T, H] (row stride ldx), scores fp32 [T, E]
+   then holds W_up's [E, D] row sums followed by W_down's [E, H]), 4 = bf16 experts packed K-major (kx_run with the
+   K-major bf16 linears' forms; D and H multiples of 16, no scales). x [T, H] (row stride ldx), scores fp32 [T, E]
    contiguous, w_up / w_down_t [E, D, H] contiguous, cu int32 [S+1], y [T, H] contiguous (dtype of x).
    Returns 0 (done), 1 (declined: the dense rule says dense wins; y untouched), -1 (no memory),
    2 (w_up NULL: only the counters were added), -2 (bad arguments), -3 ($VLLM_BLOCKFFN_CPU_ISA names
