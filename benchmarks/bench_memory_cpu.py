@@ -454,8 +454,9 @@ LINEARS = {"XLarge qkv": (1792 * 3, 1792), "XLarge o_proj": (1792, 1792), "lm_he
 """name → (N, K) of decode-size linears (vanilla attention of an XLarge-sized model; a 32k-vocab head)."""
 
 
-def linear_rows(args, threads: int, bw: float) -> list[list[str]]:
-    """Streaming linear vs vLLM's oneDNN handler vs F.linear, cold weights, M = 1, 4, 8.
+def linear_rows(args, threads: int) -> list[list[str]]:
+    """Streaming linear vs vLLM's oneDNN handler vs F.linear, cold weights, M = 1, 4, 8, timed in interleaved
+    rounds, each % against the read bandwidth probed right before it (:func:`interleaved`).
 
     int8 rows: our weight-only int8 (x bf16, per-row scales) against vLLM's own CPU int8 GEMM
     (`create_onednn_scaled_mm` + dynamic per-token int8 activations: what its W8A8 linear method
@@ -483,7 +484,7 @@ def linear_rows(args, threads: int, bw: float) -> list[list[str]]:
             # weights the served model packs K-major (bf16: serving/layers/cpu_linear.py, int8: quantization.py):
             # the same pool packed, int8 with the row-major weight's row sums
             kpaths = THRESHOLDS.cpu_linear_kmajor_int8 if dt == torch.int8 else THRESHOLDS.cpu_linear_kmajor
-            packed = ([pack_kmajor(w) for w in ws] if kmajor_packable(ws[0]) and cpu_native.cpu_isa() in kpaths
+            packed = ([placed(pack_kmajor(w)) for w in ws] if kmajor_packable(ws[0]) and cpu_native.cpu_isa() in kpaths
                       else None)
             sums = cpu_native.int8_row_sums(ws[0]) if dt == torch.int8 else None
             handlers = None
@@ -515,38 +516,56 @@ def linear_rows(args, threads: int, bw: float) -> list[list[str]]:
                     got = vllm_mm(ws[0], 0, x).float()
                     assert ((got - ref).norm() / ref.norm()).item() < 5e-2, (name, dname, "vllm")
 
-                t_s = _cycle(ws, lambda w, i, x=x, sc=scales: cpu_native.linear_native(
-                    x, w, num_threads=threads, weight_scale=sc[i]))
-                t_r = float("nan")
+                runs = {"row-major": (ws, lambda w, i, x=x, sc=scales: cpu_native.linear_native(
+                    x, w, num_threads=threads, weight_scale=sc[i]), b)}
                 if packed:  # what the served model runs here: the K-major kernel; the row-dot one beside it
                     got = cpu_native.linear_kmajor_native(x, packed[0], num_threads=threads, weight_scale=scales[0],
                                                           row_sums=sums).float()
                     assert ((got - ref).norm() / ref.norm()).item() < 2e-2
-                    t_r = t_s
-                    t_s = _cycle(packed, lambda p, i, x=x, sc=scales, rs=sums: cpu_native.linear_kmajor_native(
-                        x, p, num_threads=threads, weight_scale=sc[i], row_sums=rs))
-                t_t = (_cycle(ws, lambda w, i, x=x: torch.nn.functional.linear(x, w)) if dt != torch.int8
-                       else float("nan"))
-                t_o = _cycle(ws, lambda w, i, x=x: vllm_mm(w, i, x)) if handlers else float("nan")
+                    runs["K-major"] = (packed, lambda p, i, x=x, sc=scales, rs=sums: cpu_native.linear_kmajor_native(
+                        x, p, num_threads=threads, weight_scale=sc[i], row_sums=rs), b)
+                if handlers:
+                    runs["oneDNN"] = (ws, lambda w, i, x=x: vllm_mm(w, i, x), b)
+                if dt != torch.int8:
+                    runs["F.linear"] = (ws, lambda w, i, x=x: torch.nn.functional.linear(x, w), b)
+                res = interleaved(runs, threads)
+                nan = (float("nan"),) * 3
+                served = res["K-major" if packed else "row-major"]
+                t_o, t_t = res.get("oneDNN", nan), res.get("F.linear", nan)
                 g = lambda t, b=b: b / t / 1e9  # noqa: E731
                 rows.append([name, dname, str(M), f"{b / 1e6:.1f}", "K-major" if packed else "row-major",
-                             f"{t_s * 1e6:.0f}", f"{g(t_s):.1f}", f"{g(t_s) / bw:.0%}",
-                             f"{t_r * 1e6:.0f} ({g(t_r) / bw:.0%})" if packed else "—",
-                             f"{t_o * 1e6:.0f}", f"{g(t_o):.1f}", f"{g(t_o) / bw:.0%}",
-                             f"{t_t * 1e6:.0f}", f"{g(t_t):.1f}", cpu_native.cpu_isa()])
+                             f"{statistics.median(r[1] for r in res.values()):.1f}",
+                             f"{served[0] * 1e6:.0f}", f"{g(served[0]):.1f}", f"{served[2]:.0%}",
+                             f"{res['row-major'][0] * 1e6:.0f} ({res['row-major'][2]:.0%})" if packed else "—",
+                             f"{t_o[0] * 1e6:.0f}", f"{g(t_o[0]):.1f}", f"{t_o[2]:.0%}",
+                             f"{t_t[0] * 1e6:.0f}", f"{g(t_t[0]):.1f}", cpu_native.cpu_isa()])
                 print(" | ".join(rows[-1]), flush=True)
     return rows
 
 
-def _cycle(ws: list, fn, reps: int = 3) -> float:
-    """Seconds per call of fn(w, i) over the weights ws in turn (one untimed pass first)."""
-    for i, w in enumerate(ws):
-        fn(w, i)
-    t0 = time.perf_counter()
-    for _ in range(reps):
+def interleaved(runs: dict, threads: int, rounds: int = 5) -> dict[str, tuple[float, float, float]]:
+    """{name: (seconds per call, adjacent read bandwidth GB/s, median ratio to it)} for ``runs`` = {name: (ws, fn,
+    nbytes)}: each round calls fn(w, i) over the weights ws in turn for every run, one after the other, each
+    right after its own read-bandwidth probe (as :func:`adjacent`). Why: the side-by-side figures of a row must come
+    from the same minutes of this VM's drifting memory, and each % from the bandwidth of its own seconds."""
+    global _STREAM
+    if _STREAM is None:
+        _STREAM = placed(torch.ones(1 << 27))
+    for ws, fn, _ in runs.values():  # untimed: the first pass
         for i, w in enumerate(ws):
             fn(w, i)
-    return (time.perf_counter() - t0) / (reps * len(ws))
+    got: dict[str, list[tuple[float, float, float]]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for name, (ws, fn, nbytes) in runs.items():
+            t0 = time.perf_counter()
+            cpu_native.stream_read(_STREAM, threads)
+            bw = _STREAM.numel() * 4 / (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for i, w in enumerate(ws):
+                fn(w, i)
+            dt = (time.perf_counter() - t0) / len(ws)
+            got[name].append((dt, bw / 1e9, nbytes / dt / bw))
+    return {k: tuple(statistics.median(r[j] for r in v) for j in range(3)) for k, v in got.items()}
 
 
 def md_table(cols: list[str], rows: list[list[str]]) -> list[str]:
@@ -622,11 +641,11 @@ def main() -> None:
             f"{k} **{v:.1f} GB/s**" for k, v in bws.items()), "", *md_table(acols, ab_rows(args))], args.out)
         return
     rows = kernel_rows(args, args.threads, bw) if not args.linears_only else []
-    lcols = ["linear", "dtype", "M", "MB", "served layout", "streaming µs", "GB/s", "% of BW",
+    lcols = ["linear", "dtype", "M", "MB", "served layout", "BW GB/s (adjacent)", "streaming µs", "GB/s", "% of BW",
              "row-major kernel µs (% of BW)", "vLLM oneDNN µs", "GB/s", "% of BW",
              "F.linear µs", "GB/s", "ISA"]
     print(" | ".join(lcols), flush=True)
-    lrows = linear_rows(args, args.threads, bw)
+    lrows = linear_rows(args, args.threads)
     md = [head, "", "read bandwidth (1 GiB fp32, same run): " + ", ".join(f"{k} **{v:.1f} GB/s**"
                                                                          for k, v in bws.items()), ""]
     if rows:

@@ -7,8 +7,8 @@ memory- or compute-bound. step_breakdown_cpu.py ``--dump-calls DIR`` saves one d
 ``router_experts`` call a layer (x, the router, the experts, the step's segments); this script calls each
 again through the served C++ op:
 
-- cold: the call on one of N copies of the layer's weights in turn, N copies > 3 x the last-level cache
-  (every call reads its weights from memory, as the engine's layer after layer does);
+- cold: the call on one of N copies of the layer's weights in turn, the bytes the N calls read > 3 x the
+  last-level cache (every call reads its weights from memory, as the engine's layer after layer does);
 - warm: the same call on one copy again and again (its weights in the caches: L2 when they fit, else the
   LLC — this VM's LLC streams at ~60 GB/s, twice its memory, so "warm" is not pure arithmetic above ~4 MB);
 - beside them the call's bytes (the union of experts plus the router) at the read bandwidth and its
@@ -49,11 +49,12 @@ def replay(path: str, bw: float, peak: float, rounds: int = 5) -> dict:
         raise SystemExit(f"{path}: int8 experts are not replayed (scales and row sums are bound per layer)")
     active = (x.float() @ w_r.float().t()) > 0
     union, pairs = int(active.any(0).sum()), int(active.sum())
-    E, D, H = w_up.shape
+    E, D, H = (w_up.shape[0], w_up.shape[1] * 16, w_up.shape[2] * 2) if w_up.dim() == 5 else w_up.shape  # packed
     esz = w_up.element_size()
     nbytes = union * 2 * D * H * esz + E * H * w_r.element_size()
     macs = pairs * 2 * D * H + x.shape[0] * E * H
-    copies = max(2, -(-3 * llc_bytes() // (2 * E * D * H * esz)))
+    # enough copies that the bytes the calls read (not the layer's storage) pass 3 x the LLC between two reads
+    copies = max(2, -(-3 * llc_bytes() // nbytes))
     pool = [(placed(w_up.clone()), placed(w_down.clone()), w_r.clone()) for _ in range(copies)]
     op = torch.ops.blockffn_native.router_experts
 
