@@ -116,6 +116,41 @@ def test_kmajor_bf16_dot_form_equals_the_split_form():
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+def test_packed_down_pass_waits_per_expert_or_at_a_barrier_with_the_same_bits(dtype):
+    """The packed down pass starts an expert once its up blocks are done (per-expert counters, the default) or after
+    the whole up pass (a barrier): the same bits, for 2 and 3 threads (whose up shares end inside experts), 1 to 17
+    tokens, and the reference within tolerance."""
+    from vllm_blockffn.kernels.quant import dequantize_experts, quantize_experts
+
+    for E, D, H in [(8, 32, 64), (5, 48, 96)]:
+        wu, wd = _experts(E, D, H, seed=E)
+        su = sd = None
+        if dtype == torch.int8:
+            wu, su, wd, sd = quantize_experts(wu.float(), wd.float())
+            up, down = dequantize_experts(wu, su, wd, sd)
+        else:
+            up, down = wu.float(), wd.float()
+        pu, pd = pack_experts_kmajor(wu, wd)
+        for T in (1, 4, 17):
+            x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).bfloat16()
+            s = expert_scores(T, E, seed=T)
+            cu = torch.tensor([0, T], dtype=torch.int32)
+            ref = experts_naive(x.float(), s, up, down)
+            for n in (2, 3):
+                ys = []
+                for flags in (1, 0):
+                    was = cpu_native.set_expert_flags(flags)
+                    try:
+                        ys.append(cpu_native.sparse_ffn_native(x, s, pu, pd, cu, num_threads=n, up_scale=su,
+                                                               down_scale=sd))
+                    finally:
+                        cpu_native.set_expert_flags(was)
+                assert torch.equal(ys[0], ys[1]), (dtype, E, D, H, T, n)
+                assert _rel(ys[0], ref) < 2e-2, (dtype, E, D, H, T, n, _rel(ys[0], ref))
+
+
+@needs_native
 def test_kmajor_bf16_experts_segments_padding_and_routes():
     """Packed bf16 experts through the CPU routes: segments with padding past cu[-1] (y = 0 there), the counters (the
     row-major kernel's), the dense layer's GEMMs, the grouped GEMMs and the PyTorch fallback (all unpacking the

@@ -2301,12 +2301,29 @@ static void kx_panel(const kx_t *k, const int8_t *w, long K4, int nb, const uint
         for (int c = 0; c < 16 * nb; c++) out[t * 64 + c] *= scale[c];
 }
 
+/* Packed experts: the down pass of an expert waits only for that expert's up blocks (a counter per expert, released
+   by whichever thread computed them) instead of a barrier after the whole up pass (g_expert_flags 1; 0: the barrier).
+   Why: at Small, a quarter of a call was one thread waiting for the other at the barrier (perf, RESULTS.md
+   2026-12-06 10:15 UTC); with the counters, a thread that finishes its up share first starts on the experts that are
+   ready. The same sums in the same order either way: the same bits. */
+static int g_expert_flags = 1;
+ALWAYS void wait_up(long *n, long want) {
+    while (__atomic_load_n(n, __ATOMIC_ACQUIRE) < want) {
+#if BLOCKFFN_X86
+        _mm_pause();
+#endif
+    }
+}
+int blockffn_set_expert_flags(int on) { int was = g_expert_flags; g_expert_flags = on != 0; return was; }
+
 static void kx_run(const kx_t *k, int nth) {
     const long D = k->D, H = k->H, U = k->U;
     double total = 0.0;
     const size_t wsz = k->bf ? 2 : 1;
     for (long u = 0; u < U; u++) total += D * unit_cost(k->up_row_cost, k->cnt[k->uni[u]], wsz);
     const long nbk = H / 16;
+    const int flags = g_expert_flags && nth > 1;
+    long *done = flags ? calloc((size_t)U + 1, sizeof(long)) : NULL; /* up blocks finished, per union entry */
     #pragma omp parallel num_threads(nth)
     {
         int tid = omp_get_thread_num(), T_ = omp_get_num_threads();
@@ -2351,16 +2368,20 @@ static void kx_run(const kx_t *k, int nth) {
                             for (int r = 0; r < 16 * nb; r++) h[r] = cv_bf16(k->hh[p * D + d0 + r] = to_bf16(h[r]));
                     }
                 }
+                if (done) __atomic_add_fetch(&done[u], (long)nb, __ATOMIC_RELEASE);
             }
         }
-        #pragma omp barrier
-        /* phase 2: this thread's 16-column blocks of y, every active expert in order. Each thread rounds every
-           (token, expert) h to int16 itself, as x is (P x D elements, a few us at most: cheaper than a second
-           barrier) */
+        if (!done) {
+            #pragma omp barrier
+        }
+        /* phase 2: this thread's 16-column blocks of y, every active expert in order, each expert once its up blocks
+           are done (g_expert_flags; else after the barrier above). Each thread rounds every (token, expert) h to
+           int16 itself, as x is (P x D elements, a few us at most: cheaper than a second barrier), expert by expert
+           as they become ready */
         long b0 = nbk * tid / T_, b1 = nbk * (tid + 1) / T_, c0 = b0 * 16, c1 = b1 * 16;
         uint8_t *hq8 = k->kqv ? k->hq8 + tid * k->P * 2 * D : NULL;
         float *hqs = k->kqv ? k->hqs + tid * k->P : NULL;
-        if (k->kqv && c1 > c0 && k->P > 0) quantize_planes(ISA_AVX512_BF16, k->hrow, k->P, D, hq8, hqs);
+        if (!done && k->kqv && c1 > c0 && k->P > 0) quantize_planes(ISA_AVX512_BF16, k->hrow, k->P, D, hq8, hqs);
         for (long t = 0; t < k->T && c1 > c0; t++) memset(k->yf + t * H + c0, 0, (size_t)(c1 - c0) * sizeof(float));
         for (long u = 0; u < U && c1 > c0 && k->bf; u++) {
             /* bf16 experts: this thread's 16-column blocks of the expert one after another, one stream (two blocks
@@ -2368,6 +2389,7 @@ static void kx_run(const kx_t *k, int nth) {
             long e = k->uni[u], o = k->off[e];
             int m = k->cnt[e];
             const uint16_t *w = (const uint16_t *)k->wd + e * H * D + c0 * D;
+            if (done) wait_up(done + u, D / 16);
             for (long cb = b0; cb < b1; cb++, w += 16 * D) {
                 for (int j0 = 0; j0 < m; j0 += KM_TG) {
                     int nt = m - j0 < KM_TG ? m - j0 : KM_TG;
@@ -2384,6 +2406,10 @@ static void kx_run(const kx_t *k, int nth) {
         for (long u = 0; u < U && c1 > c0 && !k->bf; u++) {
             long e = k->uni[u], o = k->off[e];
             int m = k->cnt[e], pb = kx_pb(m, 0), finite = k->kqv;
+            if (done) {
+                wait_up(done + u, D / 16);
+                if (k->kqv) quantize_planes(ISA_AVX512_BF16, k->hrow + o, m, D, hq8 + o * 2 * D, hqs + o);
+            }
             for (int t = 0; t < m && finite; t++) finite = hqs[o + t] == hqs[o + t];
 #if BLOCKFFN_X86
             if (finite) { /* VNNI, every h finite: one stream over the thread's blocks */
@@ -2423,6 +2449,7 @@ static void kx_run(const kx_t *k, int nth) {
             for (long t = 0; t < k->T; t++)
                 for (long c = c0; c < c1; c++) ((uint16_t *)k->y)[t * H + c] = to_bf16(k->yf[t * H + c]);
     }
+    free(done);
 }
 
 /* ------------------------------------------------------------------------------ counters */

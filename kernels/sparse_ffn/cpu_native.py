@@ -135,6 +135,7 @@ def _open(path: str) -> ctypes.CDLL | None:
         lib.blockffn_set_split_tokens.restype = ctypes.c_int
         lib.blockffn_set_group_major.argtypes = [ctypes.c_int]
         lib.blockffn_set_unit_floor.argtypes = [ctypes.c_int]
+        lib.blockffn_set_expert_flags.argtypes = [ctypes.c_int]
         lib.blockffn_set_kmajor_dot.argtypes = [ctypes.c_int]
         lib.blockffn_kmajor_dot.argtypes = [ctypes.c_int]
         lib.blockffn_set_amx_rules.argtypes = [ctypes.c_long, ctypes.c_long]
@@ -351,6 +352,14 @@ def set_unit_floor(per_byte: int) -> int | None:
     through the threads' summation order). Returns the floor it replaced (None without the native kernel)."""
     lib = _load()
     return None if lib is None else int(lib.blockffn_set_unit_floor(max(0, int(per_byte))))
+
+
+def set_expert_flags(on: bool) -> int | None:
+    """Packed experts: the down pass of an expert waits for that expert's up blocks only (1, the default) or for the
+    whole up pass at a barrier (0); the same bits either way (benchmarks and tests compare). Returns the setting it
+    replaced (None without the native kernel)."""
+    lib = _load()
+    return None if lib is None else int(lib.blockffn_set_expert_flags(int(bool(on))))
 
 
 def set_kmajor_dot(mode: int) -> int | None:
