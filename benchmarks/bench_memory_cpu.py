@@ -164,20 +164,25 @@ class Pool:
 _STREAM: torch.Tensor | None = None
 
 
+def probe_bandwidth(threads: int) -> float:
+    """Bytes per second of one read of a 512 MiB stream with ``threads`` (the probe beside every timed round)."""
+    global _STREAM
+    if _STREAM is None:
+        _STREAM = placed(torch.ones(1 << 27))
+    t0 = time.perf_counter()
+    cpu_native.stream_read(_STREAM, threads)
+    return _STREAM.numel() * 4 / (time.perf_counter() - t0)
+
+
 def adjacent(run, calls: int, nbytes: float, threads: int, rounds: int) -> tuple[float, float, float]:
     """Seconds per call of ``run()`` (``calls`` calls reading ``nbytes`` each), the read bandwidth
     measured right before each round (a 512 MiB stream with the same threads), and the median of
     the per-round ratios. Interleaved because this VM's memory bandwidth drifts with its neighbours
     (10-28 GB/s seen within minutes): a ratio to a figure from another minute would mislead."""
-    global _STREAM
-    if _STREAM is None:
-        _STREAM = placed(torch.ones(1 << 27))
     run()  # untimed: the first pass
     secs, bws, ratios = [], [], []
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        cpu_native.stream_read(_STREAM, threads)
-        bw = _STREAM.numel() * 4 / (time.perf_counter() - t0)
+        bw = probe_bandwidth(threads)
         t0 = time.perf_counter()
         run()
         dt = (time.perf_counter() - t0) / calls
@@ -548,18 +553,13 @@ def interleaved(runs: dict, threads: int, rounds: int = 5) -> dict[str, tuple[fl
     nbytes)}: each round calls fn(w, i) over the weights ws in turn for every run, one after the other, each
     right after its own read-bandwidth probe (as :func:`adjacent`). Why: the side-by-side figures of a row must come
     from the same minutes of this VM's drifting memory, and each % from the bandwidth of its own seconds."""
-    global _STREAM
-    if _STREAM is None:
-        _STREAM = placed(torch.ones(1 << 27))
     for ws, fn, _ in runs.values():  # untimed: the first pass
         for i, w in enumerate(ws):
             fn(w, i)
     got: dict[str, list[tuple[float, float, float]]] = {k: [] for k in runs}
     for _ in range(rounds):
         for name, (ws, fn, nbytes) in runs.items():
-            t0 = time.perf_counter()
-            cpu_native.stream_read(_STREAM, threads)
-            bw = _STREAM.numel() * 4 / (time.perf_counter() - t0)
+            bw = probe_bandwidth(threads)
             t0 = time.perf_counter()
             for i, w in enumerate(ws):
                 fn(w, i)
