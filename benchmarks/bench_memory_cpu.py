@@ -12,6 +12,10 @@ Rows (official BlockFFN shapes, SPEC.md; fp32 and bf16; 2 threads = what vLLM pi
   own streaming loop (blockffn_stream_read) with the same threads; the larger is "read BW";
 - the engine's per-layer call (router + experts, the C++ op) issued from Python, and issued from a TorchScript loop
   (no Python between calls: as a served step issues it from the compiled graph's C++ wrapper, cpu_compile.py);
+- the calls' read floor, in rounds interleaved with the TorchScript loop's: the same bytes (router, union of
+  experts) read by the streaming loop in one parallel region a call, split evenly over the threads
+  (`cpu_native.read_floor`): what a call of those bytes costs at least here (the region's fork and join, short
+  streams' first misses), so "C++ / floor" is the kernel's own share and the floor's % what memory allows a call;
 - the native sparse kernel (ISA path named) for 1 token, decode batches of 4 and 8 requests,
   one 4-token verify chunk, two 4-token verify chunks; ~10% of experts active per token, tokens
   of a chunk sharing most of theirs (BlockFFN's chunk sparsity); bytes = the step's union of
@@ -273,14 +277,29 @@ class EngineCall:
         return adjacent(run, len(calls), nbytes, threads, 5)
 
     def time_cpp(self, pool: Pool, calls: list, seg: torch.Tensor, nbytes: float, threads: int):
-        """:meth:`time` with the calls issued by a TorchScript loop: no Python between them, as a served step issues
-        the op from the compiled graph's C++ wrapper (a TorchScript call of an op costs no less than that)."""
+        """(:meth:`time` with the calls issued by a TorchScript loop: no Python between them, as a served step issues
+        the op from the compiled graph's C++ wrapper (a TorchScript call of an op costs no less than that)), and the
+        same for the calls' read floor (:meth:`floor`), the two in interleaved rounds."""
         layers = [pool.layers[layer] for layer, _, _, _ in calls]
         args = ([x for _, x, _, _ in calls], [self.routers[layer] for layer, _, _, _ in calls],
                 [w[0] for w in layers], [w[1] for w in layers], [w[2] for w in layers], [w[3] for w in layers],
                 [self.row_sums.get(w[0].data_ptr()) for w in layers], self.norm, seg)
-        loop = scripted_calls()
-        return adjacent(lambda: loop(*args), len(calls), nbytes, threads, 5)
+        loop, floor = scripted_calls(), self.floor(pool, calls, threads)
+        res = interleaved({"C++": ([None], lambda w, i: loop(*args), nbytes * len(calls)),
+                           "floor": ([None], lambda w, i: floor(), nbytes * len(calls))}, threads)
+        return tuple((t / len(calls), bw, r) for t, bw, r in (res["C++"], res["floor"]))
+
+    def floor(self, pool: Pool, calls: list, threads: int):
+        """The calls' read floor (``cpu_native.read_floor``): each call's bytes (its router, and its union of experts'
+        W_up and W_down, int8's scales) read by the streaming loop in one parallel region, split evenly."""
+        ranges = []
+        for layer, _, s, _ in calls:
+            w_up, w_down, su, sd = pool.layers[layer]
+            ts = [self.routers[layer]]
+            for e in (s > 0).any(0).nonzero().flatten().tolist():
+                ts += [w_up[e], w_down[e], *((su[e], sd[e]) if su is not None else ())]
+            ranges.append(ts)
+        return cpu_native.read_floor(ranges, threads)
 
     def __call__(self, layer: int, pool: Pool, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         w_up, w_down, su, sd = pool.layers[layer]
@@ -361,10 +380,10 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
                     assert ye.shape == y.shape and bool(torch.isfinite(ye.float()).all()), (sname, dname, scen)
                     step_bytes = union_bytes + engine.router_bytes
                     sparse, bw_s, r_s = engine.time(pool, calls, seg, step_bytes, threads)
-                    cpp, _, r_c = engine.time_cpp(pool, calls, seg, step_bytes, threads)
+                    (cpp, _, r_c), (flo, _, r_f) = engine.time_cpp(pool, calls, seg, step_bytes, threads)
                 else:
                     sparse, bw_s, r_s, step_bytes = wrapped, bw_w, r_w, union_bytes
-                    cpp = r_c = float("nan")
+                    cpp = r_c = flo = r_f = float("nan")
                 dense_bytes = E * expert_bytes(D, H, dt)
                 few = calls[: pool.n]
                 dense, _, r_d = (time_calls(pool, few, lambda wu, wd, su, sd, x, s, cu: dense_ffn_gemm(x, s, wu, wd),
@@ -378,7 +397,8 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
                 rows.append([
                     sname, dname, scen, f"{union_bytes / dense_bytes:.0%}", f"{step_bytes / 1e6:.2f}",
                     f"{bw_s:.1f}", f"{sparse * 1e6:.0f}", f"{step_bytes / sparse / 1e9:.1f}", f"**{r_s:.0%}**",
-                    f"{cpp * 1e6:.0f}", f"**{r_c:.0%}**", f"{step_bytes / (bw_s * 1e9) * 1e6:.0f}",
+                    f"{cpp * 1e6:.0f}", f"**{r_c:.0%}**", f"{flo * 1e6:.0f}", f"{r_f:.0%}", f"{cpp / flo:.2f}",
+                    f"{step_bytes / (bw_s * 1e9) * 1e6:.0f}",
                     f"{wrapped * 1e6:.0f}", f"{r_w:.0%}",
                     *((f"{dense * 1e6:.0f}", f"{r_d:.0%}") if dt != torch.int8 else ("-", "-")),
                     f"{odn * 1e6:.0f}" if onednn else "-", f"{r_o:.0%}" if onednn else "-",
@@ -629,8 +649,9 @@ def main() -> None:
     bw = max(bws.values())
     print("read bandwidth (1 GiB fp32): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bws.items()), flush=True)
     cols = ["shape", "dtype", "step", "union", "MB read", "BW GB/s (adjacent)", "engine call µs", "GB/s",
-            "% of BW", "from C++ µs", "% of BW", "ideal µs", "experts via ctypes µs", "% of BW", "torch GEMMs µs",
-            "% of BW", "vLLM oneDNN µs", "% of BW", "kernel, all experts µs", "% of BW", "ISA"]
+            "% of BW", "from C++ µs", "% of BW", "read floor µs", "% of BW", "C++ / floor", "ideal µs",
+            "experts via ctypes µs", "% of BW", "torch GEMMs µs", "% of BW", "vLLM oneDNN µs", "% of BW",
+            "kernel, all experts µs", "% of BW", "ISA"]
     print(" | ".join(cols), flush=True)
     if args.ab:
         name, a, b = args.ab

@@ -2901,6 +2901,44 @@ double blockffn_stream_read(const float *p, long n, int nthreads, int isa) {
     return total;
 }
 
+/* The read floor of a sequence of kernel calls (benchmarks): call c reads the byte ranges r of [call_off[c],
+   call_off[c + 1]) (ptrs[r], lens[r] bytes, multiples of 4) with the streaming loop above, in one parallel region
+   of nthreads threads that splits the call's bytes evenly (in 64-byte lines). What a call reading exactly those bytes
+   costs at least on these threads: a region's fork and join and each short stream's first misses, which a long
+   stream's bandwidth hides. Beside a kernel's time for the same calls it separates the kernel's own cost from the
+   memory's. Returns the sum read (so nothing is elided). */
+double blockffn_read_ranges(const float *const *ptrs, const long *lens, const long *call_off, long ncalls,
+                            int nthreads, int isa) {
+    isa = blockffn_resolve_isa(isa);
+    if (isa < 0) isa = ISA_PORTABLE;
+    double total = 0.0;
+    for (long c = 0; c < ncalls; c++) {
+        long r0 = call_off[c], r1 = call_off[c + 1], bytes = 0;
+        for (long r = r0; r < r1; r++) bytes += lens[r];
+        long lines = bytes / 64;
+        #pragma omp parallel num_threads(call_threads(nthreads)) reduction(+ : total)
+        {
+            int nt = omp_get_num_threads(), id = omp_get_thread_num();
+            long a = lines * id / nt * 64, b = id == nt - 1 ? bytes : lines * (id + 1) / nt * 64, off = 0;
+            float s = 0.0f;
+            for (long r = r0; r < r1 && off < b; off += lens[r], r++) {
+                long lo = a > off ? a - off : 0, hi = b - off < lens[r] ? b - off : lens[r];
+                if (hi <= lo) continue;
+                const float *p = ptrs[r] + lo / 4;
+                long n = (hi - lo) / 4;
+#if BLOCKFFN_X86
+                if (isa >= ISA_AVX512) s += stream_avx512(p, n);
+                else if (isa >= ISA_AVX2) s += stream_avx2(p, n);
+                else
+#endif
+                    for (long i = 0; i < n; i++) s += p[i];
+            }
+            total += s;
+        }
+    }
+    return total;
+}
+
 /* ------------------------------------------------------------------------ arithmetic peak */
 /* Multiply-adds per second the cores can issue: nthreads threads, each `rounds` rounds of FMAs on 12 independent
    accumulator chains in the widest vector the path has (fp32; VDPBF16PS, where present, issues fewer multiply-adds

@@ -163,6 +163,8 @@ def _open(path: str) -> ctypes.CDLL | None:
     lib.blockffn_resolve_isa.restype = i32
     lib.blockffn_stream_read.argtypes = [p, i64, i32, i32]
     lib.blockffn_stream_read.restype = ctypes.c_double
+    lib.blockffn_read_ranges.argtypes = [p, p, p, i64, i32, i32]
+    lib.blockffn_read_ranges.restype = ctypes.c_double
     lib.blockffn_fma_peak.argtypes = [i64, i32, i32]
     lib.blockffn_fma_peak.restype = ctypes.c_double
     return lib
@@ -534,6 +536,31 @@ def stream_read(buf: torch.Tensor, num_threads: int | None = None, isa: str | No
     lib = _load()
     assert lib is not None and buf.dtype == torch.float32 and buf.is_contiguous()
     return lib.blockffn_stream_read(buf.data_ptr(), buf.numel(), num_threads or _THREADS, _isa_code(isa))
+
+
+def read_floor(calls: list[list[torch.Tensor]], num_threads: int | None = None,
+               isa: str | None = None) -> Callable[[], float]:
+    """A function that reads the bytes of each call's tensors (contiguous; a multiple of 4 bytes each), one parallel
+    region a call, the bytes split evenly over the threads (``blockffn_read_ranges``): the least a kernel call
+    reading exactly those bytes costs here, for benchmarks to show beside the kernel's time. The tensors are kept
+    alive by the function."""
+    lib = _load()
+    assert lib is not None
+    flat = [t for ts in calls for t in ts]
+    for t in flat:
+        if not t.is_contiguous() or (t.numel() * t.element_size()) % 4:
+            raise ValueError(f"read_floor: a tensor {t.dtype} {list(t.shape)}; expected contiguous, a multiple of "
+                             "4 bytes")
+    ptrs = np.array([t.data_ptr() for t in flat], dtype=np.uint64)
+    lens = np.array([t.numel() * t.element_size() for t in flat], dtype=np.int64)
+    off = np.cumsum([0, *(len(ts) for ts in calls)]).astype(np.int64)
+    code, nt = _isa_code(isa), num_threads or _THREADS
+
+    def run() -> float:
+        return lib.blockffn_read_ranges(ptrs.ctypes.data, lens.ctypes.data, off.ctypes.data, len(calls), nt, code)
+
+    run.keep = flat  # type: ignore[attr-defined]
+    return run
 
 
 def fma_peak(num_threads: int | None = None, isa: str | None = None, rounds: int = 4_000_000) -> float:
