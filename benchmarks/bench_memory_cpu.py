@@ -3,9 +3,9 @@
 Why this benchmark: a kernel called again and again on one weight set reads from the last-level
 cache (260 MB on the Xeon VMs here) and looks faster than memory allows. A forward pass reads each
 layer's weights once per step, so here every call runs on a different layer's weights, cycling
-through a pool of layers several times the LLC, and the active experts rotate between cycles
-(an expert is read again only after about a pool's worth of other bytes): every weight byte
-comes from DRAM, as in decoding.
+through a pool of layers large enough that the calls read 3× the LLC between two calls on a layer
+(sized by the bytes the calls read, not the bytes the layers hold: Pool): every weight byte comes
+from DRAM, as in decoding.
 
 Rows (official BlockFFN shapes, SPEC.md; fp32 and bf16; 2 threads = what vLLM pins here):
 - read bandwidth, measured in the same run: torch.sum over 1 GiB fp32, and the native kernel's
@@ -138,13 +138,22 @@ def routed_scores(lengths: list[int], E: int, rotate: int, seed: int) -> torch.T
     return torch.stack(rows)
 
 
+READ_SHARE = 0.09
+"""The share of a layer's expert bytes a 1-token call reads (its union: ~9% of E, :func:`routed_scores`)."""
+
+
 class Pool:
-    """Layers of expert weights, ≥ 3× the LLC in total: each call takes the next layer."""
+    """Layers of expert weights, each call on the next layer: enough layers that the calls read ``min_bytes`` (3× the
+    LLC) between two calls on a layer, at the 1-token calls' :data:`READ_SHARE` of each. Why by the bytes read, not
+    the bytes held: a call's experts are random, so an expert read one visit ago is read again by ~the union's share
+    of the calls; with a pool of 3× the LLC in layers (4 XLarge layers) the 1-token calls read 11 MB between visits
+    and part of their bytes came from the LLC (2026-12-06: a plain reader of their bytes at 100–109% of the read
+    bandwidth)."""
 
     def __init__(self, H: int, E: int, D: int, dtype: torch.dtype, min_bytes: int):
         self.H, self.E, self.D, self.dtype = H, E, D, dtype
         layer_bytes = E * expert_bytes(D, H, dtype)
-        self.n = max(4, math.ceil(min_bytes / layer_bytes))
+        self.n = max(4, math.ceil(min_bytes / (READ_SHARE * layer_bytes)))
         g = torch.Generator().manual_seed(0)
         w_up = torch.randn(E, D, H, generator=g) / H**0.5
         w_down = torch.randn(E, D, H, generator=g) / D**0.5
