@@ -16,6 +16,8 @@ Rows (official BlockFFN shapes, SPEC.md; fp32 and bf16; 2 threads = what vLLM pi
   experts) read by the streaming loop in one parallel region a call, split evenly over the threads
   (`cpu_native.read_floor`): what a call of those bytes costs at least here (the region's fork and join, short
   streams' first misses), so "C++ / floor" is the kernel's own share and the floor's % what memory allows a call;
+  and "warm": the first of the calls again and again (its bytes in the caches), what a call costs besides its
+  memory — a cold call at floor + warm overlaps none of its work with its reads;
 - the native sparse kernel (ISA path named) for 1 token, decode batches of 4 and 8 requests,
   one 4-token verify chunk, two 4-token verify chunks; ~10% of experts active per token, tokens
   of a chunk sharing most of theirs (BlockFFN's chunk sparsity); bytes = the step's union of
@@ -288,15 +290,21 @@ class EngineCall:
     def time_cpp(self, pool: Pool, calls: list, seg: torch.Tensor, nbytes: float, threads: int):
         """(:meth:`time` with the calls issued by a TorchScript loop: no Python between them, as a served step issues
         the op from the compiled graph's C++ wrapper (a TorchScript call of an op costs no less than that)), and the
-        same for the calls' read floor (:meth:`floor`), the two in interleaved rounds."""
-        layers = [pool.layers[layer] for layer, _, _, _ in calls]
-        args = ([x for _, x, _, _ in calls], [self.routers[layer] for layer, _, _, _ in calls],
-                [w[0] for w in layers], [w[1] for w in layers], [w[2] for w in layers], [w[3] for w in layers],
-                [self.row_sums.get(w[0].data_ptr()) for w in layers], self.norm, seg)
-        loop, floor = scripted_calls(), self.floor(pool, calls, threads)
-        res = interleaved({"C++": ([None], lambda w, i: loop(*args), nbytes * len(calls)),
-                           "floor": ([None], lambda w, i: floor(), nbytes * len(calls))}, threads)
-        return tuple((t / len(calls), bw, r) for t, bw, r in (res["C++"], res["floor"]))
+        same for the calls' read floor (:meth:`floor`) and for the first call again and again (its weights then in the
+        caches: what the call costs besides waiting for memory), the three in interleaved rounds."""
+
+        def script(calls):
+            layers = [pool.layers[layer] for layer, _, _, _ in calls]
+            args = ([x for _, x, _, _ in calls], [self.routers[layer] for layer, _, _, _ in calls],
+                    [w[0] for w in layers], [w[1] for w in layers], [w[2] for w in layers], [w[3] for w in layers],
+                    [self.row_sums.get(w[0].data_ptr()) for w in layers], self.norm, seg)
+            return lambda w, i: scripted_calls()(*args)
+
+        floor = self.floor(pool, calls, threads)
+        res = interleaved({"C++": ([None], script(calls), nbytes * len(calls)),
+                           "floor": ([None], lambda w, i: floor(), nbytes * len(calls)),
+                           "warm": ([None], script(calls[:1] * len(calls)), nbytes * len(calls))}, threads)
+        return tuple((t / len(calls), bw, r) for t, bw, r in (res["C++"], res["floor"], res["warm"]))
 
     def floor(self, pool: Pool, calls: list, threads: int):
         """The calls' read floor (``cpu_native.read_floor``): each call's bytes (its router, and its union of experts'
@@ -389,10 +397,11 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
                     assert ye.shape == y.shape and bool(torch.isfinite(ye.float()).all()), (sname, dname, scen)
                     step_bytes = union_bytes + engine.router_bytes
                     sparse, bw_s, r_s = engine.time(pool, calls, seg, step_bytes, threads)
-                    (cpp, _, r_c), (flo, _, r_f) = engine.time_cpp(pool, calls, seg, step_bytes, threads)
+                    (cpp, _, r_c), (flo, _, r_f), (warm, _, _) = engine.time_cpp(pool, calls, seg, step_bytes,
+                                                                                  threads)
                 else:
                     sparse, bw_s, r_s, step_bytes = wrapped, bw_w, r_w, union_bytes
-                    cpp = r_c = flo = r_f = float("nan")
+                    cpp = r_c = flo = r_f = warm = float("nan")
                 dense_bytes = E * expert_bytes(D, H, dt)
                 few = calls[: pool.n]
                 dense, _, r_d = (time_calls(pool, few, lambda wu, wd, su, sd, x, s, cu: dense_ffn_gemm(x, s, wu, wd),
@@ -407,6 +416,7 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
                     sname, dname, scen, f"{union_bytes / dense_bytes:.0%}", f"{step_bytes / 1e6:.2f}",
                     f"{bw_s:.1f}", f"{sparse * 1e6:.0f}", f"{step_bytes / sparse / 1e9:.1f}", f"**{r_s:.0%}**",
                     f"{cpp * 1e6:.0f}", f"**{r_c:.0%}**", f"{flo * 1e6:.0f}", f"{r_f:.0%}", f"{cpp / flo:.2f}",
+                    f"{warm * 1e6:.0f}",
                     f"{step_bytes / (bw_s * 1e9) * 1e6:.0f}",
                     f"{wrapped * 1e6:.0f}", f"{r_w:.0%}",
                     *((f"{dense * 1e6:.0f}", f"{r_d:.0%}") if dt != torch.int8 else ("-", "-")),
@@ -658,7 +668,8 @@ def main() -> None:
     bw = max(bws.values())
     print("read bandwidth (1 GiB fp32): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bws.items()), flush=True)
     cols = ["shape", "dtype", "step", "union", "MB read", "BW GB/s (adjacent)", "engine call µs", "GB/s",
-            "% of BW", "from C++ µs", "% of BW", "read floor µs", "% of BW", "C++ / floor", "ideal µs",
+            "% of BW", "from C++ µs", "% of BW", "read floor µs", "% of BW", "C++ / floor", "warm µs",
+            "ideal µs",
             "experts via ctypes µs", "% of BW", "torch GEMMs µs", "% of BW", "vLLM oneDNN µs", "% of BW",
             "kernel, all experts µs", "% of BW", "ISA"]
     print(" | ".join(cols), flush=True)
