@@ -5,7 +5,10 @@ Why: the VMs here change memory bandwidth by ±30% within minutes (their neighbo
 measured one after the other (bench_e2e_compiled.py) can differ by more than the change under test.
 Here each setting lives in its own process, both loaded at once, and a coordinator has them generate
 in turns (A, B, A, B, …; only one runs at a time): every ratio is taken from two runs seconds apart,
-and the table reports each setting's median and the median of the per-turn ratios.
+and the table reports each setting's median and the median of the per-turn ratios. This assumes the
+waiting engine takes no CPU: its CPU time over each turn is read (/proc) and the run is flagged when it
+passes 5% of a CPU (`idle_cpu_max`; e.g. env.OMP_WAIT_POLICY=active spins the waiting engine's threads,
+which made the other 3× slower, 2026-12-06).
 
     scripts/dev python benchmarks/bench_e2e_paired.py /tmp/xl --a "dtype=bfloat16" \
         --b "dtype=bfloat16 quantization=blockffn_int8" [--turns 8] [--tokens 32] [--json FILE]
@@ -72,6 +75,17 @@ def worker(model: str, setting: str, tokens: int, batch: int, conn) -> None:
         conn.send((time.perf_counter() - t, [list(o.outputs[0].token_ids) for o in out]))
 
 
+IDLE_LIMIT = 0.05
+"""The CPU share (of one CPU) the waiting engine may use during the other's turn before the run is flagged."""
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far, all its threads (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model")
@@ -94,13 +108,21 @@ def main() -> None:
         conns.append(parent)
     secs: list[list[float]] = [[], []]
     tokens: list[list[int]] = [[], []]
+    idle: list[float] = []  # the waiting engine's CPU seconds over each turn's wall seconds
     for turn in range(args.turns):
         order = (0, 1) if turn % 2 == 0 else (1, 0)  # alternate who goes first
         for i in order:
+            other = procs[1 - i].pid
+            cpu0 = cpu_seconds(other)
             conns[i].send("go")
             dt, toks = conns[i].recv()
+            idle.append((cpu_seconds(other) - cpu0) / dt)
             secs[i].append(dt)
             tokens[i] = toks
+    if max(idle) > IDLE_LIMIT:
+        print(f"WARNING: the waiting engine used up to {max(idle):.0%} of a CPU while the other ran (a setting whose "
+              "idle threads spin, e.g. OMP_WAIT_POLICY=active?): the turns are not independent, the ratio is not "
+              "the settings' alone", flush=True)
     for c, p in zip(conns, procs):
         c.send("stop")
         p.join(timeout=60)
@@ -111,7 +133,7 @@ def main() -> None:
         "a_tok_s": args.batch * args.tokens / statistics.median(secs[0]),
         "b_tok_s": args.batch * args.tokens / statistics.median(secs[1]),
         "b_over_a_speed": statistics.median(ratios), "ratio_min_max": [min(ratios), max(ratios)],
-        "same_tokens": tokens[0] == tokens[1],
+        "same_tokens": tokens[0] == tokens[1], "idle_cpu_max": max(idle),
     }
     print("RESULT " + json.dumps(res), flush=True)
     if args.json:
