@@ -51,6 +51,23 @@ def test_benchmark_probes_measure_each_path(isa):
 
 
 @pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_read_floor_reads_each_calls_bytes_once(isa, threads):
+    """The benchmarks' read floor (bench_memory_cpu.py): every byte of every call's ranges read exactly once, whatever
+    the ranges' sizes and the threads' split of them (the sum of what it read is the ranges' sum), and a range it
+    cannot read is refused by name."""
+    g = torch.Generator().manual_seed(threads)
+    calls = [[torch.randint(0, 5, (n,), generator=g).float() for n in sizes]
+             for sizes in ([1], [17, 1000, 3], [4096, 16, 1, 250], [65, 64, 63])]
+    want = sum(float(t.sum()) for ts in calls for t in ts)
+    assert cpu_native.read_floor(calls, num_threads=threads, isa=isa)() == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="read_floor: a tensor"):
+        cpu_native.read_floor([[torch.ones(8, 8).t()]])
+    with pytest.raises(ValueError, match="a multiple of 4 bytes"):
+        cpu_native.read_floor([[torch.ones(3, dtype=torch.int8)]])
+
+
+@pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("M,N,K", [(1, 7, 5), (3, 37, 129), (8, 300, 256), (5, 1030, 1792), (9, 64, 48),
                                    (6, 20, 600), (7, 33, 1100)])  # token groups 4+2, 4+2+1; chunk tails
