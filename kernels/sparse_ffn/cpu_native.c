@@ -2906,7 +2906,8 @@ double blockffn_stream_read(const float *p, long n, int nthreads, int isa) {
    of nthreads threads that splits the call's bytes evenly (in 64-byte lines). What a call reading exactly those bytes
    costs at least on these threads: a region's fork and join and each short stream's first misses, which a long
    stream's bandwidth hides. Beside a kernel's time for the same calls it separates the kernel's own cost from the
-   memory's. Returns the sum read (so nothing is elided). */
+   memory's. Returns the sum read (so nothing is elided). The bytes are summed as floats whatever they hold (bf16,
+   int8): denormals are read as zero (MXCSR DAZ / FTZ in the region), so no CPU spends microcode assists on them. */
 double blockffn_read_ranges(const float *const *ptrs, const long *lens, const long *call_off, long ncalls,
                             int nthreads, int isa) {
     isa = blockffn_resolve_isa(isa);
@@ -2921,6 +2922,10 @@ double blockffn_read_ranges(const float *const *ptrs, const long *lens, const lo
             int nt = omp_get_num_threads(), id = omp_get_thread_num();
             long a = lines * id / nt * 64, b = id == nt - 1 ? bytes : lines * (id + 1) / nt * 64, off = 0;
             float s = 0.0f;
+#if BLOCKFFN_X86
+            unsigned csr = _mm_getcsr();
+            _mm_setcsr(csr | 0x8040); /* FTZ | DAZ */
+#endif
             for (long r = r0; r < r1 && off < b; off += lens[r], r++) {
                 long lo = a > off ? a - off : 0, hi = b - off < lens[r] ? b - off : lens[r];
                 if (hi <= lo) continue;
@@ -2933,6 +2938,9 @@ double blockffn_read_ranges(const float *const *ptrs, const long *lens, const lo
 #endif
                     for (long i = 0; i < n; i++) s += p[i];
             }
+#if BLOCKFFN_X86
+            _mm_setcsr(csr);
+#endif
             total += s;
         }
     }
