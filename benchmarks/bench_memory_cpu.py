@@ -149,7 +149,7 @@ class Pool:
     LLC) between two calls on a layer, at the 1-token calls' :data:`READ_SHARE` of each. Why by the bytes read, not
     the bytes held: a call's experts are random, so an expert read one visit ago is read again by ~the union's share
     of the calls; with a pool of 3× the LLC in layers (4 XLarge layers) the 1-token calls read 11 MB between visits
-    and part of their bytes came from the LLC (2026-12-06: a plain reader of their bytes at 100–109% of the read
+    and part of their bytes came from the LLC (2026-12-06: a plain reader of their bytes at 98–109% of the read
     bandwidth)."""
 
     def __init__(self, H: int, E: int, D: int, dtype: torch.dtype, min_bytes: int):
