@@ -39,6 +39,7 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #define BLOCKFFN_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 #else
 #define BLOCKFFN_X86 0
@@ -1786,6 +1787,38 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
 /* KM_PF: bytes ahead in each weight stream of a panel. Cold, [5376, 1792] and [1792, 1792], 1 / 4 / 8 rows, the
    builds interleaved (two runs): 2 KB 1-3% faster than 4 KB at 1-4 rows and level at 8; 1 KB 5-7% slower at 8
    rows; 8-12 KB 1-11% slower; none 35% slower (the scratch probe). */
+/* Which K-major streams prefetch KM_PF ahead: those whose streamed lines serve at least km_pf_tokens() tokens (the
+   call's rows for a linear, an expert's tokens). On AMD's AVX-512 cores (Zen 4) the hardware prefetchers follow a
+   stream alone while the work per line is light, and the software prefetches only occupy the core's miss buffers:
+   without them, cold, every expert row of bench_memory_cpu.py was 1.01-1.15x faster (40 rows, 2 runs) and the
+   linears at 1-4 rows 1.00-1.18x; with more work per line they are needed: int8 linears at 5-16 rows 1.2-1.7x
+   slower without, bf16 level from 6 rows (RESULTS.md 2026-12-06 17:10 UTC). So there: int8 from 5 tokens, bf16
+   from 8. Elsewhere (the Xeons: no prefetch was 35% slower; the AVX2 path, unmeasured without) every stream
+   prefetches, as before. g_km_pf_tokens: -1 that rule, 0 every stream, n from n tokens (benchmarks compare). */
+static int g_km_pf_tokens = -1, g_cpu_amd = -1;
+int blockffn_set_kmajor_prefetch(int tokens) {
+    int was = g_km_pf_tokens;
+    g_km_pf_tokens = tokens < 0 ? -1 : tokens;
+    return was;
+}
+static int cpu_is_amd(void) {
+#if BLOCKFFN_X86
+    unsigned a, b, c, d;
+    return __get_cpuid(0, &a, &b, &c, &d) && b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u; /* AuthenticAMD */
+#else
+    return 0;
+#endif
+}
+/* the fewest tokens a line must serve for its stream to prefetch, on path isa, int8 or bf16 weights */
+static int km_pf_tokens(int isa, int int8) {
+    if (g_km_pf_tokens >= 0) return g_km_pf_tokens;
+    if (g_cpu_amd < 0) g_cpu_amd = cpu_is_amd();
+    return g_cpu_amd && isa >= ISA_AVX512 ? (int8 ? 5 : 8) : 0;
+}
+int blockffn_kmajor_prefetch_tokens(int isa, int int8) {
+    isa = blockffn_resolve_isa(isa);
+    return isa < 0 ? -3 : km_pf_tokens(isa, int8 != 0);
+}
 #define KM_TG 8    /* tokens per pass (AVX-512: 2 x 8 accumulators) */
 #ifndef KM_SB
 #define KM_SB 128 /* tokens per sweep over the weights: their fp32 x (0.9 MB at K = 1792) stays in L2 while every
@@ -1968,7 +2001,7 @@ int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp,
     if (xdt && !dot && !xf) return -1;
     const float *xs = xdt ? xf : (const float *)x;
     long ldxf = xdt ? K : ldx;
-    int tg = isa >= ISA_AVX512 ? KM_TG : isa >= ISA_AVX2 ? 4 : KM_TG;
+    int tg = isa >= ISA_AVX512 ? KM_TG : isa >= ISA_AVX2 ? 4 : KM_TG, kpf = g_pf_now && M >= km_pf_tokens(isa, 0);
     /* blocks per panel: 4 streams at once where the tokens leave the registers for them (AVX-512, <= 4 tokens) */
     int pb = isa >= ISA_AVX512 && M <= 4 && KM_PB4 ? 4 : 2;
     long K2 = K / 2, blocks = N / 16, panels = (blocks + pb - 1) / pb;
@@ -1992,7 +2025,7 @@ int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp,
             int nb = km_panel(pi, pb, blocks, &n0);
             const uint16_t *w = wp + n0 * K;
             for (long t0 = s0; t0 < s1; t0 += tg) {
-                int nt = s1 - t0 < tg ? (int)(s1 - t0) : tg, pf = g_pf_now && t0 == 0;
+                int nt = s1 - t0 < tg ? (int)(s1 - t0) : tg, pf = kpf && t0 == 0;
                 const float *xt[KM_TG];
                 const uint16_t *xh[KM_TG];
                 for (int t = 0; t < nt; t++) {
@@ -2127,7 +2160,7 @@ int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp
         xs[t] = xdt ? xf + t * K : (const float *)x + t * ldx;
     }
     if (vnni) quantize_planes(isa, xs, M, K, xq8, xqs);
-    int pb = M <= 2 ? 4 : M <= 4 ? 2 : 1; /* blocks per panel: 16 accumulators */
+    int pb = M <= 2 ? 4 : M <= 4 ? 2 : 1, kpf = g_pf_now && M >= km_pf_tokens(isa, 1); /* pb: blocks per panel */
     if (!vnni) pb = 1;
     long K4 = K / 4, blocks = N / 16, panels = (blocks + pb - 1) / pb;
     int nth = call_threads(nthreads);
@@ -2153,7 +2186,7 @@ int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp
                 }
 #if BLOCKFFN_X86
                 if (vnni && finite) {
-                    kq_avx512(w, K4, nb, qr, K, nt, hi, lo, g_pf_now && t0 == 0);
+                    kq_avx512(w, K4, nb, qr, K, nt, hi, lo, kpf && t0 == 0);
                     for (int t = 0; t < nt; t++)
                         for (int b = 0; b < nb; b++)
                             kq_finish(hi + t * 64 + 16 * b, lo + t * 64 + 16 * b, rowsum + n0 + 16 * b,
@@ -2230,13 +2263,13 @@ typedef struct {
    and value: the sums in int32 are exact for D <= KX_MAXD (|sum w xq| < 2^31; intermediate wraps cancel). */
 #define KXD(NT)                                                                                         \
     ALWAYS void kxd_##NT(const int8_t *w, long K4, const uint8_t *const *hq, __m512i c, __m512 s,        \
-                         const float *st, float *const *yr) {                                          \
+                         const float *st, float *const *yr, int pf) {                                  \
         __m512i ah[NT], al[NT];                                                                         \
         long D = 4 * K4;                                                                                \
         for (int t = 0; t < NT; t++) ah[t] = al[t] = _mm512_setzero_si512();                            \
         for (long q = 0; q < K4; q++) {                                                                 \
             __m512i wv = _mm512_loadu_si512(w + q * 64);                                                \
-            _mm_prefetch((const char *)w + q * 64 + KM_PF, _MM_HINT_T0);                                \
+            if (pf) _mm_prefetch((const char *)w + q * 64 + KM_PF, _MM_HINT_T0);                        \
             for (int t = 0; t < NT; t++) {                                                              \
                 int32_t bh, bl;                                                                         \
                 memcpy(&bh, hq[t] + 4 * q, 4);                                                          \
@@ -2254,7 +2287,7 @@ typedef struct {
 KXD(1) KXD(2) KXD(3) KXD(4)
 /* blocks [0, nblk) at w (K4 quads a row; rs, sd, y rows at the first block's column) for m tokens, 4 at a time */
 static void kx_down(const int8_t *w, long K4, long nblk, int m, const uint8_t *const *hq, const int32_t *rs,
-                    const float *sd, const float *st, float *const *yr) {
+                    const float *sd, const float *st, float *const *yr, int pf) {
     for (long b = 0; b < nblk; b++, w += K4 * 64) {
         __m512i c = _mm512_slli_epi32(_mm512_loadu_si512(rs + 16 * b), 15);
         __m512 s = _mm512_loadu_ps(sd + 16 * b);
@@ -2262,10 +2295,10 @@ static void kx_down(const int8_t *w, long K4, long nblk, int m, const uint8_t *c
             float *y[4] = {NULL, NULL, NULL, NULL};
             for (int t = 0; t < 4 && j0 + t < m; t++) y[t] = yr[j0 + t] + 16 * b;
             switch (m - j0 < 4 ? m - j0 : 4) {
-            case 1: kxd_1(w, K4, hq + j0, c, s, st + j0, y); break;
-            case 2: kxd_2(w, K4, hq + j0, c, s, st + j0, y); break;
-            case 3: kxd_3(w, K4, hq + j0, c, s, st + j0, y); break;
-            default: kxd_4(w, K4, hq + j0, c, s, st + j0, y); break;
+            case 1: kxd_1(w, K4, hq + j0, c, s, st + j0, y, pf && j0 == 0); break;
+            case 2: kxd_2(w, K4, hq + j0, c, s, st + j0, y, pf && j0 == 0); break;
+            case 3: kxd_3(w, K4, hq + j0, c, s, st + j0, y, pf && j0 == 0); break;
+            default: kxd_4(w, K4, hq + j0, c, s, st + j0, y, pf && j0 == 0); break;
             }
         }
     }
@@ -2322,7 +2355,7 @@ static void kx_run(const kx_t *k, int nth) {
     const size_t wsz = k->bf ? 2 : 1;
     for (long u = 0; u < U; u++) total += D * unit_cost(k->up_row_cost, k->cnt[k->uni[u]], wsz);
     const long nbk = H / 16;
-    const int flags = g_expert_flags && nth > 1;
+    const int flags = g_expert_flags && nth > 1, pf_min = km_pf_tokens(k->isa, !k->bf); /* streams that prefetch */
     long *done = flags ? calloc((size_t)U + 1, sizeof(long)) : NULL; /* up blocks finished, per union entry */
     #pragma omp parallel num_threads(nth)
     {
@@ -2356,10 +2389,10 @@ static void kx_run(const kx_t *k, int nth) {
                     }
                     if (k->bf)
                         km_any(k->isa, k->dot, (const uint16_t *)k->wu + (e * D + d0) * H, H / 2, nb, xr, xb, nt, out,
-                               64, j0 == 0);
+                               64, j0 == 0 && m >= pf_min);
                     else
                         kx_panel(k, (const int8_t *)k->wu + (e * D + d0) * H, H / 4, nb, q, xr, st, nt,
-                                 k->rsu + e * D + d0, k->su + e * D + d0, out, j0 == 0);
+                                 k->rsu + e * D + d0, k->su + e * D + d0, out, j0 == 0 && m >= pf_min);
                     for (int t = 0; t < nt; t++) {
                         long p = o + j0 + t;
                         float *h = k->hb + p * D + d0, sct = k->sc[p];
@@ -2397,7 +2430,7 @@ static void kx_run(const kx_t *k, int nth) {
                         for (int t = 0; t < nt; t++)
                             __builtin_prefetch(k->yf + (long)k->tok[o + j0 + t] * H + (cb + 1) * 16, 1);
                     km_any(k->isa, k->dot, w, D / 2, 1, k->hrow + o + j0, k->hhrow ? k->hhrow + o + j0 : NULL, nt,
-                           out, 64, j0 == 0);
+                           out, 64, j0 == 0 && m >= pf_min);
                     for (int t = 0; t < nt; t++) /* (vectorized: the plain loop compiled to scalar adds) */
                         add_into(k->isa, k->yf + (long)k->tok[o + j0 + t] * H + cb * 16, out + t * 64, 16);
                 }
@@ -2423,7 +2456,7 @@ static void kx_run(const kx_t *k, int nth) {
                         sv[t] = hqs[o + j0 + t];
                     }
                     kx_down((const int8_t *)k->wd + e * H * D + c0 * D, D / 4, b1 - b0, nt, hq, k->rsd + e * H + c0,
-                            k->sd + e * H + c0, sv, yr);
+                            k->sd + e * H + c0, sv, yr, j0 == 0 && m >= pf_min);
                 }
                 continue;
             }
@@ -2439,7 +2472,7 @@ static void kx_run(const kx_t *k, int nth) {
                         st[t] = k->kqv ? hqs[o + j0 + t] : NAN;
                     }
                     kx_panel(k, w, D / 4, nb, q, xr, st, nt, k->rsd + e * H + cb * 16, k->sd + e * H + cb * 16, out,
-                             j0 == 0);
+                             j0 == 0 && m >= pf_min);
                     for (int t = 0; t < nt; t++) /* (vectorized: the plain loop compiled to scalar adds) */
                         add_into(k->isa, k->yf + (long)k->tok[o + j0 + t] * H + cb * 16, out + t * 64, 16 * nb);
                 }

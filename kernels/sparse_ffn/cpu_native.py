@@ -138,6 +138,8 @@ def _open(path: str) -> ctypes.CDLL | None:
         lib.blockffn_set_expert_flags.argtypes = [ctypes.c_int]
         lib.blockffn_set_kmajor_dot.argtypes = [ctypes.c_int]
         lib.blockffn_kmajor_dot.argtypes = [ctypes.c_int]
+        lib.blockffn_set_kmajor_prefetch.argtypes = [ctypes.c_int]
+        lib.blockffn_kmajor_prefetch_tokens.argtypes = [ctypes.c_int, ctypes.c_int]
         lib.blockffn_set_amx_rules.argtypes = [ctypes.c_long, ctypes.c_long]
         lib.blockffn_set_amx_rules(THRESHOLDS.cpu_amx_min_rows, THRESHOLDS.cpu_amx_min_tokens)
         lib.blockffn_amx_calls.restype = ctypes.c_long
@@ -362,6 +364,26 @@ def set_expert_flags(on: bool) -> int | None:
     replaced (None without the native kernel)."""
     lib = _load()
     return None if lib is None else int(lib.blockffn_set_expert_flags(int(bool(on))))
+
+
+def set_kmajor_prefetch(tokens: int) -> int | None:
+    """Software prefetch in the K-major streams (packed experts and linears): -1 (default) by the CPU's rule, 0 in
+    every stream (the rule elsewhere than AMD's AVX-512 cores), ``n`` in the streams whose lines serve at least ``n``
+    tokens; the same bits either way (benchmarks and tests compare). Returns the setting it replaced (None without
+    the native kernel)."""
+    lib = _load()
+    return None if lib is None else int(lib.blockffn_set_kmajor_prefetch(max(-1, int(tokens))))
+
+
+def kmajor_prefetch_tokens(int8: bool, isa: str | None = None) -> int:
+    """The fewest tokens a K-major stream's lines must serve for it to prefetch, on ``isa`` (default: the path calls
+    take) for int8 or bf16 weights: 0 = every stream (``check --env`` reports it)."""
+    lib = _load()
+    assert lib is not None, "native kernel unavailable"
+    n = int(lib.blockffn_kmajor_prefetch_tokens(_isa_code(isa), int(bool(int8))))
+    if n == -3:
+        raise _bad_isa_env()
+    return n
 
 
 def set_kmajor_dot(mode: int) -> int | None:
