@@ -248,8 +248,26 @@ def _load() -> ctypes.CDLL | None:
         if not _tried:
             if os.environ.get("VLLM_BLOCKFFN_CPU_NATIVE", "1") not in ("0", "false", "False"):
                 _lib = _build()
+                if _lib is not None:
+                    _lib.blockffn_set_kmajor_prefetch(prefetch_env())
             _tried = True
     return _lib
+
+
+PREFETCH_ENV = "VLLM_BLOCKFFN_CPU_PREFETCH"
+
+
+def prefetch_env() -> int:
+    """``$VLLM_BLOCKFFN_CPU_PREFETCH`` as :func:`set_kmajor_prefetch` takes it: ``auto`` (default, -1: the CPU's
+    rule), ``all`` (0: every K-major stream prefetches) or ``n`` ≥ 1 (the streams serving ``n`` tokens or more)."""
+    raw = os.environ.get(PREFETCH_ENV, "").strip().lower()
+    if raw in ("", "auto"):
+        return -1
+    if raw == "all":
+        return 0
+    if raw.isdigit() and int(raw) >= 1:
+        return int(raw)
+    raise ValueError(f"{PREFETCH_ENV}={os.environ.get(PREFETCH_ENV)!r}; expected 'auto', 'all' or a token count >= 1")
 
 
 def threads() -> int:

@@ -103,6 +103,11 @@ def _check_env() -> int:
             f"packed K-major at load, the outer-product VNNI kernel at every M ({LINEAR_ENV}=rowmajor keeps them as "
             "loaded)" if kmajor8 else f"as loaded (K-major packing: paths {list(THRESHOLDS.cpu_linear_kmajor_int8)}, "
             f"{LINEAR_ENV}=auto)"))
+        pf = [cpu_native.kmajor_prefetch_tokens(int8) for int8 in (False, True)]
+        lines.append("K-major streams' software prefetch: " + (
+            "every stream" if pf == [0, 0] else
+            f"bf16 streams serving >= {pf[0]} tokens, int8 >= {pf[1]} (lighter ones: the hardware prefetchers)")
+            + f" ({cpu_native.PREFETCH_ENV}=auto|all|n)")
         from vllm_blockffn.serving.layers.cpu_experts import EXPERTS_ENV, experts_mode, kmajor_paths
 
         for dt, name, how in ((torch.bfloat16, "bf16", "K-major bf16"), (torch.int8, "int8", "K-major VNNI")):
