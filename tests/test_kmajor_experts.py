@@ -261,3 +261,68 @@ def test_bf16_engine_packs_experts_where_the_rule_says(engine_factory, tiny_fact
         lb = [next(iter(d.values())).logprob for d in b.prompt_logprobs[1:]]
         assert max(abs(p - q) for p, q in zip(la, lb)) <= 0.1
     assert same >= len(PROMPTS) - 1
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+def test_kmajor_prefetch_rule_changes_no_bits(dtype):
+    """Which K-major streams prefetch (``set_kmajor_prefetch``: the CPU's rule, every stream, from 5 tokens, none)
+    changes only timing: packed experts (1, 4, 9 tokens, 2 threads) and K-major linears (1, 5, 9 rows) give the same
+    bits under each setting, on every ISA path this CPU runs."""
+    from vllm_blockffn.kernels.quant import quantize_experts, quantize_rows
+
+    E, D, H, N = 6, 32, 64, 48
+    wu, wd = _experts(E, D, H, seed=3)
+    su = sd = None
+    w = torch.randn(N, H, generator=torch.Generator().manual_seed(4)) / H**0.5
+    ws = rs = None
+    if dtype == torch.int8:
+        wu, su, wd, sd = quantize_experts(wu.float(), wd.float())
+        w, ws = quantize_rows(w)
+        ws, rs = ws.float().contiguous(), cpu_native.int8_row_sums(w)
+    else:
+        w = w.bfloat16()
+    pu, pd = pack_experts_kmajor(wu, wd)
+    pw = pack_kmajor(w)
+    was = cpu_native.set_kmajor_prefetch(-1)
+    try:
+        for isa in _isas():
+            for T in (1, 4, 5, 9):
+                x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).bfloat16()
+                s = expert_scores(T, E, seed=T)
+                cu = torch.tensor([0, T], dtype=torch.int32)
+                outs = []
+                for setting in (-1, 0, 5, 1000):
+                    cpu_native.set_kmajor_prefetch(setting)
+                    outs.append((cpu_native.sparse_ffn_native(x, s, pu, pd, cu, num_threads=2, up_scale=su,
+                                                              down_scale=sd, isa=isa),
+                                 cpu_native.linear_kmajor_native(x, pw, isa=isa, weight_scale=ws, row_sums=rs)))
+                for y, lin in outs[1:]:
+                    assert torch.equal(y, outs[0][0]) and torch.equal(lin, outs[0][1]), (dtype, isa, T)
+    finally:
+        cpu_native.set_kmajor_prefetch(was)
+
+
+@needs_native
+def test_kmajor_prefetch_rule_and_switch(monkeypatch):
+    """The rule ``check --env`` reports: on AMD's AVX-512 cores bf16 streams from 8 tokens and int8 from 5, every
+    stream elsewhere and on the AVX2 path; ``set_kmajor_prefetch(n)`` and $VLLM_BLOCKFFN_CPU_PREFETCH override it,
+    and a bad value names the variable."""
+    amd = "AuthenticAMD" in open("/proc/cpuinfo").read()
+    was = cpu_native.set_kmajor_prefetch(-1)
+    try:
+        wide = cpu_native.isa_at_least("avx512")
+        assert [cpu_native.kmajor_prefetch_tokens(i8) for i8 in (False, True)] == ([8, 5] if amd and wide else [0, 0])
+        if cpu_native.isa_at_least("avx2"):
+            assert cpu_native.kmajor_prefetch_tokens(True, isa="avx2") == 0
+        cpu_native.set_kmajor_prefetch(3)
+        assert cpu_native.kmajor_prefetch_tokens(False) == cpu_native.kmajor_prefetch_tokens(True) == 3
+    finally:
+        cpu_native.set_kmajor_prefetch(was)
+    for raw, want in (("", -1), ("auto", -1), ("ALL", 0), ("6", 6)):
+        monkeypatch.setenv(cpu_native.PREFETCH_ENV, raw)
+        assert cpu_native.prefetch_env() == want
+    for raw in ("0", "-2", "some"):
+        monkeypatch.setenv(cpu_native.PREFETCH_ENV, raw)
+        with pytest.raises(ValueError, match=cpu_native.PREFETCH_ENV):
+            cpu_native.prefetch_env()
