@@ -588,6 +588,51 @@ def linear_rows(args, threads: int) -> list[list[str]]:
     return rows
 
 
+def ab_linear_rows(args) -> list[list[str]]:
+    """The served K-major linears (cold, as :func:`linear_rows`) with a kernel switch at A and B (``--ab`` with
+    ``--linears-only``): both runs in every round of :func:`interleaved`, each setting the switch before its pass
+    over the weights; ``A / B`` (> 1: B faster) of the medians. Rows only where the served layout is K-major."""
+    name, a, b = args.ab
+    setter = getattr(cpu_native, f"set_{name}")
+    rows = []
+    for lname, (N, K) in LINEARS.items():
+        for dname in args.dtypes:
+            dt = DTYPES[dname]
+            kpaths = THRESHOLDS.cpu_linear_kmajor_int8 if dt == torch.int8 else THRESHOLDS.cpu_linear_kmajor
+            if dt == torch.float32 or cpu_native.cpu_isa() not in kpaths:
+                continue
+            w0 = torch.randn(N, K) / K**0.5
+            sc = sums = None
+            if dt == torch.int8:
+                w0, sc = quantize_rows(w0)
+                sums = cpu_native.int8_row_sums(w0)
+            else:
+                w0 = w0.to(dt)
+            nbytes = N * K * w0.element_size() + (N * 4 if dt == torch.int8 else 0)
+            packed = [placed(pack_kmajor(w0)) for _ in range(max(4, math.ceil(3 * llc_bytes() / nbytes)))]
+            try:
+                for M in (1, 4, 8):
+                    x = torch.randn(M, K).to(x_dtype(dt))
+
+                    def run(v, x=x, sc=sc, sums=sums, packed=packed, nbytes=nbytes):
+                        def fn(p, i):
+                            if i == 0:
+                                setter(v)
+                            return cpu_native.linear_kmajor_native(x, p, num_threads=args.threads, weight_scale=sc,
+                                                                   row_sums=sums)
+                        return packed, fn, nbytes
+
+                    res = interleaved({"A": run(a), "B": run(b)}, args.threads)
+                    rows.append([lname, dname, str(M), f"{nbytes / 1e6:.1f}",
+                                 f"{statistics.median(r[1] for r in res.values()):.1f}",
+                                 f"{res['A'][0] * 1e6:.0f}", f"{res['A'][2]:.0%}", f"{res['B'][0] * 1e6:.0f}",
+                                 f"{res['B'][2]:.0%}", f"**{res['A'][0] / res['B'][0]:.3f}×**", cpu_native.cpu_isa()])
+                    print(" | ".join(rows[-1]), flush=True)
+            finally:
+                setter(a)
+    return rows
+
+
 def interleaved(runs: dict, threads: int, rounds: int = 5) -> dict[str, tuple[float, float, float]]:
     """{name: (seconds per call, adjacent read bandwidth GB/s, median ratio to it)} for ``runs`` = {name: (ws, fn,
     nbytes)}: each round calls fn(w, i) over the weights ws in turn for every run, one after the other, each
@@ -674,6 +719,15 @@ def main() -> None:
             "experts via ctypes µs", "% of BW", "torch GEMMs µs", "% of BW", "vLLM oneDNN µs", "% of BW",
             "kernel, all experts µs", "% of BW", "ISA"]
     print(" | ".join(cols), flush=True)
+    if args.ab and args.linears_only:
+        name, a, b = args.ab
+        acols = ["linear", "dtype", "M", "MB", "BW GB/s (adjacent)", f"{a} µs", "% of BW", f"{b} µs", "% of BW",
+                 f"{a} / {b}", "ISA"]
+        print(" | ".join(acols), flush=True)
+        emit([head + f", A/B {name}={a},{b}, K-major linears", "", "read bandwidth (1 GiB fp32, same run): " +
+              ", ".join(f"{k} **{v:.1f} GB/s**" for k, v in bws.items()), "", *md_table(acols, ab_linear_rows(args))],
+             args.out)
+        return
     if args.ab:
         name, a, b = args.ab
         acols = ["shape", "dtype", "step", "union", "MB read", "BW GB/s (adjacent)", f"{a} µs", "% of BW",
