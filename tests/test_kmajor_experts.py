@@ -305,14 +305,18 @@ def test_kmajor_prefetch_rule_changes_no_bits(dtype):
 
 @needs_native
 def test_kmajor_prefetch_rule_and_switch(monkeypatch):
-    """The rule ``check --env`` reports: on AMD's AVX-512 cores bf16 streams from 8 tokens and int8 from 5, every
-    stream elsewhere and on the AVX2 path; ``set_kmajor_prefetch(n)`` and $VLLM_BLOCKFFN_CPU_PREFETCH override it,
-    and a bad value names the variable."""
+    """The rule ``check --env`` reports: on AMD's AVX-512 cores bf16 streams in the dot form from 8 tokens, int8
+    and bf16 in the widening FMA form (the ``avx512`` path) from 5, every stream elsewhere and on the AVX2 path;
+    ``set_kmajor_prefetch(n)`` and $VLLM_BLOCKFFN_CPU_PREFETCH override it, and a bad value names the variable."""
     amd = "AuthenticAMD" in open("/proc/cpuinfo").read()
     was = cpu_native.set_kmajor_prefetch(-1)
     try:
         wide = cpu_native.isa_at_least("avx512")
-        assert [cpu_native.kmajor_prefetch_tokens(i8) for i8 in (False, True)] == ([8, 5] if amd and wide else [0, 0])
+        bf16 = 8 if cpu_native.kmajor_dot() else 5
+        assert [cpu_native.kmajor_prefetch_tokens(i8) for i8 in (False, True)] == ([bf16, 5] if amd and wide
+                                                                                   else [0, 0])
+        if wide:
+            assert cpu_native.kmajor_prefetch_tokens(False, isa="avx512") == (5 if amd else 0)
         if cpu_native.isa_at_least("avx2"):
             assert cpu_native.kmajor_prefetch_tokens(True, isa="avx2") == 0
         cpu_native.set_kmajor_prefetch(3)

@@ -1792,9 +1792,10 @@ int blockffn_linear(const void *x, long ldx, int xdt, const void *w, int wdt, lo
    stream alone while the work per line is light, and the software prefetches only occupy the core's miss buffers:
    without them, cold, every expert row of bench_memory_cpu.py was 1.01-1.15x faster (40 rows, 2 runs) and the
    linears at 1-4 rows 1.00-1.18x; with more work per line they are needed: int8 linears at 5-16 rows 1.2-1.7x
-   slower without, bf16 level from 6 rows (RESULTS.md 2026-12-06 17:10 UTC). So there: int8 from 5 tokens, bf16
-   from 8. Elsewhere (the Xeons: no prefetch was 35% slower; the AVX2 path, unmeasured without) every stream
-   prefetches, as before. g_km_pf_tokens: -1 that rule, 0 every stream, n from n tokens (benchmarks compare). */
+   slower without, bf16 in the widening FMA form 1.2-1.4x from 5 rows, bf16 in the dot form level from 6 rows
+   (RESULTS.md 2026-12-06 17:10 UTC). So there: int8 and the FMA form from 5 tokens, the dot form from 8. Elsewhere
+   (the Xeons: no prefetch was 35% slower; the AVX2 path, unmeasured without) every stream prefetches, as before.
+   g_km_pf_tokens: -1 that rule, 0 every stream, n from n tokens (benchmarks compare). */
 static int g_km_pf_tokens = -1, g_cpu_amd = -1;
 int blockffn_set_kmajor_prefetch(int tokens) {
     int was = g_km_pf_tokens;
@@ -1809,15 +1810,18 @@ static int cpu_is_amd(void) {
     return 0;
 #endif
 }
-/* the fewest tokens a line must serve for its stream to prefetch, on path isa, int8 or bf16 weights */
-static int km_pf_tokens(int isa, int int8) {
+/* the fewest tokens a line must serve for its stream to prefetch, on path isa; light: bf16 in the dot form (one
+   VDPBF16PS a line and token; int8 takes two VPDPBUSD, the FMA form two FMAs and the widening) */
+static int km_pf_tokens(int isa, int light) {
     if (g_km_pf_tokens >= 0) return g_km_pf_tokens;
     if (g_cpu_amd < 0) g_cpu_amd = cpu_is_amd();
-    return g_cpu_amd && isa >= ISA_AVX512 ? (int8 ? 5 : 8) : 0;
+    return g_cpu_amd && isa >= ISA_AVX512 ? (light ? 8 : 5) : 0;
 }
+static int km_dot_on(void);
+/* the same for int8 weights, or bf16 in the form path isa takes now (-3: $VLLM_BLOCKFFN_CPU_ISA names no path) */
 int blockffn_kmajor_prefetch_tokens(int isa, int int8) {
     isa = blockffn_resolve_isa(isa);
-    return isa < 0 ? -3 : km_pf_tokens(isa, int8 != 0);
+    return isa < 0 ? -3 : km_pf_tokens(isa, !int8 && BLOCKFFN_X86 && isa >= ISA_AVX512_BF16 && km_dot_on());
 }
 #define KM_TG 8    /* tokens per pass (AVX-512: 2 x 8 accumulators) */
 #ifndef KM_SB
@@ -1963,7 +1967,6 @@ static void km_avx2(const uint16_t *w, long K2, int nb, const float *const *x, i
 #pragma GCC pop_options
 #endif
 
-static int km_dot_on(void);
 /* out = nb blocks of a K-major bf16 weight at w (K2 k pairs a row) times nt <= KM_TG tokens (rows x[t]: fp32, or
    xh[t]: bf16 for the dot form), in the form of isa and dot: every form sums each output in the same order (the
    odd product of a pair first), so the same bits on every path (but the dot form's flush of subnormals) */
@@ -2001,7 +2004,7 @@ int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp,
     if (xdt && !dot && !xf) return -1;
     const float *xs = xdt ? xf : (const float *)x;
     long ldxf = xdt ? K : ldx;
-    int tg = isa >= ISA_AVX512 ? KM_TG : isa >= ISA_AVX2 ? 4 : KM_TG, kpf = g_pf_now && M >= km_pf_tokens(isa, 0);
+    int tg = isa >= ISA_AVX512 ? KM_TG : isa >= ISA_AVX2 ? 4 : KM_TG, kpf = g_pf_now && M >= km_pf_tokens(isa, dot);
     /* blocks per panel: 4 streams at once where the tokens leave the registers for them (AVX-512, <= 4 tokens) */
     int pb = isa >= ISA_AVX512 && M <= 4 && KM_PB4 ? 4 : 2;
     long K2 = K / 2, blocks = N / 16, panels = (blocks + pb - 1) / pb;
@@ -2160,7 +2163,7 @@ int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp
         xs[t] = xdt ? xf + t * K : (const float *)x + t * ldx;
     }
     if (vnni) quantize_planes(isa, xs, M, K, xq8, xqs);
-    int pb = M <= 2 ? 4 : M <= 4 ? 2 : 1, kpf = g_pf_now && M >= km_pf_tokens(isa, 1); /* pb: blocks per panel */
+    int pb = M <= 2 ? 4 : M <= 4 ? 2 : 1, kpf = g_pf_now && M >= km_pf_tokens(isa, 0); /* pb: blocks per panel */
     if (!vnni) pb = 1;
     long K4 = K / 4, blocks = N / 16, panels = (blocks + pb - 1) / pb;
     int nth = call_threads(nthreads);
@@ -2355,7 +2358,7 @@ static void kx_run(const kx_t *k, int nth) {
     const size_t wsz = k->bf ? 2 : 1;
     for (long u = 0; u < U; u++) total += D * unit_cost(k->up_row_cost, k->cnt[k->uni[u]], wsz);
     const long nbk = H / 16;
-    const int flags = g_expert_flags && nth > 1, pf_min = km_pf_tokens(k->isa, !k->bf); /* streams that prefetch */
+    const int flags = g_expert_flags && nth > 1, pf_min = km_pf_tokens(k->isa, k->bf && k->dot); /* streams that prefetch */
     long *done = flags ? calloc((size_t)U + 1, sizeof(long)) : NULL; /* up blocks finished, per union entry */
     #pragma omp parallel num_threads(nth)
     {

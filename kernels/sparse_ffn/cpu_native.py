@@ -395,7 +395,8 @@ def set_kmajor_prefetch(tokens: int) -> int | None:
 
 def kmajor_prefetch_tokens(int8: bool, isa: str | None = None) -> int:
     """The fewest tokens a K-major stream's lines must serve for it to prefetch, on ``isa`` (default: the path calls
-    take) for int8 or bf16 weights: 0 = every stream (``check --env`` reports it)."""
+    take) for int8 weights or bf16 ones in the form that path takes now (:func:`kmajor_dot`): 0 = every stream
+    (``check --env`` reports it)."""
     lib = _load()
     assert lib is not None, "native kernel unavailable"
     n = int(lib.blockffn_kmajor_prefetch_tokens(_isa_code(isa), int(bool(int8))))
