@@ -32,7 +32,10 @@ state), ``avx512_bf16``, ``avx512`` (F/BW/VL/DQ), ``avx2`` (AVX2 + FMA), ``porta
 extensions).
 :func:`cpu_isa` tells the one in use; ``$VLLM_BLOCKFFN_CPU_ISA`` forces a narrower one (tests
 run every path the machine can). Weight streaming: each unit's W_down rows are prefetched while
-its W_up rows are read, and the next unit's W_up rows while its W_down rows are read.
+its W_up rows are read, and the next unit's W_up rows while its W_down rows are read. K-major streams
+(packed experts, K-major linears) prefetch 2 KB ahead, except where the hardware prefetchers follow them
+better (AMD's AVX-512 cores, lines serving few tokens: :func:`set_kmajor_prefetch`,
+``$VLLM_BLOCKFFN_CPU_PREFETCH``).
 
 Threads: OpenMP's current count, which ``torch.set_num_threads`` sets (or
 ``$VLLM_BLOCKFFN_CPU_THREADS``), OpenMP from the libgomp torch has loaded (same soname, so the
