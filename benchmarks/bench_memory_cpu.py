@@ -515,9 +515,7 @@ def linear_rows(args, threads: int) -> list[list[str]]:
         for dname in args.dtypes:
             dt = DTYPES[dname]
             xdt = x_dtype(dt)
-            esz = torch.tensor([], dtype=dt).element_size()
-            b = N * K * esz + (N * 4 if dt == torch.int8 else 0)
-            n = max(4, math.ceil(3 * llc_bytes() / b))
+            b, n = linear_pool(N, K, dt)
             w0 = torch.randn(N, K) / K**0.5
             if dt == torch.int8:
                 q0, s0 = quantize_rows(w0)
@@ -588,6 +586,13 @@ def linear_rows(args, threads: int) -> list[list[str]]:
     return rows
 
 
+def linear_pool(N: int, K: int, dt: torch.dtype) -> tuple[int, int]:
+    """A linear's bytes per call (int8: its fp32 row scales too) and how many copies the cold rows cycle through
+    (≥ 3× the LLC)."""
+    b = N * K * torch.tensor([], dtype=dt).element_size() + (N * 4 if dt == torch.int8 else 0)
+    return b, max(4, math.ceil(3 * llc_bytes() / b))
+
+
 def ab_linear_rows(args) -> list[list[str]]:
     """The served K-major linears (cold, as :func:`linear_rows`) with a kernel switch at A and B (``--ab`` with
     ``--linears-only``): both runs in every round of :func:`interleaved`, each setting the switch before its pass
@@ -608,8 +613,8 @@ def ab_linear_rows(args) -> list[list[str]]:
                 sums = cpu_native.int8_row_sums(w0)
             else:
                 w0 = w0.to(dt)
-            nbytes = N * K * w0.element_size() + (N * 4 if dt == torch.int8 else 0)
-            packed = [placed(pack_kmajor(w0)) for _ in range(max(4, math.ceil(3 * llc_bytes() / nbytes)))]
+            nbytes, copies = linear_pool(N, K, dt)
+            packed = [placed(pack_kmajor(w0)) for _ in range(copies)]
             try:
                 for M in (1, 4, 8):
                     x = torch.randn(M, K).to(x_dtype(dt))
