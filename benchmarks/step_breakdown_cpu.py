@@ -56,6 +56,7 @@ class Probe:
         self.steps = 0  # lm_head calls seen: decode steps start after the first
         self.unions: dict[int, list[int]] = collections.defaultdict(list)  # layer -> the step's expert union
         self.pairs: dict[int, list[int]] = collections.defaultdict(list)  # layer -> its active (token, expert) pairs
+        self.secs: dict[int, list[float]] = collections.defaultdict(list)  # layer -> its calls' durations
         self.dump: str | None = None  # --dump-calls DIR
 
     def reset(self) -> None:
@@ -64,6 +65,7 @@ class Probe:
         self.last, self.steps = None, 0
         self.unions.clear()
         self.pairs.clear()
+        self.secs.clear()
 
     def enter(self, tag: str) -> float:
         t = time.perf_counter()
@@ -190,7 +192,10 @@ def main() -> None:
         layers = [(i, float(r[UNION] / max(r[SEGMENTS], 1))) for i, r in sorted(RECORDER._totals.items())]
     expert_mb = [u * 2 * D * H * elt / 1e6 for _, u in layers]
     ex = probe.calls.get("experts") or probe.calls[ROUTER_EXPERTS]
-    per_layer = [statistics.median(ex[i::len(layers)]) for i in range(len(layers))]
+    # a layer's mean time beside its mean union (the mean bytes): a median time beside a mean union overstates
+    # GB/s where a layer's union varies from step to step (3 experts most steps, 30 on a few)
+    per_layer = [statistics.fmean(probe.secs[i]) if probe.secs.get(i) else statistics.fmean(ex[k::len(layers)])
+                 for k, (i, _) in enumerate(layers)]
 
     rows = []
     print(f"{args.model} {args.dtype} {args.quantization or ''} batch {args.batch}: {steps} decode steps, "
@@ -239,7 +244,7 @@ def main() -> None:
           f"({100 * limit_ms / (limit_ms + compute_ms):.0f}% of the limit), overlapped {max(limit_ms, compute_ms):.2f}")
     for (i, u), mb, us in zip(layers, expert_mb, per_layer):
         tpe = f", {statistics.fmean(probe.pairs[i]) / u:4.1f} tokens an expert" if probe.pairs.get(i) and u else ""
-        print(f"  layer {i:2d}: union {u:5.1f} experts{tpe}, {mb:5.2f} MB, {us * 1e6:6.1f} µs, "
+        print(f"  layer {i:2d}: union {u:5.1f} experts{tpe}, {mb:5.2f} MB, mean {us * 1e6:6.1f} µs, "
               f"{mb / us / 1e3:5.1f} GB/s")
     if args.json:
         with open(args.json, "w") as f:
@@ -247,7 +252,7 @@ def main() -> None:
                        "steps": steps,
                        "bandwidth_gbs": bw, "fma_peak_gmacs": peak, "gmacs": macs, "compute_ms": compute_ms,
                        "step_ms": step_ms, "step_mb": step_mb, "limit_ms": limit_ms, "rows": rows,
-                       "layers": [{"layer": i, "union": u, "mb": mb, "median_us": us * 1e6,
+                       "layers": [{"layer": i, "union": u, "mb": mb, "mean_us": us * 1e6,
                                    "pairs": statistics.fmean(probe.pairs[i]) if probe.pairs.get(i) else None}
                                   for (i, u), mb, us in zip(layers, expert_mb, per_layer)]}, f, indent=1)
 
@@ -264,6 +269,7 @@ class _ProbedOp:
         t0 = self._probe.enter(tag)
         r = self._op(*args, **kwargs)
         self._probe.leave(tag, t0)
+        secs = self._probe.last[1] - t0
         if tag == LM_HEAD[0]:
             self._probe.steps += 1
         if tag == ROUTER_EXPERTS and self._probe.steps >= 1:
@@ -273,6 +279,7 @@ class _ProbedOp:
             active = (x.float() @ w_r.float().t()) > 0
             self._probe.unions[int(args[12])].append(int(active.any(0).sum()))
             self._probe.pairs[int(args[12])].append(int(active.sum()))
+            self._probe.secs[int(args[12])].append(secs)
             if self._probe.dump and self._probe.steps == 8:  # one call a layer, for replay_experts_cpu.py
                 import torch
 

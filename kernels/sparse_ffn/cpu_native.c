@@ -1823,6 +1823,26 @@ int blockffn_kmajor_prefetch_tokens(int isa, int int8) {
     isa = blockffn_resolve_isa(isa);
     return isa < 0 ? -3 : km_pf_tokens(isa, !int8 && BLOCKFFN_X86 && isa >= ISA_AVX512_BF16 && km_dot_on());
 }
+#ifndef KM_PF_L2
+#define KM_PF_L2 4096
+#endif
+/* The int8 K-major linears' streams on those AMD cores prefetch into L2 (PREFETCHT1) KM_PF_L2 ahead, at every row
+   count: their lines take two VPDPBUSD a row, and at 4-16 rows a call ran its reads and its arithmetic one after the
+   other (qkv 4 rows: 326 us, its bytes at the read bandwidth 290 plus its VPDPBUSD at their peak ~180); into L1
+   (T0, 2 or 4 KB ahead) the prefetches change nothing there (0.97-1.10x), into L2 a call is 1.05-1.42x faster at
+   4-16 rows and level to 1.24x at 1-2 (cold [3712, 1856] and [32000, 1856], interleaved; RESULTS.md 2026-12-06
+   20:03 UTC). The int8 experts keep the rule above (into L2 there: decode 0.94-1.01x, verify chunks 1.0-1.15x, mixed).
+   Returns the mode for a linear of M rows: 0 none, 1 into L1 KM_PF ahead, 2 into L2 KM_PF_L2 ahead; a set
+   km_pf_tokens (benchmarks, $VLLM_BLOCKFFN_CPU_PREFETCH) restores the L1 prefetch from that many rows. */
+static int km_i8_linear_pf(int isa, long M) {
+    if (!(BLOCKFFN_X86 && isa >= ISA_AVX512_BF16)) return 0; /* no VNNI: the fp32 fallback (kq_float), unprefetched */
+    if (g_km_pf_tokens < 0 && km_pf_tokens(isa, 0) > 0) return 2; /* the AMD rule is in effect */
+    return M >= km_pf_tokens(isa, 0) ? 1 : 0;
+}
+int blockffn_kmajor_i8_linear_prefetch(int isa, long rows) {
+    isa = blockffn_resolve_isa(isa);
+    return isa < 0 ? -3 : km_i8_linear_pf(isa, rows);
+}
 #define KM_TG 8    /* tokens per pass (AVX-512: 2 x 8 accumulators) */
 #ifndef KM_SB
 #define KM_SB 128 /* tokens per sweep over the weights: their fp32 x (0.9 MB at K = 1792) stays in L2 while every
@@ -2087,7 +2107,8 @@ static void kq_float(const int8_t *w, long K4, int nb, const float *const *xr, i
             for (int b = 0; b < NB; b++) {                                                              \
                 const int8_t *p = w + (long)b * K4 * 64 + q * 64;                                       \
                 wv[b] = _mm512_loadu_si512(p);                                                          \
-                if (pf) _mm_prefetch((const char *)p + KM_PF, _MM_HINT_T0);                             \
+                if (pf == 2) _mm_prefetch((const char *)p + KM_PF_L2, _MM_HINT_T1);                     \
+                else if (pf) _mm_prefetch((const char *)p + KM_PF, _MM_HINT_T0);                        \
             }                                                                                           \
             for (int t = 0; t < NT; t++) {                                                              \
                 int32_t bh, bl;                                                                         \
@@ -2163,7 +2184,7 @@ int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp
         xs[t] = xdt ? xf + t * K : (const float *)x + t * ldx;
     }
     if (vnni) quantize_planes(isa, xs, M, K, xq8, xqs);
-    int pb = M <= 2 ? 4 : M <= 4 ? 2 : 1, kpf = g_pf_now && M >= km_pf_tokens(isa, 0); /* pb: blocks per panel */
+    int pb = M <= 2 ? 4 : M <= 4 ? 2 : 1, kpf = g_pf_now ? km_i8_linear_pf(isa, M) : 0; /* pb: blocks per panel */
     if (!vnni) pb = 1;
     long K4 = K / 4, blocks = N / 16, panels = (blocks + pb - 1) / pb;
     int nth = call_threads(nthreads);
@@ -2189,7 +2210,7 @@ int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp
                 }
 #if BLOCKFFN_X86
                 if (vnni && finite) {
-                    kq_avx512(w, K4, nb, qr, K, nt, hi, lo, kpf && t0 == 0);
+                    kq_avx512(w, K4, nb, qr, K, nt, hi, lo, t0 == 0 ? kpf : 0);
                     for (int t = 0; t < nt; t++)
                         for (int b = 0; b < nb; b++)
                             kq_finish(hi + t * 64 + 16 * b, lo + t * 64 + 16 * b, rowsum + n0 + 16 * b,
