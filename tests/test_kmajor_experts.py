@@ -307,7 +307,7 @@ def test_kmajor_prefetch_rule_changes_no_bits(dtype):
 def test_kmajor_prefetch_rule_and_switch(monkeypatch):
     """The rule ``check --env`` reports: on AMD's AVX-512 cores bf16 streams in the dot form from 8 tokens, int8
     and bf16 in the widening FMA form (the ``avx512`` path) from 5, every stream elsewhere and on the AVX2 path;
-    there the int8 K-major linears prefetch into L2 at every row count; ``set_kmajor_prefetch(n)`` and
+    there the int8 K-major linears prefetch into L2 from 2 rows; ``set_kmajor_prefetch(n)`` and
     $VLLM_BLOCKFFN_CPU_PREFETCH override both (into L1 from n rows), and a bad value names the variable."""
     amd = "AuthenticAMD" in open("/proc/cpuinfo").read()
     was = cpu_native.set_kmajor_prefetch(-1)
@@ -320,11 +320,11 @@ def test_kmajor_prefetch_rule_and_switch(monkeypatch):
             assert cpu_native.kmajor_prefetch_tokens(False, isa="avx512") == (5 if amd else 0)
         if cpu_native.isa_at_least("avx2"):
             assert cpu_native.kmajor_prefetch_tokens(True, isa="avx2") == 0
-        # int8 K-major linears: into L2 at every row count under the AMD rule, else into L1 from the rule's rows
+        # int8 K-major linears: into L2 from 2 rows under the AMD rule, else into L1 from the rule's rows
         # (the VNNI kernel's streams; without VNNI the fp32 fallback does not prefetch)
         vnni = cpu_native.isa_at_least("avx512_bf16")
-        assert [cpu_native.kmajor_i8_linear_prefetch(m) for m in (1, 4, 5, 9)] == [2 if amd else 1 if vnni else 0] * 4 \
-            if vnni else [0] * 4
+        assert [cpu_native.kmajor_i8_linear_prefetch(m) for m in (1, 2, 5, 9)] == (
+            ([0] + [2] * 3 if amd else [1] * 4) if vnni else [0] * 4)
         if cpu_native.isa_at_least("avx2"):
             assert cpu_native.kmajor_i8_linear_prefetch(1, isa="avx2") == 0
         cpu_native.set_kmajor_prefetch(3)

@@ -1826,17 +1826,18 @@ int blockffn_kmajor_prefetch_tokens(int isa, int int8) {
 #ifndef KM_PF_L2
 #define KM_PF_L2 4096
 #endif
-/* The int8 K-major linears' streams on those AMD cores prefetch into L2 (PREFETCHT1) KM_PF_L2 ahead, at every row
-   count: their lines take two VPDPBUSD a row, and at 4-16 rows a call ran its reads and its arithmetic one after the
-   other (qkv 4 rows: 326 us, its bytes at the read bandwidth 290 plus its VPDPBUSD at their peak ~180); into L1
-   (T0, 2 or 4 KB ahead) the prefetches change nothing there (0.97-1.10x), into L2 a call is 1.05-1.42x faster at
-   4-16 rows and level to 1.24x at 1-2 (cold [3712, 1856] and [32000, 1856], interleaved; RESULTS.md 2026-12-06
-   20:03 UTC). The int8 experts keep the rule above (into L2 there: decode 0.94-1.01x, verify chunks 1.0-1.15x, mixed).
-   Returns the mode for a linear of M rows: 0 none, 1 into L1 KM_PF ahead, 2 into L2 KM_PF_L2 ahead; a set
-   km_pf_tokens (benchmarks, $VLLM_BLOCKFFN_CPU_PREFETCH) restores the L1 prefetch from that many rows. */
+/* The int8 K-major linears' streams on those AMD cores prefetch into L2 (PREFETCHT1) KM_PF_L2 ahead from 2 rows: their
+   lines take two VPDPBUSD a row, and from 4 rows a call ran its reads and its arithmetic one after the other (qkv 4
+   rows: 326 us, its bytes at the read bandwidth 290 plus its VPDPBUSD at their peak ~180); into L1 (T0, 2 or 4 KB
+   ahead) the prefetches changed nothing there (0.97-1.10x), into L2 a call is 1.1-1.35x faster at 4-16 rows, 0.92-1.03x
+   the time at 2, level at 1 row (0.98-1.05x), where the hardware prefetchers keep it (cold [1856..32000, 1856],
+   interleaved; RESULTS.md 2026-12-06 20:03 UTC). The int8 experts keep the rule above (into L2 there: decode
+   0.94-1.01x, verify chunks 1.0-1.15x, mixed). Returns the mode for a linear of M rows: 0 none, 1 into L1 KM_PF
+   ahead, 2 into L2 KM_PF_L2 ahead; a set km_pf_tokens (benchmarks, $VLLM_BLOCKFFN_CPU_PREFETCH) restores the L1
+   prefetch from that many rows. */
 static int km_i8_linear_pf(int isa, long M) {
     if (!(BLOCKFFN_X86 && isa >= ISA_AVX512_BF16)) return 0; /* no VNNI: the fp32 fallback (kq_float), unprefetched */
-    if (g_km_pf_tokens < 0 && km_pf_tokens(isa, 0) > 0) return 2; /* the AMD rule is in effect */
+    if (g_km_pf_tokens < 0 && km_pf_tokens(isa, 0) > 0) return M >= 2 ? 2 : 0; /* the AMD rule is in effect */
     return M >= km_pf_tokens(isa, 0) ? 1 : 0;
 }
 int blockffn_kmajor_i8_linear_prefetch(int isa, long rows) {

@@ -35,7 +35,7 @@ run every path the machine can). Weight streaming: each unit's W_down rows are p
 its W_up rows are read, and the next unit's W_up rows while its W_down rows are read. K-major streams
 (packed experts, K-major linears) prefetch 2 KB ahead, except where the hardware prefetchers follow them
 better (AMD's AVX-512 cores, lines serving few tokens: :func:`set_kmajor_prefetch`,
-``$VLLM_BLOCKFFN_CPU_PREFETCH``); there the int8 K-major linears prefetch into L2, 4 KB ahead
+``$VLLM_BLOCKFFN_CPU_PREFETCH``); there the int8 K-major linears prefetch into L2, 4 KB ahead, from 2 rows
 (:func:`kmajor_i8_linear_prefetch`).
 
 Threads: OpenMP's current count, which ``torch.set_num_threads`` sets (or
@@ -405,8 +405,8 @@ KMAJOR_I8_LINEAR_PREFETCH = ("none", "L1, 2 KB ahead", "L2, 4 KB ahead")
 def kmajor_i8_linear_prefetch(rows: int, isa: str | None = None) -> int:
     """How an int8 K-major linear of ``rows`` rows prefetches its weight streams on ``isa`` (default: the path calls
     take): 0 none (also the fp32 fallback without VNNI), 1 into L1 2 KB ahead (from :func:`kmajor_prefetch_tokens`
-    rows), 2 into L2 4 KB ahead (AMD's AVX-512 cores under the CPU's rule: there a call's VPDPBUSD no longer wait on
-    its reads; cpu_native.c, ``km_i8_linear_pf``); the same bits either way."""
+    rows), 2 into L2 4 KB ahead (AMD's AVX-512 cores under the CPU's rule, from 2 rows: there a call's VPDPBUSD no
+    longer wait on its reads; cpu_native.c, ``km_i8_linear_pf``); the same bits either way."""
     lib = _load()
     assert lib is not None, "native kernel unavailable"
     n = int(lib.blockffn_kmajor_i8_linear_prefetch(_isa_code(isa), int(rows)))
