@@ -266,8 +266,9 @@ def test_bf16_engine_packs_experts_where_the_rule_says(engine_factory, tiny_fact
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
 def test_kmajor_prefetch_rule_changes_no_bits(dtype):
-    """Which K-major streams prefetch (``set_kmajor_prefetch``: the CPU's rule, every stream, from 5 tokens, none)
-    changes only timing: packed experts (1, 4, 9 tokens, 2 threads) and K-major linears (1, 5, 9 rows) give the same
+    """Which K-major streams prefetch and where to (``set_kmajor_prefetch``: the CPU's rule, every stream, from 5
+    tokens, none; ``set_int8_experts_l2``: the int8 experts into L2 by the rule, from 1 token, never) changes only
+    timing: packed experts (1, 4, 9 tokens, 2 threads) and K-major linears (1, 5, 9 rows) give the same
     bits under each setting, on every ISA path this CPU runs."""
     from vllm_blockffn.kernels.quant import quantize_experts, quantize_rows
 
@@ -292,8 +293,9 @@ def test_kmajor_prefetch_rule_changes_no_bits(dtype):
                 s = expert_scores(T, E, seed=T)
                 cu = torch.tensor([0, T], dtype=torch.int32)
                 outs = []
-                for setting in (-1, 0, 5, 1000):
+                for setting, l2 in ((-1, -1), (-1, 1), (-1, 0), (0, -1), (5, -1), (1000, -1)):
                     cpu_native.set_kmajor_prefetch(setting)
+                    cpu_native.set_int8_experts_l2(l2)
                     outs.append((cpu_native.sparse_ffn_native(x, s, pu, pd, cu, num_threads=2, up_scale=su,
                                                               down_scale=sd, isa=isa),
                                  cpu_native.linear_kmajor_native(x, pw, isa=isa, weight_scale=ws, row_sums=rs)))
@@ -301,6 +303,7 @@ def test_kmajor_prefetch_rule_changes_no_bits(dtype):
                     assert torch.equal(y, outs[0][0]) and torch.equal(lin, outs[0][1]), (dtype, isa, T)
     finally:
         cpu_native.set_kmajor_prefetch(was)
+        cpu_native.set_int8_experts_l2(-1)
 
 
 @needs_native
@@ -327,11 +330,19 @@ def test_kmajor_prefetch_rule_and_switch(monkeypatch):
             ([0] + [2] * 3 if amd else [1] * 4) if vnni else [0] * 4)
         if cpu_native.isa_at_least("avx2"):
             assert cpu_native.kmajor_i8_linear_prefetch(1, isa="avx2") == 0
+        # int8 experts: into L2 from 3 tokens an expert under the AMD rule, into L1 from the rule's tokens else
+        i8x = [cpu_native.int8_experts_prefetch(m) for m in (1, 2, 3, 4, 5, 9)]
+        assert i8x == ([0, 0, 2, 2, 2, 2] if amd and vnni else [0, 0, 0, 0, 1, 1] if amd and wide else [1] * 6)
+        cpu_native.set_int8_experts_l2(2)
+        assert cpu_native.int8_experts_prefetch(2) == (2 if vnni else 1 if not (amd and wide) else 0)
+        cpu_native.set_int8_experts_l2(-1)
         cpu_native.set_kmajor_prefetch(3)
         assert cpu_native.kmajor_prefetch_tokens(False) == cpu_native.kmajor_prefetch_tokens(True) == 3
         assert [cpu_native.kmajor_i8_linear_prefetch(m) for m in (1, 2, 3, 9)] == ([0, 0, 1, 1] if vnni else [0] * 4)
+        assert [cpu_native.int8_experts_prefetch(m) for m in (2, 3)] == [0, 1]
     finally:
         cpu_native.set_kmajor_prefetch(was)
+        cpu_native.set_int8_experts_l2(-1)
     for raw, want in (("", -1), ("auto", -1), ("ALL", 0), ("6", 6)):
         monkeypatch.setenv(cpu_native.PREFETCH_ENV, raw)
         assert cpu_native.prefetch_env() == want

@@ -1844,6 +1844,30 @@ int blockffn_kmajor_i8_linear_prefetch(int isa, long rows) {
     isa = blockffn_resolve_isa(isa);
     return isa < 0 ? -3 : km_i8_linear_pf(isa, rows);
 }
+#ifndef KX_L2_FROM
+#define KX_L2_FROM 3
+#endif
+/* The int8 packed experts' streams (up and down passes) on those AMD cores: into L2 KM_PF_L2 ahead where the expert
+   serves at least KX_L2_FROM tokens, the rule above below that. g_i8x_l2: -1 that, 0 never (the rule above alone),
+   n from n tokens (benchmarks compare). Returns the mode as km_i8_linear_pf. */
+static int g_i8x_l2 = -1;
+int blockffn_set_int8_experts_l2(int tokens) {
+    int was = g_i8x_l2;
+    g_i8x_l2 = tokens < 0 ? -1 : tokens;
+    return was;
+}
+static int km_i8x_pf(int isa, int m) {
+    int l1 = km_pf_tokens(isa, 0);
+    if (BLOCKFFN_X86 && isa >= ISA_AVX512_BF16) {
+        int from = g_i8x_l2 >= 0 ? g_i8x_l2 : g_km_pf_tokens < 0 && l1 > 0 ? KX_L2_FROM : 0;
+        if (from > 0 && m >= from) return 2;
+    }
+    return m >= l1 ? 1 : 0;
+}
+int blockffn_int8_experts_prefetch(int isa, int tokens) {
+    isa = blockffn_resolve_isa(isa);
+    return isa < 0 ? -3 : km_i8x_pf(isa, tokens);
+}
 #define KM_TG 8    /* tokens per pass (AVX-512: 2 x 8 accumulators) */
 #ifndef KM_SB
 #define KM_SB 128 /* tokens per sweep over the weights: their fp32 x (0.9 MB at K = 1792) stays in L2 while every
@@ -2294,7 +2318,8 @@ typedef struct {
         for (int t = 0; t < NT; t++) ah[t] = al[t] = _mm512_setzero_si512();                            \
         for (long q = 0; q < K4; q++) {                                                                 \
             __m512i wv = _mm512_loadu_si512(w + q * 64);                                                \
-            if (pf) _mm_prefetch((const char *)w + q * 64 + KM_PF, _MM_HINT_T0);                        \
+            if (pf == 2) _mm_prefetch((const char *)w + q * 64 + KM_PF_L2, _MM_HINT_T1);                \
+            else if (pf) _mm_prefetch((const char *)w + q * 64 + KM_PF, _MM_HINT_T0);                   \
             for (int t = 0; t < NT; t++) {                                                              \
                 int32_t bh, bl;                                                                         \
                 memcpy(&bh, hq[t] + 4 * q, 4);                                                          \
@@ -2320,10 +2345,10 @@ static void kx_down(const int8_t *w, long K4, long nblk, int m, const uint8_t *c
             float *y[4] = {NULL, NULL, NULL, NULL};
             for (int t = 0; t < 4 && j0 + t < m; t++) y[t] = yr[j0 + t] + 16 * b;
             switch (m - j0 < 4 ? m - j0 : 4) {
-            case 1: kxd_1(w, K4, hq + j0, c, s, st + j0, y, pf && j0 == 0); break;
-            case 2: kxd_2(w, K4, hq + j0, c, s, st + j0, y, pf && j0 == 0); break;
-            case 3: kxd_3(w, K4, hq + j0, c, s, st + j0, y, pf && j0 == 0); break;
-            default: kxd_4(w, K4, hq + j0, c, s, st + j0, y, pf && j0 == 0); break;
+            case 1: kxd_1(w, K4, hq + j0, c, s, st + j0, y, j0 == 0 ? pf : 0); break;
+            case 2: kxd_2(w, K4, hq + j0, c, s, st + j0, y, j0 == 0 ? pf : 0); break;
+            case 3: kxd_3(w, K4, hq + j0, c, s, st + j0, y, j0 == 0 ? pf : 0); break;
+            default: kxd_4(w, K4, hq + j0, c, s, st + j0, y, j0 == 0 ? pf : 0); break;
             }
         }
     }
@@ -2417,7 +2442,7 @@ static void kx_run(const kx_t *k, int nth) {
                                64, j0 == 0 && m >= pf_min);
                     else
                         kx_panel(k, (const int8_t *)k->wu + (e * D + d0) * H, H / 4, nb, q, xr, st, nt,
-                                 k->rsu + e * D + d0, k->su + e * D + d0, out, j0 == 0 && m >= pf_min);
+                                 k->rsu + e * D + d0, k->su + e * D + d0, out, j0 == 0 ? km_i8x_pf(k->isa, m) : 0);
                     for (int t = 0; t < nt; t++) {
                         long p = o + j0 + t;
                         float *h = k->hb + p * D + d0, sct = k->sc[p];
@@ -2481,7 +2506,7 @@ static void kx_run(const kx_t *k, int nth) {
                         sv[t] = hqs[o + j0 + t];
                     }
                     kx_down((const int8_t *)k->wd + e * H * D + c0 * D, D / 4, b1 - b0, nt, hq, k->rsd + e * H + c0,
-                            k->sd + e * H + c0, sv, yr, j0 == 0 && m >= pf_min);
+                            k->sd + e * H + c0, sv, yr, j0 == 0 ? km_i8x_pf(k->isa, m) : 0);
                 }
                 continue;
             }
@@ -2497,7 +2522,7 @@ static void kx_run(const kx_t *k, int nth) {
                         st[t] = k->kqv ? hqs[o + j0 + t] : NAN;
                     }
                     kx_panel(k, w, D / 4, nb, q, xr, st, nt, k->rsd + e * H + cb * 16, k->sd + e * H + cb * 16, out,
-                             j0 == 0 && m >= pf_min);
+                             j0 == 0 ? km_i8x_pf(k->isa, m) : 0);
                     for (int t = 0; t < nt; t++) /* (vectorized: the plain loop compiled to scalar adds) */
                         add_into(k->isa, k->yf + (long)k->tok[o + j0 + t] * H + cb * 16, out + t * 64, 16 * nb);
                 }

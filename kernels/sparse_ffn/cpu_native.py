@@ -145,6 +145,8 @@ def _open(path: str) -> ctypes.CDLL | None:
         lib.blockffn_set_kmajor_prefetch.argtypes = [ctypes.c_int]
         lib.blockffn_kmajor_prefetch_tokens.argtypes = [ctypes.c_int, ctypes.c_int]
         lib.blockffn_kmajor_i8_linear_prefetch.argtypes = [ctypes.c_int, ctypes.c_long]
+        lib.blockffn_set_int8_experts_l2.argtypes = [ctypes.c_int]
+        lib.blockffn_int8_experts_prefetch.argtypes = [ctypes.c_int, ctypes.c_int]
         lib.blockffn_set_amx_rules.argtypes = [ctypes.c_long, ctypes.c_long]
         lib.blockffn_set_amx_rules(THRESHOLDS.cpu_amx_min_rows, THRESHOLDS.cpu_amx_min_tokens)
         lib.blockffn_amx_calls.restype = ctypes.c_long
@@ -410,6 +412,25 @@ def kmajor_i8_linear_prefetch(rows: int, isa: str | None = None) -> int:
     lib = _load()
     assert lib is not None, "native kernel unavailable"
     n = int(lib.blockffn_kmajor_i8_linear_prefetch(_isa_code(isa), int(rows)))
+    if n == -3:
+        raise _bad_isa_env()
+    return n
+
+
+def set_int8_experts_l2(tokens: int) -> int | None:
+    """The int8 packed experts' L2 prefetch (4 KB ahead): -1 (default) by the CPU's rule (AMD's AVX-512 cores: from 3
+    tokens an expert), 0 never (the L1 rule of :func:`set_kmajor_prefetch` alone), ``n`` from ``n`` tokens; the same
+    bits either way (benchmarks compare). Returns the setting it replaced (None without the native kernel)."""
+    lib = _load()
+    return None if lib is None else int(lib.blockffn_set_int8_experts_l2(max(-1, int(tokens))))
+
+
+def int8_experts_prefetch(tokens: int, isa: str | None = None) -> int:
+    """How an int8 packed expert serving ``tokens`` tokens prefetches its streams on ``isa`` (default: the path calls
+    take): the codes of :data:`KMAJOR_I8_LINEAR_PREFETCH` (``check --env`` reports it)."""
+    lib = _load()
+    assert lib is not None, "native kernel unavailable"
+    n = int(lib.blockffn_int8_experts_prefetch(_isa_code(isa), int(tokens)))
     if n == -3:
         raise _bad_isa_env()
     return n
