@@ -1827,14 +1827,13 @@ int blockffn_kmajor_prefetch_tokens(int isa, int int8) {
 #define KM_PF_L2 4096
 #endif
 /* The int8 K-major linears' streams on those AMD cores prefetch into L2 (PREFETCHT1) KM_PF_L2 ahead from 2 rows: their
-   lines take two VPDPBUSD a row, and from 4 rows a call ran its reads and its arithmetic one after the other (qkv 4
-   rows: 326 us, its bytes at the read bandwidth 290 plus its VPDPBUSD at their peak ~180); into L1 (T0, 2 or 4 KB
-   ahead) the prefetches changed nothing there (0.97-1.10x), into L2 a call is 1.1-1.35x faster at 4-16 rows, 0.92-1.03x
-   the time at 2, level at 1 row (0.98-1.05x), where the hardware prefetchers keep it (cold [1856..32000, 1856],
-   interleaved; RESULTS.md 2026-12-06 20:03 UTC). The int8 experts keep the rule above (into L2 there: decode
-   0.94-1.01x, verify chunks 1.0-1.15x, mixed). Returns the mode for a linear of M rows: 0 none, 1 into L1 KM_PF
-   ahead, 2 into L2 KM_PF_L2 ahead; a set km_pf_tokens (benchmarks, $VLLM_BLOCKFFN_CPU_PREFETCH) restores the L1
-   prefetch from that many rows. */
+   lines take two VPDPBUSD a row, and from 4 rows a call ran its reads and its arithmetic nearly one after the other
+   ([3712, 1856], 4 rows: 326 us; its bytes at the read bandwidth 238, its VPDPBUSD at their peak 129). Into L1 (T0,
+   2 or 4 KB ahead) the prefetches changed nothing there (0.97-1.10x); into L2 a call is 1.1-1.35x faster at 4-16
+   rows, 0.92-1.03x the time at 2, level at 1 row (0.98-1.05x), which the hardware prefetchers keep (cold [1856..32000,
+   1856], interleaved; RESULTS.md 2026-12-06 20:03 UTC). The int8 experts: km_i8x_pf below. Returns the mode for a
+   linear of M rows: 0 none, 1 into L1 KM_PF ahead, 2 into L2 KM_PF_L2 ahead; a set km_pf_tokens (benchmarks,
+   $VLLM_BLOCKFFN_CPU_PREFETCH) restores the L1 prefetch from that many rows. */
 static int km_i8_linear_pf(int isa, long M) {
     if (!(BLOCKFFN_X86 && isa >= ISA_AVX512_BF16)) return 0; /* no VNNI: the fp32 fallback (kq_float), unprefetched */
     if (g_km_pf_tokens < 0 && km_pf_tokens(isa, 0) > 0) return M >= 2 ? 2 : 0; /* the AMD rule is in effect */
@@ -1848,8 +1847,11 @@ int blockffn_kmajor_i8_linear_prefetch(int isa, long rows) {
 #define KX_L2_FROM 3
 #endif
 /* The int8 packed experts' streams (up and down passes) on those AMD cores: into L2 KM_PF_L2 ahead where the expert
-   serves at least KX_L2_FROM tokens, the rule above below that. g_i8x_l2: -1 that, 0 never (the rule above alone),
-   n from n tokens (benchmarks compare). Returns the mode as km_i8_linear_pf. */
+   serves at least KX_L2_FROM tokens, the rule above below that. From 3 (bench_memory_cpu.py --ab int8_experts_l2=0,3,
+   two runs, four shapes): 4-token verify chunks 1.04-1.30x faster; decode rows level (0.94-1.07x, the spread of the
+   1-token rows, which the switch does not change); every expert stream into L2 was mixed at 1-2 tokens (0.92-1.12x).
+   g_i8x_l2: -1 that, 0 never (the rule above alone), n from n tokens (benchmarks compare). Returns the mode as
+   km_i8_linear_pf. */
 static int g_i8x_l2 = -1;
 int blockffn_set_int8_experts_l2(int tokens) {
     int was = g_i8x_l2;
