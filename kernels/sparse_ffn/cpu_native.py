@@ -404,17 +404,22 @@ KMAJOR_I8_LINEAR_PREFETCH = ("none", "L1, 2 KB ahead", "L2, 4 KB ahead")
 """The modes :func:`kmajor_i8_linear_prefetch` returns, by code."""
 
 
+def _prefetch_query(name: str, isa: str | None, n: int) -> int:
+    """``blockffn_<name>(isa code, n)`` of the loaded kernel, -3 raised as the ISA variable's error."""
+    lib = _load()
+    assert lib is not None, "native kernel unavailable"
+    code = int(getattr(lib, f"blockffn_{name}")(_isa_code(isa), int(n)))
+    if code == -3:
+        raise _bad_isa_env()
+    return code
+
+
 def kmajor_i8_linear_prefetch(rows: int, isa: str | None = None) -> int:
     """How an int8 K-major linear of ``rows`` rows prefetches its weight streams on ``isa`` (default: the path calls
     take): 0 none (also the fp32 fallback without VNNI), 1 into L1 2 KB ahead (from :func:`kmajor_prefetch_tokens`
     rows), 2 into L2 4 KB ahead (AMD's AVX-512 cores under the CPU's rule, from 2 rows: there a call's VPDPBUSD no
     longer wait on its reads; cpu_native.c, ``km_i8_linear_pf``); the same bits either way."""
-    lib = _load()
-    assert lib is not None, "native kernel unavailable"
-    n = int(lib.blockffn_kmajor_i8_linear_prefetch(_isa_code(isa), int(rows)))
-    if n == -3:
-        raise _bad_isa_env()
-    return n
+    return _prefetch_query("kmajor_i8_linear_prefetch", isa, rows)
 
 
 def set_int8_experts_l2(tokens: int) -> int | None:
@@ -428,24 +433,14 @@ def set_int8_experts_l2(tokens: int) -> int | None:
 def int8_experts_prefetch(tokens: int, isa: str | None = None) -> int:
     """How an int8 packed expert serving ``tokens`` tokens prefetches its streams on ``isa`` (default: the path calls
     take): the codes of :data:`KMAJOR_I8_LINEAR_PREFETCH` (``check --env`` reports it)."""
-    lib = _load()
-    assert lib is not None, "native kernel unavailable"
-    n = int(lib.blockffn_int8_experts_prefetch(_isa_code(isa), int(tokens)))
-    if n == -3:
-        raise _bad_isa_env()
-    return n
+    return _prefetch_query("int8_experts_prefetch", isa, tokens)
 
 
 def kmajor_prefetch_tokens(int8: bool, isa: str | None = None) -> int:
     """The fewest tokens a K-major stream's lines must serve for it to prefetch, on ``isa`` (default: the path calls
     take) for int8 weights or bf16 ones in the form that path takes now (:func:`kmajor_dot`): 0 = every stream
     (``check --env`` reports it)."""
-    lib = _load()
-    assert lib is not None, "native kernel unavailable"
-    n = int(lib.blockffn_kmajor_prefetch_tokens(_isa_code(isa), int(bool(int8))))
-    if n == -3:
-        raise _bad_isa_env()
-    return n
+    return _prefetch_query("kmajor_prefetch_tokens", isa, int(bool(int8)))
 
 
 def set_kmajor_dot(mode: int) -> int | None:
