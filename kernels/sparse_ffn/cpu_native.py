@@ -400,8 +400,8 @@ def set_kmajor_prefetch(tokens: int) -> int | None:
     return None if lib is None else int(lib.blockffn_set_kmajor_prefetch(max(-1, int(tokens))))
 
 
-KMAJOR_I8_LINEAR_PREFETCH = ("none", "L1, 2 KB ahead", "L2, 4 KB ahead")
-"""The modes :func:`kmajor_i8_linear_prefetch` returns, by code."""
+INT8_PREFETCH_MODES = ("none", "L1, 2 KB ahead", "L2, 4 KB ahead")
+"""The modes :func:`kmajor_i8_linear_prefetch` and :func:`int8_experts_prefetch` return, by code."""
 
 
 def _prefetch_query(name: str, isa: str | None, n: int) -> int:
@@ -432,7 +432,7 @@ def set_int8_experts_l2(tokens: int) -> int | None:
 
 def int8_experts_prefetch(tokens: int, isa: str | None = None) -> int:
     """How an int8 packed expert serving ``tokens`` tokens prefetches its streams on ``isa`` (default: the path calls
-    take): the codes of :data:`KMAJOR_I8_LINEAR_PREFETCH` (``check --env`` reports it)."""
+    take): the codes of :data:`INT8_PREFETCH_MODES` (``check --env`` reports it)."""
     return _prefetch_query("int8_experts_prefetch", isa, tokens)
 
 

@@ -108,9 +108,9 @@ def _check_env() -> int:
             "every stream" if pf == [0, 0] else
             f"bf16 streams serving >= {pf[0]} tokens, int8 >= {pf[1]} (lighter ones: the hardware prefetchers)")
             + "; int8 linears at 1 / 4 rows: " + " / ".join(
-                cpu_native.KMAJOR_I8_LINEAR_PREFETCH[cpu_native.kmajor_i8_linear_prefetch(m)] for m in (1, 4))
+                cpu_native.INT8_PREFETCH_MODES[cpu_native.kmajor_i8_linear_prefetch(m)] for m in (1, 4))
             + "; int8 experts at 1 / 3 / 5 tokens: " + " / ".join(
-                cpu_native.KMAJOR_I8_LINEAR_PREFETCH[cpu_native.int8_experts_prefetch(m)] for m in (1, 3, 5))
+                cpu_native.INT8_PREFETCH_MODES[cpu_native.int8_experts_prefetch(m)] for m in (1, 3, 5))
             + f" ({cpu_native.PREFETCH_ENV}=auto|all|n)")
         from vllm_blockffn.serving.layers.cpu_experts import EXPERTS_ENV, experts_mode, kmajor_paths
 
