@@ -197,22 +197,30 @@ class DispatchThresholds:
     chunks of 2048 tokens): the packed kernel 61-178 ms against the grouped GEMMs' 73-281 at 2048-8192 tokens
     (1.2-2.0x), 302-328 GFLOP/s when the VM streams well: never grouped."""
 
-    cpu_grouped_min_tokens_kmajor_bf16: dict[str, int] = field(default_factory=lambda: {"avx512_bf16_dp": NEVER})
+    cpu_grouped_min_tokens_kmajor_bf16: dict[str, int] = field(
+        default_factory=lambda: {"avx512_bf16_dp": NEVER, "avx2": NEVER})
     """Per route entry, the step size from which bf16 experts packed K-major (``cpu_experts_kmajor_bf16``) take the
     grouped GEMMs; entries not here keep ``cpu_grouped_min_tokens_by_path``'s bf16 one (not measured with packed
     experts). ``avx512_bf16_dp``, the Zen 4 EPYC (bench_long_steps_cpu.py at 252203d; XLarge shape, 4 segments, bf16
     x): the packed kernel 4.3 / 14.9 / 30.3 / 59.7 / 135 ms at 256 / 1024 / 2048 / 4096 / 8192 tokens (291-337
     GFLOP/s on the active pairs, 79-82% of oneDNN's bf16 GEMM from 1024), the grouped GEMMs on the experts as loaded
-    12.9 / 28.5 / 47.4 / 94.7 / 210 ms: never grouped (RESULTS.md 2026-12-06 07:00 UTC)."""
+    12.9 / 28.5 / 47.4 / 94.7 / 210 ms: never grouped (RESULTS.md 2026-12-06 07:00 UTC). ``avx2``, the Zen 3 EPYC
+    (AVX2 only; bf16 x, warm, 2 threads): the packed kernel 7.7 / 29.6 / 38.2 / 143 / 241 ms at 128 / 512 / 1024 /
+    2048 / 4096 tokens, the grouped GEMMs as loaded (fp32 GEMMs on widened experts) 22.0 / 46.8 / 52.8 / 161 / 244,
+    the 4-row units it replaces 11.7 / 43.7 / 98.5 / 205 (to 2048): never grouped (RESULTS.md 2026-12-06 23:10
+    UTC)."""
 
-    cpu_experts_kmajor_bf16: tuple[str, ...] = ("avx512_bf16",)
+    cpu_experts_kmajor_bf16: tuple[str, ...] = ("avx2", "avx512_bf16")
     """Kernel paths whose bf16 experts are packed K-major at load (``layout.pack_experts_kmajor``) and run as two
     K-major bf16 linears an expert (cpu_native.c ``kx_run`` with the linears' forms: VDPBF16PS on x as stored where
     it is fast, the split FMA forms otherwise) instead of 4-row units. Measured on the Zen 4 EPYC (RESULTS.md
     2026-12-06 07:00 UTC): long steps 1.35-1.8x the 4-row units and 1.6-3.0x the grouped GEMMs, cold decode
     calls 0.88-1.09x the units' time (on par at Medium-XLarge, faster at Small), end to end batch 1 / 8 1.04 / 1.06x
-    and the prefill-heavy row 1.14x. Not ``amx`` (its tiles read the row-major experts), nor ``avx512`` / ``avx2``
-    (not measured: the split forms there)."""
+    and the prefill-heavy row 1.14x. On the Zen 3 EPYC (``avx2``, AVX2 only: the lines widened by a shift and a
+    mask, each widened line serving 4 tokens; RESULTS.md 2026-12-06 23:10 UTC), cold engine calls, side by side: 4-token
+    verify chunks 0.66-0.84x the units' time at every official shape, decode 1-8 tokens 0.84-0.98x (XLarge 1 token
+    1.03x, within noise); long steps 1.5x the units at 128-512 tokens. Not ``amx`` (its tiles read the row-major
+    experts), nor ``avx512`` (not measured)."""
 
     cpu_experts_kmajor_int8: tuple[str, ...] = ("avx512_bf16",)
     """Kernel paths whose int8 experts are packed K-major at load (``layout.pack_experts_kmajor``) and run as two

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import PROMPTS, expert_scores
+from conftest import PROMPTS, expert_scores, greedy_up_to_ties
 from vllm_blockffn.kernels.dispatch import NEVER, THRESHOLDS
 from vllm_blockffn.kernels.layout import expert_dims, pack_experts_kmajor, pack_kmajor, unpack_experts
 from vllm_blockffn.kernels.sparse_ffn import cpu_native
@@ -242,7 +242,12 @@ def _packed_layers(model) -> int:
 def test_bf16_engine_packs_experts_where_the_rule_says(engine_factory, tiny_factory, monkeypatch):
     """A bf16 engine on a model whose experts pack (D, H multiples of 16): every layer's experts packed K-major on
     the paths of THRESHOLDS.cpu_experts_kmajor_bf16 (none with VLLM_BLOCKFFN_CPU_EXPERTS=rowmajor); prompt logprobs
-    within bf16 rounding of the row-major units' and greedy tokens the same (one prompt may flip a near-tie)."""
+    within bf16 rounding of the row-major units', and each run's greedy tokens the fp32 reference's up to near-ties
+    (within 0.01 in its logits: on this random tiny model such a tie may go either way under bf16 rounding; the
+    packed experts round h to bf16, the row-major units keep it in fp32, and on the AVX2 EPYC the two layouts' tokens
+    differed on 2 of 5 prompts, each run taking 2 ties of < 0.005 the other way)."""
+    from vllm_blockffn.reference import load_reference
+
     path = tiny_factory()
     runs = {}
     for mode in ("auto", "rowmajor"):
@@ -254,13 +259,14 @@ def test_bf16_engine_packs_experts_where_the_rule_says(engine_factory, tiny_fact
             engine.close()
     on = cpu_native.native_available() and cpu_native.cpu_isa() in THRESHOLDS.cpu_experts_kmajor_bf16
     assert runs["auto"][0] == (2 if on else 0) and runs["rowmajor"][0] == 0, runs
-    same = 0
+    reference = load_reference(path)
     for a, b in zip(runs["auto"][1], runs["rowmajor"][1]):
-        same += list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
         la = [next(iter(d.values())).logprob for d in a.prompt_logprobs[1:]]
         lb = [next(iter(d.values())).logprob for d in b.prompt_logprobs[1:]]
         assert max(abs(p - q) for p, q in zip(la, lb)) <= 0.1
-    assert same >= len(PROMPTS) - 1
+        for out in (a, b):
+            assert len(out.outputs[0].token_ids) == 24
+            greedy_up_to_ties(reference, list(out.prompt_token_ids), list(out.outputs[0].token_ids), margin=0.01)
 
 
 @needs_native
