@@ -168,7 +168,7 @@ class DispatchThresholds:
     vs 17.7, 256 29.5 vs 31.5; bf16 row-dot kernel vs F.linear 32 1.76 vs 2.32, 64 3.3 vs 3.7, 128 6.5 vs 6.4;
     widened never (5x slower than F.linear at 256-1024 rows: a [56, 1792] router at 1024 rows 3.6 vs 0.68 ms)."""
 
-    cpu_linear_kmajor: tuple[str, ...] = ("avx512", "avx512_bf16")
+    cpu_linear_kmajor: tuple[str, ...] = ("avx2", "avx512", "avx512_bf16")
     """Kernel paths whose bf16 linears are packed K-major at load (``layout.pack_kmajor``) and run the kernel's
     outer-product linear at every M (``cpu_ops.linear_kmajor``; ``cpu_linear_rows``' bf16 entries then apply only
     to weights that cannot be packed). Measured ([5376, 1792], 2 threads; RESULTS.md 2026-12-04 19:28 UTC) on the
@@ -176,8 +176,21 @@ class DispatchThresholds:
     vs 1121, 16 1339 vs 2039; warm against oneDNN's fp32 GEMM on widened weights 64 rows 4.6 vs 6.8 ms, 256 17.7
     vs 19.8, 1024 72.3 vs 69.7. On AMD Zen 4 (``avx512_bf16``, VDPBF16PS as fast as an FMA: the kernel's dot form,
     ``cpu_native.kmajor_dot``; RESULTS.md 2026-12-05 21:23 UTC) [3584, 1792] cold 8 rows 422 µs (the split form
-    545), 16 rows 628 (1024). Not ``amx`` (its tiles read the row-major weight) nor ``avx2`` (not measured on an
-    AVX2 CPU)."""
+    545), 16 rows 628 (1024). On the Zen 3 EPYC (``avx2``; RESULTS.md 2026-12-06 23:10 UTC), cold, XLarge qkv /
+    o_proj / lm_head against the row-dot kernel: 1 row 0.89 / 0.96 / 0.94x its time, 4 rows 0.69 / 0.77 / 0.70x, 8
+    rows 0.79 / 0.80 / 0.70x; from 128 rows bf16 x runs widened GEMMs (``cpu_linear_kmajor_widen_min_tokens``). Not
+    ``amx`` (its tiles read the row-major weight)."""
+
+    cpu_linear_kmajor_widen_min_tokens: dict[str, int] = field(default_factory=lambda: {"avx2": 384})
+    """Per route entry, the rows from which a bf16 linear packed K-major (``cpu_linear_kmajor``) with bf16 x runs
+    oneDNN's fp32 GEMM on blocks of ``cpu_ops.WIDEN_ROWS`` rows unpacked and widened from the packed weight
+    (``cpu_ops.widened_linear_kmajor``: the same fp32 weights as ``widened_linear``'s, so the same bits) instead of
+    the kernel; entries not here: never. ``avx2``, the Zen 3 EPYC ([5376, 1792], bf16 x, warm, 2 threads, one run;
+    RESULTS.md 2026-12-06 23:10 UTC): the K-major kernel vs the widened GEMMs from the packed weight 128 rows 24.9 vs
+    25.6 ms, 192 37.5 vs 39.2, 256 50.2 vs 58.1, 384 74.5 vs 63.3, 512 96.8 vs 77.2 (the kernel ~100 GFLOP/s,
+    FMA-latency bound: each output's odd and even products in the same order as every other form; the unpacking
+    costs ~1-4 ms a weight beside widening the row-major one, whose GEMMs took 21.4 / 33.9 / 46.8 / 58.7 / 74.1);
+    below 128 rows the K-major kernel took 0.75-0.86x the row-dot kernel's time (16 / 64 / 127 rows)."""
 
     cpu_linear_kmajor_int8: tuple[str, ...] = ("avx512_bf16",)
     """Kernel paths whose int8 linears (``--quantization blockffn_int8``) are packed K-major at load

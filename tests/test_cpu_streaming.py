@@ -43,6 +43,7 @@ def test_benchmark_probes_measure_each_path(isa):
     buf = torch.arange(1 << 16, dtype=torch.float32) % 7
     assert cpu_native.stream_read(buf, isa=isa) == pytest.approx(float(buf.sum()), rel=1e-6)
     rounds = 20_000 if isa == "portable" else 400_000
+    cpu_native.fma_peak(isa=isa, rounds=rounds)  # the threads' start-up out of the timed calls
     t = time.perf_counter()
     rate = cpu_native.fma_peak(isa=isa, rounds=rounds)
     short = time.perf_counter() - t
@@ -175,16 +176,33 @@ def test_kmajor_linear_rejects_bad_input():
         unpack_kmajor(torch.zeros(32, 8))
 
 
-def test_kmajor_op_equals_the_kernel():
-    """torch.ops.blockffn_native.linear_kmajor (C++ where it builds) is the kernel call: the same bits, any M."""
+@pytest.mark.parametrize("isa", PATHS)
+def test_kmajor_op_equals_the_kernel_or_its_widened_route(isa, monkeypatch):
+    """torch.ops.blockffn_native.linear_kmajor (C++ where it builds) is the kernel call, the same bits, at every M,
+    but bf16 x from the path's THRESHOLDS.cpu_linear_kmajor_widen_min_tokens (avx2: 128 rows): there oneDNN's fp32
+    GEMMs on blocks unpacked and widened from the packed weight, the same bits as widened_linear on the row-major
+    weight (two whole blocks of rows and a part); its Python implementation agrees."""
     from vllm_blockffn.kernels.sparse_ffn import cpu_ops
 
+    monkeypatch.setenv(cpu_native.ISA_ENV, isa)
     g = torch.Generator().manual_seed(7)
-    packed = pack_kmajor((torch.randn(96, 64, generator=g) / 8).bfloat16())
-    for M in (1, 8, 9, 300):
+    w = (torch.randn(2 * cpu_ops.WIDEN_ROWS + 48, 64, generator=g) / 8).bfloat16()
+    packed = pack_kmajor(w)
+    wide = cpu_ops.kmajor_widen_from(isa)
+    seen = set()
+    for M in sorted({1, 8, 9, 300, *((wide - 1, wide) if wide <= 300 else ())}):
         for dt in (torch.float32, torch.bfloat16):
             x = torch.randn(M, 64, generator=g).to(dt)
-            assert torch.equal(cpu_ops.linear_kmajor(x, packed), cpu_native.linear_kmajor_native(x, packed))
+            widened = dt == torch.bfloat16 and M > THRESHOLDS.cpu_linear_max_tokens and M >= wide
+            assert cpu_ops.kmajor_widened_rows(M, dt) == widened, (M, dt)
+            seen.add(widened)
+            y = cpu_ops.linear_kmajor(x, packed)
+            want = cpu_ops.widened_linear(x, w) if widened else cpu_native.linear_kmajor_native(x, packed)
+            assert y.dtype == dt and torch.equal(y, want), (isa, M, dt)
+            assert torch.equal(y, cpu_ops.linear_kmajor_python(x, packed)), (isa, M, dt)
+            ref = x.float() @ w.float().t()
+            assert float((y.float() - ref).norm() / ref.norm()) < (1e-5 if dt == torch.float32 else 8e-3), (isa, M, dt)
+    assert (True in seen) == (wide <= 300), (isa, wide, seen)
     with pytest.raises(ValueError, match="linear_kmajor"):
         cpu_ops.linear_kmajor(torch.zeros(2, 63), packed)
 

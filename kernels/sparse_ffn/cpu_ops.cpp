@@ -15,6 +15,7 @@
 // cpu_ops.py's native_rows / linear_python / int8_linear_python, the Python implementations of these ops
 // on machines where this file cannot be built.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 #include <torch/library.h>
@@ -56,6 +57,7 @@ struct Bound {
   int64_t max_rows = 0;       // THRESHOLDS.cpu_linear_max_tokens (decode sizes: the kernel on every path)
   int64_t rows[N_ISA][3] = {}; // THRESHOLDS.cpu_linear_rows by ISA code: fp32 kernel max, bf16 kernel max, bf16 widened from
   int64_t widen_rows = 512;    // cpu_ops.WIDEN_ROWS
+  int64_t kmajor_widen[N_ISA] = {}; // THRESHOLDS.cpu_linear_kmajor_widen_min_tokens by ISA code (NEVER: none)
 };
 Bound g;
 
@@ -79,6 +81,34 @@ at::Tensor widened_linear(const at::Tensor &x, const at::Tensor &weight) {
   for (int64_t n0 = 0; n0 < N; n0 += g.widen_rows) {
     const int64_t nb = std::min(g.widen_rows, N - n0);
     y.narrow(1, n0, nb).copy_(at::linear(xf, weight.narrow(0, n0, nb).to(at::kFloat)));
+  }
+  return y;
+}
+
+// cpu_ops.widened_linear_kmajor: widened_linear on a bf16 weight packed K-major ([N / 16, K / 2, 16, 2]), each block
+// of widen_rows rows unpacked to fp32 [rows, K] first: the same fp32 weights, so widened_linear's bits
+at::Tensor widened_linear_kmajor(const at::Tensor &x, const at::Tensor &packed) {
+  const int64_t N = packed.size(0) * 16, G = packed.size(1), K = 2 * G;
+  const at::Tensor xf = x.to(at::kFloat);
+  at::Tensor y = at::empty({x.size(0), N}, x.options());
+  at::Tensor wf = at::empty({std::min(g.widen_rows, N), K}, xf.options());
+  const uint32_t *p = static_cast<const uint32_t *>(packed.data_ptr());  // a line: 16 rows x 2 bf16, as u32 pairs
+  float *o = wf.data_ptr<float>();
+  for (int64_t n0 = 0; n0 < N; n0 += g.widen_rows) {
+    const int64_t nb = std::min(g.widen_rows, N - n0);
+    at::parallel_for(0, nb / 16, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; b++) {
+        const uint32_t *blk = p + (n0 / 16 + b) * G * 16;
+        float *rows = o + b * 16 * K;
+        for (int64_t q = 0; q < G; q++)  // line by line (one read stream; 16 rows of fp32, 115 KB at K = 1792, in L2)
+          for (int r = 0; r < 16; r++) {
+            const uint32_t v = blk[q * 16 + r];  // elements 2q and 2q + 1 of row r, as bf16 bits
+            const uint64_t f = (uint64_t)(v & 0xFFFF0000u) << 32 | (uint64_t)(v << 16);
+            std::memcpy(rows + r * K + 2 * q, &f, 8);
+          }
+      }
+    });
+    y.narrow(1, n0, nb).copy_(at::linear(xf, wf.narrow(0, 0, nb)));
   }
   return y;
 }
@@ -137,7 +167,8 @@ at::Tensor run(const at::Tensor &x, const at::Tensor &weight, const std::optiona
 at::Tensor linear(const at::Tensor &x, const at::Tensor &weight) { return run(x, weight, std::nullopt, std::nullopt); }
 
 // bf16 weights packed K-major at load (layout.pack_kmajor, [N / 16, K / 2, 16, 2]): the kernel's outer-product
-// linear at every M (cpu_ops.linear_kmajor_python says why)
+// linear at every M (cpu_ops.linear_kmajor_python says why), but bf16 x past decode sizes from the path's
+// kmajor_widen rows (avx2: oneDNN has no bf16 GEMM there, its fp32 GEMM on widened blocks outruns the kernel)
 at::Tensor linear_kmajor(const at::Tensor &x, const at::Tensor &packed) {
   TORCH_CHECK(g.kmajor != nullptr, "blockffn_native::linear_kmajor: the native CPU kernel is not bound");
   TORCH_CHECK_VALUE(packed.dim() == 4 && packed.scalar_type() == at::kBFloat16 && packed.size(2) == 16 &&
@@ -148,6 +179,8 @@ at::Tensor linear_kmajor(const at::Tensor &x, const at::Tensor &packed) {
   const int xdt = dtype_code(x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == K && (xdt == 0 || xdt == 1), "linear_kmajor: x ", x.scalar_type(),
                     " ", x.sizes(), "; expected fp32/bf16 [M, ", K, "] for the packed weight [", N, ", ", K, "]");
+  if (xdt == 1 && x.size(0) > g.max_rows && x.size(0) >= g.kmajor_widen[isa_now()])
+    return widened_linear_kmajor(x, packed);
   const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   at::Tensor y = at::empty({x.size(0), N}, x.options());
   const int rc = g.kmajor(xc.data_ptr(), xc.stride(0), xdt, packed.data_ptr(), x.size(0), N, K, y.data_ptr(), N,
@@ -479,9 +512,10 @@ extern "C" int blockffn_ops_bind(void *linear, void *resolve, int threads, long 
   return 0;
 }
 
-extern "C" int blockffn_ops_bind_kmajor(void *kmajor, void *kmajor_i8) {
+extern "C" int blockffn_ops_bind_kmajor(void *kmajor, void *kmajor_i8, const long *widen_from) {
   g.kmajor = reinterpret_cast<kmajor_fn>(kmajor);
   g.kmajor_i8 = reinterpret_cast<kmajor_i8_fn>(kmajor_i8);
+  for (int i = 0; i < N_ISA; i++) g.kmajor_widen[i] = widen_from[i];
   return 0;
 }
 

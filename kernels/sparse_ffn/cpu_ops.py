@@ -11,7 +11,8 @@ dtype): the native streaming kernel for :func:`native_rows`, :func:`widened_line
 (bf16 on CPUs without AMX), else ``F.linear`` (oneDNN).
 ``linear_kmajor(x [M, K], packed) -> y [M, N]``: bf16 weights packed K-major at load (``layout.pack_kmajor``
 [N / 16, K / 2, 16, 2]; serving/layers/cpu_linear.py packs them on the paths of ``THRESHOLDS.cpu_linear_kmajor``),
-fp32/bf16 x: the kernel's outer-product linear at every M (:func:`linear_kmajor_python` says why).
+fp32/bf16 x: the kernel's outer-product linear at every M (:func:`linear_kmajor_python` says why), but bf16 x from
+:func:`kmajor_widened_rows` (avx2) :func:`widened_linear_kmajor`.
 ``int8_linear(x, weight, weight_scale, row_sums)``: int8 weights with fp32 per-row scales [N] and their
 int32 row sums (:func:`cpu_native.int8_row_sums`, made once at load): the native kernel at every M for fp32
 and bf16 x, on every path; torch's weight-only int8 GEMM with the scales applied to its output for other x.
@@ -47,7 +48,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import THRESHOLDS
+from ..dispatch import NEVER, THRESHOLDS
+from ..layout import KMAJOR_ROWS, unpack_kmajor
 from . import cpu_native
 
 logger = logging.getLogger(__name__)
@@ -78,6 +80,20 @@ def widened_rows(m: int, dtype: torch.dtype) -> bool:
             and m >= THRESHOLDS.cpu_linear_rows[cpu_native.route_path()][2])
 
 
+def kmajor_widen_from(isa: str) -> int:
+    """The rows from which a bf16 linear packed K-major with bf16 x runs :func:`widened_linear_kmajor` on kernel path
+    ``isa`` (``THRESHOLDS.cpu_linear_kmajor_widen_min_tokens`` by its route entry; NEVER where it has none)."""
+    return THRESHOLDS.cpu_linear_kmajor_widen_min_tokens.get(cpu_native.route_key(isa), NEVER)
+
+
+def kmajor_widened_rows(m: int, dtype: torch.dtype) -> bool:
+    """Whether an m-row linear packed K-major with x of ``dtype`` runs :func:`widened_linear_kmajor`: bf16 x past
+    decode sizes, from the rows of :func:`kmajor_widen_from` for the path calls run with (avx2: no oneDNN bf16 GEMM,
+    whose fp32 GEMM on widened blocks outruns the kernel from 128 rows there)."""
+    return (dtype == torch.bfloat16 and m > THRESHOLDS.cpu_linear_max_tokens
+            and m >= kmajor_widen_from(cpu_native.cpu_isa() or "portable"))
+
+
 WIDEN_ROWS = 512
 """Weight rows widened per fp32 GEMM in :func:`widened_linear` (3.5 MB of fp32 at K = 1792: cache-sized, never a
 whole fp32 copy of the weight); the C++ op uses the same."""
@@ -90,6 +106,20 @@ def widened_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     y = x.new_empty((x.shape[0], weight.shape[0]))
     for n0 in range(0, weight.shape[0], WIDEN_ROWS):
         y[:, n0 : n0 + WIDEN_ROWS] = F.linear(xf, weight[n0 : n0 + WIDEN_ROWS].float())
+    return y
+
+
+def widened_linear_kmajor(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """:func:`widened_linear` on a bf16 weight packed K-major (``layout.pack_kmajor``), ``WIDEN_ROWS`` rows unpacked
+    and widened at a time: the same fp32 weights, so the same bits (the C++ op unpacks natively; this mirror is
+    slower, not different)."""
+    xf = x.float()
+    y = x.new_empty((x.shape[0], packed.shape[0] * KMAJOR_ROWS))
+    blocks = WIDEN_ROWS // KMAJOR_ROWS
+    for b0 in range(0, packed.shape[0], blocks):
+        n0 = b0 * KMAJOR_ROWS
+        w = unpack_kmajor(packed[b0 : b0 + blocks]).float()
+        y[:, n0 : n0 + w.shape[0]] = F.linear(xf, w)
     return y
 
 
@@ -109,7 +139,9 @@ def linear_kmajor_python(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """``linear_kmajor`` in Python: the kernel's outer-product linear at every M. Why every M: on the Xeon without
     AMX it ran [5376, 1792] bf16 at 197 GFLOP/s (8 rows, cold) to 271-288 (64-128 rows, warm), beating the row-dot
     kernel (1.4x at 8 rows) and oneDNN's fp32 GEMM on widened weights up to 512 rows (0.96x at 1024;
-    RESULTS.md 2026-12-04 19:28 UTC)."""
+    RESULTS.md 2026-12-04 19:28 UTC). Except bf16 x from :func:`kmajor_widened_rows` (avx2)."""
+    if x.dim() == 2 and kmajor_widened_rows(x.shape[0], x.dtype):
+        return widened_linear_kmajor(x, packed)
     return cpu_native.linear_kmajor_native(x, packed)
 
 
@@ -185,9 +217,10 @@ def _open_cpp(path: str) -> str | None:
         so.blockffn_ops_bind(ctypes.cast(kernel.blockffn_linear, ctypes.c_void_p),
                              ctypes.cast(kernel.blockffn_resolve_isa, ctypes.c_void_p), cpu_native.threads(),
                              THRESHOLDS.cpu_linear_max_tokens, rows, WIDEN_ROWS)
-        so.blockffn_ops_bind_kmajor.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        widen = (ctypes.c_long * len(cpu_native.ISAS))(*[kmajor_widen_from(isa) for isa in cpu_native.ISAS])
+        so.blockffn_ops_bind_kmajor.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_long)]
         so.blockffn_ops_bind_kmajor(ctypes.cast(kernel.blockffn_linear_kmajor, ctypes.c_void_p),
-                                    ctypes.cast(kernel.blockffn_linear_kmajor_i8, ctypes.c_void_p))
+                                    ctypes.cast(kernel.blockffn_linear_kmajor_i8, ctypes.c_void_p), widen)
         so.blockffn_ops_bind_experts.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_long, ctypes.c_float]
         so.blockffn_ops_bind_experts(ctypes.cast(kernel.blockffn_router_sparse_ffn, ctypes.c_void_p),
                                      cpu_native.UP_ROW_COST, THRESHOLDS.cpu_min_dense_tokens,
