@@ -94,8 +94,14 @@ def _check_env() -> int:
 
         kmajor = linear_mode() == "auto" and cpu_native.cpu_isa() in THRESHOLDS.cpu_linear_kmajor
         form = "one VDPBF16PS a line and token" if cpu_native.kmajor_dot() else "lines widened, two FMAs a token"
+        from vllm_blockffn.kernels.sparse_ffn.cpu_ops import kmajor_widen_from
+
+        wide = kmajor_widen_from(cpu_native.cpu_isa() or "portable")
+        sizes = "at every M" if wide >= NEVER else (
+            f"at every M for fp32 activations and below {wide} rows for bf16 ones (from {wide}: oneDNN's fp32 GEMM on "
+            "blocks unpacked and widened from the packed weight)")
         lines.append("bf16 attention projections and lm_head: " + (
-            f"packed K-major at load, the outer-product kernel at every M, {form} for bf16 activations "
+            f"packed K-major at load, the outer-product kernel {sizes}, {form} for bf16 activations "
             f"({LINEAR_ENV}=rowmajor keeps them as loaded)" if kmajor
             else f"as loaded (K-major packing: paths {list(THRESHOLDS.cpu_linear_kmajor)}, {LINEAR_ENV}=auto)"))
         kmajor8 = linear_mode() == "auto" and cpu_native.cpu_isa() in THRESHOLDS.cpu_linear_kmajor_int8
