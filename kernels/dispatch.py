@@ -192,15 +192,17 @@ class DispatchThresholds:
     costs ~1-4 ms a weight beside widening the row-major one, whose GEMMs took 21.4 / 33.9 / 46.8 / 58.7 / 74.1);
     below 128 rows the K-major kernel took 0.75-0.86x the row-dot kernel's time (16 / 64 / 127 rows)."""
 
-    cpu_linear_kmajor_int8: tuple[str, ...] = ("avx512_bf16",)
+    cpu_linear_kmajor_int8: tuple[str, ...] = ("avx2", "avx512_bf16")
     """Kernel paths whose int8 linears (``--quantization blockffn_int8``) are packed K-major at load
     (``layout.pack_kmajor``, [N / 16, K / 4, 16, 4]) and run the kernel's outer-product VNNI linear at every M
     (``cpu_ops.int8_linear_kmajor``: the row-major VNNI linear's integers, the same bits). Measured cold on the Xeon
     without AMX (``avx512_bf16``, 2 threads; RESULTS.md 2026-12-04 22:32 UTC) against the row-dot VNNI kernel:
     [3584, 1792] 1 / 4 / 8 rows 312 vs 349, 366 vs 456, 468 vs 631 µs; lm_head [32000, 1792] 1873 vs 1992, 2072
-    vs 2558, 2646 vs 3668 µs; warm, bf16 x, 64 / 256 / 1024 rows 1.5 vs 2.2, 5.8 vs 8.9, 24.4 vs 60.9 ms. Not ``amx``
-    (its int8 tiles read the row-major weight), nor the paths without VNNI (their int8 linears are VPMADDWD on the
-    row-major weight; the K-major kernel has only fp32 FMAs there)."""
+    vs 2558, 2646 vs 3668 µs; warm, bf16 x, 64 / 256 / 1024 rows 1.5 vs 2.2, 5.8 vs 8.9, 24.4 vs 60.9 ms. On the
+    Zen 3 EPYC (``avx2``: VPMADDWD on x in int16, ``kq_avx2``, the row-major AVX2 kernel's integers; RESULTS.md
+    2026-12-07 02:49 UTC), cold, XLarge qkv / o_proj / lm_head against the row-major kernel: 1 row 0.90 / 1.07 /
+    1.05x its time (the VM's spread), 4 rows 0.72 / 0.72 / 0.67x, 8 rows 0.70 / 1.01 / 0.68x. Not ``amx`` (its int8
+    tiles read the row-major weight), nor ``avx512`` (the same kernel would run; not measured)."""
 
 
     cpu_grouped_min_tokens_kmajor_int8: dict[str, int] = field(default_factory=lambda: {"avx512_bf16_dp": NEVER})
@@ -235,11 +237,13 @@ class DispatchThresholds:
     1.03x, within noise); long steps 1.5x the units at 128-512 tokens. Not ``amx`` (its tiles read the row-major
     experts), nor ``avx512`` (not measured)."""
 
-    cpu_experts_kmajor_int8: tuple[str, ...] = ("avx512_bf16",)
+    cpu_experts_kmajor_int8: tuple[str, ...] = ("avx2", "avx512_bf16")
     """Kernel paths whose int8 experts are packed K-major at load (``layout.pack_experts_kmajor``) and run as two
     K-major VNNI linears an expert (cpu_native.c ``kx_run``) instead of 4-row row-major units. Measured on the Zen 4
-    EPYC (``avx512_bf16``, RESULTS.md 2026-12-06 03:53 UTC). Not ``amx`` (not measured there), nor the paths without
-    VNNI (the packed layout has only fp32 FMAs there)."""
+    EPYC (``avx512_bf16``, RESULTS.md 2026-12-06 03:53 UTC) and on the Zen 3 EPYC (``avx2``: the same integers by
+    VPMADDWD, ``kq_avx2`` / ``kx_down_avx2``; cold engine calls against the units, side by side, 0.73-0.98x their
+    time on all 20 rows of the four official shapes, verify chunks 0.76-0.90x; RESULTS.md 2026-12-07 02:49 UTC).
+    Not ``amx`` (not measured there), nor ``avx512`` (the AVX2 kernel would run; not measured)."""
 
 THRESHOLDS = DispatchThresholds()
 

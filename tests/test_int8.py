@@ -196,15 +196,16 @@ def test_native_int8_linear_equals_dequantized_reference(isa):
 @needs_native
 @pytest.mark.parametrize("isa", _isas())
 def test_int8_kmajor_linear_equals_the_row_major_kernel(isa):
-    """int8 weights packed K-major ([N / 16, K / 4, 16, 4], layout.pack_kmajor): on the VNNI path (avx512_bf16) the
-    outer-product kernel makes the row-major VNNI linear's integers, scaled in the same order: the same bits, for
-    1-130 tokens (passes of 8, panels of 1-4 blocks, sweeps of 128 tokens) and K up to 16384; elsewhere fp32 FMAs
-    within the tolerance. A token whose x is not finite takes fp32 and stays the only non-finite row. The C++ op is
+    """int8 weights packed K-major ([N / 16, K / 4, 16, 4], layout.pack_kmajor): on the integer paths (VPDPBUSD on
+    avx512_bf16, VPMADDWD on avx2 / avx512) the outer-product kernel makes the row-major int8 linear's integers,
+    scaled in the same order: the same bits, for 1-130 tokens (passes of 8, panels of 1-4 blocks, sweeps of 128
+    tokens) and K up to 16384 (int8 extremes times x at its clamp included); portable: fp32 FMAs within the
+    tolerance. A token whose x is not finite takes fp32 and stays the only non-finite row. The C++ op is
     the kernel call."""
     from vllm_blockffn.kernels.layout import pack_kmajor, unpack_kmajor
     from vllm_blockffn.kernels.sparse_ffn import cpu_ops
 
-    vnni = cpu_native.isa_at_least("avx512_bf16", isa)
+    ints = cpu_native.isa_at_least("avx2", isa)
     for N, K in [(16, 4), (48, 132), (160, 1792), (32, 16384)]:
         q, s = quantize_rows(torch.randn(N, K))
         rs = cpu_native.int8_row_sums(q)
@@ -215,9 +216,18 @@ def test_int8_kmajor_linear_equals_the_row_major_kernel(isa):
                 x = torch.randn(M, K).to(xdt)
                 y = cpu_native.linear_kmajor_native(x, packed, isa=isa, weight_scale=s, row_sums=rs)
                 assert y.dtype == xdt and y.shape == (M, N)
-                if vnni:
+                if ints:
                     assert torch.equal(y, cpu_native.linear_native(x, q, isa=isa, weight_scale=s)), (N, K, M, xdt)
                 assert _rel(y, x.float() @ dequantize_rows(q, s).t()) < _tol(xdt, isa), (N, K, M, xdt)
+    extreme = torch.full((N, K), 127, dtype=torch.int8)  # every int32 lane at its largest sums
+    extreme[1::2] = -127
+    s_ext = torch.rand(N) + 0.5
+    x_ext = torch.ones(3, K)
+    y = cpu_native.linear_kmajor_native(x_ext, pack_kmajor(extreme), isa=isa, weight_scale=s_ext,
+                                        row_sums=cpu_native.int8_row_sums(extreme))
+    if ints:
+        assert torch.equal(y, cpu_native.linear_native(x_ext, extreme, isa=isa, weight_scale=s_ext))
+    assert _rel(y, x_ext @ dequantize_rows(extreme, s_ext).t()) < 2e-4  # fp32 sums of 16384 equal-sized terms
     x = torch.randn(5, K)
     x[2, 7] = float("nan")
     y = cpu_native.linear_kmajor_native(x, packed, isa=isa, weight_scale=s, row_sums=rs)
@@ -615,10 +625,10 @@ def _kmajor(qu: torch.Tensor, qd: torch.Tensor):
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
 def test_kmajor_int8_experts_equal_dequantized_reference(isa, xdt):
-    """Packed experts (two K-major linears an expert: VPDPBUSD on x and h rounded to int16 where the path has VNNI,
-    fp32 FMAs over the same lines elsewhere) = the dequantized reference within the row-major kernel's tolerance;
-    the same bits whatever the thread count (each output column summed by one thread, in expert order); the dense
-    layer (all experts) on them too."""
+    """Packed experts (two K-major linears an expert: x and h rounded to int16, VPDPBUSD where the path has VNNI,
+    VPMADDWD on avx2 / avx512, fp32 FMAs over the same lines on the portable path) = the dequantized reference
+    within the row-major kernel's tolerance; the same bits whatever the thread count (each output column summed by
+    one thread, in expert order); the dense layer (all experts) on them too."""
     for E, D, H in [(8, 64, 96), (6, 16, 256), (5, 32, 16)]:
         qu, su, qd, sd = _experts(E, D, H)
         pu, pd = _kmajor(qu, qd)

@@ -316,8 +316,9 @@ def test_kmajor_prefetch_rule_changes_no_bits(dtype):
 def test_kmajor_prefetch_rule_and_switch(monkeypatch):
     """The rule ``check --env`` reports: on AMD's AVX-512 cores bf16 streams in the dot form from 8 tokens, int8
     and bf16 in the widening FMA form (the ``avx512`` path) from 5, every stream elsewhere and on the AVX2 path;
-    there the int8 K-major linears prefetch into L2 from 2 rows; ``set_kmajor_prefetch(n)`` and
-    $VLLM_BLOCKFFN_CPU_PREFETCH override both (into L1 from n rows), and a bad value names the variable."""
+    there the int8 K-major VNNI linears prefetch into L2 from 2 rows (the VPMADDWD ones as the bf16 streams);
+    ``set_kmajor_prefetch(n)`` and $VLLM_BLOCKFFN_CPU_PREFETCH override both (into L1 from n rows), and a bad value
+    names the variable."""
     amd = "AuthenticAMD" in open("/proc/cpuinfo").read()
     was = cpu_native.set_kmajor_prefetch(-1)
     try:
@@ -329,13 +330,13 @@ def test_kmajor_prefetch_rule_and_switch(monkeypatch):
             assert cpu_native.kmajor_prefetch_tokens(False, isa="avx512") == (5 if amd else 0)
         if cpu_native.isa_at_least("avx2"):
             assert cpu_native.kmajor_prefetch_tokens(True, isa="avx2") == 0
-        # int8 K-major linears: into L2 from 2 rows under the AMD rule, else into L1 from the rule's rows
-        # (the VNNI kernel's streams; without VNNI the fp32 fallback does not prefetch)
+        # int8 K-major linears: on the VNNI path into L2 from 2 rows under the AMD rule, else into L1 from the
+        # rule's rows (the VPMADDWD kernel of avx2 / avx512 as the bf16 streams of its path: every row on avx2)
         vnni = cpu_native.isa_at_least("avx512_bf16")
         assert [cpu_native.kmajor_i8_linear_prefetch(m) for m in (1, 2, 5, 9)] == (
-            ([0] + [2] * 3 if amd else [1] * 4) if vnni else [0] * 4)
+            ([0] + [2] * 3 if amd else [1] * 4) if vnni else [0, 0, 1, 1] if amd and wide else [1] * 4)
         if cpu_native.isa_at_least("avx2"):
-            assert cpu_native.kmajor_i8_linear_prefetch(1, isa="avx2") == 0
+            assert [cpu_native.kmajor_i8_linear_prefetch(m, isa="avx2") for m in (1, 8)] == [1, 1]
         # int8 experts: into L2 from 3 tokens an expert under the AMD rule, into L1 from the rule's tokens else
         i8x = [cpu_native.int8_experts_prefetch(m) for m in (1, 2, 3, 4, 5, 9)]
         assert i8x == ([0, 0, 2, 2, 2, 2] if amd and vnni else [0, 0, 0, 0, 1, 1] if amd and wide else [1] * 6)
@@ -344,7 +345,7 @@ def test_kmajor_prefetch_rule_and_switch(monkeypatch):
         cpu_native.set_int8_experts_l2(-1)
         cpu_native.set_kmajor_prefetch(3)
         assert cpu_native.kmajor_prefetch_tokens(False) == cpu_native.kmajor_prefetch_tokens(True) == 3
-        assert [cpu_native.kmajor_i8_linear_prefetch(m) for m in (1, 2, 3, 9)] == ([0, 0, 1, 1] if vnni else [0] * 4)
+        assert [cpu_native.kmajor_i8_linear_prefetch(m) for m in (1, 2, 3, 9)] == [0, 0, 1, 1]
         assert [cpu_native.int8_experts_prefetch(m) for m in (2, 3)] == [0, 1]
     finally:
         cpu_native.set_kmajor_prefetch(was)

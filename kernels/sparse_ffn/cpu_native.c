@@ -1835,7 +1835,8 @@ int blockffn_kmajor_prefetch_tokens(int isa, int int8) {
    linear of M rows: 0 none, 1 into L1 KM_PF ahead, 2 into L2 KM_PF_L2 ahead; a set km_pf_tokens (benchmarks,
    $VLLM_BLOCKFFN_CPU_PREFETCH) restores the L1 prefetch from that many rows. */
 static int km_i8_linear_pf(int isa, long M) {
-    if (!(BLOCKFFN_X86 && isa >= ISA_AVX512_BF16)) return 0; /* no VNNI: the fp32 fallback (kq_float), unprefetched */
+    if (!(BLOCKFFN_X86 && isa >= ISA_AVX2)) return 0; /* the fp32 fallback (kq_float), unprefetched */
+    if (isa < ISA_AVX512_BF16) return M >= km_pf_tokens(isa, 0) ? 1 : 0; /* VPMADDWD (kq_avx2): as the bf16 streams */
     if (g_km_pf_tokens < 0 && km_pf_tokens(isa, 0) > 0) return M >= 2 ? 2 : 0; /* the AMD rule is in effect */
     return M >= km_pf_tokens(isa, 0) ? 1 : 0;
 }
@@ -2104,8 +2105,9 @@ int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp,
    sums. The integers are the row-major VNNI path's (vn_dots: 256 A + B - 32768 rowsum, exact for K <= 16384), scaled
    in the same order ((float)dot * x step * row scale): the two layouts agree bit for bit. Why: the row-dot VNNI
    linears read [3584, 1792] int8 at 82% of the read bandwidth at 1 row and 48% at 8 (the bf16 K-major: 91 / 74%;
-   RESULTS.md 2026-12-04 22:32 UTC). Tokens whose x is not finite, and paths without VNNI, take fp32 FMAs over the
-   same lines (as the row-major int8 paths' fallback). */
+   RESULTS.md 2026-12-04 22:32 UTC). AVX2 (and AVX-512 without VNNI) takes the same integers by VPMADDWD on x in
+   int16 (kq_avx2). Tokens whose x is not finite, and the portable path, take fp32 FMAs over the same lines (as the
+   row-major int8 paths' fallback). */
 #define KQ_MAXK 16384 /* K at most: every int32 lane of a plane's sums stays exact */
 static void kq_float(const int8_t *w, long K4, int nb, const float *const *xr, int nt, float *y, long ldy) {
     for (int b = 0; b < nb; b++)
@@ -2181,6 +2183,100 @@ static void kq_finish(const int32_t *hi, const int32_t *lo, const int32_t *rs, c
     }
 }
 #pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+/* AVX2 (and AVX-512 without VNNI): the same integers by VPMADDWD on x rounded to int16 (a2q_quantize, exactly as
+   vb_quantize rounds it; stored as int16 where the VNNI paths keep two byte planes of the same size). A line's four
+   16-byte quarters (4 rows x the k quad) are widened to int16 once a pass (VPMOVSXBW) and multiplied by the
+   token's k quad broadcast (VPMADDWD: 8 int32 sums of (row, k pair)), up to 3 tokens a pass (4 x 3 accumulators,
+   12 of the 16 ymm registers). Why: the row-major int8 linears on AVX2 read 53-79% of the bandwidth at 1 row and
+   19-40% at 4-8 rows (two tokens a pass over 4 rows, horizontal sums per row; RESULTS.md 2026-12-07), and the 4-row
+   units of the int8 experts keep their down-pass sums in memory. A lane adds at most 2 x 128 x 32767 a quad, so
+   the int32 sums of KQ2_SPAN quads are exact; spans are folded into int64 (linears, up pass) or, for the down
+   pass (D <= KX_MAXD: at most 128 quads and |sum| < 2^31), summed in int32: the exact integers of the VNNI path,
+   scaled in its order, so the same bits. */
+#define KQ2_SPAN 256
+#define KQ2(NT)                                                                                         \
+    static void kq2_##NT(const int8_t *w, long q0, long q1, const int16_t *const *xq, int32_t *s, int pf) { \
+        __m256i acc[NT][4];                                                                             \
+        for (int t = 0; t < NT; t++) for (int i = 0; i < 4; i++) acc[t][i] = _mm256_setzero_si256();   \
+        for (long q = q0; q < q1; q++) {                                                                \
+            const int8_t *p = w + q * 64;                                                               \
+            if (pf == 2) _mm_prefetch((const char *)p + KM_PF_L2, _MM_HINT_T1);                         \
+            else if (pf) _mm_prefetch((const char *)p + KM_PF, _MM_HINT_T0);                            \
+            __m256i xb[NT];                                                                             \
+            for (int t = 0; t < NT; t++) {                                                              \
+                long long v;                                                                            \
+                memcpy(&v, xq[t] + 4 * q, sizeof v);                                                    \
+                xb[t] = _mm256_set1_epi64x(v);                                                          \
+            }                                                                                           \
+            for (int i = 0; i < 4; i++) {                                                               \
+                __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16 * i)));      \
+                for (int t = 0; t < NT; t++) acc[t][i] = _mm256_add_epi32(acc[t][i], _mm256_madd_epi16(wv, xb[t])); \
+            }                                                                                           \
+        }                                                                                               \
+        for (int t = 0; t < NT; t++)                                                                    \
+            for (int i = 0; i < 4; i++) _mm256_storeu_si256((__m256i *)(s + t * 32 + 8 * i), acc[t][i]); \
+    }
+KQ2(1) KQ2(2) KQ2(3)
+/* the sums of quads [q0, q1) of one block for nt tokens into s [nt][32] (row r's two k pairs at 2r, 2r + 1), in
+   passes of at most 3 tokens (4: 2 + 2), the first pass prefetching */
+static void kq2_span(const int8_t *w, long q0, long q1, const int16_t *const *xq, int nt, int32_t *s, int pf) {
+    for (int t0 = 0; t0 < nt;) {
+        int rem = nt - t0, g = rem == 4 ? 2 : rem >= 3 ? 3 : rem;
+        switch (g) {
+        case 1: kq2_1(w, q0, q1, xq + t0, s + t0 * 32, t0 ? 0 : pf); break;
+        case 2: kq2_2(w, q0, q1, xq + t0, s + t0 * 32, t0 ? 0 : pf); break;
+        default: kq2_3(w, q0, q1, xq + t0, s + t0 * 32, t0 ? 0 : pf); break;
+        }
+        t0 += g;
+    }
+}
+/* kq_avx512 + kq_finish on this path: out[t * 64 + 16 b + r] = ((float)dot * xqs[t]) * scale[16 b + r] for nb
+   blocks at w (K4 quads a row) and nt <= KM_TG tokens */
+static void kq_avx2(const int8_t *w, long K4, int nb, const int16_t *const *xq, int nt, const float *xqs,
+                    const float *scale, float *out, int pf) {
+    int32_t s[KM_TG * 32];
+    for (int b = 0; b < nb; b++) {
+        const int8_t *wb = w + (long)b * K4 * 64;
+        int64_t tot[KM_TG][16] = {{0}};
+        for (long q0 = 0; q0 < K4; q0 += KQ2_SPAN) {
+            kq2_span(wb, q0, q0 + KQ2_SPAN < K4 ? q0 + KQ2_SPAN : K4, xq, nt, s, pf);
+            for (int t = 0; t < nt; t++)
+                for (int r = 0; r < 16; r++) tot[t][r] += (int64_t)s[t * 32 + 2 * r] + s[t * 32 + 2 * r + 1];
+        }
+        for (int t = 0; t < nt; t++)
+            for (int r = 0; r < 16; r++)
+                out[t * 64 + 16 * b + r] = ((float)tot[t][r] * xqs[t]) * scale[16 * b + r];
+    }
+}
+/* kx_down on this path: blocks [0, nblk) at w of one expert, m tokens' int16 h (hq), y += ((float)dot * step) *
+   column scale, kxd's order (D <= KX_MAXD: the row sums exact in int32) */
+static void kx_down_avx2(const int8_t *w, long K4, long nblk, int m, const int16_t *const *hq, const float *sd,
+                         const float *st, float *const *yr, int pf) {
+    int32_t s[KM_TG * 32];
+    for (long b = 0; b < nblk; b++, w += K4 * 64) {
+        const __m256 s0 = _mm256_loadu_ps(sd + 16 * b), s1 = _mm256_loadu_ps(sd + 16 * b + 8);
+        for (int j0 = 0; j0 < m; j0 += KM_TG) {
+            int nt = m - j0 < KM_TG ? m - j0 : KM_TG;
+            kq2_span(w, 0, K4, hq + j0, nt, s, j0 == 0 ? pf : 0);
+            for (int t = 0; t < nt; t++) {
+                const int32_t *v = s + t * 32;
+                __m256 stv = _mm256_set1_ps(st[j0 + t]);
+                float *y = yr[j0 + t] + 16 * b;
+                for (int h = 0; h < 2; h++) { /* rows 8h .. 8h + 7: lanes 16h .. 16h + 15 */
+                    __m256i a = _mm256_loadu_si256((const __m256i *)(v + 16 * h));
+                    __m256i c = _mm256_loadu_si256((const __m256i *)(v + 16 * h + 8));
+                    __m256i rs = _mm256_permute4x64_epi64(_mm256_hadd_epi32(a, c), 0xd8);
+                    __m256 f = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(rs), stv), h ? s1 : s0);
+                    _mm256_storeu_ps(y + 8 * h, _mm256_add_ps(_mm256_loadu_ps(y + 8 * h), f));
+                }
+            }
+        }
+    }
+}
+#pragma GCC pop_options
 #endif
 
 /* y [M, N] (row stride ldy, dtype of x: 0 fp32, 1 bf16) = x [M, K] W^T for int8 W packed K-major (above; N a multiple
@@ -2196,12 +2292,13 @@ int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp
     if (M == 0 || N == 0) return 0;
     isa = blockffn_resolve_isa(isa);
     if (isa < 0) return -3;
-    int vnni = BLOCKFFN_X86 && isa >= ISA_AVX512_BF16;
+    /* the integer paths: VPDPBUSD on x's byte planes (vnni), VPMADDWD on x in int16 (AVX2, AVX-512 without VNNI) */
+    int vnni = BLOCKFFN_X86 && isa >= ISA_AVX512_BF16, ints = BLOCKFFN_X86 && isa >= ISA_AVX2;
     float *xf = xdt ? malloc((size_t)M * K * sizeof(float)) : NULL;
     const float **xs = malloc((size_t)M * sizeof(float *));
-    uint8_t *xq8 = vnni ? malloc((size_t)M * 2 * K) : NULL;
-    float *xqs = vnni ? malloc((size_t)M * sizeof(float)) : NULL;
-    if (!xs || (xdt && !xf) || (vnni && (!xq8 || !xqs))) {
+    uint8_t *xq8 = ints ? malloc((size_t)M * 2 * K) : NULL;
+    float *xqs = ints ? malloc((size_t)M * sizeof(float)) : NULL;
+    if (!xs || (xdt && !xf) || (ints && (!xq8 || !xqs))) {
         free(xf); free(xs); free(xq8); free(xqs);
         return -1;
     }
@@ -2210,7 +2307,7 @@ int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp
             widen_bf16(isa, (const uint16_t *)x + t * ldx, xf + t * K, K);
         xs[t] = xdt ? xf + t * K : (const float *)x + t * ldx;
     }
-    if (vnni) quantize_planes(isa, xs, M, K, xq8, xqs);
+    if (ints) quantize_planes(isa, xs, M, K, xq8, xqs);
     int pb = M <= 2 ? 4 : M <= 4 ? 2 : 1, kpf = g_pf_now ? km_i8_linear_pf(isa, M) : 0; /* pb: blocks per panel */
     if (!vnni) pb = 1;
     long K4 = K / 4, blocks = N / 16, panels = (blocks + pb - 1) / pb;
@@ -2233,7 +2330,7 @@ int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp
                 int nt = s1 - t0 < KM_TG ? (int)(s1 - t0) : KM_TG, finite = 1;
                 for (int t = 0; t < nt; t++) {
                     xr[t] = xs[t0 + t];
-                    if (vnni) { qr[t] = xq8 + (t0 + t) * 2 * K; finite &= xqs[t0 + t] == xqs[t0 + t]; }
+                    if (ints) { qr[t] = xq8 + (t0 + t) * 2 * K; finite &= xqs[t0 + t] == xqs[t0 + t]; }
                 }
 #if BLOCKFFN_X86
                 if (vnni && finite) {
@@ -2242,6 +2339,8 @@ int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp
                         for (int b = 0; b < nb; b++)
                             kq_finish(hi + t * 64 + 16 * b, lo + t * 64 + 16 * b, rowsum + n0 + 16 * b,
                                       scale + n0 + 16 * b, xqs[t0 + t], yb + t * 64 + 16 * b);
+                } else if (ints && finite) {
+                    kq_avx2(w, K4, nb, (const int16_t *const *)qr, nt, xqs + t0, scale + n0, yb, t0 == 0 ? kpf : 0);
                 } else
 #endif
                 {
@@ -2279,7 +2378,8 @@ int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp
    the down pass's integers are exact (256 A + B - 32768 rowsum in int32 for D <= KX_MAXD) and meet the step and
    the column scale once per expert, rounding differently from vq_down's per-span
    sums (both within fp32 rounding of the dequantized weights). rs: W_up's row sums [E, D] then W_down's [E, H].
-   Tokens with a non-finite x, (token, expert) pairs with a non-finite h, and paths without VNNI take kq_float over
+   AVX2 and AVX-512 without VNNI take the same integers by VPMADDWD (kq_avx2, kx_down_avx2: h in int16, not planes).
+   Tokens with a non-finite x, (token, expert) pairs with a non-finite h, and the portable path take kq_float over
    the same lines. bf16 experts (weight code 4) take the same two phases with the K-major bf16 linears' forms
    (km_any): h = SiLU(up) * score rounded to bf16 for bf16 x, the down pass block after block into fp32 y. */
 typedef struct {
@@ -2369,6 +2469,10 @@ static void kx_panel(const kx_t *k, const int8_t *w, long K4, int nb, const uint
     int finite = k->kqv;
     for (int t = 0; t < nt && finite; t++) finite = s[t] == s[t];
 #if BLOCKFFN_X86
+    if (finite && k->isa < ISA_AVX512_BF16) {
+        kq_avx2(w, K4, nb, (const int16_t *const *)q, nt, s, scale, out, pf);
+        return;
+    }
     if (finite) {
         int32_t hi[KM_TG * 64], lo[KM_TG * 64];
         kq_avx512(w, K4, nb, q, 4 * K4, nt, hi, lo, pf);
@@ -2466,7 +2570,7 @@ static void kx_run(const kx_t *k, int nth) {
         long b0 = nbk * tid / T_, b1 = nbk * (tid + 1) / T_, c0 = b0 * 16, c1 = b1 * 16;
         uint8_t *hq8 = k->kqv ? k->hq8 + tid * k->P * 2 * D : NULL;
         float *hqs = k->kqv ? k->hqs + tid * k->P : NULL;
-        if (!done && k->kqv && c1 > c0 && k->P > 0) quantize_planes(ISA_AVX512_BF16, k->hrow, k->P, D, hq8, hqs);
+        if (!done && k->kqv && c1 > c0 && k->P > 0) quantize_planes(k->isa, k->hrow, k->P, D, hq8, hqs);
         for (long t = 0; t < k->T && c1 > c0; t++) memset(k->yf + t * H + c0, 0, (size_t)(c1 - c0) * sizeof(float));
         for (long u = 0; u < U && c1 > c0 && k->bf; u++) {
             /* bf16 experts: this thread's 16-column blocks of the expert one after another, one stream (two blocks
@@ -2493,11 +2597,11 @@ static void kx_run(const kx_t *k, int nth) {
             int m = k->cnt[e], pb = kx_pb(m, 0), finite = k->kqv;
             if (done) {
                 wait_up(done + u, D / 16);
-                if (k->kqv) quantize_planes(ISA_AVX512_BF16, k->hrow + o, m, D, hq8 + o * 2 * D, hqs + o);
+                if (k->kqv) quantize_planes(k->isa, k->hrow + o, m, D, hq8 + o * 2 * D, hqs + o);
             }
             for (int t = 0; t < m && finite; t++) finite = hqs[o + t] == hqs[o + t];
 #if BLOCKFFN_X86
-            if (finite) { /* VNNI, every h finite: one stream over the thread's blocks */
+            if (finite) { /* the integer paths, every h finite: one stream over the thread's blocks */
                 const uint8_t *hq[64];
                 float *yr[64], sv[64];
                 for (int j0 = 0; j0 < m; j0 += 64) {
@@ -2507,8 +2611,13 @@ static void kx_run(const kx_t *k, int nth) {
                         yr[t] = k->yf + (long)k->tok[o + j0 + t] * H + c0;
                         sv[t] = hqs[o + j0 + t];
                     }
-                    kx_down((const int8_t *)k->wd + e * H * D + c0 * D, D / 4, b1 - b0, nt, hq, k->rsd + e * H + c0,
-                            k->sd + e * H + c0, sv, yr, j0 == 0 ? km_i8x_pf(k->isa, m) : 0);
+                    if (k->isa >= ISA_AVX512_BF16)
+                        kx_down((const int8_t *)k->wd + e * H * D + c0 * D, D / 4, b1 - b0, nt, hq, k->rsd + e * H + c0,
+                                k->sd + e * H + c0, sv, yr, j0 == 0 ? km_i8x_pf(k->isa, m) : 0);
+                    else
+                        kx_down_avx2((const int8_t *)k->wd + e * H * D + c0 * D, D / 4, b1 - b0, nt,
+                                     (const int16_t *const *)hq, k->sd + e * H + c0, sv, yr,
+                                     j0 == 0 ? km_i8x_pf(k->isa, m) : 0);
                 }
                 continue;
             }
@@ -2736,8 +2845,8 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     long nbuf = kx ? 0 : direct ? nth - 1 : nth; /* thread-private y (kx_run: none) */
     float *yb = nbuf > 0 ? malloc(((size_t)nbuf * T * H + 1) * sizeof(float)) : NULL;
     int *used = calloc((size_t)nth + 1, sizeof(int));
-    /* int8: the integer paths (x rounded to int16); packed K-major: VPDPBUSD only */
-    int vnni = kx ? wdt == 3 && BLOCKFFN_X86 && isa >= ISA_AVX512_BF16 : wdt == 2 && isa >= ISA_AVX2;
+    /* int8: the integer paths (x rounded to int16: VPDPBUSD planes or VPMADDWD int16, quantize_planes) */
+    int vnni = kx ? wdt == 3 && BLOCKFFN_X86 && isa >= ISA_AVX2 : wdt == 2 && isa >= ISA_AVX2;
     /* the paired bf16 down pass: thread-private y only (bf16 x: never direct), whole 32-column blocks */
     int perm = 0;
     uint32_t *xb = NULL; /* AMX: the call's tokens packed for the B tiles */

@@ -60,7 +60,8 @@ pass runs VPDPWSSD on row pairs into int32 sums per thread's run of rows of an e
 AVX-512 CPUs the same int16 roundings of x and h go through VPMADDWD (int8 rows widened to int16, exact
 int32 sums): the same integers, so the same results bit for bit as the VNNI path (tests/test_int8.py);
 only the portable path widens int8 to fp32. int8 experts packed K-major at load (``layout.pack_experts_kmajor``,
-5-D tensors, on the paths of ``THRESHOLDS.cpu_experts_kmajor_int8``) run as two K-major VNNI linears an expert
+5-D tensors, on the paths of ``THRESHOLDS.cpu_experts_kmajor_int8``) run as two K-major int8 linears an expert
+(VPDPBUSD on VNNI CPUs, VPMADDWD on AVX2: the same integers)
 (``kx_run``: the up blocks split by cost, the down pass by output columns, one stream an expert and thread; their
 row sums from :func:`expert_row_sums`). bf16 experts packed K-major at load (the paths of
 ``THRESHOLDS.cpu_experts_kmajor_bf16``) run the same way with the K-major bf16 linears' forms (VDPBF16PS on x as
@@ -416,7 +417,7 @@ def _prefetch_query(name: str, isa: str | None, n: int) -> int:
 
 def kmajor_i8_linear_prefetch(rows: int, isa: str | None = None) -> int:
     """How an int8 K-major linear of ``rows`` rows prefetches its weight streams on ``isa`` (default: the path calls
-    take): 0 none (also the fp32 fallback without VNNI), 1 into L1 2 KB ahead (from :func:`kmajor_prefetch_tokens`
+    take): 0 none (also the portable fp32 fallback), 1 into L1 2 KB ahead (from :func:`kmajor_prefetch_tokens`
     rows), 2 into L2 4 KB ahead (AMD's AVX-512 cores under the CPU's rule, from 2 rows: there a call's VPDPBUSD no
     longer wait on its reads; cpu_native.c, ``km_i8_linear_pf``); the same bits either way."""
     return _prefetch_query("kmajor_i8_linear_prefetch", isa, rows)
@@ -575,8 +576,8 @@ def linear_kmajor_native(x: torch.Tensor, packed: torch.Tensor, num_threads: int
     bf16 linears of AVX-512 CPUs without AMX, where the row-dot GEMV is compute-bound from ~4 rows; each output is
     the sequential fp32 FMA chain over k on every path. int8 W ([N / 16, K / 4, 16, 4] with its fp32
     ``weight_scale`` [N] and ``row_sums`` [N] of the row-major weight, :func:`int8_row_sums`;
-    ``blockffn_linear_kmajor_i8``): the VNNI path's integers, so the same bits as the row-major int8 linear there;
-    fp32 FMAs on paths without VNNI."""
+    ``blockffn_linear_kmajor_i8``): the integer paths' integers (VPDPBUSD with VNNI, VPMADDWD on AVX2 and plain
+    AVX-512), so the same bits as the row-major int8 linear there; fp32 FMAs on the portable path."""
     lib = _load()
     assert lib is not None, "native kernel unavailable"
     g = {torch.bfloat16: 2, torch.int8: 4}.get(packed.dtype)

@@ -148,8 +148,9 @@ def linear_kmajor_python(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 def int8_linear_kmajor_python(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor,
                               row_sums: torch.Tensor) -> torch.Tensor:
     """``int8_linear_kmajor`` in Python: the kernel's outer-product int8 linear at every M (int8 weights packed
-    K-major at load on the VNNI path: the row-major VNNI linear's integers, 1.06-1.13x faster at 1 row, 1.2-1.4x at
-    4-8, cold; RESULTS.md 2026-12-04 22:32 UTC)."""
+    K-major at load on the integer paths of ``THRESHOLDS.cpu_linear_kmajor_int8``: the row-major int8 linear's
+    integers; on the VNNI path 1.06-1.13x faster at 1 row, 1.2-1.4x at 4-8, cold, RESULTS.md 2026-12-04 22:32 UTC;
+    on AVX2 level at 1 row, 1.4-1.5x at 4-8, RESULTS.md 2026-12-07 02:49 UTC)."""
     return cpu_native.linear_kmajor_native(x, packed, weight_scale=weight_scale, row_sums=row_sums)
 
 

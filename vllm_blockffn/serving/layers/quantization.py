@@ -157,11 +157,11 @@ class Int8LinearMethod(LinearMethodBase):
             del layer.weight_scale
             return
         layer.weight.data = layer.weight.data.contiguous()
-        # each row's sum, which the VNNI dot products need (cpu_native.int8_row_sums), made once here
+        # each row's sum, which the VNNI dot products subtract (cpu_native.int8_row_sums), made once here
         layer.weight_row_sums = Parameter(cpu_native.int8_row_sums(layer.weight.data), requires_grad=False)
         cpu_ops.implementation()  # the op registered (built on first use) before any graph refers to it
         layer.blockffn_out_features = layer.weight.shape[0]
-        if cpu_linear.packs_kmajor(layer.weight.data):  # the VNNI path: the outer-product kernel (cpu_ops.py)
+        if cpu_linear.packs_kmajor(layer.weight.data):  # the outer-product kernel (cpu_ops.py) where the rule packs
             layer.weight = Parameter(pack_kmajor(layer.weight.data), requires_grad=False)
             layer.blockffn_kmajor = True
 
