@@ -2220,6 +2220,27 @@ static void kq_finish(const int32_t *hi, const int32_t *lo, const int32_t *rs, c
             for (int i = 0; i < 4; i++) _mm256_storeu_si256((__m256i *)(s + t * 32 + 8 * i), acc[t][i]); \
     }
 KQ2(1) KQ2(2) KQ2(3)
+/* one token, two blocks side by side (two streams: 8 accumulators) */
+static void kq2_1x2(const int8_t *w, long K4, long q0, long q1, const int16_t *xq, int32_t *s, int pf) {
+    __m256i acc[2][4];
+    for (int b = 0; b < 2; b++) for (int i = 0; i < 4; i++) acc[b][i] = _mm256_setzero_si256();
+    for (long q = q0; q < q1; q++) {
+        long long v;
+        memcpy(&v, xq + 4 * q, sizeof v);
+        const __m256i xb = _mm256_set1_epi64x(v);
+        for (int b = 0; b < 2; b++) {
+            const int8_t *p = w + b * K4 * 64 + q * 64;
+            if (pf == 2) _mm_prefetch((const char *)p + KM_PF_L2, _MM_HINT_T1);
+            else if (pf) _mm_prefetch((const char *)p + KM_PF, _MM_HINT_T0);
+            for (int i = 0; i < 4; i++) {
+                __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16 * i)));
+                acc[b][i] = _mm256_add_epi32(acc[b][i], _mm256_madd_epi16(wv, xb));
+            }
+        }
+    }
+    for (int b = 0; b < 2; b++)
+        for (int i = 0; i < 4; i++) _mm256_storeu_si256((__m256i *)(s + b * 32 + 8 * i), acc[b][i]);
+}
 /* the sums of quads [q0, q1) of one block for nt tokens into s [nt][32] (row r's two k pairs at 2r, 2r + 1), in
    passes of at most 3 tokens (4: 2 + 2), the first pass prefetching */
 static void kq2_span(const int8_t *w, long q0, long q1, const int16_t *const *xq, int nt, int32_t *s, int pf) {
@@ -2238,6 +2259,17 @@ static void kq2_span(const int8_t *w, long q0, long q1, const int16_t *const *xq
 static void kq_avx2(const int8_t *w, long K4, int nb, const int16_t *const *xq, int nt, const float *xqs,
                     const float *scale, float *out, int pf) {
     int32_t s[KM_TG * 32];
+    if (nt == 1) /* one token: two blocks side by side, two streams (0.93-0.95x the time of one, [1792..3584, 1792]) */
+        for (; nb >= 2; nb -= 2, w += 2 * K4 * 64, scale += 32, out += 32) {
+            int64_t tot[2][16] = {{0}};
+            for (long q0 = 0; q0 < K4; q0 += KQ2_SPAN) {
+                kq2_1x2(w, K4, q0, q0 + KQ2_SPAN < K4 ? q0 + KQ2_SPAN : K4, xq[0], s, pf);
+                for (int b = 0; b < 2; b++)
+                    for (int r = 0; r < 16; r++) tot[b][r] += (int64_t)s[b * 32 + 2 * r] + s[b * 32 + 2 * r + 1];
+            }
+            for (int b = 0; b < 2; b++)
+                for (int r = 0; r < 16; r++) out[16 * b + r] = ((float)tot[b][r] * xqs[0]) * scale[16 * b + r];
+        }
     for (int b = 0; b < nb; b++) {
         const int8_t *wb = w + (long)b * K4 * 64;
         int64_t tot[KM_TG][16] = {{0}};
@@ -2309,7 +2341,7 @@ int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp
     }
     if (ints) quantize_planes(isa, xs, M, K, xq8, xqs);
     int pb = M <= 2 ? 4 : M <= 4 ? 2 : 1, kpf = g_pf_now ? km_i8_linear_pf(isa, M) : 0; /* pb: blocks per panel */
-    if (!vnni) pb = 1;
+    if (!ints) pb = 1;
     long K4 = K / 4, blocks = N / 16, panels = (blocks + pb - 1) / pb;
     int nth = call_threads(nthreads);
     if ((double)N * K < 32768.0) nth = 1;
