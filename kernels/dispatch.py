@@ -194,7 +194,7 @@ class DispatchThresholds:
 
     cpu_linear_kmajor_int8: tuple[str, ...] = ("avx2", "avx512_bf16")
     """Kernel paths whose int8 linears (``--quantization blockffn_int8``) are packed K-major at load
-    (``layout.pack_kmajor``, [N / 16, K / 4, 16, 4]) and run the kernel's outer-product VNNI linear at every M
+    (``layout.pack_kmajor``, [N / 16, K / 4, 16, 4]) and run the kernel's outer-product int8 linear at every M
     (``cpu_ops.int8_linear_kmajor``: the row-major VNNI linear's integers, the same bits). Measured cold on the Xeon
     without AMX (``avx512_bf16``, 2 threads; RESULTS.md 2026-12-04 22:32 UTC) against the row-dot VNNI kernel:
     [3584, 1792] 1 / 4 / 8 rows 312 vs 349, 366 vs 456, 468 vs 631 µs; lm_head [32000, 1792] 1873 vs 1992, 2072
@@ -205,12 +205,17 @@ class DispatchThresholds:
     tiles read the row-major weight), nor ``avx512`` (the same kernel would run; not measured)."""
 
 
-    cpu_grouped_min_tokens_kmajor_int8: dict[str, int] = field(default_factory=lambda: {"avx512_bf16_dp": NEVER})
+    cpu_grouped_min_tokens_kmajor_int8: dict[str, int] = field(
+        default_factory=lambda: {"avx512_bf16_dp": NEVER, "avx2": NEVER})
     """Per route entry, the step size from which int8 experts packed K-major (``cpu_experts_kmajor_int8``) take the
     grouped GEMMs; entries not here keep ``cpu_grouped_min_tokens_by_path``'s int8 one (not measured with packed
     experts). ``avx512_bf16_dp``, the Zen 4 EPYC (RESULTS.md 2026-12-06 03:53 UTC; XLarge shape, 4 segments, bf16 x,
     chunks of 2048 tokens): the packed kernel 61-178 ms against the grouped GEMMs' 73-281 at 2048-8192 tokens
-    (1.2-2.0x), 302-328 GFLOP/s when the VM streams well: never grouped."""
+    (1.2-2.0x), 302-328 GFLOP/s when the VM streams well: never grouped. ``avx2``, the Zen 3 EPYC (VPMADDWD; XLarge
+    shape, 4 segments, bf16 x, warm, 2 threads, bench_long_steps_cpu.py at 41a99d5): the packed kernel 5.3 / 26.0 /
+    125 / 159 ms at 128 / 512 / 2048 / 4096 tokens (81-126 GFLOP/s on the active pairs), the grouped GEMMs on the
+    experts as loaded 19.2 / 56.1 / 181 / 198, on the packed ones 40.9 / 84.1 / 215 / 220: never grouped (RESULTS.md
+    2026-12-07 02:49 UTC)."""
 
     cpu_grouped_min_tokens_kmajor_bf16: dict[str, int] = field(
         default_factory=lambda: {"avx512_bf16_dp": NEVER, "avx2": NEVER})
@@ -239,7 +244,7 @@ class DispatchThresholds:
 
     cpu_experts_kmajor_int8: tuple[str, ...] = ("avx2", "avx512_bf16")
     """Kernel paths whose int8 experts are packed K-major at load (``layout.pack_experts_kmajor``) and run as two
-    K-major VNNI linears an expert (cpu_native.c ``kx_run``) instead of 4-row row-major units. Measured on the Zen 4
+    K-major int8 linears an expert (cpu_native.c ``kx_run``) instead of 4-row row-major units. Measured on the Zen 4
     EPYC (``avx512_bf16``, RESULTS.md 2026-12-06 03:53 UTC) and on the Zen 3 EPYC (``avx2``: the same integers by
     VPMADDWD, ``kq_avx2`` / ``kx_down_avx2``; cold engine calls against the units, side by side, 0.73-0.98x their
     time on all 20 rows of the four official shapes, verify chunks 0.76-0.90x; RESULTS.md 2026-12-07 02:49 UTC).

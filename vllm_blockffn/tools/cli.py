@@ -82,8 +82,9 @@ def _check_env() -> int:
                      "decode-size linears: streaming kernel")
         pairs = cpu_native.isa_at_least("avx512_bf16")
         int8 = ("VPDPBUSD dots on x rounded to int16, VPDPWSSD down pass on row pairs" if pairs
-                else "VPMADDWD dots on x rounded to int16, down pass on row pairs (the same integers as VNNI)"
+                else "VPMADDWD dots on x rounded to int16 (the same integers as VNNI)"
                 if cpu_native.isa_at_least("avx2") else "int8 widened to fp32")
+        int8_kernel = ("VPDPBUSD" if pairs else "VPMADDWD" if cpu_native.isa_at_least("avx2") else "fp32")
         lines.append(f"int8 weights (--quantization blockffn_int8): native kernel, {int8}")
         fast = pairs and cpu_native.vdpbf16ps_fast()
         if pairs:
@@ -106,9 +107,9 @@ def _check_env() -> int:
             else f"as loaded (K-major packing: paths {list(THRESHOLDS.cpu_linear_kmajor)}, {LINEAR_ENV}=auto)"))
         kmajor8 = linear_mode() == "auto" and cpu_native.cpu_isa() in THRESHOLDS.cpu_linear_kmajor_int8
         lines.append("int8 attention projections and lm_head: " + (
-            f"packed K-major at load, the outer-product VNNI kernel at every M ({LINEAR_ENV}=rowmajor keeps them as "
-            "loaded)" if kmajor8 else f"as loaded (K-major packing: paths {list(THRESHOLDS.cpu_linear_kmajor_int8)}, "
-            f"{LINEAR_ENV}=auto)"))
+            f"packed K-major at load, the outer-product {int8_kernel} kernel at every M ({LINEAR_ENV}=rowmajor keeps "
+            "them as loaded)" if kmajor8
+            else f"as loaded (K-major packing: paths {list(THRESHOLDS.cpu_linear_kmajor_int8)}, {LINEAR_ENV}=auto)"))
         pf = [cpu_native.kmajor_prefetch_tokens(int8) for int8 in (False, True)]
         lines.append("K-major streams' software prefetch: " + (
             "every stream" if pf == [0, 0] else
@@ -120,7 +121,7 @@ def _check_env() -> int:
             + f" ({cpu_native.PREFETCH_ENV}=auto|all|n)")
         from vllm_blockffn.serving.layers.cpu_experts import EXPERTS_ENV, experts_mode, kmajor_paths
 
-        for dt, name, how in ((torch.bfloat16, "bf16", "K-major bf16"), (torch.int8, "int8", "K-major VNNI")):
+        for dt, name, how in ((torch.bfloat16, "bf16", "K-major bf16"), (torch.int8, "int8", f"K-major {int8_kernel}")):
             kx = experts_mode() == "auto" and cpu_native.cpu_isa() in kmajor_paths(dt)
             lines.append(f"{name} experts: " + (
                 f"packed K-major at load where d_e and H are multiples of 16 (each expert two {how} linears, one "
