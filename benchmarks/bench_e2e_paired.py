@@ -68,7 +68,9 @@ def worker(model: str, setting: str, tokens: int, batch: int, conn) -> None:
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     texts = batch_prompts(batch)
     llm.generate(texts, params, use_tqdm=False)
-    conn.send("ready")
+    from vllm_blockffn.serving.layers.cpu_experts import describe
+
+    conn.send(("ready", llm.apply_model(describe)[0]))  # the experts' layout: a figure names what it measured
     while conn.recv() == "go":
         t = time.perf_counter()
         out = llm.generate(texts, params, use_tqdm=False)
@@ -97,13 +99,16 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
-    procs, conns = [], []
+    procs, conns, layouts = [], [], []
     for setting in (args.a, args.b):  # loaded one after the other (loading both at once halves each)
         parent, child = ctx.Pipe()
         p = ctx.Process(target=worker, args=(args.model, setting, args.tokens, args.batch, child))
         p.start()
-        if parent.recv() != "ready":
+        ready = parent.recv()
+        if not (isinstance(ready, tuple) and ready[0] == "ready"):
             raise SystemExit(f"engine for {setting!r} did not start")
+        layouts.append(ready[1])
+        print(f"{'AB'[len(procs)]}: {setting}: {ready[1]}", flush=True)
         procs.append(p)
         conns.append(parent)
     secs: list[list[float]] = [[], []]
@@ -133,7 +138,7 @@ def main() -> None:
         "a_tok_s": args.batch * args.tokens / statistics.median(secs[0]),
         "b_tok_s": args.batch * args.tokens / statistics.median(secs[1]),
         "b_over_a_speed": statistics.median(ratios), "ratio_min_max": [min(ratios), max(ratios)],
-        "same_tokens": tokens[0] == tokens[1], "idle_cpu_max": max(idle),
+        "same_tokens": tokens[0] == tokens[1], "idle_cpu_max": max(idle), "experts": layouts,
     }
     print("RESULT " + json.dumps(res), flush=True)
     if args.json:

@@ -200,6 +200,9 @@ def main() -> None:
     rows = []
     print(f"{args.model} {args.dtype} {args.quantization or ''} batch {args.batch}: {steps} decode steps, "
           f"{wall / (steps + 1) * 1e3:.2f} ms per step (all steps), read bandwidth {bw:.1f} GB/s (2 threads)")
+    from vllm_blockffn.serving.layers.cpu_experts import describe
+
+    print(f"  {llm.apply_model(describe)[0]}")  # the experts' layout: a figure names what it measured
     kernel_ms = step_mb = 0.0
     macs = {"linears": 0.0, "router + experts": 0.0}  # multiply-adds a step (G)
     for tag, v in sorted(probe.calls.items()):

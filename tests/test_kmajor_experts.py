@@ -232,6 +232,23 @@ def test_packing_rule_by_dtype(monkeypatch):
     assert not packs_experts(wu, wd)
 
 
+def test_unpacked_experts_say_why(monkeypatch):
+    """cpu_experts.unpacked_reason names what keeps experts as loaded (the load log and the benchmarks print it):
+    a d_e off the 16-row grain (an inflated XLarge with d_e 149), fp32, the switch; None for experts that pack."""
+    from vllm_blockffn.serving.layers.cpu_experts import unpacked_reason
+
+    monkeypatch.setenv("VLLM_BLOCKFFN_CPU_EXPERTS", "auto")
+    on = cpu_native.native_available() and cpu_native.cpu_isa() in THRESHOLDS.cpu_experts_kmajor_bf16
+    wu, wd = _experts(4, 32, 64)
+    assert (unpacked_reason(wu, wd) is None) == on
+    assert unpacked_reason(*pack_experts_kmajor(wu, wd)) is None
+    if on:
+        assert unpacked_reason(*_experts(4, 24, 64)) == "d_e 24 and H 64 must be multiples of 16"
+    assert unpacked_reason(wu.float(), wd.float()) == "float32 experts have no packed layout"
+    monkeypatch.setenv("VLLM_BLOCKFFN_CPU_EXPERTS", "rowmajor")
+    assert unpacked_reason(wu, wd) == "VLLM_BLOCKFFN_CPU_EXPERTS=rowmajor"
+
+
 def _packed_layers(model) -> int:
     from vllm_blockffn.serving.layers.blockffn import BlockFFN
 
@@ -247,6 +264,7 @@ def test_bf16_engine_packs_experts_where_the_rule_says(engine_factory, tiny_fact
     packed experts round h to bf16, the row-major units keep it in fp32, and on the AVX2 EPYC the two layouts' tokens
     differed on 2 of 5 prompts, each run taking 2 ties of < 0.005 the other way)."""
     from vllm_blockffn.reference import load_reference
+    from vllm_blockffn.serving.layers.cpu_experts import describe
 
     path = tiny_factory()
     runs = {}
@@ -255,6 +273,9 @@ def test_bf16_engine_packs_experts_where_the_rule_says(engine_factory, tiny_fact
             m.setenv("VLLM_BLOCKFFN_CPU_EXPERTS", mode)
             engine = engine_factory(path, dtype="bfloat16")
             packed = engine.llm.apply_model(_packed_layers)[0]
+            said = engine.llm.apply_model(describe)[0]
+            assert said.startswith(f"experts (bfloat16) of {packed}/2 layers packed K-major"), said
+            assert (packed == 2) == ("as loaded" not in said), said
             runs[mode] = (packed, engine.greedy(PROMPTS, max_tokens=24, prompt_logprobs=True))
             engine.close()
     on = cpu_native.native_available() and cpu_native.cpu_isa() in THRESHOLDS.cpu_experts_kmajor_bf16

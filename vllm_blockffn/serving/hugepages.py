@@ -23,7 +23,7 @@ import torch
 
 from vllm_blockffn.serving.config import env_choice
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under "vllm": shown with vLLM's own log lines
 
 ENV = "VLLM_BLOCKFFN_HUGEPAGES"
 """``auto`` (default: advise and collapse large CPU weights where THP is not ``never``) | ``off``."""

@@ -161,4 +161,6 @@ class BlockFFNForCausalLM(MiniCPMForCausalLM):
         for module in self.modules():
             if isinstance(module, BlockFFN) and module.quant_method is None:
                 cpu_experts.pack(module)
+        if next(self.parameters()).device.type == "cpu":
+            cpu_experts.logger.info("blockffn: %s", cpu_experts.describe(self))
         hugepages.place_weights(self)

@@ -16,6 +16,9 @@ tensors: the kernel (weight codes 3 / 4), the dense and grouped GEMMs and the Py
 
 from __future__ import annotations
 
+import collections
+import logging
+
 import torch
 from torch.nn import Parameter
 
@@ -25,6 +28,7 @@ from vllm_blockffn.kernels.sparse_ffn import cpu_native
 from vllm_blockffn.serving.config import env_choice
 
 EXPERTS_ENV = "VLLM_BLOCKFFN_CPU_EXPERTS"
+logger = logging.getLogger(f"vllm.{__name__}")  # under "vllm": shown with vLLM's own log lines
 
 
 def experts_mode() -> str:
@@ -44,6 +48,44 @@ def packs_experts(w_up: torch.Tensor, w_down_t: torch.Tensor) -> bool:
     :func:`kmajor_paths` for their dtype, `VLLM_BLOCKFFN_CPU_EXPERTS` auto and the native kernel built."""
     return (experts_mode() == "auto" and w_up.device.type == "cpu" and experts_packable(w_up, w_down_t)
             and cpu_native.cpu_isa() in kmajor_paths(w_up.dtype) and cpu_native.native_available())
+
+
+def unpacked_reason(w_up: torch.Tensor, w_down_t: torch.Tensor) -> str | None:
+    """Why experts stay as loaded (None: they are packed, or pack): said at load, so that a model whose d_e misses
+    the packed layout's 16-row grain (an inflated model with d_e 149, a TP slice of 8) does not run the slower units
+    unnoticed — two sessions' end-to-end figures on the AVX2 EPYC measured such a model as if packed."""
+    if w_up.dim() == 5:
+        return None
+    if w_up.device.type != "cpu":
+        return f"on {w_up.device.type}"
+    if experts_mode() != "auto":
+        return f"{EXPERTS_ENV}={experts_mode()}"
+    if w_up.dtype not in (torch.bfloat16, torch.int8):
+        return f"{str(w_up.dtype).removeprefix('torch.')} experts have no packed layout"
+    if cpu_native.cpu_isa() not in kmajor_paths(w_up.dtype):
+        return f"path {cpu_native.cpu_isa()} is not one of {list(kmajor_paths(w_up.dtype))}"
+    if not cpu_native.native_available():
+        return "the native kernel is not built"
+    if not experts_packable(w_up, w_down_t):
+        _, d, h = w_up.shape
+        return (f"d_e {d} and H {h} must be multiples of 16" + (" (int8: d_e up to 512, H up to 16384)"
+                                                                 if w_up.dtype == torch.int8 else ""))
+    return None
+
+
+def describe(model: torch.nn.Module) -> str:
+    """One line on how a model's BlockFFN layers hold their experts on this CPU (the load log; benchmarks print it)."""
+    from vllm_blockffn.serving.layers.blockffn import BlockFFN
+
+    layers = [m for m in model.modules() if isinstance(m, BlockFFN)]
+    packed = [m for m in layers if m.up_proj.dim() == 5]
+    reasons = collections.Counter(unpacked_reason(m.up_proj.data, m.down_proj.data) for m in layers
+                                  if m.up_proj.dim() != 5)
+    dtypes = sorted({str(m.up_proj.dtype).removeprefix("torch.") for m in layers})
+    text = f"experts ({'/'.join(dtypes)}) of {len(packed)}/{len(layers)} layers packed K-major"
+    if reasons:
+        text += "; as loaded (4-row units): " + "; ".join(f"{n} layers, {r}" for r, n in reasons.items())
+    return text
 
 
 def pack(layer: torch.nn.Module) -> bool:
