@@ -44,16 +44,17 @@ def kmajor_paths(dtype: torch.dtype) -> tuple[str, ...]:
 
 
 def packs_experts(w_up: torch.Tensor, w_down_t: torch.Tensor) -> bool:
-    """Whether experts on a CPU are packed K-major at load: shapes that pack (``layout.experts_packable``), a path of
-    :func:`kmajor_paths` for their dtype, `VLLM_BLOCKFFN_CPU_EXPERTS` auto and the native kernel built."""
-    return (experts_mode() == "auto" and w_up.device.type == "cpu" and experts_packable(w_up, w_down_t)
-            and cpu_native.cpu_isa() in kmajor_paths(w_up.dtype) and cpu_native.native_available())
+    """Whether experts on a CPU are packed K-major at load: as loaded ([E, D, H]) and nothing in
+    :func:`unpacked_reason` against it (the one statement of the rule)."""
+    return w_up.dim() == 3 and unpacked_reason(w_up, w_down_t) is None
 
 
 def unpacked_reason(w_up: torch.Tensor, w_down_t: torch.Tensor) -> str | None:
-    """Why experts stay as loaded (None: they are packed, or pack): said at load, so that a model whose d_e misses
-    the packed layout's 16-row grain (an inflated model with d_e 149, a TP slice of 8) does not run the slower units
-    unnoticed — two sessions' end-to-end figures on the AVX2 EPYC measured such a model as if packed."""
+    """Why experts stay as loaded (None: they are packed, or pack — :func:`packs_experts`): shapes that pack
+    (``layout.experts_packable``), a path of :func:`kmajor_paths` for their dtype, `VLLM_BLOCKFFN_CPU_EXPERTS` auto
+    and the native kernel built. Said at load, so that a model whose d_e misses the packed layout's 16-row grain (an
+    inflated model with d_e 149, a TP slice of 8) does not run the slower units unnoticed — two sessions' end-to-end
+    figures on the AVX2 EPYC measured such a model as if packed."""
     if w_up.dim() == 5:
         return None
     if w_up.device.type != "cpu":
