@@ -44,11 +44,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_memory_cpu import DTYPES, SHAPES, Pool, cpu_model, emit, md_table, routed_scores  # noqa: E402
 
-from kernels.dispatch import THRESHOLDS  # noqa: E402
-from kernels.layout import kmajor_packable, pack_kmajor  # noqa: E402
+from kernels.layout import pack_kmajor  # noqa: E402
 from kernels.quant import quantize_rows  # noqa: E402
 from kernels.sparse_ffn import cpu_native, cpu_ops  # noqa: E402
 from kernels.sparse_ffn.cpu import sparse_ffn_cpu, sparse_ffn_grouped  # noqa: E402
+from vllm_blockffn.serving.layers.cpu_linear import packs_kmajor  # noqa: E402
 
 
 def timed(fns: dict, repeats: int) -> dict[str, float]:
@@ -108,8 +108,7 @@ def linear_routes(x, wf, q, sc, rs, dname: str) -> dict:
     fns = {f"F.linear {dname}": lambda: torch.nn.functional.linear(x, wf)}
     for p in native_paths():
         fns[f"native {p} {dname}"] = lambda p=p: cpu_native.linear_native(x, wf, isa=p)
-    isa = cpu_native.cpu_isa()
-    if wf.dtype == torch.bfloat16 and isa in THRESHOLDS.cpu_linear_kmajor and kmajor_packable(wf):
+    if packs_kmajor(wf):
         wk = pack_kmajor(wf)  # what the served layer holds on this path (cpu_linear.py)
         fns[f"auto {dname}"] = lambda: cpu_ops.linear_kmajor(x, wk)
     else:
@@ -117,7 +116,7 @@ def linear_routes(x, wf, q, sc, rs, dname: str) -> dict:
     fns["torch int8pack"] = lambda: (torch.ops.aten._weight_int8pack_mm(x, q, ones).float() * sc).to(x.dtype)
     for p in native_paths():
         fns[f"native {p} int8"] = lambda p=p: cpu_native.linear_native(x, q, isa=p, weight_scale=sc)
-    if isa in THRESHOLDS.cpu_linear_kmajor_int8 and kmajor_packable(q):
+    if packs_kmajor(q):
         qk = pack_kmajor(q)
         fns["auto int8"] = lambda: cpu_ops.int8_linear_kmajor(x, qk, sc, rs)
     else:

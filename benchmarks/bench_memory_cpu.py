@@ -45,13 +45,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels.dispatch import THRESHOLDS  # noqa: E402
-from kernels.layout import expert_dims, experts_packable, kmajor_packable, pack_experts_kmajor, pack_kmajor  # noqa: E402
+from kernels.layout import expert_dims, experts_packable, pack_experts_kmajor, pack_kmajor  # noqa: E402
 from kernels.quant import float_experts, quantize_experts, quantize_rows  # noqa: E402
 from kernels.sparse_ffn import cpu_native  # noqa: E402
 from kernels.sparse_ffn.cpu import dense_ffn_gemm  # noqa: E402
 from kernels.sparse_ffn.naive import experts_reference  # noqa: E402
 from vllm_blockffn.serving import hugepages  # noqa: E402
 from vllm_blockffn.serving.layers.cpu_experts import kmajor_paths  # noqa: E402
+from vllm_blockffn.serving.layers.cpu_linear import packs_kmajor  # noqa: E402
 
 HUGE_PAGES = True
 """Weights and the bandwidth probe's buffers in 2 MiB pages, as the engine places weights after loading
@@ -524,11 +525,9 @@ def linear_rows(args, threads: int) -> list[list[str]]:
             else:
                 w0 = w0.to(dt)
                 ws, scales, w_ref = [placed(w0.clone()) for _ in range(n)], [None] * n, w0.float()
-            # weights the served model packs K-major (bf16: serving/layers/cpu_linear.py, int8: quantization.py):
+            # weights the served model packs K-major (fp32, bf16: serving/layers/cpu_linear.py, int8: quantization.py):
             # the same pool packed, int8 with the row-major weight's row sums
-            kpaths = THRESHOLDS.cpu_linear_kmajor_int8 if dt == torch.int8 else THRESHOLDS.cpu_linear_kmajor
-            packed = ([placed(pack_kmajor(w)) for w in ws] if kmajor_packable(ws[0]) and cpu_native.cpu_isa() in kpaths
-                      else None)
+            packed = [placed(pack_kmajor(w)) for w in ws] if packs_kmajor(ws[0]) else None
             sums = cpu_native.int8_row_sums(ws[0]) if dt == torch.int8 else None
             handlers = None
             if ops is not None and getattr(ops, "_supports_onednn", False):

@@ -109,6 +109,9 @@ class ProbedLib:
         self.blockffn_linear = probe.wrap_c(lib.blockffn_linear, lambda a: f"linear N={a[6]}")
         if hasattr(lib, "blockffn_linear_kmajor"):  # bf16 weights packed K-major (absent before 6f29c9b)
             self.blockffn_linear_kmajor = probe.wrap_c(lib.blockffn_linear_kmajor, lambda a: f"linear N={a[5]}")
+        if hasattr(lib, "blockffn_linear_kmajor_f32"):  # fp32 weights packed K-major (absent before 2026-12-07)
+            self.blockffn_linear_kmajor_f32 = probe.wrap_c(lib.blockffn_linear_kmajor_f32,
+                                                           lambda a: f"linear N={a[5]}")
         if hasattr(lib, "blockffn_linear_kmajor_i8"):  # int8 weights packed K-major
             self.blockffn_linear_kmajor_i8 = probe.wrap_c(lib.blockffn_linear_kmajor_i8, lambda a: f"linear N={a[5]}")
         self.blockffn_sparse_ffn = probe.wrap_c(lib.blockffn_sparse_ffn, lambda a: "experts")

@@ -181,6 +181,15 @@ class DispatchThresholds:
     rows 0.79 / 0.80 / 0.70x; from 128 rows bf16 x runs widened GEMMs (``cpu_linear_kmajor_widen_min_tokens``). Not
     ``amx`` (its tiles read the row-major weight)."""
 
+    cpu_linear_kmajor_fp32: tuple[str, ...] = ("avx2",)
+    """Kernel paths whose fp32 linears are packed K-major at load (``layout.pack_kmajor``, [N / 16, K, 16, 1]) and run
+    the kernel's outer-product fp32 linear (``cpu_ops.linear_kmajor``: to the path's fp32 ``cpu_linear_rows`` entry,
+    ``F.linear`` on unpacked blocks past it). fp32 is what vLLM serves on CPUs without AVX-512 (its bf16 GEMM there
+    is torch's fallback). Measured on the Zen 3 EPYC (``avx2``, 2 threads, cold: 400 MB of weights cycled; RESULTS.md
+    2026-12-07 09:15 UTC) against the row-dot kernel, [1856, 1856] / [3712, 1856] / [1792, 4096]: 1 row 0.86 / 0.84 /
+    0.83x its time, 2 rows 0.88 / 0.90 / 0.92x, 4 rows 1.02 / 0.94 / 0.91x, 8 rows 0.89 / 0.86 / 1.00x. Not the
+    AVX-512 paths (the kernel has no AVX-512 fp32 form; unmeasured there)."""
+
     cpu_linear_kmajor_widen_min_tokens: dict[str, int] = field(default_factory=lambda: {"avx2": 384})
     """Per route entry, the rows from which a bf16 linear packed K-major (``cpu_linear_kmajor``) with bf16 x runs
     oneDNN's fp32 GEMM on blocks of ``cpu_ops.WIDEN_ROWS`` rows unpacked and widened from the packed weight

@@ -81,9 +81,9 @@ KMAJOR_ROWS = 16
 """Output rows per line of the K-major linear layout (:func:`pack_kmajor`): one AVX-512 vector of fp32 sums."""
 
 
-KMAJOR_GROUP = {torch.bfloat16: 2, torch.int8: 4}
-"""Consecutive k of one output row in a line of the K-major layout, by weight dtype: bf16 pairs (widened by a shift and
-a mask), int8 quads (what one VPDPBUSD lane takes)."""
+KMAJOR_GROUP = {torch.float32: 1, torch.bfloat16: 2, torch.int8: 4}
+"""Consecutive k of one output row in a line of the K-major layout, by weight dtype: fp32 one, bf16 pairs (widened by a
+shift and a mask), int8 quads (what one VPDPBUSD lane takes)."""
 KMAJOR_MAX_K_INT8 = 16384
 """int8: K at most, so that every int32 lane of the kernel's sums stays exact (cpu_native.c KQ_MAXK)."""
 KMAJOR_MAX_D_EXPERTS = 512
@@ -91,22 +91,23 @@ KMAJOR_MAX_D_EXPERTS = 512
 
 
 def kmajor_packable(weight: torch.Tensor) -> bool:
-    """Whether a linear weight [N, K] can be packed K-major: bf16 with K even, or int8 with K a multiple of 4 up to
-    16384; N a multiple of 16."""
+    """Whether a linear weight [N, K] can be packed K-major: fp32, bf16 with K even, or int8 with K a multiple of 4 up
+    to 16384; N a multiple of 16."""
     g = KMAJOR_GROUP.get(weight.dtype)
     return (g is not None and weight.dim() == 2 and weight.shape[0] % KMAJOR_ROWS == 0 and weight.shape[1] % g == 0
             and weight.shape[0] > 0 and (weight.dtype != torch.int8 or weight.shape[1] <= KMAJOR_MAX_K_INT8))
 
 
 def pack_kmajor(weight: torch.Tensor) -> torch.Tensor:
-    """A linear weight [N, K] → [N / 16, K / g, 16, g]: each 64-byte line holds g consecutive k (bf16: a pair, int8: a
-    quad) of 16 output rows, the layout of the native kernel's outer-product linears (``blockffn_linear_kmajor``,
-    ``blockffn_linear_kmajor_i8`` in kernels/sparse_ffn/cpu_native.c): a line serves every token, no horizontal
+    """A linear weight [N, K] → [N / 16, K / g, 16, g]: each 64-byte line holds g consecutive k (fp32: one, bf16: a
+    pair, int8: a quad) of 16 output rows, the layout of the native kernel's outer-product linears
+    (``blockffn_linear_kmajor``, ``blockffn_linear_kmajor_f32``, ``blockffn_linear_kmajor_i8`` in
+    kernels/sparse_ffn/cpu_native.c): a line serves every token, no horizontal
     sums. Run once at load; the same bytes as the weight."""
     if not kmajor_packable(weight):
-        raise ValueError(f"pack_kmajor: weight {weight.dtype} {list(weight.shape)}; expected a 2-D torch.bfloat16 "
-                         f"[N, K] with N a multiple of {KMAJOR_ROWS} and K even, or torch.int8 with K a multiple of 4 "
-                         f"up to {KMAJOR_MAX_K_INT8}")
+        raise ValueError(f"pack_kmajor: weight {weight.dtype} {list(weight.shape)}; expected a 2-D [N, K] with N a "
+                         f"multiple of {KMAJOR_ROWS}: torch.float32, torch.bfloat16 with K even, or torch.int8 with K "
+                         f"a multiple of 4 up to {KMAJOR_MAX_K_INT8}")
     n, k = weight.shape
     g = KMAJOR_GROUP[weight.dtype]
     return weight.reshape(n // KMAJOR_ROWS, KMAJOR_ROWS, k // g, g).permute(0, 2, 1, 3).contiguous()
@@ -116,7 +117,7 @@ def unpack_kmajor(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`pack_kmajor`: the weight [N, K] (a copy)."""
     if packed.dim() != 4 or packed.shape[2] != KMAJOR_ROWS or packed.shape[3] != KMAJOR_GROUP.get(packed.dtype):
         raise ValueError(f"unpack_kmajor: packed {packed.dtype} {list(packed.shape)}; expected [N / {KMAJOR_ROWS}, "
-                         f"K / g, {KMAJOR_ROWS}, g] with g 2 (bf16) or 4 (int8)")
+                         f"K / g, {KMAJOR_ROWS}, g] with g 1 (fp32), 2 (bf16) or 4 (int8)")
     b, kg, _, g = packed.shape
     return packed.permute(0, 2, 1, 3).reshape(b * KMAJOR_ROWS, kg * g)
 

@@ -135,6 +135,29 @@ def test_kmajor_linear_paths_agree_bit_for_bit(dtype, M, N, K):
         assert torch.equal(torch.from_numpy(acc).bfloat16(), ys["portable", 0])
 
 
+@pytest.mark.parametrize("xdt", ["fp32", "bf16"])
+@pytest.mark.parametrize("M,N,K", [(1, 16, 1), (1, 112, 37), (2, 48, 130), (3, 64, 96), (4, 80, 33), (5, 272, 256),
+                                   (9, 32, 1792), (300, 48, 40)])
+# 1 token over 4 + 2 + 1 blocks side by side, 2 tokens over 2 + 1, 3-4 tokens a block at a time, passes of 4 tokens
+# with tails, one-block panels from 5 rows, sweeps of 128 tokens; any K
+def test_kmajor_fp32_linear_paths_agree_bit_for_bit(xdt, M, N, K):
+    """The outer-product linear on K-major fp32 weights (layout.pack_kmajor [N / 16, K, 16, 1], the fp32 linears
+    on AVX2): every output one FMA chain over k in order on every path (the portable form through fmaf), so every
+    path this CPU runs gives the same bits, close to the fp64 product."""
+    g = torch.Generator().manual_seed(M * N + K)
+    x = torch.randn(M, K, generator=g).to(DT[xdt])
+    w = torch.randn(N, K, generator=g) / K**0.5
+    packed = pack_kmajor(w)
+    assert packed.shape == (N // 16, K, 16, 1) and torch.equal(unpack_kmajor(packed), w)
+    ys = {isa: cpu_native.linear_kmajor_native(x, packed, isa=isa, num_threads=2) for isa in PATHS}
+    for isa, y in ys.items():
+        assert y.dtype == x.dtype and y.shape == (M, N)
+        assert torch.equal(y, ys["portable"]), isa
+    torch.testing.assert_close(ys["portable"].double(), x.double() @ w.double().t(), **TOL[xdt])
+    one = cpu_native.linear_kmajor_native(x, packed, num_threads=1)
+    assert torch.equal(one, ys["portable"])  # the threads' split changes no sum
+
+
 @pytest.mark.skipif(not cpu_native.isa_at_least("avx512_bf16", BEST), reason="the dot form needs AVX512_BF16")
 def test_kmajor_dot_form_is_chosen_and_forced():
     """The dot form's switch: -1 asks the CPU (a probe, once: the same answer every call), 1 / 0 force it; the
@@ -164,8 +187,11 @@ def test_kmajor_dot_form_is_chosen_and_forced():
 def test_kmajor_linear_rejects_bad_input():
     with pytest.raises(ValueError, match=r"pack_kmajor: weight torch.bfloat16 \[20, 4\]; expected .*multiple of 16"):
         pack_kmajor(torch.zeros(20, 4, dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match=r"pack_kmajor: weight torch.float32 \[16, 4\]"):
-        pack_kmajor(torch.zeros(16, 4))
+    with pytest.raises(ValueError, match=r"pack_kmajor: weight torch.float16 \[16, 4\]"):
+        pack_kmajor(torch.zeros(16, 4, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"packed weight torch.float32 \[2, 4, 16, 2\]; expected a contiguous "
+                                         r"torch.float32 \[N / 16, K, 16, 1\]"):
+        cpu_native.linear_kmajor_native(torch.zeros(2, 4), torch.zeros(2, 4, 16, 2))
     packed = pack_kmajor(torch.zeros(32, 8, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match=r"x torch.float32 \[2, 6\]; expected fp32/bf16 \[M, 8\] for the packed "
                                          r"weight \[32, 8\]"):
@@ -205,6 +231,33 @@ def test_kmajor_op_equals_the_kernel_or_its_widened_route(isa, monkeypatch):
     assert (True in seen) == (wide <= 300), (isa, wide, seen)
     with pytest.raises(ValueError, match="linear_kmajor"):
         cpu_ops.linear_kmajor(torch.zeros(2, 63), packed)
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_kmajor_fp32_op_runs_the_kernel_then_f_linear(isa, monkeypatch):
+    """linear_kmajor on an fp32 weight packed K-major: the kernel up to the path's fp32 cpu_linear_rows entry (where
+    the row-major fp32 linear leaves the kernel too), past it F.linear on the weight unpacked block by block (two
+    whole blocks of rows and a part); its Python implementation agrees bit for bit."""
+    from vllm_blockffn.kernels.sparse_ffn import cpu_ops
+
+    monkeypatch.setenv(cpu_native.ISA_ENV, isa)
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(2 * cpu_ops.WIDEN_ROWS + 48, 64, generator=g) / 8
+    packed = pack_kmajor(w)
+    last = THRESHOLDS.cpu_linear_rows[cpu_native.route_key(isa)][0]
+    seen = set()
+    for M in sorted({1, 4, 8, 9, 300, *((last, last + 1) if last <= 300 else ())}):
+        x = torch.randn(M, 64, generator=g)
+        unpacked = M > THRESHOLDS.cpu_linear_max_tokens and M > last
+        assert cpu_ops.kmajor_widened_rows(M, torch.float32, torch.float32) == unpacked, (isa, M)
+        seen.add(unpacked)
+        y = cpu_ops.linear_kmajor(x, packed)
+        want = torch.nn.functional.linear(x, w) if unpacked else cpu_native.linear_kmajor_native(x, packed)
+        assert y.dtype == torch.float32 and torch.equal(y, want), (isa, M)
+        assert torch.equal(y, cpu_ops.linear_kmajor_python(x, packed)), (isa, M)
+        ref = x.double() @ w.double().t()
+        assert float((y.double() - ref).norm() / ref.norm()) < 1e-6, (isa, M)
+    assert seen == ({False, True} if last < 300 else {False}), (isa, last, seen)
 
 
 @pytest.mark.parametrize("isa", PATHS)

@@ -79,8 +79,8 @@ def test_check_env_names_the_path(isa):
 
 @pytest.mark.parametrize("isa,mode", [("avx2", "auto"), ("avx512_bf16", "auto"), ("avx512_bf16", "rowmajor")])
 def test_check_env_names_the_linear_layout(isa, mode):
-    """Whether the bf16 / int8 projections are packed K-major: on the paths of THRESHOLDS.cpu_linear_kmajor /
-    cpu_linear_kmajor_int8, unless VLLM_BLOCKFFN_CPU_LINEAR=rowmajor."""
+    """Whether the fp32 / bf16 / int8 projections are packed K-major: on the paths of THRESHOLDS.cpu_linear_kmajor_fp32
+    / cpu_linear_kmajor / cpu_linear_kmajor_int8, unless VLLM_BLOCKFFN_CPU_LINEAR=rowmajor."""
     from vllm_blockffn.kernels.dispatch import THRESHOLDS
     from vllm_blockffn.kernels.sparse_ffn import cpu_native
 
@@ -90,7 +90,8 @@ def test_check_env_names_the_linear_layout(isa, mode):
                        text=True, timeout=300,
                        env={**os.environ, "VLLM_BLOCKFFN_CPU_ISA": isa, "VLLM_BLOCKFFN_CPU_LINEAR": mode})
     assert r.returncode == 0, r.stderr
-    for dtype, paths in (("bf16", THRESHOLDS.cpu_linear_kmajor), ("int8", THRESHOLDS.cpu_linear_kmajor_int8)):
+    for dtype, paths in (("fp32", THRESHOLDS.cpu_linear_kmajor_fp32), ("bf16", THRESHOLDS.cpu_linear_kmajor),
+                         ("int8", THRESHOLDS.cpu_linear_kmajor_int8)):
         line = next(x for x in r.stdout.splitlines() if x.startswith(f"{dtype} attention projections"))
         packed = mode == "auto" and cpu_native.cpu_isa(isa) in paths
         assert ("packed K-major at load" in line) == packed and ("as loaded (" in line) == (not packed), line

@@ -2037,24 +2037,112 @@ ALWAYS int km_panel(long pi, int pb, long blocks, long *n0) {
     return blocks - pi * pb < pb ? (int)(blocks - pi * pb) : pb;
 }
 
+/* ------------------------------------------------------------------------ K-major fp32 */
+/* fp32 weights packed K-major (layout.pack_kmajor on an fp32 weight: [N / 16][K][16], each 64-byte line one k of 16
+   output rows): the outer-product form of the bf16 K-major linears without the widening. Why: vLLM serves fp32 on
+   CPUs without AVX-512 (its bf16 GEMM there is torch's fallback), and the row-dot kernel read an fp32 weight as 4
+   short row streams with horizontal sums; packed, 1-2 tokens stream 4 blocks side by side (the scratch probe on the
+   Zen 3 EPYC, [1856, 1856] / [3712, 1856] / [1792, 4096] fp32, 1 row, cold: 0.75 / 0.90 / 0.81x the row-dot
+   kernel's time; one block at a time 0.83-0.96x; RESULTS.md 2026-12-07 09:15 UTC). Every output is one chain of
+   FMAs in k order, on every path: the same bits everywhere (the portable form through fmaf). */
+static void kf_portable(const float *w, long K, int nb, const float *const *x, int nt, float *y, long ldy) {
+    for (int b = 0; b < nb; b++)
+        for (int t = 0; t < nt; t++)
+            for (int r = 0; r < 16; r++) {
+                const float *p = w + (long)b * K * 16 + r, *xt = x[t];
+                float acc = 0.0f;
+                for (long k = 0; k < K; k++) acc = fmaf(p[k * 16], xt[k], acc);
+                y[t * ldy + b * 16 + r] = acc;
+            }
+}
+
+#if BLOCKFFN_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+/* NB blocks side by side (NB streams), a line as two 8-row halves, NT tokens: 2 NB NT accumulators (at most 8) */
+#define KF2(NT, NB)                                                                                     \
+    static void kf2_##NT##_##NB(const float *w, long K, const float *const *x, float *y, long ldy, int pf) { \
+        __m256 acc[NB][2][NT];                                                                          \
+        for (int b = 0; b < NB; b++)                                                                    \
+            for (int h = 0; h < 2; h++) for (int t = 0; t < NT; t++) acc[b][h][t] = _mm256_setzero_ps(); \
+        for (long k = 0; k < K; k++) {                                                                  \
+            __m256 wv[NB][2];                                                                           \
+            for (int b = 0; b < NB; b++) {                                                              \
+                const float *p = w + (long)b * K * 16 + k * 16;                                         \
+                if (pf) _mm_prefetch((const char *)p + KM_PF, _MM_HINT_T0);                             \
+                wv[b][0] = _mm256_loadu_ps(p);                                                          \
+                wv[b][1] = _mm256_loadu_ps(p + 8);                                                      \
+            }                                                                                           \
+            for (int t = 0; t < NT; t++) {                                                              \
+                __m256 xv = _mm256_set1_ps(x[t][k]);                                                    \
+                for (int b = 0; b < NB; b++)                                                            \
+                    for (int h = 0; h < 2; h++) acc[b][h][t] = _mm256_fmadd_ps(wv[b][h], xv, acc[b][h][t]); \
+            }                                                                                           \
+        }                                                                                               \
+        for (int b = 0; b < NB; b++)                                                                    \
+            for (int h = 0; h < 2; h++)                                                                 \
+                for (int t = 0; t < NT; t++) _mm256_storeu_ps(y + t * ldy + 16 * b + 8 * h, acc[b][h][t]); \
+    }
+KF2(1, 1) KF2(1, 2) KF2(1, 4) KF2(2, 1) KF2(2, 2) KF2(3, 1) KF2(4, 1)
+/* nb blocks for nt tokens, 4 tokens a pass: 1 token 4 blocks at once, 2 tokens 2, more one */
+static void kf_avx2(const float *w, long K, int nb, const float *const *x, int nt, float *y, long ldy, int pf) {
+    for (int t0 = 0; t0 < nt; t0 += 4) {
+        const float *const *xt = x + t0;
+        float *yt = y + t0 * ldy;
+        int m = nt - t0 < 4 ? nt - t0 : 4;
+        for (int b = 0; b < nb;) {
+            const float *wb = w + (long)b * K * 16;
+            int left = nb - b, step = m == 1 ? (left >= 4 ? 4 : left >= 2 ? 2 : 1) : m == 2 && left >= 2 ? 2 : 1;
+            switch (m * 8 + step) {
+            case 12: kf2_1_4(wb, K, xt, yt + 16 * b, ldy, pf); break;
+            case 10: kf2_1_2(wb, K, xt, yt + 16 * b, ldy, pf); break;
+            case 9: kf2_1_1(wb, K, xt, yt + 16 * b, ldy, pf); break;
+            case 18: kf2_2_2(wb, K, xt, yt + 16 * b, ldy, pf); break;
+            case 17: kf2_2_1(wb, K, xt, yt + 16 * b, ldy, pf); break;
+            case 25: kf2_3_1(wb, K, xt, yt + 16 * b, ldy, pf); break;
+            default: kf2_4_1(wb, K, xt, yt + 16 * b, ldy, pf); break;
+            }
+            b += step;
+        }
+    }
+}
+#pragma GCC pop_options
+#endif
+
+/* out = nb blocks of a K-major fp32 weight at w times nt tokens (x rows fp32): the AVX2 form on every x86 path
+   that has it (no AVX-512 form: unmeasured there, and the AVX2 form is memory-bound at decode sizes), else the
+   portable one; the same bits either way */
+ALWAYS void kf_any(int isa, const float *w, long K, int nb, const float *const *x, int nt, float *y, long ldy,
+                   int pf) {
+#if BLOCKFFN_X86
+    if (isa >= ISA_AVX2) kf_avx2(w, K, nb, x, nt, y, ldy, pf);
+    else
+#else
+    (void)isa; (void)pf;
+#endif
+        kf_portable(w, K, nb, x, nt, y, ldy);
+}
+
 /* y [M, N] (row stride ldy, dtype of x: 0 fp32, 1 bf16) = x [M, K] W^T for bf16 W packed K-major (above; N a
-   multiple of 16, K even). isa, nthreads: as blockffn_linear. Returns 0, -1 (no memory), -2 (bad arguments),
+   multiple of 16, K even), or fp32 W (f32). isa, nthreads: as blockffn_linear. Returns 0, -1 (no memory), -2 (bad arguments),
    -3 ($VLLM_BLOCKFFN_CPU_ISA names no path). */
-int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp, long M, long N, long K, void *y,
-                           long ldy, int nthreads, int isa) {
+static int linear_kmajor(const void *x, long ldx, int xdt, const void *wp, int f32, long M, long N, long K, void *y,
+                         long ldy, int nthreads, int isa) {
     pf_set_call(1L << 30); /* a linear: g_prefetch, or 1 block ahead */
-    if (M < 0 || N < 0 || K <= 0 || N % 16 || K % 2 || ldx < K || ldy < N || xdt < 0 || xdt > 1) return -2;
+    if (M < 0 || N < 0 || K <= 0 || N % 16 || (!f32 && K % 2) || ldx < K || ldy < N || xdt < 0 || xdt > 1) return -2;
     if (M == 0 || N == 0) return 0;
     isa = blockffn_resolve_isa(isa);
     if (isa < 0) return -3;
-    int dot = BLOCKFFN_X86 && xdt == 1 && isa >= ISA_AVX512_BF16 && km_dot_on();
+    int dot = !f32 && BLOCKFFN_X86 && xdt == 1 && isa >= ISA_AVX512_BF16 && km_dot_on();
     float *xf = xdt && !dot ? malloc((size_t)M * K * sizeof(float)) : NULL;
     if (xdt && !dot && !xf) return -1;
     const float *xs = xdt ? xf : (const float *)x;
     long ldxf = xdt ? K : ldx;
-    int tg = isa >= ISA_AVX512 ? KM_TG : isa >= ISA_AVX2 ? 4 : KM_TG, kpf = g_pf_now && M >= km_pf_tokens(isa, dot);
-    /* blocks per panel: 4 streams at once where the tokens leave the registers for them (AVX-512, <= 4 tokens) */
-    int pb = isa >= ISA_AVX512 && M <= 4 && KM_PB4 ? 4 : 2;
+    int tg = isa >= ISA_AVX2 && (f32 || isa < ISA_AVX512) ? 4 : KM_TG, kpf = g_pf_now && M >= km_pf_tokens(isa, dot);
+    /* blocks per panel: 4 streams at once where the tokens leave the registers for them (AVX-512, <= 4 tokens);
+       fp32: 4-block panels to 4 rows (kf_avx2 streams them side by side at 1-2 tokens), else one block (16 K
+       floats, in L2 while each pass of 4 tokens reads it again) */
+    int pb = f32 ? (M <= 4 ? 4 : 1) : isa >= ISA_AVX512 && M <= 4 && KM_PB4 ? 4 : 2;
     long K2 = K / 2, blocks = N / 16, panels = (blocks + pb - 1) / pb;
     int nth = call_threads(nthreads);
     if ((double)N * K < 32768.0) nth = 1; /* as blockffn_linear */
@@ -2074,7 +2162,8 @@ int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp,
         for (long pi = panels * tid / T; pi < panels * (tid + 1) / T; pi++) {
             long n0, s1 = s0 + KM_SB < M ? s0 + KM_SB : M;
             int nb = km_panel(pi, pb, blocks, &n0);
-            const uint16_t *w = wp + n0 * K;
+            const uint16_t *w = (const uint16_t *)wp + n0 * K;
+            const float *wf = (const float *)wp + n0 * K;
             for (long t0 = s0; t0 < s1; t0 += tg) {
                 int nt = s1 - t0 < tg ? (int)(s1 - t0) : tg, pf = kpf && t0 == 0;
                 const float *xt[KM_TG];
@@ -2085,7 +2174,8 @@ int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp,
                 }
                 float *yt = xdt ? yb : (float *)y + t0 * ldy + n0;
                 long ldo = xdt ? 64 : ldy;
-                km_any(isa, dot, w, K2, nb, xt, xh, nt, yt, ldo, pf);
+                if (f32) kf_any(isa, wf, K, nb, xt, nt, yt, ldo, pf);
+                else km_any(isa, dot, w, K2, nb, xt, xh, nt, yt, ldo, pf);
                 if (xdt)
                     for (int t = 0; t < nt; t++)
                         for (int c = 0; c < 16 * nb; c++)
@@ -2095,6 +2185,15 @@ int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp,
     }
     free(xf);
     return 0;
+}
+int blockffn_linear_kmajor(const void *x, long ldx, int xdt, const uint16_t *wp, long M, long N, long K, void *y,
+                           long ldy, int nthreads, int isa) {
+    return linear_kmajor(x, ldx, xdt, wp, 0, M, N, K, y, ldy, nthreads, isa);
+}
+/* The same for fp32 W packed K-major ([N / 16, K, 16]: kf_any's forms; N a multiple of 16, any K). */
+int blockffn_linear_kmajor_f32(const void *x, long ldx, int xdt, const float *wp, long M, long N, long K, void *y,
+                               long ldy, int nthreads, int isa) {
+    return linear_kmajor(x, ldx, xdt, wp, 1, M, N, K, y, ldy, nthreads, isa);
 }
 
 /* ------------------------------------------------------------------------ K-major int8 linears */

@@ -164,6 +164,8 @@ def _open(path: str) -> ctypes.CDLL | None:
     lib.blockffn_linear.restype = i32
     lib.blockffn_linear_kmajor.argtypes = [p, i64, i32, p, i64, i64, i64, p, i64, i32, i32]
     lib.blockffn_linear_kmajor.restype = i32
+    lib.blockffn_linear_kmajor_f32.argtypes = [p, i64, i32, p, i64, i64, i64, p, i64, i32, i32]
+    lib.blockffn_linear_kmajor_f32.restype = i32
     lib.blockffn_linear_kmajor_i8.argtypes = [p, i64, i32, p, i64, i64, i64, p, i64, i32, i32, p, p]
     lib.blockffn_linear_kmajor_i8.restype = i32
     lib.blockffn_router_sparse_ffn.argtypes = [p, i64, i32, p, i32, p, f32, p, p, i32, p, i64, i64, i64, i64, i64, p,
@@ -574,17 +576,19 @@ def linear_kmajor_native(x: torch.Tensor, packed: torch.Tensor, num_threads: int
     """y = x Wᵀ for x [M, K] (fp32/bf16) and W packed K-major (kernels/layout.py ``pack_kmajor``), in x's dtype: the
     outer-product form. bf16 W (``packed`` [N / 16, K / 2, 16, 2], ``blockffn_linear_kmajor``): for the 1-64-row
     bf16 linears of AVX-512 CPUs without AMX, where the row-dot GEMV is compute-bound from ~4 rows; each output is
-    the sequential fp32 FMA chain over k on every path. int8 W ([N / 16, K / 4, 16, 4] with its fp32
-    ``weight_scale`` [N] and ``row_sums`` [N] of the row-major weight, :func:`int8_row_sums`;
-    ``blockffn_linear_kmajor_i8``): the integer paths' integers (VPDPBUSD with VNNI, VPMADDWD on AVX2 and plain
-    AVX-512), so the same bits as the row-major int8 linear there; fp32 FMAs on the portable path."""
+    the sequential fp32 FMA chain over k on every path. fp32 W ([N / 16, K, 16, 1], ``blockffn_linear_kmajor_f32``):
+    the same for the fp32 linears of AVX2 CPUs, where vLLM serves fp32 (its bf16 GEMM is torch's fallback there).
+    int8 W ([N / 16, K / 4, 16, 4] with its fp32 ``weight_scale`` [N] and ``row_sums`` [N] of the row-major weight,
+    :func:`int8_row_sums`; ``blockffn_linear_kmajor_i8``): the integer paths' integers (VPDPBUSD with VNNI, VPMADDWD
+    on AVX2 and plain AVX-512), so the same bits as the row-major int8 linear there; fp32 FMAs on the portable
+    path."""
     lib = _load()
     assert lib is not None, "native kernel unavailable"
-    g = {torch.bfloat16: 2, torch.int8: 4}.get(packed.dtype)
+    g = {torch.float32: 1, torch.bfloat16: 2, torch.int8: 4}.get(packed.dtype)
     if g is None or packed.dim() != 4 or packed.shape[2:] != (16, g) or not packed.is_contiguous():
         raise ValueError(f"linear_kmajor: packed weight {packed.dtype} {list(packed.shape)}; expected a contiguous "
-                         f"torch.bfloat16 [N / 16, K / 2, 16, 2] or torch.int8 [N / 16, K / 4, 16, 4] "
-                         f"(layout.pack_kmajor)")
+                         f"torch.float32 [N / 16, K, 16, 1], torch.bfloat16 [N / 16, K / 2, 16, 2] or torch.int8 "
+                         f"[N / 16, K / 4, 16, 4] (layout.pack_kmajor)")
     N, K = packed.shape[0] * 16, packed.shape[1] * g
     if x.dim() != 2 or x.shape[1] != K or x.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"linear_kmajor: x {x.dtype} {list(x.shape)}; expected fp32/bf16 [M, {K}] for the packed "
@@ -604,8 +608,9 @@ def linear_kmajor_native(x: torch.Tensor, packed: torch.Tensor, num_threads: int
                                            x.shape[0], N, K, y.data_ptr(), N, num_threads or _THREADS, _isa_code(isa),
                                            weight_scale.data_ptr(), row_sums.data_ptr())
     else:
-        rc = lib.blockffn_linear_kmajor(x.data_ptr(), x.stride(0), _DTYPE_CODES[x.dtype], packed.data_ptr(),
-                                        x.shape[0], N, K, y.data_ptr(), N, num_threads or _THREADS, _isa_code(isa))
+        fn = lib.blockffn_linear_kmajor_f32 if packed.dtype == torch.float32 else lib.blockffn_linear_kmajor
+        rc = fn(x.data_ptr(), x.stride(0), _DTYPE_CODES[x.dtype], packed.data_ptr(), x.shape[0], N, K, y.data_ptr(), N,
+                num_threads or _THREADS, _isa_code(isa))
     if rc:
         _check_rc(rc, "linear_kmajor", x, packed)
     return y

@@ -47,6 +47,7 @@ constexpr int N_ISA = 5;  // cpu_native.c's ISA codes 0..4 (cpu_native.ISAS)
 struct Bound {
   linear_fn linear = nullptr;
   kmajor_fn kmajor = nullptr;
+  kmajor_fn kmajor_f32 = nullptr;
   kmajor_i8_fn kmajor_i8 = nullptr;
   resolve_fn resolve = nullptr;
   router_fn router = nullptr;
@@ -86,9 +87,11 @@ at::Tensor widened_linear(const at::Tensor &x, const at::Tensor &weight) {
 }
 
 // cpu_ops.widened_linear_kmajor: widened_linear on a bf16 weight packed K-major ([N / 16, K / 2, 16, 2]), each block
-// of widen_rows rows unpacked to fp32 [rows, K] first: the same fp32 weights, so widened_linear's bits
+// of widen_rows rows unpacked to fp32 [rows, K] first: the same fp32 weights, so widened_linear's bits; an fp32 weight
+// packed K-major ([N / 16, K, 16, 1]) the same way, unpacked (F.linear on the weight as loaded)
 at::Tensor widened_linear_kmajor(const at::Tensor &x, const at::Tensor &packed) {
-  const int64_t N = packed.size(0) * 16, G = packed.size(1), K = 2 * G;
+  const bool f32 = packed.scalar_type() == at::kFloat;
+  const int64_t N = packed.size(0) * 16, G = packed.size(1), K = f32 ? G : 2 * G;
   const at::Tensor xf = x.to(at::kFloat);
   at::Tensor y = at::empty({x.size(0), N}, x.options());
   at::Tensor wf = at::empty({std::min(g.widen_rows, N), K}, xf.options());
@@ -101,6 +104,8 @@ at::Tensor widened_linear_kmajor(const at::Tensor &x, const at::Tensor &packed) 
         const uint32_t *blk = p + (n0 / 16 + b) * G * 16;
         float *rows = o + b * 16 * K;
         for (int64_t q = 0; q < G; q++)  // line by line (one read stream; 16 rows of fp32, 115 KB at K = 1792, in L2)
+          for (int r = 0; r < 16 && f32; r++) rows[r * K + q] = reinterpret_cast<const float *>(blk)[q * 16 + r];
+        for (int64_t q = 0; q < G && !f32; q++)
           for (int r = 0; r < 16; r++) {
             const uint32_t v = blk[q * 16 + r];  // elements 2q and 2q + 1 of row r, as bf16 bits
             const uint64_t f = (uint64_t)(v & 0xFFFF0000u) << 32 | (uint64_t)(v << 16);
@@ -168,23 +173,29 @@ at::Tensor linear(const at::Tensor &x, const at::Tensor &weight) { return run(x,
 
 // bf16 weights packed K-major at load (layout.pack_kmajor, [N / 16, K / 2, 16, 2]): the kernel's outer-product
 // linear at every M (cpu_ops.linear_kmajor_python says why), but bf16 x past decode sizes from the path's
-// kmajor_widen rows (avx2: oneDNN has no bf16 GEMM there, its fp32 GEMM on widened blocks outruns the kernel)
+// kmajor_widen rows (avx2: oneDNN has no bf16 GEMM there, its fp32 GEMM on widened blocks outruns the kernel).
+// fp32 weights ([N / 16, K, 16, 1]): the kernel to the path's fp32 rows (as the row-major fp32 linear), F.linear on
+// unpacked blocks past them (cpu_ops.kmajor_widened_rows)
 at::Tensor linear_kmajor(const at::Tensor &x, const at::Tensor &packed) {
-  TORCH_CHECK(g.kmajor != nullptr, "blockffn_native::linear_kmajor: the native CPU kernel is not bound");
-  TORCH_CHECK_VALUE(packed.dim() == 4 && packed.scalar_type() == at::kBFloat16 && packed.size(2) == 16 &&
-                        packed.size(3) == 2 && packed.is_contiguous(),
+  TORCH_CHECK(g.kmajor != nullptr && g.kmajor_f32 != nullptr,
+              "blockffn_native::linear_kmajor: the native CPU kernel is not bound");
+  const bool f32 = packed.scalar_type() == at::kFloat;
+  TORCH_CHECK_VALUE(packed.dim() == 4 && (f32 || packed.scalar_type() == at::kBFloat16) && packed.size(2) == 16 &&
+                        packed.size(3) == (f32 ? 1 : 2) && packed.is_contiguous(),
                     "linear_kmajor: packed weight ", packed.scalar_type(), " ", packed.sizes(),
-                    "; expected a contiguous torch.bfloat16 [N / 16, K / 2, 16, 2] (layout.pack_kmajor)");
-  const int64_t N = packed.size(0) * 16, K = packed.size(1) * 2;
+                    "; expected a contiguous torch.float32 [N / 16, K, 16, 1] or torch.bfloat16 [N / 16, K / 2, 16, 2] "
+                    "(layout.pack_kmajor)");
+  const int64_t N = packed.size(0) * 16, K = packed.size(1) * (f32 ? 1 : 2);
   const int xdt = dtype_code(x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == K && (xdt == 0 || xdt == 1), "linear_kmajor: x ", x.scalar_type(),
                     " ", x.sizes(), "; expected fp32/bf16 [M, ", K, "] for the packed weight [", N, ", ", K, "]");
-  if (xdt == 1 && x.size(0) > g.max_rows && x.size(0) >= g.kmajor_widen[isa_now()])
+  if (x.size(0) > g.max_rows &&
+      (f32 ? x.size(0) > g.rows[isa_now()][0] : xdt == 1 && x.size(0) >= g.kmajor_widen[isa_now()]))
     return widened_linear_kmajor(x, packed);
   const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   at::Tensor y = at::empty({x.size(0), N}, x.options());
-  const int rc = g.kmajor(xc.data_ptr(), xc.stride(0), xdt, packed.data_ptr(), x.size(0), N, K, y.data_ptr(), N,
-                          g.threads, -1);
+  const int rc = (f32 ? g.kmajor_f32 : g.kmajor)(xc.data_ptr(), xc.stride(0), xdt, packed.data_ptr(), x.size(0), N,
+                                                  K, y.data_ptr(), N, g.threads, -1);
   if (rc == -3) isa_now();  // raises, naming the variable
   TORCH_CHECK_VALUE(rc != -2, "blockffn linear_kmajor CPU kernel: bad arguments (x ", x.sizes(), ", packed ",
                     packed.sizes(), ")");
@@ -512,8 +523,9 @@ extern "C" int blockffn_ops_bind(void *linear, void *resolve, int threads, long 
   return 0;
 }
 
-extern "C" int blockffn_ops_bind_kmajor(void *kmajor, void *kmajor_i8, const long *widen_from) {
+extern "C" int blockffn_ops_bind_kmajor(void *kmajor, void *kmajor_f32, void *kmajor_i8, const long *widen_from) {
   g.kmajor = reinterpret_cast<kmajor_fn>(kmajor);
+  g.kmajor_f32 = reinterpret_cast<kmajor_fn>(kmajor_f32);
   g.kmajor_i8 = reinterpret_cast<kmajor_i8_fn>(kmajor_i8);
   for (int i = 0; i < N_ISA; i++) g.kmajor_widen[i] = widen_from[i];
   return 0;

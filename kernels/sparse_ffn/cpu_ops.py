@@ -12,7 +12,9 @@ dtype): the native streaming kernel for :func:`native_rows`, :func:`widened_line
 ``linear_kmajor(x [M, K], packed) -> y [M, N]``: bf16 weights packed K-major at load (``layout.pack_kmajor``
 [N / 16, K / 2, 16, 2]; serving/layers/cpu_linear.py packs them on the paths of ``THRESHOLDS.cpu_linear_kmajor``),
 fp32/bf16 x: the kernel's outer-product linear at every M (:func:`linear_kmajor_python` says why), but bf16 x from
-:func:`kmajor_widened_rows` (avx2) :func:`widened_linear_kmajor`.
+:func:`kmajor_widened_rows` (avx2) :func:`widened_linear_kmajor`; fp32 weights ([N / 16, K, 16, 1], the paths of
+``THRESHOLDS.cpu_linear_kmajor_fp32``) the kernel to the path's fp32 rows, past them ``F.linear`` on unpacked
+blocks.
 ``int8_linear(x, weight, weight_scale, row_sums)``: int8 weights with fp32 per-row scales [N] and their
 int32 row sums (:func:`cpu_native.int8_row_sums`, made once at load): the native kernel at every M for fp32
 and bf16 x, on every path; torch's weight-only int8 GEMM with the scales applied to its output for other x.
@@ -86,12 +88,16 @@ def kmajor_widen_from(isa: str) -> int:
     return THRESHOLDS.cpu_linear_kmajor_widen_min_tokens.get(cpu_native.route_key(isa), NEVER)
 
 
-def kmajor_widened_rows(m: int, dtype: torch.dtype) -> bool:
+def kmajor_widened_rows(m: int, dtype: torch.dtype, weight_dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether an m-row linear packed K-major with x of ``dtype`` runs :func:`widened_linear_kmajor`: bf16 x past
     decode sizes, from the rows of :func:`kmajor_widen_from` for the path calls run with (avx2: no oneDNN bf16 GEMM,
-    whose fp32 GEMM on widened blocks outruns the kernel from 128 rows there)."""
-    return (dtype == torch.bfloat16 and m > THRESHOLDS.cpu_linear_max_tokens
-            and m >= kmajor_widen_from(cpu_native.cpu_isa() or "portable"))
+    whose fp32 GEMM on widened blocks outruns the kernel from 128 rows there); an fp32 weight past the path's fp32
+    ``cpu_linear_rows`` entry (where the row-major fp32 linear leaves the kernel for ``F.linear``)."""
+    if m <= THRESHOLDS.cpu_linear_max_tokens:
+        return False
+    if weight_dtype == torch.float32:
+        return not native_rows(m, torch.float32)
+    return dtype == torch.bfloat16 and m >= kmajor_widen_from(cpu_native.cpu_isa() or "portable")
 
 
 WIDEN_ROWS = 512
@@ -112,7 +118,7 @@ def widened_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def widened_linear_kmajor(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """:func:`widened_linear` on a bf16 weight packed K-major (``layout.pack_kmajor``), ``WIDEN_ROWS`` rows unpacked
     and widened at a time: the same fp32 weights, so the same bits (the C++ op unpacks natively; this mirror is
-    slower, not different)."""
+    slower, not different); an fp32 weight the same way (``F.linear`` on its rows as loaded)."""
     xf = x.float()
     y = x.new_empty((x.shape[0], packed.shape[0] * KMAJOR_ROWS))
     blocks = WIDEN_ROWS // KMAJOR_ROWS
@@ -140,7 +146,7 @@ def linear_kmajor_python(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     AMX it ran [5376, 1792] bf16 at 197 GFLOP/s (8 rows, cold) to 271-288 (64-128 rows, warm), beating the row-dot
     kernel (1.4x at 8 rows) and oneDNN's fp32 GEMM on widened weights up to 512 rows (0.96x at 1024;
     RESULTS.md 2026-12-04 19:28 UTC). Except bf16 x from :func:`kmajor_widened_rows` (avx2)."""
-    if x.dim() == 2 and kmajor_widened_rows(x.shape[0], x.dtype):
+    if x.dim() == 2 and kmajor_widened_rows(x.shape[0], x.dtype, packed.dtype):
         return widened_linear_kmajor(x, packed)
     return cpu_native.linear_kmajor_native(x, packed)
 
@@ -219,8 +225,10 @@ def _open_cpp(path: str) -> str | None:
                              ctypes.cast(kernel.blockffn_resolve_isa, ctypes.c_void_p), cpu_native.threads(),
                              THRESHOLDS.cpu_linear_max_tokens, rows, WIDEN_ROWS)
         widen = (ctypes.c_long * len(cpu_native.ISAS))(*[kmajor_widen_from(isa) for isa in cpu_native.ISAS])
-        so.blockffn_ops_bind_kmajor.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_long)]
+        so.blockffn_ops_bind_kmajor.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                                ctypes.POINTER(ctypes.c_long)]
         so.blockffn_ops_bind_kmajor(ctypes.cast(kernel.blockffn_linear_kmajor, ctypes.c_void_p),
+                                    ctypes.cast(kernel.blockffn_linear_kmajor_f32, ctypes.c_void_p),
                                     ctypes.cast(kernel.blockffn_linear_kmajor_i8, ctypes.c_void_p), widen)
         so.blockffn_ops_bind_experts.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_long, ctypes.c_float]
         so.blockffn_ops_bind_experts(ctypes.cast(kernel.blockffn_router_sparse_ffn, ctypes.c_void_p),
@@ -290,8 +298,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear_kmajor(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """``torch.ops.blockffn_native.linear_kmajor``: y = x Wᵀ for a bf16 W packed K-major (``layout.pack_kmajor``
-    [N / 16, K / 2, 16, 2]), fp32/bf16 x, y in x's dtype; registered on first use."""
+    """``torch.ops.blockffn_native.linear_kmajor``: y = x Wᵀ for a bf16 or fp32 W packed K-major
+    (``layout.pack_kmajor`` [N / 16, K / g, 16, g]), fp32/bf16 x, y in x's dtype; registered on first use."""
     implementation()
     return torch.ops.blockffn_native.linear_kmajor(x, packed)
 

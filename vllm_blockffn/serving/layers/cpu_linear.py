@@ -15,7 +15,9 @@ oneDNN's fp32 GEMM on weight blocks widened to fp32 (`cpu_ops.widened_linear`). 
 AMX (`THRESHOLDS.cpu_linear_kmajor`) bf16 weights are packed K-major at load instead (`layout.pack_kmajor`, the
 same bytes) and run the kernel's outer-product linear at every M (`cpu_ops.linear_kmajor`): the row-dot GEMV is
 compute-bound there from ~4 rows (8-row [5376, 1792] 1.43x faster cold, 64 rows 1.5x faster than widened fp32
-GEMMs; RESULTS.md 2026-12-04 19:28 UTC). Code that needs the [N, K] weight itself calls `row_major_weight`.
+GEMMs; RESULTS.md 2026-12-04 19:28 UTC). On AVX2 (`THRESHOLDS.cpu_linear_kmajor_fp32`) fp32 weights are packed
+too: 1-2 rows stream four 16-row blocks side by side (0.83-0.92x the row-dot kernel's time, cold). Code that
+needs the [N, K] weight itself calls `row_major_weight`.
 
 How: only our model's layers change. `install(model)` gives every unquantized linear and the
 lm_head of a BlockFFN model a method whose `process_weights_after_loading` keeps the weight as it
@@ -45,8 +47,8 @@ MODES = ("auto", "rowmajor", "vllm")
 
 
 def linear_mode() -> str:
-    """`VLLM_BLOCKFFN_CPU_LINEAR`: auto (default: the streaming kernel for decode-size M, bf16 weights packed
-    K-major on the paths of `THRESHOLDS.cpu_linear_kmajor`) | rowmajor (the same without packing) | vllm."""
+    """`VLLM_BLOCKFFN_CPU_LINEAR`: auto (default: the streaming kernel for decode-size M, weights packed K-major on
+    the paths of `THRESHOLDS.cpu_linear_kmajor` / `_fp32` / `_int8`) | rowmajor (the same without packing) | vllm."""
     return env_choice(LINEAR_ENV, MODES, "auto")
 
 
@@ -74,11 +76,13 @@ def _cpu_linear_kmajor(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 def packs_kmajor(weight: torch.Tensor) -> bool:
-    """Whether a loaded linear weight is to be packed K-major: packable (bf16, or int8 from
-    `--quantization blockffn_int8`), on a path of `THRESHOLDS.cpu_linear_kmajor` (bf16) or
-    `THRESHOLDS.cpu_linear_kmajor_int8` (int8), `VLLM_BLOCKFFN_CPU_LINEAR` auto. (:func:`_streaming` also keeps the
-    layers marked `blockffn_row_major` as loaded: other kernels read their weight as [N, K].)"""
-    paths = THRESHOLDS.cpu_linear_kmajor_int8 if weight.dtype == torch.int8 else THRESHOLDS.cpu_linear_kmajor
+    """Whether a loaded linear weight is to be packed K-major: packable (fp32, bf16, or int8 from
+    `--quantization blockffn_int8`), on a path of `THRESHOLDS.cpu_linear_kmajor_fp32` (fp32),
+    `THRESHOLDS.cpu_linear_kmajor` (bf16) or `THRESHOLDS.cpu_linear_kmajor_int8` (int8), `VLLM_BLOCKFFN_CPU_LINEAR`
+    auto. (:func:`_streaming` also keeps the layers marked `blockffn_row_major` as loaded: other kernels read their
+    weight as [N, K].)"""
+    paths = {torch.int8: THRESHOLDS.cpu_linear_kmajor_int8, torch.float32: THRESHOLDS.cpu_linear_kmajor_fp32}.get(
+        weight.dtype, THRESHOLDS.cpu_linear_kmajor)
     return linear_mode() == "auto" and kmajor_packable(weight) and cpu_native.cpu_isa() in paths
 
 
