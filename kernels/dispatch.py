@@ -251,6 +251,18 @@ class DispatchThresholds:
     1.03x, within noise); long steps 1.5x the units at 128-512 tokens. Not ``amx`` (its tiles read the row-major
     experts), nor ``avx512`` (not measured)."""
 
+    cpu_experts_kmajor_fp32: tuple[str, ...] = ("avx2",)
+    """Kernel paths whose fp32 experts (what vLLM serves on CPUs without AVX-512) are packed K-major at load
+    (``layout.pack_experts_kmajor``, g = 1) and run as two K-major fp32 linears an expert (cpu_native.c ``kx_run``
+    with ``kf_any``'s forms: up to 4 blocks streamed side by side at 1-2 tokens) instead of 4-row units. Measured on
+    the Zen 3 EPYC (RESULTS.md 2026-12-07 09:15 UTC). Not the AVX-512 paths (the kernel has no AVX-512 fp32 form;
+    not measured)."""
+
+    cpu_grouped_min_tokens_kmajor_fp32: dict[str, int] = field(default_factory=lambda: {"avx2": NEVER})
+    """Per route entry, the step size from which fp32 experts packed K-major (``cpu_experts_kmajor_fp32``) take the
+    grouped GEMMs (on experts unpacked for the call); entries not here keep ``cpu_grouped_min_tokens_by_path``'s fp32
+    one. ``avx2``: see RESULTS.md 2026-12-07 09:15 UTC."""
+
     cpu_experts_kmajor_int8: tuple[str, ...] = ("avx2", "avx512_bf16")
     """Kernel paths whose int8 experts are packed K-major at load (``layout.pack_experts_kmajor``) and run as two
     K-major int8 linears an expert (cpu_native.c ``kx_run``) instead of 4-row row-major units. Measured on the Zen 4

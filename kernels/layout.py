@@ -134,9 +134,9 @@ def check_ffn_shapes(x, scores, w_up, w_down_t) -> None:
 
 
 def experts_packable(w_up: torch.Tensor, w_down_t: torch.Tensor) -> bool:
-    """Whether experts [E, D, H] can be packed K-major (:func:`pack_experts_kmajor`): bf16 or int8, D and H multiples
-    of 16; int8 D up to 512 and H up to 16384 (the kernel's exact int32 sums)."""
-    if w_up.dtype not in (torch.bfloat16, torch.int8) or w_down_t.dtype != w_up.dtype or w_up.dim() != 3 \
+    """Whether experts [E, D, H] can be packed K-major (:func:`pack_experts_kmajor`): fp32, bf16 or int8, D and H
+    multiples of 16; int8 D up to 512 and H up to 16384 (the kernel's exact int32 sums)."""
+    if w_up.dtype not in KMAJOR_GROUP or w_down_t.dtype != w_up.dtype or w_up.dim() != 3 \
             or w_down_t.shape != w_up.shape:
         return False
     _, d, h = w_up.shape
@@ -159,13 +159,14 @@ def expert_dims(w_up: torch.Tensor) -> tuple[int, int, int]:
 
 
 def pack_experts_kmajor(w_up: torch.Tensor, w_down_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Experts [E, D, H] (bf16 or int8) → each expert's W_up [D, H] and W_down [H, D] packed as :func:`pack_kmajor`
-    packs a linear: ``w_up`` [E, D / 16, H / g, 16, g], ``w_down`` [E, H / 16, D / g, 16, g] (g: 2 bf16, 4 int8). The
+    """Experts [E, D, H] (fp32, bf16 or int8) → each expert's W_up [D, H] and W_down [H, D] packed as
+    :func:`pack_kmajor` packs a linear: ``w_up`` [E, D / 16, H / g, 16, g], ``w_down`` [E, H / 16, D / g, 16, g] (g: 1
+    fp32, 2 bf16, 4 int8). The
     native kernel then runs an expert as two K-major linears (cpu_native.c ``kx_run``): one sequential stream a
     panel, every token of a line served from it, instead of 4-row units. Run once at load; the same bytes."""
     if not experts_packable(w_up, w_down_t):
         raise ValueError(f"pack_experts_kmajor: experts {w_up.dtype} {list(w_up.shape)} / {w_down_t.dtype} "
-                         f"{list(w_down_t.shape)}; expected bf16 or int8 [E, D, H] with D and H multiples of "
+                         f"{list(w_down_t.shape)}; expected fp32, bf16 or int8 [E, D, H] with D and H multiples of "
                          f"{KMAJOR_ROWS} (int8: D up to {KMAJOR_MAX_D_EXPERTS} and H up to {KMAJOR_MAX_K_INT8})")
     e, d, h = w_up.shape
     g = KMAJOR_GROUP[w_up.dtype]

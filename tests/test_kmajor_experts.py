@@ -42,13 +42,15 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_pack_experts_kmajor_round_trip_and_errors(dtype):
     """Packed experts are each expert's W_up and W_down (the checkpoint's [H, D]) packed as pack_kmajor packs a
-    linear of their dtype (bf16: k pairs, int8: k quads); unpack_experts inverts it; shapes and dtypes that do not
-    pack are named."""
-    g = 2 if dtype == torch.bfloat16 else 4
+    linear of their dtype (fp32: one k a line, bf16: k pairs, int8: k quads); unpack_experts inverts it; shapes and
+    dtypes that do not pack are named."""
+    g = {torch.float32: 1, torch.bfloat16: 2, torch.int8: 4}[dtype]
     wu, wd = _experts(3, 32, 48)
+    if dtype == torch.float32:
+        wu, wd = wu.float(), wd.float()
     if dtype == torch.int8:
         wu, wd = (torch.randint(-127, 128, w.shape, dtype=torch.int8) for w in (wu, wd))
     pu, pd = pack_experts_kmajor(wu, wd)
@@ -61,8 +63,8 @@ def test_pack_experts_kmajor_round_trip_and_errors(dtype):
     odd = torch.zeros(2, 24, 40, dtype=dtype)
     with pytest.raises(ValueError, match=rf"pack_experts_kmajor: experts {dtype} \[2, 24, 40\].*multiples of 16"):
         pack_experts_kmajor(odd, odd)
-    with pytest.raises(ValueError, match=r"experts torch.float32"):
-        pack_experts_kmajor(wu.float(), wd.float())
+    with pytest.raises(ValueError, match=r"experts torch.float16"):
+        pack_experts_kmajor(wu.half(), wd.half())
 
 
 @needs_native
@@ -94,6 +96,38 @@ def test_kmajor_bf16_experts_equal_the_reference_on_every_path(xdt):
 
 
 @needs_native
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
+def test_kmajor_fp32_experts_equal_the_reference_on_every_path(xdt):
+    """Packed fp32 experts (weight code 5: kx_run with the K-major fp32 forms, what an fp32 model serves on AVX2) =
+    the reference on every path, the same bits whatever the thread count and on every path (each output one FMA
+    chain in k order), the dense layer (all experts) too; and through the CPU routes (the grouped GEMMs, the dense
+    layer's GEMMs and the PyTorch fallback unpack them: quant.float_experts)."""
+    for E, D, H in [(8, 64, 96), (6, 16, 256), (5, 32, 16)]:
+        wu, wd = (w.float() for w in _experts(E, D, H))
+        pu, pd = pack_experts_kmajor(wu, wd)
+        assert pu.dtype == torch.float32 and tuple(pu.shape) == (E, D // 16, H, 16, 1)
+        for T in (1, 2, 3, 4, 5, 8, 9, 17):
+            x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(xdt)
+            s = expert_scores(T, E, seed=T)
+            ref = experts_naive(x.float(), s, wu, wd)
+            cu = torch.tensor([0, T], dtype=torch.int32)
+            first = None
+            for isa in _isas():
+                ys = [cpu_native.sparse_ffn_native(x, s, pu, pd, cu, isa=isa, num_threads=n) for n in (1, 2, 3)]
+                assert ys[0].dtype == xdt and not ys[0].isnan().any()
+                assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2]), (E, D, H, T, isa)
+                assert _rel(ys[0], ref) < _tol(xdt), (E, D, H, T, isa, _rel(ys[0], ref))
+                first = ys[0] if first is None else first
+                assert torch.equal(ys[0], first), (E, D, H, T, isa)
+                dense = cpu_native.sparse_ffn_native(x, s, pu, pd, cu, isa=isa, all_experts=True)
+                assert _rel(dense, ref) < _tol(xdt)
+            if T == 9 and xdt == torch.float32:
+                for got in (sparse_ffn_grouped(x, s, pu, pd, cu), dense_ffn(x, s, pu, pd),
+                            sparse_ffn_cpu(x, s, pu, pd, cu, native=False)):
+                    assert _rel(got, ref) < 1e-5
+
+
+@needs_native
 def test_kmajor_bf16_dot_form_equals_the_split_form():
     """On CPUs with AVX512_BF16 the dot form (VDPBF16PS) and the split FMA form are forced in turn: the same bits
     (bf16 x; h rounded to bf16 in both)."""
@@ -116,7 +150,7 @@ def test_kmajor_bf16_dot_form_equals_the_split_form():
 
 
 @needs_native
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_packed_down_pass_waits_per_expert_or_at_a_barrier_with_the_same_bits(dtype):
     """The packed down pass starts an expert once its up blocks are done (per-expert counters, the default) or after
     the whole up pass (a barrier): the same bits, for 2 and 3 threads (whose up shares end inside experts), 1 to 17
@@ -130,6 +164,7 @@ def test_packed_down_pass_waits_per_expert_or_at_a_barrier_with_the_same_bits(dt
             wu, su, wd, sd = quantize_experts(wu.float(), wd.float())
             up, down = dequantize_experts(wu, su, wd, sd)
         else:
+            wu, wd = wu.to(dtype), wd.to(dtype)
             up, down = wu.float(), wd.float()
         pu, pd = pack_experts_kmajor(wu, wd)
         for T in (1, 4, 17):
@@ -218,23 +253,26 @@ def test_long_packed_bf16_steps_take_the_route_of_their_entry():
 
 
 def test_packing_rule_by_dtype(monkeypatch):
-    """cpu_experts.packs_experts: bf16 on the paths of THRESHOLDS.cpu_experts_kmajor_bf16, int8 on
-    cpu_experts_kmajor_int8, never fp32 or shapes that do not pack, never with VLLM_BLOCKFFN_CPU_EXPERTS=rowmajor."""
+    """cpu_experts.packs_experts: bf16 on the paths of THRESHOLDS.cpu_experts_kmajor_bf16, fp32 on
+    cpu_experts_kmajor_fp32 (int8: cpu_experts_kmajor_int8, tests/test_int8.py), never fp16 or shapes that do not
+    pack, never with VLLM_BLOCKFFN_CPU_EXPERTS=rowmajor."""
     from vllm_blockffn.serving.layers.cpu_experts import packs_experts
 
     wu, wd = _experts(4, 32, 64)
     odd = _experts(4, 24, 40)
     monkeypatch.setenv("VLLM_BLOCKFFN_CPU_EXPERTS", "auto")
     on = cpu_native.native_available() and cpu_native.cpu_isa() in THRESHOLDS.cpu_experts_kmajor_bf16
-    assert packs_experts(wu, wd) == on
-    assert not packs_experts(*odd) and not packs_experts(wu.float(), wd.float())
+    on32 = cpu_native.native_available() and cpu_native.cpu_isa() in THRESHOLDS.cpu_experts_kmajor_fp32
+    assert packs_experts(wu, wd) == on and packs_experts(wu.float(), wd.float()) == on32
+    assert not packs_experts(*odd) and not packs_experts(wu.half(), wd.half())
     monkeypatch.setenv("VLLM_BLOCKFFN_CPU_EXPERTS", "rowmajor")
-    assert not packs_experts(wu, wd)
+    assert not packs_experts(wu, wd) and not packs_experts(wu.float(), wd.float())
 
 
 def test_unpacked_experts_say_why(monkeypatch):
     """cpu_experts.unpacked_reason names what keeps experts as loaded (the load log and the benchmarks print it):
-    a d_e off the 16-row grain (an inflated XLarge with d_e 149), fp32, the switch; None for experts that pack."""
+    a d_e off the 16-row grain (an inflated XLarge with d_e 149), fp16, a path without the dtype's packed kernel,
+    the switch; None for experts that pack."""
     from vllm_blockffn.serving.layers.cpu_experts import unpacked_reason
 
     monkeypatch.setenv("VLLM_BLOCKFFN_CPU_EXPERTS", "auto")
@@ -244,7 +282,10 @@ def test_unpacked_experts_say_why(monkeypatch):
     assert unpacked_reason(*pack_experts_kmajor(wu, wd)) is None
     if on:
         assert unpacked_reason(*_experts(4, 24, 64)) == "d_e 24 and H 64 must be multiples of 16"
-    assert unpacked_reason(wu.float(), wd.float()) == "float32 experts have no packed layout"
+    assert unpacked_reason(wu.half(), wd.half()) == "float16 experts have no packed layout"
+    on32 = cpu_native.native_available() and cpu_native.cpu_isa() in THRESHOLDS.cpu_experts_kmajor_fp32
+    why32 = unpacked_reason(wu.float(), wd.float())
+    assert (why32 is None) == on32 and (on32 or not cpu_native.native_available() or why32.startswith("path ")), why32
     monkeypatch.setenv("VLLM_BLOCKFFN_CPU_EXPERTS", "rowmajor")
     assert unpacked_reason(wu, wd) == "VLLM_BLOCKFFN_CPU_EXPERTS=rowmajor"
 
@@ -256,10 +297,12 @@ def _packed_layers(model) -> int:
 
 
 @pytest.mark.slow
-def test_bf16_engine_packs_experts_where_the_rule_says(engine_factory, tiny_factory, monkeypatch):
-    """A bf16 engine on a model whose experts pack (D, H multiples of 16): every layer's experts packed K-major on
-    the paths of THRESHOLDS.cpu_experts_kmajor_bf16 (none with VLLM_BLOCKFFN_CPU_EXPERTS=rowmajor); prompt logprobs
-    within bf16 rounding of the row-major units', and each run's greedy tokens the fp32 reference's up to near-ties
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_engine_packs_experts_where_the_rule_says(dtype, engine_factory, tiny_factory, monkeypatch):
+    """A bf16 / fp32 engine on a model whose experts pack (D, H multiples of 16): every layer's experts packed
+    K-major on the paths of THRESHOLDS.cpu_experts_kmajor_bf16 / _fp32 (none with VLLM_BLOCKFFN_CPU_EXPERTS=rowmajor);
+    prompt logprobs within bf16 rounding of the row-major units', and each run's greedy tokens the fp32 reference's
+    up to near-ties
     (within 0.01 in its logits: on this random tiny model such a tie may go either way under bf16 rounding; the
     packed experts round h to bf16, the row-major units keep it in fp32, and on the AVX2 EPYC the two layouts' tokens
     differed on 2 of 5 prompts, each run taking 2 ties of < 0.005 the other way)."""
@@ -271,14 +314,15 @@ def test_bf16_engine_packs_experts_where_the_rule_says(engine_factory, tiny_fact
     for mode in ("auto", "rowmajor"):
         with monkeypatch.context() as m:
             m.setenv("VLLM_BLOCKFFN_CPU_EXPERTS", mode)
-            engine = engine_factory(path, dtype="bfloat16")
+            engine = engine_factory(path, dtype=dtype)
             packed = engine.llm.apply_model(_packed_layers)[0]
             said = engine.llm.apply_model(describe)[0]
-            assert said.startswith(f"experts (bfloat16) of {packed}/2 layers packed K-major"), said
+            assert said.startswith(f"experts ({dtype}) of {packed}/2 layers packed K-major"), said
             assert (packed == 2) == ("as loaded" not in said), said
             runs[mode] = (packed, engine.greedy(PROMPTS, max_tokens=24, prompt_logprobs=True))
             engine.close()
-    on = cpu_native.native_available() and cpu_native.cpu_isa() in THRESHOLDS.cpu_experts_kmajor_bf16
+    paths = THRESHOLDS.cpu_experts_kmajor_bf16 if dtype == "bfloat16" else THRESHOLDS.cpu_experts_kmajor_fp32
+    on = cpu_native.native_available() and cpu_native.cpu_isa() in paths
     assert runs["auto"][0] == (2 if on else 0) and runs["rowmajor"][0] == 0, runs
     reference = load_reference(path)
     for a, b in zip(runs["auto"][1], runs["rowmajor"][1]):

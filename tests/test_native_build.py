@@ -107,7 +107,7 @@ def test_check_env_names_the_linear_layout(isa, mode):
         assert ("at every size" in line) == cpu_native.vdpbf16ps_fast() != ("split FMA forms" in line), line
     from vllm_blockffn.serving.layers.cpu_experts import kmajor_paths
 
-    for dtype, dt in (("bf16", torch.bfloat16), ("int8", torch.int8)):  # the experts' layout (cpu_experts.py)
+    for dtype, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", torch.int8)):  # cpu_experts.py
         line = next(x for x in r.stdout.splitlines() if x.startswith(f"{dtype} experts:"))
         assert ("packed K-major at load" in line) == (cpu_native.cpu_isa(isa) in kmajor_paths(dt)), line
 

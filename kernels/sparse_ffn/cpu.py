@@ -192,12 +192,14 @@ def grouped_min_tokens(w_up: torch.Tensor) -> int:
     """Steps of at least this many tokens run :func:`sparse_ffn_grouped` (the auto backend): the path's entry of
     ``cpu_grouped_min_tokens_by_path`` for the experts' dtype (measured per path, dispatch.py;
     :func:`~.cpu_native.route_path` names the entry; experts packed K-major:
-    ``cpu_grouped_min_tokens_kmajor_int8`` / ``_bf16``)."""
+    ``cpu_grouped_min_tokens_kmajor_int8`` / ``_bf16`` / ``_fp32``)."""
     path = route_path()
     fp32, bf16, int8 = THRESHOLDS.cpu_grouped_min_tokens_by_path[path]
     if experts_kmajor(w_up):  # packed K-major: the kernel's long steps run at GEMM speed (dispatch.py)
         if w_up.dtype == torch.int8:
             return THRESHOLDS.cpu_grouped_min_tokens_kmajor_int8.get(path, int8)
+        if w_up.dtype == torch.float32:
+            return THRESHOLDS.cpu_grouped_min_tokens_kmajor_fp32.get(path, fp32)
         return THRESHOLDS.cpu_grouped_min_tokens_kmajor_bf16.get(path, bf16)
     return int8 if w_up.dtype == torch.int8 else bf16 if w_up.dtype == torch.bfloat16 else fp32
 

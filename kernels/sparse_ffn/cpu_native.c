@@ -2521,7 +2521,8 @@ int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp
 typedef struct {
     long U, D, H, T, P;
     int xdt, kqv;
-    int bf, isa, dot;               /* bf16 experts (weight code 4): the K-major bf16 forms of isa, dot: VDPBF16PS */
+    int bf, isa, dot;               /* float experts: 1 bf16 (weight code 4: the K-major bf16 forms of isa, dot:
+                                       VDPBF16PS), 2 fp32 (code 5: kf_any's forms); 0 int8 (code 3) */
     const int *uni, *cnt, *tok;
     const long *off;
     const float *sc, *const *xs, *xqs, *su, *sd;
@@ -2644,7 +2645,7 @@ int blockffn_set_expert_flags(int on) { int was = g_expert_flags; g_expert_flags
 static void kx_run(const kx_t *k, int nth) {
     const long D = k->D, H = k->H, U = k->U;
     double total = 0.0;
-    const size_t wsz = k->bf ? 2 : 1;
+    const size_t wsz = k->bf == 2 ? 4 : k->bf ? 2 : 1;
     for (long u = 0; u < U; u++) total += D * unit_cost(k->up_row_cost, k->cnt[k->uni[u]], wsz);
     const long nbk = H / 16;
     const int flags = g_expert_flags && nth > 1, pf_min = km_pf_tokens(k->isa, k->bf && k->dot); /* streams that prefetch */
@@ -2679,7 +2680,10 @@ static void kx_run(const kx_t *k, int nth) {
                         xb[t] = k->xh ? k->xh[o + j0 + t] : NULL;
                         st[t] = k->kqv ? k->xqs[o + j0 + t] : NAN;
                     }
-                    if (k->bf)
+                    if (k->bf == 2)
+                        kf_any(k->isa, (const float *)k->wu + (e * D + d0) * H, H, nb, xr, nt, out, 64,
+                               j0 == 0 && m >= pf_min);
+                    else if (k->bf)
                         km_any(k->isa, k->dot, (const uint16_t *)k->wu + (e * D + d0) * H, H / 2, nb, xr, xb, nt, out,
                                64, j0 == 0 && m >= pf_min);
                     else
@@ -2714,15 +2718,19 @@ static void kx_run(const kx_t *k, int nth) {
             long e = k->uni[u], o = k->off[e];
             int m = k->cnt[e];
             const uint16_t *w = (const uint16_t *)k->wd + e * H * D + c0 * D;
+            const float *wf = (const float *)k->wd + e * H * D + c0 * D;
             if (done) wait_up(done + u, D / 16);
-            for (long cb = b0; cb < b1; cb++, w += 16 * D) {
+            for (long cb = b0; cb < b1; cb++, w += 16 * D, wf += 16 * D) {
                 for (int j0 = 0; j0 < m; j0 += KM_TG) {
                     int nt = m - j0 < KM_TG ? m - j0 : KM_TG;
                     if (cb + 1 < b1) /* the pass's y pieces of the next block: scattered rows, no stream to follow */
                         for (int t = 0; t < nt; t++)
                             __builtin_prefetch(k->yf + (long)k->tok[o + j0 + t] * H + (cb + 1) * 16, 1);
-                    km_any(k->isa, k->dot, w, D / 2, 1, k->hrow + o + j0, k->hhrow ? k->hhrow + o + j0 : NULL, nt,
-                           out, 64, j0 == 0 && m >= pf_min);
+                    if (k->bf == 2)
+                        kf_any(k->isa, wf, D, 1, k->hrow + o + j0, nt, out, 64, j0 == 0 && m >= pf_min);
+                    else
+                        km_any(k->isa, k->dot, w, D / 2, 1, k->hrow + o + j0, k->hhrow ? k->hhrow + o + j0 : NULL, nt,
+                               out, 64, j0 == 0 && m >= pf_min);
                     for (int t = 0; t < nt; t++) /* (vectorized: the plain loop compiled to scalar adds) */
                         add_into(k->isa, k->yf + (long)k->tok[o + j0 + t] * H + cb * 16, out + t * 64, 16);
                 }
@@ -2876,7 +2884,8 @@ static void reduce_out(int isa, void *y, int direct, const float *yb, long nbuf,
    W_up's int8 rows (vb_up); all NULL for float weights), 3 = int8 experts packed K-major (kx_run: w_up, w_down as
    layout.pack_experts_kmajor packs them, D and H multiples of 16, D <= KX_MAXD; the same scales, and up_rowsum
    then holds W_up's [E, D] row sums followed by W_down's [E, H]), 4 = bf16 experts packed K-major (kx_run with the
-   K-major bf16 linears' forms; D and H multiples of 16, no scales). x [T, H] (row stride ldx), scores fp32 [T, E]
+   K-major bf16 linears' forms; D and H multiples of 16, no scales), 5 = fp32 experts packed K-major (kx_run with the
+   K-major fp32 linears' forms, kf_any; D and H multiples of 16, no scales). x [T, H] (row stride ldx), scores fp32 [T, E]
    contiguous, w_up / w_down_t [E, D, H] contiguous, cu int32 [S+1], y [T, H] contiguous (dtype of x).
    Returns 0 (done), 1 (declined: the dense rule says dense wins; y untouched), -1 (no memory),
    2 (w_up NULL: only the counters were added), -2 (bad arguments), -3 ($VLLM_BLOCKFFN_CPU_ISA names
@@ -2893,7 +2902,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                         int all_experts, const float *up_scale, const float *down_scale,
                         const int32_t *up_rowsum) {
     if (S < 0 || T < 0 || E < 0 || (w_up && (D <= 0 || H <= 0 || ldx < H)) || xdt < 0 || xdt > 1 ||
-        wdt < 0 || wdt > 4 ||
+        wdt < 0 || wdt > 5 ||
         (w_up && (wdt == 2 || wdt == 3) != (up_scale != NULL && down_scale != NULL && up_rowsum != NULL)) ||
         (w_up && wdt >= 3 && (D % 16 || H % 16)) || (w_up && wdt == 3 && (D > KX_MAXD || H > KQ_MAXK)))
         return -2;
@@ -2945,7 +2954,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
         return rc;
     }
 
-    int kx = wdt >= 3; /* experts packed K-major (kx_run): int8 (3), bf16 (4) */
+    int kx = wdt >= 3; /* experts packed K-major (kx_run): int8 (3), bf16 (4), fp32 (5) */
     unit_fn unit = kx ? NULL : pick_unit(isa, wdt, xdt);
     int ur = NR; /* rows per unit */
 #if BLOCKFFN_X86
@@ -2966,7 +2975,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
     int nth = call_threads(nthreads);
     if ((double)P * D * H < 65536.0) nth = 1; /* too little work to fork */
     if (nth > U * units) nth = U * units > 0 ? (int)(U * units) : 1;
-    size_t wsz = wdt == 2 || wdt == 3 ? 1 : wdt ? 2 : 4;
+    size_t wsz = wdt == 2 || wdt == 3 ? 1 : wdt == 1 || wdt == 4 ? 2 : 4;
     pf_set_call((long)ur * H * (long)wsz); /* the prefetch distance for this call's units (g_prefetch) */
     int *tok = malloc(((size_t)P + 1) * sizeof(int));
     float *sc = malloc(((size_t)P + 1) * sizeof(float));
@@ -3048,7 +3057,7 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
         if (kx) {
             for (long p = 0; p < P; p++) khr[p] = hb + p * D;
             for (long p = 0; p < P && khhr; p++) khhr[p] = khh + p * D;
-            kx_t k = {.U = U, .D = D, .H = H, .T = T, .P = P, .xdt = xdt, .kqv = vnni, .bf = wdt == 4, .isa = isa,
+            kx_t k = {.U = U, .D = D, .H = H, .T = T, .P = P, .xdt = xdt, .kqv = vnni, .bf = wdt - 3, .isa = isa,
                       .dot = kdot, .uni = uni, .cnt = cnt, .tok = tok, .off = off, .sc = sc, .xs = xs, .xqs = xqsp,
                       .su = up_scale, .sd = down_scale, .xq = xqp, .xh = wdt == 4 && xdt ? xh : NULL, .wu = w_up,
                       .wd = w_down, .rsu = up_rowsum, .rsd = up_rowsum ? up_rowsum + E * D : NULL, .hb = hb,

@@ -99,7 +99,7 @@ SANITIZE_ENV = "VLLM_BLOCKFFN_CPU_SANITIZE"
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _WEIGHT_CODES = {**_DTYPE_CODES, torch.int8: 2}
 """Weight dtypes: int8 comes with per-output-row fp32 scales (kernels/quant.py)."""
-_KMAJOR_EXPERTS = {torch.int8: 3, torch.bfloat16: 4}
+_KMAJOR_EXPERTS = {torch.int8: 3, torch.bfloat16: 4, torch.float32: 5}
 """The kernel's weight codes for experts packed K-major (layout.pack_experts_kmajor)."""
 ISAS = ("portable", "avx2", "avx512", "avx512_bf16", "amx")
 """The kernel's ISA paths, narrowest first (codes 0..4 in cpu_native.c)."""
@@ -694,7 +694,7 @@ class NativeExperts:
         if w_up.dim() not in (3, 5) or tuple(w_down_t.shape) != down_shape or \
                 (packed and (not g or w_down_t.dtype != w_up.dtype)):
             raise ValueError(f"sparse_ffn: w_up {list(w_up.shape)}, w_down_t {list(w_down_t.shape)}; expected both "
-                             f"[E, D, H], or bf16 / int8 packed by layout.pack_experts_kmajor")
+                             f"[E, D, H], or fp32 / bf16 / int8 packed by layout.pack_experts_kmajor")
         su = sd = rs = up_sums = None
         w_up, w_down_t = w_up.contiguous(), w_down_t.contiguous()
         if check_expert_scales(w_up, up_scale, w_down_t, down_scale):

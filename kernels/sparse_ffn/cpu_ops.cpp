@@ -264,9 +264,10 @@ at::Tensor router_experts(const at::Tensor &x, const at::Tensor &w_router, const
     return st[0].toTensor();
   }
   // experts packed K-major at load (layout.pack_experts_kmajor): w_up [E, D/16, H/g, 16, g], w_down_t
-  // [E, H/16, D/g, 16, g], g = 4 int8 (the kernel's weight code 3), 2 bf16 (code 4)
+  // [E, H/16, D/g, 16, g], g = 4 int8 (the kernel's weight code 3), 2 bf16 (code 4), 1 fp32 (code 5)
   const bool packed = w_up.dim() == 5;
-  const int64_t grp = w_up.scalar_type() == at::kChar ? 4 : w_up.scalar_type() == at::kBFloat16 ? 2 : 0;
+  const at::ScalarType wt = w_up.scalar_type();
+  const int64_t grp = wt == at::kChar ? 4 : wt == at::kBFloat16 ? 2 : wt == at::kFloat ? 1 : 0;
   const int64_t E = w_up.size(0), D = packed ? w_up.size(1) * 16 : w_up.dim() == 3 ? w_up.size(1) : -1,
                 H = packed ? w_up.size(2) * grp : w_up.dim() == 3 ? w_up.size(2) : -1;
   TORCH_CHECK_VALUE(packed ? grp > 0 && w_up.size(3) == 16 && w_up.size(4) == grp &&
@@ -274,10 +275,10 @@ at::Tensor router_experts(const at::Tensor &x, const at::Tensor &w_router, const
                                  w_down_t.size(0) == E && w_down_t.size(1) * 16 == H && w_down_t.size(2) * grp == D
                            : w_up.dim() == 3 && w_down_t.sizes() == w_up.sizes(),
                     "sparse_ffn: w_up ", w_up.sizes(), ", w_down_t ", w_down_t.sizes(),
-                    "; expected both [E, D, H], or bf16 / int8 packed by layout.pack_experts_kmajor");
+                    "; expected both [E, D, H], or fp32 / bf16 / int8 packed by layout.pack_experts_kmajor");
   TORCH_CHECK_VALUE(T >= 0 && x.size(1) == H, "sparse_ffn: x ", x.sizes(), " for experts [E, D, H] = ", w_up.sizes(),
                     "; expected x [T, ", H, "]");
-  const int xdt = dtype_code(x.scalar_type()), wdt = packed ? (grp == 4 ? 3 : 4) : dtype_code(w_up.scalar_type());
+  const int xdt = dtype_code(x.scalar_type()), wdt = packed ? (grp == 4 ? 3 : grp == 2 ? 4 : 5) : dtype_code(wt);
   TORCH_CHECK_VALUE((xdt == 0 || xdt == 1) && wdt >= 0 && w_down_t.scalar_type() == w_up.scalar_type(),
                     "sparse_ffn: x ", x.scalar_type(), ", experts ", w_up.scalar_type(), "/", w_down_t.scalar_type(),
                     "; expected fp32/bf16 x and fp32, bf16 or int8 experts of one dtype");

@@ -127,7 +127,8 @@ def _check_env() -> int:
             + f" ({cpu_native.PREFETCH_ENV}=auto|all|n)")
         from vllm_blockffn.serving.layers.cpu_experts import EXPERTS_ENV, experts_mode, kmajor_paths
 
-        for dt, name, how in ((torch.bfloat16, "bf16", "K-major bf16"), (torch.int8, "int8", f"K-major {int8_kernel}")):
+        for dt, name, how in ((torch.float32, "fp32", "K-major fp32"), (torch.bfloat16, "bf16", "K-major bf16"),
+                              (torch.int8, "int8", f"K-major {int8_kernel}")):
             kx = experts_mode() == "auto" and cpu_native.cpu_isa() in kmajor_paths(dt)
             lines.append(f"{name} experts: " + (
                 f"packed K-major at load where d_e and H are multiples of 16 (each expert two {how} linears, one "

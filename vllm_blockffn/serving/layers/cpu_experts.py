@@ -4,11 +4,11 @@ Why: the native kernel's 4-row row-major units read an expert as many short row 
 dot products with horizontal sums; packed K-major (``layout.pack_experts_kmajor``: each expert's W_up [D, H] and
 W_down [H, D] as two K-major linears, the layout of the kernel's outer-product linears) an expert is one sequential
 stream a panel, every token of a line served from it. Measured per dtype and kernel path
-(``THRESHOLDS.cpu_experts_kmajor_int8`` / ``cpu_experts_kmajor_bf16``, kernels/dispatch.py).
+(``THRESHOLDS.cpu_experts_kmajor_int8`` / ``_bf16`` / ``_fp32``, kernels/dispatch.py).
 
 How: int8 experts (``--quantization blockffn_int8``) are packed by their method after loading
 (quantization.py), float experts by the model's own post-load hook (``BlockFFNForCausalLM
-.process_weights_after_loading``); both through :func:`pack`. fp32 experts stay as loaded (no fp32 K-major layout).
+.process_weights_after_loading``); both through :func:`pack`.
 ``VLLM_BLOCKFFN_CPU_EXPERTS=rowmajor`` keeps every layer as loaded (the A/B switch). Every route reads the packed
 tensors: the kernel (weight codes 3 / 4), the dense and grouped GEMMs and the PyTorch fallback through
 ``quant.float_experts``.
@@ -38,9 +38,9 @@ def experts_mode() -> str:
 
 
 def kmajor_paths(dtype: torch.dtype) -> tuple[str, ...]:
-    """The kernel paths on which experts of this dtype are packed K-major (none for fp32)."""
-    return {torch.int8: THRESHOLDS.cpu_experts_kmajor_int8,
-            torch.bfloat16: THRESHOLDS.cpu_experts_kmajor_bf16}.get(dtype, ())
+    """The kernel paths on which experts of this dtype are packed K-major."""
+    return {torch.int8: THRESHOLDS.cpu_experts_kmajor_int8, torch.bfloat16: THRESHOLDS.cpu_experts_kmajor_bf16,
+            torch.float32: THRESHOLDS.cpu_experts_kmajor_fp32}.get(dtype, ())
 
 
 def packs_experts(w_up: torch.Tensor, w_down_t: torch.Tensor) -> bool:
@@ -61,7 +61,7 @@ def unpacked_reason(w_up: torch.Tensor, w_down_t: torch.Tensor) -> str | None:
         return f"on {w_up.device.type}"
     if experts_mode() != "auto":
         return f"{EXPERTS_ENV}={experts_mode()}"
-    if w_up.dtype not in (torch.bfloat16, torch.int8):
+    if w_up.dtype not in (torch.float32, torch.bfloat16, torch.int8):
         return f"{str(w_up.dtype).removeprefix('torch.')} experts have no packed layout"
     if cpu_native.cpu_isa() not in kmajor_paths(w_up.dtype):
         return f"path {cpu_native.cpu_isa()} is not one of {list(kmajor_paths(w_up.dtype))}"
