@@ -183,12 +183,14 @@ class DispatchThresholds:
 
     cpu_linear_kmajor_fp32: tuple[str, ...] = ("avx2",)
     """Kernel paths whose fp32 linears are packed K-major at load (``layout.pack_kmajor``, [N / 16, K, 16, 1]) and run
-    the kernel's outer-product fp32 linear (``cpu_ops.linear_kmajor``: to the path's fp32 ``cpu_linear_rows`` entry,
-    ``F.linear`` on unpacked blocks past it). fp32 is what vLLM serves on CPUs without AVX-512 (its bf16 GEMM there
-    is torch's fallback). Measured on the Zen 3 EPYC (``avx2``, 2 threads, cold: 400 MB of weights cycled; RESULTS.md
-    2026-12-07 09:15 UTC) against the row-dot kernel, [1856, 1856] / [3712, 1856] / [1792, 4096]: 1 row 0.86 / 0.84 /
-    0.83x its time, 2 rows 0.88 / 0.90 / 0.92x, 4 rows 1.02 / 0.94 / 0.91x, 8 rows 0.89 / 0.86 / 1.00x. Not the
-    AVX-512 paths (the kernel has no AVX-512 fp32 form; unmeasured there)."""
+    the kernel's outer-product fp32 linear at every M (``cpu_ops.linear_kmajor``; ``cpu_linear_rows``' fp32 entries
+    then apply only to weights that cannot be packed). Measured on the Zen 3 EPYC (``avx2``, 2 threads; RESULTS.md
+    2026-12-07 09:15 UTC): cold (400 MB of weights cycled) against the row-dot kernel, [1856, 1856] / [3712, 1856] /
+    [1792, 4096]: 1 row 0.86 / 0.84 / 0.83x its time, 2 rows 0.88 / 0.90 / 0.92x, 4 rows 1.02 / 0.94 / 0.91x, 8 rows
+    0.89 / 0.86 / 1.00x; warm, [5376, 1792], against oneDNN's fp32 GEMM (``F.linear``) 64 / 128 / 256 / 512 / 1024
+    rows 7.6 / 13.5 / 28.1 / 54.2 / 110 ms vs 11.5 / 18.9 / 36.5 / 60.1 / 116 (163-183 GFLOP/s: one line serves 4
+    tokens from registers, 8 independent FMA chains). Not the AVX-512 paths (the kernel has no AVX-512 fp32 form;
+    unmeasured there)."""
 
     cpu_linear_kmajor_widen_min_tokens: dict[str, int] = field(default_factory=lambda: {"avx2": 384})
     """Per route entry, the rows from which a bf16 linear packed K-major (``cpu_linear_kmajor``) with bf16 x runs

@@ -87,11 +87,9 @@ at::Tensor widened_linear(const at::Tensor &x, const at::Tensor &weight) {
 }
 
 // cpu_ops.widened_linear_kmajor: widened_linear on a bf16 weight packed K-major ([N / 16, K / 2, 16, 2]), each block
-// of widen_rows rows unpacked to fp32 [rows, K] first: the same fp32 weights, so widened_linear's bits; an fp32 weight
-// packed K-major ([N / 16, K, 16, 1]) the same way, unpacked (F.linear on the weight as loaded)
+// of widen_rows rows unpacked to fp32 [rows, K] first: the same fp32 weights, so widened_linear's bits
 at::Tensor widened_linear_kmajor(const at::Tensor &x, const at::Tensor &packed) {
-  const bool f32 = packed.scalar_type() == at::kFloat;
-  const int64_t N = packed.size(0) * 16, G = packed.size(1), K = f32 ? G : 2 * G;
+  const int64_t N = packed.size(0) * 16, G = packed.size(1), K = 2 * G;
   const at::Tensor xf = x.to(at::kFloat);
   at::Tensor y = at::empty({x.size(0), N}, x.options());
   at::Tensor wf = at::empty({std::min(g.widen_rows, N), K}, xf.options());
@@ -104,8 +102,6 @@ at::Tensor widened_linear_kmajor(const at::Tensor &x, const at::Tensor &packed) 
         const uint32_t *blk = p + (n0 / 16 + b) * G * 16;
         float *rows = o + b * 16 * K;
         for (int64_t q = 0; q < G; q++)  // line by line (one read stream; 16 rows of fp32, 115 KB at K = 1792, in L2)
-          for (int r = 0; r < 16 && f32; r++) rows[r * K + q] = reinterpret_cast<const float *>(blk)[q * 16 + r];
-        for (int64_t q = 0; q < G && !f32; q++)
           for (int r = 0; r < 16; r++) {
             const uint32_t v = blk[q * 16 + r];  // elements 2q and 2q + 1 of row r, as bf16 bits
             const uint64_t f = (uint64_t)(v & 0xFFFF0000u) << 32 | (uint64_t)(v << 16);
@@ -174,8 +170,7 @@ at::Tensor linear(const at::Tensor &x, const at::Tensor &weight) { return run(x,
 // bf16 weights packed K-major at load (layout.pack_kmajor, [N / 16, K / 2, 16, 2]): the kernel's outer-product
 // linear at every M (cpu_ops.linear_kmajor_python says why), but bf16 x past decode sizes from the path's
 // kmajor_widen rows (avx2: oneDNN has no bf16 GEMM there, its fp32 GEMM on widened blocks outruns the kernel).
-// fp32 weights ([N / 16, K, 16, 1]): the kernel to the path's fp32 rows (as the row-major fp32 linear), F.linear on
-// unpacked blocks past them (cpu_ops.kmajor_widened_rows)
+// fp32 weights ([N / 16, K, 16, 1]): the kernel at every M (cpu_ops.kmajor_widened_rows says why)
 at::Tensor linear_kmajor(const at::Tensor &x, const at::Tensor &packed) {
   TORCH_CHECK(g.kmajor != nullptr && g.kmajor_f32 != nullptr,
               "blockffn_native::linear_kmajor: the native CPU kernel is not bound");
@@ -189,8 +184,7 @@ at::Tensor linear_kmajor(const at::Tensor &x, const at::Tensor &packed) {
   const int xdt = dtype_code(x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == K && (xdt == 0 || xdt == 1), "linear_kmajor: x ", x.scalar_type(),
                     " ", x.sizes(), "; expected fp32/bf16 [M, ", K, "] for the packed weight [", N, ", ", K, "]");
-  if (x.size(0) > g.max_rows &&
-      (f32 ? x.size(0) > g.rows[isa_now()][0] : xdt == 1 && x.size(0) >= g.kmajor_widen[isa_now()]))
+  if (!f32 && xdt == 1 && x.size(0) > g.max_rows && x.size(0) >= g.kmajor_widen[isa_now()])
     return widened_linear_kmajor(x, packed);
   const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   at::Tensor y = at::empty({x.size(0), N}, x.options());

@@ -13,8 +13,7 @@ dtype): the native streaming kernel for :func:`native_rows`, :func:`widened_line
 [N / 16, K / 2, 16, 2]; serving/layers/cpu_linear.py packs them on the paths of ``THRESHOLDS.cpu_linear_kmajor``),
 fp32/bf16 x: the kernel's outer-product linear at every M (:func:`linear_kmajor_python` says why), but bf16 x from
 :func:`kmajor_widened_rows` (avx2) :func:`widened_linear_kmajor`; fp32 weights ([N / 16, K, 16, 1], the paths of
-``THRESHOLDS.cpu_linear_kmajor_fp32``) the kernel to the path's fp32 rows, past them ``F.linear`` on unpacked
-blocks.
+``THRESHOLDS.cpu_linear_kmajor_fp32``) the kernel at every M.
 ``int8_linear(x, weight, weight_scale, row_sums)``: int8 weights with fp32 per-row scales [N] and their
 int32 row sums (:func:`cpu_native.int8_row_sums`, made once at load): the native kernel at every M for fp32
 and bf16 x, on every path; torch's weight-only int8 GEMM with the scales applied to its output for other x.
@@ -91,13 +90,12 @@ def kmajor_widen_from(isa: str) -> int:
 def kmajor_widened_rows(m: int, dtype: torch.dtype, weight_dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether an m-row linear packed K-major with x of ``dtype`` runs :func:`widened_linear_kmajor`: bf16 x past
     decode sizes, from the rows of :func:`kmajor_widen_from` for the path calls run with (avx2: no oneDNN bf16 GEMM,
-    whose fp32 GEMM on widened blocks outruns the kernel from 128 rows there); an fp32 weight past the path's fp32
-    ``cpu_linear_rows`` entry (where the row-major fp32 linear leaves the kernel for ``F.linear``)."""
-    if m <= THRESHOLDS.cpu_linear_max_tokens:
-        return False
-    if weight_dtype == torch.float32:
-        return not native_rows(m, torch.float32)
-    return dtype == torch.bfloat16 and m >= kmajor_widen_from(cpu_native.cpu_isa() or "portable")
+    whose fp32 GEMM on widened blocks outruns the kernel from 128 rows there). Never for an fp32 weight: on AVX2 the
+    K-major fp32 kernel outran oneDNN's fp32 GEMM at every size measured ([5376, 1792], warm: 64 / 128 / 256 / 512 /
+    1024 rows 7.6 / 13.5 / 28.1 / 54.2 / 110 ms against 11.5 / 18.9 / 36.5 / 60.1 / 116; RESULTS.md 2026-12-07
+    09:15 UTC)."""
+    return (weight_dtype != torch.float32 and dtype == torch.bfloat16 and m > THRESHOLDS.cpu_linear_max_tokens
+            and m >= kmajor_widen_from(cpu_native.cpu_isa() or "portable"))
 
 
 WIDEN_ROWS = 512
@@ -118,7 +116,7 @@ def widened_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def widened_linear_kmajor(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """:func:`widened_linear` on a bf16 weight packed K-major (``layout.pack_kmajor``), ``WIDEN_ROWS`` rows unpacked
     and widened at a time: the same fp32 weights, so the same bits (the C++ op unpacks natively; this mirror is
-    slower, not different); an fp32 weight the same way (``F.linear`` on its rows as loaded)."""
+    slower, not different)."""
     xf = x.float()
     y = x.new_empty((x.shape[0], packed.shape[0] * KMAJOR_ROWS))
     blocks = WIDEN_ROWS // KMAJOR_ROWS

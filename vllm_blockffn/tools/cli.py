@@ -106,10 +106,9 @@ def _check_env() -> int:
             f"({LINEAR_ENV}=rowmajor keeps them as loaded)" if kmajor
             else f"as loaded (K-major packing: paths {list(THRESHOLDS.cpu_linear_kmajor)}, {LINEAR_ENV}=auto)"))
         kmajor32 = linear_mode() == "auto" and cpu_native.cpu_isa() in THRESHOLDS.cpu_linear_kmajor_fp32
-        rows32 = THRESHOLDS.cpu_linear_rows[cpu_native.route_path()][0]
         lines.append("fp32 attention projections and lm_head: " + (
-            f"packed K-major at load, the outer-product kernel to {rows32} rows (F.linear on unpacked blocks past "
-            f"them; {LINEAR_ENV}=rowmajor keeps them as loaded)" if kmajor32
+            f"packed K-major at load, the outer-product kernel at every M ({LINEAR_ENV}=rowmajor keeps them as "
+            "loaded)" if kmajor32
             else f"as loaded (K-major packing: paths {list(THRESHOLDS.cpu_linear_kmajor_fp32)}, {LINEAR_ENV}=auto)"))
         kmajor8 = linear_mode() == "auto" and cpu_native.cpu_isa() in THRESHOLDS.cpu_linear_kmajor_int8
         lines.append("int8 attention projections and lm_head: " + (

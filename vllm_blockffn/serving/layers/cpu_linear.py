@@ -16,7 +16,8 @@ AMX (`THRESHOLDS.cpu_linear_kmajor`) bf16 weights are packed K-major at load ins
 same bytes) and run the kernel's outer-product linear at every M (`cpu_ops.linear_kmajor`): the row-dot GEMV is
 compute-bound there from ~4 rows (8-row [5376, 1792] 1.43x faster cold, 64 rows 1.5x faster than widened fp32
 GEMMs; RESULTS.md 2026-12-04 19:28 UTC). On AVX2 (`THRESHOLDS.cpu_linear_kmajor_fp32`) fp32 weights are packed
-too: 1-2 rows stream four 16-row blocks side by side (0.83-0.92x the row-dot kernel's time, cold). Code that
+too, every M on the kernel: 1-2 rows stream four 16-row blocks side by side (0.83-0.92x the row-dot kernel's
+time, cold), 64-1024 rows outrun oneDNN's fp32 GEMM (0.66-0.95x its time). Code that
 needs the [N, K] weight itself calls `row_major_weight`.
 
 How: only our model's layers change. `install(model)` gives every unquantized linear and the
