@@ -102,8 +102,8 @@ def pack_kmajor(weight: torch.Tensor) -> torch.Tensor:
     """A linear weight [N, K] → [N / 16, K / g, 16, g]: each 64-byte line holds g consecutive k (fp32: one, bf16: a
     pair, int8: a quad) of 16 output rows, the layout of the native kernel's outer-product linears
     (``blockffn_linear_kmajor``, ``blockffn_linear_kmajor_f32``, ``blockffn_linear_kmajor_i8`` in
-    kernels/sparse_ffn/cpu_native.c): a line serves every token, no horizontal
-    sums. Run once at load; the same bytes as the weight."""
+    kernels/sparse_ffn/cpu_native.c): a line serves every token, no horizontal sums. Run once at load; the same bytes
+    as the weight."""
     if not kmajor_packable(weight):
         raise ValueError(f"pack_kmajor: weight {weight.dtype} {list(weight.shape)}; expected a 2-D [N, K] with N a "
                          f"multiple of {KMAJOR_ROWS}: torch.float32, torch.bfloat16 with K even, or torch.int8 with K "
@@ -161,9 +161,9 @@ def expert_dims(w_up: torch.Tensor) -> tuple[int, int, int]:
 def pack_experts_kmajor(w_up: torch.Tensor, w_down_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Experts [E, D, H] (fp32, bf16 or int8) → each expert's W_up [D, H] and W_down [H, D] packed as
     :func:`pack_kmajor` packs a linear: ``w_up`` [E, D / 16, H / g, 16, g], ``w_down`` [E, H / 16, D / g, 16, g] (g: 1
-    fp32, 2 bf16, 4 int8). The
-    native kernel then runs an expert as two K-major linears (cpu_native.c ``kx_run``): one sequential stream a
-    panel, every token of a line served from it, instead of 4-row units. Run once at load; the same bytes."""
+    fp32, 2 bf16, 4 int8). The native kernel then runs an expert as two K-major linears (cpu_native.c ``kx_run``):
+    one sequential stream a panel, every token of a line served from it, instead of 4-row units. Run once at load;
+    the same bytes."""
     if not experts_packable(w_up, w_down_t):
         raise ValueError(f"pack_experts_kmajor: experts {w_up.dtype} {list(w_up.shape)} / {w_down_t.dtype} "
                          f"{list(w_down_t.shape)}; expected fp32, bf16 or int8 [E, D, H] with D and H multiples of "
