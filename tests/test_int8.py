@@ -739,7 +739,7 @@ def test_experts_layout_switch_is_checked(monkeypatch):
     odd, _, odd_d, _ = _experts(4, 21, 64)
     monkeypatch.setenv("VLLM_BLOCKFFN_CPU_EXPERTS", "auto")
     assert packs_experts(qu, qd) == (cpu_native.cpu_isa() in THRESHOLDS.cpu_experts_kmajor_int8)
-    assert not packs_experts(odd, odd_d) and not packs_experts(qu.float(), qd.float())
+    assert not packs_experts(odd, odd_d) and not packs_experts(qu.half(), qd.half())  # fp16: no packed layout
     monkeypatch.setenv("VLLM_BLOCKFFN_CPU_EXPERTS", "rowmajor")
     assert not packs_experts(qu, qd)
     monkeypatch.setenv("VLLM_BLOCKFFN_CPU_EXPERTS", "kmajor")
