@@ -185,9 +185,10 @@ class DispatchThresholds:
     """Kernel paths whose fp32 linears are packed K-major at load (``layout.pack_kmajor``, [N / 16, K, 16, 1]) and run
     the kernel's outer-product fp32 linear at every M (``cpu_ops.linear_kmajor``; ``cpu_linear_rows``' fp32 entries
     then apply only to weights that cannot be packed). Measured on the Zen 3 EPYC (``avx2``, 2 threads; RESULTS.md
-    2026-12-07 09:15 UTC): cold (400 MB of weights cycled) against the row-dot kernel, [1856, 1856] / [3712, 1856] /
-    [1792, 4096]: 1 row 0.86 / 0.84 / 0.83x its time, 2 rows 0.88 / 0.90 / 0.92x, 4 rows 1.02 / 0.94 / 0.91x, 8 rows
-    0.89 / 0.86 / 1.00x; warm, [5376, 1792], against oneDNN's fp32 GEMM (``F.linear``) 64 / 128 / 256 / 512 / 1024
+    2026-12-07 09:15 UTC): cold (bench_memory_cpu.py --linears-only) against the row-dot kernel, XLarge qkv / o_proj /
+    lm_head: 1 row 0.90 / 0.76 / 0.89x its time, 4 rows 0.93 / 0.87 / 0.93x, 8 rows 0.94 / 1.04 / 1.01x (more than 4
+    tokens in chunks of k; vLLM's oneDNN handler 1.13-1.48x the packed kernel's time); warm, [5376, 1792], against
+    oneDNN's fp32 GEMM (``F.linear``) 64 / 128 / 256 / 512 / 1024
     rows 7.6 / 13.5 / 28.1 / 54.2 / 110 ms vs 11.5 / 18.9 / 36.5 / 60.1 / 116 (163-183 GFLOP/s: one line serves 4
     tokens from registers, 8 independent FMA chains). Not the AVX-512 paths (the kernel has no AVX-512 fp32 form;
     unmeasured there)."""
@@ -257,13 +258,17 @@ class DispatchThresholds:
     """Kernel paths whose fp32 experts (what vLLM serves on CPUs without AVX-512) are packed K-major at load
     (``layout.pack_experts_kmajor``, g = 1) and run as two K-major fp32 linears an expert (cpu_native.c ``kx_run``
     with ``kf_any``'s forms: up to 4 blocks streamed side by side at 1-2 tokens) instead of 4-row units. Measured on
-    the Zen 3 EPYC (RESULTS.md 2026-12-07 09:15 UTC). Not the AVX-512 paths (the kernel has no AVX-512 fp32 form;
+    the Zen 3 EPYC (RESULTS.md 2026-12-07 09:15 UTC), cold engine calls against the units, two runs: 0.80-1.01x
+    their time, 39 of 40 rows faster (XLarge 82-89% of the read bandwidth at 1-8 tokens); end to end, fp32 batch 1 /
+    4, with the fp32 linears packed too, 1.13 / 1.15x. Not the AVX-512 paths (the kernel has no AVX-512 fp32 form;
     not measured)."""
 
     cpu_grouped_min_tokens_kmajor_fp32: dict[str, int] = field(default_factory=lambda: {"avx2": NEVER})
     """Per route entry, the step size from which fp32 experts packed K-major (``cpu_experts_kmajor_fp32``) take the
     grouped GEMMs (on experts unpacked for the call); entries not here keep ``cpu_grouped_min_tokens_by_path``'s fp32
-    one. ``avx2``: see RESULTS.md 2026-12-07 09:15 UTC."""
+    one. ``avx2``, the Zen 3 EPYC (XLarge shape, 4 segments, warm; RESULTS.md 2026-12-07 09:15 UTC): the packed kernel
+    8.9 / 17.3 / 33.8 / 65.9 ms at 128 / 512 / 1024 / 2048 tokens (146-153 GFLOP/s from 512, 88-94% of oneDNN's fp32
+    GEMM rate), the grouped GEMMs as loaded 19.5 / 35.9 / 62.7 / 105: never grouped."""
 
     cpu_experts_kmajor_int8: tuple[str, ...] = ("avx2", "avx512_bf16")
     """Kernel paths whose int8 experts are packed K-major at load (``layout.pack_experts_kmajor``) and run as two
