@@ -2140,8 +2140,8 @@ ALWAYS void kf_any(int isa, const float *w, long K, int nb, const float *const *
 }
 
 /* y [M, N] (row stride ldy, dtype of x: 0 fp32, 1 bf16) = x [M, K] W^T for bf16 W packed K-major (above; N a
-   multiple of 16, K even), or fp32 W (f32). isa, nthreads: as blockffn_linear. Returns 0, -1 (no memory), -2 (bad arguments),
-   -3 ($VLLM_BLOCKFFN_CPU_ISA names no path). */
+   multiple of 16, K even), or fp32 W (f32). isa, nthreads: as blockffn_linear. Returns 0, -1 (no memory), -2 (bad
+   arguments), -3 ($VLLM_BLOCKFFN_CPU_ISA names no path). */
 static int linear_kmajor(const void *x, long ldx, int xdt, const void *wp, int f32, long M, long N, long K, void *y,
                          long ldy, int nthreads, int isa) {
     pf_set_call(1L << 30); /* a linear: g_prefetch, or 1 block ahead */
