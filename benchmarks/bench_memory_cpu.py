@@ -430,7 +430,7 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
 
 
 AB_SWITCHES = ("split_tokens", "prefetch", "kmajor_prefetch", "group_major", "pairdown", "unit_floor", "kmajor_experts",
-               "expert_flags", "int8_experts_l2")
+               "expert_flags", "int8_experts_l2", "kmajor_ahead")
 """The kernel's switches ``--ab`` compares (``cpu_native.set_<name>``; ``kmajor_experts``: int8 experts packed
 K-major, 1, or as loaded, 0 — the pool's two copies; bf16 and int8)."""
 
@@ -602,10 +602,9 @@ def ab_linear_rows(args) -> list[list[str]]:
     for lname, (N, K) in LINEARS.items():
         for dname in args.dtypes:
             dt = DTYPES[dname]
-            kpaths = THRESHOLDS.cpu_linear_kmajor_int8 if dt == torch.int8 else THRESHOLDS.cpu_linear_kmajor
-            if dt == torch.float32 or cpu_native.cpu_isa() not in kpaths:
-                continue
             w0 = torch.randn(N, K) / K**0.5
+            if not packs_kmajor(w0.to(dt)):  # the served rule (cpu_linear.py), fp32 included
+                continue
             sc = sums = None
             if dt == torch.int8:
                 w0, sc = quantize_rows(w0)

@@ -335,15 +335,17 @@ def test_engine_packs_experts_where_the_rule_says(dtype, engine_factory, tiny_fa
 
 
 @needs_native
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8, torch.float32])
 def test_kmajor_prefetch_rule_changes_no_bits(dtype):
     """Which K-major streams prefetch and where to (``set_kmajor_prefetch``: the CPU's rule, every stream, from 5
-    tokens, none; ``set_int8_experts_l2``: the int8 experts into L2 by the rule, from 1 token, never) changes only
-    timing: packed experts (1, 4, 9 tokens, 2 threads) and K-major linears (1, 5, 9 rows) give the same
-    bits under each setting, on every ISA path this CPU runs."""
+    tokens, none; ``set_int8_experts_l2``: the int8 experts into L2 by the rule, from 1 token, never;
+    ``set_kmajor_ahead``: the AVX2 forms' later token passes prefetching the next piece, or not) changes only
+    timing: packed experts (1, 4, 5, 9 tokens, 2 threads) and K-major linears (the same rows; K = 160: fp32 in two
+    chunks of k, int8 spans reaching into the next block) give the same bits under each setting, on every ISA path
+    this CPU runs."""
     from vllm_blockffn.kernels.quant import quantize_experts, quantize_rows
 
-    E, D, H, N = 6, 32, 64, 48
+    E, D, H, N = 6, 32, 160, 48
     wu, wd = _experts(E, D, H, seed=3)
     su = sd = None
     w = torch.randn(N, H, generator=torch.Generator().manual_seed(4)) / H**0.5
@@ -352,21 +354,26 @@ def test_kmajor_prefetch_rule_changes_no_bits(dtype):
         wu, su, wd, sd = quantize_experts(wu.float(), wd.float())
         w, ws = quantize_rows(w)
         ws, rs = ws.float().contiguous(), cpu_native.int8_row_sums(w)
+    elif dtype == torch.float32:
+        wu, wd = wu.float(), wd.float()
     else:
         w = w.bfloat16()
     pu, pd = pack_experts_kmajor(wu, wd)
     pw = pack_kmajor(w)
+    xdt = torch.float32 if dtype == torch.float32 else torch.bfloat16
+    settings = ((-1, -1, 1), (-1, 1, 1), (-1, 0, 1), (0, -1, 1), (5, -1, 1), (1000, -1, 1), (-1, -1, 0), (0, -1, 0))
     was = cpu_native.set_kmajor_prefetch(-1)
     try:
         for isa in _isas():
             for T in (1, 4, 5, 9):
-                x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).bfloat16()
+                x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(xdt)
                 s = expert_scores(T, E, seed=T)
                 cu = torch.tensor([0, T], dtype=torch.int32)
                 outs = []
-                for setting, l2 in ((-1, -1), (-1, 1), (-1, 0), (0, -1), (5, -1), (1000, -1)):
+                for setting, l2, ahead in settings:
                     cpu_native.set_kmajor_prefetch(setting)
                     cpu_native.set_int8_experts_l2(l2)
+                    cpu_native.set_kmajor_ahead(ahead)
                     outs.append((cpu_native.sparse_ffn_native(x, s, pu, pd, cu, num_threads=2, up_scale=su,
                                                               down_scale=sd, isa=isa),
                                  cpu_native.linear_kmajor_native(x, pw, isa=isa, weight_scale=ws, row_sums=rs)))
@@ -375,6 +382,7 @@ def test_kmajor_prefetch_rule_changes_no_bits(dtype):
     finally:
         cpu_native.set_kmajor_prefetch(was)
         cpu_native.set_int8_experts_l2(-1)
+        cpu_native.set_kmajor_ahead(1)
 
 
 @needs_native

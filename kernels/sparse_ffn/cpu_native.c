@@ -1802,6 +1802,21 @@ int blockffn_set_kmajor_prefetch(int tokens) {
     g_km_pf_tokens = tokens < 0 ? -1 : tokens;
     return was;
 }
+/* Prefetch ahead (the AVX2 forms, where more tokens than one pass holds share a stream): the first token pass over a
+   piece of weight (an fp32 chunk of KF_KC k, an int8 span of KQ2_SPAN quads) streams it from memory and prefetches
+   KM_PF ahead in it; the later passes read it from L1, and the last of them now prefetches the next piece (fp32: into
+   L1, the next chunk; int8 at 4 tokens: into L2, the next span or block), so that memory is not idle while they
+   compute. Why: fp32 linears at 8 rows read at 61-66% of the bandwidth cold and at 79-82% with it, 0.78-0.81x the
+   time (the scratch probe on the Zen 3 EPYC, [1856 / 3712 / 4096, 1856]; 6 rows 0.82-0.93x; bench_memory_cpu.py
+   --ab kmajor_ahead=1,0 --linears-only: 0.74-0.95x at 8 rows; RESULTS.md 2026-12-07 12:45 UTC). The bf16 widening
+   form's second pass over a panel, given the next panel into L2, was level (0.99-1.03x at 8 rows, compute-bound
+   there): not taken. The same bits either way (prefetches only). g_km_ahead: 1 (default) or 0 (benchmarks compare). */
+static int g_km_ahead = 1;
+int blockffn_set_kmajor_ahead(int on) {
+    int was = g_km_ahead;
+    g_km_ahead = on != 0;
+    return was;
+}
 static int cpu_is_amd(void) {
 #if BLOCKFFN_X86
     unsigned a, b, c, d;
@@ -2059,8 +2074,10 @@ static void kf_portable(const float *w, long K, int nb, const float *const *x, i
 #if BLOCKFFN_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#define KF_KC 128 /* k a chunk of a block when more than 4 tokens share it (kf_avx2) */
 /* k in [k0, k1) of NB blocks side by side (NB streams), a line as two 8-row halves, NT tokens: 2 NB NT accumulators
-   (at most 8), started from zero (first) or from the sums in y (a later chunk of k: the same chain continued) */
+   (at most 8), started from zero (first) or from the sums in y (a later chunk of k: the same chain continued); pf 1:
+   prefetch KM_PF ahead, 2: the next chunk's line (KF_KC lines on: g_km_ahead) */
 #define KF2(NT, NB)                                                                                     \
     static void kf2_##NT##_##NB(const float *w, long K, long k0, long k1, const float *const *x, float *y, \
                                 long ldy, int pf, int first) {                                          \
@@ -2073,7 +2090,7 @@ static void kf_portable(const float *w, long K, int nb, const float *const *x, i
             __m256 wv[NB][2];                                                                           \
             for (int b = 0; b < NB; b++) {                                                              \
                 const float *p = w + (long)b * K * 16 + k * 16;                                         \
-                if (pf) _mm_prefetch((const char *)p + KM_PF, _MM_HINT_T0);                             \
+                if (pf) _mm_prefetch((const char *)p + (pf == 2 ? KF_KC * 64 : KM_PF), _MM_HINT_T0);    \
                 wv[b][0] = _mm256_loadu_ps(p);                                                          \
                 wv[b][1] = _mm256_loadu_ps(p + 8);                                                      \
             }                                                                                           \
@@ -2109,8 +2126,8 @@ static void kf_pass(const float *w, long K, long k0, long k1, int nb, const floa
 }
 /* nb blocks for nt tokens: up to 4 tokens in one pass over the blocks; more, block by block in chunks of KF_KC k,
    each chunk (8 KB a block) read from memory by the first 4 tokens' pass and from L1 by the next ones' (passes over
-   whole blocks, each block read again from L2, left 8-row linears 1.04-1.12x the row-dot kernel's time, cold) */
-#define KF_KC 128
+   whole blocks, each block read again from L2, left 8-row linears 1.04-1.12x the row-dot kernel's time, cold), the
+   last of which prefetches the next chunk (g_km_ahead) */
 static void kf_avx2(const float *w, long K, int nb, const float *const *x, int nt, float *y, long ldy, int pf) {
     if (nt <= 4) {
         kf_pass(w, K, 0, K, nb, x, nt, y, ldy, pf, 1);
@@ -2120,7 +2137,8 @@ static void kf_avx2(const float *w, long K, int nb, const float *const *x, int n
         for (long k0 = 0; k0 < K; k0 += KF_KC)
             for (int t0 = 0; t0 < nt; t0 += 4)
                 kf_pass(w + (long)b * K * 16, K, k0, k0 + KF_KC < K ? k0 + KF_KC : K, 1, x + t0,
-                        nt - t0 < 4 ? nt - t0 : 4, y + t0 * ldy + 16 * b, ldy, pf && t0 == 0, k0 == 0);
+                        nt - t0 < 4 ? nt - t0 : 4, y + t0 * ldy + 16 * b, ldy,
+                        !pf ? 0 : t0 == 0 ? 1 : t0 + 4 >= nt && g_km_ahead ? 2 : 0, k0 == 0);
 }
 #pragma GCC pop_options
 #endif
@@ -2318,8 +2336,8 @@ static void kq_finish(const int32_t *hi, const int32_t *lo, const int32_t *rs, c
         for (int t = 0; t < NT; t++) for (int i = 0; i < 4; i++) acc[t][i] = _mm256_setzero_si256();   \
         for (long q = q0; q < q1; q++) {                                                                \
             const int8_t *p = w + q * 64;                                                               \
-            if (pf == 2) _mm_prefetch((const char *)p + KM_PF_L2, _MM_HINT_T1);                         \
-            else if (pf) _mm_prefetch((const char *)p + KM_PF, _MM_HINT_T0);                            \
+            if (pf == 1) _mm_prefetch((const char *)p + KM_PF, _MM_HINT_T0);                            \
+            else if (pf) _mm_prefetch((const char *)p + (pf == 2 ? KM_PF_L2 : pf), _MM_HINT_T1);        \
             __m256i xb[NT];                                                                             \
             for (int t = 0; t < NT; t++) {                                                              \
                 long long v;                                                                            \
@@ -2357,14 +2375,19 @@ static void kq2_1x2(const int8_t *w, long K4, long q0, long q1, const int16_t *x
         for (int i = 0; i < 4; i++) _mm256_storeu_si256((__m256i *)(s + b * 32 + 8 * i), acc[b][i]);
 }
 /* the sums of quads [q0, q1) of one block for nt tokens into s [nt][32] (row r's two k pairs at 2r, 2r + 1), in
-   passes of at most 3 tokens (4: 2 + 2), the first pass prefetching */
-static void kq2_span(const int8_t *w, long q0, long q1, const int16_t *const *xq, int nt, int32_t *s, int pf) {
+   passes of at most 3 tokens (4: 2 + 2), the first pass prefetching (pf); at 4 tokens the second pass prefetches the
+   lines `ahead` bytes on into L2 (0: none; g_km_ahead): linears at 4 rows 0.92-0.96x the time without, cold; at 8
+   rows (3 + 3 + 2, VPMADDWD-bound) 1.03-1.05x slower, so not there (bench_memory_cpu.py --ab kmajor_ahead=1,0, two
+   runs; RESULTS.md 2026-12-07 12:45 UTC) */
+static void kq2_span(const int8_t *w, long q0, long q1, const int16_t *const *xq, int nt, int32_t *s, int pf,
+                     long ahead) {
     for (int t0 = 0; t0 < nt;) {
         int rem = nt - t0, g = rem == 4 ? 2 : rem >= 3 ? 3 : rem;
+        int p = t0 == 0 ? pf : t0 + g >= nt && nt <= 4 && pf && g_km_ahead && ahead > 2 ? (int)ahead : 0;
         switch (g) {
-        case 1: kq2_1(w, q0, q1, xq + t0, s + t0 * 32, t0 ? 0 : pf); break;
-        case 2: kq2_2(w, q0, q1, xq + t0, s + t0 * 32, t0 ? 0 : pf); break;
-        default: kq2_3(w, q0, q1, xq + t0, s + t0 * 32, t0 ? 0 : pf); break;
+        case 1: kq2_1(w, q0, q1, xq + t0, s + t0 * 32, p); break;
+        case 2: kq2_2(w, q0, q1, xq + t0, s + t0 * 32, p); break;
+        default: kq2_3(w, q0, q1, xq + t0, s + t0 * 32, p); break;
         }
         t0 += g;
     }
@@ -2397,7 +2420,8 @@ static void kq_avx2(const int8_t *w, long K4, int nb, const int16_t *const *xq, 
     for (; b < nb; b++) {
         memset(tot, 0, (size_t)nt * sizeof tot[0]);
         for (long q0 = 0; q0 < K4; q0 += KQ2_SPAN) {
-            kq2_span(w + (long)b * K4 * 64, q0, q0 + KQ2_SPAN < K4 ? q0 + KQ2_SPAN : K4, xq, nt, s, pf);
+            long q1 = q0 + KQ2_SPAN < K4 ? q0 + KQ2_SPAN : K4; /* ahead: the next span, or the next block's first */
+            kq2_span(w + (long)b * K4 * 64, q0, q1, xq, nt, s, pf, (q1 < K4 ? q1 - q0 : K4 - q0) * 64);
             kq2_fold(s, nt, tot);
         }
         for (int t = 0; t < nt; t++) kq2_finish(tot[t], xqs[t], scale + 16 * b, out + t * 64 + 16 * b);
@@ -2412,7 +2436,7 @@ static void kx_down_avx2(const int8_t *w, long K4, long nblk, int m, const int16
         const __m256 s0 = _mm256_loadu_ps(sd + 16 * b), s1 = _mm256_loadu_ps(sd + 16 * b + 8);
         for (int j0 = 0; j0 < m; j0 += KM_TG) {
             int nt = m - j0 < KM_TG ? m - j0 : KM_TG;
-            kq2_span(w, 0, K4, hq + j0, nt, s, j0 == 0 ? pf : 0);
+            kq2_span(w, 0, K4, hq + j0, nt, s, j0 == 0 ? pf : 0, K4 * 64); /* ahead: the next block */
             for (int t = 0; t < nt; t++) {
                 const int32_t *v = s + t * 32;
                 __m256 stv = _mm256_set1_ps(st[j0 + t]);

@@ -144,6 +144,7 @@ def _open(path: str) -> ctypes.CDLL | None:
         lib.blockffn_set_kmajor_dot.argtypes = [ctypes.c_int]
         lib.blockffn_kmajor_dot.argtypes = [ctypes.c_int]
         lib.blockffn_set_kmajor_prefetch.argtypes = [ctypes.c_int]
+        lib.blockffn_set_kmajor_ahead.argtypes = [ctypes.c_int]
         lib.blockffn_kmajor_prefetch_tokens.argtypes = [ctypes.c_int, ctypes.c_int]
         lib.blockffn_kmajor_i8_linear_prefetch.argtypes = [ctypes.c_int, ctypes.c_long]
         lib.blockffn_set_int8_experts_l2.argtypes = [ctypes.c_int]
@@ -401,6 +402,15 @@ def set_kmajor_prefetch(tokens: int) -> int | None:
     the native kernel)."""
     lib = _load()
     return None if lib is None else int(lib.blockffn_set_kmajor_prefetch(max(-1, int(tokens))))
+
+
+def set_kmajor_ahead(on: int) -> int | None:
+    """The AVX2 K-major forms' prefetch ahead (1, default): where more tokens than one pass holds share a stream, the
+    last pass over a piece of weight prefetches the next piece while it computes from cache (cpu_native.c,
+    ``g_km_ahead``); 0 leaves memory idle during those passes, as before. The same bits either way (benchmarks and
+    tests compare). Returns the setting it replaced (None without the native kernel)."""
+    lib = _load()
+    return None if lib is None else int(lib.blockffn_set_kmajor_ahead(1 if on else 0))
 
 
 INT8_PREFETCH_MODES = ("none", "L1, 2 KB ahead", "L2, 4 KB ahead")
