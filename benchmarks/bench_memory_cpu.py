@@ -602,9 +602,9 @@ def ab_linear_rows(args) -> list[list[str]]:
     for lname, (N, K) in LINEARS.items():
         for dname in args.dtypes:
             dt = DTYPES[dname]
-            w0 = torch.randn(N, K) / K**0.5
-            if not packs_kmajor(w0.to(dt)):  # the served rule (cpu_linear.py), fp32 included
+            if not packs_kmajor(torch.empty(N, K, dtype=dt)):  # the served rule (cpu_linear.py), fp32 included
                 continue
+            w0 = torch.randn(N, K) / K**0.5
             sc = sums = None
             if dt == torch.int8:
                 w0, sc = quantize_rows(w0)

@@ -2330,6 +2330,8 @@ static void kq_finish(const int32_t *hi, const int32_t *lo, const int32_t *rs, c
    pass (D <= KX_MAXD: at most 128 quads and |sum| < 2^31), summed in int32: the exact integers of the VNNI path,
    scaled in its order, so the same bits. */
 #define KQ2_SPAN 256
+/* pf: 0 none, 1 into L1 KM_PF ahead, 2 into L2 KM_PF_L2 ahead, larger: into L2 that many bytes ahead (kq2_span's
+   ahead) */
 #define KQ2(NT)                                                                                         \
     static void kq2_##NT(const int8_t *w, long q0, long q1, const int16_t *const *xq, int32_t *s, int pf) { \
         __m256i acc[NT][4];                                                                             \
@@ -2420,8 +2422,8 @@ static void kq_avx2(const int8_t *w, long K4, int nb, const int16_t *const *xq, 
     for (; b < nb; b++) {
         memset(tot, 0, (size_t)nt * sizeof tot[0]);
         for (long q0 = 0; q0 < K4; q0 += KQ2_SPAN) {
-            long q1 = q0 + KQ2_SPAN < K4 ? q0 + KQ2_SPAN : K4; /* ahead: the next span, or the next block's first */
-            kq2_span(w + (long)b * K4 * 64, q0, q1, xq, nt, s, pf, (q1 < K4 ? q1 - q0 : K4 - q0) * 64);
+            long q1 = q0 + KQ2_SPAN < K4 ? q0 + KQ2_SPAN : K4; /* ahead q1 - q0 lines: the next span's line, or */
+            kq2_span(w + (long)b * K4 * 64, q0, q1, xq, nt, s, pf, (q1 - q0) * 64); /* (last span) the next block's */
             kq2_fold(s, nt, tot);
         }
         for (int t = 0; t < nt; t++) kq2_finish(tot[t], xqs[t], scale + 16 * b, out + t * 64 + 16 * b);
