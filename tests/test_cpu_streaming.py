@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -69,6 +71,30 @@ def test_read_floor_reads_each_calls_bytes_once(isa, threads):
         cpu_native.read_floor([[torch.ones(8, 8).t()]])
     with pytest.raises(ValueError, match="a multiple of 4 bytes"):
         cpu_native.read_floor([[torch.ones(3, dtype=torch.int8)]])
+
+
+def test_call_timeline_build_splits_a_call():
+    """benchmarks/expert_call_cpu.py on the kernel's timeline build (VLLM_BLOCKFFN_CPU_MARKS=1, its own process): every
+    row's points are in call order and add up — the router, set-up and fork before the passes, both passes read
+    bytes, the fixed part is the call minus the passes — and the served build reads no clock (no timeline)."""
+    if os.environ.get(cpu_native.MARKS_ENV, "0") in ("0", ""):
+        assert cpu_native.call_marks() is None
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                          "expert_call_cpu.py")
+    r = subprocess.run([sys.executable, script, "--shapes", "Small", "--dtypes", "bf16", "int8", "--steps", "1 tok",
+                        "verify 1x4", "--rounds", "1", "--pool-bytes", str(4 << 20)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.strip("| ").split(" | ") for line in r.stdout.splitlines() if line.startswith("| Small |")]
+    timed = [row for row in rows if len(row) == 19]
+    assert len(rows) == 4 and (timed or BEST == "portable"), r.stdout
+    for row in timed:
+        call, router, setup, fork, up, down, tail, fixed = (
+            float(row[i].strip("*")) for i in (5, 8, 10, 11, 12, 14, 16, 17))
+        assert 0 < router < call and setup >= 0 and fork >= 0 and tail >= 0, row
+        assert up > 0 and down > 0 and float(row[13]) > 0 and float(row[15]) > 0, row
+        assert fixed == pytest.approx(call - up - down, abs=0.15), row
+        assert router + setup + fork + up + down + tail == pytest.approx(call, abs=0.3), row
 
 
 @pytest.mark.parametrize("isa", PATHS)

@@ -35,6 +35,43 @@
 #endif
 
 #define ALWAYS static inline __attribute__((always_inline))
+
+/* The timeline of a router + experts call (benchmarks/expert_call_cpu.py): a build with -DBLOCKFFN_MARKS
+   ($VLLM_BLOCKFFN_CPU_MARKS=1, never the served build) reads the clock at fixed points of
+   blockffn_router_sparse_ffn on packed experts (kx_run) and sums each point's µs since the call's entry over the
+   calls: 0 the router's linear done, 1 the scores, 2 the experts' set-up done (the threads' region next), 3 / 4
+   the calling thread / the last thread in the region, 5 / 6 their up passes done, 7 / 8 their down passes
+   done, 9 the region joined, 10 the call returning. Why: a decode step makes ~35 such calls; what a call spends
+   besides streaming its bytes (the router's cold read, the set-up, the fork, the threads' imbalance) is its
+   fixed cost, which the bytes-over-time figures cannot separate. Every other build compiles MARK to nothing. */
+#ifdef BLOCKFFN_MARKS
+#include <time.h>
+#define N_MARKS 11
+static double g_marks[N_MARKS], g_mark0;
+static long g_marks_n;
+static int g_mark_on;
+static double mark_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e6 + ts.tv_nsec * 1e-3;
+}
+#define MARK_START() (g_mark0 = mark_us(), g_mark_on = 1, g_marks_n++)
+#define MARK(i) (g_mark_on ? (void)(g_marks[i] += mark_us() - g_mark0) : (void)0)
+#define MARK_END() (MARK(10), g_mark_on = 0)
+/* the calls since the last reset; out[0..n) the points' mean µs (n <= N_MARKS) */
+long blockffn_marks(double *out, int n) {
+    for (int i = 0; i < n && i < N_MARKS; i++) out[i] = g_marks_n ? g_marks[i] / (double)g_marks_n : 0.0;
+    return g_marks_n;
+}
+void blockffn_marks_reset(void) {
+    for (int i = 0; i < N_MARKS; i++) g_marks[i] = 0.0;
+    g_marks_n = 0;
+}
+#else
+#define MARK_START() ((void)0)
+#define MARK(i) ((void)0)
+#define MARK_END() ((void)0)
+#endif
 #define NR 4 /* weight rows per unit */
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -2694,7 +2731,8 @@ static void kx_run(const kx_t *k, int nth) {
     long *done = flags ? calloc((size_t)U + 1, sizeof(long)) : NULL; /* up blocks finished, per union entry */
     #pragma omp parallel num_threads(nth)
     {
-        int tid = omp_get_thread_num(), T_ = omp_get_num_threads();
+        int tid = omp_get_thread_num(), T_ = omp_get_num_threads(), mk = tid == 0 ? 0 : tid == T_ - 1 ? 1 : -1;
+        if (mk >= 0) MARK(3 + mk);
         float out[KM_TG * 64];
         const uint8_t *q[KM_TG];
         const float *xr[KM_TG];
@@ -2742,6 +2780,7 @@ static void kx_run(const kx_t *k, int nth) {
                 if (done) __atomic_add_fetch(&done[u], (long)nb, __ATOMIC_RELEASE);
             }
         }
+        if (mk >= 0) MARK(5 + mk);
         if (!done) {
             #pragma omp barrier
         }
@@ -2825,6 +2864,7 @@ static void kx_run(const kx_t *k, int nth) {
                 }
             }
         }
+        if (mk >= 0) MARK(7 + mk);
         if (k->xdt && c1 > c0) /* bf16 out: this thread's columns rounded once */
             for (long t = 0; t < k->T; t++)
                 for (long c = c0; c < c1; c++) ((uint16_t *)k->y)[t * H + c] = to_bf16(k->yf[t * H + c]);
@@ -3105,7 +3145,9 @@ int blockffn_sparse_ffn(const void *x, long ldx, int xdt, const float *scores, c
                       .wd = w_down, .rsu = up_rowsum, .rsd = up_rowsum ? up_rowsum + E * D : NULL, .hb = hb,
                       .hqs = khs, .yf = direct ? (float *)y : kyf, .hq8 = khq, .hh = khh, .hrow = khr,
                       .hhrow = khhr, .y = y, .up_row_cost = up_row_cost};
+            MARK(2);
             kx_run(&k, nth);
+            MARK(9);
             goto done;
         }
 #if BLOCKFFN_X86
@@ -3461,11 +3503,13 @@ int blockffn_router_sparse_ffn(const void *x, long ldx, int xdt, const void *w_r
                                int allow_dense, long min_dense_tokens, float max_pair_fraction, int64_t *stats,
                                int isa, const float *up_scale, const float *down_scale, const int32_t *up_rowsum) {
     if (T < 0 || E <= 0 || H <= 0 || xdt < 0 || xdt > 1 || wdt_r < 0 || wdt_r > 1 || !w_r || !norm_w) return -2;
+    MARK_START();
     size_t zsz = xdt ? 2 : 4;
     void *z = malloc((size_t)T * E * zsz + 4);
     float *sc = malloc((size_t)T * E * sizeof(float) + 4);
     if (!z || !sc) { free(z); free(sc); return -1; }
     int rc = T > 0 ? blockffn_linear(x, ldx, xdt, w_r, wdt_r, T, E, H, z, E, nthreads, isa, NULL, NULL) : 0;
+    MARK(0);
     if (rc == 0) {
         for (long t = 0; t < T; t++) {
             float *s = sc + t * E;
@@ -3479,11 +3523,13 @@ int blockffn_router_sparse_ffn(const void *x, long ldx, int xdt, const void *w_r
             float r = 1.0f / sqrtf(ss / (float)E + eps);
             for (long e = 0; e < E; e++) s[e] = s[e] * r * norm_w[e];
         }
+        MARK(1);
         rc = blockffn_sparse_ffn(x, ldx, xdt, sc, w_up, w_down, wdt, cu, S, T, E, D, H, y, nthreads, up_row_cost,
                                  allow_dense, min_dense_tokens, max_pair_fraction, stats, isa, 0, up_scale,
                                  down_scale, up_rowsum);
     }
     free(z);
     free(sc);
+    MARK_END();
     return rc;
 }

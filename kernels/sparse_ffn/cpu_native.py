@@ -96,6 +96,11 @@ _SOURCE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_nat
 _CFLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-Wno-psabi"]
 SANITIZE_ENV = "VLLM_BLOCKFFN_CPU_SANITIZE"
 """=1 builds the kernel with AddressSanitizer (tests: run the process with libasan preloaded)."""
+MARKS_ENV = "VLLM_BLOCKFFN_CPU_MARKS"
+"""=1 builds the kernel with the call timeline's clock reads (:func:`call_marks`; benchmarks/expert_call_cpu.py)."""
+MARK_NAMES = ("router", "scores", "set-up", "in: calling thread", "in: last thread", "up: calling thread",
+              "up: last thread", "down: calling thread", "down: last thread", "joined", "returned")
+"""The points of a router + experts call the timeline build reads the clock at (cpu_native.c, BLOCKFFN_MARKS)."""
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _WEIGHT_CODES = {**_DTYPE_CODES, torch.int8: 2}
 """Weight dtypes: int8 comes with per-output-row fp32 scales (kernels/quant.py)."""
@@ -184,9 +189,12 @@ def _open(path: str) -> ctypes.CDLL | None:
 
 
 def _cflags() -> list[str]:
+    flags = list(_CFLAGS)
+    if os.environ.get(MARKS_ENV, "0") in ("1", "true", "True"):
+        flags.append("-DBLOCKFFN_MARKS")
     if os.environ.get(SANITIZE_ENV, "0") in ("1", "true", "True"):
-        return [*_CFLAGS, "-fsanitize=address", "-fno-omit-frame-pointer", "-g", "-O1"]
-    return list(_CFLAGS)
+        return [*flags, "-fsanitize=address", "-fno-omit-frame-pointer", "-g", "-O1"]
+    return flags
 
 
 def _build() -> ctypes.CDLL | None:
@@ -656,6 +664,22 @@ def read_floor(calls: list[list[torch.Tensor]], num_threads: int | None = None,
 
     run.keep = flat  # type: ignore[attr-defined]
     return run
+
+
+def call_marks(reset: bool = True) -> tuple[int, dict[str, float]] | None:
+    """The timeline of the router + experts calls since the last reset: (calls, {point: mean µs since a call's
+    entry}) for :data:`MARK_NAMES`; None unless the kernel was built with ``VLLM_BLOCKFFN_CPU_MARKS=1`` (set before
+    the first kernel call of the process). Packed experts at decode sizes only (cpu_native.c, BLOCKFFN_MARKS)."""
+    lib = _load()
+    if lib is None or not hasattr(lib, "blockffn_marks"):
+        return None
+    out = (ctypes.c_double * len(MARK_NAMES))()
+    lib.blockffn_marks.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.blockffn_marks.restype = ctypes.c_long
+    n = lib.blockffn_marks(out, len(MARK_NAMES))
+    if reset:
+        lib.blockffn_marks_reset()
+    return n, dict(zip(MARK_NAMES, out))
 
 
 def fma_peak(num_threads: int | None = None, isa: str | None = None, rounds: int = 4_000_000) -> float:
