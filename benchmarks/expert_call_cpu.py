@@ -10,7 +10,8 @@ and down passes are the streaming; everything else is the call's fixed cost, whi
 The calls are bench_memory_cpu.py's engine calls (``torch.ops.blockffn_native.router_experts``, packed experts,
 each call on the next layer of a pool read 3× the LLC between visits: cold), issued from Python; the timeline is
 taken inside the C call, so Python adds nothing to it. Each figure is the median over rounds of the rounds' mean
-calls; each round beside the read bandwidth probed right before it.
+calls; each round beside the read bandwidth probed right before it. Each shape and dtype runs in a process of
+its own.
 
     scripts/dev python benchmarks/expert_call_cpu.py [--shapes Small XLarge] [--dtypes fp32 int8]
         [--steps "1 tok" "verify 1x4"] [--rounds 5]
@@ -110,7 +111,26 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--pool-bytes", type=int, default=None, help="bytes the calls read between visits to a layer "
                     "(default 3x the last-level cache: cold)")
+    ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)  # one (shape, dtype): a child run
     args = ap.parse_args()
+    if not args.rows_only:
+        header(args)
+        # each shape and dtype in a process of its own: in one process, the pools allocated after earlier ones were
+        # freed read slower (XLarge fp32 down passes at 8-12 GB/s, 25-28 alone; RESULTS.md 2026-12-07 15:54 UTC)
+        for sname in args.shapes:
+            for dname in args.dtypes:
+                cmd = [sys.executable, os.path.abspath(__file__), "--rows-only", "--shapes", sname, "--dtypes",
+                       dname, "--steps", *args.steps, "--rounds", str(args.rounds), "--threads", str(args.threads)]
+                if args.pool_bytes:
+                    cmd += ["--pool-bytes", str(args.pool_bytes)]
+                if subprocess.run(cmd).returncode != 0:
+                    raise SystemExit(f"the {sname} {dname} rows failed")
+        return
+    rows(args)
+
+
+def header(args) -> None:
+    """The run's CPU line and the table's head (the rows come from the children)."""
     torch.set_num_threads(args.threads)
     if cpu_native.call_marks() is None:
         raise SystemExit("the kernel's timeline build did not load (VLLM_BLOCKFFN_CPU_MARKS=1; see the log above)")
@@ -119,14 +139,21 @@ def main() -> None:
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, {args.threads} threads, kernel ISA path "
           f"{cpu_native.cpu_isa()}, LLC {llc_bytes() >> 20} MiB, commit {commit}, torch {torch.__version__}")
     print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
+    print("|" + "---|" * len(COLUMNS), flush=True)
+
+
+def rows(args) -> None:
+    """The rows of one process's shapes and dtypes."""
+    torch.set_num_threads(args.threads)
+    if cpu_native.call_marks() is None:
+        raise SystemExit("the kernel's timeline build did not load (VLLM_BLOCKFFN_CPU_MARKS=1; see the log above)")
     for sname in args.shapes:
         H, E, D = SHAPES[sname]
         for dname in args.dtypes:
             dt = DTYPES[dname]
             pool = Pool(H, E, D, dt, args.pool_bytes or 3 * llc_bytes())
             if pool.layers is not pool.kmajor:
-                print(f"| {sname} | {dname} | (experts not packed on this path: no timeline) |")
+                print(f"| {sname} | {dname} | (experts not packed on this path: no timeline) |", flush=True)
                 continue
             engine = EngineCall(pool, dt)
             if not engine.ok:
