@@ -430,7 +430,7 @@ def kernel_rows(args, threads: int, bw: float) -> list[list[str]]:
 
 
 AB_SWITCHES = ("split_tokens", "prefetch", "kmajor_prefetch", "group_major", "pairdown", "unit_floor", "kmajor_experts",
-               "expert_flags", "int8_experts_l2", "kmajor_ahead")
+               "expert_flags", "int8_experts_l2", "kmajor_ahead", "work_stealing")
 """The kernel's switches ``--ab`` compares (``cpu_native.set_<name>``; ``kmajor_experts``: int8 experts packed
 K-major, 1, or as loaded, 0 — the pool's two copies; bf16 and int8)."""
 

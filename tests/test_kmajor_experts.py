@@ -386,6 +386,48 @@ def test_kmajor_prefetch_rule_changes_no_bits(dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8, torch.float32])
+def test_kmajor_linear_work_split_changes_no_bits(dtype):
+    """The K-major linears' work split (``set_work_stealing``: threads taking the rest of the others' panels, or the
+    static split alone) changes only who computes a panel: 1-5 threads (more than this CPU's cores, so that threads
+    fall behind and others take their panels), 1-9 rows and 130 (two sweeps of 128 tokens: a panel is claimed once
+    a sweep) give the same bits under each setting, on every ISA path this CPU runs, and every output is computed
+    (the result matches x Wᵀ on the dequantized weight; an unclaimed panel would leave torch.empty's garbage)."""
+    from vllm_blockffn.kernels.quant import quantize_rows
+
+    N, K = 208, 160  # 13 blocks of 16 rows: panels of 1, 2 and 4 blocks with a short last one
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(5)) / K**0.5
+    ws = rs = None
+    if dtype == torch.int8:
+        w, ws = quantize_rows(w)
+        ws, rs = ws.float().contiguous(), cpu_native.int8_row_sums(w)
+        dense = w.float() * ws[:, None]
+    else:
+        w = w.to(dtype)
+        dense = w.float()
+    pw = pack_kmajor(w)
+    xdt = torch.float32 if dtype == torch.float32 else torch.bfloat16
+    was = cpu_native.set_work_stealing(1)
+    try:
+        for isa in _isas():
+            for M in (1, 4, 9, 130):
+                x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(xdt)
+                ref = x.float() @ dense.T
+                outs = []
+                for steal in (0, 1):
+                    cpu_native.set_work_stealing(steal)
+                    for threads in (1, 2, 3, 5):
+                        for _ in range(3 if threads > 2 else 1):
+                            outs.append(cpu_native.linear_kmajor_native(x, pw, num_threads=threads, isa=isa,
+                                                                        weight_scale=ws, row_sums=rs))
+                for y in outs:
+                    assert torch.equal(y, outs[0]), (dtype, isa, M)
+                torch.testing.assert_close(outs[0].float(), ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
+    finally:
+        cpu_native.set_work_stealing(was)
+
+
+@needs_native
 def test_kmajor_prefetch_rule_and_switch(monkeypatch):
     """The rule ``check --env`` reports: on AMD's AVX-512 cores bf16 streams in the dot form from 8 tokens, int8
     and bf16 in the widening FMA form (the ``avx512`` path) from 5, every stream elsewhere and on the AVX2 path;

@@ -2082,6 +2082,44 @@ ALWAYS void km_any(int isa, int dot, const uint16_t *w, long K2, int nb, const f
 #endif
         km_portable(w, K2, nb, x, nt, y, ldy);
 }
+/* Work split with stealing. Items [0, n) start as the static split's T contiguous ranges, each thread taking its own
+   from the front, in order (one sequential stream a thread, as before); a thread whose range is empty then takes
+   items one at a time from the back of the others' ranges. Why: the static split ends each call when the slower
+   thread ends, and on these VMs the two threads' speed differs from call to call (a neighbour, the memory
+   controller): in a served int8 decode step on the Zen 3 EPYC the calling thread waited at the K-major linears' join
+   4.2% of the wall time and the worker thread waited more (perf, RESULTS.md 2026-12-07 19:35 UTC). An item is
+   computed whole by the one thread that claims it, so every output has the same bits whatever the split. A range
+   is (front, back) in one 64-bit word on a cache line of its own, claimed by compare-and-swap. g_ws_steal: 1
+   (default) or 0 (the static split; benchmarks compare). */
+typedef struct { _Alignas(64) uint64_t fb; } ws_slot;
+static int g_ws_steal = 1;
+int blockffn_set_work_stealing(int on) {
+    int was = g_ws_steal;
+    g_ws_steal = on != 0;
+    return was;
+}
+static void ws_init(ws_slot *ws, long n, int T) {
+    for (int i = 0; i < T; i++) ws[i].fb = (uint64_t)(n * i / T) | (uint64_t)(n * (i + 1) / T) << 32;
+}
+/* thread tid's next item of the n ranges at ws (T threads in the team): its own range's front, else (stealing on)
+   another range's back; -1 when none is left. Ranges no thread owns (a team smaller than asked for) are taken
+   either way. */
+static long ws_next(ws_slot *ws, int n, int T, int tid) {
+    for (int k = 0; k < n; k++) {
+        int o = (tid + k) % n;
+        if (k && !g_ws_steal && o < T) continue;
+        ws_slot *r = &ws[o];
+        uint64_t v = __atomic_load_n(&r->fb, __ATOMIC_RELAXED);
+        for (;;) {
+            uint32_t f = (uint32_t)v, b = (uint32_t)(v >> 32);
+            if (f >= b) break;
+            uint64_t nv = k == 0 ? (uint64_t)(f + 1) | (uint64_t)b << 32 : (uint64_t)f | (uint64_t)(b - 1) << 32;
+            if (__atomic_compare_exchange_n(&r->fb, &v, nv, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+                return k == 0 ? (long)f : (long)b - 1;
+        }
+    }
+    return -1;
+}
 /* Panel pi of a K-major weight (panels of pb blocks of 16 rows; blocks in all): its first output row *n0 and its
    blocks. Block b starts at element b * 16 * K (bf16: K / 2 lines of 32 elements; int8: K / 4 lines of 64). */
 ALWAYS int km_panel(long pi, int pb, long blocks, long *n0) {
@@ -2218,6 +2256,9 @@ static int linear_kmajor(const void *x, long ldx, int xdt, const void *wp, int f
     int nth = call_threads(nthreads);
     if ((double)N * K < 32768.0) nth = 1; /* as blockffn_linear */
     if (nth > panels) nth = (int)panels;
+    long items = (M + KM_SB - 1) / KM_SB * panels; /* (sweep of KM_SB tokens, panel), sweep-major */
+    ws_slot ws[nth];
+    ws_init(ws, items, nth);
     /* bf16 x widened and bf16 y rounded by every thread (a prefill's 1024 x 5376 outputs rounded by one thread
        took ~5 ms of a 70 ms call): x rows split before a barrier, y a token pass at a time from a small buffer */
     #pragma omp parallel num_threads(nth)
@@ -2229,8 +2270,8 @@ static int linear_kmajor(const void *x, long ldx, int xdt, const void *wp, int f
                 widen_bf16(isa, (const uint16_t *)x + t * ldx, xf + t * K, K);
             #pragma omp barrier
         }
-        for (long s0 = 0; s0 < M; s0 += KM_SB)
-        for (long pi = panels * tid / T; pi < panels * (tid + 1) / T; pi++) {
+        for (long it; (it = ws_next(ws, nth, T, tid)) >= 0;) {
+            long pi = it % panels, s0 = it / panels * KM_SB;
             long n0, s1 = s0 + KM_SB < M ? s0 + KM_SB : M;
             int nb = km_panel(pi, pb, blocks, &n0);
             const uint16_t *w = (const uint16_t *)wp + n0 * K;
@@ -2529,6 +2570,9 @@ int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp
     int nth = call_threads(nthreads);
     if ((double)N * K < 32768.0) nth = 1;
     if (nth > panels) nth = (int)panels;
+    long items = (M + KM_SB - 1) / KM_SB * panels; /* (sweep of KM_SB tokens, panel), sweep-major: ws_next */
+    ws_slot ws[nth];
+    ws_init(ws, items, nth);
     #pragma omp parallel num_threads(nth)
     {
         int tid = omp_get_thread_num(), T = omp_get_num_threads();
@@ -2536,8 +2580,8 @@ int blockffn_linear_kmajor_i8(const void *x, long ldx, int xdt, const int8_t *wp
         int32_t hi[KM_TG * 64], lo[KM_TG * 64];
         const float *xr[KM_TG];
         const uint8_t *qr[KM_TG];
-        for (long s0 = 0; s0 < M; s0 += KM_SB)
-        for (long pi = panels * tid / T; pi < panels * (tid + 1) / T; pi++) {
+        for (long it; (it = ws_next(ws, nth, T, tid)) >= 0;) {
+            long pi = it % panels, s0 = it / panels * KM_SB;
             long n0, s1 = s0 + KM_SB < M ? s0 + KM_SB : M;
             int nb = km_panel(pi, pb, blocks, &n0);
             const int8_t *w = wp + n0 * K;

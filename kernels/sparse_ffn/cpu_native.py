@@ -150,6 +150,7 @@ def _open(path: str) -> ctypes.CDLL | None:
         lib.blockffn_kmajor_dot.argtypes = [ctypes.c_int]
         lib.blockffn_set_kmajor_prefetch.argtypes = [ctypes.c_int]
         lib.blockffn_set_kmajor_ahead.argtypes = [ctypes.c_int]
+        lib.blockffn_set_work_stealing.argtypes = [ctypes.c_int]
         lib.blockffn_kmajor_prefetch_tokens.argtypes = [ctypes.c_int, ctypes.c_int]
         lib.blockffn_kmajor_i8_linear_prefetch.argtypes = [ctypes.c_int, ctypes.c_long]
         lib.blockffn_set_int8_experts_l2.argtypes = [ctypes.c_int]
@@ -419,6 +420,14 @@ def set_kmajor_ahead(on: int) -> int | None:
     tests compare). Returns the setting it replaced (None without the native kernel)."""
     lib = _load()
     return None if lib is None else int(lib.blockffn_set_kmajor_ahead(1 if on else 0))
+
+
+def set_work_stealing(on: int) -> int | None:
+    """The K-major linears' work split (cpu_native.c ``ws_next``): 1 (default), each thread its static range in order,
+    then the rest of the others' ranges from their back; 0, the static split alone. The same bits either way
+    (benchmarks and tests compare). Returns the setting it replaced (None without the native kernel)."""
+    lib = _load()
+    return None if lib is None else int(lib.blockffn_set_work_stealing(1 if on else 0))
 
 
 INT8_PREFETCH_MODES = ("none", "L1, 2 KB ahead", "L2, 4 KB ahead")
