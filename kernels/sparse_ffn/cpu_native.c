@@ -2087,10 +2087,11 @@ ALWAYS void km_any(int isa, int dot, const uint16_t *w, long K2, int nb, const f
    items one at a time from the back of the others' ranges. Why: the static split ends each call when the slower
    thread ends, and on these VMs the two threads' speed differs from call to call (a neighbour, the memory
    controller): in a served int8 decode step on the Zen 3 EPYC the calling thread waited at the K-major linears' join
-   4.2% of the wall time and the worker thread waited more (perf, RESULTS.md 2026-12-07 19:35 UTC). An item is
-   computed whole by the one thread that claims it, so every output has the same bits whatever the split. A range
-   is (front, back) in one 64-bit word on a cache line of its own, claimed by compare-and-swap. g_ws_steal: 1
-   (default) or 0 (the static split; benchmarks compare). */
+   for 4.2% of the wall time, 1.6% with stealing (perf), and paired engines ran 1.06x (bf16) and 1.02x (int8) faster
+   end to end with it; isolated cold linears, level (RESULTS.md 2026-12-07 19:35 UTC). An item is computed whole by
+   the one thread that claims it, so every output has the same bits whatever the split. A range is (front, back) in
+   one 64-bit word on a cache line of its own, claimed by compare-and-swap. g_ws_steal: 1 (default) or 0 (the static
+   split; benchmarks compare). */
 typedef struct { _Alignas(64) uint64_t fb; } ws_slot;
 static int g_ws_steal = 1;
 int blockffn_set_work_stealing(int on) {
