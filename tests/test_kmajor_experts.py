@@ -387,44 +387,62 @@ def test_kmajor_prefetch_rule_changes_no_bits(dtype):
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8, torch.float32])
-def test_kmajor_linear_work_split_changes_no_bits(dtype):
-    """The K-major linears' work split (``set_work_stealing``: threads taking the rest of the others' panels, or the
-    static split alone) changes only who computes a panel: 1-5 threads (more than this CPU's cores, so that threads
-    fall behind and others take their panels), 1-9 rows and 130 (two sweeps of 128 tokens: a panel is claimed once
-    a sweep) give the same bits under each setting, on every ISA path this CPU runs, and every output is computed
-    (the result matches x Wᵀ on the dequantized weight; an unclaimed panel would leave torch.empty's garbage)."""
-    from vllm_blockffn.kernels.quant import quantize_rows
+def test_kmajor_work_split_changes_no_bits(dtype):
+    """The K-major linears' and the packed experts' down pass's work split (``set_work_stealing``: threads taking the
+    rest of the others' panels or column blocks, in each mode 0-3, with and without the experts' per-expert flags)
+    changes only who computes what: 1-5 threads
+    (more than this CPU's cores, so that threads fall behind and others take their work), 1-9 rows and 130 (two sweeps
+    of 128 tokens: a linear's panel is claimed once a sweep) give the same bits under each setting, on every ISA path
+    this CPU runs, and every output is computed (the result matches the reference; an unclaimed piece would leave
+    torch.empty's garbage)."""
+    from vllm_blockffn.kernels.quant import dequantize_experts, quantize_experts, quantize_rows
 
-    N, K = 208, 160  # 13 blocks of 16 rows: panels of 1, 2 and 4 blocks with a short last one
+    N, K = 208, 640  # 13 blocks of 16 rows: panels of 1, 2 and 4 blocks with a short last one
+    E, D = 6, 32  # experts [E, D, K]: the down pass's 40 column blocks, several a claim
+    wu, wd = _experts(E, D, K, seed=3)
+    su = sd = None
+    eu, ed = wu.float(), wd.float()
     w = torch.randn(N, K, generator=torch.Generator().manual_seed(5)) / K**0.5
     ws = rs = None
     if dtype == torch.int8:
+        wu, su, wd, sd = quantize_experts(wu.float(), wd.float())
+        eu, ed = dequantize_experts(wu, su, wd, sd)
         w, ws = quantize_rows(w)
         ws, rs = ws.float().contiguous(), cpu_native.int8_row_sums(w)
         dense = w.float() * ws[:, None]
     else:
+        if dtype == torch.float32:
+            wu, wd = wu.float(), wd.float()
         w = w.to(dtype)
         dense = w.float()
+    pu, pd = pack_experts_kmajor(wu, wd)
     pw = pack_kmajor(w)
     xdt = torch.float32 if dtype == torch.float32 else torch.bfloat16
-    was = cpu_native.set_work_stealing(1)
+    was = cpu_native.set_work_stealing(cpu_native.WORK_STEALING_ALL)
     try:
         for isa in _isas():
             for M in (1, 4, 9, 130):
                 x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(xdt)
+                s = expert_scores(M, E, seed=M)
+                cu = torch.tensor([0, M], dtype=torch.int32)
                 ref = x.float() @ dense.T
                 outs = []
-                for steal in (0, 1):
+                for steal, flags in ((0, 1), (1, 1), (2, 1), (3, 1), (3, 0), (0, 0)):
                     cpu_native.set_work_stealing(steal)
+                    cpu_native.set_expert_flags(flags)  # the down pass after each expert's up blocks, or a barrier
                     for threads in (1, 2, 3, 5):
                         for _ in range(3 if threads > 2 else 1):
-                            outs.append(cpu_native.linear_kmajor_native(x, pw, num_threads=threads, isa=isa,
-                                                                        weight_scale=ws, row_sums=rs))
-                for y in outs:
-                    assert torch.equal(y, outs[0]), (dtype, isa, M)
-                torch.testing.assert_close(outs[0].float(), ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
+                            outs.append((cpu_native.linear_kmajor_native(x, pw, num_threads=threads, isa=isa,
+                                                                         weight_scale=ws, row_sums=rs),
+                                         cpu_native.sparse_ffn_native(x, s, pu, pd, cu, num_threads=threads,
+                                                                      up_scale=su, down_scale=sd, isa=isa)))
+                for lin, y in outs:
+                    assert torch.equal(lin, outs[0][0]) and torch.equal(y, outs[0][1]), (dtype, isa, M)
+                torch.testing.assert_close(outs[0][0].float(), ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
+                assert _rel(outs[0][1], experts_naive(x.float(), s, eu, ed)) < 0.02, (dtype, isa, M)
     finally:
         cpu_native.set_work_stealing(was)
+        cpu_native.set_expert_flags(True)
 
 
 @needs_native

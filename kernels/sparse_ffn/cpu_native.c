@@ -2090,13 +2090,16 @@ ALWAYS void km_any(int isa, int dot, const uint16_t *w, long K2, int nb, const f
    for 4.2% of the wall time, 1.6% with stealing (perf), and paired engines ran 1.06x (bf16) and 1.02x (int8) faster
    end to end with it; isolated cold linears, level (RESULTS.md 2026-12-07 19:35 UTC). An item is computed whole by
    the one thread that claims it, so every output has the same bits whatever the split. A range is (front, back) in
-   one 64-bit word on a cache line of its own, claimed by compare-and-swap. g_ws_steal: 1 (default) or 0 (the static
-   split; benchmarks compare). */
+   one 64-bit word on a cache line of its own, claimed by compare-and-swap. The packed experts' down pass claims its
+   16-column blocks the same way, several at a time (ws_take). g_ws_steal: bit 0 the K-major linears, bit 1 the
+   experts' down pass; 3 (default), 0 the static splits (benchmarks compare). */
 typedef struct { _Alignas(64) uint64_t fb; } ws_slot;
-static int g_ws_steal = 1;
-int blockffn_set_work_stealing(int on) {
+#define WS_LINEARS 1
+#define WS_EXPERTS 2
+static int g_ws_steal = WS_LINEARS | WS_EXPERTS;
+int blockffn_set_work_stealing(int mode) {
     int was = g_ws_steal;
-    g_ws_steal = on != 0;
+    g_ws_steal = mode & (WS_LINEARS | WS_EXPERTS);
     return was;
 }
 static void ws_init(ws_slot *ws, long n, int T) {
@@ -2106,9 +2109,10 @@ static void ws_init(ws_slot *ws, long n, int T) {
    another range's back; -1 when none is left. Ranges no thread owns (a team smaller than asked for) are taken
    either way. */
 static long ws_next(ws_slot *ws, int n, int T, int tid) {
+    const int steal = g_ws_steal & WS_LINEARS;
     for (int k = 0; k < n; k++) {
         int o = (tid + k) % n;
-        if (k && !g_ws_steal && o < T) continue;
+        if (k && !steal && o < T) continue;
         ws_slot *r = &ws[o];
         uint64_t v = __atomic_load_n(&r->fb, __ATOMIC_RELAXED);
         for (;;) {
@@ -2120,6 +2124,31 @@ static long ws_next(ws_slot *ws, int n, int T, int tid) {
         }
     }
     return -1;
+}
+/* A claim of several items (the packed experts' down pass: 16-column blocks, each claim streamed expert by expert):
+   thread tid takes half of what is left of its own range from the front (at least one; the whole range with
+   stealing off, as the static split), else half of what is left of another's from the back; [*i0, *i1), or 0 when
+   none is left. Half a range a claim keeps the streams long while a slower thread's rest can still be shared. */
+static int ws_take(ws_slot *ws, int n, int T, int tid, long *i0, long *i1) {
+    const int steal = g_ws_steal & WS_EXPERTS;
+    for (int k = 0; k < n; k++) {
+        int o = (tid + k) % n;
+        if (k && !steal && o < T) continue;
+        ws_slot *r = &ws[o];
+        uint64_t v = __atomic_load_n(&r->fb, __ATOMIC_RELAXED);
+        for (;;) {
+            uint32_t f = (uint32_t)v, b = (uint32_t)(v >> 32);
+            if (f >= b) break;
+            uint32_t c = k == 0 && !steal ? b - f : (b - f + 1) / 2;
+            uint64_t nv = k == 0 ? (uint64_t)(f + c) | (uint64_t)b << 32 : (uint64_t)f | (uint64_t)(b - c) << 32;
+            if (__atomic_compare_exchange_n(&r->fb, &v, nv, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+                *i0 = k == 0 ? (long)f : (long)(b - c);
+                *i1 = *i0 + c;
+                return 1;
+            }
+        }
+    }
+    return 0;
 }
 /* Panel pi of a K-major weight (panels of pb blocks of 16 rows; blocks in all): its first output row *n0 and its
    blocks. Block b starts at element b * 16 * K (bf16: K / 2 lines of 32 elements; int8: K / 4 lines of 64). */
@@ -2774,6 +2803,8 @@ static void kx_run(const kx_t *k, int nth) {
     const long nbk = H / 16;
     const int flags = g_expert_flags && nth > 1, pf_min = km_pf_tokens(k->isa, k->bf && k->dot); /* streams that prefetch */
     long *done = flags ? calloc((size_t)U + 1, sizeof(long)) : NULL; /* up blocks finished, per union entry */
+    ws_slot ws[nth]; /* the down pass's 16-column blocks (ws_take) */
+    ws_init(ws, nbk, nth);
     #pragma omp parallel num_threads(nth)
     {
         int tid = omp_get_thread_num(), T_ = omp_get_num_threads(), mk = tid == 0 ? 0 : tid == T_ - 1 ? 1 : -1;
@@ -2829,14 +2860,17 @@ static void kx_run(const kx_t *k, int nth) {
         if (!done) {
             #pragma omp barrier
         }
-        /* phase 2: this thread's 16-column blocks of y, every active expert in order, each expert once its up blocks
-           are done (g_expert_flags; else after the barrier above). Each thread rounds every (token, expert) h to
-           int16 itself, as x is (P x D elements, a few us at most: cheaper than a second barrier), expert by expert
-           as they become ready */
-        long b0 = nbk * tid / T_, b1 = nbk * (tid + 1) / T_, c0 = b0 * 16, c1 = b1 * 16;
+        /* phase 2: the 16-column blocks of y this thread claims (ws_take: its own share, half of what is left at a
+           time, then the rest of the others'), each claim every active expert in order, each expert once its up
+           blocks are done (g_expert_flags; else after the barrier above). Each thread rounds every (token, expert) h
+           to int16 itself, as x is (P x D elements, a few us at most: cheaper than a second barrier), expert by
+           expert as they become ready, once */
         uint8_t *hq8 = k->kqv ? k->hq8 + tid * k->P * 2 * D : NULL;
         float *hqs = k->kqv ? k->hqs + tid * k->P : NULL;
-        if (!done && k->kqv && c1 > c0 && k->P > 0) quantize_planes(k->isa, k->hrow, k->P, D, hq8, hqs);
+        if (!done && k->kqv && k->P > 0) quantize_planes(k->isa, k->hrow, k->P, D, hq8, hqs);
+        long qdone = 0; /* union entries whose h this thread has rounded (g_expert_flags: expert by expert) */
+        for (long g0, g1; ws_take(ws, nth, T_, tid, &g0, &g1);) {
+        long b0 = g0, b1 = g1, c0 = b0 * 16, c1 = b1 * 16;
         for (long t = 0; t < k->T && c1 > c0; t++) memset(k->yf + t * H + c0, 0, (size_t)(c1 - c0) * sizeof(float));
         for (long u = 0; u < U && c1 > c0 && k->bf; u++) {
             /* bf16 experts: this thread's 16-column blocks of the expert one after another, one stream (two blocks
@@ -2865,9 +2899,10 @@ static void kx_run(const kx_t *k, int nth) {
         for (long u = 0; u < U && c1 > c0 && !k->bf; u++) {
             long e = k->uni[u], o = k->off[e];
             int m = k->cnt[e], pb = kx_pb(m, 0), finite = k->kqv;
-            if (done) {
+            if (done && u >= qdone) {
                 wait_up(done + u, D / 16);
                 if (k->kqv) quantize_planes(k->isa, k->hrow + o, m, D, hq8 + o * 2 * D, hqs + o);
+                qdone = u + 1;
             }
             for (int t = 0; t < m && finite; t++) finite = hqs[o + t] == hqs[o + t];
 #if BLOCKFFN_X86
@@ -2909,10 +2944,11 @@ static void kx_run(const kx_t *k, int nth) {
                 }
             }
         }
-        if (mk >= 0) MARK(7 + mk);
-        if (k->xdt && c1 > c0) /* bf16 out: this thread's columns rounded once */
+        if (k->xdt && c1 > c0) /* bf16 out: the claim's columns rounded once */
             for (long t = 0; t < k->T; t++)
                 for (long c = c0; c < c1; c++) ((uint16_t *)k->y)[t * H + c] = to_bf16(k->yf[t * H + c]);
+        }
+        if (mk >= 0) MARK(7 + mk);
     }
     free(done);
 }

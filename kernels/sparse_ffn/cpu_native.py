@@ -422,12 +422,17 @@ def set_kmajor_ahead(on: int) -> int | None:
     return None if lib is None else int(lib.blockffn_set_kmajor_ahead(1 if on else 0))
 
 
-def set_work_stealing(on: int) -> int | None:
-    """The K-major linears' work split (cpu_native.c ``ws_next``): 1 (default), each thread its static range in order,
-    then the rest of the others' ranges from their back; 0, the static split alone. The same bits either way
-    (benchmarks and tests compare). Returns the setting it replaced (None without the native kernel)."""
+WORK_STEALING_ALL = 3
+""":func:`set_work_stealing`'s default: the K-major linears (1) and the packed experts' down pass (2)."""
+
+
+def set_work_stealing(mode: int) -> int | None:
+    """Where threads take the rest of the others' work once their own is done (cpu_native.c ``ws_next``,
+    ``ws_take``): bit 1 the K-major linears' panels, bit 2 the packed experts' down-pass column blocks;
+    :data:`WORK_STEALING_ALL` (default) both, 0 the static splits alone. The same bits in every mode (benchmarks and
+    tests compare). Returns the setting it replaced (None without the native kernel)."""
     lib = _load()
-    return None if lib is None else int(lib.blockffn_set_work_stealing(1 if on else 0))
+    return None if lib is None else int(lib.blockffn_set_work_stealing(int(mode) & WORK_STEALING_ALL))
 
 
 INT8_PREFETCH_MODES = ("none", "L1, 2 KB ahead", "L2, 4 KB ahead")
