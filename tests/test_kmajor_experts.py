@@ -28,6 +28,24 @@ def _isas() -> list[str]:
     return list(cpu_native.ISAS[: cpu_native.ISAS.index(best) + 1]) if best else []
 
 
+def _int8_weights(wu: torch.Tensor, wd: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Experts and a linear weight quantized as served: (wu q, up scale, wd q, down scale, w q, w's fp32 row scales,
+    w's row sums)."""
+    from vllm_blockffn.kernels.quant import quantize_experts, quantize_rows
+
+    wu, su, wd, sd = quantize_experts(wu.float(), wd.float())
+    w, ws = quantize_rows(w)
+    return wu, su, wd, sd, w, ws.float().contiguous(), cpu_native.int8_row_sums(w)
+
+
+def _steps(rows: tuple[int, ...], H: int, E: int, xdt: torch.dtype):
+    """Every ISA path this CPU runs × each row count: (isa, T, x [T, H], routed scores [T, E], one segment's cu)."""
+    for isa in _isas():
+        for T in rows:
+            x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(xdt)
+            yield isa, T, x, expert_scores(T, E, seed=T), torch.tensor([0, T], dtype=torch.int32)
+
+
 def _experts(E: int, D: int, H: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return ((torch.randn(E, D, H, generator=g) / H**0.5).bfloat16(),
@@ -343,7 +361,6 @@ def test_kmajor_prefetch_rule_changes_no_bits(dtype):
     timing: packed experts (1, 4, 5, 9 tokens, 2 threads) and K-major linears (the same rows; K = 160: fp32 in two
     chunks of k, int8 spans reaching into the next block) give the same bits under each setting, on every ISA path
     this CPU runs."""
-    from vllm_blockffn.kernels.quant import quantize_experts, quantize_rows
 
     E, D, H, N = 6, 32, 160, 48
     wu, wd = _experts(E, D, H, seed=3)
@@ -351,9 +368,7 @@ def test_kmajor_prefetch_rule_changes_no_bits(dtype):
     w = torch.randn(N, H, generator=torch.Generator().manual_seed(4)) / H**0.5
     ws = rs = None
     if dtype == torch.int8:
-        wu, su, wd, sd = quantize_experts(wu.float(), wd.float())
-        w, ws = quantize_rows(w)
-        ws, rs = ws.float().contiguous(), cpu_native.int8_row_sums(w)
+        wu, su, wd, sd, w, ws, rs = _int8_weights(wu, wd, w)
     elif dtype == torch.float32:
         wu, wd = wu.float(), wd.float()
     else:
@@ -364,21 +379,17 @@ def test_kmajor_prefetch_rule_changes_no_bits(dtype):
     settings = ((-1, -1, 1), (-1, 1, 1), (-1, 0, 1), (0, -1, 1), (5, -1, 1), (1000, -1, 1), (-1, -1, 0), (0, -1, 0))
     was = cpu_native.set_kmajor_prefetch(-1)
     try:
-        for isa in _isas():
-            for T in (1, 4, 5, 9):
-                x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(xdt)
-                s = expert_scores(T, E, seed=T)
-                cu = torch.tensor([0, T], dtype=torch.int32)
-                outs = []
-                for setting, l2, ahead in settings:
-                    cpu_native.set_kmajor_prefetch(setting)
-                    cpu_native.set_int8_experts_l2(l2)
-                    cpu_native.set_kmajor_ahead(ahead)
-                    outs.append((cpu_native.sparse_ffn_native(x, s, pu, pd, cu, num_threads=2, up_scale=su,
-                                                              down_scale=sd, isa=isa),
-                                 cpu_native.linear_kmajor_native(x, pw, isa=isa, weight_scale=ws, row_sums=rs)))
-                for y, lin in outs[1:]:
-                    assert torch.equal(y, outs[0][0]) and torch.equal(lin, outs[0][1]), (dtype, isa, T)
+        for isa, T, x, s, cu in _steps((1, 4, 5, 9), H, E, xdt):
+            outs = []
+            for setting, l2, ahead in settings:
+                cpu_native.set_kmajor_prefetch(setting)
+                cpu_native.set_int8_experts_l2(l2)
+                cpu_native.set_kmajor_ahead(ahead)
+                outs.append((cpu_native.sparse_ffn_native(x, s, pu, pd, cu, num_threads=2, up_scale=su,
+                                                          down_scale=sd, isa=isa),
+                             cpu_native.linear_kmajor_native(x, pw, isa=isa, weight_scale=ws, row_sums=rs)))
+            for y, lin in outs[1:]:
+                assert torch.equal(y, outs[0][0]) and torch.equal(lin, outs[0][1]), (dtype, isa, T)
     finally:
         cpu_native.set_kmajor_prefetch(was)
         cpu_native.set_int8_experts_l2(-1)
@@ -395,7 +406,7 @@ def test_kmajor_work_split_changes_no_bits(dtype):
     of 128 tokens: a linear's panel is claimed once a sweep) give the same bits under each setting, on every ISA path
     this CPU runs, and every output is computed (the result matches the reference; an unclaimed piece would leave
     torch.empty's garbage)."""
-    from vllm_blockffn.kernels.quant import dequantize_experts, quantize_experts, quantize_rows
+    from vllm_blockffn.kernels.quant import dequantize_experts
 
     N, K = 208, 640  # 13 blocks of 16 rows: panels of 1, 2 and 4 blocks with a short last one
     E, D = 6, 32  # experts [E, D, K]: the down pass's 40 column blocks, several a claim
@@ -405,10 +416,8 @@ def test_kmajor_work_split_changes_no_bits(dtype):
     w = torch.randn(N, K, generator=torch.Generator().manual_seed(5)) / K**0.5
     ws = rs = None
     if dtype == torch.int8:
-        wu, su, wd, sd = quantize_experts(wu.float(), wd.float())
+        wu, su, wd, sd, w, ws, rs = _int8_weights(wu, wd, w)
         eu, ed = dequantize_experts(wu, su, wd, sd)
-        w, ws = quantize_rows(w)
-        ws, rs = ws.float().contiguous(), cpu_native.int8_row_sums(w)
         dense = w.float() * ws[:, None]
     else:
         if dtype == torch.float32:
@@ -420,26 +429,22 @@ def test_kmajor_work_split_changes_no_bits(dtype):
     xdt = torch.float32 if dtype == torch.float32 else torch.bfloat16
     was = cpu_native.set_work_stealing(cpu_native.WORK_STEALING_ALL)
     try:
-        for isa in _isas():
-            for M in (1, 4, 9, 130):
-                x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(xdt)
-                s = expert_scores(M, E, seed=M)
-                cu = torch.tensor([0, M], dtype=torch.int32)
-                ref = x.float() @ dense.T
-                outs = []
-                for steal, flags in ((0, 1), (1, 1), (2, 1), (3, 1), (3, 0), (0, 0)):
-                    cpu_native.set_work_stealing(steal)
-                    cpu_native.set_expert_flags(flags)  # the down pass after each expert's up blocks, or a barrier
-                    for threads in (1, 2, 3, 5):
-                        for _ in range(3 if threads > 2 else 1):
-                            outs.append((cpu_native.linear_kmajor_native(x, pw, num_threads=threads, isa=isa,
-                                                                         weight_scale=ws, row_sums=rs),
-                                         cpu_native.sparse_ffn_native(x, s, pu, pd, cu, num_threads=threads,
-                                                                      up_scale=su, down_scale=sd, isa=isa)))
-                for lin, y in outs:
-                    assert torch.equal(lin, outs[0][0]) and torch.equal(y, outs[0][1]), (dtype, isa, M)
-                torch.testing.assert_close(outs[0][0].float(), ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
-                assert _rel(outs[0][1], experts_naive(x.float(), s, eu, ed)) < 0.02, (dtype, isa, M)
+        for isa, M, x, s, cu in _steps((1, 4, 9, 130), K, E, xdt):
+            ref = x.float() @ dense.T
+            outs = []
+            for steal, flags in ((0, 1), (1, 1), (2, 1), (3, 1), (3, 0), (0, 0)):
+                cpu_native.set_work_stealing(steal)
+                cpu_native.set_expert_flags(flags)  # the down pass after each expert's up blocks, or a barrier
+                for threads in (1, 2, 3, 5):
+                    for _ in range(3 if threads > 2 else 1):
+                        outs.append((cpu_native.linear_kmajor_native(x, pw, num_threads=threads, isa=isa,
+                                                                     weight_scale=ws, row_sums=rs),
+                                     cpu_native.sparse_ffn_native(x, s, pu, pd, cu, num_threads=threads,
+                                                                  up_scale=su, down_scale=sd, isa=isa)))
+            for lin, y in outs:
+                assert torch.equal(lin, outs[0][0]) and torch.equal(y, outs[0][1]), (dtype, isa, M)
+            torch.testing.assert_close(outs[0][0].float(), ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
+            assert _rel(outs[0][1], experts_naive(x.float(), s, eu, ed)) < 0.02, (dtype, isa, M)
     finally:
         cpu_native.set_work_stealing(was)
         cpu_native.set_expert_flags(True)

@@ -2091,7 +2091,7 @@ ALWAYS void km_any(int isa, int dot, const uint16_t *w, long K2, int nb, const f
    end to end with it; isolated cold linears, level (RESULTS.md 2026-12-07 19:35 UTC). An item is computed whole by
    the one thread that claims it, so every output has the same bits whatever the split. A range is (front, back) in
    one 64-bit word on a cache line of its own, claimed by compare-and-swap. The packed experts' down pass claims its
-   16-column blocks the same way, several at a time (ws_take). g_ws_steal: bit 0 the K-major linears, bit 1 the
+   16-column blocks the same way, several at a time (ws_claim). g_ws_steal: bit 0 the K-major linears, bit 1 the
    experts' down pass; 3 (default), 0 the static splits (benchmarks compare). */
 typedef struct { _Alignas(64) uint64_t fb; } ws_slot;
 #define WS_LINEARS 1
@@ -2105,11 +2105,14 @@ int blockffn_set_work_stealing(int mode) {
 static void ws_init(ws_slot *ws, long n, int T) {
     for (int i = 0; i < T; i++) ws[i].fb = (uint64_t)(n * i / T) | (uint64_t)(n * (i + 1) / T) << 32;
 }
-/* thread tid's next item of the n ranges at ws (T threads in the team): its own range's front, else (stealing on)
-   another range's back; -1 when none is left. Ranges no thread owns (a team smaller than asked for) are taken
-   either way. */
-static long ws_next(ws_slot *ws, int n, int T, int tid) {
-    const int steal = g_ws_steal & WS_LINEARS;
+/* Thread tid's next claim [*i0, *i1) of the n ranges at ws (T threads in the team); 0 when none is left. From its own
+   range's front: one item (half 0), or half of what is left (half 1; the whole range with stealing off, as the static
+   split); else, with stealing on (mode: its g_ws_steal bit), from another range's back the same amount. Ranges no
+   thread owns (a team smaller than asked for) are taken either way. Half a range a claim (the packed experts' down
+   pass: 16-column blocks, each claim streamed expert by expert) keeps the streams long while a slower thread's rest
+   can still be shared. */
+static int ws_claim(ws_slot *ws, int n, int T, int tid, int mode, int half, long *i0, long *i1) {
+    const int steal = g_ws_steal & mode;
     for (int k = 0; k < n; k++) {
         int o = (tid + k) % n;
         if (k && !steal && o < T) continue;
@@ -2118,28 +2121,7 @@ static long ws_next(ws_slot *ws, int n, int T, int tid) {
         for (;;) {
             uint32_t f = (uint32_t)v, b = (uint32_t)(v >> 32);
             if (f >= b) break;
-            uint64_t nv = k == 0 ? (uint64_t)(f + 1) | (uint64_t)b << 32 : (uint64_t)f | (uint64_t)(b - 1) << 32;
-            if (__atomic_compare_exchange_n(&r->fb, &v, nv, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
-                return k == 0 ? (long)f : (long)b - 1;
-        }
-    }
-    return -1;
-}
-/* A claim of several items (the packed experts' down pass: 16-column blocks, each claim streamed expert by expert):
-   thread tid takes half of what is left of its own range from the front (at least one; the whole range with
-   stealing off, as the static split), else half of what is left of another's from the back; [*i0, *i1), or 0 when
-   none is left. Half a range a claim keeps the streams long while a slower thread's rest can still be shared. */
-static int ws_take(ws_slot *ws, int n, int T, int tid, long *i0, long *i1) {
-    const int steal = g_ws_steal & WS_EXPERTS;
-    for (int k = 0; k < n; k++) {
-        int o = (tid + k) % n;
-        if (k && !steal && o < T) continue;
-        ws_slot *r = &ws[o];
-        uint64_t v = __atomic_load_n(&r->fb, __ATOMIC_RELAXED);
-        for (;;) {
-            uint32_t f = (uint32_t)v, b = (uint32_t)(v >> 32);
-            if (f >= b) break;
-            uint32_t c = k == 0 && !steal ? b - f : (b - f + 1) / 2;
+            uint32_t c = !half ? 1 : k == 0 && !steal ? b - f : (b - f + 1) / 2;
             uint64_t nv = k == 0 ? (uint64_t)(f + c) | (uint64_t)b << 32 : (uint64_t)f | (uint64_t)(b - c) << 32;
             if (__atomic_compare_exchange_n(&r->fb, &v, nv, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
                 *i0 = k == 0 ? (long)f : (long)(b - c);
@@ -2149,6 +2131,11 @@ static int ws_take(ws_slot *ws, int n, int T, int tid, long *i0, long *i1) {
         }
     }
     return 0;
+}
+/* a linear's next panel (× sweep) for thread tid, one at a time; -1 when none is left */
+ALWAYS long ws_next(ws_slot *ws, int n, int T, int tid) {
+    long i0, i1;
+    return ws_claim(ws, n, T, tid, WS_LINEARS, 0, &i0, &i1) ? i0 : -1;
 }
 /* Panel pi of a K-major weight (panels of pb blocks of 16 rows; blocks in all): its first output row *n0 and its
    blocks. Block b starts at element b * 16 * K (bf16: K / 2 lines of 32 elements; int8: K / 4 lines of 64). */
@@ -2803,7 +2790,7 @@ static void kx_run(const kx_t *k, int nth) {
     const long nbk = H / 16;
     const int flags = g_expert_flags && nth > 1, pf_min = km_pf_tokens(k->isa, k->bf && k->dot); /* streams that prefetch */
     long *done = flags ? calloc((size_t)U + 1, sizeof(long)) : NULL; /* up blocks finished, per union entry */
-    ws_slot ws[nth]; /* the down pass's 16-column blocks (ws_take) */
+    ws_slot ws[nth]; /* the down pass's 16-column blocks (ws_claim) */
     ws_init(ws, nbk, nth);
     #pragma omp parallel num_threads(nth)
     {
@@ -2860,7 +2847,7 @@ static void kx_run(const kx_t *k, int nth) {
         if (!done) {
             #pragma omp barrier
         }
-        /* phase 2: the 16-column blocks of y this thread claims (ws_take: its own share, half of what is left at a
+        /* phase 2: the 16-column blocks of y this thread claims (ws_claim: its own share, half of what is left at a
            time, then the rest of the others'), each claim every active expert in order, each expert once its up
            blocks are done (g_expert_flags; else after the barrier above). Each thread rounds every (token, expert) h
            to int16 itself, as x is (P x D elements, a few us at most: cheaper than a second barrier), expert by
@@ -2869,7 +2856,7 @@ static void kx_run(const kx_t *k, int nth) {
         float *hqs = k->kqv ? k->hqs + tid * k->P : NULL;
         if (!done && k->kqv && k->P > 0) quantize_planes(k->isa, k->hrow, k->P, D, hq8, hqs);
         long qdone = 0; /* union entries whose h this thread has rounded (g_expert_flags: expert by expert) */
-        for (long g0, g1; ws_take(ws, nth, T_, tid, &g0, &g1);) {
+        for (long g0, g1; ws_claim(ws, nth, T_, tid, WS_EXPERTS, 1, &g0, &g1);) {
         long b0 = g0, b1 = g1, c0 = b0 * 16, c1 = b1 * 16;
         for (long t = 0; t < k->T && c1 > c0; t++) memset(k->yf + t * H + c0, 0, (size_t)(c1 - c0) * sizeof(float));
         for (long u = 0; u < U && c1 > c0 && k->bf; u++) {
