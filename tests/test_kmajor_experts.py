@@ -361,7 +361,6 @@ def test_kmajor_prefetch_rule_changes_no_bits(dtype):
     timing: packed experts (1, 4, 5, 9 tokens, 2 threads) and K-major linears (the same rows; K = 160: fp32 in two
     chunks of k, int8 spans reaching into the next block) give the same bits under each setting, on every ISA path
     this CPU runs."""
-
     E, D, H, N = 6, 32, 160, 48
     wu, wd = _experts(E, D, H, seed=3)
     su = sd = None
@@ -401,11 +400,10 @@ def test_kmajor_prefetch_rule_changes_no_bits(dtype):
 def test_kmajor_work_split_changes_no_bits(dtype):
     """The K-major linears' and the packed experts' down pass's work split (``set_work_stealing``: threads taking the
     rest of the others' panels or column blocks, in each mode 0-3, with and without the experts' per-expert flags)
-    changes only who computes what: 1-5 threads
-    (more than this CPU's cores, so that threads fall behind and others take their work), 1-9 rows and 130 (two sweeps
-    of 128 tokens: a linear's panel is claimed once a sweep) give the same bits under each setting, on every ISA path
-    this CPU runs, and every output is computed (the result matches the reference; an unclaimed piece would leave
-    torch.empty's garbage)."""
+    changes only who computes what: 1-5 threads (more than this CPU's cores, so that threads fall behind and others
+    take their work), 1-9 rows and 130 (two sweeps of 128 tokens: a linear's panel is claimed once a sweep) give the
+    same bits under each setting, on every ISA path this CPU runs, and every output is computed (the result matches
+    the reference; an unclaimed piece would leave torch.empty's garbage)."""
     from vllm_blockffn.kernels.quant import dequantize_experts
 
     N, K = 208, 640  # 13 blocks of 16 rows: panels of 1, 2 and 4 blocks with a short last one

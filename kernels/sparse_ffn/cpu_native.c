@@ -2857,83 +2857,84 @@ static void kx_run(const kx_t *k, int nth) {
         if (!done && k->kqv && k->P > 0) quantize_planes(k->isa, k->hrow, k->P, D, hq8, hqs);
         long qdone = 0; /* union entries whose h this thread has rounded (g_expert_flags: expert by expert) */
         for (long g0, g1; ws_claim(ws, nth, T_, tid, WS_EXPERTS, 1, &g0, &g1);) {
-        long b0 = g0, b1 = g1, c0 = b0 * 16, c1 = b1 * 16;
-        for (long t = 0; t < k->T && c1 > c0; t++) memset(k->yf + t * H + c0, 0, (size_t)(c1 - c0) * sizeof(float));
-        for (long u = 0; u < U && c1 > c0 && k->bf; u++) {
-            /* bf16 experts: this thread's 16-column blocks of the expert one after another, one stream (two blocks
-               side by side were 1.3x slower at 1024 tokens, XLarge shape, measured) */
-            long e = k->uni[u], o = k->off[e];
-            int m = k->cnt[e];
-            const uint16_t *w = (const uint16_t *)k->wd + e * H * D + c0 * D;
-            const float *wf = (const float *)k->wd + e * H * D + c0 * D;
-            if (done) wait_up(done + u, D / 16);
-            for (long cb = b0; cb < b1; cb++, w += 16 * D, wf += 16 * D) {
-                for (int j0 = 0; j0 < m; j0 += KM_TG) {
-                    int nt = m - j0 < KM_TG ? m - j0 : KM_TG;
-                    if (cb + 1 < b1) /* the pass's y pieces of the next block: scattered rows, no stream to follow */
-                        for (int t = 0; t < nt; t++)
-                            __builtin_prefetch(k->yf + (long)k->tok[o + j0 + t] * H + (cb + 1) * 16, 1);
-                    if (k->bf == 2)
-                        kf_any(k->isa, wf, D, 1, k->hrow + o + j0, nt, out, 64, j0 == 0 && m >= pf_min);
-                    else
-                        km_any(k->isa, k->dot, w, D / 2, 1, k->hrow + o + j0, k->hhrow ? k->hhrow + o + j0 : NULL, nt,
-                               out, 64, j0 == 0 && m >= pf_min);
-                    for (int t = 0; t < nt; t++) /* (vectorized: the plain loop compiled to scalar adds) */
-                        add_into(k->isa, k->yf + (long)k->tok[o + j0 + t] * H + cb * 16, out + t * 64, 16);
-                }
-            }
-        }
-        for (long u = 0; u < U && c1 > c0 && !k->bf; u++) {
-            long e = k->uni[u], o = k->off[e];
-            int m = k->cnt[e], pb = kx_pb(m, 0), finite = k->kqv;
-            if (done && u >= qdone) {
-                wait_up(done + u, D / 16);
-                if (k->kqv) quantize_planes(k->isa, k->hrow + o, m, D, hq8 + o * 2 * D, hqs + o);
-                qdone = u + 1;
-            }
-            for (int t = 0; t < m && finite; t++) finite = hqs[o + t] == hqs[o + t];
-#if BLOCKFFN_X86
-            if (finite) { /* the integer paths, every h finite: one stream over the thread's blocks */
-                const uint8_t *hq[64];
-                float *yr[64], sv[64];
-                for (int j0 = 0; j0 < m; j0 += 64) {
-                    int nt = m - j0 < 64 ? m - j0 : 64;
-                    for (int t = 0; t < nt; t++) {
-                        hq[t] = hq8 + (o + j0 + t) * 2 * D;
-                        yr[t] = k->yf + (long)k->tok[o + j0 + t] * H + c0;
-                        sv[t] = hqs[o + j0 + t];
+            long b0 = g0, b1 = g1, c0 = b0 * 16, c1 = b1 * 16; /* a claim is never empty */
+            for (long t = 0; t < k->T; t++) memset(k->yf + t * H + c0, 0, (size_t)(c1 - c0) * sizeof(float));
+            for (long u = 0; u < U && k->bf; u++) {
+                /* bf16 experts: this thread's 16-column blocks of the expert one after another, one stream (two blocks
+                   side by side were 1.3x slower at 1024 tokens, XLarge shape, measured) */
+                long e = k->uni[u], o = k->off[e];
+                int m = k->cnt[e];
+                const uint16_t *w = (const uint16_t *)k->wd + e * H * D + c0 * D;
+                const float *wf = (const float *)k->wd + e * H * D + c0 * D;
+                if (done) wait_up(done + u, D / 16);
+                for (long cb = b0; cb < b1; cb++, w += 16 * D, wf += 16 * D) {
+                    for (int j0 = 0; j0 < m; j0 += KM_TG) {
+                        int nt = m - j0 < KM_TG ? m - j0 : KM_TG;
+                        /* the pass's y pieces of the next block: scattered rows, no stream to follow */
+                        if (cb + 1 < b1)
+                            for (int t = 0; t < nt; t++)
+                                __builtin_prefetch(k->yf + (long)k->tok[o + j0 + t] * H + (cb + 1) * 16, 1);
+                        if (k->bf == 2)
+                            kf_any(k->isa, wf, D, 1, k->hrow + o + j0, nt, out, 64, j0 == 0 && m >= pf_min);
+                        else
+                            km_any(k->isa, k->dot, w, D / 2, 1, k->hrow + o + j0,
+                                   k->hhrow ? k->hhrow + o + j0 : NULL, nt, out, 64, j0 == 0 && m >= pf_min);
+                        for (int t = 0; t < nt; t++) /* (vectorized: the plain loop compiled to scalar adds) */
+                            add_into(k->isa, k->yf + (long)k->tok[o + j0 + t] * H + cb * 16, out + t * 64, 16);
                     }
-                    if (k->isa >= ISA_AVX512_BF16)
-                        kx_down((const int8_t *)k->wd + e * H * D + c0 * D, D / 4, b1 - b0, nt, hq, k->rsd + e * H + c0,
-                                k->sd + e * H + c0, sv, yr, j0 == 0 ? km_i8x_pf(k->isa, m) : 0);
-                    else
-                        kx_down_avx2((const int8_t *)k->wd + e * H * D + c0 * D, D / 4, b1 - b0, nt,
-                                     (const int16_t *const *)hq, k->sd + e * H + c0, sv, yr,
-                                     j0 == 0 ? km_i8x_pf(k->isa, m) : 0);
                 }
-                continue;
             }
-#endif
-            for (long cb = b0; cb < b1; cb += pb) {
-                int nb = b1 - cb < pb ? (int)(b1 - cb) : pb;
-                const int8_t *w = (const int8_t *)k->wd + e * H * D + cb * 16 * D;
-                for (int j0 = 0; j0 < m; j0 += KM_TG) {
-                    int nt = m - j0 < KM_TG ? m - j0 : KM_TG;
-                    for (int t = 0; t < nt; t++) {
-                        q[t] = k->kqv ? hq8 + (o + j0 + t) * 2 * D : NULL;
-                        xr[t] = k->hb + (o + j0 + t) * D;
-                        st[t] = k->kqv ? hqs[o + j0 + t] : NAN;
+            for (long u = 0; u < U && !k->bf; u++) {
+                long e = k->uni[u], o = k->off[e];
+                int m = k->cnt[e], pb = kx_pb(m, 0), finite = k->kqv;
+                if (done && u >= qdone) {
+                    wait_up(done + u, D / 16);
+                    if (k->kqv) quantize_planes(k->isa, k->hrow + o, m, D, hq8 + o * 2 * D, hqs + o);
+                    qdone = u + 1;
+                }
+                for (int t = 0; t < m && finite; t++) finite = hqs[o + t] == hqs[o + t];
+    #if BLOCKFFN_X86
+                if (finite) { /* the integer paths, every h finite: one stream over the thread's blocks */
+                    const uint8_t *hq[64];
+                    float *yr[64], sv[64];
+                    for (int j0 = 0; j0 < m; j0 += 64) {
+                        int nt = m - j0 < 64 ? m - j0 : 64;
+                        for (int t = 0; t < nt; t++) {
+                            hq[t] = hq8 + (o + j0 + t) * 2 * D;
+                            yr[t] = k->yf + (long)k->tok[o + j0 + t] * H + c0;
+                            sv[t] = hqs[o + j0 + t];
+                        }
+                        if (k->isa >= ISA_AVX512_BF16)
+                            kx_down((const int8_t *)k->wd + e * H * D + c0 * D, D / 4, b1 - b0, nt, hq,
+                                    k->rsd + e * H + c0, k->sd + e * H + c0, sv, yr, j0 == 0 ? km_i8x_pf(k->isa, m) : 0);
+                        else
+                            kx_down_avx2((const int8_t *)k->wd + e * H * D + c0 * D, D / 4, b1 - b0, nt,
+                                         (const int16_t *const *)hq, k->sd + e * H + c0, sv, yr,
+                                         j0 == 0 ? km_i8x_pf(k->isa, m) : 0);
                     }
-                    kx_panel(k, w, D / 4, nb, q, xr, st, nt, k->rsd + e * H + cb * 16, k->sd + e * H + cb * 16, out,
-                             j0 == 0 ? km_i8x_pf(k->isa, m) : 0);
-                    for (int t = 0; t < nt; t++) /* (vectorized: the plain loop compiled to scalar adds) */
-                        add_into(k->isa, k->yf + (long)k->tok[o + j0 + t] * H + cb * 16, out + t * 64, 16 * nb);
+                    continue;
+                }
+    #endif
+                for (long cb = b0; cb < b1; cb += pb) {
+                    int nb = b1 - cb < pb ? (int)(b1 - cb) : pb;
+                    const int8_t *w = (const int8_t *)k->wd + e * H * D + cb * 16 * D;
+                    for (int j0 = 0; j0 < m; j0 += KM_TG) {
+                        int nt = m - j0 < KM_TG ? m - j0 : KM_TG;
+                        for (int t = 0; t < nt; t++) {
+                            q[t] = k->kqv ? hq8 + (o + j0 + t) * 2 * D : NULL;
+                            xr[t] = k->hb + (o + j0 + t) * D;
+                            st[t] = k->kqv ? hqs[o + j0 + t] : NAN;
+                        }
+                        kx_panel(k, w, D / 4, nb, q, xr, st, nt, k->rsd + e * H + cb * 16, k->sd + e * H + cb * 16, out,
+                                 j0 == 0 ? km_i8x_pf(k->isa, m) : 0);
+                        for (int t = 0; t < nt; t++) /* (vectorized: the plain loop compiled to scalar adds) */
+                            add_into(k->isa, k->yf + (long)k->tok[o + j0 + t] * H + cb * 16, out + t * 64, 16 * nb);
+                    }
                 }
             }
-        }
-        if (k->xdt && c1 > c0) /* bf16 out: the claim's columns rounded once */
-            for (long t = 0; t < k->T; t++)
-                for (long c = c0; c < c1; c++) ((uint16_t *)k->y)[t * H + c] = to_bf16(k->yf[t * H + c]);
+            if (k->xdt) /* bf16 out: the claim's columns rounded once */
+                for (long t = 0; t < k->T; t++)
+                    for (long c = c0; c < c1; c++) ((uint16_t *)k->y)[t * H + c] = to_bf16(k->yf[t * H + c]);
         }
         if (mk >= 0) MARK(7 + mk);
     }

@@ -428,7 +428,7 @@ WORK_STEALING_ALL = 3
 
 def set_work_stealing(mode: int) -> int | None:
     """Where threads take the rest of the others' work once their own is done (cpu_native.c
-    ``ws_claim``): bit 1 the K-major linears' panels, bit 2 the packed experts' down-pass column blocks;
+    ``ws_claim``): 1 the K-major linears' panels, 2 the packed experts' down-pass column blocks, as a mask;
     :data:`WORK_STEALING_ALL` (default) both, 0 the static splits alone. The same bits in every mode (benchmarks and
     tests compare). Returns the setting it replaced (None without the native kernel)."""
     lib = _load()
