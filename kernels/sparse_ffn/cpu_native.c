@@ -2417,8 +2417,8 @@ static void kq_finish(const int32_t *hi, const int32_t *lo, const int32_t *rs, c
 /* AVX2 (and AVX-512 without VNNI): the same integers by VPMADDWD on x rounded to int16 (a2q_quantize, exactly as
    vb_quantize rounds it; stored as int16 where the VNNI paths keep two byte planes of the same size). A line's four
    16-byte quarters (4 rows x the k quad) are widened to int16 once a pass (VPMOVSXBW) and multiplied by the
-   token's k quad broadcast (VPMADDWD: 8 int32 sums of (row, k pair)), up to 3 tokens a pass (4 x 3 accumulators,
-   12 of the 16 ymm registers). Why: the row-major int8 linears on AVX2 read 53-79% of the bandwidth at 1 row and
+   token's k quad broadcast (VPMADDWD: 8 int32 sums of (row, k pair)), 2 tokens a pass (4 x 2 accumulators), 3 when
+   a group has just 3 (kq2_span). Why: the row-major int8 linears on AVX2 read 53-79% of the bandwidth at 1 row and
    19-40% at 4-8 rows (two tokens a pass over 4 rows, horizontal sums per row; RESULTS.md 2026-12-07), and the 4-row
    units of the int8 experts keep their down-pass sums in memory. A lane adds at most 2 x 128 x 32767 a quad, so
    the int32 sums of KQ2_SPAN quads are exact; spans are folded into int64 (linears, up pass) or, for the down
@@ -2472,14 +2472,17 @@ static void kq2_1x2(const int8_t *w, long K4, long q0, long q1, const int16_t *x
         for (int i = 0; i < 4; i++) _mm256_storeu_si256((__m256i *)(s + b * 32 + 8 * i), acc[b][i]);
 }
 /* the sums of quads [q0, q1) of one block for nt tokens into s [nt][32] (row r's two k pairs at 2r, 2r + 1), in
-   passes of at most 3 tokens (4: 2 + 2), the first pass prefetching (pf); at 4 tokens the second pass prefetches the
-   lines `ahead` bytes on into L2 (0: none; g_km_ahead): linears at 4 rows 0.92-0.96x the time without, cold; at 8
-   rows (3 + 3 + 2, VPMADDWD-bound) 1.03-1.05x slower, so not there (bench_memory_cpu.py --ab kmajor_ahead=1,0, two
-   runs; RESULTS.md 2026-12-07 12:45 UTC) */
+   passes of 2 tokens (an odd one last alone), the first pass prefetching (pf). A 3-token pass keeps 12 accumulators,
+   3 broadcasts and the widened line in 16 registers and spills: 2-token passes over the span the first left in L1
+   took 0.70-0.86x its time at 5-32 rows warm, 0.80-0.87x at 6, 8 and 21 rows cold (level at 5 and 7; the [3712,
+   1856] linear, 1-2 threads; RESULTS.md 2026-12-07 23:10 UTC). A group of exactly 3 stays one pass: cold, its
+   first pass streams from memory, and 2 + 1 was 1.1x slower there. At 4 tokens the second pass prefetches the lines `ahead` bytes on into L2 (0: none;
+   g_km_ahead): linears at 4 rows 0.92-0.96x the time without, cold; at 8 rows (VPMADDWD-bound) 1.03-1.05x slower,
+   so not there (bench_memory_cpu.py --ab kmajor_ahead=1,0, two runs; RESULTS.md 2026-12-07 12:45 UTC) */
 static void kq2_span(const int8_t *w, long q0, long q1, const int16_t *const *xq, int nt, int32_t *s, int pf,
                      long ahead) {
     for (int t0 = 0; t0 < nt;) {
-        int rem = nt - t0, g = rem == 4 ? 2 : rem >= 3 ? 3 : rem;
+        int g = nt == 3 ? 3 : nt - t0 >= 2 ? 2 : 1;
         int p = t0 == 0 ? pf : t0 + g >= nt && nt <= 4 && pf && g_km_ahead && ahead > 2 ? (int)ahead : 0;
         switch (g) {
         case 1: kq2_1(w, q0, q1, xq + t0, s + t0 * 32, p); break;
