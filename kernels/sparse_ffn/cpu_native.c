@@ -2049,8 +2049,49 @@ KM_FORM(KMD, kmd, km_dot, uint16_t)
         for (int h = 0; h < 2; h++) for (int t = 0; t < NT; t++) _mm256_storeu_ps(y + t * ldy + 8 * h, acc[h][t]); \
     }
 KM2(1) KM2(2) KM2(3) KM2(4)
+/* One or two tokens, two blocks side by side (two streams). Why: each output is one FMA chain (its order is the
+   same bits on every path), 2 FMAs a k pair, so km2_1 keeps 2 chains of 4-cycle FMAs in flight where the core
+   retires 2 FMAs a cycle: ~24 GB/s of bf16 a core, below a decode step's share of the memory; two blocks double the
+   chains (RESULTS.md 2026-12-07 23:10 UTC). Each output's chain is unchanged: the same bits. */
+#define KM2X2(NT)                                                                                       \
+    static void km2x2_##NT(const uint16_t *w, long K2, const float *const *x, float *y, long ldy, int pf) { \
+        const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);                                         \
+        __m256 acc[2][2][NT];                                                                           \
+        for (int b = 0; b < 2; b++)                                                                     \
+            for (int h = 0; h < 2; h++) for (int t = 0; t < NT; t++) acc[b][h][t] = _mm256_setzero_ps(); \
+        for (long q = 0; q < K2; q++) {                                                                 \
+            __m256 xe[NT], xo[NT];                                                                      \
+            for (int t = 0; t < NT; t++) {                                                              \
+                xe[t] = _mm256_set1_ps(x[t][2 * q]);                                                    \
+                xo[t] = _mm256_set1_ps(x[t][2 * q + 1]);                                                \
+            }                                                                                           \
+            for (int b = 0; b < 2; b++) {                                                               \
+                const uint16_t *p = w + (long)b * K2 * 32 + q * 32;                                     \
+                if (pf) _mm_prefetch((const char *)p + KM_PF, _MM_HINT_T0);                             \
+                for (int h = 0; h < 2; h++) {                                                           \
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(p + 16 * h));                      \
+                    __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));                          \
+                    __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, hi));                           \
+                    for (int t = 0; t < NT; t++) {                                                      \
+                        acc[b][h][t] = _mm256_fmadd_ps(wo, xo[t], acc[b][h][t]);                        \
+                        acc[b][h][t] = _mm256_fmadd_ps(we, xe[t], acc[b][h][t]);                        \
+                    }                                                                                   \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+        for (int b = 0; b < 2; b++)                                                                     \
+            for (int h = 0; h < 2; h++)                                                                 \
+                for (int t = 0; t < NT; t++) _mm256_storeu_ps(y + t * ldy + 16 * b + 8 * h, acc[b][h][t]); \
+    }
+KM2X2(1) KM2X2(2)
 static void km_avx2(const uint16_t *w, long K2, int nb, const float *const *x, int nt, float *y, long ldy, int pf) {
-    for (int b = 0; b < nb; b++) {
+    int b0 = 0;
+    if (nt <= 2)
+        for (; b0 + 2 <= nb; b0 += 2) {
+            if (nt == 1) km2x2_1(w + (long)b0 * K2 * 32, K2, x, y + 16 * b0, ldy, pf);
+            else km2x2_2(w + (long)b0 * K2 * 32, K2, x, y + 16 * b0, ldy, pf);
+        }
+    for (int b = b0; b < nb; b++) {
         const uint16_t *wb = w + (long)b * K2 * 32;
         for (int t0 = 0; t0 < nt; t0 += 4) {
             const float *const *xt = x + t0;
@@ -2864,26 +2905,28 @@ static void kx_run(const kx_t *k, int nth) {
             for (long t = 0; t < k->T; t++) memset(k->yf + t * H + c0, 0, (size_t)(c1 - c0) * sizeof(float));
             for (long u = 0; u < U && k->bf; u++) {
                 /* bf16 experts: this thread's 16-column blocks of the expert one after another, one stream (two blocks
-                   side by side were 1.3x slower at 1024 tokens, XLarge shape, measured) */
+                   side by side were 1.3x slower at 1024 tokens, XLarge shape, measured), but two at a time for 1-2
+                   tokens (km2x2: twice the FMA chains, where one token's chains bound the pass) */
                 long e = k->uni[u], o = k->off[e];
                 int m = k->cnt[e];
                 const uint16_t *w = (const uint16_t *)k->wd + e * H * D + c0 * D;
                 const float *wf = (const float *)k->wd + e * H * D + c0 * D;
                 if (done) wait_up(done + u, D / 16);
-                for (long cb = b0; cb < b1; cb++, w += 16 * D, wf += 16 * D) {
+                for (long cb = b0, nbk; cb < b1; cb += nbk, w += 16 * D * nbk, wf += 16 * D * nbk) {
+                    nbk = k->bf == 1 && m <= 2 && cb + 1 < b1 ? 2 : 1;
                     for (int j0 = 0; j0 < m; j0 += KM_TG) {
                         int nt = m - j0 < KM_TG ? m - j0 : KM_TG;
                         /* the pass's y pieces of the next block: scattered rows, no stream to follow */
-                        if (cb + 1 < b1)
+                        if (cb + nbk < b1)
                             for (int t = 0; t < nt; t++)
-                                __builtin_prefetch(k->yf + (long)k->tok[o + j0 + t] * H + (cb + 1) * 16, 1);
+                                __builtin_prefetch(k->yf + (long)k->tok[o + j0 + t] * H + (cb + nbk) * 16, 1);
                         if (k->bf == 2)
                             kf_any(k->isa, wf, D, 1, k->hrow + o + j0, nt, out, 64, j0 == 0 && m >= pf_min);
                         else
-                            km_any(k->isa, k->dot, w, D / 2, 1, k->hrow + o + j0,
+                            km_any(k->isa, k->dot, w, D / 2, (int)nbk, k->hrow + o + j0,
                                    k->hhrow ? k->hhrow + o + j0 : NULL, nt, out, 64, j0 == 0 && m >= pf_min);
                         for (int t = 0; t < nt; t++) /* (vectorized: the plain loop compiled to scalar adds) */
-                            add_into(k->isa, k->yf + (long)k->tok[o + j0 + t] * H + cb * 16, out + t * 64, 16);
+                            add_into(k->isa, k->yf + (long)k->tok[o + j0 + t] * H + cb * 16, out + t * 64, 16 * nbk);
                     }
                 }
             }
