@@ -2515,11 +2515,12 @@ static void kq2_1x2(const int8_t *w, long K4, long q0, long q1, const int16_t *x
 /* the sums of quads [q0, q1) of one block for nt tokens into s [nt][32] (row r's two k pairs at 2r, 2r + 1), in
    passes of 2 tokens (an odd one last alone), the first pass prefetching (pf). A 3-token pass keeps 12 accumulators,
    3 broadcasts and the widened line in 16 registers and spills: 2-token passes over the span the first left in L1
-   took 0.70-0.86x its time at 5-32 rows warm, 0.80-0.87x at 6, 8 and 21 rows cold (level at 5 and 7; the [3712,
+   took 0.70-0.86x its time at 5-32 rows warm, 0.80-0.92x at 6, 8 and 21 rows cold (level at 5 and 7; the [3712,
    1856] linear, 1-2 threads; RESULTS.md 2026-12-07 23:10 UTC). A group of exactly 3 stays one pass: cold, its
-   first pass streams from memory, and 2 + 1 was 1.1x slower there. At 4 tokens the second pass prefetches the lines `ahead` bytes on into L2 (0: none;
-   g_km_ahead): linears at 4 rows 0.92-0.96x the time without, cold; at 8 rows (VPMADDWD-bound) 1.03-1.05x slower,
-   so not there (bench_memory_cpu.py --ab kmajor_ahead=1,0, two runs; RESULTS.md 2026-12-07 12:45 UTC) */
+   first pass streams from memory, and 2 + 1 was 1.1x slower there. At 4 tokens the second pass prefetches the
+   lines `ahead` bytes on into L2 (0: none; g_km_ahead): linears at 4 rows 0.92-0.96x the time without, cold; at 8
+   rows (VPMADDWD-bound) 1.03-1.05x slower, so not there (bench_memory_cpu.py --ab kmajor_ahead=1,0, two runs;
+   RESULTS.md 2026-12-07 12:45 UTC) */
 static void kq2_span(const int8_t *w, long q0, long q1, const int16_t *const *xq, int nt, int32_t *s, int pf,
                      long ahead) {
     for (int t0 = 0; t0 < nt;) {
@@ -2905,15 +2906,16 @@ static void kx_run(const kx_t *k, int nth) {
             for (long t = 0; t < k->T; t++) memset(k->yf + t * H + c0, 0, (size_t)(c1 - c0) * sizeof(float));
             for (long u = 0; u < U && k->bf; u++) {
                 /* bf16 experts: this thread's 16-column blocks of the expert one after another, one stream (two blocks
-                   side by side were 1.3x slower at 1024 tokens, XLarge shape, measured), but two at a time for 1-2
-                   tokens (km2x2: twice the FMA chains, where one token's chains bound the pass) */
+                   side by side were 1.3x slower at 1024 tokens, XLarge shape, measured), but on the avx2 path two
+                   at a time for 1-2 tokens (km2x2: twice the FMA chains, where one token's chains bound the pass;
+                   the AVX-512 forms keep one block, as measured there) */
                 long e = k->uni[u], o = k->off[e];
                 int m = k->cnt[e];
                 const uint16_t *w = (const uint16_t *)k->wd + e * H * D + c0 * D;
                 const float *wf = (const float *)k->wd + e * H * D + c0 * D;
                 if (done) wait_up(done + u, D / 16);
                 for (long cb = b0, nbk; cb < b1; cb += nbk, w += 16 * D * nbk, wf += 16 * D * nbk) {
-                    nbk = k->bf == 1 && m <= 2 && cb + 1 < b1 ? 2 : 1;
+                    nbk = k->bf == 1 && !k->dot && k->isa == ISA_AVX2 && m <= 2 && cb + 1 < b1 ? 2 : 1;
                     for (int j0 = 0; j0 < m; j0 += KM_TG) {
                         int nt = m - j0 < KM_TG ? m - j0 : KM_TG;
                         /* the pass's y pieces of the next block: scattered rows, no stream to follow */
