@@ -2052,7 +2052,9 @@ KM2(1) KM2(2) KM2(3) KM2(4)
 /* One or two tokens, two blocks side by side (two streams). Why: each output is one FMA chain (its order is the
    same bits on every path), 2 FMAs a k pair, so km2_1 keeps 2 chains of 4-cycle FMAs in flight where the core
    retires 2 FMAs a cycle: ~24 GB/s of bf16 a core, below a decode step's share of the memory; two blocks double the
-   chains (RESULTS.md 2026-12-07 23:10 UTC). Each output's chain is unchanged: the same bits. */
+   chains (RESULTS.md 2026-12-07 23:10 UTC). Each output's chain is unchanged: the same bits. A form of its own, not KM2
+   with a block count: the tokens' broadcasts are hoisted over both blocks here, which KM2's 4 tokens have no
+   registers for; KM2's order at 2 tokens x 2 blocks took 1.6x the time warm (measured, 2 threads). */
 #define KM2X2(NT)                                                                                       \
     static void km2x2_##NT(const uint16_t *w, long K2, const float *const *x, float *y, long ldy, int pf) { \
         const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);                                         \
